@@ -1,0 +1,129 @@
+//! Project automation. `cargo xtask ci` runs every check CI runs; `cargo xtask bench` runs the
+//! benchmarks. See the README.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Crates the embeddable engine must never depend on, even transitively.
+const CORE_FORBIDDEN: &[&str] = &[
+    "prost",
+    "tonic",
+    "prost-types",
+    "tonic-build",
+    "prost-build",
+];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("bench") => bench(&args[1..]),
+        Some("check-core-deps") => check_core_deps(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 ci               fmt check, clippy -D warnings, tests, doc tests, bench build, dependency boundaries\n  \
+                 bench [args]     run the criterion benches (args go to `cargo bench`)\n  \
+                 check-core-deps  fail if watch-core depends on prost or tonic"
+            );
+            bail!("unknown or missing command")
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let started = std::time::Instant::now();
+    check_core_deps()?;
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["test", "--workspace", "--all-targets", "--locked"])?;
+    cargo(&["test", "--workspace", "--doc", "--locked"])?;
+    cargo(&["bench", "--workspace", "--no-run", "--locked"])?;
+    eprintln!("xtask: ci passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    let mut args = vec!["bench", "-p", "keywatch-benches"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    cargo(&args)
+}
+
+/// Walks `cargo tree` for watch-core (all features, all targets except dev) and fails on any
+/// forbidden crate, so the boundary is checked rather than hoped for.
+fn check_core_deps() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "tree",
+            "-p",
+            "watch-core",
+            "--edges",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+            "--all-features",
+        ])
+        .current_dir(root())
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            let name = l.split_whitespace().next().unwrap_or("");
+            CORE_FORBIDDEN.contains(&name)
+        })
+        .collect();
+    if !bad.is_empty() {
+        bail!("watch-core must not depend on protobuf/gRPC crates, found: {bad:?}");
+    }
+    eprintln!(
+        "xtask: watch-core dependency boundary ok ({} crates)",
+        tree.lines().count()
+    );
+    Ok(())
+}
