@@ -6,14 +6,20 @@
 //! together, with no duplicate and never a silent gap.
 //!
 //! This crate has no protobuf or gRPC dependency: an embedder depends on it alone.
+pub mod engine;
 pub mod error;
 pub mod history;
+mod interval;
 pub mod options;
+mod registry;
 pub mod selector;
 pub mod types;
+pub mod watcher;
 
+pub use engine::{Dispatcher, EngineConfig, Publisher, WatchEngine, WatchHandle};
 pub use error::{HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
 pub use selector::{KeySelector, prefix_end};
 pub use types::{ChangeSet, Event, EventKind, KeyValue, Revision};
+pub use watcher::{CancelReason, EventBatch, WatchEvent, WatchId, WatchMessage};

@@ -1,0 +1,273 @@
+//! One watcher: its selector, options and bounded message queue, and the messages it receives.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::task::Waker;
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use crate::options::WatchOptions;
+use crate::selector::KeySelector;
+use crate::types::{ChangeSet, Event, EventKind, KeyValue, Revision};
+
+/// Identifies a watcher within one engine. Never reused.
+pub type WatchId = u64;
+
+/// What a watcher receives.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum WatchMessage {
+    /// The events of one revision that this watcher selects (never empty).
+    Events(EventBatch),
+    /// Every event up to and including `revision` that this watcher selects has been delivered.
+    Progress {
+        /// The revision the watcher is known to be up to date with.
+        revision: Revision,
+    },
+    /// The watcher has ended; nothing follows. Always the last message.
+    Canceled(CancelReason),
+}
+
+/// Why the engine ended a watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelReason {
+    /// The history needed to continue without a gap is gone. Every revision from
+    /// `compact_revision` on is still available: re-watch from there, knowing events in
+    /// between were missed.
+    Compacted {
+        /// The oldest revision still available.
+        compact_revision: Revision,
+    },
+    /// The history store failed while catching the watcher up. Everything up to
+    /// `resume_after` was delivered; re-watch from `resume_after + 1`.
+    HistoryUnavailable {
+        /// Last revision the watcher is complete through.
+        resume_after: Revision,
+        /// What the history store reported.
+        message: String,
+    },
+    /// The engine shut down. Everything up to `resume_after` was delivered.
+    Shutdown {
+        /// Last revision the watcher is complete through.
+        resume_after: Revision,
+    },
+}
+
+/// Which events of a change set a watcher receives.
+#[derive(Debug, Clone)]
+pub(crate) enum Picks {
+    All,
+    Some(SmallVec<[u32; 2]>),
+}
+
+/// The events of one revision delivered to one watcher. Cheap to clone: the change set is
+/// shared between every watcher that receives it, never copied.
+#[derive(Debug, Clone)]
+pub struct EventBatch {
+    changes: Arc<ChangeSet>,
+    picks: Picks,
+    prev_kv: bool,
+}
+
+/// One delivered event, borrowed from the shared change set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchEvent<'a> {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change.
+    pub kv: &'a KeyValue,
+    /// The key before the change; only when the watcher asked for `prev_kv` and the publisher
+    /// recorded it.
+    pub prev_kv: Option<&'a KeyValue>,
+}
+
+impl WatchEvent<'_> {
+    /// An owned copy (payloads are reference-counted, not copied).
+    pub fn to_event(&self) -> Event {
+        Event { kind: self.kind, kv: self.kv.clone(), prev_kv: self.prev_kv.cloned() }
+    }
+}
+
+impl EventBatch {
+    /// The revision of every event in the batch.
+    pub fn revision(&self) -> Revision {
+        self.changes.revision
+    }
+
+    /// The delivered events, in the order the write applied them.
+    pub fn events(&self) -> impl Iterator<Item = WatchEvent<'_>> + '_ {
+        let all = &self.changes.events;
+        let picked: Box<dyn Iterator<Item = &Event> + '_> = match &self.picks {
+            Picks::All => Box::new(all.iter()),
+            Picks::Some(idx) => Box::new(idx.iter().filter_map(|&i| all.get(i as usize))),
+        };
+        picked.map(move |e| WatchEvent {
+            kind: e.kind,
+            kv: &e.kv,
+            prev_kv: if self.prev_kv { e.prev_kv.as_ref() } else { None },
+        })
+    }
+
+    /// Number of delivered events.
+    pub fn len(&self) -> usize {
+        match &self.picks {
+            Picks::All => self.changes.events.len(),
+            Picks::Some(idx) => idx.len(),
+        }
+    }
+
+    /// Always false: an empty batch is never delivered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Owned copies of the delivered events.
+    pub fn to_events(&self) -> Vec<Event> {
+        self.events().map(|e| e.to_event()).collect()
+    }
+}
+
+/// Where a watcher stands in the delivery protocol. Changed only under the watcher's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The dispatcher pushes each new revision directly.
+    Live,
+    /// The queue filled (or the watcher started in the past); live pushes are skipped and the
+    /// watcher is caught up from history. `signaled`: a catch-up request is already queued.
+    Lagging { signaled: bool },
+    /// A read of the external history is in flight for this watcher.
+    Fetching,
+    /// Terminal: the watcher was canceled or dropped.
+    Closed,
+}
+
+pub(crate) struct State {
+    pub(crate) queue: VecDeque<WatchMessage>,
+    pub(crate) waker: Option<Waker>,
+    /// Every revision `<= seen` has been dealt with for this watcher: delivered if selected.
+    pub(crate) seen: Revision,
+    pub(crate) mode: Mode,
+    /// In the registry (cleared exactly once, by whoever unregisters).
+    pub(crate) registered: bool,
+    /// An event was pushed since the last progress tick (progress is elided then).
+    pub(crate) had_events: bool,
+    /// A manual progress request waits for the watcher to become live.
+    pub(crate) progress_pending: bool,
+}
+
+const PREV_KV: u8 = 1;
+const NO_PUT: u8 = 2;
+const NO_DELETE: u8 = 4;
+const PROGRESS: u8 = 8;
+
+pub(crate) struct Watcher {
+    pub(crate) id: WatchId,
+    pub(crate) selector: KeySelector,
+    flags: u8,
+    pub(crate) buffer: u32,
+    pub(crate) state: Mutex<State>,
+}
+
+impl Watcher {
+    pub(crate) fn new(
+        id: WatchId,
+        selector: KeySelector,
+        opts: &WatchOptions,
+        seen: Revision,
+        mode: Mode,
+    ) -> Self {
+        let flags = (opts.prev_kv as u8 * PREV_KV)
+            | (opts.no_put as u8 * NO_PUT)
+            | (opts.no_delete as u8 * NO_DELETE)
+            | (opts.progress_notify as u8 * PROGRESS);
+        Self {
+            id,
+            selector,
+            flags,
+            buffer: opts.buffer,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                waker: None,
+                seen,
+                mode,
+                registered: true,
+                had_events: false,
+                progress_pending: false,
+            }),
+        }
+    }
+
+    pub(crate) fn wants_prev_kv(&self) -> bool {
+        self.flags & PREV_KV != 0
+    }
+
+    pub(crate) fn wants_progress(&self) -> bool {
+        self.flags & PROGRESS != 0
+    }
+
+    /// True if the filters let an event of this kind through.
+    pub(crate) fn accepts(&self, kind: EventKind) -> bool {
+        match kind {
+            EventKind::Put => self.flags & NO_PUT == 0,
+            EventKind::Delete => self.flags & NO_DELETE == 0,
+        }
+    }
+
+    /// Which events of `changes` this watcher receives, by selector and filters.
+    pub(crate) fn pick(&self, changes: &ChangeSet) -> Option<Picks> {
+        let ok = |e: &Event| self.accepts(e.kind) && self.selector.matches(e.key());
+        if let [only] = changes.events.as_slice() {
+            return ok(only).then_some(Picks::All);
+        }
+        let idx: SmallVec<[u32; 2]> = changes
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| ok(e))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if idx.is_empty() {
+            None
+        } else if idx.len() == changes.events.len() {
+            Some(Picks::All)
+        } else {
+            Some(Picks::Some(idx))
+        }
+    }
+
+    /// Narrows registry-found event indices by the filters.
+    pub(crate) fn filter_picks(
+        &self,
+        changes: &ChangeSet,
+        idx: &SmallVec<[u32; 2]>,
+    ) -> Option<Picks> {
+        let kept: SmallVec<[u32; 2]> = idx
+            .iter()
+            .copied()
+            .filter(|&i| changes.events.get(i as usize).is_some_and(|e| self.accepts(e.kind)))
+            .collect();
+        if kept.is_empty() {
+            None
+        } else if kept.len() == changes.events.len() {
+            Some(Picks::All)
+        } else {
+            Some(Picks::Some(kept))
+        }
+    }
+
+    pub(crate) fn batch(&self, changes: Arc<ChangeSet>, picks: Picks) -> WatchMessage {
+        WatchMessage::Events(EventBatch { changes, picks, prev_kv: self.wants_prev_kv() })
+    }
+}
+
+impl State {
+    /// Pushes and wakes the consumer. The caller holds the watcher lock and has checked room.
+    pub(crate) fn push(&mut self, msg: WatchMessage) {
+        self.queue.push_back(msg);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
