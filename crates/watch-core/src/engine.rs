@@ -246,7 +246,9 @@ impl WatchEngine {
             return false;
         }
         let mut any = false;
-        self.shared.registry.for_each_match(key, |w| any |= w.wants_prev_kv());
+        self.shared
+            .registry
+            .for_each_match(key, |w| any |= w.wants_prev_kv());
         any
     }
 
@@ -284,7 +286,10 @@ impl WatchEngine {
         if start != 0 {
             let first = shared.first_available();
             if start < first {
-                return Err(WatchError::Compacted { requested: start, compact_revision: first });
+                return Err(WatchError::Compacted {
+                    requested: start,
+                    compact_revision: first,
+                });
             }
         }
         // Reserve the slot before checking, so racing registrations cannot overshoot.
@@ -297,7 +302,13 @@ impl WatchEngine {
         // Registered before the current revision is read: any revision the dispatcher walks
         // after that read finds the watcher in the registry (the window's lock orders the
         // two), and revisions up to the read are excluded through `seen`.
-        let w = Arc::new(Watcher::new(id, selector, &options, Revision::MAX, Mode::Live));
+        let w = Arc::new(Watcher::new(
+            id,
+            selector,
+            &options,
+            Revision::MAX,
+            Mode::Live,
+        ));
         if w.wants_prev_kv() {
             shared.prev_kv_watchers.fetch_add(1, Ordering::Relaxed);
         }
@@ -318,7 +329,11 @@ impl WatchEngine {
             }
             (current, past)
         };
-        let handle = WatchHandle { watcher: w.clone(), shared: shared.clone(), created: current };
+        let handle = WatchHandle {
+            watcher: w.clone(),
+            shared: shared.clone(),
+            created: current,
+        };
         if past && shared.control.send(Control::CatchUp(w)).is_err() {
             return Err(WatchError::Shutdown);
         }
@@ -373,7 +388,10 @@ impl WatchHandle {
     /// Asks for a [`WatchMessage::Progress`], delivered in order after every event up to its
     /// revision; a watcher still catching up gets it once it is up to date.
     pub fn request_progress(&self) {
-        let _ = self.shared.control.send(Control::Progress(self.watcher.clone()));
+        let _ = self
+            .shared
+            .control
+            .send(Control::Progress(self.watcher.clone()));
     }
 
     /// The next message; `None` after the terminal message was received.
@@ -413,7 +431,10 @@ impl WatchHandle {
             && st.queue.len() <= self.watcher.buffer as usize / 2
         {
             st.mode = Mode::Lagging { signaled: true };
-            let _ = self.shared.control.send(Control::CatchUp(self.watcher.clone()));
+            let _ = self
+                .shared
+                .control
+                .send(Control::CatchUp(self.watcher.clone()));
         }
     }
 }
@@ -465,7 +486,9 @@ pub struct Dispatcher {
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatcher").field("position", &self.position).finish()
+        f.debug_struct("Dispatcher")
+            .field("position", &self.position)
+            .finish()
     }
 }
 
@@ -489,7 +512,9 @@ impl Dispatcher {
                 self.on_read(r);
             }
             for _ in 0..CATCH_UP_TURN {
-                let Some(w) = self.pending.pop_front() else { break };
+                let Some(w) = self.pending.pop_front() else {
+                    break;
+                };
                 self.catch_up(&w);
             }
             if Instant::now() >= self.next_tick {
@@ -517,16 +542,25 @@ impl Dispatcher {
         for w in all {
             let resume_after = {
                 let st = w.state.lock();
-                if st.mode == Mode::Live { st.seen.max(self.position) } else { st.seen }
+                if st.mode == Mode::Live {
+                    st.seen.max(self.position)
+                } else {
+                    st.seen
+                }
             };
-            self.shared.cancel(&w, CancelReason::Shutdown { resume_after });
+            self.shared
+                .cancel(&w, CancelReason::Shutdown { resume_after });
         }
     }
 
     /// Walks every published change set after `position`.
     fn walk(&mut self) {
         loop {
-            let chunk = match self.shared.recent.chunk(self.position, Revision::MAX, WALK_CHUNK) {
+            let chunk = match self
+                .shared
+                .recent
+                .chunk(self.position, Revision::MAX, WALK_CHUNK)
+            {
                 Ok(c) => c,
                 Err(HistoryError::Compacted { compact_revision }) => {
                     self.fell_behind(compact_revision - 1);
@@ -565,7 +599,9 @@ impl Dispatcher {
             }
         }
         self.position = new_position;
-        self.shared.dispatched.store(new_position, Ordering::Release);
+        self.shared
+            .dispatched
+            .store(new_position, Ordering::Release);
     }
 
     fn dispatch(&mut self, cs: Arc<ChangeSet>) {
@@ -606,9 +642,9 @@ impl Dispatcher {
             Control::Progress(w) => {
                 let mut st = w.state.lock();
                 match st.mode {
-                    Mode::Live if st.seen <= self.position => {
-                        st.push(WatchMessage::Progress { revision: self.position })
-                    }
+                    Mode::Live if st.seen <= self.position => st.push(WatchMessage::Progress {
+                        revision: self.position,
+                    }),
                     // A watcher waiting for a future start revision gets no progress until it
                     // reaches it (etcd #20221); the client asks again, as etcd clients do.
                     Mode::Live | Mode::Closed => {}
@@ -647,7 +683,8 @@ impl Dispatcher {
                 }
                 Err(HistoryError::Compacted { compact_revision }) => {
                     let Some(history) = self.shared.history.clone() else {
-                        self.shared.cancel(w, CancelReason::Compacted { compact_revision });
+                        self.shared
+                            .cancel(w, CancelReason::Compacted { compact_revision });
                         return;
                     };
                     w.state.lock().mode = Mode::Fetching;
@@ -658,12 +695,24 @@ impl Dispatcher {
                         if let Ok(v) = &mut result {
                             v.truncate(limit);
                         }
-                        ReadResult { watcher: w2, after: seen, until, limit, result }
+                        ReadResult {
+                            watcher: w2,
+                            after: seen,
+                            until,
+                            limit,
+                            result,
+                        }
                     }));
                     return;
                 }
                 Err(HistoryError::Unavailable(message)) => {
-                    self.shared.cancel(w, CancelReason::HistoryUnavailable { resume_after: seen, message });
+                    self.shared.cancel(
+                        w,
+                        CancelReason::HistoryUnavailable {
+                            resume_after: seen,
+                            message,
+                        },
+                    );
                     return;
                 }
             }
@@ -671,7 +720,13 @@ impl Dispatcher {
     }
 
     fn on_read(&mut self, read: ReadResult) {
-        let ReadResult { watcher: w, after, until, limit, result } = read;
+        let ReadResult {
+            watcher: w,
+            after,
+            until,
+            limit,
+            result,
+        } = read;
         {
             let mut st = w.state.lock();
             if st.mode != Mode::Fetching || st.seen != after {
@@ -686,12 +741,16 @@ impl Dispatcher {
                     self.pending.push_back(w);
                 }
             }
-            Err(HistoryError::Compacted { compact_revision }) => {
-                self.shared.cancel(&w, CancelReason::Compacted { compact_revision })
-            }
-            Err(HistoryError::Unavailable(message)) => self
+            Err(HistoryError::Compacted { compact_revision }) => self
                 .shared
-                .cancel(&w, CancelReason::HistoryUnavailable { resume_after: after, message }),
+                .cancel(&w, CancelReason::Compacted { compact_revision }),
+            Err(HistoryError::Unavailable(message)) => self.shared.cancel(
+                &w,
+                CancelReason::HistoryUnavailable {
+                    resume_after: after,
+                    message,
+                },
+            ),
         }
     }
 
@@ -762,7 +821,9 @@ impl Dispatcher {
         st.mode = Mode::Live;
         if st.progress_pending && st.seen <= self.position {
             st.progress_pending = false;
-            st.push(WatchMessage::Progress { revision: self.position });
+            st.push(WatchMessage::Progress {
+                revision: self.position,
+            });
         }
     }
 

@@ -86,7 +86,11 @@ pub struct WatchEvent<'a> {
 impl WatchEvent<'_> {
     /// An owned copy (payloads are reference-counted, not copied).
     pub fn to_event(&self) -> Event {
-        Event { kind: self.kind, kv: self.kv.clone(), prev_kv: self.prev_kv.cloned() }
+        Event {
+            kind: self.kind,
+            kv: self.kv.clone(),
+            prev_kv: self.prev_kv.cloned(),
+        }
     }
 }
 
@@ -106,7 +110,11 @@ impl EventBatch {
         picked.map(move |e| WatchEvent {
             kind: e.kind,
             kv: &e.kv,
-            prev_kv: if self.prev_kv { e.prev_kv.as_ref() } else { None },
+            prev_kv: if self.prev_kv {
+                e.prev_kv.as_ref()
+            } else {
+                None
+            },
         })
     }
 
@@ -246,7 +254,12 @@ impl Watcher {
         let kept: SmallVec<[u32; 2]> = idx
             .iter()
             .copied()
-            .filter(|&i| changes.events.get(i as usize).is_some_and(|e| self.accepts(e.kind)))
+            .filter(|&i| {
+                changes
+                    .events
+                    .get(i as usize)
+                    .is_some_and(|e| self.accepts(e.kind))
+            })
             .collect();
         if kept.is_empty() {
             None
@@ -258,7 +271,11 @@ impl Watcher {
     }
 
     pub(crate) fn batch(&self, changes: Arc<ChangeSet>, picks: Picks) -> WatchMessage {
-        WatchMessage::Events(EventBatch { changes, picks, prev_kv: self.wants_prev_kv() })
+        WatchMessage::Events(EventBatch {
+            changes,
+            picks,
+            prev_kv: self.wants_prev_kv(),
+        })
     }
 }
 
