@@ -1,0 +1,93 @@
+//! Configuration of an [`crate::EventLog`].
+
+use std::time::Duration;
+
+/// How durable a commit is when `append` resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every batch is fsynced before any of its submitters is acknowledged (redb
+    /// `Durability::Immediate`, one fsync per batch). The only setting for production.
+    #[default]
+    Immediate,
+    /// No fsync (redb `Durability::None`): commits are atomic and visible but may vanish on a
+    /// crash or power loss. **Tests and benchmarks only.**
+    None,
+}
+
+/// When the writer compacts old history by itself. Every bound that is set applies; the
+/// newest change set is always kept. The default keeps everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Keep at most this many change sets.
+    pub keep_last: Option<u64>,
+    /// Keep at most this many bytes of encoded change sets (index and page overhead not
+    /// counted; the file does not shrink, freed pages are reused).
+    pub max_bytes: Option<u64>,
+    /// Drop change sets submitted longer ago than this.
+    pub max_age: Option<Duration>,
+    /// How often the writer evaluates the policy after a commit (`Duration::ZERO`: after every
+    /// commit).
+    pub check_interval: Duration,
+}
+
+impl RetentionPolicy {
+    /// Keep everything (the default).
+    pub const UNBOUNDED: Self = Self {
+        keep_last: None,
+        max_bytes: None,
+        max_age: None,
+        check_interval: Duration::from_secs(1),
+    };
+
+    /// True when no bound is set.
+    pub fn is_unbounded(&self) -> bool {
+        self.keep_last.is_none() && self.max_bytes.is_none() && self.max_age.is_none()
+    }
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self::UNBOUNDED
+    }
+}
+
+/// Settings of an [`crate::EventLog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Commit durability.
+    pub durability: Durability,
+    /// Most change sets in one commit.
+    pub batch_size: usize,
+    /// Most encoded bytes in one commit (a single larger change set is committed alone).
+    pub max_batch_bytes: usize,
+    /// How long the writer waits for more change sets after the first of a batch before
+    /// committing a batch that is not full. `ZERO` (default) commits whatever is queued as soon
+    /// as the previous commit returns: under load, batches grow by themselves while an fsync
+    /// runs, and an idle log adds no latency.
+    pub flush_interval: Duration,
+    /// Change sets that may wait in the submission queue. When it is full `append` waits and
+    /// `try_append` fails with [`crate::LogError::QueueFull`].
+    pub queue_capacity: usize,
+    /// Automatic compaction.
+    pub retention: RetentionPolicy,
+    /// redb quick repair (see [`crate::RedbOptions::quick_repair`]): near-instant reopen after a
+    /// crash at the cost of slower commits. Worth it when the file grows to GiBs.
+    pub quick_repair: bool,
+    /// Verify every page checksum at open (see [`crate::RedbOptions::verify_on_open`]).
+    pub verify_on_open: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Immediate,
+            batch_size: 1024,
+            max_batch_bytes: 8 << 20,
+            flush_interval: Duration::ZERO,
+            queue_capacity: 8192,
+            retention: RetentionPolicy::UNBOUNDED,
+            quick_repair: false,
+            verify_on_open: false,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! event-log: a durable, batched, queryable history of every keywatch [`ChangeSet`].
+//!
+//! The state machine appends each committed write's change set here; the watch engine reads
+//! history back through the [`watch_core::History`] impl to start watchers at a past revision
+//! and to catch up slow ones, and a restarting process replays the log to rebuild its state.
+//!
+//! - **Group commit.** [`EventLog::append`] queues the change set for one writer OS thread owned
+//!   by the log (joined on [`EventLog::close`]). The writer takes what is queued, up to
+//!   [`LogConfig::batch_size`] change sets or [`LogConfig::max_batch_bytes`], optionally waits
+//!   [`LogConfig::flush_interval`] for more, and makes the batch durable with **one** redb commit
+//!   (one fsync under [`Durability::Immediate`]). `append` resolves only then.
+//! - **Backpressure, never drops.** The queue is bounded: `append` waits for room,
+//!   [`EventLog::try_append`] fails with [`LogError::QueueFull`].
+//! - **Poisoning.** A failed commit is reported to every submitter of its batch and the log
+//!   refuses every later append with [`LogError::Poisoned`]: nothing after a failed write or
+//!   fsync is ever acknowledged. Reopen to recover from what is on disk.
+//! - **Queries** by revision range, exact key, prefix or key range ([`KeySelector`]), in
+//!   revision order; [`EventLog::replay`] for a full rebuild.
+//! - **Compaction** ([`EventLog::compact`], or a [`RetentionPolicy`]) drops old history with
+//!   etcd semantics: after `compact(c)`, revisions `>= c` stay readable and older reads fail
+//!   with [`LogError::Compacted`].
+//! - **Integrity.** redb never exposes a torn commit; each record also carries a CRC-32, so a
+//!   damaged value is reported as [`LogError::Corrupt`], never returned as data.
+//!
+//! Storage sits behind [`LogStore`]; [`RedbStore`] is the default. Records use a small
+//! versioned binary codec (see [`codec`]) rather than serde: the layout is fixed, tiny, and
+//! must stay readable across releases, which is easier to guarantee written out by hand.
+//!
+//! See `docs/event-log-design.md` for the commit protocol and crash analysis.
+//!
+//! ```
+//! use event_log::{Durability, EventLog, LogConfig};
+//! use watch_core::{ChangeSet, Event, KeyValue};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let config = LogConfig { durability: Durability::Immediate, ..LogConfig::default() };
+//! let rt = tokio::runtime::Builder::new_current_thread().build()?;
+//! rt.block_on(async {
+//!     let log = EventLog::open(dir.path(), config)?;
+//!     for rev in 1..=3u64 {
+//!         let kv = KeyValue {
+//!             key: format!("/svc/{rev}").into(),
+//!             value: "up".into(),
+//!             create_revision: rev,
+//!             mod_revision: rev,
+//!             version: 1,
+//!             lease: 0,
+//!         };
+//!         // Resolves once the change set is durable.
+//!         log.append(ChangeSet::new(rev, vec![Event::put(kv, None)])).await?;
+//!     }
+//!     assert_eq!(log.last_revision(), 3);
+//!     let svc2 = log.read_key("/svc/2", 0, 10)?;
+//!     assert_eq!(svc2[0].revision, 2);
+//!     assert_eq!(log.read_prefix("/svc/", 1, 10)?.len(), 2);
+//!
+//!     log.compact(2).await?;
+//!     assert!(log.read_range(0, 10).is_err()); // revision 1 is gone
+//!     let replayed: Vec<_> = log.replay(1).collect::<Result<_, _>>()?;
+//!     assert_eq!(replayed.len(), 2);
+//!     Ok::<_, event_log::LogError>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod codec;
+mod config;
+mod error;
+mod log;
+mod store;
+
+pub use config::{Durability, LogConfig, RetentionPolicy};
+pub use error::LogError;
+pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
+pub use store::{LogStore, RedbOptions, RedbStore};
+pub use watch_core::{ChangeSet, KeySelector, Revision};

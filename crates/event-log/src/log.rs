@@ -1,0 +1,621 @@
+//! [`EventLog`]: the group-committing writer thread, queries and the `History` impl.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use watch_core::{ChangeSet, History, HistoryFuture, KeySelector, Revision};
+
+use crate::codec::{self, EncodedChange};
+use crate::config::LogConfig;
+use crate::error::LogError;
+use crate::store::{LogStore, RedbOptions, RedbStore};
+
+/// File name of the redb store inside the directory given to [`EventLog::open`].
+pub const STORE_FILE: &str = "events.redb";
+
+/// A durable, group-committed, queryable history of change sets.
+///
+/// Appends go through a bounded queue to one writer thread that commits them in batches (one
+/// store commit, hence one fsync, per batch) and acknowledges each change set only once its
+/// batch is durable. Reads go straight to the store and see committed data only.
+///
+/// Dropping the log closes it (see [`EventLog::close`]).
+pub struct EventLog {
+    state: Arc<State>,
+    // Taken (dropped) by `close`, which makes the writer drain the queue and exit.
+    sender: Mutex<Option<mpsc::Sender<Command>>>,
+    // Counts free queue slots: a submitter holds one from acquisition until the writer dequeues
+    // its change set. Closed by `close`, which wakes every waiting submitter with `Closed`.
+    permits: Arc<Semaphore>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the writer thread and the handle share.
+struct State {
+    store: Arc<dyn LogStore>,
+    config: LogConfig,
+    /// Last revision acknowledged durable. Written by the writer only.
+    last: AtomicU64,
+    /// Current compaction revision (0: never compacted). Written by the writer only.
+    compacted: AtomicU64,
+    /// Set once, by the writer, when a commit fails; never cleared.
+    poison: OnceLock<String>,
+}
+
+impl State {
+    fn poisoned(&self) -> Result<(), LogError> {
+        match self.poison.get() {
+            Some(cause) => Err(LogError::Poisoned {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+enum Command {
+    Append {
+        record: EncodedChange,
+        reply: oneshot::Sender<Result<Revision, LogError>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Compact {
+        revision: Revision,
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
+    Retain {
+        reply: oneshot::Sender<Result<Option<Revision>, LogError>>,
+    },
+}
+
+/// Resolves when a submitted change set is durable (or failed). Returned by
+/// [`EventLog::submit`] and [`EventLog::try_append`]; dropping it does not cancel the append.
+#[derive(Debug)]
+#[must_use = "the append is acknowledged only through this future"]
+pub struct AppendAck {
+    rx: oneshot::Receiver<Result<Revision, LogError>>,
+}
+
+impl Future for AppendAck {
+    type Output = Result<Revision, LogError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(LogError::Closed)))
+    }
+}
+
+impl EventLog {
+    /// Opens (creating if needed) the log kept in directory `dir` (file [`STORE_FILE`]) and
+    /// starts its writer thread. `last_revision` and `compacted_revision` come back as they were
+    /// at the last durable commit.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self, LogError> {
+        std::fs::create_dir_all(dir.as_ref())?;
+        let store = RedbStore::open(
+            dir.as_ref().join(STORE_FILE),
+            RedbOptions {
+                durability: config.durability,
+                quick_repair: config.quick_repair,
+                verify_on_open: config.verify_on_open,
+            },
+        )?;
+        Self::with_store(Arc::new(store), config)
+    }
+
+    /// Runs a log over any [`LogStore`]. `config.durability`, `quick_repair` and
+    /// `verify_on_open` are the store's business and ignored here.
+    pub fn with_store(store: Arc<dyn LogStore>, config: LogConfig) -> Result<Self, LogError> {
+        let last = store.last_revision()?;
+        let compacted = store.compacted_revision()?;
+        let config = LogConfig {
+            batch_size: config.batch_size.max(1),
+            queue_capacity: config.queue_capacity.max(1),
+            ..config
+        };
+        let state = Arc::new(State {
+            store,
+            config,
+            last: AtomicU64::new(last),
+            compacted: AtomicU64::new(compacted),
+            poison: OnceLock::new(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer_state = Arc::clone(&state);
+        let writer = std::thread::Builder::new()
+            .name("event-log-writer".into())
+            .spawn(move || Writer::new(writer_state).run(rx))?;
+        Ok(Self {
+            state,
+            sender: Mutex::new(Some(tx)),
+            permits: Arc::new(Semaphore::new(config.queue_capacity)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Appends `cs` and resolves once it is durable, with its revision.
+    ///
+    /// Waits for queue space when the queue is full (backpressure, never a drop). Fails with
+    /// [`LogError::NotIncreasing`] when `cs.revision` is not above the last accepted revision,
+    /// with the commit's error when its batch failed, and with [`LogError::Poisoned`] after any
+    /// failed commit.
+    pub async fn append(&self, cs: ChangeSet) -> Result<Revision, LogError> {
+        self.submit(cs).await?.await
+    }
+
+    /// Queues `cs`, waiting for queue space, and returns the future of its acknowledgement.
+    ///
+    /// Change sets are committed in the order they are queued, so a caller that allocates
+    /// revisions from several tasks holds its own lock across allocation and `submit` (not across
+    /// the returned future) to keep revisions increasing.
+    pub async fn submit(&self, cs: ChangeSet) -> Result<AppendAck, LogError> {
+        self.state.poisoned()?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| LogError::Closed)?;
+        self.enqueue(cs, permit)
+    }
+
+    /// Queues `cs` without waiting: fails with [`LogError::QueueFull`] (nothing queued) when the
+    /// queue is full. Await the returned future for durability.
+    pub fn try_append(&self, cs: ChangeSet) -> Result<AppendAck, LogError> {
+        self.state.poisoned()?;
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => return Err(LogError::QueueFull),
+            Err(TryAcquireError::Closed) => return Err(LogError::Closed),
+        };
+        self.enqueue(cs, permit)
+    }
+
+    fn enqueue(&self, cs: ChangeSet, permit: OwnedSemaphorePermit) -> Result<AppendAck, LogError> {
+        let record = codec::encode(&cs, now_ms());
+        let (reply, rx) = oneshot::channel();
+        let sender = self.sender.lock();
+        sender
+            .as_ref()
+            .ok_or(LogError::Closed)?
+            .send(Command::Append {
+                record,
+                reply,
+                permit,
+            })
+            .map_err(|_| LogError::Closed)?;
+        Ok(AppendAck { rx })
+    }
+
+    /// Drops history below `revision`: afterwards revisions `>= revision` remain readable and
+    /// reads starting lower fail with [`LogError::Compacted`]. The compaction revision is
+    /// persisted and never goes backwards.
+    ///
+    /// Fails with [`LogError::AlreadyCompacted`] when `revision` is at or below the current
+    /// compaction revision (nothing changes) and with [`LogError::FutureRevision`] when it is
+    /// above the last acknowledged revision. Runs on the writer thread, between batches.
+    pub async fn compact(&self, revision: Revision) -> Result<(), LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Compact { revision, reply })?;
+        rx.await.unwrap_or(Err(LogError::Closed))
+    }
+
+    /// Applies the retention policy now, on the writer thread after everything queued before it,
+    /// and returns the new compaction revision if it compacted. (The writer also applies it by
+    /// itself after commits, every [`crate::RetentionPolicy::check_interval`].)
+    pub async fn apply_retention(&self) -> Result<Option<Revision>, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Retain { reply })?;
+        rx.await.unwrap_or(Err(LogError::Closed))
+    }
+
+    fn command(&self, command: Command) -> Result<(), LogError> {
+        self.state.poisoned()?;
+        let sender = self.sender.lock();
+        sender
+            .as_ref()
+            .ok_or(LogError::Closed)?
+            .send(command)
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// Last revision acknowledged durable (0 for an empty log).
+    pub fn last_revision(&self) -> Revision {
+        self.state.last.load(Ordering::Acquire)
+    }
+
+    /// The compaction revision: revisions below it are gone (0 when never compacted).
+    pub fn compacted_revision(&self) -> Revision {
+        self.state.compacted.load(Ordering::Acquire)
+    }
+
+    /// The oldest revision a read can return: the compaction revision, or 1.
+    pub fn first_available(&self) -> Revision {
+        self.compacted_revision().max(1)
+    }
+
+    /// The cause if a failed commit poisoned the log.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.state.poison.get().map(String::as_str)
+    }
+
+    /// Up to `limit` change sets with `after < revision <= until` that hold an event `selector`
+    /// selects, in revision order, each with all its events. Blocking (a store read).
+    pub fn read(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+        limit: usize,
+    ) -> Result<Vec<ChangeSet>, LogError> {
+        self.state.store.read(selector, after, until, limit)
+    }
+
+    /// Up to `limit` change sets after revision `after`.
+    pub fn read_range(&self, after: Revision, limit: usize) -> Result<Vec<ChangeSet>, LogError> {
+        self.read(&KeySelector::All, after, Revision::MAX, limit)
+    }
+
+    /// Up to `limit` change sets after `after` that changed exactly `key` (via the key index).
+    pub fn read_key(
+        &self,
+        key: impl Into<Bytes>,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<ChangeSet>, LogError> {
+        self.read(&KeySelector::key(key), after, Revision::MAX, limit)
+    }
+
+    /// Up to `limit` change sets after `after` that changed a key starting with `prefix`.
+    pub fn read_prefix(
+        &self,
+        prefix: impl Into<Bytes>,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<ChangeSet>, LogError> {
+        self.read(&KeySelector::prefix(prefix), after, Revision::MAX, limit)
+    }
+
+    /// Up to `limit` change sets after `after` that changed a key in `[start, end)`.
+    pub fn read_key_range(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<ChangeSet>, LogError> {
+        self.read(&KeySelector::range(start, end), after, Revision::MAX, limit)
+    }
+
+    /// Every change set after `after`, in order, read in chunks: what a state machine replays to
+    /// rebuild itself. Stops after the first error.
+    pub fn replay(&self, after: Revision) -> Replay {
+        Replay {
+            store: Arc::clone(&self.state.store),
+            after,
+            buffer: Vec::new().into_iter(),
+            done: false,
+        }
+    }
+
+    /// Closes the log: refuses new appends, lets the writer commit everything already queued,
+    /// and joins the writer thread. Blocks for at most one commit per queued batch. Idempotent.
+    pub fn close(&self) -> Result<(), LogError> {
+        self.permits.close();
+        drop(self.sender.lock().take());
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            writer
+                .join()
+                .map_err(|_| LogError::Storage("event-log writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the event log");
+        }
+    }
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("last_revision", &self.last_revision())
+            .field("compacted_revision", &self.compacted_revision())
+            .field("poisoned", &self.poisoned())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads run on tokio's blocking pool when called inside a runtime (a redb read may touch the
+/// disk), inline otherwise. The future owns what it uses, so it is `Send`.
+impl History for EventLog {
+    fn read(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+        limit: usize,
+    ) -> HistoryFuture<'_> {
+        let store = Arc::clone(&self.state.store);
+        let selector = selector.clone();
+        Box::pin(async move {
+            let read = move || store.read(&selector, after, until, limit);
+            let result = match tokio::runtime::Handle::try_current() {
+                Ok(handle) => handle
+                    .spawn_blocking(read)
+                    .await
+                    .unwrap_or_else(|e| Err(LogError::Storage(format!("history read: {e}")))),
+                Err(_) => read(),
+            };
+            Ok(result?.into_iter().map(Arc::new).collect())
+        })
+    }
+
+    fn first_available(&self) -> Revision {
+        EventLog::first_available(self)
+    }
+}
+
+/// Iterator over every change set after a revision; see [`EventLog::replay`].
+pub struct Replay {
+    store: Arc<dyn LogStore>,
+    after: Revision,
+    buffer: std::vec::IntoIter<ChangeSet>,
+    done: bool,
+}
+
+/// Change sets fetched per store read while replaying.
+const REPLAY_CHUNK: usize = 4096;
+
+impl Iterator for Replay {
+    type Item = Result<ChangeSet, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(cs) = self.buffer.next() {
+            self.after = cs.revision;
+            return Some(Ok(cs));
+        }
+        if self.done {
+            return None;
+        }
+        match self
+            .store
+            .read(&KeySelector::All, self.after, Revision::MAX, REPLAY_CHUNK)
+        {
+            Ok(chunk) => {
+                self.done = chunk.len() < REPLAY_CHUNK;
+                self.buffer = chunk.into_iter();
+                let cs = self.buffer.next()?;
+                self.after = cs.revision;
+                Some(Ok(cs))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The writer thread's state. It alone writes to the store.
+struct Writer {
+    state: Arc<State>,
+    /// Last revision accepted into a batch (equals the durable last between batches).
+    last: Revision,
+    last_retention: Option<Instant>,
+}
+
+struct Pending {
+    record: EncodedChange,
+    reply: oneshot::Sender<Result<Revision, LogError>>,
+}
+
+impl Writer {
+    fn new(state: Arc<State>) -> Self {
+        let last = state.last.load(Ordering::Acquire);
+        Self {
+            state,
+            last,
+            last_retention: None,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let cfg = self.state.config;
+        // A command that did not fit the previous batch, handled first in the next round.
+        let mut carried: Option<Command> = None;
+        loop {
+            let first = match carried.take() {
+                Some(c) => c,
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    // Every sender is gone and the queue is drained: the log is closed.
+                    Err(_) => return,
+                },
+            };
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            match first {
+                Command::Compact { revision, reply } => {
+                    let _ = reply.send(self.compact(revision));
+                    continue;
+                }
+                Command::Retain { reply } => {
+                    let _ = reply.send(self.retain());
+                    continue;
+                }
+                Command::Append {
+                    record,
+                    reply,
+                    permit,
+                } => {
+                    drop(permit);
+                    bytes += record.bytes.len();
+                    batch.push(Pending { record, reply });
+                }
+            }
+            let deadline = Instant::now() + cfg.flush_interval;
+            while batch.len() < cfg.batch_size && bytes < cfg.max_batch_bytes {
+                let next = match rx.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) if !cfg.flush_interval.is_zero() => {
+                        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                            Ok(c) => c,
+                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                                break;
+                            }
+                        }
+                    }
+                    Err(_) => break,
+                };
+                match next {
+                    Command::Append {
+                        record,
+                        reply,
+                        permit,
+                    } if bytes + record.bytes.len() <= cfg.max_batch_bytes => {
+                        drop(permit);
+                        bytes += record.bytes.len();
+                        batch.push(Pending { record, reply });
+                    }
+                    other => {
+                        carried = Some(other);
+                        break;
+                    }
+                }
+            }
+            self.commit(batch);
+            self.apply_retention();
+        }
+    }
+
+    /// Commits one batch and answers every submitter in it.
+    fn commit(&mut self, batch: Vec<Pending>) {
+        if let Err(e) = self.state.poisoned() {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let mut records = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut last = self.last;
+        for p in batch {
+            if p.record.revision <= last {
+                let _ = p.reply.send(Err(LogError::NotIncreasing {
+                    revision: p.record.revision,
+                    last,
+                }));
+                continue;
+            }
+            last = p.record.revision;
+            replies.push((p.record.revision, p.reply));
+            records.push(p.record);
+        }
+        if records.is_empty() {
+            return;
+        }
+        match self.state.store.append_batch(&records) {
+            Ok(()) => {
+                self.last = last;
+                self.state.last.store(last, Ordering::Release);
+                for (rev, reply) in replies {
+                    let _ = reply.send(Ok(rev));
+                }
+            }
+            Err(e) => {
+                // fsyncgate: a failed commit is never retried and then acknowledged. Every
+                // submitter of this batch gets the error and the log refuses further writes.
+                self.poison(&e);
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn poison(&self, e: &LogError) {
+        tracing::error!(error = %e, "event-log commit failed; the log is poisoned");
+        let _ = self.state.poison.set(e.to_string());
+    }
+
+    fn compact(&mut self, revision: Revision) -> Result<(), LogError> {
+        self.state.poisoned()?;
+        let compacted = self.state.compacted.load(Ordering::Acquire);
+        if revision <= compacted {
+            return Err(LogError::AlreadyCompacted {
+                requested: revision,
+                compacted,
+            });
+        }
+        if revision > self.last {
+            return Err(LogError::FutureRevision {
+                requested: revision,
+                last: self.last,
+            });
+        }
+        match self.state.store.compact(revision) {
+            Ok(()) => {
+                self.state.compacted.store(revision, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                // Some compaction steps may have committed; report what is on disk.
+                if let Ok(c) = self.state.store.compacted_revision() {
+                    self.state.compacted.fetch_max(c, Ordering::AcqRel);
+                }
+                self.poison(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Compacts by the retention policy when a check is due.
+    fn apply_retention(&mut self) {
+        let policy = self.state.config.retention;
+        if policy.is_unbounded() || self.state.poison.get().is_some() {
+            return;
+        }
+        if self
+            .last_retention
+            .is_some_and(|t| t.elapsed() < policy.check_interval)
+        {
+            return;
+        }
+        if let Err(e) = self.retain() {
+            tracing::error!(error = %e, "retention failed");
+        }
+    }
+
+    /// Compacts to what the retention policy allows; returns the new compaction revision.
+    fn retain(&mut self) -> Result<Option<Revision>, LogError> {
+        self.state.poisoned()?;
+        self.last_retention = Some(Instant::now());
+        let policy = self.state.config.retention;
+        match self.state.store.retention_target(&policy, now_ms())? {
+            Some(target) if target > self.state.compacted.load(Ordering::Acquire) => {
+                self.compact(target).map(|()| Some(target))
+            }
+            _ => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! The storage seam ([`LogStore`]) and its default redb backend ([`RedbStore`]).
+//!
+//! Group commit, revision checks, poisoning and retention scheduling live above this trait in
+//! [`crate::EventLog`], so every backend gets them. A store only has to make one batch durable
+//! atomically and answer reads from committed data.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use watch_core::{ChangeSet, KeySelector, Revision};
+
+use crate::codec::{self, EncodedChange};
+use crate::config::{Durability, RetentionPolicy};
+use crate::error::LogError;
+
+/// A durable, ordered store of encoded change sets.
+///
+/// Implementations are called by one writer thread for writes (`append_batch`, `compact`) and
+/// by any thread for reads, concurrently. Reads must only see committed batches.
+pub trait LogStore: Send + Sync + 'static {
+    /// Writes `batch` in one atomic commit. When it returns `Ok` the whole batch is durable (at
+    /// the store's configured durability); when it returns `Err` the caller must assume nothing
+    /// of it is acknowledged and must stop writing (the log poisons itself).
+    ///
+    /// The caller guarantees revisions strictly increase, starting above [`Self::last_revision`].
+    fn append_batch(&self, batch: &[EncodedChange]) -> Result<(), LogError>;
+
+    /// The last revision written (0 for an empty store). Survives compaction and reopening.
+    fn last_revision(&self) -> Result<Revision, LogError>;
+
+    /// The compaction revision: every revision below it is gone, revisions at or above it are
+    /// kept. 0 when never compacted.
+    fn compacted_revision(&self) -> Result<Revision, LogError>;
+
+    /// Up to `limit` change sets with `after < revision <= until` that hold at least one event
+    /// `selector` selects, in revision order, each with all of its events. Fails with
+    /// [`LogError::Compacted`] when `after + 1` is below the compaction revision.
+    fn read(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+        limit: usize,
+    ) -> Result<Vec<ChangeSet>, LogError>;
+
+    /// Drops every revision below `revision` and records `revision` as the compaction revision.
+    /// May commit in several steps; every step leaves a consistent store whose compaction
+    /// revision only grew. The caller checks `compacted < revision <= last`.
+    fn compact(&self, revision: Revision) -> Result<(), LogError>;
+
+    /// The revision retention should compact to under `policy` at `now_ms` (milliseconds since
+    /// the Unix epoch), or `None` when nothing is due. The newest change set is always kept.
+    fn retention_target(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<Option<Revision>, LogError>;
+}
+
+/// Revision -> encoded change set.
+const CHANGES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("changes");
+/// (key, revision) -> (): which revisions touched a key.
+const KEY_INDEX: TableDefinition<'_, (&[u8], u64), ()> = TableDefinition::new("key_index");
+/// Named counters, see the `META_*` names.
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+const META_FORMAT: &str = "format_version";
+const META_LAST: &str = "last_revision";
+const META_COMPACTED: &str = "compacted_revision";
+const META_COUNT: &str = "record_count";
+const META_BYTES: &str = "record_bytes";
+
+/// The layout version of the tables above; bump on any incompatible change.
+pub(crate) const FORMAT_VERSION: u64 = 1;
+
+/// Most revisions one compaction commit deletes, so a large compaction does not build one huge
+/// transaction.
+const COMPACT_CHUNK: usize = 8192;
+
+/// Most key-index entries a selector read scans before it falls back to a filtered scan of the
+/// change sets themselves (a wide prefix with a long history).
+const INDEX_SCAN_BUDGET: usize = 65_536;
+
+/// Options of a [`RedbStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct RedbOptions {
+    /// Durability of each commit.
+    pub durability: Durability,
+    /// redb quick repair: commits save allocator state (and use 2-phase commit) so reopening after
+    /// a crash takes milliseconds instead of a walk over the whole file. Slower commits.
+    pub quick_repair: bool,
+    /// Verify every page checksum when opening (reads the whole file). A file altered outside
+    /// redb then fails to open with [`LogError::Corrupt`] instead of being trusted.
+    pub verify_on_open: bool,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Immediate,
+            quick_repair: false,
+            verify_on_open: false,
+        }
+    }
+}
+
+/// The default [`LogStore`]: one redb file with the tables `changes`, `key_index` and `meta`.
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<redb::Database>,
+    options: RedbOptions,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self, LogError> {
+        let path = path.as_ref().to_owned();
+        Self::guarded_open(options, move |b| b.create(&path))
+    }
+
+    /// Opens (or creates) a store on a custom redb storage backend, e.g. one that injects
+    /// I/O failures in tests.
+    pub fn with_backend(
+        backend: impl redb::StorageBackend,
+        options: RedbOptions,
+    ) -> Result<Self, LogError> {
+        Self::guarded_open(options, move |b| b.create_with_backend(backend))
+    }
+
+    fn guarded_open(
+        options: RedbOptions,
+        open: impl FnOnce(&redb::Builder) -> Result<redb::Database, redb::DatabaseError>,
+    ) -> Result<Self, LogError> {
+        let mut builder = redb::Database::builder();
+        builder.set_check_integrity_on_open(options.verify_on_open);
+        // redb may panic instead of returning an error on a file altered outside it (its own
+        // docs say so for unverified opens); report that as corruption rather than unwinding
+        // through the caller.
+        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open(&builder)))
+            .map_err(|_| LogError::Corrupt {
+                revision: None,
+                reason: "the storage engine panicked while opening the file".into(),
+            })??;
+        let store = Self {
+            db: Arc::new(db),
+            options,
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// Creates the tables on first open and checks the format version.
+    fn init(&self) -> Result<(), LogError> {
+        let txn = self.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(META_FORMAT)?.map(|g| g.value());
+            match found {
+                None => {
+                    meta.insert(META_FORMAT, FORMAT_VERSION)?;
+                }
+                Some(FORMAT_VERSION) => {}
+                Some(found) => {
+                    return Err(LogError::UnsupportedFormat {
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
+                }
+            }
+            txn.open_table(CHANGES)?;
+            txn.open_table(KEY_INDEX)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, LogError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(match self.options.durability {
+            Durability::Immediate => redb::Durability::Immediate,
+            Durability::None => redb::Durability::None,
+        })
+        .map_err(|e| LogError::Storage(e.to_string()))?;
+        txn.set_quick_repair(self.options.quick_repair);
+        Ok(txn)
+    }
+
+    fn meta_get(meta: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<u64, LogError> {
+        Ok(meta.get(name)?.map_or(0, |g| g.value()))
+    }
+
+    fn read_meta(&self, name: &str) -> Result<u64, LogError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Self::meta_get(&meta, name)
+    }
+}
+
+impl LogStore for RedbStore {
+    fn append_batch(&self, batch: &[EncodedChange]) -> Result<(), LogError> {
+        let Some(newest) = batch.last() else {
+            return Ok(());
+        };
+        let txn = self.begin_write()?;
+        {
+            let mut changes = txn.open_table(CHANGES)?;
+            let mut index = txn.open_table(KEY_INDEX)?;
+            let mut meta = txn.open_table(META)?;
+            let mut bytes = 0u64;
+            for rec in batch {
+                changes.insert(rec.revision, rec.bytes.as_slice())?;
+                for key in &rec.keys {
+                    index.insert((key.as_ref(), rec.revision), ())?;
+                }
+                bytes += rec.bytes.len() as u64;
+            }
+            let count = Self::meta_get(&meta, META_COUNT)? + batch.len() as u64;
+            let total = Self::meta_get(&meta, META_BYTES)? + bytes;
+            meta.insert(META_COUNT, count)?;
+            meta.insert(META_BYTES, total)?;
+            meta.insert(META_LAST, newest.revision)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn last_revision(&self) -> Result<Revision, LogError> {
+        self.read_meta(META_LAST)
+    }
+
+    fn compacted_revision(&self) -> Result<Revision, LogError> {
+        self.read_meta(META_COMPACTED)
+    }
+
+    fn read(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+        limit: usize,
+    ) -> Result<Vec<ChangeSet>, LogError> {
+        // One read transaction: the compaction check and the data come from the same snapshot.
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let compacted = Self::meta_get(&meta, META_COMPACTED)?;
+        if after.saturating_add(1) < compacted {
+            return Err(LogError::Compacted { compacted });
+        }
+        let changes = txn.open_table(CHANGES)?;
+        if limit == 0 || after >= until {
+            return Ok(Vec::new());
+        }
+        let window = (Bound::Excluded(after), Bound::Included(until));
+        let revisions: Vec<Revision> = match selector {
+            KeySelector::All => return scan(&changes, window, limit, |_| true),
+            KeySelector::Key(key) => {
+                let index = txn.open_table(KEY_INDEX)?;
+                let mut revs = Vec::new();
+                let lo = (key.as_ref(), after.saturating_add(1));
+                for entry in index.range(lo..=(key.as_ref(), until))?.take(limit) {
+                    revs.push(entry?.0.value().1);
+                }
+                revs
+            }
+            _ => {
+                let index = txn.open_table(KEY_INDEX)?;
+                let (start, end) = selector.bounds();
+                let lo = Bound::Included((start.as_ref(), 0u64));
+                let hi = match &end {
+                    Some(end) => Bound::Excluded((end.as_ref(), 0u64)),
+                    None => Bound::Unbounded,
+                };
+                let mut revs = BTreeSet::new();
+                let mut scanned = 0usize;
+                let mut over_budget = false;
+                for entry in index.range::<(&[u8], u64)>((lo, hi))? {
+                    let rev = entry?.0.value().1;
+                    if rev > after && rev <= until {
+                        revs.insert(rev);
+                    }
+                    scanned += 1;
+                    if scanned > INDEX_SCAN_BUDGET {
+                        over_budget = true;
+                        break;
+                    }
+                }
+                if over_budget {
+                    return scan(&changes, window, limit, |cs| {
+                        cs.events.iter().any(|e| selector.matches(e.key()))
+                    });
+                }
+                revs.into_iter().take(limit).collect()
+            }
+        };
+        let mut out = Vec::with_capacity(revisions.len());
+        for rev in revisions {
+            let Some(bytes) = changes.get(rev)? else {
+                return Err(LogError::Corrupt {
+                    revision: Some(rev),
+                    reason: "key index names a revision with no change set".into(),
+                });
+            };
+            out.push(codec::decode(bytes.value(), rev)?);
+        }
+        Ok(out)
+    }
+
+    fn compact(&self, revision: Revision) -> Result<(), LogError> {
+        loop {
+            let txn = self.begin_write()?;
+            let done;
+            {
+                let mut changes = txn.open_table(CHANGES)?;
+                let mut index = txn.open_table(KEY_INDEX)?;
+                let mut meta = txn.open_table(META)?;
+                let mut doomed = Vec::new();
+                for entry in changes.range(..revision)?.take(COMPACT_CHUNK) {
+                    let (k, v) = entry?;
+                    let rev = k.value();
+                    let cs = codec::decode(v.value(), rev)?;
+                    doomed.push((rev, v.value().len() as u64, cs));
+                }
+                done = doomed.len() < COMPACT_CHUNK;
+                let mut bytes = 0;
+                for (rev, len, cs) in &doomed {
+                    changes.remove(*rev)?;
+                    for e in &cs.events {
+                        index.remove((e.key(), *rev))?;
+                    }
+                    bytes += len;
+                }
+                let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
+                let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
+                // An intermediate step compacts to just past what it deleted, never beyond the
+                // requested revision, so the persisted value only grows.
+                let reached = match doomed.last() {
+                    Some((rev, _, _)) if !done => (rev + 1).min(revision),
+                    _ => revision,
+                };
+                let previous = Self::meta_get(&meta, META_COMPACTED)?;
+                meta.insert(META_COMPACTED, reached.max(previous))?;
+                meta.insert(META_COUNT, count)?;
+                meta.insert(META_BYTES, total)?;
+            }
+            txn.commit()?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    fn retention_target(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<Option<Revision>, LogError> {
+        if policy.is_unbounded() {
+            return Ok(None);
+        }
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let changes = txn.open_table(CHANGES)?;
+        let mut count = Self::meta_get(&meta, META_COUNT)?.max(changes.len()?);
+        let mut bytes = Self::meta_get(&meta, META_BYTES)?;
+        let cutoff = policy
+            .max_age
+            .map(|age| now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
+        let mut first = None;
+        for entry in changes.iter()? {
+            let (k, v) = entry?;
+            let rev = k.value();
+            first.get_or_insert(rev);
+            let too_many = policy.keep_last.is_some_and(|n| count > n.max(1));
+            let too_big = policy.max_bytes.is_some_and(|m| bytes > m);
+            let too_old = match cutoff {
+                Some(cutoff) => codec::decode_header(v.value(), rev)?.time_ms < cutoff,
+                None => false,
+            };
+            // The newest change set is always kept.
+            if count <= 1 || !(too_many || too_big || too_old) {
+                return Ok((first != Some(rev)).then_some(rev));
+            }
+            count -= 1;
+            bytes = bytes.saturating_sub(v.value().len() as u64);
+        }
+        Ok(None)
+    }
+}
+
+/// Change sets in `window` for which `keep` holds, in order, at most `limit`.
+fn scan(
+    changes: &redb::ReadOnlyTable<u64, &[u8]>,
+    window: (Bound<u64>, Bound<u64>),
+    limit: usize,
+    keep: impl Fn(&ChangeSet) -> bool,
+) -> Result<Vec<ChangeSet>, LogError> {
+    let mut out = Vec::new();
+    for entry in changes.range::<u64>(window)? {
+        let (k, v) = entry?;
+        let cs = codec::decode(v.value(), k.value())?;
+        if keep(&cs) {
+            out.push(cs);
+            if out.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}

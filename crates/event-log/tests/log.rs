@@ -1,0 +1,352 @@
+//! Append, query, compaction, recovery, backpressure and the History impl.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ScriptedStore, puts, revs};
+use event_log::{
+    Durability, EventLog, LogConfig, LogError, RedbOptions, RedbStore, RetentionPolicy, STORE_FILE,
+};
+use futures_util::FutureExt;
+use watch_core::{History, HistoryError, KeySelector};
+
+fn fast() -> LogConfig {
+    LogConfig {
+        durability: Durability::None,
+        ..LogConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn append_query_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+        assert_eq!(log.last_revision(), 0);
+        assert_eq!(log.first_available(), 1);
+        assert_eq!(log.append(puts(1, &["/a/1"])).await.unwrap(), 1);
+        assert_eq!(log.append(puts(2, &["/a/2", "/b/1"])).await.unwrap(), 2);
+        assert_eq!(log.append(puts(5, &["/a/1"])).await.unwrap(), 5);
+        assert_eq!(log.append(puts(7, &["/c"])).await.unwrap(), 7);
+
+        assert_eq!(revs(&log.read_range(0, 10).unwrap()), [1, 2, 5, 7]);
+        assert_eq!(revs(&log.read_range(2, 1).unwrap()), [5]);
+        assert_eq!(revs(&log.read_key("/a/1", 0, 10).unwrap()), [1, 5]);
+        assert_eq!(revs(&log.read_key("/a/1", 1, 10).unwrap()), [5]);
+        assert_eq!(revs(&log.read_key("/a", 0, 10).unwrap()), Vec::<u64>::new());
+        assert_eq!(revs(&log.read_prefix("/a/", 0, 10).unwrap()), [1, 2, 5]);
+        assert_eq!(revs(&log.read_prefix("/a/", 0, 2).unwrap()), [1, 2]);
+        assert_eq!(revs(&log.read_key_range("/a/2", "/c", 0, 10).unwrap()), [2]);
+        let sel = KeySelector::from_key("/b");
+        assert_eq!(revs(&log.read(&sel, 0, 5, 10).unwrap()), [2]);
+        assert_eq!(revs(&log.read(&sel, 0, 100, 10).unwrap()), [2, 7]);
+        // A change set is returned whole, with events the selector did not pick.
+        assert_eq!(
+            log.read_key("/b/1", 0, 1).unwrap()[0],
+            puts(2, &["/a/2", "/b/1"])
+        );
+        log.close().unwrap();
+        assert!(matches!(
+            log.append(puts(8, &["x"])).await,
+            Err(LogError::Closed)
+        ));
+    }
+    let log = EventLog::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(log.last_revision(), 7);
+    let all: Vec<_> = log.replay(0).collect::<Result<_, _>>().unwrap();
+    assert_eq!(
+        all,
+        vec![
+            puts(1, &["/a/1"]),
+            puts(2, &["/a/2", "/b/1"]),
+            puts(5, &["/a/1"]),
+            puts(7, &["/c"])
+        ]
+    );
+    assert_eq!(log.append(puts(8, &["/d"])).await.unwrap(), 8);
+}
+
+#[tokio::test]
+async fn revisions_must_increase() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), fast()).unwrap();
+    log.append(puts(3, &["k"])).await.unwrap();
+    for bad in [3, 2, 0] {
+        assert!(matches!(
+            log.append(puts(bad, &["k"])).await,
+            Err(LogError::NotIncreasing { revision, last: 3 }) if revision == bad
+        ));
+    }
+    // A refused change set does not poison the log.
+    assert_eq!(log.append(puts(4, &["k"])).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn compaction_semantics_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(dir.path(), fast()).unwrap();
+        for r in 1..=10 {
+            log.append(puts(
+                r,
+                &["k", if r.is_multiple_of(2) { "even" } else { "odd" }],
+            ))
+            .await
+            .unwrap();
+        }
+        assert!(matches!(
+            log.compact(11).await,
+            Err(LogError::FutureRevision {
+                requested: 11,
+                last: 10
+            })
+        ));
+        log.compact(4).await.unwrap();
+        assert_eq!(log.compacted_revision(), 4);
+        assert_eq!(log.first_available(), 4);
+        // After compact(4): revision 4 is readable, a read needing 3 fails.
+        assert_eq!(
+            revs(&log.read_range(3, 100).unwrap()),
+            [4, 5, 6, 7, 8, 9, 10]
+        );
+        assert!(matches!(
+            log.read_range(2, 1),
+            Err(LogError::Compacted { compacted: 4 })
+        ));
+        assert!(matches!(
+            log.read_key("k", 0, 1),
+            Err(LogError::Compacted { compacted: 4 })
+        ));
+        assert_eq!(revs(&log.read_key("even", 3, 100).unwrap()), [4, 6, 8, 10]);
+        for again in [4, 2] {
+            assert!(matches!(
+                log.compact(again).await,
+                Err(LogError::AlreadyCompacted { compacted: 4, .. })
+            ));
+        }
+        log.compact(10).await.unwrap();
+        assert_eq!(revs(&log.read_range(9, 100).unwrap()), [10]);
+    }
+    let log = EventLog::open(dir.path(), fast()).unwrap();
+    assert_eq!(log.compacted_revision(), 10);
+    assert_eq!(log.last_revision(), 10);
+    assert!(matches!(
+        log.read_prefix("", 5, 1),
+        Err(LogError::Compacted { compacted: 10 })
+    ));
+    // The index entries of compacted revisions are gone too.
+    assert_eq!(
+        revs(&log.read_key("odd", 9, 100).unwrap()),
+        Vec::<u64>::new()
+    );
+    assert_eq!(log.append(puts(11, &["k"])).await.unwrap(), 11);
+}
+
+#[tokio::test]
+async fn large_compaction_commits_in_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), fast()).unwrap();
+    let mut acks = Vec::new();
+    for r in 1..=20_000u64 {
+        acks.push(log.submit(puts(r, &["k"])).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    log.compact(19_990).await.unwrap();
+    assert_eq!(revs(&log.read_key("k", 19_989, 100).unwrap()).len(), 11);
+    assert!(log.read_range(19_988, 1).is_err());
+}
+
+#[tokio::test]
+async fn history_impl() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EventLog::open(dir.path(), fast()).unwrap());
+    for r in 1..=6 {
+        log.append(puts(r, &[if r.is_multiple_of(2) { "/x/a" } else { "/y" }]))
+            .await
+            .unwrap();
+    }
+    let h: Arc<dyn History> = log.clone();
+    assert_eq!(h.first_available(), 1);
+    let got = h.read(&KeySelector::prefix("/x/"), 0, 5, 10).await.unwrap();
+    assert_eq!(got.iter().map(|c| c.revision).collect::<Vec<_>>(), [2, 4]);
+    let got = h.read(&KeySelector::All, 1, 6, 2).await.unwrap();
+    assert_eq!(got.iter().map(|c| c.revision).collect::<Vec<_>>(), [2, 3]);
+    log.compact(3).await.unwrap();
+    assert_eq!(h.first_available(), 3);
+    assert_eq!(
+        h.read(&KeySelector::All, 1, 6, 10).await.unwrap_err(),
+        HistoryError::Compacted {
+            compact_revision: 3
+        }
+    );
+    assert_eq!(h.read(&KeySelector::All, 2, 6, 10).await.unwrap().len(), 4);
+    // The History future is Send (spawnable).
+    let h2 = h.clone();
+    let n =
+        tokio::spawn(async move { h2.read(&KeySelector::All, 2, 6, 10).await.map(|v| v.len()) })
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(n, 4);
+}
+
+#[test]
+fn history_read_works_outside_a_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let log = EventLog::open(dir.path(), fast()).unwrap();
+    rt.block_on(log.append(puts(1, &["k"]))).unwrap();
+    let got = History::read(&log, &KeySelector::All, 0, 1, 1).now_or_never();
+    assert_eq!(got.unwrap().unwrap().len(), 1);
+}
+
+/// The queue is bounded: with the writer stuck in a commit, `try_append` reports `QueueFull`
+/// once the queue is full and `append` waits (backpressure) instead of dropping.
+#[tokio::test]
+async fn full_queue_backpressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ScriptedStore::new(
+        RedbStore::open(
+            dir.path().join(STORE_FILE),
+            RedbOptions {
+                durability: Durability::None,
+                ..RedbOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let config = LogConfig {
+        queue_capacity: 2,
+        batch_size: 1,
+        ..fast()
+    };
+    let log = EventLog::with_store(store.clone(), config).unwrap();
+    let (entered, release) = store.arm(false);
+    let first = log.try_append(puts(1, &["k"])).unwrap();
+    entered.recv().unwrap(); // the writer holds revision 1 in a commit
+    let second = log.try_append(puts(2, &["k"])).unwrap();
+    let third = log.try_append(puts(3, &["k"])).unwrap();
+    assert!(matches!(
+        log.try_append(puts(4, &["k"])),
+        Err(LogError::QueueFull)
+    ));
+    // `append` cannot get a slot either: it stays pending rather than dropping.
+    let mut waiting = Box::pin(log.append(puts(4, &["k"])));
+    assert!((&mut waiting).now_or_never().is_none());
+    release.send(()).unwrap();
+    assert_eq!(first.await.unwrap(), 1);
+    assert_eq!(second.await.unwrap(), 2);
+    assert_eq!(third.await.unwrap(), 3);
+    assert_eq!(waiting.await.unwrap(), 4);
+    assert_eq!(revs(&log.read_range(0, 10).unwrap()), [1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn retention_keep_last_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = RetentionPolicy {
+        keep_last: Some(5),
+        check_interval: Duration::ZERO,
+        ..RetentionPolicy::UNBOUNDED
+    };
+    let log = EventLog::open(
+        dir.path(),
+        LogConfig {
+            retention,
+            ..fast()
+        },
+    )
+    .unwrap();
+    for r in 1..=20 {
+        log.append(puts(r, &["k"])).await.unwrap();
+    }
+    // Retention runs on the writer after a commit; this request queues behind it, so once it
+    // answers the automatic pass is done and there is nothing left to compact.
+    assert_eq!(log.apply_retention().await.unwrap(), None);
+    assert_eq!(log.compacted_revision(), 16);
+    assert_eq!(
+        revs(&log.read_range(15, 100).unwrap()),
+        [16, 17, 18, 19, 20]
+    );
+    drop(log);
+
+    let dir = tempfile::tempdir().unwrap();
+    let one = event_log::codec::encode(&puts(1, &["k"]), 0).bytes.len() as u64;
+    let retention = RetentionPolicy {
+        max_bytes: Some(3 * one),
+        check_interval: Duration::ZERO,
+        ..RetentionPolicy::UNBOUNDED
+    };
+    let log = EventLog::open(
+        dir.path(),
+        LogConfig {
+            retention,
+            ..fast()
+        },
+    )
+    .unwrap();
+    for r in 1..=9 {
+        log.append(puts(r, &["k"])).await.unwrap();
+    }
+    assert_eq!(log.apply_retention().await.unwrap(), None);
+    assert_eq!(log.compacted_revision(), 7);
+
+    let dir = tempfile::tempdir().unwrap();
+    let retention = RetentionPolicy {
+        max_age: Some(Duration::ZERO),
+        check_interval: Duration::ZERO,
+        ..RetentionPolicy::UNBOUNDED
+    };
+    let log = EventLog::open(
+        dir.path(),
+        LogConfig {
+            retention,
+            ..fast()
+        },
+    )
+    .unwrap();
+    for r in 1..=4 {
+        log.append(puts(r, &["k"])).await.unwrap();
+    }
+    // Everything is older than zero seconds once written, but the newest is always kept.
+    log.apply_retention().await.unwrap();
+    assert_eq!(log.compacted_revision(), 4);
+    assert_eq!(revs(&log.read_range(3, 10).unwrap()), [4]);
+}
+
+#[tokio::test]
+async fn concurrent_submitters_batch_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EventLog::open(dir.path(), LogConfig::default()).unwrap());
+    let next = Arc::new(tokio::sync::Mutex::new(1u64));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (log, next) = (log.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..50 {
+                let ack = {
+                    let mut n = next.lock().await;
+                    let ack = log.submit(puts(*n, &["k"])).await.unwrap();
+                    *n += 1;
+                    ack
+                };
+                got.push(ack.await.unwrap());
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=800).collect::<Vec<_>>());
+    assert_eq!(log.replay(0).count(), 800);
+}
