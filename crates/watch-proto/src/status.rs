@@ -1,0 +1,323 @@
+//! The one mapping from keywatch errors to gRPC statuses.
+//!
+//! Where etcd defines an error, the status carries etcd's exact code and message
+//! ([`EtcdError`]): the Go client (`rpctypes.Error`) recognises errors by message text, so
+//! `errors.Is(err, rpctypes.ErrCompacted)` only works with the exact text. Errors etcd does not
+//! have keep their own `Display` text under the closest code.
+//!
+//! The message of a status built here also serves as `WatchResponse.cancel_reason` when a
+//! watch create fails, which is where etcd puts the same texts (e.g. "mvcc: watcher range is
+//! empty" for an empty range).
+
+use tonic::{Code, Status};
+use watch_core::{HistoryError, WatchError};
+
+use crate::error::ConvertError;
+
+/// The etcd server errors keywatch reproduces, with etcd's gRPC code and message
+/// (etcd `api/v3rpc/rpctypes/error.go`; the two `mvcc:` watch texts are from `mvcc/watcher.go`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EtcdError {
+    /// The requested revision is below the compaction point.
+    Compacted,
+    /// The requested revision is above the current store revision.
+    FutureRevision,
+    /// A request needs a key and has none.
+    EmptyKey,
+    /// A transaction writes the same key twice.
+    DuplicateKey,
+    /// A transaction has more operations than the server allows.
+    TooManyOps,
+    /// A request is larger than the server accepts.
+    RequestTooLarge,
+    /// The server is overloaded and sheds requests.
+    TooManyRequests,
+    /// A request names a lease that does not exist.
+    LeaseNotFound,
+    /// No leader is known (returned to `hasleader` streams).
+    NoLeader,
+    /// The server is shutting down.
+    Stopped,
+    /// Stored data failed an integrity check.
+    Corrupt,
+    /// A watch create whose `key >= range_end` (etcd sends it only as `cancel_reason`).
+    WatcherRangeEmpty,
+    /// A watch create reusing a watch ID in use on its stream (sent as `cancel_reason`).
+    DuplicateWatchId,
+}
+
+impl EtcdError {
+    /// etcd's gRPC code for this error.
+    pub fn code(self) -> Code {
+        match self {
+            Self::Compacted | Self::FutureRevision => Code::OutOfRange,
+            Self::EmptyKey
+            | Self::DuplicateKey
+            | Self::TooManyOps
+            | Self::RequestTooLarge
+            | Self::WatcherRangeEmpty
+            | Self::DuplicateWatchId => Code::InvalidArgument,
+            Self::TooManyRequests => Code::ResourceExhausted,
+            Self::LeaseNotFound => Code::NotFound,
+            Self::NoLeader | Self::Stopped => Code::Unavailable,
+            Self::Corrupt => Code::DataLoss,
+        }
+    }
+
+    /// etcd's message for this error, byte for byte.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Compacted => "etcdserver: mvcc: required revision has been compacted",
+            Self::FutureRevision => "etcdserver: mvcc: required revision is a future revision",
+            Self::EmptyKey => "etcdserver: key is not provided",
+            Self::DuplicateKey => "etcdserver: duplicate key given in txn request",
+            Self::TooManyOps => "etcdserver: too many operations in txn request",
+            Self::RequestTooLarge => "etcdserver: request is too large",
+            Self::TooManyRequests => "etcdserver: too many requests",
+            Self::LeaseNotFound => "etcdserver: requested lease not found",
+            Self::NoLeader => "etcdserver: no leader",
+            Self::Stopped => "etcdserver: server stopped",
+            Self::Corrupt => "etcdserver: corrupt cluster",
+            Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
+            Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
+        }
+    }
+
+    /// The status etcd returns for this error.
+    pub fn status(self) -> Status {
+        Status::new(self.code(), self.message())
+    }
+}
+
+impl From<EtcdError> for Status {
+    fn from(e: EtcdError) -> Self {
+        e.status()
+    }
+}
+
+/// The status for a watch-core [`WatchError`].
+///
+/// | error | code | message |
+/// |---|---|---|
+/// | `EmptyKey` | InvalidArgument | etcd's empty key |
+/// | `EmptyRange` | InvalidArgument | "mvcc: watcher range is empty" |
+/// | `Compacted` | OutOfRange | etcd's compacted |
+/// | `Shutdown` | Unavailable | "etcdserver: server stopped" |
+/// | `TooManyWatchers` | ResourceExhausted | the error's text (etcd has no limit) |
+/// | `ZeroBuffer` | Internal | the error's text: the server configured the buffer, not the client |
+pub fn from_watch_error(e: &WatchError) -> Status {
+    match e {
+        WatchError::EmptyKey => EtcdError::EmptyKey.status(),
+        WatchError::EmptyRange { .. } => EtcdError::WatcherRangeEmpty.status(),
+        WatchError::Compacted { .. } => EtcdError::Compacted.status(),
+        WatchError::Shutdown => EtcdError::Stopped.status(),
+        WatchError::TooManyWatchers { .. } => Status::resource_exhausted(e.to_string()),
+        WatchError::ZeroBuffer => Status::internal(e.to_string()),
+        // `WatchError` is #[non_exhaustive] in watch-core: a variant added there reaches
+        // clients as Internal with its text until it is given a mapping here.
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// The status for a watch-core [`HistoryError`]: `Compacted` is etcd's compacted error;
+/// `Unavailable` (a failing history store) is Unavailable with the error's text, so clients
+/// retry.
+pub fn from_history_error(e: &HistoryError) -> Status {
+    match e {
+        HistoryError::Compacted { .. } => EtcdError::Compacted.status(),
+        HistoryError::Unavailable(_) => Status::unavailable(e.to_string()),
+        // `HistoryError` is #[non_exhaustive] in watch-core: see `from_watch_error`.
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// The status for a [`ConvertError`].
+///
+/// A negative `start_revision` is etcd's compacted error (what current etcd answers); a bad
+/// selector maps as in [`from_watch_error`]; every other malformed field is InvalidArgument
+/// with the error's text.
+pub fn from_convert_error(e: &ConvertError) -> Status {
+    match e {
+        ConvertError::NegativeStartRevision { .. } => EtcdError::Compacted.status(),
+        ConvertError::InvalidSelector(inner) => from_watch_error(inner),
+        ConvertError::NegativeField { .. }
+        | ConvertError::UnknownEnumValue { .. }
+        | ConvertError::MissingField { .. } => Status::invalid_argument(e.to_string()),
+    }
+}
+
+impl From<ConvertError> for Status {
+    fn from(e: ConvertError) -> Self {
+        from_convert_error(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+
+    fn check(s: Status, code: Code, message: &str) {
+        assert_eq!((s.code(), s.message()), (code, message));
+    }
+
+    #[test]
+    fn etcd_table() {
+        check(EtcdError::Compacted.into(), Code::OutOfRange, COMPACTED);
+        check(
+            EtcdError::FutureRevision.into(),
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision",
+        );
+        check(
+            EtcdError::EmptyKey.into(),
+            Code::InvalidArgument,
+            "etcdserver: key is not provided",
+        );
+        check(
+            EtcdError::DuplicateKey.into(),
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request",
+        );
+        check(
+            EtcdError::TooManyOps.into(),
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request",
+        );
+        check(
+            EtcdError::RequestTooLarge.into(),
+            Code::InvalidArgument,
+            "etcdserver: request is too large",
+        );
+        check(
+            EtcdError::TooManyRequests.into(),
+            Code::ResourceExhausted,
+            "etcdserver: too many requests",
+        );
+        check(
+            EtcdError::LeaseNotFound.into(),
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        );
+        check(
+            EtcdError::NoLeader.into(),
+            Code::Unavailable,
+            "etcdserver: no leader",
+        );
+        check(
+            EtcdError::Stopped.into(),
+            Code::Unavailable,
+            "etcdserver: server stopped",
+        );
+        check(
+            EtcdError::Corrupt.into(),
+            Code::DataLoss,
+            "etcdserver: corrupt cluster",
+        );
+        check(
+            EtcdError::WatcherRangeEmpty.into(),
+            Code::InvalidArgument,
+            "mvcc: watcher range is empty",
+        );
+        check(
+            EtcdError::DuplicateWatchId.into(),
+            Code::InvalidArgument,
+            "mvcc: duplicate watch ID provided on the WatchStream",
+        );
+    }
+
+    #[test]
+    fn watch_errors() {
+        check(
+            from_watch_error(&WatchError::EmptyKey),
+            Code::InvalidArgument,
+            "etcdserver: key is not provided",
+        );
+        check(
+            from_watch_error(&WatchError::EmptyRange {
+                start: "b".into(),
+                end: "a".into(),
+            }),
+            Code::InvalidArgument,
+            "mvcc: watcher range is empty",
+        );
+        check(
+            from_watch_error(&WatchError::Compacted {
+                requested: 1,
+                compact_revision: 5,
+            }),
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        check(
+            from_watch_error(&WatchError::Shutdown),
+            Code::Unavailable,
+            "etcdserver: server stopped",
+        );
+        check(
+            from_watch_error(&WatchError::TooManyWatchers { limit: 3 }),
+            Code::ResourceExhausted,
+            "too many watchers: the limit is 3",
+        );
+        check(
+            from_watch_error(&WatchError::ZeroBuffer),
+            Code::Internal,
+            "watch buffer size must be at least 1",
+        );
+    }
+
+    #[test]
+    fn history_errors() {
+        check(
+            from_history_error(&HistoryError::Compacted {
+                compact_revision: 4,
+            }),
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        check(
+            from_history_error(&HistoryError::Unavailable("disk gone".into())),
+            Code::Unavailable,
+            "history unavailable: disk gone",
+        );
+    }
+
+    #[test]
+    fn convert_errors() {
+        check(
+            ConvertError::NegativeStartRevision { start_revision: -1 }.into(),
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        check(
+            ConvertError::InvalidSelector(WatchError::EmptyKey).into(),
+            Code::InvalidArgument,
+            "etcdserver: key is not provided",
+        );
+        check(
+            ConvertError::NegativeField {
+                field: "mod_revision",
+                value: -2,
+            }
+            .into(),
+            Code::InvalidArgument,
+            "mod_revision must not be negative, got -2",
+        );
+        check(
+            ConvertError::UnknownEnumValue {
+                field: "filters",
+                value: 9,
+            }
+            .into(),
+            Code::InvalidArgument,
+            "filters holds the unknown enum value 9",
+        );
+        check(
+            ConvertError::MissingField { field: "kv" }.into(),
+            Code::InvalidArgument,
+            "kv is not set",
+        );
+    }
+}
