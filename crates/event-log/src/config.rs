@@ -73,7 +73,10 @@ pub struct LogConfig {
     /// redb quick repair (see [`crate::RedbOptions::quick_repair`]): near-instant reopen after a
     /// crash at the cost of slower commits. Worth it when the file grows to GiBs.
     pub quick_repair: bool,
-    /// Verify every page checksum at open (see [`crate::RedbOptions::verify_on_open`]).
+    /// Verify every page checksum at open (see [`crate::RedbOptions::verify_on_open`]). On by
+    /// default: without it redb trusts the file, and a page damaged outside redb (disk error,
+    /// stray write) can make a read silently skip records, which the torn-tail test observed.
+    /// Costs a read of the whole file per open.
     pub verify_on_open: bool,
 }
 
@@ -87,7 +90,7 @@ impl Default for LogConfig {
             queue_capacity: 8192,
             retention: RetentionPolicy::UNBOUNDED,
             quick_repair: false,
-            verify_on_open: false,
+            verify_on_open: true,
         }
     }
 }

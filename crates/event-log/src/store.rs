@@ -102,7 +102,7 @@ impl Default for RedbOptions {
         Self {
             durability: Durability::Immediate,
             quick_repair: false,
-            verify_on_open: false,
+            verify_on_open: true,
         }
     }
 }
