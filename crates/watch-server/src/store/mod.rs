@@ -1,0 +1,710 @@
+//! The embedded store: etcd's KV model (revisions, ranges, txns, compaction) over a durable
+//! event log, with watches served by watch-core's engine. The gRPC services in
+//! [`crate::server`] are a thin translation over it.
+//!
+//! # Write path
+//!
+//! A write takes the write lock (a tokio mutex: held across awaits, never by readers), runs
+//! the request against the state, queues the resulting change set on the event log, applies it
+//! to the in-memory state and hands the log's acknowledgement to the publisher task, all in
+//! revision order; then it releases the lock. The event log commits in groups. The publisher
+//! awaits acknowledgements in revision order, publishes each durable change set to the watch
+//! engine and advances the *durable revision*. A write returns once its revision is published,
+//! so a client that wrote at revision R and then watches sees R (read-your-writes).
+//!
+//! # Reads
+//!
+//! A read serves the in-memory state at its revision N but returns only once the durable
+//! revision reaches N: no read ever returns data a crash could still lose.
+//!
+//! # Failure
+//!
+//! If the event log fails a commit, the store is fail-stop: the write and every later one fail
+//! with [`StoreError::Failed`], reads of state beyond the last durable revision fail too, and
+//! [`Store::failed`] resolves so a server can exit. Nothing after the failure is acknowledged.
+//!
+//! # Tasks
+//!
+//! [`Store::open`] spawns two tasks on the current tokio runtime: the watch engine's dispatcher
+//! and the publisher. [`Store::close`] (or dropping every clone) stops both.
+
+mod snapshot;
+mod state;
+pub mod types;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use event_log::{EventLog, LogConfig, LogError};
+use tokio::sync::{mpsc, watch};
+use watch_core::{
+    ChangeSet, EngineConfig, History, KeySelector, KeyValue, Revision, WatchEngine, WatchHandle,
+    WatchOptions,
+};
+
+use crate::error::StoreError;
+pub use snapshot::SNAPSHOT_FILE;
+use state::{Exec, HistoricReads, KvState};
+pub use types::*;
+
+/// How durable a write is when it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// fsync every group commit before acknowledging its writes (the default).
+    #[default]
+    Fsync,
+    /// No fsync: writes survive a process crash but may be lost on power loss or an OS crash.
+    /// For tests and benchmarks.
+    NoSync,
+}
+
+/// Settings of a [`Store`]. `Default` matches etcd's defaults where etcd has one.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// Commit durability.
+    pub durability: Durability,
+    /// Most compares or ops in one txn list (etcd `--max-txn-ops`, default 128).
+    pub max_txn_ops: usize,
+    /// Most watchers registered at once in the engine.
+    pub max_watchers: usize,
+    /// Interval of progress notifications for watchers that asked for them (etcd default
+    /// 10 minutes; the engine adds 0–10 % jitter).
+    pub progress_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Fsync,
+            max_txn_ops: 128,
+            max_watchers: 1_000_000,
+            progress_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Sets [`StoreConfig::durability`].
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+    /// Sets [`StoreConfig::max_txn_ops`].
+    pub fn max_txn_ops(mut self, n: usize) -> Self {
+        self.max_txn_ops = n;
+        self
+    }
+    /// Sets [`StoreConfig::max_watchers`].
+    pub fn max_watchers(mut self, n: usize) -> Self {
+        self.max_watchers = n;
+        self
+    }
+    /// Sets [`StoreConfig::progress_interval`].
+    pub fn progress_interval(mut self, d: Duration) -> Self {
+        self.progress_interval = d;
+        self
+    }
+}
+
+/// The durable revision as the publisher advances it.
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    /// Every revision up to this one is durable and published to the engine.
+    revision: Revision,
+    /// Set once when the log failed; never cleared.
+    failed: Option<String>,
+}
+
+/// Change sets queued on the log, in revision order, with their acknowledgement.
+type Pending = (ChangeSet, event_log::AppendAck);
+
+/// Room between writers and the publisher (change sets awaiting durability). Writers wait for
+/// room, so it bounds memory; the log's own queue bounds it as well.
+const PIPELINE_DEPTH: usize = 4096;
+
+/// Change sets fetched per history read when serving a range at a past revision.
+const HISTORY_CHUNK: usize = 1024;
+
+struct Inner {
+    dir: PathBuf,
+    config: StoreConfig,
+    log: Arc<EventLog>,
+    engine: WatchEngine,
+    /// Read by every request briefly; written by a writer (holding `write_lock`) to apply one
+    /// change set, and at open. Never held across an await.
+    state: parking_lot::RwLock<KvState>,
+    /// Serializes writes from computing a change set until it is queued on the log and applied,
+    /// so log order is revision order. Held across awaits (log queue room), never by readers.
+    write_lock: tokio::sync::Mutex<()>,
+    /// Serializes compactions (snapshot + log compaction).
+    compact_lock: tokio::sync::Mutex<()>,
+    /// Taken by `close`; writers clone it under `write_lock`.
+    pipeline: parking_lot::Mutex<Option<mpsc::Sender<Pending>>>,
+    durable: watch::Receiver<Durable>,
+    /// Current compaction revision (0: never compacted).
+    compacted: AtomicU64,
+    /// Revision of the snapshot on disk (0: none).
+    snapshot_revision: AtomicU64,
+    closed: AtomicBool,
+    /// The publisher and the dispatcher, awaited by `close` (publisher first).
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Ends the dispatcher task; the publisher ends when the pipeline sender drops.
+        self.engine.shutdown();
+    }
+}
+
+/// The embedded store: a durable, watchable etcd-model key-value store. Cheap to clone; every
+/// clone is the same store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .field("revision", &self.current_revision())
+            .field("compacted", &self.compacted_revision())
+            .finish_non_exhaustive()
+    }
+}
+
+fn log_err(e: LogError) -> StoreError {
+    match e {
+        LogError::Compacted { compacted } => StoreError::Compacted {
+            requested: 0,
+            compacted,
+        },
+        LogError::Poisoned { cause } => StoreError::Failed { message: cause },
+        LogError::Closed => StoreError::Closed,
+        other => StoreError::Log(other),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store kept in `dir`: loads the state snapshot if any,
+    /// replays the event log after it, and starts the watch dispatcher and the publisher on the
+    /// current tokio runtime (see the module docs). A fresh store is at revision 1, as etcd.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    pub async fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        let log_config = LogConfig {
+            durability: match config.durability {
+                Durability::Fsync => event_log::Durability::Immediate,
+                Durability::NoSync => event_log::Durability::None,
+            },
+            ..LogConfig::default()
+        };
+        let dir2 = dir.clone();
+        // Opening and replaying read the disk: keep them off the async workers.
+        let (log, state, snap_rev) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir2).map_err(|e| StoreError::Snapshot {
+                path: dir2.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let log = EventLog::open(&dir2, log_config)?;
+            let mut state = KvState::default();
+            let mut snap_rev = 0;
+            if let Some((rev, kvs)) = snapshot::load(&dir2)? {
+                snap_rev = rev;
+                state.revision = rev;
+                state.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+            }
+            let compacted = log.compacted_revision();
+            if compacted > snap_rev + 1 {
+                return Err(StoreError::Inconsistent(format!(
+                    "the event log is compacted to {compacted} but the state snapshot is at \
+                     {snap_rev}: revisions in between are lost"
+                )));
+            }
+            for cs in log.replay(snap_rev) {
+                state.apply(&cs?);
+            }
+            state.revision = state.revision.max(log.last_revision()).max(1);
+            Ok::<_, StoreError>((log, state, snap_rev))
+        })
+        .await
+        .map_err(|e| StoreError::Inconsistent(format!("open task failed: {e}")))??;
+
+        let revision = state.revision;
+        let log = Arc::new(log);
+        let engine_config = EngineConfig::default()
+            .max_watchers(config.max_watchers)
+            .progress_interval(config.progress_interval)
+            .initial_revision(revision);
+        let history: Arc<dyn History> = log.clone();
+        let (engine, dispatcher) = WatchEngine::with_history(engine_config, history);
+        let dispatcher = tokio::spawn(dispatcher.run());
+
+        let (durable_tx, durable_rx) = watch::channel(Durable {
+            revision,
+            failed: None,
+        });
+        let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+        let publisher = tokio::spawn(publish_loop(rx, engine.clone(), durable_tx));
+        let compacted = log.compacted_revision();
+        tracing::info!(
+            dir = %dir.display(),
+            revision,
+            compacted,
+            keys = state.map.len(),
+            "store opened"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir,
+                config,
+                log,
+                engine,
+                state: parking_lot::RwLock::new(state),
+                write_lock: tokio::sync::Mutex::new(()),
+                compact_lock: tokio::sync::Mutex::new(()),
+                pipeline: parking_lot::Mutex::new(Some(tx)),
+                durable: durable_rx,
+                compacted: AtomicU64::new(compacted),
+                snapshot_revision: AtomicU64::new(snap_rev),
+                closed: AtomicBool::new(false),
+                tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
+            }),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The configuration the store was opened with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The revision of the last write applied to the state (it may still be on its way to
+    /// disk; reads wait for it).
+    pub fn current_revision(&self) -> Revision {
+        self.inner.state.read().revision
+    }
+
+    /// The last revision that is durable and published to watchers.
+    pub fn durable_revision(&self) -> Revision {
+        self.inner.durable.borrow().revision
+    }
+
+    /// The compaction revision: reads and watches below it fail (0: never compacted).
+    pub fn compacted_revision(&self) -> Revision {
+        self.inner.compacted.load(Ordering::Acquire)
+    }
+
+    /// Number of keys in the current state.
+    pub fn key_count(&self) -> usize {
+        self.inner.state.read().map.len()
+    }
+
+    /// Bytes the data directory's files take on disk (event log and snapshot).
+    pub fn disk_size(&self) -> u64 {
+        [event_log::STORE_FILE, SNAPSHOT_FILE]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.inner.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// The watch engine (to inspect it; register watches through [`Store::watch`]).
+    pub fn engine(&self) -> &WatchEngine {
+        &self.inner.engine
+    }
+
+    /// The failure message once the event log failed (the store is then fail-stop).
+    pub fn failure(&self) -> Option<String> {
+        self.inner.durable.borrow().failed.clone()
+    }
+
+    /// Resolves when the store has failed (see the module docs), with the failure message.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.inner.durable.clone();
+        match rx.wait_for(|d| d.failed.is_some()).await {
+            Ok(d) => d.failed.clone().unwrap_or_default(),
+            // The publisher ended (store closed) without a failure: never resolve.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Waits until `revision` is durable and published.
+    async fn wait_durable(&self, revision: Revision) -> Result<(), StoreError> {
+        let mut rx = self.inner.durable.clone();
+        let d = rx
+            .wait_for(|d| d.revision >= revision || d.failed.is_some())
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        if d.revision >= revision {
+            return Ok(());
+        }
+        Err(StoreError::Failed {
+            message: d.failed.clone().unwrap_or_default(),
+        })
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        if let Some(message) = self.failure() {
+            return Err(StoreError::Failed { message });
+        }
+        Ok(())
+    }
+
+    /// Puts `value` at `key`.
+    pub async fn put(
+        &self,
+        key: impl Into<bytes::Bytes>,
+        value: impl Into<bytes::Bytes>,
+        options: PutOptions,
+    ) -> Result<PutResult, StoreError> {
+        let op = TxnOp::Put {
+            key: key.into(),
+            value: value.into(),
+            options,
+        };
+        match self.single(op).await? {
+            TxnOpResult::Put(r) => Ok(r),
+            _ => unreachable!("a put op yields a put result"),
+        }
+    }
+
+    /// Deletes every key of `range`. Deleting nothing creates no revision.
+    pub async fn delete_range(
+        &self,
+        range: KeyRange,
+        prev_kv: bool,
+    ) -> Result<DeleteResult, StoreError> {
+        match self.single(TxnOp::Delete { range, prev_kv }).await? {
+            TxnOpResult::Delete(r) => Ok(r),
+            _ => unreachable!("a delete op yields a delete result"),
+        }
+    }
+
+    /// Runs one write op as a txn without compares and returns its result, with the revision
+    /// of the write (or the current one when it wrote nothing).
+    async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
+        let result = self
+            .txn(TxnRequest {
+                compare: Vec::new(),
+                success: vec![op],
+                failure: Vec::new(),
+            })
+            .await?;
+        let revision = result.revision;
+        let mut r = result
+            .responses
+            .into_iter()
+            .next()
+            .ok_or(StoreError::Closed)?;
+        match &mut r {
+            TxnOpResult::Put(p) => p.revision = revision,
+            TxnOpResult::Delete(d) => d.revision = revision,
+            TxnOpResult::Range(x) => x.revision = revision,
+            TxnOpResult::Txn(t) => t.revision = revision,
+        }
+        Ok(r)
+    }
+
+    /// Reads a range (see [`RangeRequest`]). A past `revision` is served from the event log;
+    /// below the compaction revision it fails with [`StoreError::Compacted`], above the current
+    /// one with [`StoreError::FutureRevision`].
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResult, StoreError> {
+        self.check_closed()?;
+        if req.range.key.is_empty() {
+            return Err(StoreError::EmptyKey);
+        }
+        let (current, kvs) = {
+            let st = self.inner.state.read();
+            self.check_readable(req.revision, st.revision)?;
+            (st.revision, st.range(&req.range))
+        };
+        self.wait_durable(current).await?;
+        let kvs = if req.revision != 0 && req.revision < current {
+            self.rewind(&req.range, kvs, req.revision, current).await?
+        } else {
+            kvs
+        };
+        Ok(state::finish_range(&req, kvs, current))
+    }
+
+    fn check_closed(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    fn check_readable(&self, requested: Revision, current: Revision) -> Result<(), StoreError> {
+        if requested == 0 {
+            return Ok(());
+        }
+        if requested > current {
+            return Err(StoreError::FutureRevision { requested, current });
+        }
+        let compacted = self.compacted_revision();
+        if requested < compacted {
+            return Err(StoreError::Compacted {
+                requested,
+                compacted,
+            });
+        }
+        Ok(())
+    }
+
+    /// The key-values of `range` at revision `at`, given `kvs`, the range at `current` (which
+    /// must be durable): each key changed after `at` is restored to the `prev_kv` of its first
+    /// change after `at` (absent when that change created it).
+    async fn rewind(
+        &self,
+        range: &KeyRange,
+        kvs: Vec<KeyValue>,
+        at: Revision,
+        current: Revision,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let Some(selector) = range.selector() else {
+            return Ok(kvs);
+        };
+        let log = self.inner.log.clone();
+        let range2 = range.clone();
+        let first_changes = tokio::task::spawn_blocking(move || {
+            let mut first: std::collections::BTreeMap<bytes::Bytes, Option<KeyValue>> =
+                Default::default();
+            let mut after = at;
+            loop {
+                let chunk = log.read(&selector, after, current, HISTORY_CHUNK)?;
+                let n = chunk.len();
+                for cs in chunk {
+                    after = cs.revision;
+                    for e in cs.events {
+                        if range2.contains(&e.kv.key) && !first.contains_key(&e.kv.key) {
+                            first.insert(e.kv.key.clone(), e.prev_kv);
+                        }
+                    }
+                }
+                if n < HISTORY_CHUNK {
+                    return Ok::<_, LogError>(first);
+                }
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
+        .map_err(|e| match e {
+            LogError::Compacted { compacted } => StoreError::Compacted {
+                requested: at,
+                compacted,
+            },
+            other => log_err(other),
+        })?;
+        if first_changes.is_empty() {
+            return Ok(kvs);
+        }
+        let mut map: std::collections::BTreeMap<bytes::Bytes, KeyValue> =
+            kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        for (key, prev) in first_changes {
+            match prev {
+                Some(kv) => map.insert(key, kv),
+                None => map.remove(&key),
+            };
+        }
+        Ok(map.into_values().collect())
+    }
+
+    /// Runs a transaction (see [`TxnRequest`]). All its writes share one revision; a txn that
+    /// writes nothing does not create one.
+    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {
+        state::validate_txn(&req, self.inner.config.max_txn_ops)?;
+        let guard = self.inner.write_lock.lock().await;
+        self.check_open()?;
+        // State cannot change while `write_lock` is held, so this revision stays current.
+        let current = self.current_revision();
+        let mut wanted = Vec::new();
+        state::historic_reads(&req, current, &mut wanted);
+        let mut history = HistoricReads::new();
+        if !wanted.is_empty() {
+            self.wait_durable(current).await?;
+            for r in wanted {
+                self.check_readable(r.revision, current)?;
+                let kvs = self.inner.state.read().range(&r.range);
+                let at = self.rewind(&r.range, kvs, r.revision, current).await?;
+                history.insert((r.range.clone(), r.revision), at);
+            }
+        }
+        // Reserve the pipeline slot before queueing on the log: from the log append on, nothing
+        // may await, or a dropped request could leave a durable revision unpublished.
+        let sender = self
+            .inner
+            .pipeline
+            .lock()
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (result, changes) = {
+            let st = self.inner.state.read();
+            Exec::new(&st, &history).run(&req)?
+        };
+        let Some(cs) = changes else {
+            drop(guard);
+            self.wait_durable(result.revision).await?;
+            return Ok(result);
+        };
+        let revision = cs.revision;
+        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
+        let ack = self.inner.log.submit(cs.clone()).await.map_err(log_err)?;
+        // No await from here to `send`: the change set is queued, it must reach the publisher.
+        self.inner.state.write().apply(&cs);
+        permit.send((cs, ack));
+        drop(guard);
+        self.wait_durable(revision).await?;
+        Ok(result)
+    }
+
+    /// Compacts history: afterwards reads and watches below `revision` fail with
+    /// [`StoreError::Compacted`]. Fails with `Compacted` when `revision` is at or below the
+    /// previous compaction and with [`StoreError::FutureRevision`] above the current revision.
+    /// Returns the current revision once the compaction is persisted.
+    pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
+        let _c = self.inner.compact_lock.lock().await;
+        self.check_open()?;
+        let compacted = self.compacted_revision();
+        if revision <= compacted {
+            return Err(StoreError::Compacted {
+                requested: revision,
+                compacted,
+            });
+        }
+        let (current, kvs) = {
+            let st = self.inner.state.read();
+            if revision > st.revision {
+                return Err(StoreError::FutureRevision {
+                    requested: revision,
+                    current: st.revision,
+                });
+            }
+            // Only cloned when a new snapshot is needed (an O(keys) copy of refcounted bytes).
+            let need = self.inner.snapshot_revision.load(Ordering::Acquire) + 1 < revision;
+            (
+                st.revision,
+                need.then(|| st.map.values().cloned().collect::<Vec<_>>()),
+            )
+        };
+        self.wait_durable(current).await?;
+        if let Some(kvs) = kvs {
+            let dir = self.inner.dir.clone();
+            tokio::task::spawn_blocking(move || snapshot::write(&dir, current, kvs))
+                .await
+                .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
+            self.inner
+                .snapshot_revision
+                .store(current, Ordering::Release);
+        }
+        // A log that holds nothing at or above `revision` (a fresh store compacting to 1) has
+        // nothing to drop; the compaction revision is still recorded in memory.
+        if revision <= self.inner.log.last_revision() {
+            self.inner.log.compact(revision).await.map_err(log_err)?;
+        }
+        self.inner.compacted.fetch_max(revision, Ordering::AcqRel);
+        Ok(self.current_revision())
+    }
+
+    /// Registers a watch (see watch-core's [`WatchEngine::watch`]). A `start_revision` below
+    /// the compaction revision fails with [`StoreError::Compacted`], even while the engine's
+    /// in-memory window still holds it, as etcd does.
+    pub fn watch(
+        &self,
+        selector: KeySelector,
+        options: WatchOptions,
+    ) -> Result<WatchHandle, StoreError> {
+        self.check_closed()?;
+        let compacted = self.compacted_revision();
+        if options.start_revision != 0 && options.start_revision < compacted {
+            return Err(StoreError::Compacted {
+                requested: options.start_revision,
+                compacted,
+            });
+        }
+        match self.inner.engine.watch(selector, options) {
+            Ok(h) => Ok(h),
+            Err(watch_core::WatchError::Compacted {
+                requested,
+                compact_revision,
+            }) => Err(StoreError::Compacted {
+                requested,
+                compacted: compact_revision,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Closes the store: refuses new requests, waits for queued writes to become durable and be
+    /// published, stops the watch engine (watchers receive a shutdown cancel) and closes the
+    /// event log. Idempotent.
+    ///
+    /// The log's file stays locked until every clone of the store and every [`WatchHandle`] is
+    /// dropped; only then can the directory be opened again.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.inner.closed.store(true, Ordering::Release);
+        {
+            // Waits for a writer in the middle of queueing; later writers see `closed`.
+            let _w = self.inner.write_lock.lock().await;
+            drop(self.inner.pipeline.lock().take());
+        }
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock());
+        let mut tasks = tasks.into_iter();
+        if let Some(publisher) = tasks.next() {
+            let _ = publisher.await;
+        }
+        self.inner.engine.shutdown();
+        for dispatcher in tasks {
+            let _ = dispatcher.await;
+        }
+        let log = self.inner.log.clone();
+        tokio::task::spawn_blocking(move || log.close())
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("close task failed: {e}")))?
+            .map_err(log_err)
+    }
+}
+
+/// The publisher: awaits each queued change set's durability in revision order, publishes it to
+/// the engine and advances the durable revision. After a failure it only records it.
+async fn publish_loop(
+    mut rx: mpsc::Receiver<Pending>,
+    engine: WatchEngine,
+    durable: watch::Sender<Durable>,
+) {
+    while let Some((cs, ack)) = rx.recv().await {
+        let revision = cs.revision;
+        match ack.await {
+            Ok(_) if durable.borrow().failed.is_none() => {
+                if let Err(e) = engine.publish(cs) {
+                    // A bug (revisions are allocated under the write lock); the write is
+                    // durable, only its delivery is lost, so say so loudly.
+                    tracing::error!(error = %e, revision, "watch engine refused a change set");
+                }
+                durable.send_modify(|d| d.revision = revision);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, revision, "event log failed; the store is now fail-stop");
+                durable.send_modify(|d| {
+                    d.failed.get_or_insert_with(|| e.to_string());
+                });
+            }
+        }
+    }
+}

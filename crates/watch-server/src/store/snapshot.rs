@@ -1,0 +1,74 @@
+//! The state snapshot written before each compaction.
+//!
+//! The event log drops history below a compaction revision, so after a compaction a log replay
+//! alone cannot rebuild the state. Before compacting to `C` the store writes the whole state at
+//! a durable revision `S >= C - 1` to [`SNAPSHOT_FILE`]; on open it loads the snapshot and
+//! replays the log after `S` (which the compaction kept, since `C <= S + 1`).
+//!
+//! Format: one change set encoded with event-log's record codec (CRC-checked, versioned):
+//! revision `S` and one put per key, each carrying the key's full metadata.
+//! Written to a temporary file, fsynced, renamed over the old one, then the directory fsynced,
+//! so a crash leaves either the old or the new snapshot, never a torn one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use watch_core::{ChangeSet, Event, EventKind, KeyValue, Revision};
+
+use crate::error::StoreError;
+
+/// File name of the snapshot inside the data directory.
+pub const SNAPSHOT_FILE: &str = "state.snapshot";
+
+fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Snapshot {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Loads the snapshot in `dir`: `Ok(None)` when there is none.
+pub(crate) fn load(dir: &Path) -> Result<Option<(Revision, Vec<KeyValue>)>, StoreError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(&path, e)),
+    };
+    // The codec checks the revision it is told to expect; read it from the header first.
+    let revision = header_revision(&bytes).ok_or_else(|| err(&path, "truncated header"))?;
+    let cs = event_log::codec::decode(&bytes, revision).map_err(|e| err(&path, e))?;
+    let mut kvs = Vec::with_capacity(cs.events.len());
+    for e in cs.events {
+        if e.kind != EventKind::Put {
+            return Err(err(&path, "snapshot holds a delete"));
+        }
+        kvs.push(e.kv);
+    }
+    Ok(Some((cs.revision, kvs)))
+}
+
+/// The revision field of an encoded record: after the version byte and the CRC.
+fn header_revision(bytes: &[u8]) -> Option<Revision> {
+    let raw: [u8; 8] = bytes.get(5..13)?.try_into().ok()?;
+    Some(u64::from_le_bytes(raw))
+}
+
+/// Writes the state at `revision` as the snapshot of `dir`, atomically.
+pub(crate) fn write(dir: &Path, revision: Revision, kvs: Vec<KeyValue>) -> Result<(), StoreError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let tmp: PathBuf = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let events = kvs.into_iter().map(|kv| Event::put(kv, None)).collect();
+    let encoded = event_log::codec::encode(&ChangeSet::new(revision, events), 0);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encoded.bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        // Make the rename itself durable.
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    };
+    write().map_err(|e| err(&path, e))
+}
