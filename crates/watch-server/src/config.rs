@@ -1,0 +1,308 @@
+//! Server configuration: command-line flags, environment variables and an optional TOML file.
+//!
+//! Precedence, highest first: **flags > environment variables > config file > defaults**.
+//! Every flag `--some-flag` has the environment variable `KEYWATCH_SOME_FLAG` and the file key
+//! `some_flag` (see [`FileConfig`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::store::Durability;
+
+/// etcd's default `--max-request-bytes` (1.5 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for [`FileConfig`].
+    #[error("parsing config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of its allowed range or malformed.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Commit durability as written in flags and files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityArg {
+    /// fsync every group commit (default).
+    Fsync,
+    /// No fsync; for tests and benchmarks.
+    NoSync,
+}
+
+/// Command-line flags (each with an environment variable).
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "watch-server",
+    version,
+    about = "keywatch: an etcd v3 compatible KV + watch server"
+)]
+pub struct Cli {
+    /// TOML config file (keys as the flags, with underscores).
+    #[arg(long, env = "KEYWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on, host:port (default 127.0.0.1:2379; port 0 picks a free one).
+    #[arg(long, env = "KEYWATCH_LISTEN")]
+    pub listen: Option<String>,
+    /// Data directory (default ./data).
+    #[arg(long, env = "KEYWATCH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Commit durability (default fsync).
+    #[arg(long, env = "KEYWATCH_DURABILITY", value_enum)]
+    pub durability: Option<DurabilityArg>,
+    /// Largest request in bytes (default 1572864, etcd's); the gRPC receive limit is this plus
+    /// 512 KiB.
+    #[arg(long, env = "KEYWATCH_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Most watchers in the whole server (default 1000000).
+    #[arg(long, env = "KEYWATCH_MAX_WATCHERS")]
+    pub max_watchers: Option<usize>,
+    /// Most watchers on one watch stream (default 100000).
+    #[arg(long, env = "KEYWATCH_MAX_WATCHERS_PER_STREAM")]
+    pub max_watchers_per_stream: Option<usize>,
+    /// Interval of progress notifications for watches that ask for them, e.g. 10m, 5s, 500ms
+    /// (default 10m, etcd's; minimum 100ms).
+    #[arg(long, env = "KEYWATCH_PROGRESS_INTERVAL")]
+    pub progress_interval: Option<String>,
+    /// Most compares or ops per txn list (default 128, etcd's).
+    #[arg(long, env = "KEYWATCH_MAX_TXN_OPS")]
+    pub max_txn_ops: Option<usize>,
+    /// Revisions queued per watcher before it is caught up from the log (default 64).
+    #[arg(long, env = "KEYWATCH_WATCH_BUFFER")]
+    pub watch_buffer: Option<u32>,
+    /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
+    #[arg(long, env = "KEYWATCH_LOG")]
+    pub log_filter: Option<String>,
+}
+
+/// The config file's keys; every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub durability: Option<DurabilityArg>,
+    pub max_request_bytes: Option<usize>,
+    pub max_watchers: Option<usize>,
+    pub max_watchers_per_stream: Option<usize>,
+    pub progress_interval: Option<String>,
+    pub max_txn_ops: Option<usize>,
+    pub watch_buffer: Option<u32>,
+    pub log_filter: Option<String>,
+}
+
+/// The resolved server configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Address to serve on.
+    pub listen: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Commit durability.
+    pub durability: Durability,
+    /// Largest request in bytes.
+    pub max_request_bytes: usize,
+    /// Most watchers in the server.
+    pub max_watchers: usize,
+    /// Most watchers on one stream.
+    pub max_watchers_per_stream: usize,
+    /// Progress notification interval.
+    pub progress_interval: Duration,
+    /// Most compares or ops per txn list.
+    pub max_txn_ops: usize,
+    /// Engine queue size per watcher, in revisions.
+    pub watch_buffer: u32,
+    /// Log filter (used by the binary only).
+    pub log_filter: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:2379".to_owned(),
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Fsync,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_watchers: 1_000_000,
+            max_watchers_per_stream: 100_000,
+            progress_interval: Duration::from_secs(600),
+            max_txn_ops: 128,
+            watch_buffer: 64,
+            log_filter: "info".to_owned(),
+        }
+    }
+}
+
+/// Parses `10m`, `5s`, `500ms`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10m, 5s or 500ms"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        other => Err(format!(
+            "unknown duration unit {other:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+impl ServerConfig {
+    /// Resolves flags (already merged with environment variables by clap), then the config file
+    /// named by `--config`, then defaults.
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Merges flags over a file over defaults.
+    pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let durability = match cli.durability.or(file.durability) {
+            Some(DurabilityArg::NoSync) => Durability::NoSync,
+            Some(DurabilityArg::Fsync) | None => Durability::Fsync,
+        };
+        let progress_interval = match cli.progress_interval.or(file.progress_interval) {
+            Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                field: "progress_interval",
+                message,
+            })?,
+            None => d.progress_interval,
+        };
+        let c = Self {
+            listen: cli.listen.or(file.listen).unwrap_or(d.listen),
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            durability,
+            max_request_bytes: cli
+                .max_request_bytes
+                .or(file.max_request_bytes)
+                .unwrap_or(d.max_request_bytes),
+            max_watchers: cli
+                .max_watchers
+                .or(file.max_watchers)
+                .unwrap_or(d.max_watchers),
+            max_watchers_per_stream: cli
+                .max_watchers_per_stream
+                .or(file.max_watchers_per_stream)
+                .unwrap_or(d.max_watchers_per_stream),
+            // etcd's floor for the progress interval.
+            progress_interval: progress_interval.max(Duration::from_millis(100)),
+            max_txn_ops: cli
+                .max_txn_ops
+                .or(file.max_txn_ops)
+                .unwrap_or(d.max_txn_ops),
+            watch_buffer: cli
+                .watch_buffer
+                .or(file.watch_buffer)
+                .unwrap_or(d.watch_buffer),
+            log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
+        };
+        let positive = |field: &'static str, v: usize| {
+            if v == 0 {
+                Err(ConfigError::Invalid {
+                    field,
+                    message: "must be at least 1".to_owned(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("max_request_bytes", c.max_request_bytes)?;
+        positive("max_watchers", c.max_watchers)?;
+        positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
+        positive("max_txn_ops", c.max_txn_ops)?;
+        positive("watch_buffer", c.watch_buffer as usize)?;
+        Ok(c)
+    }
+
+    /// The store settings of this configuration.
+    pub fn store_config(&self) -> crate::StoreConfig {
+        crate::StoreConfig::default()
+            .durability(self.durability)
+            .max_txn_ops(self.max_txn_ops)
+            .max_watchers(self.max_watchers)
+            .progress_interval(self.progress_interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_flags_over_file_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"0.0.0.0:1\"\nmax_txn_ops = 7\nprogress_interval = \"5s\"\ndurability = \"no-sync\"",
+        )
+        .unwrap();
+        let cli = Cli {
+            listen: Some("127.0.0.1:0".into()),
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, file).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0");
+        assert_eq!(c.max_txn_ops, 7);
+        assert_eq!(c.progress_interval, Duration::from_secs(5));
+        assert_eq!(c.durability, Durability::NoSync);
+        assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+        let cli = Cli {
+            progress_interval: Some("10 parsecs".into()),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+    }
+}

@@ -1,0 +1,249 @@
+//! Translation between the etcd wire messages of the KV service and the store API, and the
+//! mapping of [`StoreError`] to `tonic::Status`.
+//!
+//! watch-proto owns the watch and event conversions and the etcd error table
+//! ([`EtcdError`]); the KV request types are the store's own (they live in this crate), so
+//! their translation lives here, next to the services that use it.
+
+use tonic::Status;
+use watch_core::Revision;
+use watch_proto::etcdserverpb as pb;
+use watch_proto::status::{EtcdError, from_watch_error};
+use watch_proto::to_proto;
+
+use crate::error::StoreError;
+use crate::store::{
+    Compare, CompareOp, CompareTarget, DeleteResult, KeyRange, PutOptions, PutResult, RangeRequest,
+    RangeResult, SortOrder, SortTarget, TxnOp, TxnOpResult, TxnRequest, TxnResult,
+};
+
+/// Fixed identity of this single-member cluster (any non-zero values; clients only compare
+/// them between responses).
+pub const CLUSTER_ID: u64 = 0x6b65_7977_6174_6368; // "keywatch"
+/// The member ID of this server.
+pub const MEMBER_ID: u64 = 0x6b77_0000_0000_0001;
+/// The raft term reported (there is no raft; one term forever).
+pub const RAFT_TERM: u64 = 1;
+
+/// etcd errors that watch-proto's [`EtcdError`] table does not list yet (etcd's
+/// `rpctypes/error.go` texts; all `InvalidArgument`).
+const KEY_NOT_FOUND: &str = "etcdserver: key not found";
+const VALUE_PROVIDED: &str = "etcdserver: value is provided";
+const LEASE_PROVIDED: &str = "etcdserver: lease is provided";
+const INVALID_SORT_OPTION: &str = "etcdserver: invalid sort option";
+
+/// The response header at `revision`.
+pub fn header(revision: Revision) -> pb::ResponseHeader {
+    pb::ResponseHeader {
+        cluster_id: CLUSTER_ID,
+        member_id: MEMBER_ID,
+        revision: to_proto::revision(revision),
+        raft_term: RAFT_TERM,
+    }
+}
+
+/// The gRPC status of a store error, with etcd's code and message where etcd has one.
+pub fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::EmptyKey => EtcdError::EmptyKey.status(),
+        StoreError::DuplicateKey => EtcdError::DuplicateKey.status(),
+        StoreError::TooManyOps { .. } => EtcdError::TooManyOps.status(),
+        StoreError::Compacted { .. } => EtcdError::Compacted.status(),
+        StoreError::FutureRevision { .. } => EtcdError::FutureRevision.status(),
+        StoreError::LeaseNotFound { .. } => EtcdError::LeaseNotFound.status(),
+        StoreError::KeyNotFound => Status::invalid_argument(KEY_NOT_FOUND),
+        StoreError::ValueProvided => Status::invalid_argument(VALUE_PROVIDED),
+        StoreError::LeaseProvided => Status::invalid_argument(LEASE_PROVIDED),
+        StoreError::Watch(w) => from_watch_error(w),
+        StoreError::Closed => EtcdError::Stopped.status(),
+        // Fail-stop: Unavailable so clients go elsewhere or retry after a restart.
+        StoreError::Failed { .. } => Status::unavailable(format!("etcdserver: {e}")),
+        StoreError::Log(event_log::LogError::Corrupt { .. }) | StoreError::Inconsistent(_) => {
+            Status::data_loss(format!("{}: {e}", EtcdError::Corrupt.message()))
+        }
+        StoreError::Log(_) | StoreError::Snapshot { .. } => {
+            Status::unavailable(format!("etcdserver: {e}"))
+        }
+        // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
+        #[allow(unreachable_patterns)]
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn non_negative(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A wire range request as a store request. Negative revisions and limits mean "none", as in
+/// etcd; an unknown sort enum is etcd's invalid sort option error.
+pub fn range_request(r: &pb::RangeRequest) -> Result<RangeRequest, Status> {
+    use pb::range_request::{SortOrder as O, SortTarget as T};
+    let sort_order = match O::try_from(r.sort_order) {
+        Ok(O::None) => SortOrder::None,
+        Ok(O::Ascend) => SortOrder::Ascend,
+        Ok(O::Descend) => SortOrder::Descend,
+        Err(_) => return Err(Status::invalid_argument(INVALID_SORT_OPTION)),
+    };
+    let sort_target = match T::try_from(r.sort_target) {
+        Ok(T::Key) => SortTarget::Key,
+        Ok(T::Version) => SortTarget::Version,
+        Ok(T::Create) => SortTarget::Create,
+        Ok(T::Mod) => SortTarget::Mod,
+        Ok(T::Value) => SortTarget::Value,
+        Err(_) => return Err(Status::invalid_argument(INVALID_SORT_OPTION)),
+    };
+    Ok(
+        RangeRequest::new(KeyRange::new(r.key.clone(), r.range_end.clone()))
+            .limit(non_negative(r.limit))
+            .revision(non_negative(r.revision))
+            .sort(sort_order, sort_target)
+            .keys_only(r.keys_only)
+            .count_only(r.count_only)
+            .mod_revision_bounds(
+                non_negative(r.min_mod_revision),
+                non_negative(r.max_mod_revision),
+            )
+            .create_revision_bounds(
+                non_negative(r.min_create_revision),
+                non_negative(r.max_create_revision),
+            ),
+    )
+}
+
+/// A store range result as the wire response.
+pub fn range_response(r: RangeResult) -> pb::RangeResponse {
+    pb::RangeResponse {
+        header: Some(header(r.revision)),
+        kvs: r.kvs.iter().map(to_proto::key_value).collect(),
+        more: r.more,
+        count: i64::try_from(r.count).unwrap_or(i64::MAX),
+    }
+}
+
+/// A wire put as a store op.
+pub fn put_op(r: &pb::PutRequest) -> TxnOp {
+    TxnOp::Put {
+        key: r.key.clone(),
+        value: r.value.clone(),
+        options: PutOptions::default()
+            .lease(r.lease)
+            .prev_kv(r.prev_kv)
+            .ignore_value(r.ignore_value)
+            .ignore_lease(r.ignore_lease),
+    }
+}
+
+/// A store put result as the wire response.
+pub fn put_response(r: PutResult) -> pb::PutResponse {
+    pb::PutResponse {
+        header: Some(header(r.revision)),
+        prev_kv: r.prev_kv.as_ref().map(to_proto::key_value),
+    }
+}
+
+/// A wire delete as a store op.
+pub fn delete_op(r: &pb::DeleteRangeRequest) -> TxnOp {
+    TxnOp::Delete {
+        range: KeyRange::new(r.key.clone(), r.range_end.clone()),
+        prev_kv: r.prev_kv,
+    }
+}
+
+/// A store delete result as the wire response.
+pub fn delete_response(r: DeleteResult) -> pb::DeleteRangeResponse {
+    pb::DeleteRangeResponse {
+        header: Some(header(r.revision)),
+        deleted: i64::try_from(r.deleted).unwrap_or(i64::MAX),
+        prev_kvs: r.prev_kvs.iter().map(to_proto::key_value).collect(),
+    }
+}
+
+fn compare(c: &pb::Compare) -> Result<Compare, Status> {
+    use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+    let op = match R::try_from(c.result) {
+        Ok(R::Equal) => CompareOp::Equal,
+        Ok(R::Greater) => CompareOp::Greater,
+        Ok(R::Less) => CompareOp::Less,
+        Ok(R::NotEqual) => CompareOp::NotEqual,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown compare result {}",
+                c.result
+            )));
+        }
+    };
+    // etcd reads the operand only from the union member matching the target; any other
+    // member (or none) compares against zero / the empty value.
+    let u = c.target_union.as_ref();
+    let target = match T::try_from(c.target) {
+        Ok(T::Version) => CompareTarget::Version(if let Some(U::Version(v)) = u { *v } else { 0 }),
+        Ok(T::Create) => CompareTarget::CreateRevision(if let Some(U::CreateRevision(v)) = u {
+            *v
+        } else {
+            0
+        }),
+        Ok(T::Mod) => CompareTarget::ModRevision(if let Some(U::ModRevision(v)) = u {
+            *v
+        } else {
+            0
+        }),
+        Ok(T::Value) => CompareTarget::Value(if let Some(U::Value(v)) = u {
+            v.clone()
+        } else {
+            bytes::Bytes::new()
+        }),
+        Ok(T::Lease) => CompareTarget::Lease(if let Some(U::Lease(v)) = u { *v } else { 0 }),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown compare target {}",
+                c.target
+            )));
+        }
+    };
+    Ok(Compare {
+        range: KeyRange::new(c.key.clone(), c.range_end.clone()),
+        target,
+        op,
+    })
+}
+
+fn request_op(op: &pb::RequestOp) -> Result<TxnOp, Status> {
+    use pb::request_op::Request;
+    match &op.request {
+        Some(Request::RequestRange(r)) => Ok(TxnOp::Range(range_request(r)?)),
+        Some(Request::RequestPut(r)) => Ok(put_op(r)),
+        Some(Request::RequestDeleteRange(r)) => Ok(delete_op(r)),
+        Some(Request::RequestTxn(t)) => Ok(TxnOp::Txn(txn_request(t)?)),
+        None => Err(Status::invalid_argument("txn request op is not set")),
+    }
+}
+
+/// A wire txn as a store txn.
+pub fn txn_request(t: &pb::TxnRequest) -> Result<TxnRequest, Status> {
+    Ok(TxnRequest {
+        compare: t.compare.iter().map(compare).collect::<Result<_, _>>()?,
+        success: t.success.iter().map(request_op).collect::<Result<_, _>>()?,
+        failure: t.failure.iter().map(request_op).collect::<Result<_, _>>()?,
+    })
+}
+
+/// A store txn result as the wire response.
+pub fn txn_response(t: TxnResult) -> pb::TxnResponse {
+    use pb::response_op::Response;
+    pb::TxnResponse {
+        header: Some(header(t.revision)),
+        succeeded: t.succeeded,
+        responses: t
+            .responses
+            .into_iter()
+            .map(|r| pb::ResponseOp {
+                response: Some(match r {
+                    TxnOpResult::Range(r) => Response::ResponseRange(range_response(r)),
+                    TxnOpResult::Put(r) => Response::ResponsePut(put_response(r)),
+                    TxnOpResult::Delete(r) => Response::ResponseDeleteRange(delete_response(r)),
+                    TxnOpResult::Txn(t) => Response::ResponseTxn(txn_response(t)),
+                }),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,147 @@
+//! Maintenance.Status, Cluster.MemberList, and the services keywatch does not implement yet
+//! (Lease, Auth), which answer with a clear status instead of a transport error.
+
+use std::pin::Pin;
+
+use tonic::{Request, Response, Status, Streaming};
+use watch_proto::etcdserverpb as pb;
+
+use super::convert::{self, MEMBER_ID, RAFT_TERM};
+use crate::store::Store;
+
+/// The etcd version reported by Status. Kubernetes enables its consistent reads from the
+/// watch cache (which rely on ordered progress notifications) only for etcd >= 3.5.13.
+pub const ETCD_VERSION: &str = "3.5.13";
+
+/// etcd's `Maintenance` service: `Status` only.
+#[derive(Debug, Clone)]
+pub struct MaintenanceService {
+    store: Store,
+}
+
+impl MaintenanceService {
+    /// The service over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for MaintenanceService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let revision = self.store.durable_revision();
+        let size = i64::try_from(self.store.disk_size()).unwrap_or(i64::MAX);
+        let errors = self.store.failure().into_iter().collect();
+        Ok(Response::new(pb::StatusResponse {
+            header: Some(convert::header(revision)),
+            version: ETCD_VERSION.to_owned(),
+            db_size: size,
+            leader: MEMBER_ID,
+            raft_index: revision,
+            raft_term: RAFT_TERM,
+            raft_applied_index: revision,
+            errors,
+            db_size_in_use: size,
+            is_learner: false,
+            ..Default::default()
+        }))
+    }
+}
+
+/// etcd's `Cluster` service: `MemberList` reports this single member.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    store: Store,
+    client_url: String,
+}
+
+impl ClusterService {
+    /// The service; `client_url` is the URL clients reach this server at.
+    pub fn new(store: Store, client_url: String) -> Self {
+        Self { store, client_url }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn member_list(
+        &self,
+        _request: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        Ok(Response::new(pb::MemberListResponse {
+            header: Some(convert::header(self.store.durable_revision())),
+            members: vec![pb::Member {
+                id: MEMBER_ID,
+                name: "keywatch".to_owned(),
+                peer_ur_ls: Vec::new(),
+                client_ur_ls: vec![self.client_url.clone()],
+                is_learner: false,
+            }],
+        }))
+    }
+}
+
+fn no_leases() -> Status {
+    Status::unimplemented("keywatch: leases are not implemented yet")
+}
+
+/// etcd's `Lease` service: every method answers UNIMPLEMENTED (leases are not implemented).
+#[derive(Debug, Clone, Default)]
+pub struct LeaseService;
+
+type KeepAliveStream =
+    Pin<Box<dyn futures_core::Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        _request: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        Err(no_leases())
+    }
+    async fn lease_revoke(
+        &self,
+        _request: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        Err(no_leases())
+    }
+    type LeaseKeepAliveStream = KeepAliveStream;
+    async fn lease_keep_alive(
+        &self,
+        _request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        Err(no_leases())
+    }
+    async fn lease_time_to_live(
+        &self,
+        _request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        Err(no_leases())
+    }
+    async fn lease_leases(
+        &self,
+        _request: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        Err(no_leases())
+    }
+}
+
+/// etcd's `Auth` service: authentication is not enabled, answered as etcd answers it then.
+#[derive(Debug, Clone, Default)]
+pub struct AuthService;
+
+#[tonic::async_trait]
+impl pb::auth_server::Auth for AuthService {
+    async fn authenticate(
+        &self,
+        _request: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+}

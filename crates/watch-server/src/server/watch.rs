@@ -1,0 +1,482 @@
+//! The Watch service: one task per client stream multiplexes every watch of the stream.
+//!
+//! The task owns the stream's watch handles (in one [`SelectAll`]), reads client requests and
+//! writes responses into a bounded channel that tonic drains to the client. Because one task
+//! does everything, ordering holds by construction:
+//! - a create is answered (`created`) before its handle joins the set, so no event precedes it;
+//! - creates, cancels and progress requests are answered in request order;
+//! - a cancel drops the handle before the `canceled` reply, so no event follows it;
+//! - a manual progress request asks every handle for a progress message, which the engine
+//!   orders after that watcher's events; the stream's single `watch_id = -1` reply is sent once
+//!   every watcher answered, so it follows every event it covers.
+//!
+//! Memory is bounded: the outbound channel holds [`OUTBOUND_DEPTH`] responses, and each
+//! watcher's engine queue holds `watch_buffer` batches. When the client stops reading, sends
+//! block, the queues fill, and the engine stops pushing and later catches the watchers up from
+//! the event log.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use futures_util::StreamExt;
+use futures_util::stream::SelectAll;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use watch_core::{CancelReason, Revision, WatchHandle, WatchMessage};
+use watch_proto::etcdserverpb as pb;
+use watch_proto::from_proto::{self, WatchCommand};
+use watch_proto::status::{EtcdError, from_convert_error};
+use watch_proto::{ConvertError, to_proto};
+
+use super::convert::{header, store_status};
+use crate::error::StoreError;
+use crate::store::Store;
+
+/// Responses buffered per stream between its task and the client.
+pub const OUTBOUND_DEPTH: usize = 32;
+
+/// gRPC overhead etcd adds to `--max-request-bytes` for its receive limit and for the size at
+/// which watch responses are fragmented (512 KiB).
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Settings of the watch service.
+#[derive(Debug, Clone)]
+pub struct WatchSettings {
+    /// Most watches on one stream; a create beyond it is refused (created + canceled).
+    pub max_watchers_per_stream: usize,
+    /// Engine queue size of each watcher, in revisions.
+    pub watch_buffer: u32,
+    /// etcd `--max-request-bytes`; responses of fragment-enabled watches are split at this
+    /// plus [`GRPC_OVERHEAD_BYTES`].
+    pub max_request_bytes: usize,
+}
+
+/// etcd's `Watch` service over a [`Store`].
+#[derive(Debug, Clone)]
+pub struct WatchService {
+    store: Store,
+    settings: WatchSettings,
+    /// Becomes true at shutdown: every stream task ends.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WatchService {
+    /// The service; streams end when `shutdown` turns true.
+    pub fn new(store: Store, settings: WatchSettings, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            store,
+            settings,
+            shutdown,
+        }
+    }
+}
+
+type WatchResponseStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+
+#[tonic::async_trait]
+impl pb::watch_server::Watch for WatchService {
+    type WatchStream = WatchResponseStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
+        let stream = WatchStream {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            out: tx,
+            watches: SelectAll::new(),
+            meta: HashMap::new(),
+            next_id: 0,
+            progress: None,
+        };
+        tokio::spawn(stream.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One watch in the stream's [`SelectAll`]. `handle` is taken to cancel the watch; the saved
+/// waker then lets `SelectAll` poll the slot once more so it drops out of the set.
+struct Slot {
+    id: i64,
+    handle: Option<WatchHandle>,
+    waker: Option<Waker>,
+}
+
+impl futures_core::Stream for Slot {
+    type Item = (i64, WatchMessage);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(handle) = this.handle.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match handle.poll_recv(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some((this.id, m))),
+            Poll::Ready(None) => {
+                this.handle = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                this.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Per-watch flags the responses need.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    prev_kv: bool,
+    fragment: bool,
+    progress_notify: bool,
+}
+
+/// A manual progress request waiting for every watcher to report.
+struct ProgressRound {
+    waiting: HashSet<i64>,
+    /// Lowest revision reported so far: every watcher is complete through it.
+    revision: Revision,
+}
+
+/// The client went away (the outbound channel closed): end the stream task.
+struct Gone;
+
+struct WatchStream {
+    store: Store,
+    settings: WatchSettings,
+    out: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    watches: SelectAll<Slot>,
+    meta: HashMap<i64, Meta>,
+    next_id: i64,
+    progress: Option<ProgressRound>,
+}
+
+impl WatchStream {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::WatchRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut client_open = true;
+        loop {
+            if !client_open && self.meta.is_empty() {
+                // Half-closed and nothing left to watch: nothing more can happen.
+                break;
+            }
+            let step = tokio::select! {
+                req = inbound.next(), if client_open => match req {
+                    Some(Ok(req)) => self.on_request(&req).await,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "watch stream receive error");
+                        break;
+                    }
+                    // The client half-closed; keep streaming, as etcd does.
+                    None => {
+                        client_open = false;
+                        Ok(())
+                    }
+                },
+                Some((id, msg)) = self.watches.next(), if !self.watches.is_empty() => {
+                    self.on_message(id, msg).await
+                }
+                _ = self.out.closed() => break,
+                _ = async { drop(shutdown.wait_for(|s| *s).await) } => break,
+            };
+            if step.is_err() {
+                break;
+            }
+        }
+    }
+
+    async fn send(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
+        self.out.send(Ok(resp)).await.map_err(|_| Gone)
+    }
+
+    fn current(&self) -> Revision {
+        self.store.durable_revision()
+    }
+
+    /// `created + canceled` with `watch_id = -1`: etcd's answer to a create it refuses.
+    async fn refuse(&self, reason: &str) -> Result<(), Gone> {
+        self.send(pb::WatchResponse {
+            header: Some(header(self.current())),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_owned(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn on_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
+        match from_proto::watch_request(req) {
+            Ok(WatchCommand::Create(c)) => self.create(c).await,
+            Ok(WatchCommand::Cancel { watch_id }) => self.cancel(watch_id).await,
+            Ok(WatchCommand::Progress) => {
+                self.request_progress();
+                Ok(())
+            }
+            // An unknown request type (or none): ignored, the stream stays open, as etcd.
+            Err(ConvertError::MissingField { .. }) => Ok(()),
+            Err(e) => self.refuse(from_convert_error(&e).message()).await,
+            // WatchCommand is #[non_exhaustive]: ignore commands this server does not know.
+            #[allow(unreachable_patterns)]
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn create(&mut self, c: from_proto::WatchCreate) -> Result<(), Gone> {
+        let id = if c.watch_id != 0 {
+            if self.meta.contains_key(&c.watch_id) {
+                return self.refuse(EtcdError::DuplicateWatchId.message()).await;
+            }
+            c.watch_id
+        } else {
+            while self.meta.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        };
+        if self.meta.len() >= self.settings.max_watchers_per_stream {
+            let reason = format!(
+                "keywatch: too many watches on this stream (the limit is {})",
+                self.settings.max_watchers_per_stream
+            );
+            return self.refuse(&reason).await;
+        }
+        let options = c.options.buffer(self.settings.watch_buffer.max(1));
+        match self.store.watch(c.selector, options) {
+            Ok(handle) => {
+                self.send(pb::WatchResponse {
+                    header: Some(header(handle.created_revision())),
+                    watch_id: id,
+                    created: true,
+                    ..Default::default()
+                })
+                .await?;
+                self.meta.insert(
+                    id,
+                    Meta {
+                        prev_kv: options.prev_kv,
+                        fragment: c.fragment,
+                        progress_notify: options.progress_notify,
+                    },
+                );
+                self.watches.push(Slot {
+                    id,
+                    handle: Some(handle),
+                    waker: None,
+                });
+                Ok(())
+            }
+            Err(StoreError::Compacted { compacted, .. }) => {
+                // etcd: the watch is created, then canceled with the compaction revision (and a
+                // header whose revision is 0).
+                self.send(pb::WatchResponse {
+                    header: Some(header(self.current())),
+                    watch_id: id,
+                    created: true,
+                    ..Default::default()
+                })
+                .await?;
+                self.send(pb::WatchResponse {
+                    header: Some(header(0)),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: to_proto::revision(compacted),
+                    ..Default::default()
+                })
+                .await
+            }
+            Err(e) => self.refuse(store_status(&e).message()).await,
+        }
+    }
+
+    /// Drops the watch's handle (its engine registration ends now); true if it existed.
+    fn drop_watch(&mut self, id: i64) -> bool {
+        if self.meta.remove(&id).is_none() {
+            return false;
+        }
+        for slot in self.watches.iter_mut() {
+            if slot.id == id && slot.handle.is_some() {
+                slot.handle = None;
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        true
+    }
+
+    async fn cancel(&mut self, id: i64) -> Result<(), Gone> {
+        if !self.drop_watch(id) {
+            // etcd sends nothing for an unknown watch ID.
+            return Ok(());
+        }
+        self.send(pb::WatchResponse {
+            header: Some(header(self.current())),
+            watch_id: id,
+            canceled: true,
+            ..Default::default()
+        })
+        .await?;
+        self.progress_done(id).await
+    }
+
+    fn request_progress(&mut self) {
+        if self.meta.is_empty() {
+            // etcd: no response on a stream without watchers.
+            return;
+        }
+        // A new request restarts the round: a watcher that cannot answer yet (catching up, or
+        // waiting for a future start revision) holds the reply back, as etcd drops the request
+        // until every watcher is synced, and the client asks again.
+        let mut waiting = HashSet::with_capacity(self.meta.len());
+        for slot in self.watches.iter() {
+            if let Some(h) = &slot.handle {
+                h.request_progress();
+                waiting.insert(slot.id);
+            }
+        }
+        self.progress = Some(ProgressRound {
+            waiting,
+            revision: Revision::MAX,
+        });
+    }
+
+    /// Removes `id` from the pending progress round and sends the round's reply if it was the
+    /// last one missing.
+    async fn progress_done(&mut self, id: i64) -> Result<(), Gone> {
+        let Some(round) = &mut self.progress else {
+            return Ok(());
+        };
+        if !round.waiting.remove(&id) || !round.waiting.is_empty() {
+            return Ok(());
+        }
+        let revision = if round.revision == Revision::MAX {
+            self.current()
+        } else {
+            round.revision
+        };
+        self.progress = None;
+        self.send(pb::WatchResponse {
+            header: Some(header(revision)),
+            watch_id: -1,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn on_message(&mut self, id: i64, msg: WatchMessage) -> Result<(), Gone> {
+        let Some(meta) = self.meta.get(&id).copied() else {
+            // A message that raced with a cancel: the watch is gone for the client.
+            return Ok(());
+        };
+        match msg {
+            WatchMessage::Events(batch) => {
+                let resp = pb::WatchResponse {
+                    header: Some(header(batch.revision())),
+                    watch_id: id,
+                    events: to_proto::batch_events(&batch, meta.prev_kv),
+                    ..Default::default()
+                };
+                if meta.fragment {
+                    self.send_fragments(resp).await
+                } else {
+                    self.send(resp).await
+                }
+            }
+            WatchMessage::Progress { revision } => {
+                let in_round = self
+                    .progress
+                    .as_ref()
+                    .is_some_and(|r| r.waiting.contains(&id));
+                if in_round {
+                    if let Some(r) = &mut self.progress {
+                        r.revision = r.revision.min(revision);
+                    }
+                    return self.progress_done(id).await;
+                }
+                if !meta.progress_notify {
+                    return Ok(());
+                }
+                self.send(pb::WatchResponse {
+                    header: Some(header(revision)),
+                    watch_id: id,
+                    ..Default::default()
+                })
+                .await
+            }
+            WatchMessage::Canceled(reason) => {
+                self.meta.remove(&id);
+                let mut resp = pb::WatchResponse {
+                    header: Some(header(self.current())),
+                    watch_id: id,
+                    canceled: true,
+                    ..Default::default()
+                };
+                match reason {
+                    CancelReason::Compacted { compact_revision } => {
+                        resp.header = Some(header(0));
+                        resp.compact_revision = to_proto::revision(compact_revision);
+                    }
+                    CancelReason::HistoryUnavailable { message, .. } => {
+                        resp.cancel_reason = format!("keywatch: history unavailable: {message}");
+                    }
+                    CancelReason::Shutdown { .. } => {
+                        resp.cancel_reason = EtcdError::Stopped.message().to_owned();
+                    }
+                    other => resp.cancel_reason = format!("keywatch: {other:?}"),
+                }
+                self.send(resp).await?;
+                self.progress_done(id).await
+            }
+            // WatchMessage is #[non_exhaustive]: a new kind is not for clients until mapped.
+            #[allow(unreachable_patterns)]
+            _ => Ok(()),
+        }
+    }
+
+    /// etcd's `sendFragments`: a response of 2+ events whose encoded size reaches the limit is
+    /// split; every piece but the last has `fragment = true`; one event is never split.
+    async fn send_fragments(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
+        let limit = self.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        if resp.encoded_len() < limit || resp.events.len() < 2 {
+            return self.send(resp).await;
+        }
+        let mut events = resp.events.into_iter().peekable();
+        let base = pb::WatchResponse {
+            events: Vec::new(),
+            fragment: true,
+            ..resp
+        };
+        while events.peek().is_some() {
+            let mut cur = base.clone();
+            let mut size = cur.encoded_len();
+            while let Some(ev) = events.peek() {
+                // Tag (1 byte) + length prefix + the event.
+                let len = ev.encoded_len();
+                let add = 1 + prost::length_delimiter_len(len) + len;
+                if !cur.events.is_empty() && size + add >= limit {
+                    break;
+                }
+                size += add;
+                if let Some(ev) = events.next() {
+                    cur.events.push(ev);
+                }
+            }
+            cur.fragment = events.peek().is_some();
+            self.send(cur).await?;
+        }
+        Ok(())
+    }
+}
