@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Server, tools_present};
+use common::Server;
 
 /// etcdctl's `-w fields` output without the lines that name the cluster, member and raft term,
 /// which legitimately differ between servers.
@@ -29,7 +29,7 @@ fn etcdctl_fails(server: &Server, args: &[&str], code: i32) -> String {
 // [tests/e2e/ctl_v3_kv_test.go] put, get (key, prefix, keys-only, fields), del, compaction and
 // the errors etcdctl prints for a compacted revision and an empty key.
 async fn etcdctl_put_get_del(server: Server) {
-    if !tools_present("etcdctl_put_get_del", &["etcdctl"], "etcdctl") {
+    if !server.has_etcdctl() {
         return;
     }
     let ctl = |args: &[&str]| server.etcdctl(args);
@@ -90,7 +90,7 @@ compat_test!(etcdctl_put_get_del);
 
 // `etcdctl txn` in its stdin format: compares, blank line, success ops, blank line, failure ops.
 async fn etcdctl_txn(server: Server) {
-    if !tools_present("etcdctl_txn", &["etcdctl"], "etcdctl") {
+    if !server.has_etcdctl() {
         return;
     }
     assert_eq!(server.etcdctl(&["put", "foo", "bar"]), "OK\n");
@@ -119,7 +119,7 @@ compat_test!(etcdctl_txn);
 // then live events, three lines per event (type, key, value) with the previous kv first; and a
 // watch from a compacted revision ends with etcdctl's compaction message and exit code 5.
 async fn etcdctl_watch(server: Server) {
-    if !tools_present("etcdctl_watch", &["etcdctl"], "etcdctl") {
+    if !server.has_etcdctl() {
         return;
     }
     let ctl = |args: &[&str]| server.etcdctl(args);

@@ -78,6 +78,32 @@ macro_rules! compat_test {
             }
         }
     };
+    ($case:ident, flags = $flags:ident) => {
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn keywatch() {
+                let target = $crate::common::Target::Keywatch;
+                $crate::common::run_with(
+                    target,
+                    stringify!($case),
+                    &super::$flags(target),
+                    super::$case,
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                let target = $crate::common::Target::Etcd;
+                $crate::common::run_with(
+                    target,
+                    stringify!($case),
+                    &super::$flags(target),
+                    super::$case,
+                )
+                .await;
+            }
+        }
+    };
     ($case:ident, keywatch_only) => {
         mod $case {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,10 +126,21 @@ where
     F: FnOnce(Server) -> Fut,
     Fut: Future<Output = ()>,
 {
-    if target == Target::Etcd && !tools_present(name, &["etcd", "etcdctl"], "etcd") {
+    run_with(target, name, &[], case).await;
+}
+
+/// [`run`] with extra server flags (each target spells its flags its own way).
+pub async fn run_with<F, Fut>(target: Target, name: &str, flags: &[&str], case: F)
+where
+    F: FnOnce(Server) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if target == Target::Etcd
+        && !tools_present(&format!("{name}::etcd"), &["etcd", "etcdctl"], "etcd")
+    {
         return;
     }
-    let server = tokio::task::block_in_place(|| Server::start(target, name));
+    let server = tokio::task::block_in_place(|| Server::start_with(target, name, flags));
     case(server).await;
 }
 
@@ -355,6 +392,15 @@ impl Server {
                 Err(self.log.dump())
             }
         }
+    }
+
+    /// True when etcdctl is on PATH; otherwise the case is skipped (see [`tools_present`]).
+    pub fn has_etcdctl(&self) -> bool {
+        tools_present(
+            &format!("{}::{}", self.name, self.target),
+            &["etcdctl"],
+            "etcdctl",
+        )
     }
 
     /// Runs `etcdctl <args>` against this server and returns its stdout; panics on failure.
