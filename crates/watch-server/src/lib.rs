@@ -1,5 +1,55 @@
 //! watch-server: keywatch's etcd v3 compatible KV + watch server, and the embeddable store the
 //! gRPC services wrap.
+//!
+//! - [`store`]: the **in-process engine API**. [`Store::open`] opens a data directory (a
+//!   durable event log plus a state snapshot), rebuilds the key-value state and serves etcd's
+//!   KV model (put, range, delete, txn, compact; one revision per write, `create_revision`,
+//!   `mod_revision`, `version`, reads at past revisions) and watches through watch-core's
+//!   engine, with the event log as the watch history. No protobuf types in its API.
+//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList; Lease
+//!   and Auth answer with a clear status), a thin translation over the store.
+//! - [`config`]: the binary's flags, environment variables and TOML file.
+//!
+//! Embedding the store (no network hop):
+//!
+//! ```
+//! use watch_core::{KeySelector, WatchMessage, WatchOptions};
+//! use watch_server::store::{PutOptions, RangeRequest};
+//! use watch_server::{Durability, Store, StoreConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let rt = tokio::runtime::Runtime::new()?;
+//! rt.block_on(async {
+//!     // Fsync is the default; tests may skip it.
+//!     let store = Store::open(dir.path(), StoreConfig::default().durability(Durability::NoSync)).await?;
+//!     assert_eq!(store.current_revision(), 1); // a fresh store is at revision 1, as etcd
+//!
+//!     let mut watch = store.watch(KeySelector::prefix("/svc/"), WatchOptions::default().prev_kv(true))?;
+//!     store.put("/svc/a", "up", PutOptions::default()).await?; // revision 2
+//!     let put = store.put("/svc/a", "down", PutOptions::default()).await?; // revision 3
+//!     assert_eq!(put.revision, 3);
+//!
+//!     // Writes are acknowledged only once durable and published: the watch has them.
+//!     let mut seen = Vec::new();
+//!     while seen.len() < 2 {
+//!         if let Some(WatchMessage::Events(batch)) = watch.recv().await {
+//!             for e in batch.events() {
+//!                 seen.push((batch.revision(), e.kv.value.clone(), e.prev_kv.map(|p| p.value.clone())));
+//!             }
+//!         }
+//!     }
+//!     assert_eq!(seen[1], (3, "down".into(), Some("up".into())));
+//!
+//!     // Reads at a past revision come from the event log.
+//!     let then = store.range(RangeRequest::key("/svc/a").revision(2)).await?;
+//!     assert_eq!(then.kvs[0].value, "up");
+//!     store.close().await?;
+//!     Ok::<_, watch_server::StoreError>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod config;
 pub mod error;
