@@ -510,3 +510,94 @@ async fn closed_store_refuses_requests() {
         Err(StoreError::Closed)
     ));
 }
+
+/// A redb log store whose commits start failing when `fail` is set.
+struct Flaky {
+    inner: event_log::RedbStore,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl event_log::LogStore for Flaky {
+    fn append_batch(
+        &self,
+        batch: &[event_log::codec::EncodedChange],
+    ) -> Result<(), event_log::LogError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(event_log::LogError::Storage(
+                "injected fsync failure".into(),
+            ));
+        }
+        self.inner.append_batch(batch)
+    }
+    fn last_revision(&self) -> Result<u64, event_log::LogError> {
+        self.inner.last_revision()
+    }
+    fn compacted_revision(&self) -> Result<u64, event_log::LogError> {
+        self.inner.compacted_revision()
+    }
+    fn read(
+        &self,
+        selector: &KeySelector,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<watch_core::ChangeSet>, event_log::LogError> {
+        self.inner.read(selector, after, until, limit)
+    }
+    fn compact(&self, revision: u64) -> Result<(), event_log::LogError> {
+        self.inner.compact(revision)
+    }
+    fn retention_target(
+        &self,
+        policy: &event_log::RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<Option<u64>, event_log::LogError> {
+        self.inner.retention_target(policy, now_ms)
+    }
+}
+
+#[tokio::test]
+async fn failed_log_commit_is_fail_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let redb = event_log::RedbStore::open(
+        dir.path().join(event_log::STORE_FILE),
+        event_log::RedbOptions::default(),
+    )
+    .unwrap();
+    let flaky = Flaky {
+        inner: redb,
+        fail: fail.clone(),
+    };
+    let s = Store::open_with_log_store(dir.path(), config(), std::sync::Arc::new(flaky))
+        .await
+        .unwrap();
+    s.put("a", "1", PutOptions::default()).await.unwrap();
+    let mut w = s.watch(KeySelector::All, WatchOptions::default()).unwrap();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = s.put("a", "2", PutOptions::default()).await;
+    assert!(matches!(r, Err(StoreError::Failed { .. })), "{r:?}");
+    assert!(s.failure().is_some());
+    tokio::time::timeout(Duration::from_secs(5), s.failed())
+        .await
+        .unwrap();
+    // Nothing after the failure is acknowledged or visible: later writes fail, reads of the
+    // unacknowledged state fail, and the watch never sees revision 3.
+    assert!(matches!(
+        s.put("b", "1", PutOptions::default()).await,
+        Err(StoreError::Failed { .. })
+    ));
+    assert!(matches!(
+        s.range(RangeRequest::key("a")).await,
+        Err(StoreError::Failed { .. })
+    ));
+    assert!(w.try_recv().is_none());
+    assert_eq!(s.durable_revision(), 2);
+    drop(w);
+    s.close().await.ok();
+    drop(s);
+    // Reopening recovers what is on disk: revision 2, value "1".
+    let s = open(&dir).await;
+    assert_eq!(s.current_revision(), 2);
+    assert_eq!(get(&s, "a").await.unwrap().value, "1");
+}

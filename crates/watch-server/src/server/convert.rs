@@ -8,7 +8,7 @@
 use tonic::Status;
 use watch_core::Revision;
 use watch_proto::etcdserverpb as pb;
-use watch_proto::status::{EtcdError, from_watch_error};
+use watch_proto::status::{EtcdError, from_log_error, from_watch_error};
 use watch_proto::to_proto;
 
 use crate::error::StoreError;
@@ -58,12 +58,9 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::Closed => EtcdError::Stopped.status(),
         // Fail-stop: Unavailable so clients go elsewhere or retry after a restart.
         StoreError::Failed { .. } => Status::unavailable(format!("etcdserver: {e}")),
-        StoreError::Log(event_log::LogError::Corrupt { .. }) | StoreError::Inconsistent(_) => {
-            Status::data_loss(format!("{}: {e}", EtcdError::Corrupt.message()))
-        }
-        StoreError::Log(_) | StoreError::Snapshot { .. } => {
-            Status::unavailable(format!("etcdserver: {e}"))
-        }
+        StoreError::Log(l) => from_log_error(l),
+        StoreError::Inconsistent(_) => EtcdError::Corrupt.status(),
+        StoreError::Snapshot { .. } => Status::unavailable(format!("etcdserver: {e}")),
         // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
         #[allow(unreachable_patterns)]
         _ => Status::internal(e.to_string()),

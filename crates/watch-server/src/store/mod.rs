@@ -199,7 +199,26 @@ impl Store {
     ///
     /// When called outside a tokio runtime.
     pub async fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_inner(dir.as_ref(), config, None).await
+    }
+
+    /// As [`Store::open`], with the event log kept in `log_store` instead of the default redb
+    /// file in `dir` (the snapshot still lives in `dir`). For other backends and for fault
+    /// injection in tests.
+    pub async fn open_with_log_store(
+        dir: impl AsRef<Path>,
+        config: StoreConfig,
+        log_store: Arc<dyn event_log::LogStore>,
+    ) -> Result<Store, StoreError> {
+        Self::open_inner(dir.as_ref(), config, Some(log_store)).await
+    }
+
+    async fn open_inner(
+        dir: &Path,
+        config: StoreConfig,
+        log_store: Option<Arc<dyn event_log::LogStore>>,
+    ) -> Result<Store, StoreError> {
+        let dir = dir.to_path_buf();
         let log_config = LogConfig {
             durability: match config.durability {
                 Durability::Fsync => event_log::Durability::Immediate,
@@ -214,7 +233,10 @@ impl Store {
                 path: dir2.display().to_string(),
                 message: e.to_string(),
             })?;
-            let log = EventLog::open(&dir2, log_config)?;
+            let log = match log_store {
+                Some(store) => EventLog::with_store(store, log_config)?,
+                None => EventLog::open(&dir2, log_config)?,
+            };
             let mut state = KvState::default();
             let mut snap_rev = 0;
             if let Some((rev, kvs)) = snapshot::load(&dir2)? {
