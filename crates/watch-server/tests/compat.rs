@@ -732,6 +732,46 @@ async fn restart_keeps_data_and_revisions(mut server: Server) {
             put("c", "1", 6, 6, 1),
         ]
     );
+    drop((w, c));
+
+    // A compaction survives a restart too: history below it stays gone, the rest stays.
+    let mut c = server.client().await;
+    c.compact(4, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("compact");
+    drop(c);
+    server.restart();
+    let mut c = server.client().await;
+    common::assert_status(
+        c.get("a", Some(etcd_client::GetOptions::new().with_revision(3)))
+            .await,
+        tonic::Code::OutOfRange,
+        "etcdserver: mvcc: required revision has been compacted",
+    );
+    let (mut w, created) = Watch::open(
+        &mut c,
+        "a",
+        Some(WatchOptions::new().with_start_revision(2)),
+    )
+    .await;
+    let canceled = w.next().await;
+    assert!(canceled.canceled(), "{canceled:?}");
+    assert_eq!(
+        (canceled.watch_id(), canceled.compact_revision()),
+        (created.watch_id(), 4)
+    );
+    let (mut w, _) = Watch::open(
+        &mut c,
+        "a",
+        Some(WatchOptions::new().with_start_revision(4)),
+    )
+    .await;
+    assert_eq!(w.events(1).await, [(0, put("a", "2", 2, 4, 2))]);
+    assert_eq!(
+        put_rev(&mut c, "d", "1").await,
+        7,
+        "compaction created no revision"
+    );
 }
 compat_test!(restart_keeps_data_and_revisions);
 

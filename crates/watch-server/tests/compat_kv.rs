@@ -401,6 +401,21 @@ async fn invalid_requests_and_large_values(server: Server) {
         "etcdserver: duplicate key given in txn request",
     );
 
+    // etcd's default --max-txn-ops is 128.
+    let ops: Vec<TxnOp> = (0..129)
+        .map(|i| TxnOp::put(format!("op{i}"), "v", None))
+        .collect();
+    assert_status(
+        c.txn(Txn::new().and_then(ops)).await,
+        Code::InvalidArgument,
+        "etcdserver: too many operations in txn request",
+    );
+    let ops: Vec<TxnOp> = (0..128)
+        .map(|i| TxnOp::get(format!("op{i}"), None))
+        .collect();
+    let at_limit = c.txn(Txn::new().and_then(ops)).await.expect("128 ops");
+    assert_eq!(at_limit.op_responses().len(), 128);
+
     let mib = "m".repeat(1024 * 1024);
     let put = c.put("big", mib.as_str(), None).await.expect("1 MiB put");
     assert_eq!(put.header().expect("header").revision(), 2);
