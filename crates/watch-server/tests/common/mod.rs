@@ -4,8 +4,8 @@
 //! etcd, each started on loopback ports with its own temporary data dir and killed (dir removed)
 //! on drop. The same assertions must pass on both; that is what proves each expectation is etcd's
 //! real behaviour. The `compat_test!` macro in each test file generates the two `#[tokio::test]`
-//! wrappers (`<case>::keywatch` and `<case>::etcd`), so `cargo test --test compat etcd` runs one
-//! side only.
+//! wrappers (`<case>::keywatch` and `<case>::etcd`), so `cargo test --test compat ::etcd` runs
+//! one side only.
 
 // Each test file compiles its own copy of this module and uses only part of it.
 #![allow(dead_code, unreachable_pub)]
@@ -52,8 +52,9 @@ impl fmt::Display for Target {
 }
 
 /// Generates `mod <case> { keywatch(), etcd() }`: two thin `#[tokio::test]` wrappers around
-/// `async fn <case>(server: Server)`. `keywatch_only` generates only the keywatch wrapper; use it
-/// solely for etcd 3.4.23 bugs that later etcd releases fixed, and cite the issue at the case.
+/// `async fn <case>(server: Server)`. `flags = f` starts each server with `f(target)` as extra
+/// flags. `keywatch_only` generates only the keywatch wrapper; use it solely for etcd 3.4.23 bugs
+/// that later etcd releases fixed, and cite the issue at the case.
 #[macro_export]
 macro_rules! compat_test {
     ($case:ident) => {
