@@ -383,10 +383,13 @@ impl WatchStream {
         };
         match msg {
             WatchMessage::Events(batch) => {
+                // etcd reads prev_kv at `revision - 1`, which is gone when that is below the
+                // compaction revision: then it sends no prev_kv (the log still has it).
+                let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
                 let resp = pb::WatchResponse {
                     header: Some(header(batch.revision())),
                     watch_id: id,
-                    events: to_proto::batch_events(&batch, meta.prev_kv),
+                    events: to_proto::batch_events(&batch, prev_kv),
                     ..Default::default()
                 };
                 if meta.fragment {
