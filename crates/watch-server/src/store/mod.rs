@@ -356,8 +356,13 @@ impl Store {
     /// Resolves when the store has failed (see the module docs), with the failure message.
     pub async fn failed(&self) -> String {
         let mut rx = self.inner.durable.clone();
-        match rx.wait_for(|d| d.failed.is_some()).await {
-            Ok(d) => d.failed.clone().unwrap_or_default(),
+        // The guard is dropped before any further await (it is not Send).
+        let failed = rx
+            .wait_for(|d| d.failed.is_some())
+            .await
+            .map(|d| d.failed.clone().unwrap_or_default());
+        match failed {
+            Ok(message) => message,
             // The publisher ended (store closed) without a failure: never resolve.
             Err(_) => std::future::pending().await,
         }

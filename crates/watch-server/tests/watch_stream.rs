@@ -1,0 +1,268 @@
+//! Raw gRPC behaviour of the server's watch streams and limits, checked at the wire level (the
+//! compat suite drives the same server through etcd clients, which hide watch IDs).
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use watch_proto::etcdserverpb as pb;
+use watch_proto::etcdserverpb::watch_request::RequestUnion;
+use watch_server::config::{Cli, FileConfig, ServerConfig};
+use watch_server::server::Server;
+use watch_server::{Durability, Store, StoreConfig};
+
+struct Running {
+    addr: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("server stops")
+            .unwrap();
+    }
+}
+
+async fn start(per_stream: usize) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        listen: Some("127.0.0.1:0".into()),
+        max_watchers_per_stream: Some(per_stream),
+        ..Cli::default()
+    };
+    let config = ServerConfig::merge(cli, FileConfig::default()).unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreConfig::default().durability(Durability::NoSync),
+    )
+    .await
+    .unwrap();
+    let server = Server::with_store(store, config).await.unwrap();
+    let addr = format!("http://{}", server.local_addr());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        addr,
+        _dir: dir,
+        stop: Some(tx),
+        task,
+    }
+}
+
+struct Stream {
+    tx: mpsc::Sender<pb::WatchRequest>,
+    rx: Streaming<pb::WatchResponse>,
+}
+
+impl Stream {
+    async fn open(addr: &str) -> Stream {
+        let mut client = pb::watch_client::WatchClient::connect(addr.to_owned())
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client
+            .watch(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Stream { tx, rx }
+    }
+
+    async fn send(&self, r: RequestUnion) {
+        self.tx
+            .send(pb::WatchRequest {
+                request_union: Some(r),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn create(&self, key: &str, range_end: &str, watch_id: i64) {
+        self.send(RequestUnion::CreateRequest(pb::WatchCreateRequest {
+            key: key.to_owned().into(),
+            range_end: range_end.to_owned().into(),
+            watch_id,
+            ..Default::default()
+        }))
+        .await
+    }
+
+    async fn next(&mut self) -> pb::WatchResponse {
+        let r = tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a response in time")
+            .unwrap()
+            .expect("stream open");
+        assert!(r.header.is_some(), "every response has a header: {r:?}");
+        r
+    }
+}
+
+#[tokio::test]
+async fn watch_ids_duplicates_bad_ranges_and_limits() {
+    let server = start(3).await;
+    let mut s = Stream::open(&server.addr).await;
+
+    // Client-chosen 1, then auto IDs start at 0 and skip 1.
+    s.create("a", "", 1).await;
+    let r = s.next().await;
+    assert!(r.created && !r.canceled);
+    assert_eq!(r.watch_id, 1);
+    s.create("b", "", 0).await;
+    assert_eq!(s.next().await.watch_id, 0);
+
+    // A duplicate client ID is refused.
+    s.create("c", "", 1).await;
+    let r = s.next().await;
+    assert!(r.created && r.canceled);
+    assert_eq!(r.watch_id, -1);
+    assert_eq!(
+        r.cancel_reason,
+        "mvcc: duplicate watch ID provided on the WatchStream"
+    );
+
+    // key >= range_end is refused.
+    s.create("z", "a", 0).await;
+    let r = s.next().await;
+    assert!(r.created && r.canceled);
+    assert_eq!(r.watch_id, -1);
+    assert_eq!(r.cancel_reason, "mvcc: watcher range is empty");
+
+    // The third watch fits, the fourth hits the per-stream limit of 3.
+    s.create("d", "", 0).await;
+    assert_eq!(s.next().await.watch_id, 2);
+    s.create("e", "", 0).await;
+    let r = s.next().await;
+    assert!(r.created && r.canceled && r.watch_id == -1, "{r:?}");
+    assert!(r.cancel_reason.contains("too many watches"), "{r:?}");
+
+    // Cancel of an unknown ID: no response; a known one: canceled.
+    s.send(RequestUnion::CancelRequest(pb::WatchCancelRequest {
+        watch_id: 99,
+    }))
+    .await;
+    s.send(RequestUnion::CancelRequest(pb::WatchCancelRequest {
+        watch_id: 0,
+    }))
+    .await;
+    let r = s.next().await;
+    assert!(r.canceled && !r.created);
+    assert_eq!(r.watch_id, 0);
+
+    // A progress request: one response for the stream, watch_id -1, no events.
+    s.send(RequestUnion::ProgressRequest(pb::WatchProgressRequest {}))
+        .await;
+    let r = s.next().await;
+    assert_eq!(r.watch_id, -1);
+    assert!(!r.created && !r.canceled && r.events.is_empty());
+    assert_eq!(r.header.unwrap().revision, 1);
+
+    // An empty request is ignored and the stream keeps working.
+    s.tx.send(pb::WatchRequest::default()).await.unwrap();
+    let mut kv = pb::kv_client::KvClient::connect(server.addr.clone())
+        .await
+        .unwrap();
+    kv.put(pb::PutRequest {
+        key: "a".into(),
+        value: "1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = s.next().await;
+    assert_eq!(r.watch_id, 1);
+    assert_eq!(r.events.len(), 1);
+    assert_eq!(r.header.unwrap().revision, 2);
+
+    // Half-closing the client side keeps the stream delivering.
+    let Stream { tx, mut rx } = s;
+    drop(tx);
+    kv.put(pb::PutRequest {
+        key: "a".into(),
+        value: "2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.header.unwrap().revision, 3);
+    drop(rx);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn status_limits_and_unimplemented() {
+    let server = start(10).await;
+    let mut m = pb::maintenance_client::MaintenanceClient::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let st = m.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.version, "3.5.13");
+    let h = st.header.unwrap();
+    assert!(h.cluster_id != 0 && h.member_id != 0);
+    assert_eq!((h.revision, h.raft_term), (1, 1));
+
+    let mut kv = pb::kv_client::KvClient::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let big = vec![b'x'; 1_600_000];
+    let e = kv
+        .put(pb::PutRequest {
+            key: "big".into(),
+            value: big.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.message(), "etcdserver: request is too large");
+    let e = kv.put(pb::PutRequest::default()).await.unwrap_err();
+    assert_eq!(e.message(), "etcdserver: key is not provided");
+    let e = kv
+        .range(pb::RangeRequest {
+            key: "a".into(),
+            sort_order: 9,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = kv
+        .txn(pb::TxnRequest {
+            success: vec![pb::RequestOp { request: None }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    let mut lease = pb::lease_client::LeaseClient::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let e = lease
+        .lease_grant(pb::LeaseGrantRequest { ttl: 5, id: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert!(!e.message().is_empty());
+    server.stop().await;
+}
