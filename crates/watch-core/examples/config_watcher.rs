@@ -13,7 +13,11 @@ async fn main() {
     let (engine, dispatcher) = WatchEngine::new(EngineConfig::default());
     tokio::spawn(dispatcher.run());
 
-    let settings = [("/config/log_level", "info"), ("/config/port", "8080"), ("/config/log_level", "debug")];
+    let settings = [
+        ("/config/log_level", "info"),
+        ("/config/port", "8080"),
+        ("/config/log_level", "debug"),
+    ];
     let mut revision = 0;
     let mut versions = std::collections::HashMap::new();
     for (key, value) in settings {
@@ -27,12 +31,17 @@ async fn main() {
             version: *version,
             lease: 0,
         };
-        engine.publish(ChangeSet::new(revision, vec![Event::put(kv, None)])).expect("increasing");
+        engine
+            .publish(ChangeSet::new(revision, vec![Event::put(kv, None)]))
+            .expect("increasing");
     }
 
     // Subscribe after the fact, from revision 1: history is replayed, then live changes follow.
     let mut watcher = engine
-        .watch(KeySelector::prefix("/config/"), WatchOptions::default().start_revision(1))
+        .watch(
+            KeySelector::prefix("/config/"),
+            WatchOptions::default().start_revision(1),
+        )
         .expect("valid selector");
     let mut received = 0;
     while received < settings.len() {

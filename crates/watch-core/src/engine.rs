@@ -281,7 +281,12 @@ impl WatchEngine {
         if options.buffer == 0 {
             return Err(WatchError::ZeroBuffer);
         }
-        let selector = selector.normalize()?;
+        let selector = match selector.normalize()? {
+            // An exact-size private copy of the key: a caller's `Bytes` may carry slack
+            // capacity or need a shared header when cloned, which idle watchers would pay for.
+            KeySelector::Key(k) => KeySelector::Key(bytes::Bytes::copy_from_slice(&k)),
+            other => other,
+        };
         let start = options.start_revision;
         if start != 0 {
             let first = shared.first_available();
@@ -364,7 +369,7 @@ impl std::fmt::Debug for WatchHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WatchHandle")
             .field("id", &self.watcher.id)
-            .field("selector", &self.watcher.selector)
+            .field("selector", &self.watcher.selector.to_selector())
             .finish()
     }
 }
@@ -381,8 +386,8 @@ impl WatchHandle {
     }
 
     /// The watcher's normalised selector.
-    pub fn selector(&self) -> &KeySelector {
-        &self.watcher.selector
+    pub fn selector(&self) -> KeySelector {
+        self.watcher.selector.to_selector()
     }
 
     /// Asks for a [`WatchMessage::Progress`], delivered in order after every event up to its
@@ -689,9 +694,10 @@ impl Dispatcher {
                     };
                     w.state.lock().mode = Mode::Fetching;
                     let (w2, until) = (w.clone(), self.position);
+                    let selector = w.selector.to_selector();
                     let limit = self.shared.config.catch_up_batch.min(room).max(1);
                     self.reads.push(Box::pin(async move {
-                        let mut result = history.read(&w2.selector, seen, until, limit).await;
+                        let mut result = history.read(&selector, seen, until, limit).await;
                         if let Ok(v) = &mut result {
                             v.truncate(limit);
                         }
