@@ -18,6 +18,9 @@ use crate::error::ConvertError;
 
 /// The etcd server errors keywatch reproduces, with etcd's gRPC code and message
 /// (etcd `api/v3rpc/rpctypes/error.go`; the two `mvcc:` watch texts are from `mvcc/watcher.go`).
+///
+/// Every etcd error keywatch sends is built from here, never from a message written at the
+/// call site: the Go client matches on the text, so one copy of each text keeps them exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum EtcdError {
@@ -27,6 +30,14 @@ pub enum EtcdError {
     FutureRevision,
     /// A request needs a key and has none.
     EmptyKey,
+    /// A txn operation with no request set (etcd's `ErrGRPCKeyNotFound`, despite the name).
+    KeyNotFound,
+    /// A put with `ignore_value` that also carries a value.
+    ValueProvided,
+    /// A put with `ignore_lease` that also carries a lease.
+    LeaseProvided,
+    /// A range request whose `sort_order` or `sort_target` is not a known enum value.
+    InvalidSortOption,
     /// A transaction writes the same key twice.
     DuplicateKey,
     /// A transaction has more operations than the server allows.
@@ -41,6 +52,8 @@ pub enum EtcdError {
     NoLeader,
     /// The server is shutting down.
     Stopped,
+    /// An auth request to a server without authentication (keywatch never enables it).
+    AuthNotEnabled,
     /// Stored data failed an integrity check.
     Corrupt,
     /// A watch create whose `key >= range_end` (etcd sends it only as `cancel_reason`).
@@ -55,6 +68,10 @@ impl EtcdError {
         match self {
             Self::Compacted | Self::FutureRevision => Code::OutOfRange,
             Self::EmptyKey
+            | Self::KeyNotFound
+            | Self::ValueProvided
+            | Self::LeaseProvided
+            | Self::InvalidSortOption
             | Self::DuplicateKey
             | Self::TooManyOps
             | Self::RequestTooLarge
@@ -63,6 +80,7 @@ impl EtcdError {
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::LeaseNotFound => Code::NotFound,
             Self::NoLeader | Self::Stopped => Code::Unavailable,
+            Self::AuthNotEnabled => Code::FailedPrecondition,
             Self::Corrupt => Code::DataLoss,
         }
     }
@@ -73,6 +91,10 @@ impl EtcdError {
             Self::Compacted => "etcdserver: mvcc: required revision has been compacted",
             Self::FutureRevision => "etcdserver: mvcc: required revision is a future revision",
             Self::EmptyKey => "etcdserver: key is not provided",
+            Self::KeyNotFound => "etcdserver: key not found",
+            Self::ValueProvided => "etcdserver: value is provided",
+            Self::LeaseProvided => "etcdserver: lease is provided",
+            Self::InvalidSortOption => "etcdserver: invalid sort option",
             Self::DuplicateKey => "etcdserver: duplicate key given in txn request",
             Self::TooManyOps => "etcdserver: too many operations in txn request",
             Self::RequestTooLarge => "etcdserver: request is too large",
@@ -80,6 +102,7 @@ impl EtcdError {
             Self::LeaseNotFound => "etcdserver: requested lease not found",
             Self::NoLeader => "etcdserver: no leader",
             Self::Stopped => "etcdserver: server stopped",
+            Self::AuthNotEnabled => "etcdserver: authentication is not enabled",
             Self::Corrupt => "etcdserver: corrupt cluster",
             Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
             Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
@@ -210,6 +233,26 @@ mod tests {
             "etcdserver: key is not provided",
         );
         check(
+            EtcdError::KeyNotFound.into(),
+            Code::InvalidArgument,
+            "etcdserver: key not found",
+        );
+        check(
+            EtcdError::ValueProvided.into(),
+            Code::InvalidArgument,
+            "etcdserver: value is provided",
+        );
+        check(
+            EtcdError::LeaseProvided.into(),
+            Code::InvalidArgument,
+            "etcdserver: lease is provided",
+        );
+        check(
+            EtcdError::InvalidSortOption.into(),
+            Code::InvalidArgument,
+            "etcdserver: invalid sort option",
+        );
+        check(
             EtcdError::DuplicateKey.into(),
             Code::InvalidArgument,
             "etcdserver: duplicate key given in txn request",
@@ -243,6 +286,11 @@ mod tests {
             EtcdError::Stopped.into(),
             Code::Unavailable,
             "etcdserver: server stopped",
+        );
+        check(
+            EtcdError::AuthNotEnabled.into(),
+            Code::FailedPrecondition,
+            "etcdserver: authentication is not enabled",
         );
         check(
             EtcdError::Corrupt.into(),

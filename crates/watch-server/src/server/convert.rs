@@ -25,13 +25,6 @@ pub const MEMBER_ID: u64 = 0x6b77_0000_0000_0001;
 /// The raft term reported (there is no raft; one term forever).
 pub const RAFT_TERM: u64 = 1;
 
-/// etcd errors that watch-proto's [`EtcdError`] table does not list yet (etcd's
-/// `rpctypes/error.go` texts; all `InvalidArgument`).
-const KEY_NOT_FOUND: &str = "etcdserver: key not found";
-const VALUE_PROVIDED: &str = "etcdserver: value is provided";
-const LEASE_PROVIDED: &str = "etcdserver: lease is provided";
-const INVALID_SORT_OPTION: &str = "etcdserver: invalid sort option";
-
 /// The response header at `revision`.
 pub fn header(revision: Revision) -> pb::ResponseHeader {
     pb::ResponseHeader {
@@ -51,9 +44,9 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::Compacted { .. } => EtcdError::Compacted.status(),
         StoreError::FutureRevision { .. } => EtcdError::FutureRevision.status(),
         StoreError::LeaseNotFound { .. } => EtcdError::LeaseNotFound.status(),
-        StoreError::KeyNotFound => Status::invalid_argument(KEY_NOT_FOUND),
-        StoreError::ValueProvided => Status::invalid_argument(VALUE_PROVIDED),
-        StoreError::LeaseProvided => Status::invalid_argument(LEASE_PROVIDED),
+        StoreError::KeyNotFound => EtcdError::KeyNotFound.status(),
+        StoreError::ValueProvided => EtcdError::ValueProvided.status(),
+        StoreError::LeaseProvided => EtcdError::LeaseProvided.status(),
         StoreError::Watch(w) => from_watch_error(w),
         StoreError::Closed => EtcdError::Stopped.status(),
         // Fail-stop: Unavailable so clients go elsewhere or retry after a restart.
@@ -79,7 +72,7 @@ pub fn range_request(r: &pb::RangeRequest) -> Result<RangeRequest, Status> {
         Ok(O::None) => SortOrder::None,
         Ok(O::Ascend) => SortOrder::Ascend,
         Ok(O::Descend) => SortOrder::Descend,
-        Err(_) => return Err(Status::invalid_argument(INVALID_SORT_OPTION)),
+        Err(_) => return Err(EtcdError::InvalidSortOption.status()),
     };
     let sort_target = match T::try_from(r.sort_target) {
         Ok(T::Key) => SortTarget::Key,
@@ -87,7 +80,7 @@ pub fn range_request(r: &pb::RangeRequest) -> Result<RangeRequest, Status> {
         Ok(T::Create) => SortTarget::Create,
         Ok(T::Mod) => SortTarget::Mod,
         Ok(T::Value) => SortTarget::Value,
-        Err(_) => return Err(Status::invalid_argument(INVALID_SORT_OPTION)),
+        Err(_) => return Err(EtcdError::InvalidSortOption.status()),
     };
     Ok(
         RangeRequest::new(KeyRange::new(r.key.clone(), r.range_end.clone()))

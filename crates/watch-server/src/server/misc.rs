@@ -5,6 +5,7 @@ use std::pin::Pin;
 
 use tonic::{Request, Response, Status, Streaming};
 use watch_proto::etcdserverpb as pb;
+use watch_proto::status::EtcdError;
 
 use super::convert::{self, MEMBER_ID, RAFT_TERM};
 use crate::store::Store;
@@ -140,8 +141,6 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         _request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        Err(EtcdError::AuthNotEnabled.status())
     }
 }
