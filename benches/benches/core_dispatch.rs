@@ -25,7 +25,10 @@ fn put(rev: u64, key: &Bytes) -> ChangeSet {
 }
 
 fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// Registers `n` exact-key watchers on keys no benchmark event touches.
@@ -33,7 +36,10 @@ fn idle_exact(engine: &WatchEngine, n: usize) -> Vec<WatchHandle> {
     (0..n)
         .map(|i| {
             engine
-                .watch(KeySelector::key(format!("idle/{i:08}")), WatchOptions::default())
+                .watch(
+                    KeySelector::key(format!("idle/{i:08}")),
+                    WatchOptions::default(),
+                )
                 .expect("register")
         })
         .collect()
@@ -93,7 +99,10 @@ fn dispatch_vs_idle_watchers(c: &mut Criterion) {
         let _idle = idle_exact(&engine, n);
         let key = Bytes::from_static(b"hit");
         let mut hit = engine
-            .watch(KeySelector::key("hit"), WatchOptions::default().buffer(BATCH as u32))
+            .watch(
+                KeySelector::key("hit"),
+                WatchOptions::default().buffer(BATCH as u32),
+            )
             .expect("register");
         let mut rev = 0;
         g.bench_function(BenchmarkId::from_parameter(n), |b| {
@@ -128,12 +137,18 @@ fn prefix_dispatch(c: &mut Criterion) {
         let _others: Vec<_> = (0..p)
             .map(|i| {
                 engine
-                    .watch(KeySelector::prefix(format!("svc/{i}/")), WatchOptions::default())
+                    .watch(
+                        KeySelector::prefix(format!("svc/{i}/")),
+                        WatchOptions::default(),
+                    )
                     .expect("register")
             })
             .collect();
         let mut hit = engine
-            .watch(KeySelector::prefix("app/"), WatchOptions::default().buffer(BATCH as u32))
+            .watch(
+                KeySelector::prefix("app/"),
+                WatchOptions::default().buffer(BATCH as u32),
+            )
             .expect("register");
         let key = Bytes::from_static(b"app/instance/10.0.0.7");
         let mut rev = 0;
@@ -170,7 +185,10 @@ fn fan_out(c: &mut Criterion) {
     let mut watchers: Vec<_> = (0..WATCHERS)
         .map(|_| {
             engine
-                .watch(KeySelector::prefix("/services/api/"), WatchOptions::default().buffer(16))
+                .watch(
+                    KeySelector::prefix("/services/api/"),
+                    WatchOptions::default().buffer(16),
+                )
                 .expect("register")
         })
         .collect();

@@ -9,7 +9,11 @@ use watch_core::{EngineConfig, KeySelector, WatchEngine, WatchOptions};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -22,12 +26,18 @@ fn main() {
     let mut handles = Vec::with_capacity(count);
     // Touch the vector's pages so they are in the baseline, not in the delta.
     handles.extend((0..0).map(|_: usize| None));
-    let warm = engine.watch(KeySelector::key("warm-up"), WatchOptions::default()).ok();
+    let warm = engine
+        .watch(KeySelector::key("warm-up"), WatchOptions::default())
+        .ok();
     let before = rss_bytes();
     for i in 0..count {
         // Keys like etcd service keys: 20 bytes.
         let key = format!("/svc/api/inst-{i:06}");
-        handles.push(engine.watch(KeySelector::key(key), WatchOptions::default()).ok());
+        handles.push(
+            engine
+                .watch(KeySelector::key(key), WatchOptions::default())
+                .ok(),
+        );
     }
     let after = rss_bytes();
     let per = (after.saturating_sub(before)) as f64 / count as f64;

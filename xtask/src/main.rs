@@ -41,10 +41,35 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The `etcd-client` crate (a dev-dependency of the compatibility suite) generates its code
+/// with `protoc` at build time. Our own crates never need it (watch-proto uses protox), so
+/// rather than requiring a system package, xtask points `PROTOC` at a vendored binary when
+/// none is installed.
+fn protoc_env(cmd: &mut Command) {
+    if std::env::var_os("PROTOC").is_some() || on_path("protoc") {
+        return;
+    }
+    match protoc_bin_vendored::protoc_bin_path() {
+        Ok(path) => {
+            cmd.env("PROTOC", path);
+        }
+        Err(e) => eprintln!(
+            "xtask: no protoc on PATH and no vendored one ({e}); etcd-client will not build"
+        ),
+    }
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(bin).is_file()))
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
+    let mut cmd = Command::new(&cargo);
+    protoc_env(&mut cmd);
+    let status = cmd
         .args(args)
         .current_dir(root())
         .status()
