@@ -56,6 +56,29 @@ async fn drain(h: &mut WatchHandle, n: u64) {
     }
 }
 
+/// Time of `iters` rounds of: publish `batch` puts to `key`, then receive them all on `hit`.
+fn timed_rounds(
+    iters: u64,
+    rt: &tokio::runtime::Runtime,
+    engine: &WatchEngine,
+    hit: &mut WatchHandle,
+    key: &Bytes,
+    rev: &mut u64,
+    batch: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        for _ in 0..batch {
+            *rev += 1;
+            engine.publish(put(*rev, key)).expect("publish");
+        }
+        rt.block_on(drain(hit, batch));
+        total += start.elapsed();
+    }
+    total
+}
+
 /// Cost of `publish` alone (the state machine's side) with a dispatcher running on another
 /// thread, as non-matching watchers grow.
 fn publish_cost(c: &mut Criterion) {
@@ -107,17 +130,7 @@ fn dispatch_vs_idle_watchers(c: &mut Criterion) {
         let mut rev = 0;
         g.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let start = Instant::now();
-                    for _ in 0..BATCH {
-                        rev += 1;
-                        engine.publish(put(rev, &key)).expect("publish");
-                    }
-                    rt.block_on(drain(&mut hit, BATCH));
-                    total += start.elapsed();
-                }
-                total
+                timed_rounds(iters, &rt, &engine, &mut hit, &key, &mut rev, BATCH)
             })
         });
         engine.shutdown();
@@ -154,17 +167,7 @@ fn prefix_dispatch(c: &mut Criterion) {
         let mut rev = 0;
         g.bench_function(BenchmarkId::from_parameter(p), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let start = Instant::now();
-                    for _ in 0..BATCH {
-                        rev += 1;
-                        engine.publish(put(rev, &key)).expect("publish");
-                    }
-                    rt.block_on(drain(&mut hit, BATCH));
-                    total += start.elapsed();
-                }
-                total
+                timed_rounds(iters, &rt, &engine, &mut hit, &key, &mut rev, BATCH)
             })
         });
         engine.shutdown();
