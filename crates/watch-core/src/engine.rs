@@ -645,6 +645,9 @@ impl Dispatcher {
         match c {
             Control::CatchUp(w) => self.catch_up(&w),
             Control::Progress(w) => {
+                // Walk first: a request that overtook the publish wake-up must not see a stale
+                // position and be mistaken for a watcher waiting on a future start revision.
+                self.walk();
                 let mut st = w.state.lock();
                 match st.mode {
                     Mode::Live if st.seen <= self.position => st.push(WatchMessage::Progress {
