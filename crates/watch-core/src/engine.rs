@@ -114,8 +114,6 @@ struct Shared {
     prev_kv_watchers: AtomicUsize,
     /// Watchers that asked for periodic progress notifications.
     progress: dashmap::DashMap<WatchId, Arc<Watcher>>,
-    /// Last revision the dispatcher has walked past.
-    dispatched: AtomicU64,
     closed: AtomicBool,
 }
 
@@ -178,9 +176,6 @@ impl std::fmt::Debug for WatchEngine {
     }
 }
 
-/// The publish side alone, for a state machine that should not register watchers.
-pub type Publisher = WatchEngine;
-
 impl WatchEngine {
     /// An engine whose only history is its in-memory window of recent change sets. Spawn the
     /// returned [`Dispatcher`]'s [`Dispatcher::run`] on a tokio runtime: nothing is delivered
@@ -209,7 +204,6 @@ impl WatchEngine {
             watchers: AtomicUsize::new(0),
             prev_kv_watchers: AtomicUsize::new(0),
             progress: dashmap::DashMap::new(),
-            dispatched: AtomicU64::new(position),
             closed: AtomicBool::new(false),
             config,
         });
@@ -604,9 +598,6 @@ impl Dispatcher {
             }
         }
         self.position = new_position;
-        self.shared
-            .dispatched
-            .store(new_position, Ordering::Release);
     }
 
     fn dispatch(&mut self, cs: Arc<ChangeSet>) {
@@ -638,16 +629,16 @@ impl Dispatcher {
             }
         }
         self.position = rev;
-        self.shared.dispatched.store(rev, Ordering::Release);
     }
 
     fn on_control(&mut self, c: Control) {
+        // Walk first: a control message can overtake the publish wake-up, and catch-ups and
+        // progress answers must be judged against the dispatcher's real position, not a stale
+        // one (a stale position made a live watcher look like one waiting on a future start).
+        self.walk();
         match c {
             Control::CatchUp(w) => self.catch_up(&w),
             Control::Progress(w) => {
-                // Walk first: a request that overtook the publish wake-up must not see a stale
-                // position and be mistaken for a watcher waiting on a future start revision.
-                self.walk();
                 let mut st = w.state.lock();
                 match st.mode {
                     Mode::Live if st.seen <= self.position => st.push(WatchMessage::Progress {

@@ -43,7 +43,7 @@ pub enum WatchError {
     Shutdown,
 }
 
-/// Why a change set was refused by [`crate::Publisher::publish`]. A refusal is a bug in the
+/// Why a change set was refused by [`crate::WatchEngine::publish`]. A refusal is a bug in the
 /// publisher (the write itself is not affected); the change set is not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

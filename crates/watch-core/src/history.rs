@@ -62,7 +62,7 @@ impl Default for MemoryHistoryLimits {
 
 /// A bounded in-memory window of the most recent change sets.
 ///
-/// The engine keeps one as its publish queue: [`crate::Publisher::publish`] appends here and
+/// The engine keeps one as its publish queue: [`crate::WatchEngine::publish`] appends here and
 /// the dispatcher reads from here, so a lagging dispatcher never makes the publisher block or
 /// drop. It also serves embedders and tests as a [`History`].
 #[derive(Debug)]

@@ -93,7 +93,7 @@ pub mod selector;
 pub mod types;
 pub mod watcher;
 
-pub use engine::{Dispatcher, EngineConfig, Publisher, WatchEngine, WatchHandle};
+pub use engine::{Dispatcher, EngineConfig, WatchEngine, WatchHandle};
 pub use error::{HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
