@@ -73,6 +73,23 @@ async fn events_until_progress(h: &mut WatchHandle, rev: Revision) -> Vec<(Revis
     }
 }
 
+/// The revisions of the events received before a progress at `rev`.
+async fn revisions_until_progress(h: &mut WatchHandle, rev: Revision) -> Vec<Revision> {
+    events_until_progress(h, rev)
+        .await
+        .iter()
+        .map(|x| x.0)
+        .collect()
+}
+
+/// Publishes one put of `key` per revision in `revs`.
+fn publish_puts(e: &WatchEngine, revs: std::ops::RangeInclusive<Revision>, key: &str) {
+    for r in revs {
+        e.publish(ChangeSet::new(r, vec![put(r, key, "v", None)]))
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn exact_prefix_range_fromkey_all() {
     let e = engine(EngineConfig::default());
@@ -210,10 +227,7 @@ async fn change_set_is_delivered_atomically_and_filtered_per_watcher() {
 #[tokio::test]
 async fn past_start_replays_then_continues_live_without_gap_or_duplicate() {
     let e = engine(EngineConfig::default());
-    for r in 1..=10 {
-        e.publish(ChangeSet::new(r, vec![put(r, "k", "v", None)]))
-            .unwrap();
-    }
+    publish_puts(&e, 1..=10, "k");
     let mut h = e
         .watch(
             KeySelector::key("k"),
@@ -221,15 +235,8 @@ async fn past_start_replays_then_continues_live_without_gap_or_duplicate() {
         )
         .unwrap();
     assert_eq!(h.created_revision(), 10);
-    for r in 11..=20 {
-        e.publish(ChangeSet::new(r, vec![put(r, "k", "v", None)]))
-            .unwrap();
-    }
-    let got: Vec<Revision> = events_until_progress(&mut h, 20)
-        .await
-        .iter()
-        .map(|x| x.0)
-        .collect();
+    publish_puts(&e, 11..=20, "k");
+    let got: Vec<Revision> = revisions_until_progress(&mut h, 20).await;
     assert_eq!(got, (4..=20).collect::<Vec<_>>());
 }
 
@@ -242,10 +249,7 @@ async fn future_start_waits_for_its_revision() {
             WatchOptions::default().start_revision(3),
         )
         .unwrap();
-    for r in 1..=4 {
-        e.publish(ChangeSet::new(r, vec![put(r, "k", "v", None)]))
-            .unwrap();
-    }
+    publish_puts(&e, 1..=4, "k");
     assert_eq!(next_events(&mut h).await.0, 3);
     assert_eq!(next_events(&mut h).await.0, 4);
 }
@@ -257,10 +261,7 @@ async fn compacted_start_is_refused_with_the_oldest_revision() {
         max_bytes: 1 << 20,
     });
     let e = engine(cfg);
-    for r in 1..=10 {
-        e.publish(ChangeSet::new(r, vec![put(r, "k", "v", None)]))
-            .unwrap();
-    }
+    publish_puts(&e, 1..=10, "k");
     assert_eq!(
         e.watch(
             KeySelector::key("k"),
@@ -295,11 +296,7 @@ async fn slow_watcher_is_caught_up_from_the_window_without_loss() {
         ))
         .unwrap();
     }
-    let got: Vec<Revision> = events_until_progress(&mut slow, 500)
-        .await
-        .iter()
-        .map(|x| x.0)
-        .collect();
+    let got: Vec<Revision> = revisions_until_progress(&mut slow, 500).await;
     assert_eq!(got, (1..=500).collect::<Vec<_>>());
 }
 
@@ -371,11 +368,7 @@ async fn external_history_catches_up_what_the_window_lost() {
         external.append(Arc::new(cs.clone())).unwrap();
         e.publish(cs).unwrap();
     }
-    let got: Vec<Revision> = events_until_progress(&mut slow, 200)
-        .await
-        .iter()
-        .map(|x| x.0)
-        .collect();
+    let got: Vec<Revision> = revisions_until_progress(&mut slow, 200).await;
     assert_eq!(got, (1..=100).map(|r| r * 2).collect::<Vec<_>>());
     // A watcher can also start from revisions only the external history still has.
     assert_eq!(e.first_available(), 1);
@@ -524,11 +517,7 @@ async fn registration_racing_dispatch_has_no_gap() {
     publisher.join().unwrap();
     for mut h in handles {
         let created = h.created_revision();
-        let got: Vec<Revision> = events_until_progress(&mut h, N)
-            .await
-            .iter()
-            .map(|x| x.0)
-            .collect();
+        let got: Vec<Revision> = revisions_until_progress(&mut h, N).await;
         assert_eq!(got, (created + 1..=N).collect::<Vec<_>>());
     }
 }
