@@ -61,7 +61,7 @@ fn append_throughput(c: &mut Criterion) {
                 rt.block_on(async {
                     let mut acks = Vec::with_capacity(batch);
                     for _ in 0..batch {
-                        acks.push(log.submit(change(next)).await.expect("submit"));
+                        acks.push(log.submit(&change(next)).await.expect("submit"));
                         next += 1;
                     }
                     for a in acks {
@@ -127,7 +127,7 @@ fn append_latency(c: &mut Criterion) {
                                 let start = Instant::now();
                                 let ack = {
                                     let mut n = next.lock().await;
-                                    let ack = log.submit(change(*n)).await.expect("submit");
+                                    let ack = log.submit(&change(*n)).await.expect("submit");
                                     *n += 1;
                                     ack
                                 };
@@ -164,7 +164,7 @@ fn fill(dir: &std::path::Path, events: u64) -> EventLog {
     rt.block_on(async {
         let mut acks = Vec::with_capacity(8192);
         for rev in 1..=events {
-            acks.push(log.submit(change(rev)).await.expect("submit"));
+            acks.push(log.submit(&change(rev)).await.expect("submit"));
             if acks.len() == 8192 {
                 for a in acks.drain(..) {
                     a.await.expect("append");

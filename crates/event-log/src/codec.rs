@@ -136,6 +136,20 @@ pub(crate) fn decode_header(bytes: &[u8], expected: Revision) -> Result<Header, 
     })
 }
 
+/// Decodes a record kept outside the log (no key to say its revision), verifying its checksum;
+/// the revision is taken from the record's own header.
+pub fn decode_standalone(bytes: &[u8]) -> Result<ChangeSet, LogError> {
+    let revision = bytes
+        .get(PREFIX_LEN..PREFIX_LEN + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| LogError::Corrupt {
+            revision: None,
+            reason: "record shorter than its header".to_owned(),
+        })?;
+    decode(bytes, revision)
+}
+
 /// Decodes a record stored under revision `expected`, verifying its checksum.
 pub fn decode(bytes: &[u8], expected: Revision) -> Result<ChangeSet, LogError> {
     decode_header(bytes, expected)?;

@@ -150,7 +150,7 @@ impl EventLog {
     /// with the commit's error when its batch failed, and with [`LogError::Poisoned`] after any
     /// failed commit.
     pub async fn append(&self, cs: ChangeSet) -> Result<Revision, LogError> {
-        self.submit(cs).await?.await
+        self.submit(&cs).await?.await
     }
 
     /// Queues `cs`, waiting for queue space, and returns the future of its acknowledgement.
@@ -158,7 +158,7 @@ impl EventLog {
     /// Change sets are committed in the order they are queued, so a caller that allocates
     /// revisions from several tasks holds its own lock across allocation and `submit` (not across
     /// the returned future) to keep revisions increasing.
-    pub async fn submit(&self, cs: ChangeSet) -> Result<AppendAck, LogError> {
+    pub async fn submit(&self, cs: &ChangeSet) -> Result<AppendAck, LogError> {
         self.state.poisoned()?;
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
@@ -169,7 +169,7 @@ impl EventLog {
 
     /// Queues `cs` without waiting: fails with [`LogError::QueueFull`] (nothing queued) when the
     /// queue is full. Await the returned future for durability.
-    pub fn try_append(&self, cs: ChangeSet) -> Result<AppendAck, LogError> {
+    pub fn try_append(&self, cs: &ChangeSet) -> Result<AppendAck, LogError> {
         self.state.poisoned()?;
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
@@ -179,8 +179,8 @@ impl EventLog {
         self.enqueue(cs, permit)
     }
 
-    fn enqueue(&self, cs: ChangeSet, permit: OwnedSemaphorePermit) -> Result<AppendAck, LogError> {
-        let record = codec::encode(&cs, now_ms());
+    fn enqueue(&self, cs: &ChangeSet, permit: OwnedSemaphorePermit) -> Result<AppendAck, LogError> {
+        let record = codec::encode(cs, now_ms());
         let (reply, rx) = oneshot::channel();
         let sender = self.sender.lock();
         sender

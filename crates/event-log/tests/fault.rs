@@ -24,10 +24,10 @@ async fn failed_commit_poisons_and_fails_every_waiter() {
     assert_eq!(log.append(puts(1, &["k"])).await.unwrap(), 1);
 
     let (entered, release) = store.arm(true);
-    let failing = log.try_append(puts(2, &["k"])).unwrap();
+    let failing = log.try_append(&puts(2, &["k"])).unwrap();
     entered.recv().unwrap(); // revision 2 is inside the commit that will fail
     let queued: Vec<_> = (3..=10)
-        .map(|r| log.try_append(puts(r, &["k"])).unwrap())
+        .map(|r| log.try_append(&puts(r, &["k"])).unwrap())
         .collect();
     release.send(()).unwrap();
 
@@ -41,7 +41,7 @@ async fn failed_commit_poisons_and_fails_every_waiter() {
         Err(LogError::Poisoned { .. })
     ));
     assert!(matches!(
-        log.try_append(puts(11, &["k"])),
+        log.try_append(&puts(11, &["k"])),
         Err(LogError::Poisoned { .. })
     ));
     assert!(matches!(

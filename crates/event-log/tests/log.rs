@@ -150,7 +150,7 @@ async fn large_compaction_commits_in_steps() {
     let log = EventLog::open(dir.path(), fast()).unwrap();
     let mut acks = Vec::new();
     for r in 1..=20_000u64 {
-        acks.push(log.submit(puts(r, &["k"])).await.unwrap());
+        acks.push(log.submit(&puts(r, &["k"])).await.unwrap());
     }
     for a in acks {
         a.await.unwrap();
@@ -228,12 +228,12 @@ async fn full_queue_backpressure() {
     };
     let log = EventLog::with_store(store.clone(), config).unwrap();
     let (entered, release) = store.arm(false);
-    let first = log.try_append(puts(1, &["k"])).unwrap();
+    let first = log.try_append(&puts(1, &["k"])).unwrap();
     entered.recv().unwrap(); // the writer holds revision 1 in a commit
-    let second = log.try_append(puts(2, &["k"])).unwrap();
-    let third = log.try_append(puts(3, &["k"])).unwrap();
+    let second = log.try_append(&puts(2, &["k"])).unwrap();
+    let third = log.try_append(&puts(3, &["k"])).unwrap();
     assert!(matches!(
-        log.try_append(puts(4, &["k"])),
+        log.try_append(&puts(4, &["k"])),
         Err(LogError::QueueFull)
     ));
     // `append` cannot get a slot either: it stays pending rather than dropping.
@@ -333,7 +333,7 @@ async fn concurrent_submitters_batch_together() {
             for _ in 0..50 {
                 let ack = {
                     let mut n = next.lock().await;
-                    let ack = log.submit(puts(*n, &["k"])).await.unwrap();
+                    let ack = log.submit(&puts(*n, &["k"])).await.unwrap();
                     *n += 1;
                     ack
                 };

@@ -32,7 +32,7 @@ fn write_log(dir: &Path) {
         for burst in (1..=EVENTS).collect::<Vec<_>>().chunks(37) {
             let mut acks = Vec::new();
             for &r in burst {
-                acks.push(log.submit(change_set(r)).await.unwrap());
+                acks.push(log.submit(&change_set(r)).await.unwrap());
             }
             for a in acks {
                 a.await.unwrap();

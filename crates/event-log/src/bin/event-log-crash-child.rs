@@ -47,7 +47,7 @@ async fn submitter(
     loop {
         let ack = {
             let mut next = next.lock().await;
-            let ack = log.submit(crash_payload::change_set(*next)).await?;
+            let ack = log.submit(&crash_payload::change_set(*next)).await?;
             *next += 1;
             ack
         };
