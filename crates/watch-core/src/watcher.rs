@@ -56,6 +56,30 @@ pub enum CancelReason {
     },
 }
 
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Compacted { compact_revision } => write!(
+                f,
+                "required history has been compacted; resume from revision {compact_revision}"
+            ),
+            Self::HistoryUnavailable {
+                resume_after,
+                message,
+            } => write!(
+                f,
+                "history unavailable ({message}); resume after revision {resume_after}"
+            ),
+            Self::Shutdown { resume_after } => {
+                write!(
+                    f,
+                    "watch engine shut down; resume after revision {resume_after}"
+                )
+            }
+        }
+    }
+}
+
 /// Which events of a change set a watcher receives.
 #[derive(Debug, Clone)]
 pub(crate) enum Picks {

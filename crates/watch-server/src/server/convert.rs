@@ -7,8 +7,9 @@
 
 use tonic::Status;
 use watch_core::Revision;
+use watch_proto::ConvertError;
 use watch_proto::etcdserverpb as pb;
-use watch_proto::status::{EtcdError, from_log_error, from_watch_error};
+use watch_proto::status::{EtcdError, from_convert_error, from_log_error, from_watch_error};
 use watch_proto::to_proto;
 
 use crate::error::StoreError;
@@ -49,11 +50,12 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::LeaseProvided => EtcdError::LeaseProvided.status(),
         StoreError::Watch(w) => from_watch_error(w),
         StoreError::Closed => EtcdError::Stopped.status(),
-        // Fail-stop: Unavailable so clients go elsewhere or retry after a restart.
-        StoreError::Failed { .. } => Status::unavailable(format!("etcdserver: {e}")),
+        // Fail-stop: Unavailable so clients go elsewhere or retry after a restart. keywatch's own
+        // condition, so no "etcdserver:" text that clients might match as an etcd error.
+        StoreError::Failed { .. } => Status::unavailable(e.to_string()),
         StoreError::Log(l) => from_log_error(l),
         StoreError::Inconsistent(_) => EtcdError::Corrupt.status(),
-        StoreError::Snapshot { .. } => Status::unavailable(format!("etcdserver: {e}")),
+        StoreError::Snapshot { .. } => Status::unavailable(e.to_string()),
         // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
         #[allow(unreachable_patterns)]
         _ => Status::internal(e.to_string()),
@@ -156,10 +158,10 @@ fn compare(c: &pb::Compare) -> Result<Compare, Status> {
         Ok(R::Less) => CompareOp::Less,
         Ok(R::NotEqual) => CompareOp::NotEqual,
         Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown compare result {}",
-                c.result
-            )));
+            return Err(from_convert_error(&ConvertError::UnknownEnumValue {
+                field: "result",
+                value: c.result,
+            }));
         }
     };
     // etcd reads the operand only from the union member matching the target; any other
@@ -184,10 +186,10 @@ fn compare(c: &pb::Compare) -> Result<Compare, Status> {
         }),
         Ok(T::Lease) => CompareTarget::Lease(if let Some(U::Lease(v)) = u { *v } else { 0 }),
         Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown compare target {}",
-                c.target
-            )));
+            return Err(from_convert_error(&ConvertError::UnknownEnumValue {
+                field: "target",
+                value: c.target,
+            }));
         }
     };
     Ok(Compare {
@@ -204,7 +206,8 @@ fn request_op(op: &pb::RequestOp) -> Result<TxnOp, Status> {
         Some(Request::RequestPut(r)) => Ok(put_op(r)),
         Some(Request::RequestDeleteRange(r)) => Ok(delete_op(r)),
         Some(Request::RequestTxn(t)) => Ok(TxnOp::Txn(txn_request(t)?)),
-        None => Err(Status::invalid_argument("txn request op is not set")),
+        // etcd answers an op with no request with its key-not-found error.
+        None => Err(EtcdError::KeyNotFound.status()),
     }
 }
 

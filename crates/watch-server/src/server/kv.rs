@@ -6,7 +6,7 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 use super::convert::{self, store_status};
-use crate::store::{Store, TxnOpResult, TxnRequest};
+use crate::store::{Store, TxnOpResult};
 
 /// etcd's `KV` service over a [`Store`].
 #[derive(Debug, Clone)]
@@ -31,30 +31,6 @@ impl KvService {
         }
         Ok(())
     }
-
-    async fn single(&self, op: crate::store::TxnOp) -> Result<TxnOpResult, Status> {
-        let t = self
-            .store
-            .txn(TxnRequest {
-                success: vec![op],
-                ..TxnRequest::default()
-            })
-            .await
-            .map_err(|e| store_status(&e))?;
-        let revision = t.revision;
-        let mut r = t
-            .responses
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::internal("a single-op txn returned no result"))?;
-        match &mut r {
-            TxnOpResult::Put(p) => p.revision = revision,
-            TxnOpResult::Delete(d) => d.revision = revision,
-            TxnOpResult::Range(x) => x.revision = revision,
-            TxnOpResult::Txn(x) => x.revision = revision,
-        }
-        Ok(r)
-    }
 }
 
 #[tonic::async_trait]
@@ -76,7 +52,12 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         let r = request.into_inner();
         self.check_size(&r)?;
-        match self.single(convert::put_op(&r)).await? {
+        match self
+            .store
+            .single(convert::put_op(&r))
+            .await
+            .map_err(|e| store_status(&e))?
+        {
             TxnOpResult::Put(p) => Ok(Response::new(convert::put_response(p))),
             _ => Err(Status::internal("a put returned another result kind")),
         }
@@ -88,7 +69,12 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let r = request.into_inner();
         self.check_size(&r)?;
-        match self.single(convert::delete_op(&r)).await? {
+        match self
+            .store
+            .single(convert::delete_op(&r))
+            .await
+            .map_err(|e| store_status(&e))?
+        {
             TxnOpResult::Delete(d) => Ok(Response::new(convert::delete_response(d))),
             _ => Err(Status::internal("a delete returned another result kind")),
         }

@@ -235,6 +235,11 @@ impl WatchStream {
 
     async fn create(&mut self, c: from_proto::WatchCreate) -> Result<(), Gone> {
         let id = if c.watch_id != 0 {
+            // -1 marks stream-wide replies (progress, refused creates); a client-chosen
+            // negative id would be indistinguishable from them.
+            if c.watch_id < 0 {
+                return self.refuse("keywatch: watch_id must not be negative").await;
+            }
             if self.meta.contains_key(&c.watch_id) {
                 return self.refuse(EtcdError::DuplicateWatchId.message()).await;
             }
@@ -386,12 +391,7 @@ impl WatchStream {
                 // etcd reads prev_kv at `revision - 1`, which is gone when that is below the
                 // compaction revision: then it sends no prev_kv (the log still has it).
                 let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
-                let resp = pb::WatchResponse {
-                    header: Some(header(batch.revision())),
-                    watch_id: id,
-                    events: to_proto::batch_events(&batch, prev_kv),
-                    ..Default::default()
-                };
+                let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
                 if meta.fragment {
                     self.send_fragments(resp).await
                 } else {
@@ -438,7 +438,7 @@ impl WatchStream {
                     CancelReason::Shutdown { .. } => {
                         resp.cancel_reason = EtcdError::Stopped.message().to_owned();
                     }
-                    other => resp.cancel_reason = format!("keywatch: {other:?}"),
+                    other => resp.cancel_reason = format!("keywatch: {other}"),
                 }
                 self.send(resp).await?;
                 self.progress_done(id).await

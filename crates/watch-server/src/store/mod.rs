@@ -56,8 +56,8 @@ pub enum Durability {
     /// fsync every group commit before acknowledging its writes (the default).
     #[default]
     Fsync,
-    /// No fsync: writes survive a process crash but may be lost on power loss or an OS crash.
-    /// For tests and benchmarks.
+    /// No fsync: acknowledged writes may be lost on kill -9, an OS crash or power loss (redb
+    /// persists a non-durable commit only with the next durable one). For tests and benchmarks.
     NoSync,
 }
 
@@ -425,7 +425,7 @@ impl Store {
 
     /// Runs one write op as a txn without compares and returns its result, with the revision
     /// of the write (or the current one when it wrote nothing).
-    async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
+    pub(crate) async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
         let result = self
             .txn(TxnRequest {
                 compare: Vec::new(),
@@ -591,7 +591,7 @@ impl Store {
         };
         let revision = cs.revision;
         let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
-        let ack = self.inner.log.submit(cs.clone()).await.map_err(log_err)?;
+        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
         // No await from here to `send`: the change set is queued, it must reach the publisher.
         self.inner.state.write().apply(&cs);
         permit.send((cs, ack));
@@ -603,7 +603,7 @@ impl Store {
     /// Compacts history: afterwards reads and watches below `revision` fail with
     /// [`StoreError::Compacted`]. Fails with `Compacted` when `revision` is at or below the
     /// previous compaction and with [`StoreError::FutureRevision`] above the current revision.
-    /// Returns the current revision once the compaction is persisted.
+    /// Returns the store revision the compaction was judged against (durable) once it is persisted.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
         let _c = self.inner.compact_lock.lock().await;
         self.check_open()?;
@@ -645,7 +645,8 @@ impl Store {
             self.inner.log.compact(revision).await.map_err(log_err)?;
         }
         self.inner.compacted.fetch_max(revision, Ordering::AcqRel);
-        Ok(self.current_revision())
+        // `current` is durable (waited for above); the live revision may not be yet.
+        Ok(current)
     }
 
     /// Registers a watch (see watch-core's [`WatchEngine::watch`]). A `start_revision` below

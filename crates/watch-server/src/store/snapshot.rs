@@ -35,9 +35,7 @@ pub(crate) fn load(dir: &Path) -> Result<Option<(Revision, Vec<KeyValue>)>, Stor
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(&path, e)),
     };
-    // The codec checks the revision it is told to expect; read it from the header first.
-    let revision = header_revision(&bytes).ok_or_else(|| err(&path, "truncated header"))?;
-    let cs = event_log::codec::decode(&bytes, revision).map_err(|e| err(&path, e))?;
+    let cs = event_log::codec::decode_standalone(&bytes).map_err(|e| err(&path, e))?;
     let mut kvs = Vec::with_capacity(cs.events.len());
     for e in cs.events {
         if e.kind != EventKind::Put {
@@ -46,12 +44,6 @@ pub(crate) fn load(dir: &Path) -> Result<Option<(Revision, Vec<KeyValue>)>, Stor
         kvs.push(e.kv);
     }
     Ok(Some((cs.revision, kvs)))
-}
-
-/// The revision field of an encoded record: after the version byte and the CRC.
-fn header_revision(bytes: &[u8]) -> Option<Revision> {
-    let raw: [u8; 8] = bytes.get(5..13)?.try_into().ok()?;
-    Some(u64::from_le_bytes(raw))
 }
 
 /// Writes the state at `revision` as the snapshot of `dir`, atomically.

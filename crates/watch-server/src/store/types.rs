@@ -75,11 +75,13 @@ impl KeyRange {
         (self.key < self.range_end).then(|| (self.key.clone(), Some(self.range_end.clone())))
     }
 
-    /// True if `key` is in the range.
+    /// True if `key` is in the range. Allocation-free: it runs per event during history rewinds.
     pub fn contains(&self, key: &[u8]) -> bool {
-        match self.interval() {
-            None => false,
-            Some((start, end)) => start.as_ref() <= key && end.is_none_or(|e| key < e.as_ref()),
+        let (start, end) = (self.key.as_ref(), self.range_end.as_ref());
+        match end {
+            b"" => start == key,
+            b"\0" => start <= key,
+            _ => start <= key && key < end,
         }
     }
 
@@ -92,15 +94,10 @@ impl KeyRange {
         ))
     }
 
-    /// The same keys as a watch-core selector, for history queries; `None` when empty.
+    /// The same keys as a watch-core selector, for history queries; `None` when the range
+    /// selects nothing.
     pub(crate) fn selector(&self) -> Option<KeySelector> {
-        let (start, end) = self.interval()?;
-        Some(match end {
-            _ if self.range_end.is_empty() => KeySelector::Key(start),
-            None if start.is_empty() => KeySelector::All,
-            None => KeySelector::FromKey(start),
-            Some(end) => KeySelector::Range { start, end },
-        })
+        KeySelector::from_etcd_range(&self.key, &self.range_end).ok()
     }
 }
 
