@@ -21,13 +21,15 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("check-core-deps") => check_core_deps(),
+        Some("robustness") => robustness(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  ci               fmt check, clippy -D warnings, tests, doc tests, bench build, dependency boundaries\n  \
                  bench [args]     run the criterion benches (args go to `cargo bench`)\n  \
-                 check-core-deps  fail if watch-core depends on prost or tonic"
+                 check-core-deps  fail if watch-core depends on prost or tonic\n  \
+                 robustness [--duration S] [--seed N]...  randomized kill/stall/compaction runs, validated"
             );
             bail!("unknown or missing command")
         }
@@ -107,6 +109,8 @@ fn ci() -> Result<()> {
     cargo(&["test", "--workspace", "--doc", "--locked"])?;
     // The benches must keep compiling; the dev profile reuses the test build's artifacts.
     cargo(&["build", "--workspace", "--benches", "--locked"])?;
+    // Seeds 1 and 2 plus one random seed (printed), about 45 s; outcome-only assertions.
+    robustness(&[])?;
     eprintln!("xtask: ci passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -117,6 +121,28 @@ fn bench(extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
+    cargo(&args)
+}
+
+/// Builds the watch-server binary and runs the robustness runner against it. `--duration S`
+/// (seconds per seed) and `--seed N` (repeatable) go to `keywatch-robustness random`; any other
+/// first word is a runner subcommand (e.g. `stalled --stalled 1000 --writes 100000`).
+fn robustness(extra: &[String]) -> Result<()> {
+    cargo(&["build", "-p", "watch-server"])?;
+    let server = root().join("target/debug/watch-server");
+    let server = server.to_string_lossy();
+    let mut args = vec![
+        "run",
+        "-p",
+        "keywatch-robustness",
+        "--",
+        "--server-bin",
+        &server,
+    ];
+    if extra.first().is_none_or(|a| a.starts_with("--")) {
+        args.push("random");
+    }
+    args.extend(extra.iter().map(String::as_str));
     cargo(&args)
 }
 

@@ -1,0 +1,15 @@
+//! `watch-server`'s main (without the log subscriber and signal handling) over the same
+//! library, so the tests of this package can spawn a real server process and kill it.
+
+use clap::Parser;
+use watch_server::config::{Cli, ServerConfig};
+use watch_server::server::Server;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = ServerConfig::from_cli(Cli::parse())?;
+    let server = Server::start(config).await?;
+    println!("watch-server listening on {}", server.local_addr());
+    server.run(std::future::pending()).await?;
+    Ok(())
+}
