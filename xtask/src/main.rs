@@ -27,7 +27,9 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  ci               fmt check, clippy -D warnings, tests, doc tests, bench build, dependency boundaries\n  \
-                 bench [args]     run the criterion benches (args go to `cargo bench`)\n  \
+                 bench [args]     criterion benches (args go to `cargo bench`), then loadgen vs etcd\n  \
+                 bench --quick    loadgen only, every scenario tiny, docs untouched\n  \
+                 bench --loadgen  loadgen only, default sizes (rewrites its docs/benchmarks.md section)\n  \
                  check-core-deps  fail if watch-core depends on prost or tonic\n  \
                  robustness [--duration S] [--seed N]...  randomized kill/stall/compaction runs, validated"
             );
@@ -109,6 +111,16 @@ fn ci() -> Result<()> {
     cargo(&["test", "--workspace", "--doc", "--locked"])?;
     // The benches must keep compiling; the dev profile reuses the test build's artifacts.
     cargo(&["build", "--workspace", "--benches", "--locked"])?;
+    // The end-to-end load generator, every scenario tiny, debug build, docs untouched.
+    cargo(&[
+        "build",
+        "-p",
+        "watch-server",
+        "-p",
+        "keywatch-loadgen",
+        "--locked",
+    ])?;
+    loadgen("debug", &["--quick", "--no-write", "--no-progress"])?;
     // Seeds 1 and 2 plus one random seed (printed), about 45 s; outcome-only assertions.
     robustness(&[])?;
     eprintln!("xtask: ci passed in {:.0?}", started.elapsed());
@@ -116,12 +128,58 @@ fn ci() -> Result<()> {
 }
 
 fn bench(extra: &[String]) -> Result<()> {
-    let mut args = vec!["bench", "-p", "keywatch-benches"];
-    if !extra.is_empty() {
-        args.push("--");
-        args.extend(extra.iter().map(String::as_str));
+    let quick = extra.iter().any(|a| a == "--quick");
+    let loadgen_only = quick || extra.iter().any(|a| a == "--loadgen");
+    let extra: Vec<&str> = extra
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !matches!(*a, "--quick" | "--loadgen"))
+        .collect();
+    if !loadgen_only {
+        let mut args = vec!["bench", "-p", "keywatch-benches"];
+        if !extra.is_empty() {
+            args.push("--");
+            args.extend(extra);
+        }
+        cargo(&args)?;
     }
-    cargo(&args)
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "watch-server",
+        "-p",
+        "keywatch-loadgen",
+    ])?;
+    if quick {
+        loadgen("release", &["--quick", "--no-write"])
+    } else {
+        loadgen("release", &[])
+    }
+}
+
+/// Runs the load generator of `profile` against that profile's `watch-server`, from the
+/// workspace root (it writes `docs/benchmarks.md` and `docs/bench/` unless `--no-write`).
+/// With `--no-write` its charts and JSON go under `target/loadgen/` so they are still drawn.
+fn loadgen(profile: &str, args: &[&str]) -> Result<()> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let dir = target.join(profile);
+    let mut cmd = Command::new(dir.join("keywatch-loadgen"));
+    cmd.arg("--server-bin")
+        .arg(dir.join("watch-server"))
+        .args(args)
+        .current_dir(root());
+    if args.contains(&"--no-write") {
+        cmd.arg("--out-dir").arg(target.join("loadgen"));
+    }
+    eprintln!("xtask: keywatch-loadgen {}", args.join(" "));
+    let status = cmd.status().context("running keywatch-loadgen")?;
+    if !status.success() {
+        bail!("keywatch-loadgen failed with {status}");
+    }
+    Ok(())
 }
 
 /// Builds the watch-server binary and runs the robustness runner against it. `--duration S`
