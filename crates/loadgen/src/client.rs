@@ -211,6 +211,8 @@ pub struct Outcome {
     pub latency: Histogram<u64>,
     /// When the last event arrived.
     pub last_event: Option<Instant>,
+    /// Responses that carried events (how the server batches: events / this).
+    pub responses: u64,
     /// Anything that went wrong.
     pub errors: Vec<String>,
 }
@@ -229,6 +231,7 @@ pub async fn watch_stream(
         seen: vec![Seen::default(); specs.len()],
         latency: histogram(),
         last_event: None,
+        responses: 0,
         errors: Vec::new(),
     };
     let (tx, rx) = mpsc::unbounded_channel();
@@ -311,6 +314,7 @@ pub async fn watch_stream(
             }
         }
         out.last_event = Some(Instant::now());
+        out.responses += 1;
         counters.add_events(resp.events.len() as u64);
     }
     drop(tx);
@@ -507,6 +511,7 @@ impl Streams {
                     seen: Vec::new(),
                     latency: histogram(),
                     last_event: None,
+                    responses: 0,
                     errors: vec![format!("stream task: {e}")],
                 }),
             }

@@ -211,6 +211,14 @@ impl Collected {
         expected: impl Fn(usize, usize) -> Digest,
     ) -> Option<Instant> {
         let mut last = None;
+        let responses: u64 = outcomes.iter().map(|o| o.responses).sum();
+        let events: u64 = outcomes
+            .iter()
+            .flat_map(|o| o.seen.iter().map(|s| s.count()))
+            .sum();
+        if responses > 0 {
+            self.metric("events_per_response", events as f64 / responses as f64);
+        }
         for (g, o) in outcomes.into_iter().enumerate() {
             for (i, seen) in o.seen.iter().enumerate() {
                 self.verdict.watcher(seen, &expected(g, i));
