@@ -215,7 +215,8 @@ pub async fn run_all(bins: &Binaries, sizes: &Sizes, progress: bool) -> Vec<RunR
                     report::headline(&r),
                     r.verdict.summary()
                 );
-                if progress {
+                // A bar drawn nowhere (not a terminal) would swallow the line.
+                if !bar.is_hidden() {
                     bar.println(line);
                 } else {
                     eprintln!("{line}");
