@@ -780,7 +780,7 @@ impl Dispatcher {
                     full = true;
                     break;
                 }
-                st.push(w.batch(cs.clone(), picks));
+                st.push(w.batch(cs.clone(), picks, true));
                 st.had_events = true;
             }
             st.seen = cs.revision;
@@ -857,7 +857,7 @@ fn offer(w: &Watcher, cs: &Arc<ChangeSet>, picks: Picks, prev: Revision) {
         st.mode = Mode::Lagging { signaled: false };
         return;
     }
-    st.push(w.batch(cs.clone(), picks));
+    st.push(w.batch(cs.clone(), picks, false));
     st.seen = cs.revision;
     st.had_events = true;
 }

@@ -94,6 +94,7 @@ pub struct EventBatch {
     changes: Arc<ChangeSet>,
     picks: Picks,
     prev_kv: bool,
+    catch_up: bool,
 }
 
 /// One delivered event, borrowed from the shared change set.
@@ -120,6 +121,22 @@ impl WatchEvent<'_> {
 }
 
 impl EventBatch {
+    /// True when the batch was replayed from history to catch the watcher up (a past start
+    /// revision, or a queue that had filled), false when it was delivered live. A consumer may
+    /// merge consecutive catch-up batches into one message, as etcd does for unsynced watchers,
+    /// while live revisions keep one message each.
+    pub fn is_catch_up(&self) -> bool {
+        self.catch_up
+    }
+
+    /// Approximate payload bytes this batch delivers (keys and values, with prev_kv only when
+    /// the watcher asked for it).
+    pub fn payload_len(&self) -> usize {
+        self.events()
+            .map(|e| e.kv.payload_len() + e.prev_kv.map_or(0, KeyValue::payload_len))
+            .sum()
+    }
+
     /// The revision of every event in the batch.
     pub fn revision(&self) -> Revision {
         self.changes.revision
@@ -362,8 +379,14 @@ impl Watcher {
         }
     }
 
-    pub(crate) fn batch(&self, changes: Arc<ChangeSet>, picks: Picks) -> WatchMessage {
+    pub(crate) fn batch(
+        &self,
+        changes: Arc<ChangeSet>,
+        picks: Picks,
+        catch_up: bool,
+    ) -> WatchMessage {
         WatchMessage::Events(EventBatch {
+            catch_up,
             changes,
             picks,
             prev_kv: self.wants_prev_kv(),

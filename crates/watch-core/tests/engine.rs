@@ -521,3 +521,34 @@ async fn registration_racing_dispatch_has_no_gap() {
         assert_eq!(got, (created + 1..=N).collect::<Vec<_>>());
     }
 }
+
+#[tokio::test]
+async fn replayed_batches_are_marked_catch_up_and_live_ones_are_not() {
+    let e = engine(EngineConfig::default());
+    publish_puts(&e, 1..=3, "k");
+    let mut h = e
+        .watch(
+            KeySelector::key("k"),
+            WatchOptions::default().start_revision(2),
+        )
+        .unwrap();
+    publish_puts(&e, 4..=4, "k");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        if let Some(WatchMessage::Events(b)) = h.recv().await {
+            seen.push((b.revision(), b.is_catch_up()));
+        }
+    }
+    // 2 and 3 come from history. 4 is live unless the dispatcher walked it before the
+    // catch-up ran, in which case history delivered it too: either way never live-then-replayed.
+    assert_eq!(&seen[..2], &[(2, true), (3, true)]);
+    assert_eq!(seen[2].0, 4);
+    let mut live = e
+        .watch(KeySelector::key("k"), WatchOptions::default())
+        .unwrap();
+    publish_puts(&e, 5..=5, "k");
+    let Some(WatchMessage::Events(b)) = live.recv().await else {
+        panic!()
+    };
+    assert_eq!((b.revision(), b.is_catch_up()), (5, false));
+}

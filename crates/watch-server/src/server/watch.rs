@@ -10,6 +10,11 @@
 //!   orders after that watcher's events; the stream's single `watch_id = -1` reply is sent once
 //!   every watcher answered, so it follows every event it covers.
 //!
+//! A watcher catching up from history (a past start revision, or a queue that filled) gets its
+//! consecutive catch-up revisions merged into one response, up to 1000 revisions or
+//! `max_request_bytes` of payload, as etcd batches its unsynced watchers; live revisions keep
+//! one response each, as etcd's synced watchers do.
+//!
 //! Memory is bounded: the outbound channel holds [`OUTBOUND_DEPTH`] responses, and each
 //! watcher's engine queue holds `watch_buffer` batches. When the client stops reading, sends
 //! block, the queues fill, and the engine stops pushing and later catches the watchers up from
@@ -25,7 +30,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use watch_core::{CancelReason, Revision, WatchHandle, WatchMessage};
+use watch_core::{CancelReason, EventBatch, Revision, WatchHandle, WatchMessage};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::from_proto::{self, WatchCommand};
 use watch_proto::status::{EtcdError, from_convert_error};
@@ -100,33 +105,79 @@ impl pb::watch_server::Watch for WatchService {
     }
 }
 
+/// Most revisions merged into one response, etcd's `watchBatchMaxRevs`.
+const MAX_MERGED_REVISIONS: usize = 1000;
+
+/// What a [`Slot`] yields: one engine message, or consecutive catch-up batches merged into one
+/// response (etcd sends an unsynced watcher's backlog in multi-revision responses; live
+/// revisions keep one response each, as etcd's synced watchers do).
+enum Delivery {
+    Message(WatchMessage),
+    CatchUp(Vec<EventBatch>),
+}
+
 /// One watch in the stream's [`SelectAll`]. `handle` is taken to cancel the watch; the saved
 /// waker then lets `SelectAll` poll the slot once more so it drops out of the set.
 struct Slot {
     id: i64,
     handle: Option<WatchHandle>,
     waker: Option<Waker>,
+    /// A message read while merging that did not belong in the merge; yielded next.
+    held: Option<WatchMessage>,
+    /// Payload bytes a merged response may reach (one batch alone may exceed it).
+    merge_bytes: usize,
 }
 
 impl futures_core::Stream for Slot {
-    type Item = (i64, WatchMessage);
+    type Item = (i64, Delivery);
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         let Some(handle) = this.handle.as_mut() else {
+            this.held = None;
             return Poll::Ready(None);
         };
-        match handle.poll_recv(cx) {
-            Poll::Ready(Some(m)) => Poll::Ready(Some((this.id, m))),
-            Poll::Ready(None) => {
-                this.handle = None;
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                this.waker = Some(cx.waker().clone());
-                Poll::Pending
+        let first = match this.held.take() {
+            Some(m) => m,
+            None => match handle.poll_recv(cx) {
+                Poll::Ready(Some(m)) => m,
+                Poll::Ready(None) => {
+                    this.handle = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    this.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            },
+        };
+        let WatchMessage::Events(batch) = first else {
+            return Poll::Ready(Some((this.id, Delivery::Message(first))));
+        };
+        if !batch.is_catch_up() {
+            return Poll::Ready(Some((
+                this.id,
+                Delivery::Message(WatchMessage::Events(batch)),
+            )));
+        }
+        let mut bytes = batch.payload_len();
+        let mut merged = vec![batch];
+        while merged.len() < MAX_MERGED_REVISIONS {
+            match handle.try_recv() {
+                Some(WatchMessage::Events(next))
+                    if next.is_catch_up() && bytes + next.payload_len() <= this.merge_bytes =>
+                {
+                    bytes += next.payload_len();
+                    merged.push(next);
+                }
+                Some(other) => {
+                    this.held = Some(other);
+                    break;
+                }
+                None => break,
             }
         }
+        Poll::Ready(Some((this.id, Delivery::CatchUp(merged))))
     }
 }
 
@@ -183,8 +234,11 @@ impl WatchStream {
                         Ok(())
                     }
                 },
-                Some((id, msg)) = self.watches.next(), if !self.watches.is_empty() => {
-                    self.on_message(id, msg).await
+                Some((id, delivery)) = self.watches.next(), if !self.watches.is_empty() => {
+                    match delivery {
+                        Delivery::Message(msg) => self.on_message(id, msg).await,
+                        Delivery::CatchUp(batches) => self.on_catch_up(id, &batches).await,
+                    }
                 }
                 _ = self.out.closed() => break,
                 _ = async { drop(shutdown.wait_for(|s| *s).await) } => break,
@@ -280,6 +334,8 @@ impl WatchStream {
                     id,
                     handle: Some(handle),
                     waker: None,
+                    held: None,
+                    merge_bytes: self.settings.max_request_bytes,
                 });
                 Ok(())
             }
@@ -379,6 +435,30 @@ impl WatchStream {
             ..Default::default()
         })
         .await
+    }
+
+    /// Sends consecutive catch-up batches of one watch as one response (fragmented when the
+    /// watch allows it), each event with prev_kv only where etcd would have it.
+    async fn on_catch_up(&mut self, id: i64, batches: &[EventBatch]) -> Result<(), Gone> {
+        let (Some(meta), Some(last)) = (self.meta.get(&id).copied(), batches.last()) else {
+            return Ok(());
+        };
+        let compacted = self.store.compacted_revision();
+        let events = batches
+            .iter()
+            .flat_map(|b| to_proto::batch_events(b, meta.prev_kv && b.revision() > compacted))
+            .collect();
+        let resp = pb::WatchResponse {
+            header: Some(header(last.revision())),
+            watch_id: id,
+            events,
+            ..Default::default()
+        };
+        if meta.fragment {
+            self.send_fragments(resp).await
+        } else {
+            self.send(resp).await
+        }
     }
 
     async fn on_message(&mut self, id: i64, msg: WatchMessage) -> Result<(), Gone> {
