@@ -78,6 +78,9 @@ pub struct LogConfig {
     /// stray write) can make a read silently skip records, which the torn-tail test observed.
     /// Costs a read of the whole file per open.
     pub verify_on_open: bool,
+    /// Bound of the storage engine's in-memory page cache (see
+    /// [`crate::RedbOptions::cache_bytes`]); 64 MiB by default.
+    pub cache_bytes: usize,
 }
 
 impl Default for LogConfig {
@@ -91,6 +94,7 @@ impl Default for LogConfig {
             retention: RetentionPolicy::UNBOUNDED,
             quick_repair: false,
             verify_on_open: true,
+            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }

@@ -74,5 +74,5 @@ mod store;
 pub use config::{Durability, LogConfig, RetentionPolicy};
 pub use error::LogError;
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
-pub use store::{LogStore, RedbOptions, RedbStore};
+pub use store::{DEFAULT_CACHE_BYTES, LogStore, RedbOptions, RedbStore};
 pub use watch_core::{ChangeSet, KeySelector, Revision};

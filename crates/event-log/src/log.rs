@@ -108,6 +108,7 @@ impl EventLog {
                 durability: config.durability,
                 quick_repair: config.quick_repair,
                 verify_on_open: config.verify_on_open,
+                cache_bytes: config.cache_bytes,
             },
         )?;
         Self::with_store(Arc::new(store), config)

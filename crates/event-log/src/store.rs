@@ -95,6 +95,9 @@ pub struct RedbOptions {
     /// Verify every page checksum when opening (reads the whole file). A file altered outside
     /// redb then fails to open with [`LogError::Corrupt`] instead of being trusted.
     pub verify_on_open: bool,
+    /// Most bytes redb may cache in memory (its page cache). redb's own default is 1 GiB,
+    /// which lets a long-running server's memory grow far past what it needs.
+    pub cache_bytes: usize,
 }
 
 impl Default for RedbOptions {
@@ -103,9 +106,13 @@ impl Default for RedbOptions {
             durability: Durability::Immediate,
             quick_repair: false,
             verify_on_open: true,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
+
+/// Default bound of redb's page cache (see [`RedbOptions::cache_bytes`]).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// The default [`LogStore`]: one redb file with the tables `changes`, `key_index` and `meta`.
 #[derive(Debug, Clone)]
@@ -136,6 +143,7 @@ impl RedbStore {
     ) -> Result<Self, LogError> {
         let mut builder = redb::Database::builder();
         builder.set_check_integrity_on_open(options.verify_on_open);
+        builder.set_cache_size(options.cache_bytes);
         // redb may panic instead of returning an error on a file altered outside it (its own
         // docs say so for unverified opens); report that as corruption rather than unwinding
         // through the caller.
