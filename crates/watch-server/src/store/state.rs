@@ -338,10 +338,19 @@ impl<'a> Exec<'a> {
                 if (options.ignore_value || options.ignore_lease) && prev.is_none() {
                     return Err(StoreError::KeyNotFound);
                 }
+                // Stored bytes are private, exact-size copies: a request's `Bytes` may be a
+                // slice of a whole received gRPC buffer, which the state, the in-memory window
+                // and every watcher's batch would otherwise keep alive (measured: ~5 KiB of RSS
+                // per small put). An existing key's stored bytes are reused as they are.
                 let value = match (&prev, options.ignore_value) {
                     (Some(p), true) => p.value.clone(),
-                    _ => value.clone(),
+                    _ => bytes::Bytes::copy_from_slice(value),
                 };
+                let key = match &prev {
+                    Some(p) => p.key.clone(),
+                    None => bytes::Bytes::copy_from_slice(key),
+                };
+                let key = &key;
                 let lease = match (&prev, options.ignore_lease) {
                     (Some(p), true) => p.lease,
                     _ => options.lease,
