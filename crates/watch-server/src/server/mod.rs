@@ -10,7 +10,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use watch_proto::etcdserverpb as pb;
 
 use crate::config::ServerConfig;
@@ -146,7 +145,13 @@ impl Server {
             .add_service(cluster)
             .add_service(lease)
             .add_service(auth)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+            // Our own listener (bound early to report the port), so tonic's builder-level
+            // nodelay does not apply: set it here. Without it small watch responses wait for
+            // the peer's delayed ACK (~40 ms), which showed as a 40 ms p99 in the benches.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop,
+            )
             .await;
         let failure = store.failure();
         let closed = store.close().await;
