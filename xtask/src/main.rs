@@ -158,13 +158,18 @@ fn bench(extra: &[String]) -> Result<()> {
     }
 }
 
+/// Where cargo puts build output: `CARGO_TARGET_DIR` when set, else `<workspace>/target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// Runs the load generator of `profile` against that profile's `watch-server`, from the
 /// workspace root (it writes `docs/benchmarks.md` and `docs/bench/` unless `--no-write`).
 /// With `--no-write` its charts and JSON go under `target/loadgen/` so they are still drawn.
 fn loadgen(profile: &str, args: &[&str]) -> Result<()> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let dir = target.join(profile);
     let mut cmd = Command::new(dir.join("keywatch-loadgen"));
     cmd.arg("--server-bin")
@@ -187,7 +192,7 @@ fn loadgen(profile: &str, args: &[&str]) -> Result<()> {
 /// first word is a runner subcommand (e.g. `stalled --stalled 1000 --writes 100000`).
 fn robustness(extra: &[String]) -> Result<()> {
     cargo(&["build", "-p", "watch-server"])?;
-    let server = root().join("target/debug/watch-server");
+    let server = target_dir().join("debug/watch-server");
     let server = server.to_string_lossy();
     let mut args = vec![
         "run",
