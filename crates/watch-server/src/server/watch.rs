@@ -122,10 +122,11 @@ struct Slot {
     id: i64,
     handle: Option<WatchHandle>,
     waker: Option<Waker>,
-    /// A message read while merging that did not belong in the merge; yielded next.
-    held: Option<WatchMessage>,
+    /// A message read while merging that did not belong in the merge; yielded next. Boxed:
+    /// rarely set, and a slot exists per watcher.
+    held: Option<Box<WatchMessage>>,
     /// Payload bytes a merged response may reach (one batch alone may exceed it).
-    merge_bytes: usize,
+    merge_bytes: u32,
 }
 
 impl futures_core::Stream for Slot {
@@ -138,7 +139,7 @@ impl futures_core::Stream for Slot {
             return Poll::Ready(None);
         };
         let first = match this.held.take() {
-            Some(m) => m,
+            Some(m) => *m,
             None => match handle.poll_recv(cx) {
                 Poll::Ready(Some(m)) => m,
                 Poll::Ready(None) => {
@@ -165,13 +166,14 @@ impl futures_core::Stream for Slot {
         while merged.len() < MAX_MERGED_REVISIONS {
             match handle.try_recv() {
                 Some(WatchMessage::Events(next))
-                    if next.is_catch_up() && bytes + next.payload_len() <= this.merge_bytes =>
+                    if next.is_catch_up()
+                        && bytes + next.payload_len() <= this.merge_bytes as usize =>
                 {
                     bytes += next.payload_len();
                     merged.push(next);
                 }
                 Some(other) => {
-                    this.held = Some(other);
+                    this.held = Some(Box::new(other));
                     break;
                 }
                 None => break,
@@ -335,7 +337,7 @@ impl WatchStream {
                     handle: Some(handle),
                     waker: None,
                     held: None,
-                    merge_bytes: self.settings.max_request_bytes,
+                    merge_bytes: u32::try_from(self.settings.max_request_bytes).unwrap_or(u32::MAX),
                 });
                 Ok(())
             }
