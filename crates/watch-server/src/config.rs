@@ -95,6 +95,10 @@ pub struct Cli {
     /// Revisions queued per watcher before it is caught up from the log (default 64).
     #[arg(long, env = "KEYWATCH_WATCH_BUFFER")]
     pub watch_buffer: Option<u32>,
+    /// Most leases alive at once; a grant beyond it fails with RESOURCE_EXHAUSTED
+    /// (default 1000000).
+    #[arg(long, env = "KEYWATCH_MAX_LEASES")]
+    pub max_leases: Option<usize>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -115,6 +119,7 @@ pub struct FileConfig {
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
     pub log_filter: Option<String>,
+    pub max_leases: Option<usize>,
 }
 
 /// The resolved server configuration.
@@ -141,6 +146,8 @@ pub struct ServerConfig {
     pub watch_buffer: u32,
     /// Log filter (used by the binary only).
     pub log_filter: String,
+    /// Most leases alive at once.
+    pub max_leases: usize,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +163,7 @@ impl Default for ServerConfig {
             max_txn_ops: 128,
             watch_buffer: 64,
             log_filter: "info".to_owned(),
+            max_leases: 1_000_000,
         }
     }
 }
@@ -242,6 +250,7 @@ impl ServerConfig {
                 .or(file.watch_buffer)
                 .unwrap_or(d.watch_buffer),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
+            max_leases: cli.max_leases.or(file.max_leases).unwrap_or(d.max_leases),
         };
         let positive = |field: &'static str, v: usize| {
             if v == 0 {
@@ -258,6 +267,7 @@ impl ServerConfig {
         positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
+        positive("max_leases", c.max_leases)?;
         Ok(c)
     }
 
@@ -268,6 +278,7 @@ impl ServerConfig {
             .max_txn_ops(self.max_txn_ops)
             .max_watchers(self.max_watchers)
             .progress_interval(self.progress_interval)
+            .max_leases(self.max_leases)
     }
 }
 
@@ -292,6 +303,15 @@ mod tests {
         assert_eq!(c.durability, Durability::NoSync);
         assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.max_leases, 1_000_000);
+        let file: FileConfig = toml::from_str("max_leases = 5").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file).unwrap();
+        assert_eq!(c.store_config().max_leases, 5);
+        let cli = Cli {
+            max_leases: Some(0),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::Compacted { .. } => EtcdError::Compacted.status(),
         StoreError::FutureRevision { .. } => EtcdError::FutureRevision.status(),
         StoreError::LeaseNotFound { .. } => EtcdError::LeaseNotFound.status(),
+        StoreError::LeaseExists { .. } => EtcdError::LeaseExists.status(),
+        StoreError::LeaseTtlTooLarge { .. } => EtcdError::LeaseTtlTooLarge.status(),
+        // keywatch's own limit (etcd has none): the error's text, as for too many watchers.
+        StoreError::TooManyLeases { .. } => Status::resource_exhausted(e.to_string()),
         StoreError::KeyNotFound => EtcdError::KeyNotFound.status(),
         StoreError::ValueProvided => EtcdError::ValueProvided.status(),
         StoreError::LeaseProvided => EtcdError::LeaseProvided.status(),

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod kv;
+pub mod lease;
 pub mod misc;
 pub mod watch;
 
@@ -17,7 +18,8 @@ use crate::error::StoreError;
 use crate::store::Store;
 
 pub use kv::KvService;
-pub use misc::{AuthService, ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
+pub use lease::LeaseService;
+pub use misc::{AuthService, ClusterService, ETCD_VERSION, MaintenanceService};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -111,7 +113,7 @@ impl Server {
                 watch_buffer: config.watch_buffer,
                 max_request_bytes: config.max_request_bytes,
             },
-            stop_rx,
+            stop_rx.clone(),
         ))
         .max_decoding_message_size(recv_limit)
         .max_encoding_message_size(usize::MAX);
@@ -121,7 +123,7 @@ impl Server {
             store.clone(),
             format!("http://{addr}"),
         ));
-        let lease = pb::lease_server::LeaseServer::new(LeaseService);
+        let lease = pb::lease_server::LeaseServer::new(LeaseService::new(store.clone(), stop_rx));
         let auth = pb::auth_server::AuthServer::new(AuthService);
 
         let failed_store = store.clone();
