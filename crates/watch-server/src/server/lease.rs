@@ -123,13 +123,15 @@ impl pb::lease_server::Lease for LeaseService {
                 granted_ttl: t.granted_ttl,
                 keys: t.keys,
             })),
-            Err(StoreError::LeaseNotFound { .. }) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
-                header: Some(header(self.store.durable_revision())),
-                id: r.id,
-                ttl: -1,
-                granted_ttl: 0,
-                keys: Vec::new(),
-            })),
+            Err(StoreError::LeaseNotFound { .. }) => {
+                Ok(Response::new(pb::LeaseTimeToLiveResponse {
+                    header: Some(header(self.store.durable_revision())),
+                    id: r.id,
+                    ttl: -1,
+                    granted_ttl: 0,
+                    keys: Vec::new(),
+                }))
+            }
             Err(e) => Err(store_status(&e)),
         }
     }

@@ -46,8 +46,8 @@ use watch_core::{
 };
 
 use crate::error::StoreError;
-pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 use lease::Leases;
+pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
 pub use types::*;
@@ -753,9 +753,9 @@ impl Store {
             leases.close_db();
             log.close()
         })
-            .await
-            .map_err(|e| StoreError::Inconsistent(format!("close task failed: {e}")))?
-            .map_err(log_err)
+        .await
+        .map_err(|e| StoreError::Inconsistent(format!("close task failed: {e}")))?
+        .map_err(log_err)
     }
 }
 
