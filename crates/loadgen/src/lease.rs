@@ -162,7 +162,9 @@ pub async fn expire(
                 .ok_or_else(|| Error::Rpc("watch ended".into()))?;
             let mut by_rev: std::collections::HashMap<i64, usize> = Default::default();
             for e in r.events.iter().filter(|e| e.r#type == 1) {
-                let kv = e.kv.as_ref().ok_or_else(|| Error::Rpc("event without kv".into()))?;
+                let kv =
+                    e.kv.as_ref()
+                        .ok_or_else(|| Error::Rpc("event without kv".into()))?;
                 *by_rev.entry(kv.mod_revision).or_default() += 1;
                 if !deleted.insert(kv.key.clone()) {
                     return Err(Error::Rpc(format!("duplicate DELETE of {:?}", kv.key)));
@@ -233,7 +235,9 @@ pub async fn expire(
         .map_err(|e| Error::Rpc(format!("watch task: {e}")))??;
     let first_deadline = first + ttl_d;
     let last_deadline = last + ttl_d;
-    let span = last_delete.saturating_duration_since(first_deadline).as_secs_f64();
+    let span = last_delete
+        .saturating_duration_since(first_deadline)
+        .as_secs_f64();
     Ok(Expiry {
         leases: n,
         ttl,

@@ -5,9 +5,11 @@
 //!   durable event log plus a state snapshot), rebuilds the key-value state and serves etcd's
 //!   KV model (put, range, delete, txn, compact; one revision per write, `create_revision`,
 //!   `mod_revision`, `version`, reads at past revisions) and watches through watch-core's
-//!   engine, with the event log as the watch history. No protobuf types in its API.
-//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList; Lease
-//!   and Auth answer with a clear status), a thin translation over the store.
+//!   engine, with the event log as the watch history; and etcd's leases (grant, revoke,
+//!   keep-alive, time-to-live; a revoked or expired lease's keys are deleted in one revision).
+//!   No protobuf types in its API.
+//! - [`server`]: the gRPC services (KV, Watch, Lease, Maintenance.Status, Cluster.MemberList;
+//!   Auth answers with a clear status), a thin translation over the store.
 //! - [`config`]: the binary's flags, environment variables and TOML file.
 //!
 //! Embedding the store (no network hop):

@@ -266,7 +266,9 @@ async fn status_limits_and_unimplemented() {
     assert_eq!(g.ttl, 5);
     // An open keep-alive stream must not hold up the graceful shutdown below.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(pb::LeaseKeepAliveRequest { id: g.id }).await.unwrap();
+    tx.send(pb::LeaseKeepAliveRequest { id: g.id })
+        .await
+        .unwrap();
     let mut keep = lease
         .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

@@ -25,8 +25,15 @@
 //!
 //! # Tasks
 //!
-//! [`Store::open`] spawns two tasks on the current tokio runtime: the watch engine's dispatcher
-//! and the publisher. [`Store::close`] (or dropping every clone) stops both.
+//! [`Store::open`] spawns three tasks on the current tokio runtime: the watch engine's
+//! dispatcher, the publisher and the lease expiry task, and one OS thread that writes lease
+//! grants ([`LEASES_FILE`]). [`Store::close`] (or dropping every clone) stops them.
+//!
+//! # Leases
+//!
+//! [`Store::lease_grant`] and friends: etcd's leases. A revoked or expired lease's keys are
+//! deleted in one revision through the write path above; see `lease.rs` for storage, crash
+//! consistency and the restart rule.
 
 mod lease;
 mod snapshot;
