@@ -18,8 +18,9 @@
 //!
 //! A revoke (or expiry) first removes the lease from the lessor (puts naming it now fail),
 //! then removes its record from [`LEASES_FILE`] (durably), then deletes its keys through the
-//! write path. A crash between the last two leaves keys naming a lease with no record: at open
-//! every such *orphaned* key is deleted in one revision before the store serves anything. A
+//! write path. A crash between the last two leaves keys naming a lease with no record: at open,
+//! before the store serves anything, each such lease's *orphaned* keys are deleted in one
+//! revision, as the interrupted revoke would have. A
 //! crash before the record removal leaves the lease and its keys intact (the revoke was never
 //! acknowledged). So no key ever stays attached to a lease that no longer exists.
 //!
@@ -549,39 +550,32 @@ impl Store {
         Ok(revision)
     }
 
-    /// At open: deletes, in one revision, every key attached to a lease that has no record
-    /// (left by a revoke interrupted by a crash; see the module docs).
+    /// At open: deletes every key attached to a lease that has no record (left by a revoke
+    /// interrupted by a crash; see the module docs), one revision per such lease, exactly as
+    /// the interrupted revoke would have.
     pub(super) async fn remove_orphans(&self) -> Result<(), StoreError> {
-        let _guard = self.inner.write_lock.lock().await;
-        let orphans = {
+        let guard = self.inner.write_lock.lock().await;
+        let mut orphans: Vec<i64> = {
             let st = self.inner.state.read();
             let leases = self.inner.leases.lessor.lock();
-            let rev = st.revision + 1;
-            let events: Vec<Event> = st
-                .leased
-                .iter()
-                .filter(|(id, _)| !leases.leases.contains_key(id))
-                .flat_map(|(_, keys)| keys.iter())
-                .filter_map(|k| st.map.get(k))
-                .map(|kv| Event::delete(kv.key.clone(), rev, Some(kv.clone())))
-                .collect();
-            (!events.is_empty()).then(|| {
-                let mut events = events;
-                events.sort_by(|a, b| a.kv.key.cmp(&b.kv.key));
-                ChangeSet::new(rev, events)
-            })
+            st.leased
+                .keys()
+                .copied()
+                .filter(|id| !leases.leases.contains_key(id))
+                .collect()
         };
-        if let Some(cs) = orphans {
-            tracing::warn!(
-                keys = cs.events.len(),
-                revision = cs.revision,
-                "deleting keys attached to leases revoked before a crash"
-            );
-            let revision = self.commit_locked(cs).await?;
-            drop(_guard);
-            self.wait_durable(revision).await?;
+        if orphans.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        orphans.sort_unstable();
+        tracing::warn!(
+            leases = orphans.len(),
+            "deleting the keys of leases revoked just before a crash"
+        );
+        // Their records are already gone: removing them again is a no-op commit.
+        let revision = self.revoke_locked(orphans).await?;
+        drop(guard);
+        self.wait_durable(revision).await
     }
 
     /// At open: starts the expiry task (see [`expiry_loop`]).
