@@ -364,7 +364,9 @@ async fn leaser(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
         let lease = match tokio::time::timeout(REQUEST_GUARD, grant).await {
             Ok(Ok(r)) => r.into_inner().id,
             _ => {
+                // The server is down or restarting: reconnect, without spinning.
                 client = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -388,8 +390,7 @@ async fn leaser(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
                 break;
             }
             let sent = sh.start.elapsed();
-            let outcome = match tokio::time::timeout(REQUEST_GUARD, execute(&ch, &request)).await
-            {
+            let outcome = match tokio::time::timeout(REQUEST_GUARD, execute(&ch, &request)).await {
                 Ok(Ok(o)) => o,
                 Ok(Err(status)) if wire::definite(&status) => Outcome::Refused(status.to_string()),
                 Ok(Err(status)) => {
