@@ -72,7 +72,10 @@ pub enum LogFormat {
 #[command(
     name = "watch-server",
     version,
-    about = "keywatch: an etcd v3 compatible KV + watch server"
+    about = "keywatch: an etcd v3 compatible KV + watch server",
+    after_help = "Precedence: flags > KEYWATCH_* environment variables > the --config file > \
+                  defaults. File keys are the flag names with underscores (e.g. metrics_listen). \
+                  See docs/operations.md."
 )]
 pub struct Cli {
     /// TOML config file (keys as the flags, with underscores; default: none).
@@ -118,6 +121,10 @@ pub struct Cli {
     /// remote).
     #[arg(long, env = "KEYWATCH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Longest wait, after SIGINT/SIGTERM, for in-flight requests and streams to finish before
+    /// they are cut and the store is closed, e.g. 10s (default 10s).
+    #[arg(long, env = "KEYWATCH_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
 }
 
 /// The config file's keys; every key is optional.
@@ -137,6 +144,7 @@ pub struct FileConfig {
     pub log_filter: Option<String>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<String>,
+    pub shutdown_timeout: Option<String>,
 }
 
 /// The resolved server configuration.
@@ -167,6 +175,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Address of the Prometheus endpoint; `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Longest graceful-shutdown wait for in-flight requests and streams.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -184,6 +194,7 @@ impl Default for ServerConfig {
             log_filter: "info".to_owned(),
             log_format: LogFormat::Text,
             metrics_listen: None,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -271,7 +282,7 @@ impl ServerConfig {
             })?,
             None => d.progress_interval,
         };
-        let c = Self {
+        let mut c = Self {
             listen: cli.listen.or(file.listen).unwrap_or(d.listen),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             durability,
@@ -303,7 +314,14 @@ impl ServerConfig {
                 Some(s) => parse_metrics_listen(&s)?,
                 None => d.metrics_listen,
             },
+            shutdown_timeout: d.shutdown_timeout,
         };
+        if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
+            c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                field: "shutdown_timeout",
+                message,
+            })?;
+        }
         check_listen(&c.listen)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log_filter) {
             return Err(ConfigError::Invalid {

@@ -101,8 +101,15 @@ impl HealthHandle {
         self.ready.send_replace(true);
     }
 
+    /// NOT_SERVING, then ends every `Health/Watch` stream (after it delivered NOT_SERVING) so
+    /// the graceful shutdown does not wait for them; `Health/Check` answers NOT_FOUND after.
     pub(crate) async fn set_stopping(&self) {
         self.update(|i| i.stopping = true).await;
+        let mut reporter = self.reporter.clone();
+        reporter.clear_service_status("").await;
+        for name in SERVICES {
+            reporter.clear_service_status(name).await;
+        }
     }
 
     fn serving(i: Inputs) -> bool {

@@ -408,10 +408,18 @@ pub(crate) async fn serve(
         "/metrics",
         axum::routing::get(move || {
             let metrics = metrics.clone();
-            async move { ([(http::header::CONTENT_TYPE, CONTENT_TYPE)], metrics.encode()) }
+            async move {
+                (
+                    [(http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                    metrics.encode(),
+                )
+            }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
         tracing::error!(error = %e, "metrics endpoint failed");
     }
 }
@@ -518,10 +526,7 @@ impl RpcMetrics {
     }
 
     fn method(&self, path: &str) -> Arc<MethodMetrics> {
-        self.methods
-            .get(path)
-            .unwrap_or(&self.unknown)
-            .clone()
+        self.methods.get(path).unwrap_or(&self.unknown).clone()
     }
 
     fn handled(&self, m: &MethodMetrics, code: tonic::Code) {
@@ -696,7 +701,10 @@ where
                 if let (Some(code), Some(r)) = (status_of(resp.headers()), record.as_mut()) {
                     r.finish(code);
                 }
-                Poll::Ready(Ok(resp.map(|body| MetricsBody { inner: body, record })))
+                Poll::Ready(Ok(resp.map(|body| MetricsBody {
+                    inner: body,
+                    record,
+                })))
             }
             Err(e) => {
                 if let Some(r) = record.as_mut() {

@@ -36,8 +36,8 @@ use crate::config::ServerConfig;
 use crate::error::StoreError;
 use crate::store::Store;
 
-pub use health::HealthHandle;
 use health::Gated;
+pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
@@ -204,11 +204,13 @@ impl Server {
             metrics,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stopping = stop_rx.clone();
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
         let watch = Gated::<pb::watch_server::WatchServer<WatchService>>::new();
-        let maintenance = Gated::<pb::maintenance_server::MaintenanceServer<MaintenanceService>>::new();
+        let maintenance =
+            Gated::<pb::maintenance_server::MaintenanceServer<MaintenanceService>>::new();
         let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
         let lease = Gated::<pb::lease_server::LeaseServer<LeaseService>>::new();
         let auth = Gated::<pb::auth_server::AuthServer<AuthService>>::new();
@@ -241,7 +243,7 @@ impl Server {
                                 watch_buffer: config.watch_buffer,
                                 max_request_bytes: config.max_request_bytes,
                             },
-                            stop_rx,
+                            stop_rx.clone(),
                         )
                         .with_metrics(watch_metrics),
                     )
@@ -284,24 +286,44 @@ impl Server {
             }))
         });
 
+        // Makes an open store live: metrics, services, then health.
+        let activate = {
+            let (slot, health, metrics) = (slot.clone(), health.clone(), metrics.clone());
+            let data_dir = config.data_dir.clone();
+            move |store: Store| async move {
+                store.set_log_observer(metrics.log_observer());
+                let _ = slot.set(store.clone());
+                install(&store);
+                health.set_ready().await;
+                tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
+                store
+            }
+        };
+        let mut opening = opening;
+        // An already open store (`with_store`) goes live before the first connection is
+        // accepted, so no client of an embedded server ever sees the startup UNAVAILABLE.
+        let early = match futures_util::FutureExt::now_or_never(&mut opening) {
+            Some(Ok(store)) => Some(activate.clone()(store).await),
+            Some(Err(e)) => return Err(e.into()),
+            None => None,
+        };
         let open_error = Arc::new(parking_lot::Mutex::new(None));
         let stop = {
-            let (slot, health, metrics, open_error) =
-                (slot.clone(), health.clone(), metrics.clone(), open_error.clone());
-            let data_dir = config.data_dir.clone();
+            let (health, open_error) = (health.clone(), open_error.clone());
             async move {
                 tokio::pin!(shutdown);
-                let opened = tokio::select! {
-                    r = opening => Some(r),
-                    _ = &mut shutdown => None,
+                let opened = match early {
+                    Some(store) => Some(Ok(store)),
+                    None => tokio::select! {
+                        r = opening => match r {
+                            Ok(store) => Some(Ok(activate(store).await)),
+                            Err(e) => Some(Err(e)),
+                        },
+                        _ = &mut shutdown => None,
+                    },
                 };
                 match opened {
                     Some(Ok(store)) => {
-                        store.set_log_observer(metrics.log_observer());
-                        let _ = slot.set(store.clone());
-                        install(&store);
-                        health.set_ready().await;
-                        tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
                         tokio::select! {
                             _ = &mut shutdown => tracing::info!("shutdown requested"),
                             msg = store.failed() => {
@@ -321,7 +343,8 @@ impl Server {
             }
         };
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving; opening the store");
-        let served = tonic::transport::Server::builder()
+        let grace = config.shutdown_timeout;
+        let serve = tonic::transport::Server::builder()
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
             .layer(metrics.rpc_layer())
@@ -340,8 +363,19 @@ impl Server {
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stop,
-            )
-            .await;
+            );
+        let served = tokio::select! {
+            r = serve => r,
+            // Streams this server does not end itself (a client's long call) get `grace`;
+            // then the transport is dropped, cutting them, and the store still closes cleanly.
+            _ = async {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "graceful shutdown timed out; cutting remaining calls");
+                Ok(())
+            }
+        };
         let _ = ended_tx.send(true);
         if let Some(task) = metrics_task {
             let _ = task.await;

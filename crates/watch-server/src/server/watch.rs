@@ -38,9 +38,9 @@ use watch_proto::{ConvertError, to_proto};
 
 use super::convert::{header, store_status};
 use super::metrics::{CancelKind, WatchMetrics};
-use tracing::Instrument;
 use crate::error::StoreError;
 use crate::store::Store;
+use tracing::Instrument;
 
 /// Responses buffered per stream between its task and the client.
 pub const OUTBOUND_DEPTH: usize = 32;
@@ -113,11 +113,7 @@ impl pb::watch_server::Watch for WatchService {
             metrics: self.metrics.clone(),
         };
         let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
-        tokio::spawn(
-            stream
-                .run(inbound, self.shutdown.clone())
-                .instrument(span),
-        );
+        tokio::spawn(stream.run(inbound, self.shutdown.clone()).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -497,14 +493,13 @@ impl WatchStream {
             events,
             ..Default::default()
         };
-        let n = resp.events.len();
+        // Counted when handed to the stream, so a client that saw the events sees the count.
+        self.metrics.sent(resp.events.len());
         if meta.fragment {
-            self.send_fragments(resp).await?;
+            self.send_fragments(resp).await
         } else {
-            self.send(resp).await?;
+            self.send(resp).await
         }
-        self.metrics.sent(n);
-        Ok(())
     }
 
     async fn on_message(&mut self, id: i64, msg: WatchMessage) -> Result<(), Gone> {
@@ -518,19 +513,18 @@ impl WatchStream {
                 // compaction revision: then it sends no prev_kv (the log still has it).
                 let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
                 let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
-                let n = resp.events.len();
-                if meta.fragment {
-                    self.send_fragments(resp).await?;
-                } else {
-                    self.send(resp).await?;
-                }
-                self.metrics.sent(n);
+                // Measured and counted as the response is handed to the client's stream.
                 if !batch.is_catch_up() {
                     if let Some(elapsed) = self.store.publish_elapsed(batch.revision()) {
                         self.metrics.publish_to_send(elapsed);
                     }
                 }
-                Ok(())
+                self.metrics.sent(resp.events.len());
+                if meta.fragment {
+                    self.send_fragments(resp).await
+                } else {
+                    self.send(resp).await
+                }
             }
             WatchMessage::Progress { revision } => {
                 let in_round = self
