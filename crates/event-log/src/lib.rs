@@ -22,6 +22,10 @@
 //! - **Integrity.** redb never exposes a torn commit; each record also carries a CRC-32, so a
 //!   damaged value is reported as [`LogError::Corrupt`], never returned as data.
 //!
+//! - **Observability.** A [`LogObserver`] set with [`EventLog::set_observer`] hears about every
+//!   commit (size, duration) and every failure, for metrics; this crate has no metrics
+//!   dependency.
+//!
 //! Storage sits behind [`LogStore`]; [`RedbStore`] is the default. Records use a small
 //! versioned binary codec (see [`codec`]) rather than serde: the layout is fixed, tiny, and
 //! must stay readable across releases, which is easier to guarantee written out by hand.

@@ -514,10 +514,10 @@ impl WatchStream {
                 let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
                 let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
                 // Measured and counted as the response is handed to the client's stream.
-                if !batch.is_catch_up() {
-                    if let Some(elapsed) = self.store.publish_elapsed(batch.revision()) {
-                        self.metrics.publish_to_send(elapsed);
-                    }
+                if !batch.is_catch_up()
+                    && let Some(elapsed) = self.store.publish_elapsed(batch.revision())
+                {
+                    self.metrics.publish_to_send(elapsed);
                 }
                 self.metrics.sent(resp.events.len());
                 if meta.fragment {
