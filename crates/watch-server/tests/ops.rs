@@ -590,3 +590,45 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_a_stuck_shutdown() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A graceful shutdown that would wait an hour for the open call below.
+    let mut p = spawn(&dir.path().join("data"), &["--shutdown-timeout", "1h"]);
+    let ch = channel(p.addr).await;
+    let mut updates = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest { service: "".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut updates).await, ServingStatus::Serving);
+    // A bidirectional call the client keeps open: the server cannot end it by itself.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .unwrap();
+    let mut open = ServerReflectionClient::new(ch.clone())
+        .server_reflection_info(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.message().await.unwrap().is_some());
+
+    signal(&p.child, "-TERM");
+    // The shutdown has begun (health said so) and now waits for the open call.
+    assert_eq!(next_status(&mut updates).await, ServingStatus::NotServing);
+    signal(&p.child, "-TERM");
+    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
+    let stderr = p.stderr.recv().unwrap();
+    assert_eq!(exit.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("second signal"), "{stderr}");
+    drop(tx);
+}

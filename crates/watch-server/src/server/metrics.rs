@@ -605,7 +605,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
 }
 
 /// The tower layer that records every gRPC call's start, status code and duration, and opens
-/// a `grpc` tracing span with the method and the peer address around it.
+/// a `grpc` tracing span (debug level) with the method and the peer address around it.
 #[derive(Debug, Clone)]
 pub struct RpcMetricsLayer {
     metrics: Arc<RpcMetrics>,
@@ -648,7 +648,8 @@ where
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr());
-        let span = tracing::info_span!(
+        // Debug level: free when disabled (the default filter is `info`).
+        let span = tracing::debug_span!(
             "grpc",
             method = %req.uri().path(),
             peer = peer.map(tracing::field::display),

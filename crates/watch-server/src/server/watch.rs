@@ -262,7 +262,9 @@ impl WatchStream {
                 _ = async { drop(shutdown.wait_for(|s| *s).await) } => {
                     // The server is stopping: end the stream with a status clients retry on
                     // (etcd's "server stopped", UNAVAILABLE), not a silent OK.
-                    let _ = self.out.try_send(Err(EtcdError::Stopped.status()));
+                    // A client not reading keeps this waiting until the transport is cut
+                    // (`--shutdown-timeout`), which fails the send and ends the task.
+                    let _ = self.out.send(Err(EtcdError::Stopped.status())).await;
                     break;
                 }
             };
