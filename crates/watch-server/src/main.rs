@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("invalid log filter {:?}", config.log_filter))?;
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a terminal, never into files or log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log_format {
         LogFormat::Text => subscriber.init(),
         LogFormat::Json => subscriber.json().with_current_span(true).init(),

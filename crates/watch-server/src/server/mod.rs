@@ -280,7 +280,9 @@ impl Server {
         let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
         let metrics_task = metrics_listener.map(|l| {
             let mut ended = ended_rx.clone();
-            tracing::info!(addr = ?metrics_addr, "serving metrics on /metrics");
+            if let Some(addr) = metrics_addr {
+                tracing::info!(%addr, "serving metrics on /metrics");
+            }
             tokio::spawn(metrics::serve(l, metrics.clone(), async move {
                 let _ = ended.wait_for(|e| *e).await;
             }))
