@@ -456,20 +456,27 @@ fn help_lists_every_flag_with_its_default() {
     }
 }
 
-/// A running binary: its child, the address from its "listening on" line and its stderr.
+/// A running binary: its child, the address from its "listening on" line, the metrics
+/// address if it printed one, and its stderr.
 struct Proc {
     child: Child,
     addr: SocketAddr,
+    metrics: Option<SocketAddr>,
     stderr: std_mpsc::Receiver<String>,
 }
 
 fn spawn(data: &Path, extra: &[&str]) -> Proc {
+    spawn_env(data, extra, &[])
+}
+
+fn spawn_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .args(extra)
         .env_remove("KEYWATCH_CONFIG")
         .env_remove("KEYWATCH_METRICS_LISTEN")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -478,6 +485,13 @@ fn spawn(data: &Path, extra: &[&str]) -> Proc {
     let (tx, rx) = std_mpsc::channel();
     std::thread::spawn(move || {
         for line in stdout.lines().map_while(Result::ok) {
+            // The metrics line, if any, comes before the ready line.
+            if let Some(a) = line
+                .strip_prefix("watch-server metrics on http://")
+                .and_then(|a| a.strip_suffix("/metrics"))
+            {
+                let _ = tx.send(format!("metrics {a}"));
+            }
             if let Some(a) = line.strip_prefix("watch-server listening on ") {
                 let _ = tx.send(a.to_owned());
             }
@@ -490,19 +504,26 @@ fn spawn(data: &Path, extra: &[&str]) -> Proc {
         let _ = stderr.read_to_string(&mut s);
         let _ = etx.send(s);
     });
-    let addr = match rx.recv() {
-        Ok(a) => a.parse().unwrap(),
-        Err(_) => {
-            let status = child.wait().unwrap();
-            panic!(
-                "watch-server exited ({status}) before listening:\n{}",
-                erx.recv().unwrap_or_default()
-            );
+    let mut metrics = None;
+    let addr = loop {
+        match rx.recv() {
+            Ok(a) => match a.strip_prefix("metrics ") {
+                Some(m) => metrics = Some(m.parse().unwrap()),
+                None => break a.parse().unwrap(),
+            },
+            Err(_) => {
+                let status = child.wait().unwrap();
+                panic!(
+                    "watch-server exited ({status}) before listening:\n{}",
+                    erx.recv().unwrap_or_default()
+                );
+            }
         }
     };
     Proc {
         child,
         addr,
+        metrics,
         stderr: erx,
     }
 }
@@ -554,8 +575,13 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
     assert!(stderr.contains("store closed"), "{stderr}");
     drop((kv, health, stream, ch));
 
-    // Restart on the same directory, with JSON logs this time.
-    let mut p = spawn(&data, &["--log-format", "json"]);
+    // Restart on the same directory, with JSON logs and the metrics endpoint (from the
+    // environment) this time.
+    let mut p = spawn_env(
+        &data,
+        &["--log-format", "json"],
+        &[("KEYWATCH_METRICS_LISTEN", "127.0.0.1:0")],
+    );
     let mut kv = KvClient::new(channel(p.addr).await);
     let r = kv
         .range(pb::RangeRequest {
@@ -573,6 +599,10 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
             .iter()
             .any(|kv| &kv.key[..] == b"/k/19" && &kv.value[..] == b"v19")
     );
+    let m = samples(&scrape(p.metrics.expect("a metrics line")).await);
+    assert_eq!(sample(&m, "keywatch_revision"), last as f64);
+    assert_eq!(sample(&m, "keywatch_keys"), 20.0);
+    assert_eq!(sample(&m, &handled("etcdserverpb.KV", "Range", "OK")), 1.0);
     signal(&p.child, "-INT");
     let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
     let stderr = p.stderr.recv().unwrap();
