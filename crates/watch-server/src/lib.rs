@@ -9,7 +9,9 @@
 //!   keep-alive, time-to-live; a revoked or expired lease's keys are deleted in one revision).
 //!   No protobuf types in its API.
 //! - [`server`]: the gRPC services (KV, Watch, Lease, Maintenance.Status, Cluster.MemberList;
-//!   Auth answers with a clear status), a thin translation over the store.
+//!   Auth answers with a clear status), a thin translation over the store, plus gRPC health
+//!   ([`server::HealthHandle`]) and reflection, Prometheus metrics ([`server::metrics`]) and
+//!   the startup/shutdown lifecycle ([`server::Server`]).
 //! - [`config`]: the binary's flags, environment variables and TOML file.
 //!
 //! Embedding the store (no network hop):

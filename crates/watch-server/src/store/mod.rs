@@ -35,6 +35,7 @@
 //! deleted in one revision through the write path above; see `lease.rs` for storage, crash
 //! consistency and the restart rule.
 
+mod clock;
 mod lease;
 mod snapshot;
 mod state;
@@ -186,6 +187,8 @@ struct Inner {
     closed: AtomicBool,
     /// The publisher and the dispatcher, awaited by `close` (publisher first).
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// When recent revisions were published (written by the publisher, for metrics).
+    published: Arc<clock::PublishClock>,
 }
 
 impl Drop for Inner {
@@ -315,7 +318,13 @@ impl Store {
         });
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
         let durable_tx = Arc::new(durable_tx);
-        let publisher = tokio::spawn(publish_loop(rx, engine.clone(), durable_tx.clone()));
+        let published = Arc::new(clock::PublishClock::new());
+        let publisher = tokio::spawn(publish_loop(
+            rx,
+            engine.clone(),
+            durable_tx.clone(),
+            published.clone(),
+        ));
         let compacted = log.compacted_revision();
         tracing::info!(
             dir = %dir.display(),
@@ -343,11 +352,24 @@ impl Store {
                 snapshot_revision: AtomicU64::new(snap_rev),
                 closed: AtomicBool::new(false),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
+                published,
             }),
         };
         store.remove_orphans().await?;
         *store.inner.expiry.lock() = Some(store.spawn_expiry());
         Ok(store)
+    }
+
+    /// Time since `revision` was published to the watch engine, if it is one of the last 4096
+    /// revisions (for the publish→deliver latency metric).
+    pub fn publish_elapsed(&self, revision: Revision) -> Option<Duration> {
+        self.inner.published.elapsed(revision)
+    }
+
+    /// Installs the observer of the event log's commits (batch sizes, commit latency, failures;
+    /// see [`event_log::LogObserver`]). Only the first call has an effect; returns false after.
+    pub fn set_log_observer(&self, observer: Arc<dyn event_log::LogObserver>) -> bool {
+        self.inner.log.set_observer(observer)
     }
 
     /// The data directory.
@@ -772,11 +794,13 @@ async fn publish_loop(
     mut rx: mpsc::Receiver<Pending>,
     engine: WatchEngine,
     durable: Arc<watch::Sender<Durable>>,
+    published: Arc<clock::PublishClock>,
 ) {
     while let Some((cs, ack)) = rx.recv().await {
         let revision = cs.revision;
         match ack.await {
             Ok(_) if durable.borrow().failed.is_none() => {
+                published.record(revision);
                 if let Err(e) = engine.publish(cs) {
                     // A bug (revisions are allocated under the write lock); the write is
                     // durable, only its delivery is lost, so say so loudly.
