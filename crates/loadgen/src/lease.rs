@@ -3,11 +3,14 @@
 //!
 //! - [`grants`]: leases granted per second by `concurrency` clients sharing one connection.
 //! - [`keepalives`]: keep-alive round trips per second on ONE stream (requests pipelined).
-//! - [`expire`]: `n` leases, each with one key, all expiring; a prefix watcher opened before
-//!   them counts the DELETE events. Reports the time from the last lease's deadline (its grant
-//!   acknowledgement + TTL, an upper bound of the server's deadline) to the last DELETE
-//!   delivered, and the expiry rate from the first deadline to the last DELETE. Each DELETE
-//!   must arrive exactly once and be alone in its revision (one key per lease).
+//! - [`expire`]: `n` leases, each with one key, expiring together; a prefix watcher opened
+//!   before them counts the DELETE events. Each grant asks for the TTL left until one common
+//!   deadline (`ttl` seconds after the start, in whole seconds as the API allows), so the
+//!   deadlines fall within about a second whatever the setup took. Reports the time from the
+//!   last lease's deadline (its grant acknowledgement + its TTL, an upper bound of the server's
+//!   deadline) to the last DELETE delivered, and the rate from the first deadline to the last
+//!   DELETE. Each DELETE must arrive exactly once and be alone in its revision (one key per
+//!   lease).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -103,8 +106,10 @@ pub async fn keepalives(endpoint: &str, n: usize) -> Result<f64, Error> {
 pub struct Expiry {
     /// Leases (one key each).
     pub leases: usize,
-    /// TTL granted, seconds.
+    /// TTL of the first grant, seconds (later grants ask for what is left of it).
     pub ttl: i64,
+    /// Spread of the estimated deadlines (last - first).
+    pub deadline_spread_secs: f64,
     /// Time to grant every lease and put its key.
     pub setup_secs: f64,
     /// From the last lease's deadline to the last DELETE delivered.
@@ -186,14 +191,21 @@ pub async fn expire(
         tasks.push(tokio::spawn(async move {
             let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
             for i in (t..n).step_by(concurrency) {
+                // What is left until the common deadline, rounded up to whole seconds.
+                let left = ttl - started.elapsed().as_secs() as i64;
+                if left < 3 {
+                    return Err(Error::Rpc(format!(
+                        "setup reached the common deadline ({ttl}s) after {i} leases: raise --ttl"
+                    )));
+                }
                 let g = lease
-                    .lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })
+                    .lease_grant(pb::LeaseGrantRequest { ttl: left, id: 0 })
                     .await
                     .map_err(rpc("grant"))?
                     .into_inner();
-                let acked = Instant::now();
-                first = Some(first.map_or(acked, |f| f.min(acked)));
-                last = Some(acked);
+                let deadline = Instant::now() + Duration::from_secs(g.ttl as u64);
+                first = Some(first.map_or(deadline, |f| f.min(deadline)));
+                last = Some(last.map_or(deadline, |l| l.max(deadline)));
                 kv.put(pb::PutRequest {
                     key: format!("{PREFIX}{i:08}").into(),
                     value: "x".into(),
@@ -221,20 +233,17 @@ pub async fn expire(
         };
     }
     let setup = started.elapsed();
-    let ttl_d = Duration::from_secs(ttl as u64);
-    let (Some(first), Some(last)) = (first, last) else {
+    let (Some(first_deadline), Some(last_deadline)) = (first, last) else {
         return Err(Error::Rpc("no lease granted".into()));
     };
-    if setup >= ttl_d {
+    if setup >= first_deadline.saturating_duration_since(started) {
         return Err(Error::Rpc(format!(
-            "setup took {setup:.1?}, longer than the TTL ({ttl}s): raise --ttl"
+            "setup took {setup:.1?}, past the first deadline: raise --ttl"
         )));
     }
     let last_delete = reader
         .await
         .map_err(|e| Error::Rpc(format!("watch task: {e}")))??;
-    let first_deadline = first + ttl_d;
-    let last_deadline = last + ttl_d;
     let span = last_delete
         .saturating_duration_since(first_deadline)
         .as_secs_f64();
@@ -242,6 +251,9 @@ pub async fn expire(
         leases: n,
         ttl,
         setup_secs: setup.as_secs_f64(),
+        deadline_spread_secs: last_deadline
+            .saturating_duration_since(first_deadline)
+            .as_secs_f64(),
         last_deadline_to_last_delete_secs: last_delete
             .saturating_duration_since(last_deadline)
             .as_secs_f64(),
