@@ -101,6 +101,14 @@ pub enum StoreError {
         /// The I/O or decoding error.
         message: String,
     },
+    /// Opening or reading the lease records file (`leases.redb`) failed.
+    #[error("lease records {path}: {message}")]
+    LeaseFile {
+        /// The file.
+        path: String,
+        /// The storage error.
+        message: String,
+    },
     /// The data directory holds a log and a snapshot that do not fit together (the log was
     /// compacted past the snapshot, e.g. by another program or a lost snapshot file).
     #[error("inconsistent data directory: {0}")]

@@ -172,7 +172,7 @@ impl LeaseDb {
     /// Opens (or creates) the records file and returns every record.
     fn open(dir: &Path, durable: bool) -> Result<(LeaseDb, Vec<(i64, i64)>), StoreError> {
         let path = dir.join(LEASES_FILE);
-        let err = |e: &dyn std::fmt::Display| StoreError::Snapshot {
+        let err = |e: &dyn std::fmt::Display| StoreError::LeaseFile {
             path: path.display().to_string(),
             message: e.to_string(),
         };
