@@ -194,8 +194,13 @@ pub fn validate(run: &RunRecord) -> Report {
                     None,
                     format!(
                         "revision {rev}: the events {:?} match no write the runner issued \
-                         (validation stops at revision {})",
+                         nor a whole lease's keys (model: {:?}; server prev_kv: {:?}; \
+                         validation stops at revision {})",
                         seen.iter().map(|e| short(e)).collect::<Vec<_>>(),
+                        seen.iter()
+                            .map(|e| model.state.get(&e.kv.key))
+                            .collect::<Vec<_>>(),
+                        seen.iter().map(|e| e.prev.as_ref()).collect::<Vec<_>>(),
                         rev - 1
                     ),
                 ));

@@ -339,10 +339,16 @@ async fn writer(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
 /// TTL of the leases the lease task grants (etcd's minimum), seconds.
 const LEASE_TTL: i64 = 2;
 
+/// The lease task's own keys. They sort before every range the plain writers delete (`a/..`,
+/// `b/..`, from `b/2` on) and no plain write names them, so a revision deleting them can only
+/// be a lease's end: an unknown-outcome plain delete can never explain the same events, which
+/// would make the validator's resolution ambiguous.
+const LEASE_KEYS: &[&str] = &["L/0", "L/1", "L/2", "L/3"];
+
 /// The lease task: grants a lease (not recorded: a grant creates no revision), attaches 1–3
-/// keys of the shared key space to it (`LeasePut`, recorded), then revokes it (recorded) or
-/// lets it expire. Plain writers overwrite and delete the same keys, detaching them. Recorded
-/// as writer `id` with the writers' value scheme.
+/// of [`LEASE_KEYS`] to it (`LeasePut`, recorded; a key still on an earlier lease moves, which
+/// detaches it there), then revokes it (recorded) or lets it expire. Recorded as writer `id`
+/// with the writers' value scheme.
 async fn leaser(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(17).wrapping_add(id as u64));
     let mut seq = 0u64;
@@ -370,8 +376,10 @@ async fn leaser(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
                 continue;
             }
         };
-        let n = rng.usize(1..=3);
-        let mut requests: Vec<Request> = distinct_keys(&mut rng, n)
+        let mut keys: Vec<Vec<u8>> = LEASE_KEYS.iter().map(|k| k.as_bytes().to_vec()).collect();
+        rng.shuffle(&mut keys);
+        keys.truncate(rng.usize(1..=3));
+        let mut requests: Vec<Request> = keys
             .into_iter()
             .map(|key| {
                 seq += 1;

@@ -236,3 +236,42 @@ async fn many_leases_expire_each_in_one_revision() {
     drop(w);
     store.close().await.unwrap();
 }
+
+/// A key moved off a lease (plain put, txn put, put to another lease) is not deleted with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_keys_survive_the_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).await.unwrap();
+    let a = store.lease_grant(0, 300).await.unwrap().id;
+    let b = store.lease_grant(0, 300).await.unwrap().id;
+    for k in ["k1", "k2", "k3", "k4"] {
+        store.put(k, "x", leased(a)).await.unwrap();
+    }
+    store.put("k1", "y", PutOptions::default()).await.unwrap();
+    store
+        .txn(TxnRequest {
+            compare: Vec::new(),
+            success: vec![TxnOp::Put {
+                key: "k2".into(),
+                value: "y".into(),
+                options: PutOptions::default(),
+            }],
+            failure: Vec::new(),
+        })
+        .await
+        .unwrap();
+    store.put("k3", "y", leased(b)).await.unwrap();
+    let rev = store.lease_revoke(a).await.unwrap();
+    assert_eq!(rev, store.current_revision());
+    let left = store.range(RangeRequest::prefix("k")).await.unwrap();
+    let keys: Vec<_> = left
+        .kvs
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.lease))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![("k1".into(), 0), ("k2".into(), 0), ("k3".into(), b)]
+    );
+    store.close().await.unwrap();
+}
