@@ -61,6 +61,12 @@ pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
 }
 
+/// etcd's `authpb` package: `Permission` and `UserAddOptions`, carried by the Auth service's
+/// messages (generated from `proto/authpb/auth.proto`).
+pub mod authpb {
+    include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+}
+
 /// etcd's `etcdserverpb` package: requests, responses, and a client module (`*_client`) and
 /// server module (`*_server`) per service: KV, Watch, Lease, Cluster, Maintenance, Auth
 /// (generated from `proto/etcdserverpb/rpc.proto`).

@@ -98,6 +98,38 @@ pub struct Cli {
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
+    /// TLS: the server certificate (PEM); with --key-file, clients must use https://.
+    #[arg(long, env = "KEYWATCH_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the server certificate's private key (PEM).
+    #[arg(long, env = "KEYWATCH_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// TLS: the CA (PEM) client certificates must chain to (used with --client-cert-auth).
+    #[arg(long, env = "KEYWATCH_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// TLS: require every client to present a certificate signed by --trusted-ca-file
+    /// (default false).
+    #[arg(long, env = "KEYWATCH_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
+    /// etcd's). Users and roles come from the config file's [auth] section.
+    #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<String>,
+    /// A tool instead of the server (e.g. `hash-password`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tools of the `watch-server` binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Reads a password from the first line of stdin and prints its bcrypt hash, for a user's
+    /// `password_hash` in the config file's [auth] section.
+    HashPassword {
+        /// bcrypt cost, 4 to 31 (default 10, etcd's): each step doubles the time to check.
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+    },
 }
 
 /// The config file's keys; every key is optional.
@@ -115,6 +147,13 @@ pub struct FileConfig {
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
     pub log_filter: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub trusted_ca_file: Option<PathBuf>,
+    pub client_cert_auth: Option<bool>,
+    pub auth_token_ttl: Option<String>,
+    /// Users and roles; its presence turns authentication on.
+    pub auth: Option<crate::auth::AuthFileConfig>,
 }
 
 /// The resolved server configuration.
@@ -141,6 +180,10 @@ pub struct ServerConfig {
     pub watch_buffer: u32,
     /// Log filter (used by the binary only).
     pub log_filter: String,
+    /// TLS for the listener; `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Users and roles; `None`: authentication off.
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +199,8 @@ impl Default for ServerConfig {
             max_txn_ops: 128,
             watch_buffer: 64,
             log_filter: "info".to_owned(),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -242,6 +287,29 @@ impl ServerConfig {
                 .or(file.watch_buffer)
                 .unwrap_or(d.watch_buffer),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
+            tls: crate::tls::TlsSettings::load(
+                cli.cert_file.as_ref().or(file.cert_file.as_ref()),
+                cli.key_file.as_ref().or(file.key_file.as_ref()),
+                cli.trusted_ca_file
+                    .as_ref()
+                    .or(file.trusted_ca_file.as_ref()),
+                cli.client_cert_auth
+                    .or(file.client_cert_auth)
+                    .unwrap_or(false),
+            )?,
+            auth: match &file.auth {
+                Some(auth) => {
+                    let ttl = match cli.auth_token_ttl.or(file.auth_token_ttl) {
+                        Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                            field: "auth_token_ttl",
+                            message,
+                        })?,
+                        None => crate::auth::DEFAULT_TOKEN_TTL,
+                    };
+                    Some(crate::auth::AuthSettings::from_file(auth, ttl)?)
+                }
+                None => None,
+            },
         };
         let positive = |field: &'static str, v: usize| {
             if v == 0 {

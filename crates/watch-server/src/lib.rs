@@ -51,10 +51,12 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use error::StoreError;
 pub use store::{Durability, Store, StoreConfig};

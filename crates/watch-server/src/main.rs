@@ -3,12 +3,16 @@
 
 use anyhow::Context;
 use clap::Parser;
-use watch_server::config::{Cli, ServerConfig};
+use watch_server::config::{Cli, Command, ServerConfig};
 use watch_server::server::Server;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = ServerConfig::from_cli(Cli::parse())?;
+    let cli = Cli::parse();
+    if let Some(Command::HashPassword { cost }) = cli.command {
+        return hash_password(cost);
+    }
+    let config = ServerConfig::from_cli(cli)?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&config.log_filter)
@@ -24,6 +28,25 @@ async fn main() -> anyhow::Result<()> {
     println!("watch-server listening on {}", server.local_addr());
     server.run(shutdown).await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `watch-server hash-password`: the first line of stdin (without its line ending) to a bcrypt
+/// hash on stdout. Reading stdin keeps the password out of the shell history and `ps`.
+fn hash_password(cost: u32) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(
+        !password.is_empty(),
+        "the password (first line of stdin) is empty"
+    );
+    let hash = watch_server::auth::hash_password(password, cost)
+        .with_context(|| format!("hashing with bcrypt cost {cost}"))?;
+    println!("{hash}");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease and
 //! Auth services over one [`Store`].
 
+pub mod auth;
 pub mod convert;
 pub mod kv;
 pub mod misc;
@@ -8,16 +9,19 @@ pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use watch_proto::etcdserverpb as pb;
 
+use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
 use crate::error::StoreError;
 use crate::store::Store;
 
+pub use auth::AuthService;
 pub use kv::KvService;
-pub use misc::{AuthService, ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
+pub use misc::{ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -98,31 +102,47 @@ impl Server {
             config,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Off without an [auth] section: then every check below is one `Option` branch.
+        let gate = match &config.auth {
+            Some(settings) => Gate::on(Arc::new(Auth::new(settings))),
+            None => Gate::off(),
+        };
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-        let kv =
-            pb::kv_server::KvServer::new(KvService::new(store.clone(), config.max_request_bytes))
-                .max_decoding_message_size(recv_limit)
-                .max_encoding_message_size(usize::MAX);
-        let watch = pb::watch_server::WatchServer::new(WatchService::new(
-            store.clone(),
-            WatchSettings {
-                max_watchers_per_stream: config.max_watchers_per_stream,
-                watch_buffer: config.watch_buffer,
-                max_request_bytes: config.max_request_bytes,
-            },
-            stop_rx,
-        ))
+        let kv = pb::kv_server::KvServer::new(
+            KvService::new(store.clone(), config.max_request_bytes).with_gate(gate.clone()),
+        )
+        .max_decoding_message_size(recv_limit)
+        .max_encoding_message_size(usize::MAX);
+        let watch = pb::watch_server::WatchServer::new(
+            WatchService::new(
+                store.clone(),
+                WatchSettings {
+                    max_watchers_per_stream: config.max_watchers_per_stream,
+                    watch_buffer: config.watch_buffer,
+                    max_request_bytes: config.max_request_bytes,
+                },
+                stop_rx,
+            )
+            .with_gate(gate.clone()),
+        )
         .max_decoding_message_size(recv_limit)
         .max_encoding_message_size(usize::MAX);
         let maintenance =
             pb::maintenance_server::MaintenanceServer::new(MaintenanceService::new(store.clone()));
         let cluster = pb::cluster_server::ClusterServer::new(ClusterService::new(
             store.clone(),
-            format!("http://{addr}"),
+            format!(
+                "{}://{addr}",
+                if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
         ));
         let lease = pb::lease_server::LeaseServer::new(LeaseService);
-        let auth = pb::auth_server::AuthServer::new(AuthService);
+        let auth = pb::auth_server::AuthServer::new(AuthService::new(store.clone(), gate));
 
         let failed_store = store.clone();
         let stop = async move {
@@ -135,8 +155,19 @@ impl Server {
             // Ends every watch stream so the transport's graceful shutdown can complete.
             let _ = stop_tx.send(true);
         };
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
-        let served = tonic::transport::Server::builder()
+        tracing::info!(
+            %addr,
+            data_dir = %config.data_dir.display(),
+            tls = config.tls.is_some(),
+            client_cert_auth = config.tls.as_ref().is_some_and(|t| t.client_cert_auth()),
+            auth = config.auth.is_some(),
+            "serving"
+        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_config(tls.server_config())?;
+        }
+        let served = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
             .add_service(kv)

@@ -37,6 +37,7 @@ use watch_proto::status::{EtcdError, from_convert_error};
 use watch_proto::{ConvertError, to_proto};
 
 use super::convert::{header, store_status};
+use crate::auth::{Gate, Perm, token_of};
 use crate::error::StoreError;
 use crate::store::Store;
 
@@ -66,6 +67,8 @@ pub struct WatchService {
     settings: WatchSettings,
     /// Becomes true at shutdown: every stream task ends.
     shutdown: watch::Receiver<bool>,
+    /// Authorization of every watch create (off: one branch).
+    gate: Gate,
 }
 
 impl WatchService {
@@ -75,7 +78,14 @@ impl WatchService {
             store,
             settings,
             shutdown,
+            gate: Gate::off(),
         }
+    }
+
+    /// Checks every watch create against `gate`'s users and roles.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
     }
 }
 
@@ -89,6 +99,9 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // etcd reads the stream's token at every create, so a token that expires while the
+        // stream is open refuses later creates; keep it, not the caller.
+        let token = token_of(request.metadata()).map(str::to_owned);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
         let stream = WatchStream {
@@ -99,6 +112,8 @@ impl pb::watch_server::Watch for WatchService {
             meta: HashMap::new(),
             next_id: 0,
             progress: None,
+            gate: self.gate.clone(),
+            token,
         };
         tokio::spawn(stream.run(inbound, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -209,6 +224,9 @@ struct WatchStream {
     meta: HashMap<i64, Meta>,
     next_id: i64,
     progress: Option<ProgressRound>,
+    gate: Gate,
+    /// The `token` metadata of the stream's request.
+    token: Option<String>,
 }
 
 impl WatchStream {
@@ -272,7 +290,30 @@ impl WatchStream {
         .await
     }
 
+    /// etcd's `isWatchPermitted`: a watch needs read on every key it could report. No
+    /// token, a bad one or a missing permission all refuse it the same way.
+    fn watch_permitted(&self, c: &pb::WatchCreateRequest) -> bool {
+        match self.gate.caller_by_token(self.token.as_deref()) {
+            Ok(None) => true,
+            Ok(Some(caller)) => {
+                // An empty key means "\0" for a watch, as in etcd.
+                let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+                caller.check(Perm::Read, key, &c.range_end).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
     async fn on_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
+        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union {
+            if !self.watch_permitted(c) {
+                // etcd's answer: created + canceled, with Go's rendering of its gRPC
+                // permission-denied error as the reason.
+                return self
+                    .refuse(&EtcdError::PermissionDenied.go_status_text())
+                    .await;
+            }
+        }
         match from_proto::watch_request(req) {
             Ok(WatchCommand::Create(c)) => self.create(c).await,
             Ok(WatchCommand::Cancel { watch_id }) => self.cancel(watch_id).await,
