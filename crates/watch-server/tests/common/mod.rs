@@ -241,6 +241,8 @@ pub struct Server {
     /// etcd's (client, peer) ports, reused on restart because etcd stores its peer URL.
     etcd_ports: Option<(u16, u16)>,
     extra_args: Vec<String>,
+    /// Extra environment variables of the server process.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -251,6 +253,16 @@ impl Server {
 
     /// Starts `target` with extra command-line flags.
     pub fn start_with(target: Target, name: &str, extra_args: &[&str]) -> Server {
+        Server::start_with_env(target, name, extra_args, &[])
+    }
+
+    /// Starts `target` with extra command-line flags and environment variables.
+    pub fn start_with_env(
+        target: Target,
+        name: &str,
+        extra_args: &[&str],
+        env: &[(&str, String)],
+    ) -> Server {
         let mut server = Server {
             target,
             name: name.to_owned(),
@@ -263,6 +275,10 @@ impl Server {
                 .expect("create a temp data dir"),
             etcd_ports: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         };
         server.launch(true);
         server
@@ -333,6 +349,7 @@ impl Server {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
