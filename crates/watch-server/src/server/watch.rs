@@ -290,28 +290,24 @@ impl WatchStream {
         .await
     }
 
-    /// etcd's `isWatchPermitted`: a watch needs read on every key it could report. No
-    /// token, a bad one or a missing permission all refuse it the same way.
-    fn watch_permitted(&self, c: &pb::WatchCreateRequest) -> bool {
-        match self.gate.caller_by_token(self.token.as_deref()) {
-            Ok(None) => true,
-            Ok(Some(caller)) => {
-                // An empty key means "\0" for a watch, as in etcd.
-                let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
-                caller.check(Perm::Read, key, &c.range_end).is_ok()
-            }
-            Err(_) => false,
-        }
+    /// etcd's `isWatchPermitted`: a watch needs a valid token and read on every key it
+    /// could report.
+    fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<(), EtcdError> {
+        let Some(auth) = self.gate.auth() else {
+            return Ok(());
+        };
+        let caller = auth.caller(self.token.as_deref())?;
+        // An empty key means "\0" for a watch, as in etcd.
+        let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+        caller.check(Perm::Read, key, &c.range_end)
     }
 
     async fn on_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
         if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union {
-            if !self.watch_permitted(c) {
-                // etcd's answer: created + canceled, with Go's rendering of its gRPC
-                // permission-denied error as the reason.
-                return self
-                    .refuse(&EtcdError::PermissionDenied.go_status_text())
-                    .await;
+            if let Err(e) = self.watch_permission(c) {
+                // etcd's answer: created + canceled, with Go's rendering of its gRPC error
+                // (permission denied, user name is empty, invalid auth token) as the reason.
+                return self.refuse(&e.go_status_text()).await;
             }
         }
         match from_proto::watch_request(req) {
