@@ -283,10 +283,18 @@ impl Gate {
 
     /// `None` when authentication is off, else the request's caller or etcd's error.
     pub fn caller<T>(&self, request: &Request<T>) -> Result<Option<Caller>, Status> {
-        self.caller_by_token(token_of(request.metadata()))
+        match &self.0 {
+            // Off: the metadata is not even looked at.
+            None => Ok(None),
+            Some(auth) => auth
+                .caller(token_of(request.metadata()))
+                .map(Some)
+                .map_err(EtcdError::status),
+        }
     }
 
-    /// [`Gate::caller`] from an already extracted token (a watch stream keeps its token).
+    /// [`Gate::caller`] from a token kept earlier (e.g. by a stream, which etcd re-checks at
+    /// each request on it).
     pub fn caller_by_token(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
         match &self.0 {
             None => Ok(None),

@@ -101,7 +101,10 @@ impl pb::watch_server::Watch for WatchService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         // etcd reads the stream's token at every create, so a token that expires while the
         // stream is open refuses later creates; keep it, not the caller.
-        let token = token_of(request.metadata()).map(str::to_owned);
+        let token = match self.gate.auth() {
+            Some(_) => token_of(request.metadata()).map(str::to_owned),
+            None => None,
+        };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
         let stream = WatchStream {
@@ -303,12 +306,12 @@ impl WatchStream {
     }
 
     async fn on_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
-        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union {
-            if let Err(e) = self.watch_permission(c) {
-                // etcd's answer: created + canceled, with Go's rendering of its gRPC error
-                // (permission denied, user name is empty, invalid auth token) as the reason.
-                return self.refuse(&e.go_status_text()).await;
-            }
+        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union
+            && let Err(e) = self.watch_permission(c)
+        {
+            // etcd's answer: created + canceled, with Go's rendering of its gRPC error
+            // (permission denied, user name is empty, invalid auth token) as the reason.
+            return self.refuse(&e.go_status_text()).await;
         }
         match from_proto::watch_request(req) {
             Ok(WatchCommand::Create(c)) => self.create(c).await,
