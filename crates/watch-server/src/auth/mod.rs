@@ -11,15 +11,24 @@
 //! **How a service checks a request** (every KV and Watch method does this; a new service
 //! that touches keys must too):
 //!
-//! ```ignore
-//! async fn some_rpc(&self, request: Request<pb::X>) -> Result<Response<pb::Y>, Status> {
+//! ```
+//! use tonic::{Request, Status};
+//! use watch_proto::etcdserverpb as pb;
+//! use watch_server::auth::{Gate, Perm};
+//!
+//! fn check(gate: &Gate, request: &Request<pb::RangeRequest>) -> Result<(), Status> {
 //!     // Before `into_inner`: the token is in the request's metadata.
-//!     self.gate.check(&request, Perm::Read, &request.get_ref().key, &request.get_ref().range_end)?;
-//!     // ... or, for several checks on one request:
-//!     if let Some(caller) = self.gate.caller(&request)? {
-//!         caller.check(Perm::Write, key, b"")?;
+//!     let r = request.get_ref();
+//!     gate.check(request, Perm::Read, &r.key, &r.range_end)?;
+//!     // Several checks on one request resolve the caller (a token lookup) once:
+//!     if let Some(caller) = gate.caller(request)? {
+//!         caller.check(Perm::Write, &r.key, b"")?;
 //!         caller.check_admin()?;
 //!     }
+//!     Ok(())
+//! }
+//! // Off (no `[auth]`): everything passes after one branch.
+//! assert!(check(&Gate::off(), &Request::new(pb::RangeRequest::default())).is_ok());
 //! ```
 //!
 //! Errors are etcd's: no token → "etcdserver: user name is empty" (InvalidArgument), an
