@@ -2,7 +2,8 @@
 //!
 //! Precedence, highest first: **flags > environment variables > config file > defaults**.
 //! Every flag `--some-flag` has the environment variable `KEYWATCH_SOME_FLAG` and the file key
-//! `some_flag` (see [`FileConfig`]).
+//! `some_flag` (see [`FileConfig`]). Users and roles exist only in the file, under `[auth]`
+//! (see [`crate::auth`] and `docs/security.md`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -6,8 +6,12 @@
 //!   KV model (put, range, delete, txn, compact; one revision per write, `create_revision`,
 //!   `mod_revision`, `version`, reads at past revisions) and watches through watch-core's
 //!   engine, with the event log as the watch history. No protobuf types in its API.
-//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList; Lease
-//!   and Auth answer with a clear status), a thin translation over the store.
+//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList, Auth's
+//!   Authenticate and AuthStatus; Lease answers with a clear status), a thin translation over
+//!   the store.
+//! - [`auth`]: users and roles from the config file, tokens, and the key-range permission
+//!   check every KV request and watch create passes ([`auth::Gate`]).
+//! - [`tls`]: TLS and mutual TLS for the listener (rustls through tonic).
 //! - [`config`]: the binary's flags, environment variables and TOML file.
 //!
 //! Embedding the store (no network hop):
