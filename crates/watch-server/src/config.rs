@@ -113,7 +113,7 @@ pub struct Cli {
     #[arg(long, env = "KEYWATCH_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
     pub client_cert_auth: Option<bool>,
     /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
-    /// etcd's). Users and roles come from the config file's [auth] section.
+    /// etcd's). Users and roles come from the config file's `[auth]` section.
     #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
     pub auth_token_ttl: Option<String>,
     /// A tool instead of the server (e.g. `hash-password`).
@@ -125,7 +125,7 @@ pub struct Cli {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Reads a password from the first line of stdin and prints its bcrypt hash, for a user's
-    /// `password_hash` in the config file's [auth] section.
+    /// `password_hash` in the config file's `[auth]` section.
     HashPassword {
         /// bcrypt cost, 4 to 31 (default 10, etcd's): each step doubles the time to check.
         #[arg(long, default_value_t = 10)]
@@ -309,7 +309,15 @@ impl ServerConfig {
                     };
                     Some(crate::auth::AuthSettings::from_file(auth, ttl)?)
                 }
-                None => None,
+                None => {
+                    if cli.auth_token_ttl.is_some() || file.auth_token_ttl.is_some() {
+                        return Err(ConfigError::Invalid {
+                            field: "auth_token_ttl",
+                            message: "is set but authentication is off (the config file has no [auth] section)".to_owned(),
+                        });
+                    }
+                    None
+                }
             },
         };
         let positive = |field: &'static str, v: usize| {

@@ -556,6 +556,11 @@ async fn tokens(s: Secured) {
         Code::InvalidArgument,
         AUTH_FAILED,
     );
+    assert_code(
+        auth.authenticate(login("", "")).await,
+        Code::InvalidArgument,
+        AUTH_FAILED,
+    );
     let token = auth
         .authenticate(login("alice", "alicepw"))
         .await
@@ -707,4 +712,102 @@ async fn auth_off_by_default() {
         .expect("auth status")
         .into_inner();
     assert!(!st.enabled);
+}
+
+/// An `[auth]` section the server cannot use stops it before it binds, with the reason.
+#[test]
+fn bad_auth_config_is_refused_before_binding() {
+    let hash = watch_server::auth::hash_password("pw", 4).expect("hash");
+    let cases = [
+        (
+            "[auth.users.a]\npassword_hash = \"plaintext\"\n".to_owned(),
+            "users.a.password_hash is not a bcrypt hash",
+        ),
+        (
+            format!("[auth.users.a]\npassword_hash = \"{hash}\"\nroles = [\"ghost\"]\n"),
+            "undefined role \"ghost\"",
+        ),
+        (
+            format!(
+                "[auth.users.a]\npassword_hash = \"{hash}\"\n[auth.roles.r]\npermissions = [{{ type = \"read\" }}]\n"
+            ),
+            "roles.r.permissions[0]: needs key",
+        ),
+        (
+            "auth_token_ttl = \"10s\"\n".to_owned(),
+            "authentication is off",
+        ),
+    ];
+    for (config, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keywatch.toml");
+        std::fs::write(&path, &config).unwrap();
+        let data = dir.path().join("data");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_watch-server"))
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(&data)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run watch-server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{config}: must fail: {out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+            "{config}: bound a socket"
+        );
+        assert!(stderr.contains(expected), "{config}: {stderr}");
+        assert!(!data.exists(), "{config}: the data dir was created");
+    }
+}
+
+/// `watch-server hash-password` prints a hash the server accepts for that password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_subcommand_makes_a_usable_hash() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_watch-server"))
+        .args(["hash-password", "--cost", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"s3cret pass\n")
+        .expect("write the password");
+    let out = child.wait_with_output().expect("hash-password output");
+    assert!(out.status.success(), "{out:?}");
+    let hash = String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_owned();
+    assert!(hash.starts_with("$2b$04$"), "{hash}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keywatch.toml");
+    std::fs::write(
+        &path,
+        format!("[auth.users.dave]\npassword_hash = \"{hash}\"\nroles = [\"root\"]\n"),
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let server = tokio::task::block_in_place(|| {
+        Server::start_with(Target::Keywatch, "hash_password", &["--config", &path])
+    });
+    let options = ConnectOptions::new().with_user("dave", "s3cret pass");
+    let mut client = Client::connect([server.endpoint()], Some(options))
+        .await
+        .expect("the hashed password authenticates");
+    client.put("k", "v", None).await.expect("root may write");
+    let wrong = ConnectOptions::new().with_user("dave", "s3cret pass\n");
+    assert!(
+        Client::connect([server.endpoint()], Some(wrong))
+            .await
+            .is_err(),
+        "the line ending is not part of the password"
+    );
 }

@@ -46,9 +46,6 @@ impl pb::auth_server::Auth for AuthService {
             return Err(EtcdError::AuthNotEnabled.status());
         };
         let r = request.into_inner();
-        if r.name.is_empty() {
-            return Err(EtcdError::UserEmpty.status());
-        }
         let token = auth.authenticate(&r.name, &r.password).await?;
         tracing::debug!(user = %r.name, "authenticated");
         Ok(Response::new(pb::AuthenticateResponse {

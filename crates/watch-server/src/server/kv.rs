@@ -49,12 +49,14 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        if let Some(caller) = self.gate.caller(&request)? {
-            caller.check_range(request.get_ref())?;
-        }
+        // As etcd: a malformed request is refused as such before any auth error.
+        let caller = self.gate.caller(&request);
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::range_request(&r)?;
+        if let Some(caller) = caller? {
+            caller.check_range(&r)?;
+        }
         let result = self.store.range(req).await.map_err(|e| store_status(&e))?;
         Ok(Response::new(convert::range_response(result)))
     }
@@ -103,12 +105,13 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        if let Some(caller) = self.gate.caller(&request)? {
-            caller.check_txn(request.get_ref())?;
-        }
+        let caller = self.gate.caller(&request);
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::txn_request(&r)?;
+        if let Some(caller) = caller? {
+            caller.check_txn(&r)?;
+        }
         let result = self.store.txn(req).await.map_err(|e| store_status(&e))?;
         Ok(Response::new(convert::txn_response(result)))
     }
