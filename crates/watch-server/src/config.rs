@@ -112,6 +112,10 @@ pub struct Cli {
     /// (default false).
     #[arg(long, env = "KEYWATCH_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
     pub client_cert_auth: Option<bool>,
+    /// TLS: close a connection whose handshake has not finished by then, e.g. 10s, 500ms
+    /// (default 10s).
+    #[arg(long, env = "KEYWATCH_TLS_HANDSHAKE_TIMEOUT")]
+    pub tls_handshake_timeout: Option<String>,
     /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
     /// etcd's). Users and roles come from the config file's `[auth]` section.
     #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
@@ -152,6 +156,7 @@ pub struct FileConfig {
     pub key_file: Option<PathBuf>,
     pub trusted_ca_file: Option<PathBuf>,
     pub client_cert_auth: Option<bool>,
+    pub tls_handshake_timeout: Option<String>,
     pub auth_token_ttl: Option<String>,
     /// Users and roles; its presence turns authentication on.
     pub auth: Option<crate::auth::AuthFileConfig>,
@@ -297,6 +302,13 @@ impl ServerConfig {
                 cli.client_cert_auth
                     .or(file.client_cert_auth)
                     .unwrap_or(false),
+                match cli.tls_handshake_timeout.or(file.tls_handshake_timeout) {
+                    Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                        field: "tls_handshake_timeout",
+                        message,
+                    })?,
+                    None => crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                },
             )?,
             auth: match &file.auth {
                 Some(auth) => {

@@ -12,14 +12,21 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::config::ConfigError;
 
+/// Default of `--tls-handshake-timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Loaded TLS material.
 #[derive(Clone)]
 pub struct TlsSettings {
+    /// A connection that has not finished its handshake by then is closed, so clients that
+    /// connect and stall cannot pile up.
+    handshake_timeout: Duration,
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
     /// PEM of the CA that client certificates must chain to; `Some` only with client cert auth.
@@ -64,7 +71,14 @@ impl TlsSettings {
         key_file: Option<&PathBuf>,
         trusted_ca_file: Option<&PathBuf>,
         client_cert_auth: bool,
+        handshake_timeout: Duration,
     ) -> Result<Option<TlsSettings>, ConfigError> {
+        if handshake_timeout.is_zero() {
+            return Err(invalid(
+                "tls_handshake_timeout",
+                "must be at least 1ms".to_owned(),
+            ));
+        }
         let (cert_file, key_file) = match (cert_file, key_file) {
             (None, None) => {
                 if client_cert_auth || trusted_ca_file.is_some() {
@@ -109,6 +123,7 @@ impl TlsSettings {
             (None, false) => None,
         };
         let settings = TlsSettings {
+            handshake_timeout,
             cert_pem,
             key_pem,
             client_ca_pem,
@@ -138,8 +153,9 @@ impl TlsSettings {
 
     /// The tonic server configuration.
     pub fn server_config(&self) -> ServerTlsConfig {
-        let config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(self.handshake_timeout);
         match &self.client_ca_pem {
             // With a client CA root, tonic requires and verifies a client certificate.
             Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),

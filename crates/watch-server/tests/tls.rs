@@ -353,3 +353,39 @@ fn bad_tls_config_is_refused_before_binding() {
         "client certificates need TLS",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let server = tokio::task::block_in_place(|| {
+        Server::start_with(
+            Target::Keywatch,
+            "stalled_handshake",
+            &[
+                "--cert-file",
+                &pki.arg("server.pem"),
+                "--key-file",
+                &pki.arg("server.key"),
+                "--tls-handshake-timeout",
+                "200ms",
+            ],
+        )
+    });
+    // Connect and never send a ClientHello: the server must close the connection by itself.
+    let mut stalled = tokio::net::TcpStream::connect(addr(&server))
+        .await
+        .expect("TCP connect");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(common::GUARD, stalled.read(&mut buf))
+        .await
+        .expect("the server closes a stalled handshake (failure guard, not a threshold)");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected EOF or reset, got {read:?}"
+    );
+    // The server still serves.
+    put_get(&addr(&server), &pki.ca_pem, None)
+        .await
+        .expect("served after closing the stalled connection");
+}
