@@ -87,12 +87,13 @@ impl Pki {
     }
 }
 
-/// `host:port` of a started keywatch.
+/// `host:port` of a started server.
 fn addr(server: &Server) -> String {
-    server
-        .endpoint()
-        .strip_prefix("http://")
-        .expect("keywatch endpoint")
+    let endpoint = server.endpoint();
+    endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .expect("a URL endpoint")
         .to_owned()
 }
 
@@ -234,22 +235,45 @@ fn etcdctl(endpoint: &str, tls: &[String], args: &[&str]) -> std::process::Outpu
         .expect("run etcdctl")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcdctl_over_mtls_from_environment() {
-    if !common::tools_present("etcdctl_over_mtls", &["etcdctl"], "etcdctl") {
+/// etcdctl against a server with mutual TLS: the same transcript from keywatch (configured by
+/// `KEYWATCH_*` environment variables) and from a real etcd (the same flags as keywatch's).
+fn etcdctl_over_mtls(target: Target) {
+    let name = format!("etcdctl_over_mtls::{target}");
+    let tools: &[&str] = match target {
+        Target::Keywatch => &["etcdctl"],
+        Target::Etcd => &["etcd", "etcdctl"],
+    };
+    if !common::tools_present(&name, tools, "etcd/etcdctl") {
         return;
     }
     let pki = Pki::new();
-    // The TLS settings come from KEYWATCH_* variables of the server process only.
-    let env = [
-        ("KEYWATCH_CERT_FILE", pki.arg("server.pem")),
-        ("KEYWATCH_KEY_FILE", pki.arg("server.key")),
-        ("KEYWATCH_TRUSTED_CA_FILE", pki.arg("ca.pem")),
-        ("KEYWATCH_CLIENT_CERT_AUTH", "true".to_owned()),
-    ];
-    let server = tokio::task::block_in_place(|| {
-        Server::start_with_env(Target::Keywatch, "etcdctl_over_mtls", &[], &env)
-    });
+    let server = match target {
+        // The TLS settings come from KEYWATCH_* variables of the server process only.
+        Target::Keywatch => Server::start_with_env(
+            target,
+            "etcdctl_over_mtls",
+            &[],
+            &[
+                ("KEYWATCH_CERT_FILE", pki.arg("server.pem")),
+                ("KEYWATCH_KEY_FILE", pki.arg("server.key")),
+                ("KEYWATCH_TRUSTED_CA_FILE", pki.arg("ca.pem")),
+                ("KEYWATCH_CLIENT_CERT_AUTH", "true".to_owned()),
+            ],
+        ),
+        Target::Etcd => Server::start_with(
+            target,
+            "etcdctl_over_mtls",
+            &[
+                "--cert-file",
+                &pki.arg("server.pem"),
+                "--key-file",
+                &pki.arg("server.key"),
+                "--trusted-ca-file",
+                &pki.arg("ca.pem"),
+                "--client-cert-auth",
+            ],
+        ),
+    };
     let endpoint = format!("https://{}", addr(&server));
     let full = vec![
         format!("--cacert={}", pki.arg("ca.pem")),
@@ -257,20 +281,44 @@ async fn etcdctl_over_mtls_from_environment() {
         format!("--key={}", pki.arg("client.key")),
     ];
     let out = etcdctl(&endpoint, &full, &["put", "greeting", "hello"]);
-    assert!(out.status.success(), "etcdctl put over mTLS: {out:?}");
+    assert!(
+        out.status.success(),
+        "{target}: etcdctl put over mTLS: {out:?}"
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "OK\n");
     let out = etcdctl(&endpoint, &full, &["get", "greeting"]);
-    assert!(out.status.success(), "etcdctl get over mTLS: {out:?}");
+    assert!(
+        out.status.success(),
+        "{target}: etcdctl get over mTLS: {out:?}"
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "greeting\nhello\n");
 
-    // Only the CA, no client certificate: refused.
+    // Only the CA, no client certificate: refused, nothing printed on stdout.
     let ca_only = vec![format!("--cacert={}", pki.arg("ca.pem"))];
     let out = etcdctl(&endpoint, &ca_only, &["get", "greeting"]);
     assert!(
         !out.status.success(),
-        "etcdctl without a client certificate must fail: {out:?}"
+        "{target}: etcdctl without a client certificate must fail: {out:?}"
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    // Plaintext to a TLS listener: refused.
+    let plain = format!("http://{}", addr(&server));
+    let out = etcdctl(&plain, &[], &["get", "greeting"]);
+    assert!(
+        !out.status.success(),
+        "{target}: plaintext must fail: {out:?}"
+    );
+}
+
+mod etcdctl_over_mtls {
+    #[test]
+    fn keywatch() {
+        super::etcdctl_over_mtls(super::Target::Keywatch);
+    }
+    #[test]
+    fn etcd() {
+        super::etcdctl_over_mtls(super::Target::Etcd);
+    }
 }
 
 /// Runs the binary with `args`; it must exit non-zero before binding, saying `expected`.

@@ -364,7 +364,7 @@ impl Server {
         });
         drain(stderr, self.log.clone(), |_| None);
         match ready.recv_timeout(GUARD) {
-            Ok(addr) => self.endpoint = format!("http://{addr}"),
+            Ok(addr) => self.endpoint = format!("{}://{addr}", self.scheme()),
             Err(_) => panic!(
                 "watch-server printed no `watch-server listening on` line ({}):\n{}",
                 self.name,
@@ -375,7 +375,7 @@ impl Server {
 
     fn launch_etcd(&mut self) -> Result<(), String> {
         let (client, peer) = *self.etcd_ports.get_or_insert_with(free_ports);
-        let client_url = format!("http://127.0.0.1:{client}");
+        let client_url = format!("{}://127.0.0.1:{client}", self.scheme());
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
@@ -410,6 +410,17 @@ impl Server {
                 Err(self.log.dump())
             }
         }
+    }
+
+    /// `https` when the server was given a certificate by flag (both servers name it
+    /// `--cert-file`) or by keywatch's environment variable, else `http`.
+    fn scheme(&self) -> &'static str {
+        let by_flag = self.extra_args.iter().any(|a| a == "--cert-file");
+        let by_env = self
+            .extra_env
+            .iter()
+            .any(|(k, _)| k == "KEYWATCH_CERT_FILE");
+        if by_flag || by_env { "https" } else { "http" }
     }
 
     /// True when etcdctl is on PATH; otherwise the case is skipped (see [`tools_present`]).
