@@ -384,6 +384,39 @@ mod tests {
     }
 
     #[test]
+    fn security_settings_merge_and_validate() {
+        // Client cert auth without a certificate is refused whichever source sets it.
+        let file: FileConfig = toml::from_str("client_cert_auth = true").unwrap();
+        let err = ServerConfig::merge(Cli::default(), file).unwrap_err();
+        assert!(err.to_string().contains("need TLS"), "{err}");
+        // The flag beats the file.
+        let file: FileConfig = toml::from_str("client_cert_auth = true").unwrap();
+        let cli = Cli {
+            client_cert_auth: Some(false),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, file).unwrap().tls.is_none());
+
+        let hash = crate::auth::hash_password("pw", 4).unwrap();
+        let text = format!("auth_token_ttl = \"2m\"\n[auth.users.a]\npassword_hash = \"{hash}\"\n");
+        let c = ServerConfig::merge(Cli::default(), toml::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(120));
+        let cli = Cli {
+            auth_token_ttl: Some("7".into()),
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, toml::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(7));
+        // No [auth]: authentication off.
+        assert!(
+            ServerConfig::merge(Cli::default(), FileConfig::default())
+                .unwrap()
+                .auth
+                .is_none()
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
         let cli = Cli {
