@@ -386,6 +386,12 @@ fn bad_tls_config_is_refused_before_binding() {
         ],
         "invalid cert_file",
     );
+    // A key that is not the certificate's.
+    let other_key = pki.arg("client.key");
+    refuses_to_start(
+        &["--cert-file", &cert, "--key-file", &other_key],
+        "KeyMismatch",
+    );
     refuses_to_start(
         &[
             "--cert-file",
