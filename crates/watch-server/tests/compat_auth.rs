@@ -811,3 +811,58 @@ async fn hash_password_subcommand_makes_a_usable_hash() {
         "the line ending is not part of the password"
     );
 }
+
+/// Runs etcdctl and returns (exit code, stdout, stderr).
+fn ctl(s: &Secured, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = s.server.etcdctl_output(args, "");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// etcdctl --user end to end: what it prints and how it exits must match etcd's.
+async fn etcdctl_with_users(s: Secured) {
+    if !s.server.has_etcdctl() {
+        return;
+    }
+    let alice = "--user=alice:alicepw";
+    assert_eq!(ctl(&s, &[alice, "put", "/app/e", "1"]).1, "OK\n");
+    assert_eq!(ctl(&s, &[alice, "get", "/app/e"]).1, "/app/e\n1\n");
+    let (code, out, err) = ctl(&s, &[alice, "get", "/other"]);
+    assert_eq!((code, out.as_str()), (Some(1), ""), "{err}");
+    assert!(
+        err.contains("Error: etcdserver: permission denied"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&s, &["get", "/app/e"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Error: etcdserver: user name is empty"),
+        "{err}"
+    );
+    // A failed login is a connection error for etcdctl: exit code 2.
+    let (code, _, err) = ctl(&s, &["--user=alice:wrong", "get", "/app/e"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("Error: etcdserver: authentication failed, invalid user ID or password"),
+        "{err}"
+    );
+    // A refused watch: etcdctl prints the cancel reason and exits with its code 5.
+    let (code, out, err) = ctl(&s, &[alice, "watch", "/other", "--prefix"]);
+    assert_eq!(code, Some(5), "{out}{err}");
+    // Both lines go to stderr.
+    assert_eq!(out, "");
+    assert!(
+        err.contains(
+            "watch was canceled (rpc error: code = PermissionDenied desc = etcdserver: permission denied)\n"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("Error: watch is canceled by the server"),
+        "{err}"
+    );
+}
+auth_test!(etcdctl_with_users);
