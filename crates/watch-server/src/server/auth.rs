@@ -45,9 +45,17 @@ impl pb::auth_server::Auth for AuthService {
         let Some(auth) = self.gate.auth() else {
             return Err(EtcdError::AuthNotEnabled.status());
         };
+        let peer = request.remote_addr();
         let r = request.into_inner();
-        let token = auth.authenticate(&r.name, &r.password).await?;
-        tracing::debug!(user = %r.name, "authenticated");
+        let token = match auth.authenticate(&r.name, &r.password).await {
+            Ok(token) => token,
+            Err(status) => {
+                // Operators watch these for password guessing; the password is never logged.
+                tracing::info!(user = %r.name, ?peer, code = ?status.code(), "authentication failed");
+                return Err(status);
+            }
+        };
+        tracing::debug!(user = %r.name, ?peer, "authenticated");
         Ok(Response::new(pb::AuthenticateResponse {
             header: self.header(),
             token,
