@@ -8,7 +8,8 @@
 //!   engine, with the event log as the watch history. No protobuf types in its API.
 //! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList, Auth's
 //!   Authenticate and AuthStatus; Lease answers with a clear status), a thin translation over
-//!   the store.
+//!   the store, plus gRPC health ([`server::HealthHandle`]) and reflection, Prometheus metrics
+//!   ([`server::metrics`]) and the startup/shutdown lifecycle ([`server::Server`]).
 //! - [`auth`]: users and roles from the config file, tokens, and the key-range permission
 //!   check every KV request and watch create passes ([`auth::Gate`]).
 //! - [`tls`]: TLS and mutual TLS for the listener (rustls through tonic).

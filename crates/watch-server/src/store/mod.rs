@@ -28,6 +28,7 @@
 //! [`Store::open`] spawns two tasks on the current tokio runtime: the watch engine's dispatcher
 //! and the publisher. [`Store::close`] (or dropping every clone) stops both.
 
+mod clock;
 mod snapshot;
 mod state;
 pub mod types;
@@ -152,6 +153,8 @@ struct Inner {
     closed: AtomicBool,
     /// The publisher and the dispatcher, awaited by `close` (publisher first).
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// When recent revisions were published (written by the publisher, for metrics).
+    published: Arc<clock::PublishClock>,
 }
 
 impl Drop for Inner {
@@ -275,7 +278,13 @@ impl Store {
             failed: None,
         });
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
-        let publisher = tokio::spawn(publish_loop(rx, engine.clone(), durable_tx));
+        let published = Arc::new(clock::PublishClock::new());
+        let publisher = tokio::spawn(publish_loop(
+            rx,
+            engine.clone(),
+            durable_tx,
+            published.clone(),
+        ));
         let compacted = log.compacted_revision();
         tracing::info!(
             dir = %dir.display(),
@@ -299,8 +308,21 @@ impl Store {
                 snapshot_revision: AtomicU64::new(snap_rev),
                 closed: AtomicBool::new(false),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
+                published,
             }),
         })
+    }
+
+    /// Time since `revision` was published to the watch engine, if it is one of the last 4096
+    /// revisions (for the publish→deliver latency metric).
+    pub fn publish_elapsed(&self, revision: Revision) -> Option<Duration> {
+        self.inner.published.elapsed(revision)
+    }
+
+    /// Installs the observer of the event log's commits (batch sizes, commit latency, failures;
+    /// see [`event_log::LogObserver`]). Only the first call has an effect; returns false after.
+    pub fn set_log_observer(&self, observer: Arc<dyn event_log::LogObserver>) -> bool {
+        self.inner.log.set_observer(observer)
     }
 
     /// The data directory.
@@ -714,11 +736,13 @@ async fn publish_loop(
     mut rx: mpsc::Receiver<Pending>,
     engine: WatchEngine,
     durable: watch::Sender<Durable>,
+    published: Arc<clock::PublishClock>,
 ) {
     while let Some((cs, ack)) = rx.recv().await {
         let revision = cs.revision;
         match ack.await {
             Ok(_) if durable.borrow().failed.is_none() => {
+                published.record(revision);
                 if let Err(e) = engine.publish(cs) {
                     // A bug (revisions are allocated under the write lock); the write is
                     // durable, only its delivery is lost, so say so loudly.
