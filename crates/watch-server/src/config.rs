@@ -126,13 +126,15 @@ pub struct Cli {
     /// they are cut and the store is closed, e.g. 10s (default 10s).
     #[arg(long, env = "KEYWATCH_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
-    /// TLS: the server certificate (PEM); with --key-file, clients must use https://.
+    /// TLS: the server certificate (PEM); with --key-file, clients must use https:// (default
+    /// none: plain TCP).
     #[arg(long, env = "KEYWATCH_CERT_FILE")]
     pub cert_file: Option<PathBuf>,
-    /// TLS: the server certificate's private key (PEM).
+    /// TLS: the server certificate's private key (PEM) (default none).
     #[arg(long, env = "KEYWATCH_KEY_FILE")]
     pub key_file: Option<PathBuf>,
-    /// TLS: the CA (PEM) client certificates must chain to (used with --client-cert-auth).
+    /// TLS: the CA (PEM) client certificates must chain to, for --client-cert-auth (default
+    /// none).
     #[arg(long, env = "KEYWATCH_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<PathBuf>,
     /// TLS: require every client to present a certificate signed by --trusted-ca-file
