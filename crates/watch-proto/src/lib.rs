@@ -74,7 +74,7 @@ pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
 }
 
-/// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (both packages, with source
+/// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source
 /// info), as a gRPC reflection service expects it.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/etcd_descriptor_set.bin"));
