@@ -217,6 +217,12 @@ impl WatchMetrics {
         self.events.inc_by(events as u64);
     }
 
+    /// (events, responses) counted as sent.
+    #[cfg(test)]
+    pub(crate) fn sent_counts(&self) -> (u64, u64) {
+        (self.events.get(), self.responses.get())
+    }
+
     pub(crate) fn publish_to_send(&self, elapsed: Duration) {
         self.publish_to_send.observe(elapsed.as_secs_f64());
     }

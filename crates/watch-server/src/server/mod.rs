@@ -12,8 +12,10 @@
 //!    installed and health turns SERVING.
 //! 3. When the shutdown future resolves (or the store fails: fail-stop) health turns
 //!    NOT_SERVING, the transport stops accepting, every watch stream ends with UNAVAILABLE
-//!    "etcdserver: server stopped", in-flight requests finish and the store is closed (the
-//!    event log flushed and fsynced).
+//!    "etcdserver: server stopped", in-flight requests finish (for at most
+//!    `shutdown_timeout`; then their connections are cut, so no connection task outlives
+//!    [`Server::run`]) and the store is closed (the event log flushed and fsynced). The
+//!    metrics endpoint is waited for after that, bounded the same way.
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
 
@@ -185,7 +187,8 @@ impl Server {
 
     /// Serves until `shutdown` resolves or the store fails, then shuts down gracefully (see the
     /// module docs): health NOT_SERVING, stop accepting, end every watch stream, let in-flight
-    /// requests finish, close the store (flushing the log). Returns the store's failure if it
+    /// requests finish (at most `shutdown_timeout`, then cut their connections), close the
+    /// store (flushing the log), stop the metrics endpoint (same bound). Returns the store's failure if it
     /// failed, or its open error if it could not be opened.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let Server {

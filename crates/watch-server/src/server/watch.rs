@@ -637,3 +637,53 @@ impl WatchStream {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Durability, StoreConfig};
+
+    fn event_response(n: usize) -> pb::WatchResponse {
+        pb::WatchResponse {
+            watch_id: 1,
+            events: vec![Default::default(); n],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_counted_only_once_the_stream_took_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            StoreConfig::default().durability(Durability::NoSync),
+        )
+        .await
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = WatchMetrics::default();
+        let stream = WatchStream {
+            store: store.clone(),
+            settings: WatchSettings {
+                max_watchers_per_stream: 10,
+                watch_buffer: 16,
+                max_request_bytes: 1 << 20,
+            },
+            out: tx,
+            watches: SelectAll::new(),
+            meta: HashMap::new(),
+            next_id: 0,
+            progress: None,
+            metrics: metrics.clone(),
+        };
+        assert!(stream.send_events(event_response(2), None).await.is_ok());
+        assert!(rx.recv().await.is_some());
+        assert_eq!(metrics.sent_counts(), (2, 1));
+        // The client is gone: the send fails and nothing is counted.
+        drop(rx);
+        assert!(stream.send_events(event_response(3), None).await.is_err());
+        assert_eq!(metrics.sent_counts(), (2, 1));
+        drop(stream);
+        store.close().await.unwrap();
+    }
+}
