@@ -68,6 +68,9 @@ pub enum EtcdError {
     InvalidAuthToken,
     /// The user's roles do not grant the access the request needs.
     PermissionDenied,
+    /// keywatch's own (etcd has no such state): the server is up but still opening its data
+    /// directory (event-log replay); UNAVAILABLE, so clients retry.
+    Starting,
 }
 
 impl EtcdError {
@@ -91,7 +94,7 @@ impl EtcdError {
             Self::PermissionDenied => Code::PermissionDenied,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::LeaseNotFound => Code::NotFound,
-            Self::NoLeader | Self::Stopped => Code::Unavailable,
+            Self::NoLeader | Self::Stopped | Self::Starting => Code::Unavailable,
             Self::AuthNotEnabled => Code::FailedPrecondition,
             Self::Corrupt => Code::DataLoss,
         }
@@ -122,6 +125,10 @@ impl EtcdError {
             Self::AuthFailed => "etcdserver: authentication failed, invalid user ID or password",
             Self::InvalidAuthToken => "etcdserver: invalid auth token",
             Self::PermissionDenied => "etcdserver: permission denied",
+            Self::Starting => {
+                "keywatch: starting: the data directory is being opened (event log replay); \
+                 retry shortly"
+            }
         }
     }
 
@@ -334,6 +341,12 @@ mod tests {
             EtcdError::DuplicateWatchId.into(),
             Code::InvalidArgument,
             "mvcc: duplicate watch ID provided on the WatchStream",
+        );
+        check(
+            EtcdError::Starting.into(),
+            Code::Unavailable,
+            "keywatch: starting: the data directory is being opened (event log replay); \
+             retry shortly",
         );
         check(
             EtcdError::UserEmpty.into(),
