@@ -28,6 +28,7 @@
 //! [`Store::open`] spawns two tasks on the current tokio runtime: the watch engine's dispatcher
 //! and the publisher. [`Store::close`] (or dropping every clone) stops both.
 
+mod mirror;
 mod snapshot;
 mod state;
 pub mod types;
@@ -45,6 +46,7 @@ use watch_core::{
 };
 
 use crate::error::StoreError;
+pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
 pub use types::*;
@@ -150,6 +152,9 @@ struct Inner {
     /// Revision of the snapshot on disk (0: none).
     snapshot_revision: AtomicU64,
     closed: AtomicBool,
+    /// Set once when the store becomes an upstream's mirror ([`Store::set_mirror`]): local
+    /// writes are then refused and watches must stay inside the scope.
+    mirror: std::sync::OnceLock<MirrorScope>,
     /// The publisher and the dispatcher, awaited by `close` (publisher first).
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -276,7 +281,8 @@ impl Store {
         });
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
         let publisher = tokio::spawn(publish_loop(rx, engine.clone(), durable_tx));
-        let compacted = log.compacted_revision();
+        // A mirror's floor (see `mirror`): history below it was never mirrored.
+        let compacted = log.compacted_revision().max(mirror::load_floor(&dir)?);
         tracing::info!(
             dir = %dir.display(),
             revision,
@@ -298,6 +304,7 @@ impl Store {
                 compacted: AtomicU64::new(compacted),
                 snapshot_revision: AtomicU64::new(snap_rev),
                 closed: AtomicBool::new(false),
+                mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
             }),
         })
@@ -556,6 +563,7 @@ impl Store {
     /// writes nothing does not create one.
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {
         state::validate_txn(&req, self.inner.config.max_txn_ops)?;
+        self.check_writable()?;
         let guard = self.inner.write_lock.lock().await;
         self.check_open()?;
         // State cannot change while `write_lock` is held, so this revision stays current.
@@ -605,6 +613,7 @@ impl Store {
     /// previous compaction and with [`StoreError::FutureRevision`] above the current revision.
     /// Returns the store revision the compaction was judged against (durable) once it is persisted.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
+        self.check_writable()?;
         let _c = self.inner.compact_lock.lock().await;
         self.check_open()?;
         let compacted = self.compacted_revision();
@@ -658,6 +667,7 @@ impl Store {
         options: WatchOptions,
     ) -> Result<WatchHandle, StoreError> {
         self.check_closed()?;
+        self.check_mirror_watch(&selector)?;
         let compacted = self.compacted_revision();
         if options.start_revision != 0 && options.start_revision < compacted {
             return Err(StoreError::Compacted {
