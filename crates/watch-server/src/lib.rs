@@ -9,6 +9,8 @@
 //! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList; Lease
 //!   and Auth answer with a clear status), a thin translation over the store.
 //! - [`config`]: the binary's flags, environment variables and TOML file.
+//! - [`mirror`]: mirror mode (`--upstream`): the store follows an etcd cluster through one
+//!   upstream watch and serves watchers and reads locally (docs/cluster.md).
 //!
 //! Embedding the store (no network hop):
 //!
@@ -53,6 +55,7 @@
 
 pub mod config;
 pub mod error;
+pub mod mirror;
 pub mod server;
 pub mod store;
 

@@ -14,6 +14,7 @@ use watch_proto::etcdserverpb as pb;
 
 use crate::config::ServerConfig;
 use crate::error::StoreError;
+use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
 use crate::store::Store;
 
 pub use kv::KvService;
@@ -38,6 +39,12 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Mirror mode could not start, or stopped for good (another cluster, store failure).
+    #[error("mirror: {0}")]
+    Mirror(#[from] MirrorError),
+    /// The mirror stopped for good while serving.
+    #[error("mirror stopped: {0}")]
+    MirrorStopped(String),
 }
 
 /// A started server: the store is open and the socket bound. Serve with [`Server::run`].
@@ -47,6 +54,8 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     config: ServerConfig,
+    /// Mirror mode's sync task (`config.upstream` set).
+    mirror: Option<Mirror>,
 }
 
 impl Server {
@@ -69,12 +78,22 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
+        let mirror = match config.mirror_config() {
+            Some(m) => Some(Mirror::start(store.clone(), m)?),
+            None => None,
+        };
         Ok(Server {
             store,
             listener,
             addr,
             config,
+            mirror,
         })
+    }
+
+    /// The mirror in mirror mode (its status feeds health checks and metrics).
+    pub fn mirror(&self) -> Option<&Mirror> {
+        self.mirror.as_ref()
     }
 
     /// The address actually bound (useful with port 0).
@@ -96,14 +115,25 @@ impl Server {
             listener,
             addr,
             config,
+            mirror,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-        let kv =
+        // Mirror mode replaces KV and Lease with services that forward to etcd.
+        let kv = mirror.is_none().then(|| {
             pb::kv_server::KvServer::new(KvService::new(store.clone(), config.max_request_bytes))
                 .max_decoding_message_size(recv_limit)
-                .max_encoding_message_size(usize::MAX);
+                .max_encoding_message_size(usize::MAX)
+        });
+        let mirror_kv = mirror.as_ref().map(|m| {
+            pb::kv_server::KvServer::new(MirrorKvService::new(m.clone(), config.max_request_bytes))
+                .max_decoding_message_size(recv_limit)
+                .max_encoding_message_size(usize::MAX)
+        });
+        let mirror_lease = mirror
+            .as_ref()
+            .map(|m| pb::lease_server::LeaseServer::new(MirrorLeaseService::new(m.clone())));
         let watch = pb::watch_server::WatchServer::new(WatchService::new(
             store.clone(),
             WatchSettings {
@@ -121,15 +151,30 @@ impl Server {
             store.clone(),
             format!("http://{addr}"),
         ));
-        let lease = pb::lease_server::LeaseServer::new(LeaseService);
+        let lease = mirror
+            .is_none()
+            .then(|| pb::lease_server::LeaseServer::new(LeaseService));
         let auth = pb::auth_server::AuthServer::new(AuthService);
 
         let failed_store = store.clone();
+        let failed_mirror = mirror.clone();
+        let mirror_stopped = std::sync::Arc::new(parking_lot::Mutex::new(None));
+        let mirror_stopped2 = mirror_stopped.clone();
         let stop = async move {
+            let mirror_failed = async {
+                match &failed_mirror {
+                    Some(m) => m.failed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown => tracing::info!("shutdown requested"),
                 msg = failed_store.failed() => {
                     tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
+                }
+                msg = mirror_failed => {
+                    tracing::error!(error = %msg, "mirror stopped; shutting down");
+                    *mirror_stopped2.lock() = Some(msg);
                 }
             }
             // Ends every watch stream so the transport's graceful shutdown can complete.
@@ -139,11 +184,13 @@ impl Server {
         let served = tonic::transport::Server::builder()
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
-            .add_service(kv)
+            .add_optional_service(kv)
+            .add_optional_service(mirror_kv)
             .add_service(watch)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_service(lease)
+            .add_optional_service(lease)
+            .add_optional_service(mirror_lease)
             .add_service(auth)
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
@@ -153,9 +200,15 @@ impl Server {
                 stop,
             )
             .await;
+        if let Some(m) = &mirror {
+            m.stop();
+        }
         let failure = store.failure();
         let closed = store.close().await;
         served?;
+        if let Some(message) = mirror_stopped.lock().take() {
+            return Err(ServerError::MirrorStopped(message));
+        }
         if let Some(message) = failure {
             return Err(StoreError::Failed { message }.into());
         }
