@@ -349,18 +349,18 @@ fn change_sets(events: &[mvccpb::Event], inner: &Inner) -> Result<Vec<ChangeSet>
                 )));
             }
             _ => {
-                if let Some(done) = current.take() {
-                    if !done.events.is_empty() {
-                        out.push(done);
-                    }
+                if let Some(done) = current.take()
+                    && !done.events.is_empty()
+                {
+                    out.push(done);
                 }
                 current = Some(ChangeSet::new(rev, Vec::new()));
             }
         }
-        if inner.scope.contains_key(e.key()) {
-            if let Some(cs) = &mut current {
-                cs.events.push(e);
-            }
+        if inner.scope.contains_key(e.key())
+            && let Some(cs) = &mut current
+        {
+            cs.events.push(e);
         }
     }
     out.extend(current);
