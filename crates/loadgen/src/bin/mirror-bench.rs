@@ -157,7 +157,8 @@ async fn idle_watchers(url: &str, offset: usize, n: usize) -> Result<Vec<Held>> 
             .await?
             .into_inner();
         for _ in 0..k {
-            tx.send(create(format!("/idle/{i}").as_bytes(), b"")).await?;
+            tx.send(create(format!("/idle/{i}").as_bytes(), b""))
+                .await?;
             i += 1;
         }
         let mut created = 0;
@@ -307,14 +308,18 @@ async fn main() -> Result<()> {
         }
         opened = n.max(opened);
         let upstream_watchers = watcher_total(&client_ports)?;
-        let rss: Vec<u64> = replicas.iter().map(|(p, _)| rss_kib(p.child.id())).collect();
+        let rss: Vec<u64> = replicas
+            .iter()
+            .map(|(p, _)| rss_kib(p.child.id()))
+            .collect();
         // Latency: one probe per replica and one on etcd itself.
         let mut probes = Vec::new();
         let urls = std::iter::once(upstream[1].clone()).chain(replicas.iter().map(|r| r.1.clone()));
         for url in urls {
             let (tx, rx) = tokio::sync::oneshot::channel();
             probes.push(tokio::spawn(probe(url, args.writes, tx)));
-            rx.await.context("probe failed before its watch was created")?;
+            rx.await
+                .context("probe failed before its watch was created")?;
         }
         let sent = Arc::new(Mutex::new(HashMap::new()));
         let period = Duration::from_micros(1_000_000 / args.rate.max(1));
@@ -331,7 +336,9 @@ async fn main() -> Result<()> {
                 .await?
                 .into_inner();
             let rev = r.header.map(|h| h.revision).unwrap_or(0);
-            sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.insert(rev, t);
+            sent.lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .insert(rev, t);
         }
         let sent = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
         let mut hists = Vec::new();

@@ -266,6 +266,8 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
         .map_err(retry("opening the upstream watch"))?
         .into_inner();
     let trusted = inner.progress_trusted.load(Ordering::Acquire);
+    // The ID etcd gave the watch (the one asked for, unless the server ignores the field).
+    let mut watch_id = WATCH_ID;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -298,6 +300,7 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
             )));
         }
         if resp.created {
+            watch_id = resp.watch_id;
             *opened = true;
             inner.status.send_modify(|s| {
                 s.state = MirrorState::Connected;
@@ -309,7 +312,7 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
         if resp.events.is_empty() {
             // A progress notification: every event up to its revision was sent. Periodic ones
             // (our watch ID) are ordered with events; requested ones (-1) only when trusted.
-            if resp.watch_id == WATCH_ID || trusted {
+            if resp.watch_id == watch_id || trusted {
                 let rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
                 let rev = u64::try_from(rev).unwrap_or(0);
                 if rev > store.current_revision() {
