@@ -9,6 +9,9 @@
 //! Also checked: etcd holds exactly one watcher per replica whatever the downstream count, and
 //! every write acknowledged by a replica is visible in that replica's next serializable read.
 //!
+//! `leases_are_forwarded`: Lease RPCs (keep-alive stream included) go to etcd and a revoke
+//! reaches the mirror as DELETE events.
+//!
 //! `compaction_past_the_mirror_resyncs`: a replica down while etcd compacts past its position
 //! comes back from a fresh snapshot and refuses older watch starts with the compacted error.
 //!
@@ -976,4 +979,86 @@ async fn compaction_past_the_mirror_resyncs() {
         floor > compact_at.max(before + 1),
         "compact revision {floor} must be the mirror's new floor (etcd compacted at {compact_at})"
     );
+}
+
+/// Lease RPCs through a replica reach etcd (grant, keep-alive stream, time-to-live, revoke),
+/// and the deletions of a revoked lease arrive through the mirror as ordinary DELETE events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_forwarded() {
+    use watch_proto::etcdserverpb::lease_client::LeaseClient;
+    if !etcd_present("mirror::leases_are_forwarded") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| Cluster::start(1));
+    let r = tokio::task::block_in_place(|| Replica::start("l", &cluster.url(0), &["/m/"]));
+    let start = caught_up(&r.url(), "/m/l").await + 1;
+    let ch = channel(&r.url()).await.expect("connect");
+    let mut lease = LeaseClient::new(ch.clone());
+    let id = lease
+        .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("grant through the replica")
+        .into_inner()
+        .id;
+    assert!(id > 0);
+    let (ka_tx, ka_rx) = tokio::sync::mpsc::channel(1);
+    ka_tx
+        .send(pb::LeaseKeepAliveRequest { id })
+        .await
+        .expect("queue");
+    let mut ka = lease
+        .lease_keep_alive(ReceiverStream::new(ka_rx))
+        .await
+        .expect("keep-alive stream")
+        .into_inner();
+    let renewed = ka.message().await.expect("keep-alive").expect("open");
+    assert_eq!(renewed.id, id);
+    assert!(renewed.ttl > 0);
+    let put = KvClient::new(ch.clone())
+        .put(pb::PutRequest {
+            key: "/m/l".into(),
+            value: "leased".into(),
+            lease: id,
+            ..Default::default()
+        })
+        .await
+        .expect("leased put")
+        .into_inner();
+    let ttl = lease
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+        .await
+        .expect("time to live")
+        .into_inner();
+    assert_eq!(ttl.keys, vec![bytes::Bytes::from_static(b"/m/l")]);
+    lease
+        .lease_revoke(pb::LeaseRevokeRequest { id })
+        .await
+        .expect("revoke through the replica");
+    // An unknown lease: etcd's own status comes back unchanged.
+    let err = lease
+        .lease_revoke(pb::LeaseRevokeRequest { id })
+        .await
+        .expect_err("revoked twice");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::key("/m/l").create(start))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let m = tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("events in time")
+            .expect("stream")
+            .expect("open");
+        events.extend(m.events.iter().map(|e| ev(e, false)));
+    }
+    let put_rev = put.header.map(|h| h.revision).unwrap_or(0);
+    assert_eq!((events[0].delete, events[0].modified), (false, put_rev));
+    assert!(events[1].delete && events[1].modified > put_rev);
 }
