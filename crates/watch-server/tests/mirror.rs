@@ -7,7 +7,7 @@
 //! downstream watcher's stream is then compared with the history read from etcd itself: same
 //! revisions, same events and values, no gap, no duplicate, each revision in one response.
 //! Also checked: etcd holds exactly one watcher per replica whatever the downstream count, and
-//! every write acknowledged by a replica is visible in that replica's next serializable read.
+//! every write acknowledged by a replica is readable from that replica at its revision.
 //!
 //! `leases_are_forwarded`: Lease RPCs (keep-alive stream included) go to etcd and a revoke
 //! reaches the mirror as DELETE events.
@@ -1061,4 +1061,38 @@ async fn leases_are_forwarded() {
     let put_rev = put.header.map(|h| h.revision).unwrap_or(0);
     assert_eq!((events[0].delete, events[0].modified), (false, put_rev));
     assert!(events[1].delete && events[1].modified > put_rev);
+
+    // Keys outside the mirrored prefixes: writes and reads go to etcd, watches are refused.
+    let mut kv = KvClient::new(channel(&r.url()).await.expect("connect"));
+    kv.put(pb::PutRequest {
+        key: "/x/out".into(),
+        value: "outside".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("forwarded put");
+    let got = kv
+        .range(pb::RangeRequest {
+            key: "/x/out".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("forwarded range")
+        .into_inner();
+    assert_eq!(got.kvs[0].value, bytes::Bytes::from_static(b"outside"));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/x/", false).create(0))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let refused = s.message().await.expect("stream").expect("open");
+    assert!(refused.canceled, "{refused:?}");
+    assert!(
+        refused.cancel_reason.contains("mirrored prefixes"),
+        "{refused:?}"
+    );
 }
