@@ -347,6 +347,20 @@ impl Replica {
     fn url(&self) -> String {
         self.endpoint.lock().unwrap().clone()
     }
+
+    /// Polls the replica's log until its upstream watch is open (it answers linearizable
+    /// reads from its snapshot already before that).
+    async fn await_upstream_watch(&self) {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while !self.log.dump().contains("upstream watch open") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {} never opened its upstream watch",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Replica {
@@ -825,6 +839,8 @@ async fn failover_keeps_every_stream_exact() {
         }
         idle.push((tx, s));
     }
+    a.await_upstream_watch().await;
+    b.await_upstream_watch().await;
     assert_eq!(
         cluster.watcher_total(),
         2,

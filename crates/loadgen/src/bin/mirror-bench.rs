@@ -298,6 +298,15 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // A replica answers linearizable reads from its snapshot before its upstream watch is
+    // open: wait for etcd to count one watcher per replica.
+    let deadline = Instant::now() + GUARD;
+    while watcher_total(&client_ports)? < args.replicas as u64 {
+        if Instant::now() > deadline {
+            bail!("the replicas' upstream watches never opened");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut writer = KvClient::new(connect(&upstream[0]).await?);
     let mut rows = Vec::new();
     let mut kept = Vec::new();
