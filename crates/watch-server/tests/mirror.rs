@@ -15,6 +15,9 @@
 //! `compaction_past_the_mirror_resyncs`: a replica down while etcd compacts past its position
 //! comes back from a fresh snapshot and refuses older watch starts with the compacted error.
 //!
+//! `live_resync_cancels_downstream_watchers`: the same while the replica runs: its open
+//! downstream watcher ends with the compacted cancel at the new floor.
+//!
 //! Skipped with a `SKIPPED` line when etcd is not installed; failing when
 //! `KEYWATCH_REQUIRE_ETCD=1`.
 
@@ -1111,4 +1114,81 @@ async fn leases_are_forwarded() {
         refused.cancel_reason.contains("mirrored prefixes"),
         "{refused:?}"
     );
+}
+
+/// The live path of a resync: a running replica whose only endpoint is down while etcd
+/// compacts past its position reconnects, finds its revision compacted, reloads a snapshot
+/// and cancels its open downstream watcher with the new floor, as etcd would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_resync_cancels_downstream_watchers() {
+    if !etcd_present("mirror::live_resync_cancels_downstream_watchers") {
+        return;
+    }
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(3));
+    let r = tokio::task::block_in_place(|| Replica::start("r", &cluster.url(0), &["/m/"]));
+    let eps = [r.endpoint.clone()];
+    phase(&cluster, &eps, 0, 6).await;
+    let at = caught_up(&r.url(), "/m/k1").await;
+    r.await_upstream_watch().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(at + 1))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(s.message().await.expect("stream").expect("open").created);
+    // The replica's only endpoint goes away; the other two members keep a quorum.
+    cluster.kill(0);
+    let others = vec![cluster.url(1), cluster.url(2)];
+    assert!(etcd_writer(others.clone(), 100, 20).await > 0);
+    let compact_at = with_kv(&others[0], async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/k1".into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .expect("etcd read")
+    .into_inner()
+    .header
+    .map(|h| h.revision)
+    .unwrap_or(0);
+    with_kv(&others[0], async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: compact_at,
+            physical: true,
+        })
+        .await
+    })
+    .await
+    .expect("compact etcd");
+    tokio::task::block_in_place(|| cluster.restart(0));
+    // The open downstream watcher ends as compacted, at the replica's new floor; never with
+    // events that skip the revisions the replica missed.
+    let end = loop {
+        let m = tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("a cancel in time")
+            .expect("stream")
+            .expect("open");
+        assert!(
+            m.events.is_empty() || m.canceled,
+            "events delivered across the compacted gap: {m:?}"
+        );
+        if m.canceled {
+            break m;
+        }
+    };
+    assert!(
+        end.compact_revision > compact_at,
+        "compact revision {} must be above etcd's compaction {compact_at}",
+        end.compact_revision
+    );
+    let now = caught_up(&r.url(), "/m/k1").await;
+    assert!(now >= compact_at);
+    drop(tx);
 }
