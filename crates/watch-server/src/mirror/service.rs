@@ -113,7 +113,9 @@ impl pb::kv_server::Kv for MirrorKvService {
         if !self.mirror.scope().covers_range(&req.range) {
             return self.upstream().range(r).await;
         }
-        if !r.serializable {
+        // A past revision the mirror already holds is immutable: no barrier needed.
+        let held = req.revision != 0 && req.revision <= self.mirror.store().current_revision();
+        if !r.serializable && !held {
             let probe = pb::RangeRequest {
                 key: r.key.clone(),
                 count_only: true,
