@@ -361,6 +361,12 @@ impl Mirror {
         }
     }
 
+    /// True when the upstream in use orders requested progress notifications with events
+    /// (see the module docs).
+    pub fn progress_trusted(&self) -> bool {
+        self.inner.progress_trusted.load(Ordering::Acquire)
+    }
+
     /// A channel to the endpoint in use, for forwarded requests.
     fn channel(&self) -> Channel {
         let i = self.inner.current.load(Ordering::Acquire) % self.inner.channels.len();

@@ -7,7 +7,8 @@
 //! - `Range` reaching outside the mirrored prefixes: forwarded to etcd as is.
 //! - `Put`, `DeleteRange`, `Txn`, `Compact` and every Lease RPC: forwarded to etcd; etcd's
 //!   response or gRPC status is returned unchanged. A write that changed a mirrored key returns
-//!   only once the mirror applied its revision (read-your-writes through the same replica).
+//!   only once the mirror applied its revision (read-your-writes through the same replica);
+//!   with an upstream whose requested progress notifications are ordered, every write does.
 //!   `Compact` compacts etcd only: the mirror keeps its own history.
 
 use std::pin::Pin;
@@ -51,13 +52,18 @@ impl MirrorKvService {
         KvClient::new(self.mirror.channel()).max_decoding_message_size(usize::MAX)
     }
 
-    /// Waits for the mirror to apply `revision` when the write changed a mirrored key.
+    /// Waits for the mirror to apply the write's revision when the write changed a mirrored
+    /// key (its own event advances the mirror), or for any write when the upstream's requested
+    /// progress notifications are ordered (one progress round trip advances the mirror past a
+    /// revision of other keys). Otherwise (etcd < 3.4.25 / 3.5.8 and no mirrored key changed)
+    /// it returns at once: waiting would last until the next periodic notification.
     async fn after_write(
         &self,
         header: Option<&pb::ResponseHeader>,
         changed: bool,
     ) -> Result<(), Status> {
         let revision = header.map(|h| h.revision).unwrap_or(0);
+        let changed = changed || self.mirror.progress_trusted();
         match (changed, u64::try_from(revision)) {
             (true, Ok(r)) if r > 0 => self.mirror.wait_for(r).await,
             _ => Ok(()),
