@@ -118,6 +118,10 @@ pub struct Cli {
     /// Mirror mode: keys per page of the snapshot read from etcd (default 1000).
     #[arg(long, env = "KEYWATCH_UPSTREAM_SNAPSHOT_PAGE")]
     pub upstream_snapshot_page: Option<usize>,
+    /// Mirror mode: keep the local history of the last this many etcd revisions and compact
+    /// the rest (default: keep everything).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_RETAIN_REVISIONS")]
+    pub upstream_retain_revisions: Option<u64>,
 }
 
 /// The config file's keys; every key is optional.
@@ -139,6 +143,7 @@ pub struct FileConfig {
     pub upstream_prefix: Option<Vec<String>>,
     pub upstream_barrier_timeout: Option<String>,
     pub upstream_snapshot_page: Option<usize>,
+    pub upstream_retain_revisions: Option<u64>,
 }
 
 /// The resolved server configuration.
@@ -173,6 +178,8 @@ pub struct ServerConfig {
     pub upstream_barrier_timeout: Duration,
     /// Mirror mode: keys per snapshot page.
     pub upstream_snapshot_page: usize,
+    /// Mirror mode: revisions of local history kept (`None`: all).
+    pub upstream_retain_revisions: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -192,6 +199,7 @@ impl Default for ServerConfig {
             upstream_prefixes: Vec::new(),
             upstream_barrier_timeout: Duration::from_secs(5),
             upstream_snapshot_page: 1000,
+            upstream_retain_revisions: None,
         }
     }
 }
@@ -308,6 +316,9 @@ impl ServerConfig {
                 .upstream_snapshot_page
                 .or(file.upstream_snapshot_page)
                 .unwrap_or(d.upstream_snapshot_page),
+            upstream_retain_revisions: cli
+                .upstream_retain_revisions
+                .or(file.upstream_retain_revisions),
         };
         let positive = |field: &'static str, v: usize| {
             if v == 0 {
@@ -325,6 +336,12 @@ impl ServerConfig {
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
         positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
+        if c.upstream_retain_revisions == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "upstream_retain_revisions",
+                message: "must be at least 1".to_owned(),
+            });
+        }
         if !c.upstream_prefixes.is_empty() && c.upstream.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "upstream_prefix",
@@ -348,6 +365,7 @@ impl ServerConfig {
         );
         m.barrier_timeout = self.upstream_barrier_timeout;
         m.snapshot_page = self.upstream_snapshot_page;
+        m.retain_revisions = self.upstream_retain_revisions;
         Some(m)
     }
 
@@ -388,7 +406,7 @@ mod tests {
     #[test]
     fn mirror_settings_from_flags_and_file() {
         let file: FileConfig = toml::from_str(
-            "upstream = \"http://a:2379, b:2379\"\nupstream_prefix = [\"/x/\", \"/y/\"]\nupstream_barrier_timeout = \"2s\"",
+            "upstream = \"http://a:2379, b:2379\"\nupstream_prefix = [\"/x/\", \"/y/\"]\nupstream_barrier_timeout = \"2s\"\nupstream_retain_revisions = 100",
         )
         .unwrap();
         let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
@@ -397,6 +415,7 @@ mod tests {
         let m = c.mirror_config().unwrap();
         assert_eq!(m.barrier_timeout, Duration::from_secs(2));
         assert_eq!(m.prefixes.len(), 2);
+        assert_eq!(m.retain_revisions, Some(100));
         let cli = Cli {
             upstream_prefix: vec!["/z/".into()],
             ..Cli::default()

@@ -1270,3 +1270,86 @@ async fn requested_progress_advances_past_other_keys() {
         "a linearizable read missed an upstream write"
     );
 }
+
+/// `--upstream-retain-revisions`: the mirror compacts its own history to the window (watches
+/// from before it are canceled as compacted) and keeps serving the window. Needs no etcd
+/// (a standalone keywatch is the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_compacts_the_mirror_history() {
+    let upstream = tokio::task::block_in_place(|| Replica::standalone("up2"));
+    let mut r = tokio::task::block_in_place(|| Replica::start("ret", &upstream.url(), &["/m/"]));
+    r.args
+        .extend(["--upstream-retain-revisions".into(), "10".into()]);
+    r.kill9();
+    tokio::task::block_in_place(|| r.launch());
+    caught_up(&r.url(), "/m/a").await;
+    let mut last = 0;
+    for i in 0..40 {
+        last = with_kv(&upstream.url(), async |mut kv| {
+            kv.put(pb::PutRequest {
+                key: format!("/m/k{}", i % 5).into_bytes().into(),
+                value: format!("v{i}").into_bytes().into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .expect("put")
+        .into_inner()
+        .header
+        .map(|h| h.revision)
+        .unwrap_or(0);
+    }
+    assert!(caught_up(&r.url(), "/m/a").await >= last);
+    // A watch from inside the window gets its events.
+    let window = last - 5;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(window))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut got = Vec::new();
+    while got.last().copied().unwrap_or(0) < last {
+        let m = s.message().await.expect("stream").expect("open");
+        assert!(!m.canceled, "{m:?}");
+        got.extend(
+            m.events
+                .iter()
+                .map(|e| e.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0)),
+        );
+    }
+    assert_eq!(got, (window..=last).collect::<Vec<_>>());
+    // From before the window: compacted (polled: the retention runs in the background).
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Spec::prefix("/m/", false).create(2))
+            .await
+            .expect("queue");
+        let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+            .watch(ReceiverStream::new(rx))
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut m = s.message().await.expect("stream").expect("open");
+        while m.created && !m.canceled {
+            m = s.message().await.expect("stream").expect("open");
+        }
+        if m.canceled && m.compact_revision > 2 {
+            assert!(
+                m.compact_revision <= last - 9,
+                "compacted inside the window: {m:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mirror never compacted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

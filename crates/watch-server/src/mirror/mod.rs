@@ -68,6 +68,9 @@ pub struct MirrorConfig {
     pub barrier_timeout: Duration,
     /// Timeout of a TCP connect to an endpoint (default 2 s, etcdctl's dial timeout).
     pub connect_timeout: Duration,
+    /// The mirror's own retention: keep the history of the last this many upstream revisions
+    /// and compact the rest (the state is kept whole). `None` (default): keep everything.
+    pub retain_revisions: Option<u64>,
 }
 
 impl MirrorConfig {
@@ -79,6 +82,7 @@ impl MirrorConfig {
             snapshot_page: 1000,
             barrier_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            retain_revisions: None,
         }
     }
 }
@@ -228,6 +232,8 @@ pub(crate) struct Inner {
     /// Set once when the mirror cannot go on (another cluster, a store failure).
     fatal: watch::Sender<Option<String>>,
     task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// True while a retention compaction runs (at most one at a time).
+    compacting: Arc<AtomicBool>,
 }
 
 /// A running mirror. Cheap to clone; every clone is the same mirror.
@@ -321,6 +327,7 @@ impl Mirror {
             status,
             fatal,
             task: parking_lot::Mutex::new(None),
+            compacting: Arc::new(AtomicBool::new(false)),
         });
         let task = tokio::spawn(sync::run(inner.clone()));
         *inner.task.lock() = Some(task);

@@ -324,6 +324,7 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
                 store.mirror_apply(cs).await?;
             }
         }
+        retain(inner);
         let revision = store.current_revision();
         inner.status.send_if_modified(|s| {
             let changed = s.revision != revision;
@@ -331,6 +332,31 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
             changed
         });
     }
+}
+
+/// The mirror's retention (`retain_revisions`): once the history is a tenth longer than the
+/// window, compacts it to the window in a background task (a compaction writes a state
+/// snapshot, O(keys), so it runs in steps, one at a time, off the apply path).
+fn retain(inner: &Inner) {
+    let Some(keep) = inner.config.retain_revisions else {
+        return;
+    };
+    let store = &inner.store;
+    let target = store.current_revision().saturating_sub(keep);
+    let step = (keep / 10).max(1);
+    if target < store.compacted_revision().max(1) + step
+        || inner.compacting.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    let (store, flag) = (store.clone(), inner.compacting.clone());
+    tokio::spawn(async move {
+        match store.mirror_compact(target).await {
+            Ok(_) => tracing::debug!(revision = target, "mirror history compacted"),
+            Err(e) => tracing::warn!(error = %e, revision = target, "mirror retention failed"),
+        }
+        flag.store(false, Ordering::Release);
+    });
 }
 
 /// Splits one response's events into one change set per revision, keeping only mirrored keys.

@@ -278,6 +278,13 @@ impl Store {
         Ok(())
     }
 
+    /// Drops the mirror's own history below `revision` (its retention; the upstream is not
+    /// touched): as [`Store::compact`], which a mirror refuses because `Compact` requests go
+    /// to the upstream.
+    pub(crate) async fn mirror_compact(&self, revision: Revision) -> Result<Revision, StoreError> {
+        self.compact_history(revision).await
+    }
+
     /// Replaces the state with the upstream snapshot `kvs` at `revision` (see the module docs)
     /// and returns how many live watchers were canceled as compacted. `revision` must not be
     /// below the current revision.
@@ -500,6 +507,50 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((now.revision, now.kvs.len()), (25, 1));
+        store.close().await.unwrap();
+    }
+
+    /// The mirror's own retention: history below the compaction is gone, the state and
+    /// later revisions stay, also across a restart.
+    #[tokio::test]
+    async fn retention_compacts_the_mirror_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store.mirror_reset(3, Vec::new()).await.unwrap();
+        for (i, rev) in [7, 9, 15, 30].into_iter().enumerate() {
+            store
+                .mirror_apply(ChangeSet::new(
+                    rev,
+                    vec![put("/a/x", &i.to_string(), 7, rev, i as u64 + 1)],
+                ))
+                .await
+                .unwrap();
+        }
+        store.wait_revision(30).await.unwrap();
+        store.mirror_compact(12).await.unwrap();
+        assert!(matches!(
+            store
+                .range(crate::store::RangeRequest::key("/a/x").revision(9))
+                .await,
+            Err(StoreError::Compacted { compacted: 12, .. })
+        ));
+        let at12 = store
+            .range(crate::store::RangeRequest::key("/a/x").revision(12))
+            .await
+            .unwrap();
+        assert_eq!(at12.kvs[0].value, "1");
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(
+            (store.current_revision(), store.compacted_revision()),
+            (30, 12)
+        );
+        let now = store
+            .range(crate::store::RangeRequest::key("/a/x"))
+            .await
+            .unwrap();
+        assert_eq!(now.kvs[0].value, "3");
         store.close().await.unwrap();
     }
 

@@ -614,6 +614,11 @@ impl Store {
     /// Returns the store revision the compaction was judged against (durable) once it is persisted.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
         self.check_writable()?;
+        self.compact_history(revision).await
+    }
+
+    /// [`Store::compact`] without the mirror check (a mirror's own retention uses it).
+    async fn compact_history(&self, revision: Revision) -> Result<Revision, StoreError> {
         let _c = self.inner.compact_lock.lock().await;
         self.check_open()?;
         let compacted = self.compacted_revision();
