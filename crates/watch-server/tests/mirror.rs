@@ -759,7 +759,27 @@ async fn replica_writer(endpoints: Vec<Arc<Mutex<String>>>, from: usize, n: usiz
                     "read-your-writes: {url} acknowledged revision {written}"
                 );
             }
-            // Only a replica that went away may fail the read.
+            // The replica loaded its first snapshot after this write: its history starts
+            // above it, but its revision must not be below the write.
+            Err(e) if e.code() == tonic::Code::OutOfRange => {
+                let now = with_kv(&url, async |mut kv| {
+                    kv.range(pb::RangeRequest {
+                        key: p.key.clone(),
+                        serializable: true,
+                        ..Default::default()
+                    })
+                    .await
+                })
+                .await;
+                if let Ok(now) = now {
+                    let rev = now.into_inner().header.map(|h| h.revision).unwrap_or(0);
+                    assert!(
+                        rev >= written,
+                        "read-your-writes: {url} at {rev} < {written}"
+                    );
+                }
+            }
+            // Only a replica that went away may fail the read otherwise.
             Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}"),
         }
     }
