@@ -22,6 +22,10 @@
 //! - **Integrity.** redb never exposes a torn commit; each record also carries a CRC-32, so a
 //!   damaged value is reported as [`LogError::Corrupt`], never returned as data.
 //!
+//! - **Observability.** A [`LogObserver`] set with [`EventLog::set_observer`] hears about every
+//!   commit (size, duration) and every failure, for metrics; this crate has no metrics
+//!   dependency.
+//!
 //! Storage sits behind [`LogStore`]; [`RedbStore`] is the default. Records use a small
 //! versioned binary codec (see [`codec`]) rather than serde: the layout is fixed, tiny, and
 //! must stay readable across releases, which is easier to guarantee written out by hand.
@@ -69,10 +73,12 @@ pub mod codec;
 mod config;
 mod error;
 mod log;
+mod observer;
 mod store;
 
 pub use config::{Durability, LogConfig, RetentionPolicy};
 pub use error::LogError;
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
+pub use observer::LogObserver;
 pub use store::{DEFAULT_CACHE_BYTES, LogStore, RedbOptions, RedbStore};
 pub use watch_core::{ChangeSet, KeySelector, Revision};

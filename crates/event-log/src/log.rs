@@ -18,6 +18,7 @@ use watch_core::{ChangeSet, History, HistoryFuture, KeySelector, Revision};
 use crate::codec::{self, EncodedChange};
 use crate::config::LogConfig;
 use crate::error::LogError;
+use crate::observer::LogObserver;
 use crate::store::{LogStore, RedbOptions, RedbStore};
 
 /// File name of the redb store inside the directory given to [`EventLog::open`].
@@ -50,6 +51,8 @@ struct State {
     compacted: AtomicU64,
     /// Set once, by the writer, when a commit fails; never cleared.
     poison: OnceLock<String>,
+    /// Told about every commit, once set ([`EventLog::set_observer`]).
+    observer: OnceLock<Arc<dyn LogObserver>>,
 }
 
 impl State {
@@ -130,6 +133,7 @@ impl EventLog {
             last: AtomicU64::new(last),
             compacted: AtomicU64::new(compacted),
             poison: OnceLock::new(),
+            observer: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel();
         let writer_state = Arc::clone(&state);
@@ -241,6 +245,13 @@ impl EventLog {
     /// The oldest revision a read can return: the compaction revision, or 1.
     pub fn first_available(&self) -> Revision {
         self.compacted_revision().max(1)
+    }
+
+    /// Installs the observer told about every later commit (batch size, commit latency,
+    /// failures). Only one observer can be set; returns false (and drops `observer`) if one
+    /// already was.
+    pub fn set_observer(&self, observer: Arc<dyn LogObserver>) -> bool {
+        self.state.observer.set(observer).is_ok()
     }
 
     /// The cause if a failed commit poisoned the log.
@@ -535,7 +546,13 @@ impl Writer {
         if records.is_empty() {
             return;
         }
-        match self.state.store.append_batch(&records) {
+        let started = Instant::now();
+        let committed = self.state.store.append_batch(&records);
+        if let (Some(o), Ok(())) = (self.state.observer.get(), &committed) {
+            let bytes = records.iter().map(|r| r.bytes.len()).sum();
+            o.batch_committed(records.len(), bytes, started.elapsed());
+        }
+        match committed {
             Ok(()) => {
                 self.last = last;
                 self.state.last.store(last, Ordering::Release);
@@ -556,6 +573,9 @@ impl Writer {
 
     fn poison(&self, e: &LogError) {
         tracing::error!(error = %e, "event-log commit failed; the log is poisoned");
+        if let Some(o) = self.state.observer.get() {
+            o.commit_failed(e);
+        }
         let _ = self.state.poison.set(e.to_string());
     }
 

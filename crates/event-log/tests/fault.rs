@@ -14,6 +14,53 @@ use event_log::{Durability, EventLog, LogConfig, LogError, RedbOptions, RedbStor
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
 
+/// Counts what the writer reports to its observer.
+#[derive(Debug, Default)]
+struct Counting {
+    batches: std::sync::atomic::AtomicUsize,
+    change_sets: std::sync::atomic::AtomicUsize,
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl event_log::LogObserver for Counting {
+    fn batch_committed(&self, change_sets: usize, bytes: usize, _: std::time::Duration) {
+        assert!(bytes > 0);
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.change_sets.fetch_add(change_sets, Ordering::SeqCst);
+    }
+    fn commit_failed(&self, _: &LogError) {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The observer sees each successful commit once and the failed one as a failure.
+#[tokio::test]
+async fn observer_sees_commits_and_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(STORE_FILE);
+    let store = ScriptedStore::new(RedbStore::open(&path, RedbOptions::default()).unwrap());
+    let log = EventLog::with_store(store.clone(), LogConfig::default()).unwrap();
+    let seen = Arc::new(Counting::default());
+    assert!(log.set_observer(seen.clone()));
+    assert!(
+        !log.set_observer(Arc::new(Counting::default())),
+        "only one observer"
+    );
+    log.append(puts(1, &["k"])).await.unwrap();
+    log.append(puts(2, &["k"])).await.unwrap();
+    assert_eq!(seen.batches.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.change_sets.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.failures.load(Ordering::SeqCst), 0);
+
+    let (entered, release) = store.arm(true);
+    let failing = log.try_append(&puts(3, &["k"])).unwrap();
+    entered.recv().unwrap();
+    release.send(()).unwrap();
+    assert!(failing.await.is_err());
+    assert_eq!(seen.batches.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.failures.load(Ordering::SeqCst), 1);
+}
+
 /// A failing commit in the store seam fails its own batch and everything queued behind it.
 #[tokio::test]
 async fn failed_commit_poisons_and_fails_every_waiter() {

@@ -31,6 +31,7 @@ use crate::history::{History, MemoryHistory, MemoryHistoryLimits};
 use crate::options::WatchOptions;
 use crate::registry::Registry;
 use crate::selector::KeySelector;
+use crate::stats::{Counters, EngineStats};
 use crate::types::{ChangeSet, Revision};
 use crate::watcher::{CancelReason, Mode, Picks, WatchId, WatchMessage, Watcher};
 
@@ -115,6 +116,8 @@ struct Shared {
     /// Watchers that asked for periodic progress notifications.
     progress: dashmap::DashMap<WatchId, Arc<Watcher>>,
     closed: AtomicBool,
+    /// Metrics counters; updated off the publish path.
+    stats: Counters,
 }
 
 impl Shared {
@@ -135,6 +138,7 @@ impl Shared {
             self.prev_kv_watchers.fetch_sub(1, Ordering::Relaxed);
         }
         self.watchers.fetch_sub(1, Ordering::Relaxed);
+        self.stats.unregistered(&w.selector);
         true
     }
 
@@ -145,6 +149,7 @@ impl Shared {
             if st.mode == Mode::Closed {
                 return;
             }
+            self.stats.left(st.mode);
             st.mode = Mode::Closed;
             st.push(WatchMessage::Canceled(reason));
         }
@@ -205,6 +210,7 @@ impl WatchEngine {
             prev_kv_watchers: AtomicUsize::new(0),
             progress: dashmap::DashMap::new(),
             closed: AtomicBool::new(false),
+            stats: Counters::default(),
             config,
         });
         let next_tick = Instant::now() + jittered(shared.config.progress_interval);
@@ -254,6 +260,12 @@ impl WatchEngine {
     /// Number of registered watchers.
     pub fn watcher_count(&self) -> usize {
         self.shared.watchers.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of the engine's watcher and catch-up counters, for metrics. Relaxed atomic
+    /// loads only: cheap enough to call on every scrape.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.snapshot()
     }
 
     /// Oldest revision a new watcher can start at.
@@ -312,6 +324,7 @@ impl WatchEngine {
             shared.prev_kv_watchers.fetch_add(1, Ordering::Relaxed);
         }
         shared.registry.insert(w.clone());
+        shared.stats.registered(&w.selector);
         if w.wants_progress() {
             shared.progress.insert(id, w.clone());
         }
@@ -325,6 +338,7 @@ impl WatchEngine {
             st.seen = if start == 0 { current } else { start - 1 };
             if past {
                 st.mode = Mode::Lagging { signaled: true };
+                shared.stats.catch_up_started();
             }
             (current, past)
         };
@@ -464,6 +478,7 @@ impl Drop for WatchHandle {
     fn drop(&mut self) {
         {
             let mut st = self.watcher.state.lock();
+            self.shared.stats.left(st.mode);
             st.mode = Mode::Closed;
             st.queue.clear();
             st.waker = None;
@@ -607,6 +622,7 @@ impl Dispatcher {
             if st.mode == Mode::Live && st.seen < new_position {
                 st.seen = st.seen.max(self.position);
                 st.mode = Mode::Lagging { signaled: true };
+                self.shared.stats.catch_up_started();
                 drop(st);
                 self.pending.push_back(w);
             }
@@ -618,11 +634,12 @@ impl Dispatcher {
         let rev = cs.revision;
         let prev = self.position;
         let registry = &self.shared.registry;
+        let stats = &self.shared.stats;
         if let [only] = cs.events.as_slice() {
             let kind = only.kind;
             registry.for_each_match(only.key(), |w| {
                 if w.accepts(kind) {
-                    offer(w, &cs, Picks::All, prev);
+                    offer(w, &cs, Picks::All, prev, stats);
                 }
             });
         } else {
@@ -638,7 +655,7 @@ impl Dispatcher {
             }
             for (_, (w, idx)) in self.groups.drain() {
                 if let Some(picks) = w.filter_picks(&cs, &idx) {
-                    offer(&w, &cs, picks, prev);
+                    offer(&w, &cs, picks, prev, stats);
                 }
             }
         }
@@ -832,6 +849,7 @@ impl Dispatcher {
         if st.mode == Mode::Closed {
             return;
         }
+        self.shared.stats.left(st.mode);
         st.mode = Mode::Live;
         if st.progress_pending && st.seen <= self.position {
             st.progress_pending = false;
@@ -861,7 +879,7 @@ impl Dispatcher {
 
 /// Live delivery of revision `cs.revision` to `w`; `prev` is the dispatcher's position before
 /// this revision. A full queue turns the watcher lagging at `prev` instead of dropping.
-fn offer(w: &Watcher, cs: &Arc<ChangeSet>, picks: Picks, prev: Revision) {
+fn offer(w: &Watcher, cs: &Arc<ChangeSet>, picks: Picks, prev: Revision, stats: &Counters) {
     let mut st = w.state.lock();
     if st.mode != Mode::Live || cs.revision <= st.seen {
         return;
@@ -869,6 +887,7 @@ fn offer(w: &Watcher, cs: &Arc<ChangeSet>, picks: Picks, prev: Revision) {
     if st.queue.len() >= w.buffer as usize {
         st.seen = st.seen.max(prev);
         st.mode = Mode::Lagging { signaled: false };
+        stats.catch_up_started();
         return;
     }
     st.push(w.batch(cs.clone(), picks, false));

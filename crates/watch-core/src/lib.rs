@@ -90,6 +90,7 @@ mod interval;
 pub mod options;
 mod registry;
 pub mod selector;
+pub mod stats;
 pub mod types;
 pub mod watcher;
 
@@ -98,5 +99,6 @@ pub use error::{HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
 pub use selector::{KeySelector, prefix_end};
+pub use stats::EngineStats;
 pub use types::{ChangeSet, Event, EventKind, KeyValue, Revision};
 pub use watcher::{CancelReason, EventBatch, WatchEvent, WatchId, WatchMessage};

@@ -4,6 +4,7 @@
 //! Every flag `--some-flag` has the environment variable `KEYWATCH_SOME_FLAG` and the file key
 //! `some_flag` (see [`FileConfig`]).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,15 +56,29 @@ pub enum DurabilityArg {
     NoSync,
 }
 
+/// Format of the log lines the binary writes to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line, with span fields (peer, method, watch_id, ...).
+    Json,
+}
+
 /// Command-line flags (each with an environment variable).
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "watch-server",
     version,
-    about = "keywatch: an etcd v3 compatible KV + watch server"
+    about = "keywatch: an etcd v3 compatible KV + watch server",
+    after_help = "Precedence: flags > KEYWATCH_* environment variables > the --config file > \
+                  defaults. File keys are the flag names with underscores (e.g. metrics_listen). \
+                  See docs/operations.md."
 )]
 pub struct Cli {
-    /// TOML config file (keys as the flags, with underscores).
+    /// TOML config file (keys as the flags, with underscores; default: none).
     #[arg(long, env = "KEYWATCH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on, host:port (default 127.0.0.1:2379; port 0 picks a free one).
@@ -99,12 +114,12 @@ pub struct Cli {
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
     /// Mirror mode: upstream etcd client URLs, comma-separated (e.g.
-    /// http://10.0.0.1:2379,http://10.0.0.2:2379). Unset: standalone server. See
-    /// docs/cluster.md.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379). See docs/cluster.md (default: unset, a
+    /// standalone server).
     #[arg(long, env = "KEYWATCH_UPSTREAM")]
     pub upstream: Option<String>,
-    /// Mirror mode: a key prefix to mirror; repeat for several (env: comma-separated). None
-    /// mirrors the whole keyspace.
+    /// Mirror mode: a key prefix to mirror; repeat for several (env: comma-separated) (default:
+    /// none, the whole keyspace).
     #[arg(
         long = "upstream-prefix",
         env = "KEYWATCH_UPSTREAM_PREFIX",
@@ -122,6 +137,18 @@ pub struct Cli {
     /// the rest (default: keep everything).
     #[arg(long, env = "KEYWATCH_UPSTREAM_RETAIN_REVISIONS")]
     pub upstream_retain_revisions: Option<u64>,
+    /// Log line format on stderr (default text).
+    #[arg(long, env = "KEYWATCH_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Address of the Prometheus metrics endpoint (GET /metrics), ip:port (default: disabled;
+    /// "off" disables it; use a loopback address such as 127.0.0.1:9379 unless the scraper is
+    /// remote).
+    #[arg(long, env = "KEYWATCH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Longest wait, after SIGINT/SIGTERM, for in-flight requests and streams to finish before
+    /// they are cut and the store is closed, e.g. 10s (default 10s).
+    #[arg(long, env = "KEYWATCH_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
 }
 
 /// The config file's keys; every key is optional.
@@ -144,6 +171,9 @@ pub struct FileConfig {
     pub upstream_barrier_timeout: Option<String>,
     pub upstream_snapshot_page: Option<usize>,
     pub upstream_retain_revisions: Option<u64>,
+    pub log_format: Option<LogFormat>,
+    pub metrics_listen: Option<String>,
+    pub shutdown_timeout: Option<String>,
 }
 
 /// The resolved server configuration.
@@ -180,6 +210,12 @@ pub struct ServerConfig {
     pub upstream_snapshot_page: usize,
     /// Mirror mode: revisions of local history kept (`None`: all).
     pub upstream_retain_revisions: Option<u64>,
+    /// Log line format (used by the binary only).
+    pub log_format: LogFormat,
+    /// Address of the Prometheus endpoint; `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Longest graceful-shutdown wait for in-flight requests and streams.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -200,6 +236,9 @@ impl Default for ServerConfig {
             upstream_barrier_timeout: Duration::from_secs(5),
             upstream_snapshot_page: 1000,
             upstream_retain_revisions: None,
+            log_format: LogFormat::Text,
+            metrics_listen: None,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -220,6 +259,34 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         other => Err(format!(
             "unknown duration unit {other:?} (use ms, s, m or h)"
         )),
+    }
+}
+
+/// `off` or empty: disabled; otherwise an `ip:port` socket address (no host names: the
+/// endpoint's exposure should be explicit).
+fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| ConfigError::Invalid {
+        field: "metrics_listen",
+        message: format!("{s:?} is not ip:port (e.g. 127.0.0.1:9379) or \"off\""),
+    })
+}
+
+/// The gRPC address must be `host:port` with a numeric port, checked before anything binds.
+fn check_listen(listen: &str) -> Result<(), ConfigError> {
+    let ok = listen
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field: "listen",
+            message: format!("{listen:?} is not host:port (e.g. 127.0.0.1:2379)"),
+        })
     }
 }
 
@@ -259,7 +326,7 @@ impl ServerConfig {
             })?,
             None => d.progress_interval,
         };
-        let c = Self {
+        let mut c = Self {
             listen: cli.listen.or(file.listen).unwrap_or(d.listen),
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             durability,
@@ -319,7 +386,26 @@ impl ServerConfig {
             upstream_retain_revisions: cli
                 .upstream_retain_revisions
                 .or(file.upstream_retain_revisions),
+            log_format: cli.log_format.or(file.log_format).unwrap_or(d.log_format),
+            metrics_listen: match cli.metrics_listen.or(file.metrics_listen) {
+                Some(s) => parse_metrics_listen(&s)?,
+                None => d.metrics_listen,
+            },
+            shutdown_timeout: d.shutdown_timeout,
         };
+        if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
+            c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                field: "shutdown_timeout",
+                message,
+            })?;
+        }
+        check_listen(&c.listen)?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log_filter) {
+            return Err(ConfigError::Invalid {
+                field: "log_filter",
+                message: format!("{:?}: {e}", c.log_filter),
+            });
+        }
         let positive = |field: &'static str, v: usize| {
             if v == 0 {
                 Err(ConfigError::Invalid {
@@ -439,5 +525,49 @@ mod tests {
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        for (cli, field) in [
+            (
+                Cli {
+                    metrics_listen: Some("localhost".into()),
+                    ..Cli::default()
+                },
+                "metrics_listen",
+            ),
+            (
+                Cli {
+                    listen: Some("127.0.0.1".into()),
+                    ..Cli::default()
+                },
+                "listen",
+            ),
+            (
+                Cli {
+                    log_filter: Some("=[".into()),
+                    ..Cli::default()
+                },
+                "log_filter",
+            ),
+        ] {
+            match ServerConfig::merge(cli, FileConfig::default()) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected Invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn metrics_endpoint_is_off_unless_asked() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let file: FileConfig =
+            toml::from_str("metrics_listen = \"127.0.0.1:9379\"\nlog_format = \"json\"").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9379".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let cli = Cli {
+            metrics_listen: Some("off".into()),
+            ..Cli::default()
+        };
+        assert_eq!(ServerConfig::merge(cli, file).unwrap().metrics_listen, None);
     }
 }

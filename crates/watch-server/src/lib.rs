@@ -7,7 +7,9 @@
 //!   `mod_revision`, `version`, reads at past revisions) and watches through watch-core's
 //!   engine, with the event log as the watch history. No protobuf types in its API.
 //! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList; Lease
-//!   and Auth answer with a clear status), a thin translation over the store.
+//!   and Auth answer with a clear status), a thin translation over the store, plus gRPC health
+//!   ([`server::HealthHandle`]) and reflection, Prometheus metrics ([`server::metrics`]) and
+//!   the startup/shutdown lifecycle ([`server::Server`]).
 //! - [`config`]: the binary's flags, environment variables and TOML file.
 //! - [`mirror`]: mirror mode (`--upstream`): the store follows an etcd cluster through one
 //!   upstream watch and serves watchers and reads locally (docs/cluster.md).

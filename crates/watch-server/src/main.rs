@@ -1,34 +1,63 @@
-//! The `watch-server` binary: parses the configuration, installs the log subscriber, serves
-//! until SIGINT/SIGTERM and exits non-zero if the store failed.
+//! The `watch-server` binary: parses and checks the configuration (before binding anything),
+//! installs the log subscriber, binds, serves until SIGINT/SIGTERM and exits non-zero if the
+//! store failed. A second SIGINT/SIGTERM during shutdown exits at once with status 130.
 
 use anyhow::Context;
 use clap::Parser;
-use watch_server::config::{Cli, ServerConfig};
+use watch_server::config::{Cli, LogFormat, ServerConfig};
 use watch_server::server::Server;
+
+/// Exit status of an invalid configuration (as clap's usage errors).
+const EXIT_CONFIG: i32 = 2;
+/// Exit status when a second signal cuts the graceful shutdown short.
+const EXIT_FORCED: i32 = 130;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = ServerConfig::from_cli(Cli::parse())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log_filter)
-                .with_context(|| format!("invalid log filter {:?}", config.log_filter))?,
-        )
+    let config = match ServerConfig::from_cli(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("watch-server: invalid configuration: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    // The filter was validated with the rest of the configuration.
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+        .with_context(|| format!("invalid log filter {:?}", config.log_filter))?;
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        // Colours only for a terminal, never into files or log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().with_current_span(true).init(),
+    }
     let shutdown = shutdown_signal()?;
     let server = Server::start(config.clone())
         .await
         .context("starting watch-server")?;
-    // Tests and scripts read this exact line (on stdout) for the bound address.
-    println!("watch-server listening on {}", server.local_addr());
+    let addr = server.local_addr();
+    // Health checks are answered (NOT_SERVING) from here on, while the store opens.
+    println!("watch-server bound {addr}; opening the data directory");
+    if let Some(metrics) = server.metrics_addr() {
+        println!("watch-server metrics on http://{metrics}/metrics");
+    }
+    let health = server.health();
+    tokio::spawn(async move {
+        health.ready().await;
+        // Tests and scripts read this exact line (on stdout) for the bound address: it means
+        // the store is open and every service answers.
+        println!("watch-server listening on {addr}");
+    });
     server.run(shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives before the server
-/// polls the returned future is not lost) and returns a future resolving on either.
+/// polls the returned future is not lost) and returns a future resolving on the first one.
+/// After it resolved, a second signal exits the process at once with [`EXIT_FORCED`].
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     #[cfg(unix)]
     {
@@ -40,6 +69,14 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                eprintln!("watch-server: second signal; exiting without finishing the shutdown");
+                std::process::exit(EXIT_FORCED);
+            });
         })
     }
     #[cfg(not(unix))]

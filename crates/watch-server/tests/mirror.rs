@@ -22,6 +22,10 @@
 //! notifications are ordered (a standalone keywatch here), writes and reads of other keys move
 //! the mirror through progress requests. Needs no etcd.
 //!
+//! `retention_compacts_the_mirror_history` and `health_and_metrics_follow_the_upstream`:
+//! `--upstream-retain-revisions`, and health / `keywatch_mirror_connected` following the
+//! upstream connection. Need no etcd.
+//!
 //! The etcd tests are skipped with a `SKIPPED` line when etcd is not installed; failing when
 //! `KEYWATCH_REQUIRE_ETCD=1`.
 
@@ -1372,4 +1376,72 @@ async fn retention_compacts_the_mirror_history() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Health and metrics follow the upstream connection: SERVING and
+/// `keywatch_mirror_connected 1` once the upstream watch is open; NOT_SERVING and 0 after the
+/// upstream dies, while the replica keeps answering serializable reads. Needs no etcd (a
+/// standalone keywatch is the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_follow_the_upstream() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut upstream = tokio::task::block_in_place(|| Replica::standalone("up3"));
+    let mut r = tokio::task::block_in_place(|| Replica::start("h", &upstream.url(), &["/m/"]));
+    r.args
+        .extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+    r.kill9();
+    tokio::task::block_in_place(|| r.launch());
+    let metrics_addr = r
+        .log
+        .dump()
+        .lines()
+        .find_map(|l| l.strip_prefix("watch-server metrics on http://"))
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .map(str::to_owned)
+        .expect("the replica prints its metrics address");
+    let scrape = |addr: String| {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect for metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("request metrics");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("keywatch_mirror_connected "))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let status = async |url: String| {
+        let ch = channel(&url).await.expect("connect");
+        HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+    };
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while status(r.url()).await != ServingStatus::Serving as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scrape(metrics_addr.clone()), "1");
+    upstream.kill9();
+    while status(r.url()).await != ServingStatus::NotServing as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "never NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scrape(metrics_addr), "0");
+    // Still answering from local data.
+    let read = with_kv(&r.url(), async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/a".into(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+    })
+    .await;
+    assert!(read.is_ok(), "{read:?}");
 }

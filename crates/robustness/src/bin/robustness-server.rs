@@ -9,7 +9,12 @@ use watch_server::server::Server;
 async fn main() -> anyhow::Result<()> {
     let config = ServerConfig::from_cli(Cli::parse())?;
     let server = Server::start(config).await?;
-    println!("watch-server listening on {}", server.local_addr());
+    let (addr, health) = (server.local_addr(), server.health());
+    // As watch-server's main: the line means "ready" (the store is open), not just "bound".
+    tokio::spawn(async move {
+        health.ready().await;
+        println!("watch-server listening on {addr}");
+    });
     server.run(std::future::pending()).await?;
     Ok(())
 }

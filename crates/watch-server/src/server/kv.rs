@@ -43,6 +43,7 @@ impl pb::kv_server::Kv for KvService {
         self.check_size(&r)?;
         let req = convert::range_request(&r)?;
         let result = self.store.range(req).await.map_err(|e| store_status(&e))?;
+        tracing::trace!(revision = result.revision, "range");
         Ok(Response::new(convert::range_response(result)))
     }
 
@@ -58,7 +59,10 @@ impl pb::kv_server::Kv for KvService {
             .await
             .map_err(|e| store_status(&e))?
         {
-            TxnOpResult::Put(p) => Ok(Response::new(convert::put_response(p))),
+            TxnOpResult::Put(p) => {
+                tracing::debug!(revision = p.revision, "put");
+                Ok(Response::new(convert::put_response(p)))
+            }
             _ => Err(Status::internal("a put returned another result kind")),
         }
     }
@@ -75,7 +79,10 @@ impl pb::kv_server::Kv for KvService {
             .await
             .map_err(|e| store_status(&e))?
         {
-            TxnOpResult::Delete(d) => Ok(Response::new(convert::delete_response(d))),
+            TxnOpResult::Delete(d) => {
+                tracing::debug!(revision = d.revision, "delete_range");
+                Ok(Response::new(convert::delete_response(d)))
+            }
             _ => Err(Status::internal("a delete returned another result kind")),
         }
     }
@@ -88,6 +95,7 @@ impl pb::kv_server::Kv for KvService {
         self.check_size(&r)?;
         let req = convert::txn_request(&r)?;
         let result = self.store.txn(req).await.map_err(|e| store_status(&e))?;
+        tracing::debug!(revision = result.revision, "txn");
         Ok(Response::new(convert::txn_response(result)))
     }
 

@@ -1,13 +1,33 @@
 //! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease and
-//! Auth services over one [`Store`].
+//! Auth services over one [`Store`], plus the standard gRPC health and reflection services and
+//! an optional Prometheus endpoint.
+//!
+//! # Lifecycle
+//!
+//! 1. [`Server::start`] (or [`Server::with_store`], [`Server::with_store_future`]) binds the
+//!    gRPC address and the metrics address. Nothing is opened yet, so a bind error comes
+//!    first and fast.
+//! 2. [`Server::run`] serves at once: health answers NOT_SERVING and the etcd services answer
+//!    UNAVAILABLE while the store opens (event-log replay). Once it is open the services are
+//!    installed and health turns SERVING.
+//! 3. When the shutdown future resolves (or the store fails: fail-stop) health turns
+//!    NOT_SERVING, the transport stops accepting, every watch stream ends with UNAVAILABLE
+//!    "etcdserver: server stopped", in-flight requests finish and the store is closed (the
+//!    event log flushed and fsynced).
+//!
+//! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
 
 pub mod convert;
+mod health;
 pub mod kv;
+pub mod metrics;
 pub mod misc;
 pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
 use watch_proto::etcdserverpb as pb;
@@ -16,6 +36,10 @@ use crate::config::ServerConfig;
 use crate::error::StoreError;
 use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
 use crate::store::Store;
+
+use health::Gated;
+pub use health::HealthHandle;
+pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
 pub use misc::{AuthService, ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
@@ -39,34 +63,78 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// Mirror mode could not start, or stopped for good (another cluster, store failure).
+    /// The metrics address could not be bound.
+    #[error("binding the metrics endpoint {addr}: {source}")]
+    MetricsBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("building the gRPC reflection service: {0}")]
+    Reflection(String),
+    /// Mirror mode could not start (see [`MirrorError`]).
     #[error("mirror: {0}")]
     Mirror(#[from] MirrorError),
-    /// The mirror stopped for good while serving.
+    /// The mirror stopped for good while serving (another cluster, store failure).
     #[error("mirror stopped: {0}")]
     MirrorStopped(String),
 }
 
-/// A started server: the store is open and the socket bound. Serve with [`Server::run`].
-#[derive(Debug)]
+/// The future that yields the store to serve.
+type Opening = Pin<Box<dyn Future<Output = Result<Store, StoreError>> + Send>>;
+
+/// A started server: its sockets are bound. Serve with [`Server::run`], which also opens the
+/// store (see the module docs).
 pub struct Server {
-    store: Store,
     listener: TcpListener,
     addr: SocketAddr,
     config: ServerConfig,
-    /// Mirror mode's sync task (`config.upstream` set).
-    mirror: Option<Mirror>,
+    metrics_listener: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    /// Yields the store; awaited by `run` while health says NOT_SERVING.
+    opening: Opening,
+    /// The store once open (read by the metrics collector and [`Server::store`]).
+    store: Arc<OnceLock<Store>>,
+    health: HealthHandle,
+    metrics: Arc<Metrics>,
+    /// Mirror mode's mirror once the store is open (`config.upstream` set).
+    mirror: Arc<OnceLock<Mirror>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("store", &self.store.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
-    /// Opens the store in `config.data_dir` and binds `config.listen`.
+    /// Binds `config.listen` (and `config.metrics_listen`); [`Server::run`] opens the store in
+    /// `config.data_dir` while already answering health checks.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
-        let store = Store::open(&config.data_dir, config.store_config()).await?;
-        Self::with_store(store, config).await
+        let dir = config.data_dir.clone();
+        let store_config = config.store_config();
+        Self::with_store_future(config, async move { Store::open(dir, store_config).await }).await
     }
 
-    /// Binds `config.listen` to serve an already open store.
+    /// Binds `config.listen` (and `config.metrics_listen`) to serve an already open store.
     pub async fn with_store(store: Store, config: ServerConfig) -> Result<Server, ServerError> {
+        Self::with_store_future(config, async move { Ok(store) }).await
+    }
+
+    /// Binds `config.listen` (and `config.metrics_listen`); [`Server::run`] serves health
+    /// (NOT_SERVING) and answers the etcd services with UNAVAILABLE until `open` yields the
+    /// store, e.g. one an embedder first fills from elsewhere. If `open` fails, `run` stops and
+    /// returns its error.
+    pub async fn with_store_future(
+        config: ServerConfig,
+        open: impl Future<Output = Result<Store, StoreError>> + Send + 'static,
+    ) -> Result<Server, ServerError> {
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -78,22 +146,30 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let mirror = match config.mirror_config() {
-            Some(m) => Some(Mirror::start(store.clone(), m)?),
-            None => None,
+        let (metrics_listener, metrics_addr) = match config.metrics_listen {
+            Some(want) => {
+                let bind_err = |source| ServerError::MetricsBind { addr: want, source };
+                let l = metrics::bind(want).await.map_err(bind_err)?;
+                let a = l.local_addr().map_err(bind_err)?;
+                (Some(l), Some(a))
+            }
+            None => (None, None),
         };
+        let store = Arc::new(OnceLock::new());
+        let health = HealthHandle::new(tonic_health::server::HealthReporter::new()).await;
+        let metrics = Arc::new(Metrics::new(store.clone()));
         Ok(Server {
-            store,
             listener,
             addr,
             config,
-            mirror,
+            metrics_listener,
+            metrics_addr,
+            opening: Box::pin(open),
+            store,
+            health,
+            metrics,
+            mirror: Arc::new(OnceLock::new()),
         })
-    }
-
-    /// The mirror in mirror mode (its status feeds health checks and metrics).
-    pub fn mirror(&self) -> Option<&Mirror> {
-        self.mirror.as_ref()
     }
 
     /// The address actually bound (useful with port 0).
@@ -101,96 +177,255 @@ impl Server {
         self.addr
     }
 
-    /// The store served.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The metrics endpoint's bound address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
-    /// Serves until `shutdown` resolves or the store fails, then shuts down gracefully: stops
-    /// accepting, ends every watch stream, lets in-flight requests finish and closes the store
-    /// (flushing the log). Returns the store's failure if it failed.
+    /// The store served, once [`Server::run`] has opened it (`None` before).
+    pub fn store(&self) -> Option<&Store> {
+        self.store.get()
+    }
+
+    /// The handle to this server's health status (see [`HealthHandle`]).
+    pub fn health(&self) -> HealthHandle {
+        self.health.clone()
+    }
+
+    /// This server's metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// In mirror mode, the mirror once [`Server::run`] has opened the store (`None` before
+    /// and in standalone mode). Its status drives health (SERVING only while connected to
+    /// the upstream) and the `keywatch_mirror_*` metrics.
+    pub fn mirror(&self) -> Option<&Mirror> {
+        self.mirror.get()
+    }
+
+    /// Serves until `shutdown` resolves or the store fails, then shuts down gracefully (see the
+    /// module docs): health NOT_SERVING, stop accepting, end every watch stream, let in-flight
+    /// requests finish, close the store (flushing the log). Returns the store's failure if it
+    /// failed, or its open error if it could not be opened.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let Server {
-            store,
             listener,
             addr,
             config,
-            mirror,
+            metrics_listener,
+            metrics_addr,
+            opening,
+            store: slot,
+            health,
+            metrics,
+            mirror: mirror_slot,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stopping = stop_rx.clone();
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-        // Mirror mode replaces KV and Lease with services that forward to etcd.
-        let kv = mirror.is_none().then(|| {
-            pb::kv_server::KvServer::new(KvService::new(store.clone(), config.max_request_bytes))
-                .max_decoding_message_size(recv_limit)
-                .max_encoding_message_size(usize::MAX)
-        });
-        let mirror_kv = mirror.as_ref().map(|m| {
-            pb::kv_server::KvServer::new(MirrorKvService::new(m.clone(), config.max_request_bytes))
-                .max_decoding_message_size(recv_limit)
-                .max_encoding_message_size(usize::MAX)
-        });
-        let mirror_lease = mirror
-            .as_ref()
-            .map(|m| pb::lease_server::LeaseServer::new(MirrorLeaseService::new(m.clone())));
-        let watch = pb::watch_server::WatchServer::new(WatchService::new(
-            store.clone(),
-            WatchSettings {
-                max_watchers_per_stream: config.max_watchers_per_stream,
-                watch_buffer: config.watch_buffer,
-                max_request_bytes: config.max_request_bytes,
-            },
-            stop_rx,
-        ))
-        .max_decoding_message_size(recv_limit)
-        .max_encoding_message_size(usize::MAX);
+        let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
+        let watch = Gated::<pb::watch_server::WatchServer<WatchService>>::new();
         let maintenance =
-            pb::maintenance_server::MaintenanceServer::new(MaintenanceService::new(store.clone()));
-        let cluster = pb::cluster_server::ClusterServer::new(ClusterService::new(
-            store.clone(),
-            format!("http://{addr}"),
-        ));
-        let lease = mirror
-            .is_none()
-            .then(|| pb::lease_server::LeaseServer::new(LeaseService));
-        let auth = pb::auth_server::AuthServer::new(AuthService);
-
-        let failed_store = store.clone();
-        let failed_mirror = mirror.clone();
-        let mirror_stopped = std::sync::Arc::new(parking_lot::Mutex::new(None));
-        let mirror_stopped2 = mirror_stopped.clone();
-        let stop = async move {
-            let mirror_failed = async {
-                match &failed_mirror {
-                    Some(m) => m.failed().await,
-                    None => std::future::pending().await,
+            Gated::<pb::maintenance_server::MaintenanceServer<MaintenanceService>>::new();
+        let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
+        let lease = Gated::<pb::lease_server::LeaseServer<LeaseService>>::new();
+        let auth = Gated::<pb::auth_server::AuthServer<AuthService>>::new();
+        // Mirror mode replaces KV and Lease with services that forward to etcd.
+        let mirror_config = config.mirror_config();
+        let mirrored = mirror_config.is_some();
+        let mirror_kv = Gated::<pb::kv_server::KvServer<MirrorKvService>>::new();
+        let mirror_lease = Gated::<pb::lease_server::LeaseServer<MirrorLeaseService>>::new();
+        let install = {
+            let (mirror_kv, mirror_lease) = (mirror_kv.clone(), mirror_lease.clone());
+            let (kv, watch, maintenance, cluster, lease, auth) = (
+                kv.clone(),
+                watch.clone(),
+                maintenance.clone(),
+                cluster.clone(),
+                lease.clone(),
+                auth.clone(),
+            );
+            let watch_metrics = metrics.watch();
+            let config = config.clone();
+            move |store: &Store, mirror: Option<&Mirror>| {
+                match mirror {
+                    Some(m) => {
+                        mirror_kv.fill(
+                            pb::kv_server::KvServer::new(MirrorKvService::new(
+                                m.clone(),
+                                config.max_request_bytes,
+                            ))
+                            .max_decoding_message_size(recv_limit)
+                            .max_encoding_message_size(usize::MAX),
+                        );
+                        mirror_lease.fill(pb::lease_server::LeaseServer::new(
+                            MirrorLeaseService::new(m.clone()),
+                        ));
+                    }
+                    None => {
+                        kv.fill(
+                            pb::kv_server::KvServer::new(KvService::new(
+                                store.clone(),
+                                config.max_request_bytes,
+                            ))
+                            .max_decoding_message_size(recv_limit)
+                            .max_encoding_message_size(usize::MAX),
+                        );
+                        lease.fill(pb::lease_server::LeaseServer::new(LeaseService));
+                    }
                 }
-            };
-            tokio::select! {
-                _ = shutdown => tracing::info!("shutdown requested"),
-                msg = failed_store.failed() => {
-                    tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
-                }
-                msg = mirror_failed => {
-                    tracing::error!(error = %msg, "mirror stopped; shutting down");
-                    *mirror_stopped2.lock() = Some(msg);
-                }
+                watch.fill(
+                    pb::watch_server::WatchServer::new(
+                        WatchService::new(
+                            store.clone(),
+                            WatchSettings {
+                                max_watchers_per_stream: config.max_watchers_per_stream,
+                                watch_buffer: config.watch_buffer,
+                                max_request_bytes: config.max_request_bytes,
+                            },
+                            stop_rx.clone(),
+                        )
+                        .with_metrics(watch_metrics),
+                    )
+                    .max_decoding_message_size(recv_limit)
+                    .max_encoding_message_size(usize::MAX),
+                );
+                maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
+                    MaintenanceService::new(store.clone()),
+                ));
+                cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
+                    store.clone(),
+                    format!("http://{addr}"),
+                )));
+                auth.fill(pb::auth_server::AuthServer::new(AuthService));
             }
-            // Ends every watch stream so the transport's graceful shutdown can complete.
-            let _ = stop_tx.send(true);
         };
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving");
-        let served = tonic::transport::Server::builder()
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.reporter()),
+        );
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(watch_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        // grpcurl and older tools still ask v1alpha.
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+        let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
+        let metrics_task = metrics_listener.map(|l| {
+            let mut ended = ended_rx.clone();
+            if let Some(addr) = metrics_addr {
+                tracing::info!(%addr, "serving metrics on /metrics");
+            }
+            tokio::spawn(metrics::serve(l, metrics.clone(), async move {
+                let _ = ended.wait_for(|e| *e).await;
+            }))
+        });
+
+        // Makes an open store live: metrics, services, then health.
+        let activate = {
+            let (slot, health, metrics) = (slot.clone(), health.clone(), metrics.clone());
+            let data_dir = config.data_dir.clone();
+            let mirror_slot = mirror_slot.clone();
+            move |store: Store| async move {
+                store.set_log_observer(metrics.log_observer());
+                let _ = slot.set(store.clone());
+                let mirror = match mirror_config {
+                    Some(m) => Some(Mirror::start(store.clone(), m)?),
+                    None => None,
+                };
+                if let Some(m) = &mirror {
+                    // NOT_SERVING until the upstream watch is open (before `set_ready`, so
+                    // SERVING never shows early), then following the connection.
+                    health.set_serving(false).await;
+                    tokio::spawn(follow_mirror(m.status(), health.clone()));
+                    metrics.set_mirror_status(m.status());
+                    let _ = mirror_slot.set(m.clone());
+                }
+                install(&store, mirror.as_ref());
+                health.set_ready().await;
+                tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
+                Ok::<_, ServerError>(store)
+            }
+        };
+        let mut opening = opening;
+        // An already open store (`with_store`) goes live before the first connection is
+        // accepted, so no client of an embedded server ever sees the startup UNAVAILABLE.
+        let early = match futures_util::FutureExt::now_or_never(&mut opening) {
+            Some(Ok(store)) => Some(activate.clone()(store).await?),
+            Some(Err(e)) => return Err(e.into()),
+            None => None,
+        };
+        let open_error = Arc::new(parking_lot::Mutex::new(None));
+        let mirror_stopped = Arc::new(parking_lot::Mutex::new(None));
+        let stop = {
+            let (health, open_error) = (health.clone(), open_error.clone());
+            let (mirror_slot, mirror_stopped) = (mirror_slot.clone(), mirror_stopped.clone());
+            async move {
+                tokio::pin!(shutdown);
+                let opened = match early {
+                    Some(store) => Some(Ok(store)),
+                    None => tokio::select! {
+                        r = opening => match r {
+                            Ok(store) => Some(activate(store).await),
+                            Err(e) => Some(Err(e.into())),
+                        },
+                        _ = &mut shutdown => None,
+                    },
+                };
+                match opened {
+                    Some(Ok(store)) => {
+                        let mirror_failed = async {
+                            match mirror_slot.get() {
+                                Some(m) => m.failed().await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            _ = &mut shutdown => tracing::info!("shutdown requested"),
+                            msg = store.failed() => {
+                                tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
+                            }
+                            msg = mirror_failed => {
+                                tracing::error!(error = %msg, "mirror stopped; shutting down");
+                                *mirror_stopped.lock() = Some(msg);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "opening the store failed");
+                        *open_error.lock() = Some(e);
+                    }
+                    None => tracing::info!("shutdown requested while opening the store"),
+                }
+                health.set_stopping().await;
+                // Ends every watch stream so the transport's graceful shutdown can complete.
+                let _ = stop_tx.send(true);
+            }
+        };
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving; opening the store");
+        let grace = config.shutdown_timeout;
+        let serve = tonic::transport::Server::builder()
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
-            .add_optional_service(kv)
-            .add_optional_service(mirror_kv)
+            .layer(metrics.rpc_layer())
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_optional_service((!mirrored).then_some(kv))
+            .add_optional_service(mirrored.then_some(mirror_kv))
             .add_service(watch)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_optional_service(lease)
-            .add_optional_service(mirror_lease)
+            .add_optional_service((!mirrored).then_some(lease))
+            .add_optional_service(mirrored.then_some(mirror_lease))
             .add_service(auth)
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
@@ -198,21 +433,64 @@ impl Server {
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stop,
-            )
-            .await;
-        if let Some(m) = &mirror {
+            );
+        let served = tokio::select! {
+            r = serve => r,
+            // Streams this server does not end itself (a client's long call) get `grace`;
+            // then the transport is dropped, cutting them, and the store still closes cleanly.
+            _ = async {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "graceful shutdown timed out; cutting remaining calls");
+                Ok(())
+            }
+        };
+        let _ = ended_tx.send(true);
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        if let Some(m) = mirror_slot.get() {
             m.stop();
         }
+        let open_error = open_error.lock().take();
+        if let Some(e) = open_error {
+            return Err(e);
+        }
+        let Some(store) = slot.get().cloned() else {
+            // Stopped before the store was open: nothing to close.
+            return Ok(served?);
+        };
         let failure = store.failure();
         let closed = store.close().await;
         served?;
-        if let Some(message) = mirror_stopped.lock().take() {
-            return Err(ServerError::MirrorStopped(message));
-        }
         if let Some(message) = failure {
             return Err(StoreError::Failed { message }.into());
         }
+        if let Some(message) = mirror_stopped.lock().take() {
+            return Err(ServerError::MirrorStopped(message));
+        }
         closed?;
+        tracing::info!("store closed");
         Ok(())
+    }
+}
+
+/// Health of a mirror follows its upstream connection: SERVING only while the upstream watch
+/// is open (the mirror may be stale otherwise). Publishes only on changes of connectivity.
+async fn follow_mirror(
+    mut status: tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>,
+    health: HealthHandle,
+) {
+    let mut last = None;
+    loop {
+        let connected = status.borrow_and_update().is_connected();
+        if last != Some(connected) {
+            health.set_serving(connected).await;
+            last = Some(connected);
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -37,8 +37,10 @@ use watch_proto::status::{EtcdError, from_convert_error};
 use watch_proto::{ConvertError, to_proto};
 
 use super::convert::{header, store_status};
+use super::metrics::{CancelKind, WatchMetrics};
 use crate::error::StoreError;
 use crate::store::Store;
+use tracing::Instrument;
 
 /// Responses buffered per stream between its task and the client.
 pub const OUTBOUND_DEPTH: usize = 32;
@@ -66,6 +68,7 @@ pub struct WatchService {
     settings: WatchSettings,
     /// Becomes true at shutdown: every stream task ends.
     shutdown: watch::Receiver<bool>,
+    metrics: WatchMetrics,
 }
 
 impl WatchService {
@@ -75,7 +78,14 @@ impl WatchService {
             store,
             settings,
             shutdown,
+            metrics: WatchMetrics::default(),
         }
+    }
+
+    /// Records streams, events, cancels and publish→send latency into `metrics`.
+    pub fn with_metrics(mut self, metrics: WatchMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -89,6 +99,7 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
         let stream = WatchStream {
@@ -99,8 +110,10 @@ impl pb::watch_server::Watch for WatchService {
             meta: HashMap::new(),
             next_id: 0,
             progress: None,
+            metrics: self.metrics.clone(),
         };
-        tokio::spawn(stream.run(inbound, self.shutdown.clone()));
+        let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
+        tokio::spawn(stream.run(inbound, self.shutdown.clone()).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -209,6 +222,7 @@ struct WatchStream {
     meta: HashMap<i64, Meta>,
     next_id: i64,
     progress: Option<ProgressRound>,
+    metrics: WatchMetrics,
 }
 
 impl WatchStream {
@@ -217,6 +231,8 @@ impl WatchStream {
         mut inbound: Streaming<pb::WatchRequest>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let _open = self.metrics.stream_opened();
+        tracing::debug!("watch stream opened");
         let mut client_open = true;
         loop {
             if !client_open && self.meta.is_empty() {
@@ -243,12 +259,24 @@ impl WatchStream {
                     }
                 }
                 _ = self.out.closed() => break,
-                _ = async { drop(shutdown.wait_for(|s| *s).await) } => break,
+                _ = async { drop(shutdown.wait_for(|s| *s).await) } => {
+                    // The server is stopping: end the stream with a status clients retry on
+                    // (etcd's "server stopped", UNAVAILABLE), not a silent OK.
+                    // A client not reading keeps this waiting until the transport is cut
+                    // (`--shutdown-timeout`), which fails the send and ends the task.
+                    let _ = self.out.send(Err(EtcdError::Stopped.status())).await;
+                    break;
+                }
             };
             if step.is_err() {
                 break;
             }
         }
+        if !self.meta.is_empty() {
+            self.metrics
+                .canceled(CancelKind::StreamClosed, self.meta.len() as u64);
+        }
+        tracing::debug!(watches = self.meta.len(), "watch stream ended");
     }
 
     async fn send(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
@@ -261,6 +289,8 @@ impl WatchStream {
 
     /// `created + canceled` with `watch_id = -1`: etcd's answer to a create it refuses.
     async fn refuse(&self, reason: &str) -> Result<(), Gone> {
+        self.metrics.canceled(CancelKind::Refused, 1);
+        tracing::debug!(reason, "watch create refused");
         self.send(pb::WatchResponse {
             header: Some(header(self.current())),
             watch_id: -1,
@@ -317,6 +347,11 @@ impl WatchStream {
         let options = c.options.buffer(self.settings.watch_buffer.max(1));
         match self.store.watch(c.selector, options) {
             Ok(handle) => {
+                tracing::debug!(
+                    watch_id = id,
+                    revision = handle.created_revision(),
+                    "watch created"
+                );
                 self.send(pb::WatchResponse {
                     header: Some(header(handle.created_revision())),
                     watch_id: id,
@@ -342,6 +377,8 @@ impl WatchStream {
                 Ok(())
             }
             Err(StoreError::Compacted { compacted, .. }) => {
+                self.metrics.canceled(CancelKind::Compacted, 1);
+                tracing::debug!(watch_id = id, compacted, "watch start revision compacted");
                 // etcd: the watch is created, then canceled with the compaction revision (and a
                 // header whose revision is 0).
                 self.send(pb::WatchResponse {
@@ -385,6 +422,8 @@ impl WatchStream {
             // etcd sends nothing for an unknown watch ID.
             return Ok(());
         }
+        self.metrics.canceled(CancelKind::Client, 1);
+        tracing::debug!(watch_id = id, "watch canceled by the client");
         self.send(pb::WatchResponse {
             header: Some(header(self.current())),
             watch_id: id,
@@ -456,6 +495,8 @@ impl WatchStream {
             events,
             ..Default::default()
         };
+        // Counted when handed to the stream, so a client that saw the events sees the count.
+        self.metrics.sent(resp.events.len());
         if meta.fragment {
             self.send_fragments(resp).await
         } else {
@@ -474,6 +515,13 @@ impl WatchStream {
                 // compaction revision: then it sends no prev_kv (the log still has it).
                 let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
                 let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
+                // Measured and counted as the response is handed to the client's stream.
+                if !batch.is_catch_up()
+                    && let Some(elapsed) = self.store.publish_elapsed(batch.revision())
+                {
+                    self.metrics.publish_to_send(elapsed);
+                }
+                self.metrics.sent(resp.events.len());
                 if meta.fragment {
                     self.send_fragments(resp).await
                 } else {
@@ -509,6 +557,14 @@ impl WatchStream {
                     canceled: true,
                     ..Default::default()
                 };
+                let kind = match &reason {
+                    CancelReason::Compacted { .. } => CancelKind::Compacted,
+                    CancelReason::HistoryUnavailable { .. } => CancelKind::HistoryUnavailable,
+                    CancelReason::Shutdown { .. } => CancelKind::Shutdown,
+                    _ => CancelKind::Other,
+                };
+                self.metrics.canceled(kind, 1);
+                tracing::debug!(watch_id = id, %reason, "watch canceled by the engine");
                 match reason {
                     CancelReason::Compacted { compact_revision } => {
                         resp.header = Some(header(0));

@@ -28,6 +28,7 @@
 //! [`Store::open`] spawns two tasks on the current tokio runtime: the watch engine's dispatcher
 //! and the publisher. [`Store::close`] (or dropping every clone) stops both.
 
+mod clock;
 mod mirror;
 mod snapshot;
 mod state;
@@ -157,6 +158,8 @@ struct Inner {
     mirror: std::sync::OnceLock<MirrorScope>,
     /// The publisher and the dispatcher, awaited by `close` (publisher first).
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// When recent revisions were published (written by the publisher, for metrics).
+    published: Arc<clock::PublishClock>,
 }
 
 impl Drop for Inner {
@@ -280,9 +283,15 @@ impl Store {
             failed: None,
         });
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
-        let publisher = tokio::spawn(publish_loop(rx, engine.clone(), durable_tx));
         // A mirror's floor (see `mirror`): history below it was never mirrored.
         let compacted = log.compacted_revision().max(mirror::load_floor(&dir)?);
+        let published = Arc::new(clock::PublishClock::new());
+        let publisher = tokio::spawn(publish_loop(
+            rx,
+            engine.clone(),
+            durable_tx,
+            published.clone(),
+        ));
         tracing::info!(
             dir = %dir.display(),
             revision,
@@ -306,8 +315,21 @@ impl Store {
                 closed: AtomicBool::new(false),
                 mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
+                published,
             }),
         })
+    }
+
+    /// Time since `revision` was published to the watch engine, if it is one of the last 4096
+    /// revisions (for the publish→deliver latency metric).
+    pub fn publish_elapsed(&self, revision: Revision) -> Option<Duration> {
+        self.inner.published.elapsed(revision)
+    }
+
+    /// Installs the observer of the event log's commits (batch sizes, commit latency, failures;
+    /// see [`event_log::LogObserver`]). Only the first call has an effect; returns false after.
+    pub fn set_log_observer(&self, observer: Arc<dyn event_log::LogObserver>) -> bool {
+        self.inner.log.set_observer(observer)
     }
 
     /// The data directory.
@@ -729,11 +751,13 @@ async fn publish_loop(
     mut rx: mpsc::Receiver<Pending>,
     engine: WatchEngine,
     durable: watch::Sender<Durable>,
+    published: Arc<clock::PublishClock>,
 ) {
     while let Some((cs, ack)) = rx.recv().await {
         let revision = cs.revision;
         match ack.await {
             Ok(_) if durable.borrow().failed.is_none() => {
+                published.record(revision);
                 if let Err(e) = engine.publish(cs) {
                     // A bug (revisions are allocated under the write lock); the write is
                     // durable, only its delivery is lost, so say so loudly.

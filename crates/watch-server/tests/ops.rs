@@ -1,0 +1,664 @@
+//! The operations surface: Prometheus metrics after a workload, health transitions (startup,
+//! embedder flips, shutdown), gRPC reflection, configuration errors, `--help`, JSON logs, and a
+//! graceful SIGTERM that keeps every acknowledged write across a restart.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use watch_proto::etcdserverpb as pb;
+use watch_proto::etcdserverpb::kv_client::KvClient;
+use watch_proto::etcdserverpb::watch_client::WatchClient;
+use watch_proto::etcdserverpb::watch_request::RequestUnion;
+use watch_server::config::ServerConfig;
+use watch_server::server::Server;
+use watch_server::{Durability, Store, StoreConfig, StoreError};
+
+fn config(dir: &Path) -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.listen = "127.0.0.1:0".into();
+    c.data_dir = dir.to_path_buf();
+    c.durability = Durability::NoSync;
+    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    c
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// `GET /metrics` over a plain socket; returns the body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: keywatch\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_owned()
+}
+
+/// Sample lines (`name{labels} value`) to their values.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sample(m: &HashMap<String, f64>, key: &str) -> f64 {
+    match m.get(key) {
+        Some(v) => *v,
+        None => panic!("no sample {key}; have:\n{:#?}", {
+            let mut k: Vec<_> = m.keys().collect();
+            k.sort();
+            k
+        }),
+    }
+}
+
+fn handled(service: &str, method: &str, code: &str) -> String {
+    format!(
+        "keywatch_grpc_server_handled_total{{grpc_service=\"{service}\",grpc_method=\"{method}\",grpc_code=\"{code}\"}}"
+    )
+}
+
+fn create(id: i64, key: &str, range_end: &[u8]) -> pb::WatchRequest {
+    pb::WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(pb::WatchCreateRequest {
+            key: key.as_bytes().to_vec().into(),
+            range_end: range_end.to_vec().into(),
+            watch_id: id,
+            ..Default::default()
+        })),
+    }
+}
+
+fn put(key: &str, value: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: key.as_bytes().to_vec().into(),
+        value: value.as_bytes().to_vec().into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_after_a_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let (addr, maddr) = (server.local_addr(), server.metrics_addr().unwrap());
+    let (health, metrics) = (server.health(), server.metrics());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    health.ready().await;
+
+    let ch = channel(addr).await;
+    let mut kv = KvClient::new(ch.clone());
+    let (wtx, wrx) = mpsc::channel(8);
+    let mut stream = WatchClient::new(ch.clone())
+        .watch(ReceiverStream::new(wrx))
+        .await
+        .unwrap()
+        .into_inner();
+    // A prefix watch on /svc/ and an exact-key watch on /svc/a.
+    wtx.send(create(1, "/svc/", b"/svc0")).await.unwrap();
+    wtx.send(create(2, "/svc/a", b"")).await.unwrap();
+    for _ in 0..2 {
+        assert!(stream.message().await.unwrap().unwrap().created);
+    }
+    for (k, v) in [("/svc/a", "1"), ("/svc/b", "2"), ("/other", "3")] {
+        kv.put(put(k, v)).await.unwrap();
+    }
+    let mut events = 0;
+    while events < 3 {
+        events += stream.message().await.unwrap().unwrap().events.len();
+    }
+    // A request error: a read at a future revision is OUT_OF_RANGE.
+    let err = kv
+        .range(pb::RangeRequest {
+            key: b"/svc/a".to_vec().into(),
+            revision: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    // The client cancels the exact-key watch.
+    wtx.send(pb::WatchRequest {
+        request_union: Some(RequestUnion::CancelRequest(pb::WatchCancelRequest {
+            watch_id: 2,
+        })),
+    })
+    .await
+    .unwrap();
+    assert!(stream.message().await.unwrap().unwrap().canceled);
+
+    let m = samples(&scrape(maddr).await);
+    assert_eq!(sample(&m, "keywatch_watchers{selector=\"prefix\"}"), 1.0);
+    assert_eq!(sample(&m, "keywatch_watchers{selector=\"key\"}"), 0.0);
+    assert_eq!(sample(&m, "keywatch_watch_streams"), 1.0);
+    assert_eq!(sample(&m, "keywatch_watch_events_sent_total"), 3.0);
+    assert_eq!(
+        sample(&m, "keywatch_watch_cancels_total{reason=\"client\"}"),
+        1.0
+    );
+    // Every live event response was timed from its publication.
+    assert_eq!(
+        sample(&m, "keywatch_watch_publish_to_send_seconds_count"),
+        3.0
+    );
+    assert_eq!(sample(&m, &handled("etcdserverpb.KV", "Put", "OK")), 3.0);
+    assert_eq!(
+        sample(&m, &handled("etcdserverpb.KV", "Range", "OUT_OF_RANGE")),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "keywatch_grpc_server_started_total{grpc_service=\"etcdserverpb.Watch\",grpc_method=\"Watch\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "keywatch_grpc_server_handling_seconds_count{grpc_service=\"etcdserverpb.KV\",grpc_method=\"Put\"}"
+        ),
+        3.0
+    );
+    // Three writes, each acknowledged after its own or a shared group commit.
+    let batches = sample(&m, "keywatch_log_batch_change_sets_count");
+    assert!((1.0..=3.0).contains(&batches), "{batches}");
+    assert_eq!(sample(&m, "keywatch_log_batch_change_sets_sum"), 3.0);
+    assert_eq!(
+        sample(&m, "keywatch_log_commit_duration_seconds_count"),
+        batches
+    );
+    assert_eq!(sample(&m, "keywatch_log_commit_failures_total"), 0.0);
+    assert_eq!(sample(&m, "keywatch_revision"), 4.0);
+    assert_eq!(sample(&m, "keywatch_compacted_revision"), 0.0);
+    assert_eq!(sample(&m, "keywatch_keys"), 3.0);
+    assert_eq!(sample(&m, "keywatch_watchers_catching_up"), 0.0);
+    assert!(sample(&m, "process_resident_memory_bytes") > 0.0);
+
+    // Shutdown ends the open watch stream with etcd's UNAVAILABLE "server stopped".
+    stop.send(()).unwrap();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watch stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("server stopped"), "{status}");
+    run.await.unwrap().unwrap();
+    let m = samples(&metrics.encode());
+    assert_eq!(
+        sample(&m, &handled("etcdserverpb.Watch", "Watch", "UNAVAILABLE")),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "keywatch_watch_cancels_total{reason=\"stream_closed\"}"),
+        1.0
+    );
+    assert_eq!(sample(&m, "keywatch_watch_streams"), 0.0);
+}
+
+async fn next_status(s: &mut tonic::Streaming<HealthCheckResponse>) -> ServingStatus {
+    let msg = s.message().await.unwrap().expect("a health update");
+    ServingStatus::try_from(msg.status).unwrap()
+}
+
+async fn check(h: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
+    let r = h
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(r.status).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_startup_embedder_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store_tx, store_rx) = oneshot::channel::<Store>();
+    // The store arrives only when the test sends it: "still opening" is observable without
+    // timing.
+    let server = Server::with_store_future(config(dir.path()), async move {
+        store_rx.await.map_err(|_| StoreError::Closed)
+    })
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let handle = server.health();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let ch = channel(addr).await;
+    let mut health = HealthClient::new(ch.clone());
+    let mut kv = KvClient::new(ch.clone());
+    assert_eq!(check(&mut health, "").await, ServingStatus::NotServing);
+    assert_eq!(
+        check(&mut health, "etcdserverpb.KV").await,
+        ServingStatus::NotServing
+    );
+    let err = kv.put(put("k", "v")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("starting"), "{err}");
+    let mut updates = health
+        .watch(HealthCheckRequest { service: "".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut updates).await, ServingStatus::NotServing);
+
+    let store = Store::open(
+        dir.path(),
+        StoreConfig::default().durability(Durability::NoSync),
+    )
+    .await
+    .unwrap();
+    store_tx.send(store).unwrap();
+    assert_eq!(next_status(&mut updates).await, ServingStatus::Serving);
+    handle.ready().await;
+    assert_eq!(
+        check(&mut health, "etcdserverpb.Watch").await,
+        ServingStatus::Serving
+    );
+    kv.put(put("k", "v")).await.unwrap();
+
+    // The embedder's own condition (e.g. a lost upstream) overrides readiness, and back.
+    handle.set_serving(false).await;
+    assert_eq!(next_status(&mut updates).await, ServingStatus::NotServing);
+    assert_eq!(
+        check(&mut health, "etcdserverpb.KV").await,
+        ServingStatus::NotServing
+    );
+    kv.put(put("k", "still served")).await.unwrap();
+    handle.set_serving(true).await;
+    assert_eq!(next_status(&mut updates).await, ServingStatus::Serving);
+
+    // Shutdown: NOT_SERVING first, then the health stream ends.
+    stop.send(()).unwrap();
+    assert_eq!(next_status(&mut updates).await, ServingStatus::NotServing);
+    assert!(updates.message().await.unwrap().is_none());
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_and_describes_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let mut client = ServerReflectionClient::new(channel(addr).await);
+    let requests = tokio_stream::iter([
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "etcdserverpb.KV".into(),
+            )),
+        },
+    ]);
+    let mut responses = client
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = match responses.next().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => l,
+        other => panic!("expected a service list, got {other:?}"),
+    };
+    let names: Vec<_> = listed.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "etcdserverpb.KV",
+        "etcdserverpb.Watch",
+        "etcdserverpb.Lease",
+        "etcdserverpb.Maintenance",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    match responses.next().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::FileDescriptorResponse(f)) => {
+            assert!(!f.file_descriptor_proto.is_empty())
+        }
+        other => panic!("expected a file descriptor, got {other:?}"),
+    }
+    drop(responses);
+    stop.send(()).unwrap();
+    run.await.unwrap().unwrap();
+}
+
+// ---- the binary ----
+
+const BIN: &str = env!("CARGO_BIN_EXE_watch-server");
+
+/// Runs the binary to completion; returns (exit code, stdout, stderr).
+fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("KEYWATCH_CONFIG")
+        .env_remove("KEYWATCH_METRICS_LISTEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invalid_config_exits_before_binding() {
+    // Hold a port: had the binary bound before checking, it would report a bind error.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nno_such_key = 1\n").unwrap();
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec!["--metrics-listen", "everywhere"], "metrics_listen"),
+        (
+            vec!["--progress-interval", "10 parsecs"],
+            "progress_interval",
+        ),
+        (vec!["--max-watchers", "0"], "max_watchers"),
+        (vec!["--log-filter", "=["], "log_filter"),
+        (vec!["--config", file.to_str().unwrap()], "no_such_key"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["--listen", &listen, "--data-dir", data.to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        let (code, stdout, stderr) = run_to_end(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("invalid configuration"), "{stderr}");
+        assert!(stderr.contains(needle), "{needle} not in {stderr}");
+        assert!(!stdout.contains("bound"), "{stdout}");
+        assert!(
+            !data.exists(),
+            "the data directory was created for {args:?}"
+        );
+    }
+    drop(held);
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default() {
+    let (code, help, _) = run_to_end(&["--help"]);
+    assert_eq!(code, Some(0));
+    // Each flag's block (from its `--name` line to the next flag) states a default.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let t = line.trim_start();
+        if t.starts_with("--") || t.starts_with("-h,") || t.starts_with("-V,") {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    let flags: Vec<&String> = blocks
+        .iter()
+        .filter(|b| !b.contains("--help") && !b.contains("--version"))
+        .collect();
+    assert!(flags.len() >= 14, "{help}");
+    for b in flags {
+        assert!(b.contains("default"), "no default stated:\n{b}");
+        assert!(b.contains("KEYWATCH_"), "no environment variable:\n{b}");
+    }
+    assert!(help.contains("Precedence"), "{help}");
+    for flag in ["--metrics-listen", "--log-format", "--shutdown-timeout"] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+}
+
+/// A running binary: its child, the address from its "listening on" line, the metrics
+/// address if it printed one, and its stderr.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+    stderr: std_mpsc::Receiver<String>,
+}
+
+fn spawn(data: &Path, extra: &[&str]) -> Proc {
+    spawn_env(data, extra, &[])
+}
+
+fn spawn_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env_remove("KEYWATCH_CONFIG")
+        .env_remove("KEYWATCH_METRICS_LISTEN")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            // The metrics line, if any, comes before the ready line.
+            if let Some(a) = line
+                .strip_prefix("watch-server metrics on http://")
+                .and_then(|a| a.strip_suffix("/metrics"))
+            {
+                let _ = tx.send(format!("metrics {a}"));
+            }
+            if let Some(a) = line.strip_prefix("watch-server listening on ") {
+                let _ = tx.send(a.to_owned());
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let (etx, erx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        let _ = etx.send(s);
+    });
+    let mut metrics = None;
+    let addr = loop {
+        match rx.recv() {
+            Ok(a) => match a.strip_prefix("metrics ") {
+                Some(m) => metrics = Some(m.parse().unwrap()),
+                None => break a.parse().unwrap(),
+            },
+            Err(_) => {
+                let status = child.wait().unwrap();
+                panic!(
+                    "watch-server exited ({status}) before listening:\n{}",
+                    erx.recv().unwrap_or_default()
+                );
+            }
+        }
+    };
+    Proc {
+        child,
+        addr,
+        metrics,
+        stderr: erx,
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut p = spawn(&data, &["--durability", "fsync"]);
+    let ch = channel(p.addr).await;
+    let mut health = HealthClient::new(ch.clone());
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    let mut kv = KvClient::new(ch.clone());
+    let mut last = 0;
+    for i in 0..20 {
+        last = kv
+            .put(put(&format!("/k/{i}"), &format!("v{i}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+    }
+    let (wtx, wrx) = mpsc::channel(4);
+    let mut stream = WatchClient::new(ch.clone())
+        .watch(ReceiverStream::new(wrx))
+        .await
+        .unwrap()
+        .into_inner();
+    wtx.send(create(1, "/k/", b"/k0")).await.unwrap();
+    assert!(stream.message().await.unwrap().unwrap().created);
+
+    signal(&p.child, "-TERM");
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
+    let stderr = p.stderr.recv().unwrap();
+    assert!(exit.success(), "{exit}: {stderr}");
+    assert!(stderr.contains("store closed"), "{stderr}");
+    drop((kv, health, stream, ch));
+
+    // Restart on the same directory, with JSON logs and the metrics endpoint (from the
+    // environment) this time.
+    let mut p = spawn_env(
+        &data,
+        &["--log-format", "json"],
+        &[("KEYWATCH_METRICS_LISTEN", "127.0.0.1:0")],
+    );
+    let mut kv = KvClient::new(channel(p.addr).await);
+    let r = kv
+        .range(pb::RangeRequest {
+            key: b"/k/".to_vec().into(),
+            range_end: b"/k0".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.count, 20);
+    assert_eq!(r.header.unwrap().revision, last);
+    assert!(
+        r.kvs
+            .iter()
+            .any(|kv| &kv.key[..] == b"/k/19" && &kv.value[..] == b"v19")
+    );
+    let m = samples(&scrape(p.metrics.expect("a metrics line")).await);
+    assert_eq!(sample(&m, "keywatch_revision"), last as f64);
+    assert_eq!(sample(&m, "keywatch_keys"), 20.0);
+    assert_eq!(sample(&m, &handled("etcdserverpb.KV", "Range", "OK")), 1.0);
+    signal(&p.child, "-INT");
+    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
+    let stderr = p.stderr.recv().unwrap();
+    assert!(exit.success(), "{exit}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON log line: {line}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("\"message\":\"ready\"")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_a_stuck_shutdown() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A graceful shutdown that would wait an hour for the open call below.
+    let mut p = spawn(&dir.path().join("data"), &["--shutdown-timeout", "1h"]);
+    let ch = channel(p.addr).await;
+    let mut updates = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest { service: "".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut updates).await, ServingStatus::Serving);
+    // A bidirectional call the client keeps open: the server cannot end it by itself.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .unwrap();
+    let mut open = ServerReflectionClient::new(ch.clone())
+        .server_reflection_info(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.message().await.unwrap().is_some());
+
+    signal(&p.child, "-TERM");
+    // The shutdown has begun (health said so) and now waits for the open call.
+    assert_eq!(next_status(&mut updates).await, ServingStatus::NotServing);
+    signal(&p.child, "-TERM");
+    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
+    let stderr = p.stderr.recv().unwrap();
+    assert_eq!(exit.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("second signal"), "{stderr}");
+    drop(tx);
+}
