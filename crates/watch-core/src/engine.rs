@@ -323,8 +323,10 @@ impl WatchEngine {
         if w.wants_prev_kv() {
             shared.prev_kv_watchers.fetch_add(1, Ordering::Relaxed);
         }
-        shared.registry.insert(w.clone());
+        // Counted before it is reachable: once in the registry the dispatcher may close it
+        // and count it out, which must not run before this (the gauge is unsigned).
         shared.stats.registered(&w.selector);
+        shared.registry.insert(w.clone());
         if w.wants_progress() {
             shared.progress.insert(id, w.clone());
         }

@@ -60,6 +60,9 @@ pub enum EtcdError {
     WatcherRangeEmpty,
     /// A watch create reusing a watch ID in use on its stream (sent as `cancel_reason`).
     DuplicateWatchId,
+    /// keywatch's own (etcd has no such state): the server is up but still opening its data
+    /// directory (event-log replay); UNAVAILABLE, so clients retry.
+    Starting,
 }
 
 impl EtcdError {
@@ -79,7 +82,7 @@ impl EtcdError {
             | Self::DuplicateWatchId => Code::InvalidArgument,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::LeaseNotFound => Code::NotFound,
-            Self::NoLeader | Self::Stopped => Code::Unavailable,
+            Self::NoLeader | Self::Stopped | Self::Starting => Code::Unavailable,
             Self::AuthNotEnabled => Code::FailedPrecondition,
             Self::Corrupt => Code::DataLoss,
         }
@@ -106,6 +109,10 @@ impl EtcdError {
             Self::Corrupt => "etcdserver: corrupt cluster",
             Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
             Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
+            Self::Starting => {
+                "keywatch: starting: the data directory is being opened (event log replay); \
+                 retry shortly"
+            }
         }
     }
 
@@ -306,6 +313,12 @@ mod tests {
             EtcdError::DuplicateWatchId.into(),
             Code::InvalidArgument,
             "mvcc: duplicate watch ID provided on the WatchStream",
+        );
+        check(
+            EtcdError::Starting.into(),
+            Code::Unavailable,
+            "keywatch: starting: the data directory is being opened (event log replay); \
+             retry shortly",
         );
     }
 

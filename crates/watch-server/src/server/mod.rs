@@ -12,12 +12,15 @@
 //!    installed and health turns SERVING.
 //! 3. When the shutdown future resolves (or the store fails: fail-stop) health turns
 //!    NOT_SERVING, the transport stops accepting, every watch stream ends with UNAVAILABLE
-//!    "etcdserver: server stopped", in-flight requests finish and the store is closed (the
-//!    event log flushed and fsynced).
+//!    "etcdserver: server stopped", in-flight requests finish (for at most
+//!    `shutdown_timeout`; then their connections are cut, so no connection task outlives
+//!    [`Server::run`]) and the store is closed (the event log flushed and fsynced). The
+//!    metrics endpoint is waited for after that, bounded the same way.
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
 
 pub mod convert;
+mod cut;
 mod health;
 pub mod kv;
 pub mod metrics;
@@ -95,12 +98,10 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     /// Yields the store; awaited by `run` while health says NOT_SERVING.
     opening: Opening,
-    /// The store once open (read by the metrics collector and [`Server::store`]).
+    /// The store once open (read by the metrics collector).
     store: Arc<OnceLock<Store>>,
     health: HealthHandle,
     metrics: Arc<Metrics>,
-    /// Mirror mode's mirror once the store is open (`config.upstream` set).
-    mirror: Arc<OnceLock<Mirror>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -168,7 +169,6 @@ impl Server {
             store,
             health,
             metrics,
-            mirror: Arc::new(OnceLock::new()),
         })
     }
 
@@ -182,11 +182,6 @@ impl Server {
         self.metrics_addr
     }
 
-    /// The store served, once [`Server::run`] has opened it (`None` before).
-    pub fn store(&self) -> Option<&Store> {
-        self.store.get()
-    }
-
     /// The handle to this server's health status (see [`HealthHandle`]).
     pub fn health(&self) -> HealthHandle {
         self.health.clone()
@@ -197,16 +192,10 @@ impl Server {
         self.metrics.clone()
     }
 
-    /// In mirror mode, the mirror once [`Server::run`] has opened the store (`None` before
-    /// and in standalone mode). Its status drives health (SERVING only while connected to
-    /// the upstream) and the `keywatch_mirror_*` metrics.
-    pub fn mirror(&self) -> Option<&Mirror> {
-        self.mirror.get()
-    }
-
     /// Serves until `shutdown` resolves or the store fails, then shuts down gracefully (see the
     /// module docs): health NOT_SERVING, stop accepting, end every watch stream, let in-flight
-    /// requests finish, close the store (flushing the log). Returns the store's failure if it
+    /// requests finish (at most `shutdown_timeout`, then cut their connections), close the
+    /// store (flushing the log), stop the metrics endpoint (same bound). Returns the store's failure if it
     /// failed, or its open error if it could not be opened.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let Server {
@@ -219,8 +208,9 @@ impl Server {
             store: slot,
             health,
             metrics,
-            mirror: mirror_slot,
         } = self;
+        // Mirror mode's mirror, started once the store is open.
+        let mirror_slot: Arc<OnceLock<Mirror>> = Arc::new(OnceLock::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
@@ -302,9 +292,7 @@ impl Server {
                 auth.fill(pb::auth_server::AuthServer::new(AuthService));
             }
         };
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(health.reporter()),
-        );
+        let health_service = health.service();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(watch_proto::FILE_DESCRIPTOR_SET)
@@ -319,11 +307,15 @@ impl Server {
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
         let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
+        // Turns true when the grace period expired: every accepted connection (gRPC and
+        // metrics) then fails its next read or write and ends (see `cut`).
+        let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let metrics_task = metrics_listener.map(|l| {
             let mut ended = ended_rx.clone();
             if let Some(addr) = metrics_addr {
                 tracing::info!(%addr, "serving metrics on /metrics");
             }
+            let l = cut::CutListener::new(l, cut_rx.clone());
             tokio::spawn(metrics::serve(l, metrics.clone(), async move {
                 let _ = ended.wait_for(|e| *e).await;
             }))
@@ -412,6 +404,13 @@ impl Server {
         };
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving; opening the store");
         let grace = config.shutdown_timeout;
+        let incoming = {
+            let cut_rx = cut_rx.clone();
+            tokio_stream::StreamExt::map(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone())),
+            )
+        };
         let serve = tonic::transport::Server::builder()
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
@@ -430,50 +429,84 @@ impl Server {
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
             // the peer's delayed ACK (~40 ms), which showed as a 40 ms p99 in the benches.
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop,
-            );
+            .serve_with_incoming_shutdown(incoming, stop);
+        tokio::pin!(serve);
         let served = tokio::select! {
-            r = serve => r,
+            r = &mut serve => r,
             // Streams this server does not end itself (a client's long call) get `grace`;
-            // then the transport is dropped, cutting them, and the store still closes cleanly.
+            // then their connections are cut (tonic runs each connection as a task of its own,
+            // which dropping `serve` would not stop) and the store still closes cleanly.
             _ = async {
                 let _ = stopping.wait_for(|s| *s).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "graceful shutdown timed out; cutting remaining calls");
-                Ok(())
+                let _ = cut_tx.send(true);
+                // `serve` returns once every connection task ended, which a cut connection
+                // does at its next poll; the bound only guards against a transport bug.
+                match tokio::time::timeout(grace, &mut serve).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::error!("cut connections did not end; dropping the transport");
+                        Ok(())
+                    }
+                }
             }
         };
+        // The metrics endpoint stops accepting now; it is waited for after the store closed,
+        // so a stalled scrape cannot keep the store open.
         let _ = ended_tx.send(true);
-        if let Some(task) = metrics_task {
-            let _ = task.await;
-        }
         if let Some(m) = mirror_slot.get() {
             m.stop();
         }
-        let open_error = open_error.lock().take();
-        if let Some(e) = open_error {
-            return Err(e);
-        }
-        let Some(store) = slot.get().cloned() else {
-            // Stopped before the store was open: nothing to close.
-            return Ok(served?);
+        let closed = match (
+            close(&slot, open_error, served).await,
+            mirror_stopped.lock().take(),
+        ) {
+            (Ok(()), Some(message)) => Err(ServerError::MirrorStopped(message)),
+            (r, _) => r,
         };
-        let failure = store.failure();
-        let closed = store.close().await;
-        served?;
-        if let Some(message) = failure {
-            return Err(StoreError::Failed { message }.into());
+        if let Some(mut task) = metrics_task
+            && tokio::time::timeout(grace, &mut task).await.is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "metrics endpoint did not stop; cutting its connections"
+            );
+            let _ = cut_tx.send(true);
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                tracing::error!("metrics endpoint did not end after the cut; aborting it");
+                task.abort();
+            }
         }
-        if let Some(message) = mirror_stopped.lock().take() {
-            return Err(ServerError::MirrorStopped(message));
-        }
-        closed?;
-        tracing::info!("store closed");
-        Ok(())
+        closed
     }
+}
+
+/// Closes the store in `slot` (if it was opened) and says how the run ended: the open error,
+/// the store's failure, the close error or the transport's error, in that order.
+async fn close(
+    slot: &OnceLock<Store>,
+    open_error: Arc<parking_lot::Mutex<Option<ServerError>>>,
+    served: Result<(), tonic::transport::Error>,
+) -> Result<(), ServerError> {
+    let open_error = open_error.lock().take();
+    if let Some(e) = open_error {
+        return Err(e);
+    }
+    let Some(store) = slot.get().cloned() else {
+        // Stopped before the store was open: nothing to close.
+        return Ok(served?);
+    };
+    let failure = store.failure();
+    let closed = store.close().await;
+    served?;
+    if let Some(message) = failure {
+        return Err(StoreError::Failed { message }.into());
+    }
+    closed?;
+    tracing::info!("store closed");
+    Ok(())
 }
 
 /// Health of a mirror follows its upstream connection: SERVING only while the upstream watch

@@ -283,6 +283,25 @@ impl WatchStream {
         self.out.send(Ok(resp)).await.map_err(|_| Gone)
     }
 
+    /// Sends a response carrying events (one fragment counts as one response), counting it
+    /// only once the stream took it: the slot is reserved first (fails if the client is
+    /// gone, then nothing is counted), and the count is made before the response becomes
+    /// readable, so a client that saw the events also sees them counted. `live` is the
+    /// revision of a live (not catch-up) response, whose publish-to-send time is observed.
+    async fn send_events(
+        &self,
+        resp: pb::WatchResponse,
+        live: Option<Revision>,
+    ) -> Result<(), Gone> {
+        let permit = self.out.reserve().await.map_err(|_| Gone)?;
+        self.metrics.sent(resp.events.len());
+        if let Some(elapsed) = live.and_then(|r| self.store.publish_elapsed(r)) {
+            self.metrics.publish_to_send(elapsed);
+        }
+        permit.send(Ok(resp));
+        Ok(())
+    }
+
     fn current(&self) -> Revision {
         self.store.durable_revision()
     }
@@ -495,12 +514,10 @@ impl WatchStream {
             events,
             ..Default::default()
         };
-        // Counted when handed to the stream, so a client that saw the events sees the count.
-        self.metrics.sent(resp.events.len());
         if meta.fragment {
-            self.send_fragments(resp).await
+            self.send_fragments(resp, None).await
         } else {
-            self.send(resp).await
+            self.send_events(resp, None).await
         }
     }
 
@@ -515,17 +532,11 @@ impl WatchStream {
                 // compaction revision: then it sends no prev_kv (the log still has it).
                 let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
                 let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
-                // Measured and counted as the response is handed to the client's stream.
-                if !batch.is_catch_up()
-                    && let Some(elapsed) = self.store.publish_elapsed(batch.revision())
-                {
-                    self.metrics.publish_to_send(elapsed);
-                }
-                self.metrics.sent(resp.events.len());
+                let live = (!batch.is_catch_up()).then(|| batch.revision());
                 if meta.fragment {
-                    self.send_fragments(resp).await
+                    self.send_fragments(resp, live).await
                 } else {
-                    self.send(resp).await
+                    self.send_events(resp, live).await
                 }
             }
             WatchMessage::Progress { revision } => {
@@ -589,10 +600,15 @@ impl WatchStream {
 
     /// etcd's `sendFragments`: a response of 2+ events whose encoded size reaches the limit is
     /// split; every piece but the last has `fragment = true`; one event is never split.
-    async fn send_fragments(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
+    /// `live`: as for [`WatchStream::send_events`], observed with the first fragment.
+    async fn send_fragments(
+        &self,
+        resp: pb::WatchResponse,
+        mut live: Option<Revision>,
+    ) -> Result<(), Gone> {
         let limit = self.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
         if resp.encoded_len() < limit || resp.events.len() < 2 {
-            return self.send(resp).await;
+            return self.send_events(resp, live).await;
         }
         let mut events = resp.events.into_iter().peekable();
         let base = pb::WatchResponse {
@@ -616,8 +632,58 @@ impl WatchStream {
                 }
             }
             cur.fragment = events.peek().is_some();
-            self.send(cur).await?;
+            self.send_events(cur, live.take()).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Durability, StoreConfig};
+
+    fn event_response(n: usize) -> pb::WatchResponse {
+        pb::WatchResponse {
+            watch_id: 1,
+            events: vec![Default::default(); n],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_counted_only_once_the_stream_took_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            StoreConfig::default().durability(Durability::NoSync),
+        )
+        .await
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = WatchMetrics::default();
+        let stream = WatchStream {
+            store: store.clone(),
+            settings: WatchSettings {
+                max_watchers_per_stream: 10,
+                watch_buffer: 16,
+                max_request_bytes: 1 << 20,
+            },
+            out: tx,
+            watches: SelectAll::new(),
+            meta: HashMap::new(),
+            next_id: 0,
+            progress: None,
+            metrics: metrics.clone(),
+        };
+        assert!(stream.send_events(event_response(2), None).await.is_ok());
+        assert!(rx.recv().await.is_some());
+        assert_eq!(metrics.sent_counts(), (2, 1));
+        // The client is gone: the send fails and nothing is counted.
+        drop(rx);
+        assert!(stream.send_events(event_response(3), None).await.is_err());
+        assert_eq!(metrics.sent_counts(), (2, 1));
+        drop(stream);
+        store.close().await.unwrap();
     }
 }
