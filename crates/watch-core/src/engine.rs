@@ -355,6 +355,20 @@ impl WatchEngine {
         Ok(handle)
     }
 
+    /// Ends every registered watcher now with `reason` (pushed into the slot each queue keeps
+    /// free, so it is never lost) and returns how many were ended. Watchers registered after
+    /// the call are untouched. For an embedder whose history was replaced under the engine
+    /// (keywatch's mirror resync cancels everyone as compacted, as etcd would).
+    pub fn cancel_all(&self, reason: CancelReason) -> usize {
+        let mut all = Vec::new();
+        // Registry lock first, watcher locks after it is released (the engine's lock order).
+        self.shared.registry.for_each(|w| all.push(w.clone()));
+        for w in &all {
+            self.shared.cancel(w, reason.clone());
+        }
+        all.len()
+    }
+
     /// Stops the dispatcher: every watcher receives [`CancelReason::Shutdown`] and no new
     /// watcher is accepted.
     pub fn shutdown(&self) {

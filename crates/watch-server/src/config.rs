@@ -114,6 +114,30 @@ pub struct Cli {
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
+    /// Mirror mode: upstream etcd client URLs, comma-separated (e.g.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379). See docs/cluster.md (default: unset, a
+    /// standalone server).
+    #[arg(long, env = "KEYWATCH_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Mirror mode: a key prefix to mirror; repeat for several (env: comma-separated) (default:
+    /// none, the whole keyspace).
+    #[arg(
+        long = "upstream-prefix",
+        env = "KEYWATCH_UPSTREAM_PREFIX",
+        value_delimiter = ','
+    )]
+    pub upstream_prefix: Vec<String>,
+    /// Mirror mode: longest wait of a linearizable read or a write for the mirror to catch up
+    /// with etcd before failing with Unavailable (default 5s).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_BARRIER_TIMEOUT")]
+    pub upstream_barrier_timeout: Option<String>,
+    /// Mirror mode: keys per page of the snapshot read from etcd (default 1000).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_SNAPSHOT_PAGE")]
+    pub upstream_snapshot_page: Option<usize>,
+    /// Mirror mode: keep the local history of the last this many etcd revisions and compact
+    /// the rest (default: keep everything).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_RETAIN_REVISIONS")]
+    pub upstream_retain_revisions: Option<u64>,
     /// Log line format on stderr (default text).
     #[arg(long, env = "KEYWATCH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -181,6 +205,11 @@ pub struct FileConfig {
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
     pub log_filter: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_prefix: Option<Vec<String>>,
+    pub upstream_barrier_timeout: Option<String>,
+    pub upstream_snapshot_page: Option<usize>,
+    pub upstream_retain_revisions: Option<u64>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<String>,
     pub shutdown_timeout: Option<String>,
@@ -218,6 +247,16 @@ pub struct ServerConfig {
     pub watch_buffer: u32,
     /// Log filter (used by the binary only).
     pub log_filter: String,
+    /// Mirror mode's upstream etcd endpoints (empty: standalone).
+    pub upstream: Vec<String>,
+    /// Mirrored prefixes (empty: the whole keyspace).
+    pub upstream_prefixes: Vec<String>,
+    /// Mirror mode: barrier timeout of linearizable reads and writes.
+    pub upstream_barrier_timeout: Duration,
+    /// Mirror mode: keys per snapshot page.
+    pub upstream_snapshot_page: usize,
+    /// Mirror mode: revisions of local history kept (`None`: all).
+    pub upstream_retain_revisions: Option<u64>,
     /// Log line format (used by the binary only).
     pub log_format: LogFormat,
     /// Address of the Prometheus endpoint; `None`: no endpoint.
@@ -243,6 +282,11 @@ impl Default for ServerConfig {
             max_txn_ops: 128,
             watch_buffer: 64,
             log_filter: "info".to_owned(),
+            upstream: Vec::new(),
+            upstream_prefixes: Vec::new(),
+            upstream_barrier_timeout: Duration::from_secs(5),
+            upstream_snapshot_page: 1000,
+            upstream_retain_revisions: None,
             log_format: LogFormat::Text,
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -362,6 +406,39 @@ impl ServerConfig {
                 .or(file.watch_buffer)
                 .unwrap_or(d.watch_buffer),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
+            upstream: cli
+                .upstream
+                .or(file.upstream)
+                .map(|u| {
+                    u.split(',')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            upstream_prefixes: if cli.upstream_prefix.is_empty() {
+                file.upstream_prefix.unwrap_or_default()
+            } else {
+                cli.upstream_prefix
+            },
+            upstream_barrier_timeout: match cli
+                .upstream_barrier_timeout
+                .or(file.upstream_barrier_timeout)
+            {
+                Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                    field: "upstream_barrier_timeout",
+                    message,
+                })?,
+                None => d.upstream_barrier_timeout,
+            },
+            upstream_snapshot_page: cli
+                .upstream_snapshot_page
+                .or(file.upstream_snapshot_page)
+                .unwrap_or(d.upstream_snapshot_page),
+            upstream_retain_revisions: cli
+                .upstream_retain_revisions
+                .or(file.upstream_retain_revisions),
             log_format: cli.log_format.or(file.log_format).unwrap_or(d.log_format),
             metrics_listen: match cli.metrics_listen.or(file.metrics_listen) {
                 Some(s) => parse_metrics_listen(&s)?,
@@ -435,7 +512,38 @@ impl ServerConfig {
         positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
+        positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
+        if c.upstream_retain_revisions == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "upstream_retain_revisions",
+                message: "must be at least 1".to_owned(),
+            });
+        }
+        if !c.upstream_prefixes.is_empty() && c.upstream.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "upstream_prefix",
+                message: "needs --upstream (mirror mode)".to_owned(),
+            });
+        }
         Ok(c)
+    }
+
+    /// The mirror settings when `upstream` is set (mirror mode), else `None`.
+    pub fn mirror_config(&self) -> Option<crate::mirror::MirrorConfig> {
+        if self.upstream.is_empty() {
+            return None;
+        }
+        let mut m = crate::mirror::MirrorConfig::new(
+            self.upstream.clone(),
+            self.upstream_prefixes
+                .iter()
+                .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()))
+                .collect(),
+        );
+        m.barrier_timeout = self.upstream_barrier_timeout;
+        m.snapshot_page = self.upstream_snapshot_page;
+        m.retain_revisions = self.upstream_retain_revisions;
+        Some(m)
     }
 
     /// The store settings of this configuration.
@@ -469,6 +577,28 @@ mod tests {
         assert_eq!(c.durability, Durability::NoSync);
         assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert!(c.mirror_config().is_none());
+    }
+
+    #[test]
+    fn mirror_settings_from_flags_and_file() {
+        let file: FileConfig = toml::from_str(
+            "upstream = \"http://a:2379, b:2379\"\nupstream_prefix = [\"/x/\", \"/y/\"]\nupstream_barrier_timeout = \"2s\"\nupstream_retain_revisions = 100",
+        )
+        .unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.upstream, vec!["http://a:2379", "b:2379"]);
+        assert_eq!(c.upstream_prefixes, vec!["/x/", "/y/"]);
+        let m = c.mirror_config().unwrap();
+        assert_eq!(m.barrier_timeout, Duration::from_secs(2));
+        assert_eq!(m.prefixes.len(), 2);
+        assert_eq!(m.retain_revisions, Some(100));
+        let cli = Cli {
+            upstream_prefix: vec!["/z/".into()],
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, file).unwrap();
+        assert_eq!(c.upstream_prefixes, vec!["/z/"]);
     }
 
     #[test]
@@ -509,6 +639,11 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
         let cli = Cli {
             progress_interval: Some("10 parsecs".into()),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
+        let cli = Cli {
+            upstream_prefix: vec!["/a/".into()],
             ..Cli::default()
         };
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());

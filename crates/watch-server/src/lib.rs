@@ -14,6 +14,8 @@
 //!   check every KV request and watch create passes ([`auth::Gate`]).
 //! - [`tls`]: TLS and mutual TLS for the listener (rustls through tonic).
 //! - [`config`]: the binary's flags, environment variables and TOML file.
+//! - [`mirror`]: mirror mode (`--upstream`): the store follows an etcd cluster through one
+//!   upstream watch and serves watchers and reads locally (docs/cluster.md).
 //!
 //! Embedding the store (no network hop):
 //!
@@ -59,6 +61,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod mirror;
 pub mod server;
 pub mod store;
 pub mod tls;

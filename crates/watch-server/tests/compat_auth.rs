@@ -866,3 +866,66 @@ async fn etcdctl_with_users(s: Secured) {
     );
 }
 auth_test!(etcdctl_with_users);
+
+/// Mirror mode (`--upstream`): keywatch's own users and roles are checked before a request is
+/// served from the mirror or forwarded to etcd, so a refused write never reaches etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_mode_checks_before_forwarding() {
+    if !common::tools_present("mirror_mode_checks_before_forwarding", &["etcd"], "etcd") {
+        return;
+    }
+    let upstream = tokio::task::block_in_place(|| Server::start(Target::Etcd, "auth_upstream"));
+    let s = tokio::task::block_in_place(|| {
+        Secured::start(
+            Target::Keywatch,
+            "auth_mirror",
+            &[
+                "--upstream",
+                upstream.endpoint(),
+                "--upstream-prefix",
+                "/app/",
+            ],
+        )
+    });
+    let mut alice = s.client("alice", "alicepw").await;
+    alice
+        .put("/app/m", "1", None)
+        .await
+        .expect("alice's write is forwarded");
+    assert_eq!(value(&mut alice, "/app/m").await.as_deref(), Some("1"));
+    assert_status(
+        alice.put("/other/m", "x", None).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice.get("/other/m", None).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice
+            .txn(Txn::new().and_then([TxnOp::put("/other/t", "x", None)]))
+            .await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(alice.compact(1, None).await, Code::PermissionDenied, DENIED);
+    assert_status(
+        s.anonymous().await.get("/app/m", None).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    let refused = first_response(
+        &mut alice,
+        "/other/",
+        Some(WatchOptions::new().with_prefix()),
+    )
+    .await;
+    assert_refused(&refused, "a mirror's watch over a forbidden prefix");
+    // etcd itself (no auth there) never saw the refused writes.
+    let mut direct = upstream.client().await;
+    assert_eq!(value(&mut direct, "/app/m").await.as_deref(), Some("1"));
+    assert_eq!(value(&mut direct, "/other/m").await, None);
+    assert_eq!(value(&mut direct, "/other/t").await, None);
+}

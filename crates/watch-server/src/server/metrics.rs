@@ -68,7 +68,11 @@ pub struct Metrics {
     rpc: Arc<RpcMetrics>,
     watch: WatchMetrics,
     log: Arc<LogMetrics>,
+    /// Mirror mode's status, once the mirror runs (read at scrape time).
+    mirror: MirrorSlot,
 }
+
+type MirrorSlot = Arc<OnceLock<tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>>>;
 
 impl Metrics {
     /// A registry with every keywatch metric; scrape-time values come from the store put in
@@ -79,12 +83,26 @@ impl Metrics {
         let watch = WatchMetrics::register(&mut registry);
         let log = Arc::new(LogMetrics::register(&mut registry));
         registry.register_collector(Box::new(StoreCollector { store }));
+        let mirror = MirrorSlot::default();
+        registry.register_collector(Box::new(MirrorCollector {
+            status: mirror.clone(),
+        }));
         Self {
             registry,
             rpc,
             watch,
             log,
+            mirror,
         }
+    }
+
+    /// Reports a mirror's status (mirror mode) as `keywatch_mirror_connected` and
+    /// `keywatch_mirror_revision`. Once; later calls are ignored.
+    pub fn set_mirror_status(
+        &self,
+        status: tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>,
+    ) {
+        let _ = self.mirror.set(status);
     }
 
     /// The tower layer recording every gRPC call.
@@ -777,6 +795,34 @@ impl<B: http_body::Body> http_body::Body for MetricsBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Mirror mode's gauges, read from the mirror's status at scrape time (none in standalone
+/// mode).
+#[derive(Debug)]
+struct MirrorCollector {
+    status: MirrorSlot,
+}
+
+impl Collector for MirrorCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(rx) = self.status.get() else {
+            return Ok(());
+        };
+        let status = rx.borrow().clone();
+        gauge(
+            &mut encoder,
+            "keywatch_mirror_connected",
+            "1 while the mirror's upstream etcd watch is open, 0 otherwise (mirror mode)",
+            i64::from(status.is_connected()),
+        )?;
+        gauge(
+            &mut encoder,
+            "keywatch_mirror_revision",
+            "Upstream revision the mirror has applied (mirror mode)",
+            to_i64(status.revision),
+        )
     }
 }
 

@@ -39,6 +39,7 @@ use watch_proto::etcdserverpb as pb;
 use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
 use crate::error::StoreError;
+use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
 use crate::store::Store;
 
 pub use auth::AuthService;
@@ -79,6 +80,12 @@ pub enum ServerError {
     /// The reflection service could not be built from the descriptor sets.
     #[error("building the gRPC reflection service: {0}")]
     Reflection(String),
+    /// Mirror mode could not start (see [`MirrorError`]).
+    #[error("mirror: {0}")]
+    Mirror(#[from] MirrorError),
+    /// The mirror stopped for good while serving (another cluster, store failure).
+    #[error("mirror stopped: {0}")]
+    MirrorStopped(String),
 }
 
 /// The future that yields the store to serve.
@@ -205,6 +212,8 @@ impl Server {
             health,
             metrics,
         } = self;
+        // Mirror mode's mirror, started once the store is open.
+        let mirror_slot: Arc<OnceLock<Mirror>> = Arc::new(OnceLock::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
         // Off without an [auth] section: then every check is one `Option` branch.
@@ -221,7 +230,13 @@ impl Server {
         let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
         let lease = Gated::<pb::lease_server::LeaseServer<LeaseService>>::new();
         let auth = Gated::<pb::auth_server::AuthServer<AuthService>>::new();
+        // Mirror mode replaces KV and Lease with services that forward to etcd.
+        let mirror_config = config.mirror_config();
+        let mirrored = mirror_config.is_some();
+        let mirror_kv = Gated::<pb::kv_server::KvServer<MirrorKvService>>::new();
+        let mirror_lease = Gated::<pb::lease_server::LeaseServer<MirrorLeaseService>>::new();
         let install = {
+            let (mirror_kv, mirror_lease) = (mirror_kv.clone(), mirror_lease.clone());
             let (kv, watch, maintenance, cluster, lease, auth) = (
                 kv.clone(),
                 watch.clone(),
@@ -237,15 +252,33 @@ impl Server {
             } else {
                 "http"
             };
-            move |store: &Store| {
-                kv.fill(
-                    pb::kv_server::KvServer::new(
-                        KvService::new(store.clone(), config.max_request_bytes)
-                            .with_gate(gate.clone()),
-                    )
-                    .max_decoding_message_size(recv_limit)
-                    .max_encoding_message_size(usize::MAX),
-                );
+            move |store: &Store, mirror: Option<&Mirror>| {
+                match mirror {
+                    Some(m) => {
+                        mirror_kv.fill(
+                            pb::kv_server::KvServer::new(
+                                MirrorKvService::new(m.clone(), config.max_request_bytes)
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit)
+                            .max_encoding_message_size(usize::MAX),
+                        );
+                        mirror_lease.fill(pb::lease_server::LeaseServer::new(
+                            MirrorLeaseService::new(m.clone()),
+                        ));
+                    }
+                    None => {
+                        kv.fill(
+                            pb::kv_server::KvServer::new(
+                                KvService::new(store.clone(), config.max_request_bytes)
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit)
+                            .max_encoding_message_size(usize::MAX),
+                        );
+                        lease.fill(pb::lease_server::LeaseServer::new(LeaseService));
+                    }
+                }
                 watch.fill(
                     pb::watch_server::WatchServer::new(
                         WatchService::new(
@@ -270,7 +303,6 @@ impl Server {
                     store.clone(),
                     format!("{scheme}://{addr}"),
                 )));
-                lease.fill(pb::lease_server::LeaseServer::new(LeaseService));
                 auth.fill(pb::auth_server::AuthServer::new(AuthService::new(
                     store.clone(),
                     gate.clone(),
@@ -310,44 +342,69 @@ impl Server {
         let activate = {
             let (slot, health, metrics) = (slot.clone(), health.clone(), metrics.clone());
             let data_dir = config.data_dir.clone();
+            let mirror_slot = mirror_slot.clone();
             move |store: Store| async move {
                 store.set_log_observer(metrics.log_observer());
                 let _ = slot.set(store.clone());
-                install(&store);
+                let mirror = match mirror_config {
+                    Some(m) => Some(Mirror::start(store.clone(), m)?),
+                    None => None,
+                };
+                if let Some(m) = &mirror {
+                    // NOT_SERVING until the upstream watch is open (before `set_ready`, so
+                    // SERVING never shows early), then following the connection.
+                    health.set_serving(false).await;
+                    tokio::spawn(follow_mirror(m.status(), health.clone()));
+                    metrics.set_mirror_status(m.status());
+                    let _ = mirror_slot.set(m.clone());
+                }
+                install(&store, mirror.as_ref());
                 health.set_ready().await;
                 tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
-                store
+                Ok::<_, ServerError>(store)
             }
         };
         let mut opening = opening;
         // An already open store (`with_store`) goes live before the first connection is
         // accepted, so no client of an embedded server ever sees the startup UNAVAILABLE.
         let early = match futures_util::FutureExt::now_or_never(&mut opening) {
-            Some(Ok(store)) => Some(activate.clone()(store).await),
+            Some(Ok(store)) => Some(activate.clone()(store).await?),
             Some(Err(e)) => return Err(e.into()),
             None => None,
         };
         let open_error = Arc::new(parking_lot::Mutex::new(None));
+        let mirror_stopped = Arc::new(parking_lot::Mutex::new(None));
         let stop = {
             let (health, open_error) = (health.clone(), open_error.clone());
+            let (mirror_slot, mirror_stopped) = (mirror_slot.clone(), mirror_stopped.clone());
             async move {
                 tokio::pin!(shutdown);
                 let opened = match early {
                     Some(store) => Some(Ok(store)),
                     None => tokio::select! {
                         r = opening => match r {
-                            Ok(store) => Some(Ok(activate(store).await)),
-                            Err(e) => Some(Err(e)),
+                            Ok(store) => Some(activate(store).await),
+                            Err(e) => Some(Err(e.into())),
                         },
                         _ = &mut shutdown => None,
                     },
                 };
                 match opened {
                     Some(Ok(store)) => {
+                        let mirror_failed = async {
+                            match mirror_slot.get() {
+                                Some(m) => m.failed().await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             _ = &mut shutdown => tracing::info!("shutdown requested"),
                             msg = store.failed() => {
                                 tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
+                            }
+                            msg = mirror_failed => {
+                                tracing::error!(error = %msg, "mirror stopped; shutting down");
+                                *mirror_stopped.lock() = Some(msg);
                             }
                         }
                     }
@@ -389,11 +446,13 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(kv)
+            .add_optional_service((!mirrored).then_some(kv))
+            .add_optional_service(mirrored.then_some(mirror_kv))
             .add_service(watch)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_service(lease)
+            .add_optional_service((!mirrored).then_some(lease))
+            .add_optional_service(mirrored.then_some(mirror_lease))
             .add_service(auth)
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
@@ -425,7 +484,16 @@ impl Server {
         // The metrics endpoint stops accepting now; it is waited for after the store closed,
         // so a stalled scrape cannot keep the store open.
         let _ = ended_tx.send(true);
-        let closed = close(&slot, open_error, served).await;
+        if let Some(m) = mirror_slot.get() {
+            m.stop();
+        }
+        let closed = match (
+            close(&slot, open_error, served).await,
+            mirror_stopped.lock().take(),
+        ) {
+            (Ok(()), Some(message)) => Err(ServerError::MirrorStopped(message)),
+            (r, _) => r,
+        };
         if let Some(mut task) = metrics_task
             && tokio::time::timeout(grace, &mut task).await.is_err()
         {
@@ -447,12 +515,12 @@ impl Server {
 /// the store's failure, the close error or the transport's error, in that order.
 async fn close(
     slot: &OnceLock<Store>,
-    open_error: Arc<parking_lot::Mutex<Option<StoreError>>>,
+    open_error: Arc<parking_lot::Mutex<Option<ServerError>>>,
     served: Result<(), tonic::transport::Error>,
 ) -> Result<(), ServerError> {
     let open_error = open_error.lock().take();
     if let Some(e) = open_error {
-        return Err(e.into());
+        return Err(e);
     }
     let Some(store) = slot.get().cloned() else {
         // Stopped before the store was open: nothing to close.
@@ -467,4 +535,23 @@ async fn close(
     closed?;
     tracing::info!("store closed");
     Ok(())
+}
+
+/// Health of a mirror follows its upstream connection: SERVING only while the upstream watch
+/// is open (the mirror may be stale otherwise). Publishes only on changes of connectivity.
+async fn follow_mirror(
+    mut status: tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>,
+    health: HealthHandle,
+) {
+    let mut last = None;
+    loop {
+        let connected = status.borrow_and_update().is_connected();
+        if last != Some(connected) {
+            health.set_serving(connected).await;
+            last = Some(connected);
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
 }
