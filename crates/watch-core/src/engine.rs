@@ -323,8 +323,10 @@ impl WatchEngine {
         if w.wants_prev_kv() {
             shared.prev_kv_watchers.fetch_add(1, Ordering::Relaxed);
         }
-        shared.registry.insert(w.clone());
+        // Counted before it is reachable: once in the registry the dispatcher may close it
+        // and count it out, which must not run before this (the gauge is unsigned).
         shared.stats.registered(&w.selector);
+        shared.registry.insert(w.clone());
         if w.wants_progress() {
             shared.progress.insert(id, w.clone());
         }
@@ -351,6 +353,20 @@ impl WatchEngine {
             return Err(WatchError::Shutdown);
         }
         Ok(handle)
+    }
+
+    /// Ends every registered watcher now with `reason` (pushed into the slot each queue keeps
+    /// free, so it is never lost) and returns how many were ended. Watchers registered after
+    /// the call are untouched. For an embedder whose history was replaced under the engine
+    /// (keywatch's mirror resync cancels everyone as compacted, as etcd would).
+    pub fn cancel_all(&self, reason: CancelReason) -> usize {
+        let mut all = Vec::new();
+        // Registry lock first, watcher locks after it is released (the engine's lock order).
+        self.shared.registry.for_each(|w| all.push(w.clone()));
+        for w in &all {
+            self.shared.cancel(w, reason.clone());
+        }
+        all.len()
     }
 
     /// Stops the dispatcher: every watcher receives [`CancelReason::Shutdown`] and no new

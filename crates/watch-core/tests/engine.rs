@@ -552,3 +552,48 @@ async fn replayed_batches_are_marked_catch_up_and_live_ones_are_not() {
     };
     assert_eq!((b.revision(), b.is_catch_up()), (5, false));
 }
+
+/// Revisions with gaps and empty change sets (an embedder mirroring another store's revision
+/// numbers): watchers get the events under the published numbers, progress reports the last
+/// published revision, a watcher started in a gap begins at the next event, and
+/// `cancel_all` ends every watcher with the given reason.
+#[tokio::test]
+async fn revision_gaps_empty_sets_and_cancel_all() {
+    let e = engine(EngineConfig::default().initial_revision(10));
+    let mut all = e.watch(KeySelector::All, WatchOptions::default()).unwrap();
+    e.publish(ChangeSet::new(13, vec![put(13, "a", "1", None)]))
+        .unwrap();
+    e.publish(ChangeSet::new(20, Vec::new())).unwrap();
+    e.publish(ChangeSet::new(
+        27,
+        vec![put(27, "b", "2", None), del(27, "a")],
+    ))
+    .unwrap();
+    assert!(e.publish(ChangeSet::new(27, Vec::new())).is_err());
+    assert_eq!(next_events(&mut all).await, (13, vec!["a".into()]));
+    assert_eq!(
+        next_events(&mut all).await,
+        (27, vec!["b".into(), "a".into()])
+    );
+    let mut from_gap = e
+        .watch(KeySelector::All, WatchOptions::default().start_revision(15))
+        .unwrap();
+    assert_eq!(next_events(&mut from_gap).await.0, 27);
+    assert!(events_until_progress(&mut all, 27).await.is_empty());
+    assert_eq!(e.current_revision(), 27);
+    assert_eq!(
+        e.cancel_all(CancelReason::Compacted {
+            compact_revision: 31
+        }),
+        2
+    );
+    for h in [&mut all, &mut from_gap] {
+        match h.recv().await {
+            Some(WatchMessage::Canceled(CancelReason::Compacted { compact_revision })) => {
+                assert_eq!(compact_revision, 31)
+            }
+            other => panic!("expected a compacted cancel, got {other:?}"),
+        }
+    }
+    assert_eq!(e.watcher_count(), 0);
+}

@@ -16,14 +16,25 @@ fn put(rev: Revision, key: &'static str) -> ChangeSet {
     ChangeSet::new(rev, vec![Event::put(kv, None)])
 }
 
-/// Yields to the dispatcher until `f` holds for the engine's stats.
+/// Yields to the dispatcher until `f` holds for the engine's stats. A hang guard (not a
+/// timing assertion): a regression that never reaches the condition fails after 30 s instead
+/// of hanging the test run.
 async fn until(engine: &WatchEngine, f: impl Fn(&EngineStats) -> bool) -> EngineStats {
-    loop {
-        let s = engine.stats();
-        if f(&s) {
-            return s;
+    let wait = async {
+        loop {
+            let s = engine.stats();
+            if f(&s) {
+                return s;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(30), wait).await {
+        Ok(s) => s,
+        Err(_) => panic!(
+            "the engine's stats never reached the expected state; last: {:?}",
+            engine.stats()
+        ),
     }
 }
 

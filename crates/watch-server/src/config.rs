@@ -2,7 +2,8 @@
 //!
 //! Precedence, highest first: **flags > environment variables > config file > defaults**.
 //! Every flag `--some-flag` has the environment variable `KEYWATCH_SOME_FLAG` and the file key
-//! `some_flag` (see [`FileConfig`]).
+//! `some_flag` (see [`FileConfig`]). Users and roles exist only in the file, under `[auth]`
+//! (see [`crate::auth`] and `docs/security.md`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -117,6 +118,30 @@ pub struct Cli {
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
+    /// Mirror mode: upstream etcd client URLs, comma-separated (e.g.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379). See docs/cluster.md (default: unset, a
+    /// standalone server).
+    #[arg(long, env = "KEYWATCH_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Mirror mode: a key prefix to mirror; repeat for several (env: comma-separated) (default:
+    /// none, the whole keyspace).
+    #[arg(
+        long = "upstream-prefix",
+        env = "KEYWATCH_UPSTREAM_PREFIX",
+        value_delimiter = ','
+    )]
+    pub upstream_prefix: Vec<String>,
+    /// Mirror mode: longest wait of a linearizable read or a write for the mirror to catch up
+    /// with etcd before failing with Unavailable (default 5s).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_BARRIER_TIMEOUT")]
+    pub upstream_barrier_timeout: Option<String>,
+    /// Mirror mode: keys per page of the snapshot read from etcd (default 1000).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_SNAPSHOT_PAGE")]
+    pub upstream_snapshot_page: Option<usize>,
+    /// Mirror mode: keep the local history of the last this many etcd revisions and compact
+    /// the rest (default: keep everything).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_RETAIN_REVISIONS")]
+    pub upstream_retain_revisions: Option<u64>,
     /// Log line format on stderr (default text).
     #[arg(long, env = "KEYWATCH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -129,6 +154,44 @@ pub struct Cli {
     /// they are cut and the store is closed, e.g. 10s (default 10s).
     #[arg(long, env = "KEYWATCH_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// TLS: the server certificate (PEM); with --key-file, clients must use https:// (default
+    /// none: plain TCP).
+    #[arg(long, env = "KEYWATCH_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the server certificate's private key (PEM) (default none).
+    #[arg(long, env = "KEYWATCH_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// TLS: the CA (PEM) client certificates must chain to, for --client-cert-auth (default
+    /// none).
+    #[arg(long, env = "KEYWATCH_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// TLS: require every client to present a certificate signed by --trusted-ca-file
+    /// (default false).
+    #[arg(long, env = "KEYWATCH_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// TLS: close a connection whose handshake has not finished by then, e.g. 10s, 500ms
+    /// (default 10s).
+    #[arg(long, env = "KEYWATCH_TLS_HANDSHAKE_TIMEOUT")]
+    pub tls_handshake_timeout: Option<String>,
+    /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
+    /// etcd's). Users and roles come from the config file's `[auth]` section.
+    #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<String>,
+    /// A tool instead of the server (e.g. `hash-password`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tools of the `watch-server` binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Reads a password from the first line of stdin and prints its bcrypt hash, for a user's
+    /// `password_hash` in the config file's `[auth]` section.
+    HashPassword {
+        /// bcrypt cost, 4 to 31 (default 10, etcd's): each step doubles the time to check.
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+    },
 }
 
 /// The config file's keys; every key is optional.
@@ -146,9 +209,22 @@ pub struct FileConfig {
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
     pub log_filter: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_prefix: Option<Vec<String>>,
+    pub upstream_barrier_timeout: Option<String>,
+    pub upstream_snapshot_page: Option<usize>,
+    pub upstream_retain_revisions: Option<u64>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<String>,
     pub shutdown_timeout: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub trusted_ca_file: Option<PathBuf>,
+    pub client_cert_auth: Option<bool>,
+    pub tls_handshake_timeout: Option<String>,
+    pub auth_token_ttl: Option<String>,
+    /// Users and roles; its presence turns authentication on.
+    pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
 }
 
@@ -176,12 +252,26 @@ pub struct ServerConfig {
     pub watch_buffer: u32,
     /// Log filter (used by the binary only).
     pub log_filter: String,
+    /// Mirror mode's upstream etcd endpoints (empty: standalone).
+    pub upstream: Vec<String>,
+    /// Mirrored prefixes (empty: the whole keyspace).
+    pub upstream_prefixes: Vec<String>,
+    /// Mirror mode: barrier timeout of linearizable reads and writes.
+    pub upstream_barrier_timeout: Duration,
+    /// Mirror mode: keys per snapshot page.
+    pub upstream_snapshot_page: usize,
+    /// Mirror mode: revisions of local history kept (`None`: all).
+    pub upstream_retain_revisions: Option<u64>,
     /// Log line format (used by the binary only).
     pub log_format: LogFormat,
     /// Address of the Prometheus endpoint; `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// Longest graceful-shutdown wait for in-flight requests and streams.
     pub shutdown_timeout: Duration,
+    /// TLS for the listener; `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Users and roles; `None`: authentication off.
+    pub auth: Option<crate::auth::AuthSettings>,
     /// Most leases alive at once.
     pub max_leases: usize,
 }
@@ -199,9 +289,16 @@ impl Default for ServerConfig {
             max_txn_ops: 128,
             watch_buffer: 64,
             log_filter: "info".to_owned(),
+            upstream: Vec::new(),
+            upstream_prefixes: Vec::new(),
+            upstream_barrier_timeout: Duration::from_secs(5),
+            upstream_snapshot_page: 1000,
+            upstream_retain_revisions: None,
             log_format: LogFormat::Text,
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(10),
+            tls: None,
+            auth: None,
             max_leases: 1_000_000,
         }
     }
@@ -317,12 +414,83 @@ impl ServerConfig {
                 .or(file.watch_buffer)
                 .unwrap_or(d.watch_buffer),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
+            upstream: cli
+                .upstream
+                .or(file.upstream)
+                .map(|u| {
+                    u.split(',')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            upstream_prefixes: if cli.upstream_prefix.is_empty() {
+                file.upstream_prefix.unwrap_or_default()
+            } else {
+                cli.upstream_prefix
+            },
+            upstream_barrier_timeout: match cli
+                .upstream_barrier_timeout
+                .or(file.upstream_barrier_timeout)
+            {
+                Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                    field: "upstream_barrier_timeout",
+                    message,
+                })?,
+                None => d.upstream_barrier_timeout,
+            },
+            upstream_snapshot_page: cli
+                .upstream_snapshot_page
+                .or(file.upstream_snapshot_page)
+                .unwrap_or(d.upstream_snapshot_page),
+            upstream_retain_revisions: cli
+                .upstream_retain_revisions
+                .or(file.upstream_retain_revisions),
             log_format: cli.log_format.or(file.log_format).unwrap_or(d.log_format),
             metrics_listen: match cli.metrics_listen.or(file.metrics_listen) {
                 Some(s) => parse_metrics_listen(&s)?,
                 None => d.metrics_listen,
             },
             shutdown_timeout: d.shutdown_timeout,
+            tls: crate::tls::TlsSettings::load(
+                cli.cert_file.as_ref().or(file.cert_file.as_ref()),
+                cli.key_file.as_ref().or(file.key_file.as_ref()),
+                cli.trusted_ca_file
+                    .as_ref()
+                    .or(file.trusted_ca_file.as_ref()),
+                cli.client_cert_auth
+                    .or(file.client_cert_auth)
+                    .unwrap_or(false),
+                match cli.tls_handshake_timeout.or(file.tls_handshake_timeout) {
+                    Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                        field: "tls_handshake_timeout",
+                        message,
+                    })?,
+                    None => crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                },
+            )?,
+            auth: match &file.auth {
+                Some(auth) => {
+                    let ttl = match cli.auth_token_ttl.or(file.auth_token_ttl) {
+                        Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                            field: "auth_token_ttl",
+                            message,
+                        })?,
+                        None => crate::auth::DEFAULT_TOKEN_TTL,
+                    };
+                    Some(crate::auth::AuthSettings::from_file(auth, ttl)?)
+                }
+                None => {
+                    if cli.auth_token_ttl.is_some() || file.auth_token_ttl.is_some() {
+                        return Err(ConfigError::Invalid {
+                            field: "auth_token_ttl",
+                            message: "is set but authentication is off (the config file has no [auth] section)".to_owned(),
+                        });
+                    }
+                    None
+                }
+            },
             max_leases: cli.max_leases.or(file.max_leases).unwrap_or(d.max_leases),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
@@ -353,8 +521,39 @@ impl ServerConfig {
         positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
+        positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
+        if c.upstream_retain_revisions == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "upstream_retain_revisions",
+                message: "must be at least 1".to_owned(),
+            });
+        }
+        if !c.upstream_prefixes.is_empty() && c.upstream.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "upstream_prefix",
+                message: "needs --upstream (mirror mode)".to_owned(),
+            });
+        }
         positive("max_leases", c.max_leases)?;
         Ok(c)
+    }
+
+    /// The mirror settings when `upstream` is set (mirror mode), else `None`.
+    pub fn mirror_config(&self) -> Option<crate::mirror::MirrorConfig> {
+        if self.upstream.is_empty() {
+            return None;
+        }
+        let mut m = crate::mirror::MirrorConfig::new(
+            self.upstream.clone(),
+            self.upstream_prefixes
+                .iter()
+                .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()))
+                .collect(),
+        );
+        m.barrier_timeout = self.upstream_barrier_timeout;
+        m.snapshot_page = self.upstream_snapshot_page;
+        m.retain_revisions = self.upstream_retain_revisions;
+        Some(m)
     }
 
     /// The store settings of this configuration.
@@ -398,6 +597,61 @@ mod tests {
             ..Cli::default()
         };
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
+        assert!(c.mirror_config().is_none());
+    }
+
+    #[test]
+    fn mirror_settings_from_flags_and_file() {
+        let file: FileConfig = toml::from_str(
+            "upstream = \"http://a:2379, b:2379\"\nupstream_prefix = [\"/x/\", \"/y/\"]\nupstream_barrier_timeout = \"2s\"\nupstream_retain_revisions = 100",
+        )
+        .unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.upstream, vec!["http://a:2379", "b:2379"]);
+        assert_eq!(c.upstream_prefixes, vec!["/x/", "/y/"]);
+        let m = c.mirror_config().unwrap();
+        assert_eq!(m.barrier_timeout, Duration::from_secs(2));
+        assert_eq!(m.prefixes.len(), 2);
+        assert_eq!(m.retain_revisions, Some(100));
+        let cli = Cli {
+            upstream_prefix: vec!["/z/".into()],
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, file).unwrap();
+        assert_eq!(c.upstream_prefixes, vec!["/z/"]);
+    }
+
+    #[test]
+    fn security_settings_merge_and_validate() {
+        // Client cert auth without a certificate is refused whichever source sets it.
+        let file: FileConfig = toml::from_str("client_cert_auth = true").unwrap();
+        let err = ServerConfig::merge(Cli::default(), file).unwrap_err();
+        assert!(err.to_string().contains("need TLS"), "{err}");
+        // The flag beats the file.
+        let file: FileConfig = toml::from_str("client_cert_auth = true").unwrap();
+        let cli = Cli {
+            client_cert_auth: Some(false),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, file).unwrap().tls.is_none());
+
+        let hash = crate::auth::hash_password("pw", 4).unwrap();
+        let text = format!("auth_token_ttl = \"2m\"\n[auth.users.a]\npassword_hash = \"{hash}\"\n");
+        let c = ServerConfig::merge(Cli::default(), toml::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(120));
+        let cli = Cli {
+            auth_token_ttl: Some("7".into()),
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, toml::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(7));
+        // No [auth]: authentication off.
+        assert!(
+            ServerConfig::merge(Cli::default(), FileConfig::default())
+                .unwrap()
+                .auth
+                .is_none()
+        );
     }
 
     #[test]
@@ -405,6 +659,11 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
         let cli = Cli {
             progress_interval: Some("10 parsecs".into()),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
+        let cli = Cli {
+            upstream_prefix: vec!["/a/".into()],
             ..Cli::default()
         };
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());

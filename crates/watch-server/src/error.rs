@@ -113,4 +113,27 @@ pub enum StoreError {
     /// compacted past the snapshot, e.g. by another program or a lost snapshot file).
     #[error("inconsistent data directory: {0}")]
     Inconsistent(String),
+    /// A local write (put, delete, txn, compact) on a store that mirrors an upstream etcd
+    /// (`crate::mirror`): writes go to the upstream, the mirror applies them from its watch.
+    #[error("keywatch: this store mirrors an upstream etcd; write through the server or to etcd")]
+    MirrorReadOnly,
+    /// A watch on keys outside the prefixes a mirror replicates: the mirror has no history of
+    /// them, so it refuses rather than stay silent.
+    #[error("keywatch: keys outside the mirrored prefixes {scope} cannot be watched here")]
+    OutsideMirror {
+        /// The mirrored prefixes, for the message.
+        scope: String,
+    },
+    /// A change set from the upstream does not follow the mirror's revision (not increasing):
+    /// the upstream broke its ordering guarantee or the data directory mirrors another
+    /// cluster. Nothing was applied.
+    #[error(
+        "keywatch: upstream revision {revision} does not follow the mirror's revision {current}"
+    )]
+    MirrorOrder {
+        /// The upstream revision offered.
+        revision: Revision,
+        /// The mirror's current revision.
+        current: Revision,
+    },
 }

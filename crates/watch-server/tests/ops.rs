@@ -465,6 +465,27 @@ struct Proc {
     stderr: std_mpsc::Receiver<String>,
 }
 
+/// A failed assertion must not leave a live server behind.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Waits for the process to exit; returns its status and stderr. The stderr reader
+    /// finishes when the process exits; the 60 s bound is a hang guard (a shutdown that never
+    /// ends fails the test instead of hanging it), not a timing assertion.
+    fn exit(&mut self) -> (std::process::ExitStatus, String) {
+        let stderr = match self.stderr.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(s) => s,
+            Err(_) => panic!("watch-server did not exit"),
+        };
+        (self.child.wait().unwrap(), stderr)
+    }
+}
+
 fn spawn(data: &Path, extra: &[&str]) -> Proc {
     spawn_env(data, extra, &[])
 }
@@ -660,5 +681,101 @@ async fn a_second_signal_cuts_a_stuck_shutdown() {
     let stderr = p.stderr.recv().unwrap();
     assert_eq!(exit.code(), Some(130), "{stderr}");
     assert!(stderr.contains("second signal"), "{stderr}");
+    drop(tx);
+}
+
+/// A bidirectional reflection call the client keeps open (the server cannot end it by
+/// itself), after its first answer; returns the request sender with it.
+async fn open_reflection_call(
+    ch: Channel,
+) -> (
+    mpsc::Sender<tonic_reflection::pb::v1::ServerReflectionRequest>,
+    tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+) {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .unwrap();
+    let mut open = ServerReflectionClient::new(ch)
+        .server_reflection_info(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.message().await.unwrap().is_some());
+    (tx, open)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_metrics_connection_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(
+        &dir.path().join("data"),
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-timeout",
+            "1s",
+        ],
+    );
+    let maddr = p.metrics.expect("a metrics line");
+    // A request whose headers never end.
+    let mut stalled = tokio::net::TcpStream::connect(maddr).await.unwrap();
+    stalled
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: keywatch\r\n")
+        .await
+        .unwrap();
+    // A complete scrape on a second connection, accepted after the stalled one (the listen
+    // queue is FIFO): the stalled connection is being served by now.
+    scrape(maddr).await;
+
+    signal(&p.child, "-TERM");
+    let (exit, stderr) = p.exit();
+    assert!(exit.success(), "{exit}: {stderr}");
+    assert!(stderr.contains("store closed"), "{stderr}");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_timeout_cuts_calls_that_do_not_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn(&dir.path().join("data"), &["--shutdown-timeout", "1s"]);
+    let ch = channel(p.addr).await;
+    let (tx, _open) = open_reflection_call(ch.clone()).await;
+    signal(&p.child, "-TERM");
+    let (exit, stderr) = p.exit();
+    assert!(exit.success(), "{exit}: {stderr}");
+    assert!(stderr.contains("cutting remaining calls"), "{stderr}");
+    assert!(stderr.contains("store closed"), "{stderr}");
+    drop(tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_run_cuts_the_connections_it_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.shutdown_timeout = std::time::Duration::from_secs(1);
+    let server = Server::start(c).await.unwrap();
+    let (addr, health) = (server.local_addr(), server.health());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    health.ready().await;
+    let (tx, mut open) = open_reflection_call(channel(addr).await).await;
+    stop.send(()).unwrap();
+    run.await.unwrap().unwrap();
+    // tonic runs each connection as a task of its own, which outlives `run` unless cut: the
+    // open call then never ends. The 30 s bound is a hang guard, not a timing assertion.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(30), open.message())
+        .await
+        .expect("the open call outlived run(): its connection was not cut");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     drop(tx);
 }

@@ -61,6 +61,10 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::Inconsistent(_) => EtcdError::Corrupt.status(),
         StoreError::Snapshot { .. } => Status::unavailable(e.to_string()),
         StoreError::LeaseFile { .. } => Status::unavailable(e.to_string()),
+        StoreError::MirrorReadOnly | StoreError::OutsideMirror { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        StoreError::MirrorOrder { .. } => Status::unavailable(e.to_string()),
         // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
         #[allow(unreachable_patterns)]
         _ => Status::internal(e.to_string()),

@@ -68,7 +68,11 @@ pub struct Metrics {
     rpc: Arc<RpcMetrics>,
     watch: WatchMetrics,
     log: Arc<LogMetrics>,
+    /// Mirror mode's status, once the mirror runs (read at scrape time).
+    mirror: MirrorSlot,
 }
+
+type MirrorSlot = Arc<OnceLock<tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>>>;
 
 impl Metrics {
     /// A registry with every keywatch metric; scrape-time values come from the store put in
@@ -79,12 +83,26 @@ impl Metrics {
         let watch = WatchMetrics::register(&mut registry);
         let log = Arc::new(LogMetrics::register(&mut registry));
         registry.register_collector(Box::new(StoreCollector { store }));
+        let mirror = MirrorSlot::default();
+        registry.register_collector(Box::new(MirrorCollector {
+            status: mirror.clone(),
+        }));
         Self {
             registry,
             rpc,
             watch,
             log,
+            mirror,
         }
+    }
+
+    /// Reports a mirror's status (mirror mode) as `keywatch_mirror_connected` and
+    /// `keywatch_mirror_revision`. Once; later calls are ignored.
+    pub fn set_mirror_status(
+        &self,
+        status: tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>,
+    ) {
+        let _ = self.mirror.set(status);
     }
 
     /// The tower layer recording every gRPC call.
@@ -215,6 +233,12 @@ impl WatchMetrics {
     pub(crate) fn sent(&self, events: usize) {
         self.responses.inc();
         self.events.inc_by(events as u64);
+    }
+
+    /// (events, responses) counted as sent.
+    #[cfg(test)]
+    pub(crate) fn sent_counts(&self) -> (u64, u64) {
+        (self.events.get(), self.responses.get())
     }
 
     pub(crate) fn publish_to_send(&self, elapsed: Duration) {
@@ -389,18 +413,24 @@ impl Collector for StoreCollector {
     }
 }
 
-/// The process's resident set size, from `/proc/self/statm` (Linux only; `None` elsewhere).
+/// The process's resident set size, from the `VmRSS` line of `/proc/self/status` (Linux only;
+/// `None` elsewhere). The kernel states it in kB (KiB), whatever the page size.
 fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // The page size is 4 KiB on every Linux target keywatch runs on (x86-64, aarch64 with
-    // 4 KiB pages); reading it would need libc.
-    Some(pages * 4096)
+    parse_vm_rss(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` resolves.
+/// `VmRSS:     1234 kB` in a `/proc/<pid>/status` text, in bytes.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut parts = line.split_whitespace();
+    let kib: u64 = parts.next()?.parse().ok()?;
+    (parts.next()? == "kB").then_some(kib * 1024)
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` resolves and every connection ended (an
+/// open connection ends once the `listener`'s cut signal turns true).
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: super::cut::CutListener,
     metrics: Arc<Metrics>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -765,5 +795,46 @@ impl<B: http_body::Body> http_body::Body for MetricsBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Mirror mode's gauges, read from the mirror's status at scrape time (none in standalone
+/// mode).
+#[derive(Debug)]
+struct MirrorCollector {
+    status: MirrorSlot,
+}
+
+impl Collector for MirrorCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(rx) = self.status.get() else {
+            return Ok(());
+        };
+        let status = rx.borrow().clone();
+        gauge(
+            &mut encoder,
+            "keywatch_mirror_connected",
+            "1 while the mirror's upstream etcd watch is open, 0 otherwise (mirror mode)",
+            i64::from(status.is_connected()),
+        )?;
+        gauge(
+            &mut encoder,
+            "keywatch_mirror_revision",
+            "Upstream revision the mirror has applied (mirror mode)",
+            to_i64(status.revision),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_read_in_kib() {
+        let status = "Name:\twatch-server\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
+        assert_eq!(parse_vm_rss(status), Some(12345 * 1024));
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t12 pages\n"), None);
     }
 }

@@ -1,9 +1,7 @@
-//! Maintenance.Status, Cluster.MemberList, and the service keywatch does not implement (Auth),
-//! which answers with a clear status instead of a transport error.
+//! Maintenance.Status and Cluster.MemberList.
 
 use tonic::{Request, Response, Status};
 use watch_proto::etcdserverpb as pb;
-use watch_proto::status::EtcdError;
 
 use super::convert::{self, MEMBER_ID, RAFT_TERM};
 use crate::store::Store;
@@ -80,19 +78,5 @@ impl pb::cluster_server::Cluster for ClusterService {
                 is_learner: false,
             }],
         }))
-    }
-}
-
-/// etcd's `Auth` service: authentication is not enabled, answered as etcd answers it then.
-#[derive(Debug, Clone, Default)]
-pub struct AuthService;
-
-#[tonic::async_trait]
-impl pb::auth_server::Auth for AuthService {
-    async fn authenticate(
-        &self,
-        _request: Request<pb::AuthenticateRequest>,
-    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        Err(EtcdError::AuthNotEnabled.status())
     }
 }

@@ -12,12 +12,16 @@
 //!    installed and health turns SERVING.
 //! 3. When the shutdown future resolves (or the store fails: fail-stop) health turns
 //!    NOT_SERVING, the transport stops accepting, every watch stream ends with UNAVAILABLE
-//!    "etcdserver: server stopped", in-flight requests finish and the store is closed (the
-//!    event log flushed and fsynced).
+//!    "etcdserver: server stopped", in-flight requests finish (for at most
+//!    `shutdown_timeout`; then their connections are cut, so no connection task outlives
+//!    [`Server::run`]) and the store is closed (the event log flushed and fsynced). The
+//!    metrics endpoint is waited for after that, bounded the same way.
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
 
+pub mod auth;
 pub mod convert;
+mod cut;
 mod health;
 pub mod kv;
 pub mod lease;
@@ -33,17 +37,20 @@ use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use watch_proto::etcdserverpb as pb;
 
+use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
 use crate::error::StoreError;
+use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
 use crate::store::Store;
 
+pub use auth::AuthService;
 use health::Gated;
 pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
 pub use lease::LeaseService;
-pub use misc::{AuthService, ClusterService, ETCD_VERSION, MaintenanceService};
+pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -75,6 +82,12 @@ pub enum ServerError {
     /// The reflection service could not be built from the descriptor sets.
     #[error("building the gRPC reflection service: {0}")]
     Reflection(String),
+    /// Mirror mode could not start (see [`MirrorError`]).
+    #[error("mirror: {0}")]
+    Mirror(#[from] MirrorError),
+    /// The mirror stopped for good while serving (another cluster, store failure).
+    #[error("mirror stopped: {0}")]
+    MirrorStopped(String),
 }
 
 /// The future that yields the store to serve.
@@ -90,7 +103,7 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     /// Yields the store; awaited by `run` while health says NOT_SERVING.
     opening: Opening,
-    /// The store once open (read by the metrics collector and [`Server::store`]).
+    /// The store once open (read by the metrics collector).
     store: Arc<OnceLock<Store>>,
     health: HealthHandle,
     metrics: Arc<Metrics>,
@@ -174,11 +187,6 @@ impl Server {
         self.metrics_addr
     }
 
-    /// The store served, once [`Server::run`] has opened it (`None` before).
-    pub fn store(&self) -> Option<&Store> {
-        self.store.get()
-    }
-
     /// The handle to this server's health status (see [`HealthHandle`]).
     pub fn health(&self) -> HealthHandle {
         self.health.clone()
@@ -191,7 +199,8 @@ impl Server {
 
     /// Serves until `shutdown` resolves or the store fails, then shuts down gracefully (see the
     /// module docs): health NOT_SERVING, stop accepting, end every watch stream, let in-flight
-    /// requests finish, close the store (flushing the log). Returns the store's failure if it
+    /// requests finish (at most `shutdown_timeout`, then cut their connections), close the
+    /// store (flushing the log), stop the metrics endpoint (same bound). Returns the store's failure if it
     /// failed, or its open error if it could not be opened.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let Server {
@@ -205,8 +214,15 @@ impl Server {
             health,
             metrics,
         } = self;
+        // Mirror mode's mirror, started once the store is open.
+        let mirror_slot: Arc<OnceLock<Mirror>> = Arc::new(OnceLock::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
+        // Off without an [auth] section: then every check is one `Option` branch.
+        let gate = match &config.auth {
+            Some(settings) => Gate::on(Arc::new(Auth::new(settings))),
+            None => Gate::off(),
+        };
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
@@ -216,7 +232,13 @@ impl Server {
         let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
         let lease = Gated::<pb::lease_server::LeaseServer<LeaseService>>::new();
         let auth = Gated::<pb::auth_server::AuthServer<AuthService>>::new();
+        // Mirror mode replaces KV and Lease with services that forward to etcd.
+        let mirror_config = config.mirror_config();
+        let mirrored = mirror_config.is_some();
+        let mirror_kv = Gated::<pb::kv_server::KvServer<MirrorKvService>>::new();
+        let mirror_lease = Gated::<pb::lease_server::LeaseServer<MirrorLeaseService>>::new();
         let install = {
+            let (mirror_kv, mirror_lease) = (mirror_kv.clone(), mirror_lease.clone());
             let (kv, watch, maintenance, cluster, lease, auth) = (
                 kv.clone(),
                 watch.clone(),
@@ -227,15 +249,41 @@ impl Server {
             );
             let watch_metrics = metrics.watch();
             let config = config.clone();
-            move |store: &Store| {
-                kv.fill(
-                    pb::kv_server::KvServer::new(KvService::new(
-                        store.clone(),
-                        config.max_request_bytes,
-                    ))
-                    .max_decoding_message_size(recv_limit)
-                    .max_encoding_message_size(usize::MAX),
-                );
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            move |store: &Store, mirror: Option<&Mirror>| {
+                match mirror {
+                    Some(m) => {
+                        mirror_kv.fill(
+                            pb::kv_server::KvServer::new(
+                                MirrorKvService::new(m.clone(), config.max_request_bytes)
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit)
+                            .max_encoding_message_size(usize::MAX),
+                        );
+                        mirror_lease.fill(pb::lease_server::LeaseServer::new(
+                            MirrorLeaseService::new(m.clone()),
+                        ));
+                    }
+                    None => {
+                        kv.fill(
+                            pb::kv_server::KvServer::new(
+                                KvService::new(store.clone(), config.max_request_bytes)
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit)
+                            .max_encoding_message_size(usize::MAX),
+                        );
+                        lease.fill(pb::lease_server::LeaseServer::new(LeaseService::new(
+                            store.clone(),
+                            stop_rx.clone(),
+                        )));
+                    }
+                }
                 watch.fill(
                     pb::watch_server::WatchServer::new(
                         WatchService::new(
@@ -247,7 +295,8 @@ impl Server {
                             },
                             stop_rx.clone(),
                         )
-                        .with_metrics(watch_metrics),
+                        .with_metrics(watch_metrics)
+                        .with_gate(gate.clone()),
                     )
                     .max_decoding_message_size(recv_limit)
                     .max_encoding_message_size(usize::MAX),
@@ -257,18 +306,15 @@ impl Server {
                 ));
                 cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
                     store.clone(),
-                    format!("http://{addr}"),
+                    format!("{scheme}://{addr}"),
                 )));
-                lease.fill(pb::lease_server::LeaseServer::new(LeaseService::new(
+                auth.fill(pb::auth_server::AuthServer::new(AuthService::new(
                     store.clone(),
-                    stop_rx.clone(),
+                    gate.clone(),
                 )));
-                auth.fill(pb::auth_server::AuthServer::new(AuthService));
             }
         };
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(health.reporter()),
-        );
+        let health_service = health.service();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(watch_proto::FILE_DESCRIPTOR_SET)
@@ -283,11 +329,15 @@ impl Server {
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
         let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
+        // Turns true when the grace period expired: every accepted connection (gRPC and
+        // metrics) then fails its next read or write and ends (see `cut`).
+        let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let metrics_task = metrics_listener.map(|l| {
             let mut ended = ended_rx.clone();
             if let Some(addr) = metrics_addr {
                 tracing::info!(%addr, "serving metrics on /metrics");
             }
+            let l = cut::CutListener::new(l, cut_rx.clone());
             tokio::spawn(metrics::serve(l, metrics.clone(), async move {
                 let _ = ended.wait_for(|e| *e).await;
             }))
@@ -297,44 +347,69 @@ impl Server {
         let activate = {
             let (slot, health, metrics) = (slot.clone(), health.clone(), metrics.clone());
             let data_dir = config.data_dir.clone();
+            let mirror_slot = mirror_slot.clone();
             move |store: Store| async move {
                 store.set_log_observer(metrics.log_observer());
                 let _ = slot.set(store.clone());
-                install(&store);
+                let mirror = match mirror_config {
+                    Some(m) => Some(Mirror::start(store.clone(), m)?),
+                    None => None,
+                };
+                if let Some(m) = &mirror {
+                    // NOT_SERVING until the upstream watch is open (before `set_ready`, so
+                    // SERVING never shows early), then following the connection.
+                    health.set_serving(false).await;
+                    tokio::spawn(follow_mirror(m.status(), health.clone()));
+                    metrics.set_mirror_status(m.status());
+                    let _ = mirror_slot.set(m.clone());
+                }
+                install(&store, mirror.as_ref());
                 health.set_ready().await;
                 tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
-                store
+                Ok::<_, ServerError>(store)
             }
         };
         let mut opening = opening;
         // An already open store (`with_store`) goes live before the first connection is
         // accepted, so no client of an embedded server ever sees the startup UNAVAILABLE.
         let early = match futures_util::FutureExt::now_or_never(&mut opening) {
-            Some(Ok(store)) => Some(activate.clone()(store).await),
+            Some(Ok(store)) => Some(activate.clone()(store).await?),
             Some(Err(e)) => return Err(e.into()),
             None => None,
         };
         let open_error = Arc::new(parking_lot::Mutex::new(None));
+        let mirror_stopped = Arc::new(parking_lot::Mutex::new(None));
         let stop = {
             let (health, open_error) = (health.clone(), open_error.clone());
+            let (mirror_slot, mirror_stopped) = (mirror_slot.clone(), mirror_stopped.clone());
             async move {
                 tokio::pin!(shutdown);
                 let opened = match early {
                     Some(store) => Some(Ok(store)),
                     None => tokio::select! {
                         r = opening => match r {
-                            Ok(store) => Some(Ok(activate(store).await)),
-                            Err(e) => Some(Err(e)),
+                            Ok(store) => Some(activate(store).await),
+                            Err(e) => Some(Err(e.into())),
                         },
                         _ = &mut shutdown => None,
                     },
                 };
                 match opened {
                     Some(Ok(store)) => {
+                        let mirror_failed = async {
+                            match mirror_slot.get() {
+                                Some(m) => m.failed().await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             _ = &mut shutdown => tracing::info!("shutdown requested"),
                             msg = store.failed() => {
                                 tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
+                            }
+                            msg = mirror_failed => {
+                                tracing::error!(error = %msg, "mirror stopped; shutting down");
+                                *mirror_stopped.lock() = Some(msg);
                             }
                         }
                     }
@@ -349,60 +424,139 @@ impl Server {
                 let _ = stop_tx.send(true);
             }
         };
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving; opening the store");
+        tracing::info!(
+            %addr,
+            data_dir = %config.data_dir.display(),
+            tls = config.tls.is_some(),
+            client_cert_auth = config.tls.as_ref().is_some_and(|t| t.client_cert_auth()),
+            auth = config.auth.is_some(),
+            "serving; opening the store"
+        );
         let grace = config.shutdown_timeout;
-        let serve = tonic::transport::Server::builder()
+        let incoming = {
+            let cut_rx = cut_rx.clone();
+            tokio_stream::StreamExt::map(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone())),
+            )
+        };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_config(tls.server_config())?;
+        }
+        let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
             .layer(metrics.rpc_layer())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(kv)
+            .add_optional_service((!mirrored).then_some(kv))
+            .add_optional_service(mirrored.then_some(mirror_kv))
             .add_service(watch)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_service(lease)
+            .add_optional_service((!mirrored).then_some(lease))
+            .add_optional_service(mirrored.then_some(mirror_lease))
             .add_service(auth)
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
             // the peer's delayed ACK (~40 ms), which showed as a 40 ms p99 in the benches.
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop,
-            );
+            .serve_with_incoming_shutdown(incoming, stop);
+        tokio::pin!(serve);
         let served = tokio::select! {
-            r = serve => r,
+            r = &mut serve => r,
             // Streams this server does not end itself (a client's long call) get `grace`;
-            // then the transport is dropped, cutting them, and the store still closes cleanly.
+            // then their connections are cut (tonic runs each connection as a task of its own,
+            // which dropping `serve` would not stop) and the store still closes cleanly.
             _ = async {
                 let _ = stopping.wait_for(|s| *s).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "graceful shutdown timed out; cutting remaining calls");
-                Ok(())
+                let _ = cut_tx.send(true);
+                // `serve` returns once every connection task ended, which a cut connection
+                // does at its next poll; the bound only guards against a transport bug.
+                match tokio::time::timeout(grace, &mut serve).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::error!("cut connections did not end; dropping the transport");
+                        Ok(())
+                    }
+                }
             }
         };
+        // The metrics endpoint stops accepting now; it is waited for after the store closed,
+        // so a stalled scrape cannot keep the store open.
         let _ = ended_tx.send(true);
-        if let Some(task) = metrics_task {
-            let _ = task.await;
+        if let Some(m) = mirror_slot.get() {
+            m.stop();
         }
-        let open_error = open_error.lock().take();
-        if let Some(e) = open_error {
-            return Err(e.into());
-        }
-        let Some(store) = slot.get().cloned() else {
-            // Stopped before the store was open: nothing to close.
-            return Ok(served?);
+        let closed = match (
+            close(&slot, open_error, served).await,
+            mirror_stopped.lock().take(),
+        ) {
+            (Ok(()), Some(message)) => Err(ServerError::MirrorStopped(message)),
+            (r, _) => r,
         };
-        let failure = store.failure();
-        let closed = store.close().await;
-        served?;
-        if let Some(message) = failure {
-            return Err(StoreError::Failed { message }.into());
+        if let Some(mut task) = metrics_task
+            && tokio::time::timeout(grace, &mut task).await.is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "metrics endpoint did not stop; cutting its connections"
+            );
+            let _ = cut_tx.send(true);
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                tracing::error!("metrics endpoint did not end after the cut; aborting it");
+                task.abort();
+            }
         }
-        closed?;
-        tracing::info!("store closed");
-        Ok(())
+        closed
+    }
+}
+
+/// Closes the store in `slot` (if it was opened) and says how the run ended: the open error,
+/// the store's failure, the close error or the transport's error, in that order.
+async fn close(
+    slot: &OnceLock<Store>,
+    open_error: Arc<parking_lot::Mutex<Option<ServerError>>>,
+    served: Result<(), tonic::transport::Error>,
+) -> Result<(), ServerError> {
+    let open_error = open_error.lock().take();
+    if let Some(e) = open_error {
+        return Err(e);
+    }
+    let Some(store) = slot.get().cloned() else {
+        // Stopped before the store was open: nothing to close.
+        return Ok(served?);
+    };
+    let failure = store.failure();
+    let closed = store.close().await;
+    served?;
+    if let Some(message) = failure {
+        return Err(StoreError::Failed { message }.into());
+    }
+    closed?;
+    tracing::info!("store closed");
+    Ok(())
+}
+
+/// Health of a mirror follows its upstream connection: SERVING only while the upstream watch
+/// is open (the mirror may be stale otherwise). Publishes only on changes of connectivity.
+async fn follow_mirror(
+    mut status: tokio::sync::watch::Receiver<crate::mirror::MirrorStatus>,
+    health: HealthHandle,
+) {
+    let mut last = None;
+    loop {
+        let connected = status.borrow_and_update().is_connected();
+        if last != Some(connected) {
+            health.set_serving(connected).await;
+            last = Some(connected);
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -38,6 +38,7 @@ use watch_proto::{ConvertError, to_proto};
 
 use super::convert::{header, store_status};
 use super::metrics::{CancelKind, WatchMetrics};
+use crate::auth::{Gate, Perm, token_of};
 use crate::error::StoreError;
 use crate::store::Store;
 use tracing::Instrument;
@@ -69,6 +70,8 @@ pub struct WatchService {
     /// Becomes true at shutdown: every stream task ends.
     shutdown: watch::Receiver<bool>,
     metrics: WatchMetrics,
+    /// Authorization of every watch create (off: one branch).
+    gate: Gate,
 }
 
 impl WatchService {
@@ -79,12 +82,19 @@ impl WatchService {
             settings,
             shutdown,
             metrics: WatchMetrics::default(),
+            gate: Gate::off(),
         }
     }
 
     /// Records streams, events, cancels and publish→send latency into `metrics`.
     pub fn with_metrics(mut self, metrics: WatchMetrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Checks every watch create against `gate`'s users and roles.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
         self
     }
 }
@@ -100,6 +110,12 @@ impl pb::watch_server::Watch for WatchService {
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.remote_addr();
+        // etcd reads the stream's token at every create, so a token that expires while the
+        // stream is open refuses later creates; keep it, not the caller.
+        let token = match self.gate.auth() {
+            Some(_) => token_of(request.metadata()).map(str::to_owned),
+            None => None,
+        };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
         let stream = WatchStream {
@@ -111,6 +127,8 @@ impl pb::watch_server::Watch for WatchService {
             next_id: 0,
             progress: None,
             metrics: self.metrics.clone(),
+            gate: self.gate.clone(),
+            token,
         };
         let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
         tokio::spawn(stream.run(inbound, self.shutdown.clone()).instrument(span));
@@ -223,6 +241,9 @@ struct WatchStream {
     next_id: i64,
     progress: Option<ProgressRound>,
     metrics: WatchMetrics,
+    gate: Gate,
+    /// The `token` metadata of the stream's request.
+    token: Option<String>,
 }
 
 impl WatchStream {
@@ -283,6 +304,25 @@ impl WatchStream {
         self.out.send(Ok(resp)).await.map_err(|_| Gone)
     }
 
+    /// Sends a response carrying events (one fragment counts as one response), counting it
+    /// only once the stream took it: the slot is reserved first (fails if the client is
+    /// gone, then nothing is counted), and the count is made before the response becomes
+    /// readable, so a client that saw the events also sees them counted. `live` is the
+    /// revision of a live (not catch-up) response, whose publish-to-send time is observed.
+    async fn send_events(
+        &self,
+        resp: pb::WatchResponse,
+        live: Option<Revision>,
+    ) -> Result<(), Gone> {
+        let permit = self.out.reserve().await.map_err(|_| Gone)?;
+        self.metrics.sent(resp.events.len());
+        if let Some(elapsed) = live.and_then(|r| self.store.publish_elapsed(r)) {
+            self.metrics.publish_to_send(elapsed);
+        }
+        permit.send(Ok(resp));
+        Ok(())
+    }
+
     fn current(&self) -> Revision {
         self.store.durable_revision()
     }
@@ -302,7 +342,26 @@ impl WatchStream {
         .await
     }
 
+    /// etcd's `isWatchPermitted`: a watch needs a valid token and read on every key it
+    /// could report.
+    fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<(), EtcdError> {
+        let Some(auth) = self.gate.auth() else {
+            return Ok(());
+        };
+        let caller = auth.caller(self.token.as_deref())?;
+        // An empty key means "\0" for a watch, as in etcd.
+        let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+        caller.check(Perm::Read, key, &c.range_end)
+    }
+
     async fn on_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
+        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union
+            && let Err(e) = self.watch_permission(c)
+        {
+            // etcd's answer: created + canceled, with Go's rendering of its gRPC error
+            // (permission denied, user name is empty, invalid auth token) as the reason.
+            return self.refuse(&e.go_status_text()).await;
+        }
         match from_proto::watch_request(req) {
             Ok(WatchCommand::Create(c)) => self.create(c).await,
             Ok(WatchCommand::Cancel { watch_id }) => self.cancel(watch_id).await,
@@ -495,12 +554,10 @@ impl WatchStream {
             events,
             ..Default::default()
         };
-        // Counted when handed to the stream, so a client that saw the events sees the count.
-        self.metrics.sent(resp.events.len());
         if meta.fragment {
-            self.send_fragments(resp).await
+            self.send_fragments(resp, None).await
         } else {
-            self.send(resp).await
+            self.send_events(resp, None).await
         }
     }
 
@@ -515,17 +572,11 @@ impl WatchStream {
                 // compaction revision: then it sends no prev_kv (the log still has it).
                 let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
                 let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
-                // Measured and counted as the response is handed to the client's stream.
-                if !batch.is_catch_up()
-                    && let Some(elapsed) = self.store.publish_elapsed(batch.revision())
-                {
-                    self.metrics.publish_to_send(elapsed);
-                }
-                self.metrics.sent(resp.events.len());
+                let live = (!batch.is_catch_up()).then(|| batch.revision());
                 if meta.fragment {
-                    self.send_fragments(resp).await
+                    self.send_fragments(resp, live).await
                 } else {
-                    self.send(resp).await
+                    self.send_events(resp, live).await
                 }
             }
             WatchMessage::Progress { revision } => {
@@ -589,10 +640,15 @@ impl WatchStream {
 
     /// etcd's `sendFragments`: a response of 2+ events whose encoded size reaches the limit is
     /// split; every piece but the last has `fragment = true`; one event is never split.
-    async fn send_fragments(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
+    /// `live`: as for [`WatchStream::send_events`], observed with the first fragment.
+    async fn send_fragments(
+        &self,
+        resp: pb::WatchResponse,
+        mut live: Option<Revision>,
+    ) -> Result<(), Gone> {
         let limit = self.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
         if resp.encoded_len() < limit || resp.events.len() < 2 {
-            return self.send(resp).await;
+            return self.send_events(resp, live).await;
         }
         let mut events = resp.events.into_iter().peekable();
         let base = pb::WatchResponse {
@@ -616,8 +672,60 @@ impl WatchStream {
                 }
             }
             cur.fragment = events.peek().is_some();
-            self.send(cur).await?;
+            self.send_events(cur, live.take()).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Durability, StoreConfig};
+
+    fn event_response(n: usize) -> pb::WatchResponse {
+        pb::WatchResponse {
+            watch_id: 1,
+            events: vec![Default::default(); n],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_counted_only_once_the_stream_took_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            StoreConfig::default().durability(Durability::NoSync),
+        )
+        .await
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let metrics = WatchMetrics::default();
+        let stream = WatchStream {
+            store: store.clone(),
+            settings: WatchSettings {
+                max_watchers_per_stream: 10,
+                watch_buffer: 16,
+                max_request_bytes: 1 << 20,
+            },
+            out: tx,
+            watches: SelectAll::new(),
+            meta: HashMap::new(),
+            next_id: 0,
+            progress: None,
+            metrics: metrics.clone(),
+            gate: Gate::off(),
+            token: None,
+        };
+        assert!(stream.send_events(event_response(2), None).await.is_ok());
+        assert!(rx.recv().await.is_some());
+        assert_eq!(metrics.sent_counts(), (2, 1));
+        // The client is gone: the send fails and nothing is counted.
+        drop(rx);
+        assert!(stream.send_events(event_response(3), None).await.is_err());
+        assert_eq!(metrics.sent_counts(), (2, 1));
+        drop(stream);
+        store.close().await.unwrap();
     }
 }

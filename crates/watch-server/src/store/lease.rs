@@ -23,6 +23,7 @@
 //! revision, as the interrupted revoke would have. A
 //! crash before the record removal leaves the lease and its keys intact (the revoke was never
 //! acknowledged). So no key ever stays attached to a lease that no longer exists.
+//! (Not in a mirror's data directory: its keys carry the upstream etcd's lease IDs.)
 //!
 //! # Restart
 //!

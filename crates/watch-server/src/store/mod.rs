@@ -37,6 +37,7 @@
 
 mod clock;
 mod lease;
+mod mirror;
 mod snapshot;
 mod state;
 pub mod types;
@@ -56,6 +57,7 @@ use watch_core::{
 use crate::error::StoreError;
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
+pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
 pub use types::*;
@@ -185,6 +187,9 @@ struct Inner {
     /// Revision of the snapshot on disk (0: none).
     snapshot_revision: AtomicU64,
     closed: AtomicBool,
+    /// Set once when the store becomes an upstream's mirror ([`Store::set_mirror`]): local
+    /// writes are then refused and watches must stay inside the scope.
+    mirror: std::sync::OnceLock<MirrorScope>,
     /// The publisher and the dispatcher, awaited by `close` (publisher first).
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// When recent revisions were published (written by the publisher, for metrics).
@@ -318,6 +323,9 @@ impl Store {
         });
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
         let durable_tx = Arc::new(durable_tx);
+        // A mirror's floor (see `mirror`): history below it was never mirrored.
+        let floor = mirror::load_floor(&dir)?;
+        let compacted = log.compacted_revision().max(floor);
         let published = Arc::new(clock::PublishClock::new());
         let publisher = tokio::spawn(publish_loop(
             rx,
@@ -325,7 +333,6 @@ impl Store {
             durable_tx.clone(),
             published.clone(),
         ));
-        let compacted = log.compacted_revision();
         tracing::info!(
             dir = %dir.display(),
             revision,
@@ -351,11 +358,16 @@ impl Store {
                 compacted: AtomicU64::new(compacted),
                 snapshot_revision: AtomicU64::new(snap_rev),
                 closed: AtomicBool::new(false),
+                mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
                 published,
             }),
         };
-        store.remove_orphans().await?;
+        // A mirror's keys carry the upstream etcd's lease IDs, which this store never granted
+        // (Lease RPCs go upstream): they are not orphans, and a mirror writes nothing of its own.
+        if floor == 0 {
+            store.remove_orphans().await?;
+        }
         *store.inner.expiry.lock() = Some(store.spawn_expiry());
         Ok(store)
     }
@@ -625,6 +637,7 @@ impl Store {
     /// writes nothing does not create one.
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {
         state::validate_txn(&req, self.inner.config.max_txn_ops)?;
+        self.check_writable()?;
         let guard = self.inner.write_lock.lock().await;
         self.check_open()?;
         // State cannot change while `write_lock` is held, so this revision stays current.
@@ -675,6 +688,12 @@ impl Store {
     /// previous compaction and with [`StoreError::FutureRevision`] above the current revision.
     /// Returns the store revision the compaction was judged against (durable) once it is persisted.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
+        self.check_writable()?;
+        self.compact_history(revision).await
+    }
+
+    /// [`Store::compact`] without the mirror check (a mirror's own retention uses it).
+    async fn compact_history(&self, revision: Revision) -> Result<Revision, StoreError> {
         let _c = self.inner.compact_lock.lock().await;
         self.check_open()?;
         let compacted = self.compacted_revision();
@@ -728,6 +747,7 @@ impl Store {
         options: WatchOptions,
     ) -> Result<WatchHandle, StoreError> {
         self.check_closed()?;
+        self.check_mirror_watch(&selector)?;
         let compacted = self.compacted_revision();
         if options.start_revision != 0 && options.start_revision < compacted {
             return Err(StoreError::Compacted {

@@ -1,0 +1,284 @@
+//! The KV and Lease services of a mirror: reads served locally, everything else forwarded.
+//!
+//! - `Range` inside one mirrored prefix: served from the mirror at its revision.
+//!   Serializable: at once. Linearizable (etcd's default): first the upstream's current
+//!   revision is read (a linearizable `count_only` range of the request's first key on etcd),
+//!   then the read waits until the mirror has applied it ([`Mirror::wait_for`]).
+//! - `Range` reaching outside the mirrored prefixes: forwarded to etcd as is.
+//! - `Put`, `DeleteRange`, `Txn`, `Compact` and every Lease RPC: forwarded to etcd; etcd's
+//!   response or gRPC status is returned unchanged. A write that changed a mirrored key returns
+//!   only once the mirror applied its revision (read-your-writes through the same replica);
+//!   with an upstream whose requested progress notifications are ordered, every write does.
+//!   `Compact` compacts etcd only: the mirror keeps its own history.
+
+use std::pin::Pin;
+
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+use watch_proto::etcdserverpb as pb;
+use watch_proto::etcdserverpb::kv_client::KvClient;
+use watch_proto::etcdserverpb::lease_client::LeaseClient;
+use watch_proto::status::EtcdError;
+
+use super::Mirror;
+use crate::auth::Gate;
+use crate::server::convert::{self, store_status};
+use crate::store::KeyRange;
+
+/// etcd's `KV` service over a [`Mirror`] (see the module docs).
+#[derive(Debug, Clone)]
+pub struct MirrorKvService {
+    mirror: Mirror,
+    /// Largest accepted request, in encoded bytes (etcd `--max-request-bytes`).
+    max_request_bytes: usize,
+    /// keywatch's own authorization, checked before anything is served or forwarded (off:
+    /// one branch).
+    gate: Gate,
+}
+
+impl MirrorKvService {
+    /// The service over `mirror`, refusing requests larger than `max_request_bytes`.
+    pub fn new(mirror: Mirror, max_request_bytes: usize) -> Self {
+        Self {
+            mirror,
+            max_request_bytes,
+            gate: Gate::off(),
+        }
+    }
+
+    /// Checks every request against `gate`'s users and roles, as the local KV service does.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    fn check_size(&self, m: &impl Message) -> Result<(), Status> {
+        if m.encoded_len() > self.max_request_bytes {
+            return Err(EtcdError::RequestTooLarge.status());
+        }
+        Ok(())
+    }
+
+    fn upstream(&self) -> KvClient<tonic::transport::Channel> {
+        KvClient::new(self.mirror.channel()).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Waits for the mirror to apply the write's revision when the write changed a mirrored
+    /// key (its own event advances the mirror), or for any write when the upstream's requested
+    /// progress notifications are ordered (one progress round trip advances the mirror past a
+    /// revision of other keys). Otherwise (etcd < 3.4.25 / 3.5.8 and no mirrored key changed)
+    /// it returns at once: waiting would last until the next periodic notification.
+    async fn after_write(
+        &self,
+        header: Option<&pb::ResponseHeader>,
+        changed: bool,
+    ) -> Result<(), Status> {
+        let revision = header.map(|h| h.revision).unwrap_or(0);
+        let changed = changed || self.mirror.progress_trusted();
+        match (changed, u64::try_from(revision)) {
+            (true, Ok(r)) if r > 0 => self.mirror.wait_for(r).await,
+            _ => Ok(()),
+        }
+    }
+
+    fn changed_put(&self, key: &[u8]) -> bool {
+        self.mirror.scope().contains_key(key)
+    }
+
+    fn changed_delete(&self, key: &[u8], range_end: &[u8], deleted: i64) -> bool {
+        deleted > 0
+            && self.mirror.scope().intersects_range(&KeyRange::new(
+                bytes::Bytes::copy_from_slice(key),
+                bytes::Bytes::copy_from_slice(range_end),
+            ))
+    }
+
+    /// True if the executed branch of `req` (answered by `resp`) changed a mirrored key.
+    fn changed_txn(&self, req: &pb::TxnRequest, resp: &pb::TxnResponse) -> bool {
+        use pb::request_op::Request as Q;
+        use pb::response_op::Response as A;
+        let ops = if resp.succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        ops.iter()
+            .zip(&resp.responses)
+            .any(|(op, r)| match (&op.request, &r.response) {
+                (Some(Q::RequestPut(p)), _) => self.changed_put(&p.key),
+                (Some(Q::RequestDeleteRange(d)), Some(A::ResponseDeleteRange(dr))) => {
+                    self.changed_delete(&d.key, &d.range_end, dr.deleted)
+                }
+                (Some(Q::RequestTxn(t)), Some(A::ResponseTxn(tr))) => self.changed_txn(t, tr),
+                _ => false,
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for MirrorKvService {
+    async fn range(
+        &self,
+        request: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_range(request.get_ref())?;
+        }
+        let r = request.into_inner();
+        self.check_size(&r)?;
+        let req = convert::range_request(&r)?;
+        if r.key.is_empty() {
+            return Err(EtcdError::EmptyKey.status());
+        }
+        if !self.mirror.scope().covers_range(&req.range) {
+            return self.upstream().range(r).await;
+        }
+        // A past revision the mirror already holds is immutable: no barrier needed.
+        let held = req.revision != 0 && req.revision <= self.mirror.store().current_revision();
+        if !r.serializable && !held {
+            let probe = pb::RangeRequest {
+                key: r.key.clone(),
+                count_only: true,
+                ..Default::default()
+            };
+            let current = self.upstream().range(probe).await?.into_inner();
+            let target = current.header.map(|h| h.revision).unwrap_or(0);
+            self.mirror
+                .wait_for(u64::try_from(target).unwrap_or(0))
+                .await?;
+        }
+        let result = self
+            .mirror
+            .store()
+            .range(req)
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(convert::range_response(result)))
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_put(request.get_ref())?;
+        }
+        let r = request.into_inner();
+        self.check_size(&r)?;
+        let changed = self.changed_put(&r.key);
+        let resp = self.upstream().put(r).await?;
+        self.after_write(resp.get_ref().header.as_ref(), changed)
+            .await?;
+        Ok(resp)
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_delete(request.get_ref())?;
+        }
+        let r = request.into_inner();
+        self.check_size(&r)?;
+        let (key, end) = (r.key.clone(), r.range_end.clone());
+        let resp = self.upstream().delete_range(r).await?;
+        let changed = self.changed_delete(&key, &end, resp.get_ref().deleted);
+        self.after_write(resp.get_ref().header.as_ref(), changed)
+            .await?;
+        Ok(resp)
+    }
+
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::TxnResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_txn(request.get_ref())?;
+        }
+        let r = request.into_inner();
+        self.check_size(&r)?;
+        let resp = self.upstream().txn(r.clone()).await?;
+        let changed = self.changed_txn(&r, resp.get_ref());
+        self.after_write(resp.get_ref().header.as_ref(), changed)
+            .await?;
+        Ok(resp)
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_admin()?;
+        }
+        self.upstream().compact(request.into_inner()).await
+    }
+}
+
+/// etcd's `Lease` service of a mirror: every RPC forwarded to the upstream, whose lease
+/// expiry reaches the mirror as ordinary DELETE events through the upstream watch.
+#[derive(Debug, Clone)]
+pub struct MirrorLeaseService {
+    mirror: Mirror,
+}
+
+impl MirrorLeaseService {
+    /// The service over `mirror`.
+    pub fn new(mirror: Mirror) -> Self {
+        Self { mirror }
+    }
+
+    fn upstream(&self) -> LeaseClient<tonic::transport::Channel> {
+        LeaseClient::new(self.mirror.channel())
+    }
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for MirrorLeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.upstream().lease_grant(request.into_inner()).await
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        self.upstream().lease_revoke(request.into_inner()).await
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        use tokio_stream::StreamExt;
+        // The client's stream ends the upstream one when it ends or fails.
+        let inbound = request.into_inner().map_while(Result::ok);
+        let upstream = self.upstream().lease_keep_alive(inbound).await?;
+        Ok(Response::new(Box::pin(upstream.into_inner())))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        self.upstream()
+            .lease_time_to_live(request.into_inner())
+            .await
+    }
+
+    async fn lease_leases(
+        &self,
+        request: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        self.upstream().lease_leases(request.into_inner()).await
+    }
+}

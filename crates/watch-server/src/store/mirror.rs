@@ -1,0 +1,606 @@
+//! Store hooks for mirror mode ([`crate::mirror`]): the store replicates an upstream etcd's
+//! keyspace (or some prefixes of it) under **etcd's own revision numbers**.
+//!
+//! - [`Store::mirror_apply`] appends one upstream revision as one change set through the normal
+//!   write path (event log, state, publisher), so durability, ordering and read-your-writes are
+//!   the ones of a local write. Revisions only have to increase: a mirror's revisions have gaps
+//!   (revisions of keys outside the mirrored prefixes), which the event log, the state and the
+//!   watch engine all accept. A change set with no events records progress: the upstream is
+//!   known complete through that revision, and it survives a restart like any revision.
+//! - [`Store::mirror_reset`] replaces the whole state with a fresh upstream snapshot at `R`
+//!   (first start, or the upstream compacted past the mirror's position). Revisions `<= R`
+//!   were never mirrored event by event, so the *floor* `R + 1` is persisted in
+//!   [`MIRROR_FLOOR_FILE`] and acts as the compaction revision: reads and watches below it fail
+//!   with etcd's compacted error; every live watcher is canceled as compacted at the floor,
+//!   as etcd cancels a watcher whose history was compacted, never a silent gap.
+//!
+//! Crash order of a reset: floor file, then the state snapshot at `R` (both tmp + fsync +
+//! rename + dir fsync), then an empty change set at `R` through the log. A crash between any
+//! two steps reopens a consistent store: a floor above the state only refuses more history
+//! than necessary, and a snapshot newer than the log is loaded and the log replay skips
+//! everything at or below it.
+//!
+//! Once [`Store::set_mirror`] is called, local writes fail with
+//! [`StoreError::MirrorReadOnly`] (they go to the upstream) and watches outside the scope
+//! fail with [`StoreError::OutsideMirror`].
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use watch_core::{CancelReason, ChangeSet, KeySelector, KeyValue, Revision};
+
+use super::{KeyRange, Store, log_err, snapshot};
+use crate::error::StoreError;
+
+/// File of the data directory holding a mirror's floor (decimal revision): history below it
+/// was never mirrored.
+pub const MIRROR_FLOOR_FILE: &str = "mirror.floor";
+
+/// The keys a mirror replicates: a set of prefixes, or the whole keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorScope {
+    /// Sorted, one per prefix; empty means the whole keyspace.
+    prefixes: Vec<Bytes>,
+}
+
+impl MirrorScope {
+    /// The scope of `prefixes`; no prefix (or an empty one) is the whole keyspace.
+    pub fn new(prefixes: impl IntoIterator<Item = Bytes>) -> Self {
+        let mut prefixes: Vec<Bytes> = prefixes.into_iter().collect();
+        if prefixes.iter().any(|p| p.is_empty()) {
+            prefixes.clear();
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        Self { prefixes }
+    }
+
+    /// True when the whole keyspace is mirrored.
+    pub fn is_all(&self) -> bool {
+        self.prefixes.is_empty()
+    }
+
+    /// The mirrored prefixes (empty: the whole keyspace).
+    pub fn prefixes(&self) -> &[Bytes] {
+        &self.prefixes
+    }
+
+    /// The prefixes as etcd ranges (one `all` range for the whole keyspace).
+    pub fn ranges(&self) -> Vec<KeyRange> {
+        if self.is_all() {
+            return vec![KeyRange::all()];
+        }
+        self.prefixes
+            .iter()
+            .cloned()
+            .map(KeyRange::prefix)
+            .collect()
+    }
+
+    /// True if `key` is mirrored.
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        self.is_all() || self.prefixes.iter().any(|p| key.starts_with(p))
+    }
+
+    /// True if every key of `[start, end)` (`end` `None`: unbounded) lies inside one mirrored
+    /// prefix, so the mirror alone can answer for it.
+    pub fn covers(&self, start: &[u8], end: Option<&[u8]>) -> bool {
+        if self.is_all() {
+            return true;
+        }
+        self.prefixes.iter().any(|p| {
+            if !start.starts_with(p) {
+                return false;
+            }
+            match (watch_core::prefix_end(p), end) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(pe), Some(e)) => e <= pe.as_slice(),
+            }
+        })
+    }
+
+    /// [`MirrorScope::covers`] for an etcd range; a range selecting nothing is covered.
+    pub fn covers_range(&self, range: &KeyRange) -> bool {
+        match range.interval() {
+            None => true,
+            Some((start, end)) => self.covers(&start, end.as_deref()),
+        }
+    }
+
+    /// True if some key of `range` may be mirrored.
+    pub fn intersects_range(&self, range: &KeyRange) -> bool {
+        let Some((start, end)) = range.interval() else {
+            return false;
+        };
+        self.ranges().iter().any(|r| match r.interval() {
+            None => false,
+            Some((s, e)) => {
+                let below_end = e.as_ref().is_none_or(|e| start < *e);
+                let above_start = end.as_ref().is_none_or(|end| s < *end);
+                below_end && above_start
+            }
+        })
+    }
+
+    /// The smallest single etcd range holding every mirrored key (what one upstream watch
+    /// covers; events outside the prefixes are filtered out).
+    pub fn covering(&self) -> KeyRange {
+        let ranges = self.ranges();
+        let mut start: Option<Bytes> = None;
+        let mut end: Option<Option<Bytes>> = None;
+        for r in &ranges {
+            let Some((s, e)) = r.interval() else { continue };
+            start = Some(match start {
+                Some(cur) if cur <= s => cur,
+                _ => s,
+            });
+            end = Some(match (end, e) {
+                (None, e) => e,
+                (Some(None), _) | (_, None) => None,
+                (Some(Some(cur)), Some(e)) => Some(cur.max(e)),
+            });
+        }
+        match (start, end) {
+            (Some(s), Some(Some(e))) => KeyRange::new(s, e),
+            (Some(s), _) => KeyRange::from_key(s),
+            _ => KeyRange::all(),
+        }
+    }
+}
+
+impl std::fmt::Display for MirrorScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_all() {
+            return f.write_str("(whole keyspace)");
+        }
+        let shown: Vec<String> = self
+            .prefixes
+            .iter()
+            .map(|p| format!("{:?}", String::from_utf8_lossy(p)))
+            .collect();
+        f.write_str(&shown.join(", "))
+    }
+}
+
+/// The persisted floor of `dir` (0 when there is none).
+pub(super) fn load_floor(dir: &Path) -> Result<Revision, StoreError> {
+    let path = dir.join(MIRROR_FLOOR_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|e| {
+            StoreError::Inconsistent(format!("{}: not a revision: {e}", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(StoreError::Snapshot {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn write_floor(dir: &Path, floor: Revision) -> Result<(), StoreError> {
+    let path = dir.join(MIRROR_FLOOR_FILE);
+    let tmp = dir.join(format!("{MIRROR_FLOOR_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{floor}\n").as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    };
+    write().map_err(|e| StoreError::Snapshot {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Makes this store a mirror of `scope` (see the module docs). Once only: a second call
+    /// with another scope fails with [`StoreError::Inconsistent`].
+    pub fn set_mirror(&self, scope: MirrorScope) -> Result<(), StoreError> {
+        let set = self.inner.mirror.get_or_init(|| scope.clone());
+        if *set != scope {
+            return Err(StoreError::Inconsistent(format!(
+                "the store already mirrors {set}, not {scope}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The mirrored scope when this store is a mirror.
+    pub fn mirror_scope(&self) -> Option<&MirrorScope> {
+        self.inner.mirror.get()
+    }
+
+    pub(super) fn check_writable(&self) -> Result<(), StoreError> {
+        match self.inner.mirror.get() {
+            Some(_) => Err(StoreError::MirrorReadOnly),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn check_mirror_watch(&self, selector: &KeySelector) -> Result<(), StoreError> {
+        let Some(scope) = self.inner.mirror.get() else {
+            return Ok(());
+        };
+        let (start, end) = selector.bounds();
+        if scope.covers(&start, end.as_deref()) {
+            Ok(())
+        } else {
+            Err(StoreError::OutsideMirror {
+                scope: scope.to_string(),
+            })
+        }
+    }
+
+    /// Waits until `revision` is durable and published to watchers.
+    pub async fn wait_revision(&self, revision: Revision) -> Result<(), StoreError> {
+        self.wait_durable(revision).await
+    }
+
+    /// Appends one upstream revision (`cs.revision` is the upstream's number; it must be above
+    /// the current revision, gaps allowed) through the write path. Each event's `prev_kv` is
+    /// recomputed from the mirrored state, so watch `prev_kv` and past reads never depend on
+    /// what the upstream sent. Returns once the change set is queued and applied to the
+    /// state; [`Store::wait_revision`] waits for its durability.
+    pub(crate) async fn mirror_apply(&self, mut cs: ChangeSet) -> Result<(), StoreError> {
+        let guard = self.inner.write_lock.lock().await;
+        self.check_open()?;
+        let current = self.current_revision();
+        if cs.revision <= current {
+            return Err(StoreError::MirrorOrder {
+                revision: cs.revision,
+                current,
+            });
+        }
+        // Reserved before the log append: from the append on nothing may await (see `txn`).
+        let sender = self
+            .inner
+            .pipeline
+            .lock()
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        {
+            let st = self.inner.state.read();
+            for e in &mut cs.events {
+                e.prev_kv = st.map.get(&e.kv.key).cloned();
+            }
+        }
+        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
+        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
+        self.inner.state.write().apply(&cs);
+        permit.send((cs, ack));
+        drop(guard);
+        Ok(())
+    }
+
+    /// Drops the mirror's own history below `revision` (its retention; the upstream is not
+    /// touched): as [`Store::compact`], which a mirror refuses because `Compact` requests go
+    /// to the upstream.
+    pub(crate) async fn mirror_compact(&self, revision: Revision) -> Result<Revision, StoreError> {
+        self.compact_history(revision).await
+    }
+
+    /// Replaces the state with the upstream snapshot `kvs` at `revision` (see the module docs)
+    /// and returns how many live watchers were canceled as compacted. `revision` must not be
+    /// below the current revision.
+    pub(crate) async fn mirror_reset(
+        &self,
+        revision: Revision,
+        kvs: Vec<KeyValue>,
+    ) -> Result<usize, StoreError> {
+        let _c = self.inner.compact_lock.lock().await;
+        let guard = self.inner.write_lock.lock().await;
+        self.check_open()?;
+        let current = self.current_revision();
+        if revision < current {
+            return Err(StoreError::MirrorOrder { revision, current });
+        }
+        self.wait_durable(current).await?;
+        let floor = revision + 1;
+        let dir = self.inner.dir.clone();
+        // An O(keys) copy of refcounted bytes: the snapshot file and the state each get one.
+        let to_disk = kvs.clone();
+        tokio::task::spawn_blocking(move || {
+            write_floor(&dir, floor)?;
+            snapshot::write(&dir, revision, to_disk)
+        })
+        .await
+        .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
+        self.inner
+            .snapshot_revision
+            .store(revision, Ordering::Release);
+        // Before the state changes: a read of an older revision now fails as compacted.
+        self.inner.compacted.fetch_max(floor, Ordering::AcqRel);
+        let mut marker = None;
+        if revision > current {
+            let sender = self
+                .inner
+                .pipeline
+                .lock()
+                .clone()
+                .ok_or(StoreError::Closed)?;
+            let cs = ChangeSet::new(revision, Vec::new());
+            let permit = sender
+                .reserve_owned()
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
+            marker = Some((permit, cs, ack));
+        }
+        {
+            // One state-lock section: no reader sees the new keys at the old revision.
+            let mut st = self.inner.state.write();
+            st.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+            st.revision = st.revision.max(revision);
+        }
+        if let Some((permit, cs, ack)) = marker {
+            permit.send((cs, ack));
+        }
+        drop(guard);
+        self.wait_durable(revision).await?;
+        let log = &self.inner.log;
+        if revision <= log.last_revision() && revision > log.compacted_revision() {
+            // History below the snapshot can never be served again (the floor is above it).
+            log.compact(revision).await.map_err(log_err)?;
+        }
+        Ok(self.inner.engine.cancel_all(CancelReason::Compacted {
+            compact_revision: floor,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use watch_core::{Event, WatchMessage};
+
+    fn scope(p: &[&str]) -> MirrorScope {
+        MirrorScope::new(p.iter().map(|s| Bytes::copy_from_slice(s.as_bytes())))
+    }
+
+    #[test]
+    fn scope_covers_only_ranges_inside_one_prefix() {
+        let s = scope(&["/a/", "/c/"]);
+        assert!(s.contains_key(b"/a/x"));
+        assert!(!s.contains_key(b"/b/x"));
+        assert!(s.covers_range(&KeyRange::key("/a/x")));
+        assert!(s.covers_range(&KeyRange::prefix("/a/")));
+        assert!(s.covers_range(&KeyRange::prefix("/a/x")));
+        assert!(!s.covers_range(&KeyRange::prefix("/")));
+        assert!(!s.covers_range(&KeyRange::new("/a/", "/d/")));
+        assert!(!s.covers_range(&KeyRange::from_key("/a/")));
+        assert!(s.intersects_range(&KeyRange::prefix("/")));
+        assert!(!s.intersects_range(&KeyRange::prefix("/b/")));
+        assert_eq!(s.covering(), KeyRange::new("/a/", "/c0"));
+        assert!(scope(&[]).covers_range(&KeyRange::all()));
+        assert!(scope(&["", "/a"]).is_all());
+        assert_eq!(scope(&[]).covering(), KeyRange::all());
+    }
+
+    fn kv(key: &str, value: &str, create: Revision, m: Revision, version: u64) -> KeyValue {
+        KeyValue {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            create_revision: create,
+            mod_revision: m,
+            version,
+            value: Bytes::copy_from_slice(value.as_bytes()),
+            lease: 0,
+        }
+    }
+
+    fn put(key: &str, value: &str, create: Revision, m: Revision, version: u64) -> Event {
+        Event::put(kv(key, value, create, m, version), None)
+    }
+
+    async fn open(dir: &Path) -> Store {
+        let s = Store::open(
+            dir,
+            crate::StoreConfig::default().durability(crate::Durability::NoSync),
+        )
+        .await
+        .unwrap();
+        s.set_mirror(scope(&["/a/"])).unwrap();
+        s
+    }
+
+    async fn next(h: &mut watch_core::WatchHandle) -> WatchMessage {
+        tokio::time::timeout(std::time::Duration::from_secs(10), h.recv())
+            .await
+            .expect("a watch message")
+            .expect("the watch is open")
+    }
+
+    /// Upstream revisions with gaps and empty (progress) change sets are applied under their
+    /// own numbers, watchers see them in order with prev_kv from the mirrored state, and a
+    /// reopened store is at the last revision, progress included.
+    #[tokio::test]
+    async fn gaps_progress_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store
+            .mirror_reset(10, vec![kv("/a/x", "0", 7, 7, 1)])
+            .await
+            .unwrap();
+        assert_eq!(store.current_revision(), 10);
+        let mut w = store
+            .watch(
+                KeySelector::prefix("/a/"),
+                watch_core::WatchOptions::default().prev_kv(true),
+            )
+            .unwrap();
+        store
+            .mirror_apply(ChangeSet::new(13, vec![put("/a/x", "1", 7, 13, 2)]))
+            .await
+            .unwrap();
+        store
+            .mirror_apply(ChangeSet::new(20, Vec::new()))
+            .await
+            .unwrap();
+        store
+            .mirror_apply(ChangeSet::new(
+                25,
+                vec![
+                    Event::delete(Bytes::from_static(b"/a/x"), 25, None),
+                    put("/a/y", "2", 25, 25, 1),
+                ],
+            ))
+            .await
+            .unwrap();
+        store.wait_revision(25).await.unwrap();
+        let WatchMessage::Events(b) = next(&mut w).await else {
+            panic!("events expected")
+        };
+        assert_eq!(b.revision(), 13);
+        let e = b.to_events();
+        assert_eq!(
+            e[0].prev_kv.as_ref().map(|p| p.value.clone()),
+            Some("0".into())
+        );
+        let WatchMessage::Events(b) = next(&mut w).await else {
+            panic!("events expected")
+        };
+        assert_eq!(
+            (b.revision(), b.len()),
+            (25, 2),
+            "one revision, one message"
+        );
+        // Not increasing: refused, nothing applied.
+        let err = store
+            .mirror_apply(ChangeSet::new(25, Vec::new()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::MirrorOrder { .. }), "{err}");
+        // Local writes are refused; watches outside the scope too.
+        assert!(matches!(
+            store.put("/a/z", "v", Default::default()).await,
+            Err(StoreError::MirrorReadOnly)
+        ));
+        assert!(matches!(
+            store.watch(KeySelector::prefix("/"), Default::default()),
+            Err(StoreError::OutsideMirror { .. })
+        ));
+        // A past read inside the mirrored history, and below the floor.
+        let at20 = store
+            .range(crate::store::RangeRequest::key("/a/x").revision(20))
+            .await
+            .unwrap();
+        assert_eq!(at20.kvs[0].value, "1");
+        assert!(matches!(
+            store
+                .range(crate::store::RangeRequest::key("/a/x").revision(10))
+                .await,
+            Err(StoreError::Compacted { compacted: 11, .. })
+        ));
+        drop(w);
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(store.current_revision(), 25);
+        assert_eq!(store.compacted_revision(), 11);
+        let now = store
+            .range(crate::store::RangeRequest::key("/a/y"))
+            .await
+            .unwrap();
+        assert_eq!((now.revision, now.kvs.len()), (25, 1));
+        store.close().await.unwrap();
+    }
+
+    /// The mirror's own retention: history below the compaction is gone, the state and
+    /// later revisions stay, also across a restart.
+    #[tokio::test]
+    async fn retention_compacts_the_mirror_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store.mirror_reset(3, Vec::new()).await.unwrap();
+        for (i, rev) in [7, 9, 15, 30].into_iter().enumerate() {
+            store
+                .mirror_apply(ChangeSet::new(
+                    rev,
+                    vec![put("/a/x", &i.to_string(), 7, rev, i as u64 + 1)],
+                ))
+                .await
+                .unwrap();
+        }
+        store.wait_revision(30).await.unwrap();
+        store.mirror_compact(12).await.unwrap();
+        assert!(matches!(
+            store
+                .range(crate::store::RangeRequest::key("/a/x").revision(9))
+                .await,
+            Err(StoreError::Compacted { compacted: 12, .. })
+        ));
+        let at12 = store
+            .range(crate::store::RangeRequest::key("/a/x").revision(12))
+            .await
+            .unwrap();
+        assert_eq!(at12.kvs[0].value, "1");
+        store.close().await.unwrap();
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(
+            (store.current_revision(), store.compacted_revision()),
+            (30, 12)
+        );
+        let now = store
+            .range(crate::store::RangeRequest::key("/a/x"))
+            .await
+            .unwrap();
+        assert_eq!(now.kvs[0].value, "3");
+        store.close().await.unwrap();
+    }
+
+    /// A resync over a live store: live watchers end as compacted at the new floor, the state
+    /// is the snapshot, and the floor survives a restart.
+    #[tokio::test]
+    async fn reset_cancels_watchers_and_persists_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        store.mirror_reset(1, Vec::new()).await.unwrap();
+        store
+            .mirror_apply(ChangeSet::new(5, vec![put("/a/x", "1", 5, 5, 1)]))
+            .await
+            .unwrap();
+        store.wait_revision(5).await.unwrap();
+        let mut w = store
+            .watch(KeySelector::prefix("/a/"), Default::default())
+            .unwrap();
+        let canceled = store
+            .mirror_reset(40, vec![kv("/a/q", "9", 33, 33, 1)])
+            .await
+            .unwrap();
+        assert_eq!(canceled, 1);
+        match next(&mut w).await {
+            WatchMessage::Canceled(CancelReason::Compacted { compact_revision }) => {
+                assert_eq!(compact_revision, 41)
+            }
+            other => panic!("expected a compacted cancel, got {other:?}"),
+        }
+        let all = store
+            .range(crate::store::RangeRequest::new(KeyRange::prefix("/a/")))
+            .await
+            .unwrap();
+        assert_eq!(all.revision, 40);
+        assert_eq!(all.kvs.len(), 1);
+        assert!(matches!(
+            store.watch(
+                KeySelector::prefix("/a/"),
+                watch_core::WatchOptions::default().start_revision(6)
+            ),
+            Err(StoreError::Compacted { compacted: 41, .. })
+        ));
+        store.close().await.unwrap();
+        drop((w, store));
+        let store = open(dir.path()).await;
+        assert_eq!(
+            (store.current_revision(), store.compacted_revision()),
+            (40, 41)
+        );
+        assert_eq!(store.key_count(), 1);
+        store.close().await.unwrap();
+    }
+}

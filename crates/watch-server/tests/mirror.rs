@@ -1,0 +1,1447 @@
+//! Mirror mode against a real etcd cluster (no mocks): a 3-member etcd 3.4 cluster on loopback
+//! and keywatch replicas (`watch-server --upstream ...`) spawned as processes.
+//!
+//! `failover_keeps_every_stream_exact`: writers to etcd directly and through both replicas,
+//! downstream watchers on both replicas; the etcd leader is killed (and restarted), another
+//! member is killed and restarted, one replica is killed with SIGKILL and restarted. Every
+//! downstream watcher's stream is then compared with the history read from etcd itself: same
+//! revisions, same events and values, no gap, no duplicate, each revision in one response.
+//! Also checked: etcd holds exactly one watcher per replica whatever the downstream count, and
+//! every write acknowledged by a replica is readable from that replica at its revision.
+//!
+//! `leases_are_forwarded`: Lease RPCs (keep-alive stream included) go to etcd and a revoke
+//! reaches the mirror as DELETE events.
+//!
+//! `compaction_past_the_mirror_resyncs`: a replica down while etcd compacts past its position
+//! comes back from a fresh snapshot and refuses older watch starts with the compacted error.
+//!
+//! `live_resync_cancels_downstream_watchers`: the same while the replica runs: its open
+//! downstream watcher ends with the compacted cancel at the new floor.
+//!
+//! `requested_progress_advances_past_other_keys`: with an upstream whose requested progress
+//! notifications are ordered (a standalone keywatch here), writes and reads of other keys move
+//! the mirror through progress requests. Needs no etcd.
+//!
+//! `retention_compacts_the_mirror_history` and `health_and_metrics_follow_the_upstream`:
+//! `--upstream-retain-revisions`, and health / `keywatch_mirror_connected` following the
+//! upstream connection. Need no etcd.
+//!
+//! The etcd tests are skipped with a `SKIPPED` line when etcd is not installed; failing when
+//! `KEYWATCH_REQUIRE_ETCD=1`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use common::{GUARD, tools_present};
+use tempfile::TempDir;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use watch_proto::etcdserverpb as pb;
+use watch_proto::etcdserverpb::kv_client::KvClient;
+use watch_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use watch_proto::etcdserverpb::watch_client::WatchClient;
+use watch_proto::mvccpb;
+
+// ---------------------------------------------------------------------------------------------
+// Processes.
+
+/// Last lines of a process's output, printed when the test fails.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, line: String) {
+        let mut l = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() >= 300 {
+            l.remove(0);
+        }
+        l.push(line);
+    }
+    fn dump(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+    }
+}
+
+/// Spawns `cmd`, logging stdout and stderr; lines for which `ready` returns `Some` are sent on
+/// the returned channel (readiness without sleeping).
+fn spawn(
+    cmd: &mut Command,
+    log: &Log,
+    ready: fn(&str) -> Option<String>,
+) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn a process");
+    let (tx, rx) = mpsc::channel();
+    let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout"));
+    let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr"));
+    for reader in [out, err] {
+        let (tx, log) = (tx.clone(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                if let Some(found) = ready(&line) {
+                    let _ = tx.send(found);
+                }
+                log.push(line);
+            }
+        });
+    }
+    (child, rx)
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+    log: Log,
+}
+
+/// A loopback etcd cluster; every member is killed and every data dir removed on drop.
+struct Cluster {
+    dir: TempDir,
+    members: Vec<Member>,
+    token: String,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let ports = free_ports(2 * n);
+        let dir = tempfile::Builder::new()
+            .prefix("mirror-etcd-")
+            .tempdir()
+            .expect("temp dir");
+        let token = dir
+            .path()
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: ports[2 * i],
+                peer: ports[2 * i + 1],
+                child: None,
+                log: Log::default(),
+            })
+            .collect();
+        let mut c = Cluster {
+            dir,
+            members,
+            token,
+        };
+        // All members first, then readiness: a member waits for a quorum before serving.
+        let waits: Vec<_> = (0..n).map(|i| c.spawn_member(i)).collect();
+        for (i, rx) in waits.into_iter().enumerate() {
+            c.await_ready(i, rx);
+        }
+        c
+    }
+
+    fn spawn_member(&mut self, i: usize) -> mpsc::Receiver<String> {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect();
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", &m.name, "--data-dir"])
+            .arg(self.dir.path().join(&m.name))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--experimental-watch-progress-notify-interval", "100ms"]);
+        let (child, rx) = spawn(&mut cmd, &m.log, |line| {
+            line.contains("ready to serve client requests")
+                .then(String::new)
+        });
+        self.members[i].child = Some(child);
+        rx
+    }
+
+    fn await_ready(&self, i: usize, rx: mpsc::Receiver<String>) {
+        if rx.recv_timeout(GUARD).is_err() {
+            panic!(
+                "etcd member {i} did not become ready:\n{}",
+                self.members[i].log.dump()
+            );
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        let rx = self.spawn_member(i);
+        self.await_ready(i, rx);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client)
+    }
+
+    fn alive(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_some())
+            .collect()
+    }
+
+    /// Every member's URL, `first` first (replicas attach to the first endpoint).
+    fn endpoints(&self, first: usize) -> String {
+        std::iter::once(first)
+            .chain((0..self.members.len()).filter(|&i| i != first))
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The leader, once every live member agrees on one that is alive (polled).
+    async fn leader(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            assert!(tokio::time::Instant::now() < deadline, "no etcd leader");
+            let mut ids = BTreeMap::new();
+            let mut leaders = Vec::new();
+            for i in self.alive() {
+                let Ok(ch) = Endpoint::from_shared(self.url(i))
+                    .expect("url")
+                    .connect()
+                    .await
+                else {
+                    continue;
+                };
+                if let Ok(s) = MaintenanceClient::new(ch)
+                    .status(pb::StatusRequest {})
+                    .await
+                {
+                    let s = s.into_inner();
+                    ids.insert(s.header.map(|h| h.member_id).unwrap_or(0), i);
+                    leaders.push(s.leader);
+                }
+            }
+            if leaders.len() == self.alive().len()
+                && leaders.iter().all(|l| *l != 0 && *l == leaders[0])
+                && let Some(&i) = ids.get(&leaders[0])
+            {
+                return i;
+            }
+        }
+    }
+
+    /// Sum of `etcd_debugging_mvcc_watcher_total` over the live members (etcd's own count of
+    /// the watchers it serves), from each member's /metrics.
+    fn watcher_total(&self) -> u64 {
+        self.alive()
+            .into_iter()
+            .map(|i| {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client))
+                    .expect("connect for metrics");
+                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    .expect("request metrics");
+                let mut body = String::new();
+                s.read_to_string(&mut body).expect("read metrics");
+                body.lines()
+                    .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .expect("etcd exports etcd_debugging_mvcc_watcher_total") as u64
+            })
+            .sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+            if std::thread::panicking() {
+                eprintln!(
+                    "---- etcd {} (last lines) ----\n{}",
+                    self.members[i].name,
+                    self.members[i].log.dump()
+                );
+            }
+        }
+    }
+}
+
+/// A keywatch replica in mirror mode; killed on drop.
+struct Replica {
+    name: &'static str,
+    dir: TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+    /// Its current client URL (the port changes on restart); downstream tasks read it.
+    endpoint: Arc<Mutex<String>>,
+    log: Log,
+}
+
+impl Replica {
+    fn start(name: &'static str, upstream: &str, prefixes: &[&str]) -> Replica {
+        let mut args = vec!["--upstream".to_owned(), upstream.to_owned()];
+        for p in prefixes {
+            args.push("--upstream-prefix".into());
+            args.push((*p).into());
+        }
+        Self::with_args(name, args)
+    }
+
+    /// A standalone keywatch (no upstream).
+    fn standalone(name: &'static str) -> Replica {
+        Self::with_args(name, Vec::new())
+    }
+
+    fn with_args(name: &'static str, args: Vec<String>) -> Replica {
+        let mut r = Replica {
+            name,
+            dir: tempfile::Builder::new()
+                .prefix(&format!("mirror-{name}-"))
+                .tempdir()
+                .expect("temp dir"),
+            args,
+            child: None,
+            endpoint: Arc::new(Mutex::new(String::new())),
+            log: Log::default(),
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_watch-server"));
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(self.dir.path())
+            .args(&self.args)
+            .env("KEYWATCH_LOG", "info");
+        let (child, rx) = spawn(&mut cmd, &self.log, |line| {
+            line.strip_prefix("watch-server listening on ")
+                .map(|a| a.trim().to_owned())
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(GUARD) {
+            Ok(addr) => *self.endpoint.lock().unwrap() = format!("http://{addr}"),
+            Err(_) => panic!("replica {} did not start:\n{}", self.name, self.log.dump()),
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        self.endpoint.lock().unwrap().clone()
+    }
+
+    /// Polls the replica's log until its upstream watch is open (it answers linearizable
+    /// reads from its snapshot already before that).
+    async fn await_upstream_watch(&self) {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while !self.log.dump().contains("upstream watch open") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {} never opened its upstream watch",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- replica {} (last lines) ----\n{}",
+                self.name,
+                self.log.dump()
+            );
+        }
+    }
+}
+
+async fn channel(url: &str) -> Result<Channel, tonic::Status> {
+    Endpoint::from_shared(url.to_owned())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))
+}
+
+/// Runs `f` with a fresh client of `url`, bounded by a failure guard (an unknown outcome is an
+/// error like any other for the callers, which tolerate errors).
+async fn with_kv<T>(
+    url: &str,
+    f: impl AsyncFnOnce(KvClient<Channel>) -> Result<T, tonic::Status>,
+) -> Result<T, tonic::Status> {
+    let ch = channel(url).await?;
+    tokio::time::timeout(Duration::from_secs(5), f(KvClient::new(ch)))
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test guard")))
+}
+
+/// Polls a linearizable read through `url` until it succeeds: the replica is connected and
+/// has mirrored etcd's current revision. Returns that revision.
+async fn caught_up(url: &str, key: &str) -> i64 {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let r = with_kv(url, async |mut kv| {
+            kv.range(pb::RangeRequest {
+                key: key.as_bytes().to_vec().into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await;
+        if let Ok(r) = r {
+            return r.into_inner().header.map(|h| h.revision).unwrap_or(0);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events as compared.
+
+/// One event, whole (prev_kv reduced to value and mod revision).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ev {
+    delete: bool,
+    key: String,
+    value: String,
+    create: i64,
+    modified: i64,
+    version: i64,
+    prev: Option<(String, i64)>,
+}
+
+fn ev(e: &mvccpb::Event, with_prev: bool) -> Ev {
+    let kv = e.kv.clone().unwrap_or_default();
+    Ev {
+        delete: e.r#type == mvccpb::event::EventType::Delete as i32,
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        value: String::from_utf8_lossy(&kv.value).into_owned(),
+        create: kv.create_revision,
+        modified: kv.mod_revision,
+        version: kv.version,
+        prev: if with_prev {
+            e.prev_kv.as_ref().map(|p| {
+                (
+                    String::from_utf8_lossy(&p.value).into_owned(),
+                    p.mod_revision,
+                )
+            })
+        } else {
+            None
+        },
+    }
+}
+
+/// A downstream watcher's spec.
+#[derive(Clone, Debug)]
+struct Spec {
+    key: &'static str,
+    range_end: Vec<u8>,
+    prev_kv: bool,
+}
+
+impl Spec {
+    fn prefix(p: &'static str, prev_kv: bool) -> Spec {
+        let mut end = p.as_bytes().to_vec();
+        *end.last_mut().expect("non-empty prefix") += 1;
+        Spec {
+            key: p,
+            range_end: end,
+            prev_kv,
+        }
+    }
+    fn key(k: &'static str) -> Spec {
+        Spec {
+            key: k,
+            range_end: Vec::new(),
+            prev_kv: false,
+        }
+    }
+    fn all() -> Spec {
+        Spec {
+            key: "\0",
+            range_end: vec![0],
+            prev_kv: true,
+        }
+    }
+    fn matches(&self, key: &str) -> bool {
+        let k = key.as_bytes();
+        match self.range_end.as_slice() {
+            [] => k == self.key.as_bytes(),
+            [0] => k >= self.key.as_bytes(),
+            end => k >= self.key.as_bytes() && k < end,
+        }
+    }
+    fn create(&self, start: i64) -> pb::WatchRequest {
+        pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: self.key.as_bytes().to_vec().into(),
+                    range_end: self.range_end.clone().into(),
+                    start_revision: start,
+                    prev_kv: self.prev_kv,
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+}
+
+/// Follows `spec` on the replica at `endpoint` from `start` until it has seen a revision
+/// `>= until`, reconnecting (and resuming after the last revision seen) whenever the replica
+/// goes away. Returns the events of every response, in arrival order.
+async fn downstream(
+    endpoint: Arc<Mutex<String>>,
+    spec: Spec,
+    start: i64,
+    mut until: watch::Receiver<i64>,
+) -> Vec<Vec<Ev>> {
+    let mut responses = Vec::new();
+    let mut next = start;
+    let deadline = tokio::time::Instant::now() + 4 * GUARD;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "downstream watcher {spec:?} never finished"
+        );
+        let url = endpoint.lock().unwrap().clone();
+        let Ok(ch) = channel(&url).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(spec.create(next)).await.expect("queue the create");
+        let Ok(stream) = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            if next > *until.borrow() && *until.borrow() > 0 {
+                return responses;
+            }
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = until.changed() => continue,
+            };
+            let Ok(Some(resp)) = msg else { break };
+            assert!(
+                !resp.canceled,
+                "downstream watcher {spec:?} canceled: {:?} (compact revision {})",
+                resp.cancel_reason, resp.compact_revision
+            );
+            if resp.events.is_empty() {
+                continue;
+            }
+            let evs: Vec<Ev> = resp.events.iter().map(|e| ev(e, spec.prev_kv)).collect();
+            next = evs.last().map(|e| e.modified + 1).unwrap_or(next);
+            responses.push(evs);
+        }
+        drop(tx);
+    }
+}
+
+/// Every event of etcd's history in `(after, until]`, by revision, read from etcd itself.
+async fn etcd_history(url: &str, after: i64, until: i64) -> BTreeMap<i64, Vec<mvccpb::Event>> {
+    let ch = channel(url).await.expect("connect to etcd");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::all().create(after + 1)).await.expect("queue");
+    let mut stream = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch etcd")
+        .into_inner();
+    let mut out: BTreeMap<i64, Vec<mvccpb::Event>> = BTreeMap::new();
+    while out.keys().next_back().copied().unwrap_or(0) < until {
+        let resp = tokio::time::timeout(GUARD, stream.message())
+            .await
+            .expect("etcd history in time")
+            .expect("etcd watch")
+            .expect("etcd watch open");
+        for e in resp.events {
+            let rev = e.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0);
+            if rev <= until {
+                out.entry(rev).or_default().push(e);
+            }
+        }
+    }
+    out
+}
+
+/// Compares one downstream stream with etcd's history: the same revisions with the same
+/// events (ordered, no gap, no duplicate), each revision inside one response.
+fn check_stream(
+    who: &str,
+    spec: &Spec,
+    got: &[Vec<Ev>],
+    history: &BTreeMap<i64, Vec<mvccpb::Event>>,
+) -> usize {
+    let mut seen_in: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut actual: Vec<(i64, Vec<Ev>)> = Vec::new();
+    for (i, resp) in got.iter().enumerate() {
+        for e in resp {
+            match actual.last_mut() {
+                Some((rev, evs)) if *rev == e.modified => evs.push(e.clone()),
+                _ => {
+                    if let Some(prev) = seen_in.insert(e.modified, i) {
+                        panic!(
+                            "{who}: revision {} split or repeated (responses {prev} and {i})",
+                            e.modified
+                        );
+                    }
+                    actual.push((e.modified, vec![e.clone()]));
+                }
+            }
+        }
+    }
+    let expected: Vec<(i64, Vec<Ev>)> = history
+        .iter()
+        .filter_map(|(rev, evs)| {
+            let picked: Vec<Ev> = evs
+                .iter()
+                .map(|e| ev(e, spec.prev_kv))
+                .filter(|e| spec.matches(&e.key))
+                .collect();
+            (!picked.is_empty()).then_some((*rev, picked))
+        })
+        .collect();
+    for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+        assert_eq!(a, e, "{who}: revision #{i} differs from etcd's history");
+    }
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "{who}: {} revisions received, etcd's history has {} (last received {:?}, last expected {:?})",
+        actual.len(),
+        expected.len(),
+        actual.last().map(|a| a.0),
+        expected.last().map(|e| e.0)
+    );
+    actual.iter().map(|(_, e)| e.len()).sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload.
+
+/// Op `i` of writer `w`: puts and deletes on mirrored keys (`/m/`), puts outside (`/x/`, which
+/// leave revision gaps in a `/m/` mirror) and multi-key txns (atomic change sets).
+fn op(w: usize, i: usize) -> pb::TxnRequest {
+    let put = |k: String, v: String| pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+            key: k.into_bytes().into(),
+            value: v.into_bytes().into(),
+            ..Default::default()
+        })),
+    };
+    let ops = match i % 6 {
+        0 => vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestDeleteRange(
+                pb::DeleteRangeRequest {
+                    key: format!("/m/k{}", (i / 6) % 10).into_bytes().into(),
+                    ..Default::default()
+                },
+            )),
+        }],
+        1 => vec![
+            put(format!("/m/k{}", i % 10), format!("w{w}-{i}a")),
+            put(format!("/m/k{}", (i + 3) % 10), format!("w{w}-{i}b")),
+            put(format!("/x/t{}", i % 3), format!("w{w}-{i}c")),
+        ],
+        2 | 4 => vec![put(format!("/x/k{}", i % 4), format!("w{w}-{i}"))],
+        _ => vec![put(format!("/m/k{}", i % 10), format!("w{w}-{i}"))],
+    };
+    pb::TxnRequest {
+        success: ops,
+        ..Default::default()
+    }
+}
+
+/// Writes `n` ops directly to etcd, trying the members in turn; errors (a dead member, an
+/// election) are tolerated: etcd's history is the oracle, not the writer's view.
+async fn etcd_writer(urls: Vec<String>, from: usize, n: usize) -> usize {
+    let mut ok = 0;
+    for i in from..from + n {
+        for attempt in 0..urls.len() {
+            let url = &urls[(i + attempt) % urls.len()];
+            if with_kv(url, async |mut kv| kv.txn(op(0, i)).await)
+                .await
+                .is_ok()
+            {
+                ok += 1;
+                break;
+            }
+        }
+    }
+    ok
+}
+
+/// Writes `n` ops through the replicas in turn. Each acknowledged write that changed a
+/// mirrored key must already be visible in a serializable read of the same replica
+/// (read-your-writes).
+async fn replica_writer(endpoints: Vec<Arc<Mutex<String>>>, from: usize, n: usize) -> usize {
+    let mut ok = 0;
+    for i in from..from + n {
+        let url = endpoints[i % endpoints.len()].lock().unwrap().clone();
+        let req = op(1, i);
+        let Ok(resp) = with_kv(&url, async |mut kv| kv.txn(req.clone()).await).await else {
+            continue;
+        };
+        ok += 1;
+        let written = resp.into_inner().header.map(|h| h.revision).unwrap_or(0);
+        let Some(pb::request_op::Request::RequestPut(p)) =
+            req.success.first().and_then(|o| o.request.clone())
+        else {
+            continue;
+        };
+        if !p.key.starts_with(b"/m/") {
+            continue;
+        }
+        // At exactly the written revision (other writers may change the key right after).
+        let read = with_kv(&url, async |mut kv| {
+            kv.range(pb::RangeRequest {
+                key: p.key.clone(),
+                revision: written,
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+        })
+        .await;
+        match read {
+            Ok(r) => {
+                let r = r.into_inner();
+                let kv = r.kvs.first().cloned().unwrap_or_default();
+                assert_eq!(
+                    (kv.mod_revision, kv.value),
+                    (written, p.value.clone()),
+                    "read-your-writes: {url} acknowledged revision {written}"
+                );
+            }
+            // The replica loaded its first snapshot after this write: its history starts
+            // above it, but its revision must not be below the write.
+            Err(e) if e.code() == tonic::Code::OutOfRange => {
+                let now = with_kv(&url, async |mut kv| {
+                    kv.range(pb::RangeRequest {
+                        key: p.key.clone(),
+                        serializable: true,
+                        ..Default::default()
+                    })
+                    .await
+                })
+                .await;
+                if let Ok(now) = now {
+                    let rev = now.into_inner().header.map(|h| h.revision).unwrap_or(0);
+                    assert!(
+                        rev >= written,
+                        "read-your-writes: {url} at {rev} < {written}"
+                    );
+                }
+            }
+            // Only a replica that went away may fail the read otherwise.
+            Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}"),
+        }
+    }
+    ok
+}
+
+async fn phase(cluster: &Cluster, replicas: &[Arc<Mutex<String>>], from: usize, n: usize) {
+    let urls: Vec<String> = cluster
+        .alive()
+        .into_iter()
+        .map(|i| cluster.url(i))
+        .collect();
+    let (a, b) = tokio::join!(
+        etcd_writer(urls, from, n),
+        replica_writer(replicas.to_vec(), from, n)
+    );
+    assert!(
+        a > 0 && b > 0,
+        "no write succeeded in phase at {from} ({a}, {b})"
+    );
+}
+
+fn etcd_present(test: &str) -> bool {
+    tools_present(test, &["etcd"], "etcd")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_keeps_every_stream_exact() {
+    if !etcd_present("mirror::failover_keeps_every_stream_exact") {
+        return;
+    }
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(3));
+    let first = cluster.leader().await;
+    // The leader first: both replicas attach to it, so killing it breaks their upstream.
+    let upstream = cluster.endpoints(first);
+    let (mut a, b) = tokio::task::block_in_place(|| {
+        (
+            Replica::start("a", &upstream, &["/m/"]),
+            Replica::start("b", &upstream, &[]),
+        )
+    });
+    // Some history before the watchers start, so they begin mid-stream.
+    phase(&cluster, &[a.endpoint.clone(), b.endpoint.clone()], 0, 6).await;
+    let r0 = caught_up(&a.url(), "/m/k0")
+        .await
+        .max(caught_up(&b.url(), "/m/k0").await);
+
+    let (until_tx, until_rx) = watch::channel(0i64);
+    let specs = [
+        (
+            "a /m/ prefix",
+            a.endpoint.clone(),
+            Spec::prefix("/m/", true),
+        ),
+        ("a /m/k3", a.endpoint.clone(), Spec::key("/m/k3")),
+        ("b all keys", b.endpoint.clone(), Spec::all()),
+        (
+            "b /m/ prefix",
+            b.endpoint.clone(),
+            Spec::prefix("/m/", false),
+        ),
+    ];
+    let tasks: Vec<_> = specs
+        .iter()
+        .map(|(_, ep, spec)| {
+            tokio::spawn(downstream(
+                ep.clone(),
+                spec.clone(),
+                r0 + 1,
+                until_rx.clone(),
+            ))
+        })
+        .collect();
+    // Many more downstream watchers on one stream per replica: etcd still serves one watch
+    // per replica.
+    let mut idle = Vec::new();
+    for r in [&a, &b] {
+        let ch = channel(&r.url()).await.expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        for _ in 0..200 {
+            tx.send(Spec::prefix("/m/", false).create(0))
+                .await
+                .expect("queue");
+        }
+        let mut s = WatchClient::new(ch)
+            .watch(ReceiverStream::new(rx))
+            .await
+            .expect("watch")
+            .into_inner();
+        for _ in 0..200 {
+            let created = s.message().await.expect("stream").expect("open");
+            assert!(created.created && !created.canceled);
+        }
+        idle.push((tx, s));
+    }
+    a.await_upstream_watch().await;
+    b.await_upstream_watch().await;
+    assert_eq!(
+        cluster.watcher_total(),
+        2,
+        "etcd must serve exactly one watcher per replica, whatever the downstream count"
+    );
+    drop(idle);
+
+    let eps = [a.endpoint.clone(), b.endpoint.clone()];
+    phase(&cluster, &eps, 100, 25).await;
+    // 1. The leader dies; a new one is elected; it comes back.
+    cluster.kill(first);
+    let second = cluster.leader().await;
+    phase(&cluster, &eps, 200, 25).await;
+    tokio::task::block_in_place(|| cluster.restart(first));
+    phase(&cluster, &eps, 300, 15).await;
+    // 2. Another member is killed and restarted: the one the replicas moved to, unless it is
+    //    the new leader.
+    let next = (0..3).find(|&i| i != first).expect("a second member");
+    let other = if next != second {
+        next
+    } else {
+        (0..3)
+            .find(|&i| i != first && i != second)
+            .expect("a third member")
+    };
+    cluster.kill(other);
+    phase(&cluster, &eps, 400, 15).await;
+    tokio::task::block_in_place(|| cluster.restart(other));
+    cluster.leader().await;
+    // 3. A replica crashes (SIGKILL) and comes back on the same data dir.
+    a.kill9();
+    phase(&cluster, &eps, 500, 15).await;
+    tokio::task::block_in_place(|| a.launch());
+    phase(&cluster, &eps, 600, 20).await;
+
+    // The last write, on a key every downstream watcher selects, ends the run.
+    let leader = cluster.leader().await;
+    let end = with_kv(&cluster.url(leader), async |mut kv| {
+        kv.put(pb::PutRequest {
+            key: "/m/k3".into(),
+            value: "end".into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .expect("final put")
+    .into_inner()
+    .header
+    .map(|h| h.revision)
+    .unwrap_or(0);
+    until_tx.send_replace(end);
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await.expect("downstream task"));
+    }
+    let history = etcd_history(&cluster.url(leader), r0, end).await;
+    let mut checked = 0;
+    for ((who, _, spec), got) in specs.iter().zip(&streams) {
+        checked += check_stream(who, spec, got, &history);
+    }
+    assert!(checked > 100, "too few events checked ({checked})");
+    for r in [&a, &b] {
+        assert!(
+            r.log.dump().contains("upstream session ended"),
+            "replica {} never lost its upstream: the failover was not exercised",
+            r.name
+        );
+    }
+    println!(
+        "mirror failover: {checked} downstream events checked against etcd revisions {}..={end}",
+        r0 + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_the_mirror_resyncs() {
+    if !etcd_present("mirror::compaction_past_the_mirror_resyncs") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| Cluster::start(1));
+    let upstream = cluster.url(0);
+    let mut r = tokio::task::block_in_place(|| Replica::start("c", &upstream, &["/m/"]));
+    let eps = [r.endpoint.clone()];
+    phase(&cluster, &eps, 0, 12).await;
+    let before = caught_up(&r.url(), "/m/k1").await;
+    r.kill9();
+    let urls = vec![upstream.clone()];
+    etcd_writer(urls, 100, 30).await;
+    let compact_at = with_kv(&upstream, async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/k1".into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .expect("etcd read")
+    .into_inner()
+    .header
+    .map(|h| h.revision)
+    .unwrap_or(0);
+    with_kv(&upstream, async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: compact_at,
+            physical: true,
+        })
+        .await
+    })
+    .await
+    .expect("compact etcd");
+    tokio::task::block_in_place(|| r.launch());
+    let now = caught_up(&r.url(), "/m/k1").await;
+    assert!(now >= compact_at);
+    // The mirror resynced: its state is etcd's.
+    let all = |url: String, serializable: bool| async move {
+        with_kv(&url, async |mut kv| {
+            kv.range(pb::RangeRequest {
+                key: "/m/".into(),
+                range_end: "/m0".into(),
+                serializable,
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs
+    };
+    assert_eq!(all(r.url(), true).await, all(upstream.clone(), false).await);
+    // A watch from the old position gets etcd's compacted cancel, with the floor.
+    let ch = channel(&r.url()).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(before + 1))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut canceled = None;
+    while canceled.is_none() {
+        let m = s.message().await.expect("stream").expect("open");
+        if m.canceled {
+            canceled = Some(m.compact_revision);
+        }
+    }
+    let floor = canceled.unwrap_or(0);
+    assert!(
+        floor > compact_at.max(before + 1),
+        "compact revision {floor} must be the mirror's new floor (etcd compacted at {compact_at})"
+    );
+}
+
+/// Lease RPCs through a replica reach etcd (grant, keep-alive stream, time-to-live, revoke),
+/// and the deletions of a revoked lease arrive through the mirror as ordinary DELETE events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_forwarded() {
+    use watch_proto::etcdserverpb::lease_client::LeaseClient;
+    if !etcd_present("mirror::leases_are_forwarded") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| Cluster::start(1));
+    let r = tokio::task::block_in_place(|| Replica::start("l", &cluster.url(0), &["/m/"]));
+    let start = caught_up(&r.url(), "/m/l").await + 1;
+    let ch = channel(&r.url()).await.expect("connect");
+    let mut lease = LeaseClient::new(ch.clone());
+    let id = lease
+        .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("grant through the replica")
+        .into_inner()
+        .id;
+    assert!(id > 0);
+    let (ka_tx, ka_rx) = tokio::sync::mpsc::channel(1);
+    ka_tx
+        .send(pb::LeaseKeepAliveRequest { id })
+        .await
+        .expect("queue");
+    let mut ka = lease
+        .lease_keep_alive(ReceiverStream::new(ka_rx))
+        .await
+        .expect("keep-alive stream")
+        .into_inner();
+    let renewed = ka.message().await.expect("keep-alive").expect("open");
+    assert_eq!(renewed.id, id);
+    assert!(renewed.ttl > 0);
+    let put = KvClient::new(ch.clone())
+        .put(pb::PutRequest {
+            key: "/m/l".into(),
+            value: "leased".into(),
+            lease: id,
+            ..Default::default()
+        })
+        .await
+        .expect("leased put")
+        .into_inner();
+    let ttl = lease
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+        .await
+        .expect("time to live")
+        .into_inner();
+    assert_eq!(ttl.keys, vec![bytes::Bytes::from_static(b"/m/l")]);
+    lease
+        .lease_revoke(pb::LeaseRevokeRequest { id })
+        .await
+        .expect("revoke through the replica");
+    // An unknown lease: etcd's own status comes back unchanged.
+    let err = lease
+        .lease_revoke(pb::LeaseRevokeRequest { id })
+        .await
+        .expect_err("revoked twice");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::key("/m/l").create(start))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let m = tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("events in time")
+            .expect("stream")
+            .expect("open");
+        events.extend(m.events.iter().map(|e| ev(e, false)));
+    }
+    let put_rev = put.header.map(|h| h.revision).unwrap_or(0);
+    assert_eq!((events[0].delete, events[0].modified), (false, put_rev));
+    assert!(events[1].delete && events[1].modified > put_rev);
+
+    // Keys outside the mirrored prefixes: writes and reads go to etcd, watches are refused.
+    let mut kv = KvClient::new(channel(&r.url()).await.expect("connect"));
+    kv.put(pb::PutRequest {
+        key: "/x/out".into(),
+        value: "outside".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("forwarded put");
+    let got = kv
+        .range(pb::RangeRequest {
+            key: "/x/out".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("forwarded range")
+        .into_inner();
+    assert_eq!(got.kvs[0].value, bytes::Bytes::from_static(b"outside"));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/x/", false).create(0))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let refused = s.message().await.expect("stream").expect("open");
+    assert!(refused.canceled, "{refused:?}");
+    assert!(
+        refused.cancel_reason.contains("mirrored prefixes"),
+        "{refused:?}"
+    );
+}
+
+/// The live path of a resync: a running replica whose only endpoint is down while etcd
+/// compacts past its position reconnects, finds its revision compacted, reloads a snapshot
+/// and cancels its open downstream watcher with the new floor, as etcd would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_resync_cancels_downstream_watchers() {
+    if !etcd_present("mirror::live_resync_cancels_downstream_watchers") {
+        return;
+    }
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(3));
+    let r = tokio::task::block_in_place(|| Replica::start("r", &cluster.url(0), &["/m/"]));
+    let eps = [r.endpoint.clone()];
+    phase(&cluster, &eps, 0, 6).await;
+    let at = caught_up(&r.url(), "/m/k1").await;
+    r.await_upstream_watch().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(at + 1))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(s.message().await.expect("stream").expect("open").created);
+    // The replica's only endpoint goes away; the other two members keep a quorum.
+    cluster.kill(0);
+    let others = vec![cluster.url(1), cluster.url(2)];
+    assert!(etcd_writer(others.clone(), 100, 20).await > 0);
+    let compact_at = with_kv(&others[0], async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/k1".into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .expect("etcd read")
+    .into_inner()
+    .header
+    .map(|h| h.revision)
+    .unwrap_or(0);
+    with_kv(&others[0], async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: compact_at,
+            physical: true,
+        })
+        .await
+    })
+    .await
+    .expect("compact etcd");
+    tokio::task::block_in_place(|| cluster.restart(0));
+    // The open downstream watcher ends as compacted, at the replica's new floor; never with
+    // events that skip the revisions the replica missed.
+    let end = loop {
+        let m = tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("a cancel in time")
+            .expect("stream")
+            .expect("open");
+        assert!(
+            m.events.is_empty() || m.canceled,
+            "events delivered across the compacted gap: {m:?}"
+        );
+        if m.canceled {
+            break m;
+        }
+    };
+    assert!(
+        end.compact_revision > compact_at,
+        "compact revision {} must be above etcd's compaction {compact_at}",
+        end.compact_revision
+    );
+    let now = caught_up(&r.url(), "/m/k1").await;
+    assert!(now >= compact_at);
+    drop(tx);
+}
+
+/// The path taken with an upstream that orders requested progress notifications (etcd >=
+/// 3.4.25 / 3.5.8; here a standalone keywatch, which reports 3.5.13 and orders them, and whose
+/// periodic notifications are 10 minutes apart, so only requested ones can move the mirror):
+/// a write of keys outside the mirrored prefixes still returns only once the mirror passed its
+/// revision, and a linearizable read after a direct upstream write of such keys is served at
+/// or above that write's revision. Needs no etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requested_progress_advances_past_other_keys() {
+    let upstream = tokio::task::block_in_place(|| Replica::standalone("up"));
+    let r = tokio::task::block_in_place(|| Replica::start("t", &upstream.url(), &["/m/"]));
+    caught_up(&r.url(), "/m/a").await;
+    r.await_upstream_watch().await;
+    let mut kv = KvClient::new(channel(&r.url()).await.expect("connect"));
+    let written = kv
+        .put(pb::PutRequest {
+            key: "/x/a".into(),
+            value: "1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("forwarded put")
+        .into_inner()
+        .header
+        .map(|h| h.revision)
+        .unwrap_or(0);
+    let read = |serializable: bool| {
+        let mut kv = kv.clone();
+        async move {
+            kv.range(pb::RangeRequest {
+                key: "/m/a".into(),
+                serializable,
+                ..Default::default()
+            })
+            .await
+            .expect("range")
+            .into_inner()
+            .header
+            .map(|h| h.revision)
+            .unwrap_or(0)
+        }
+    };
+    assert!(
+        read(true).await >= written,
+        "the write returned before the mirror passed it"
+    );
+    let direct = with_kv(&upstream.url(), async |mut kv| {
+        kv.put(pb::PutRequest {
+            key: "/x/b".into(),
+            value: "2".into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .expect("direct put")
+    .into_inner()
+    .header
+    .map(|h| h.revision)
+    .unwrap_or(0);
+    assert!(
+        read(false).await >= direct,
+        "a linearizable read missed an upstream write"
+    );
+}
+
+/// `--upstream-retain-revisions`: the mirror compacts its own history to the window (watches
+/// from before it are canceled as compacted) and keeps serving the window. Needs no etcd
+/// (a standalone keywatch is the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_compacts_the_mirror_history() {
+    let upstream = tokio::task::block_in_place(|| Replica::standalone("up2"));
+    let mut r = tokio::task::block_in_place(|| Replica::start("ret", &upstream.url(), &["/m/"]));
+    r.args
+        .extend(["--upstream-retain-revisions".into(), "10".into()]);
+    r.kill9();
+    tokio::task::block_in_place(|| r.launch());
+    caught_up(&r.url(), "/m/a").await;
+    let mut last = 0;
+    for i in 0..40 {
+        last = with_kv(&upstream.url(), async |mut kv| {
+            kv.put(pb::PutRequest {
+                key: format!("/m/k{}", i % 5).into_bytes().into(),
+                value: format!("v{i}").into_bytes().into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .expect("put")
+        .into_inner()
+        .header
+        .map(|h| h.revision)
+        .unwrap_or(0);
+    }
+    assert!(caught_up(&r.url(), "/m/a").await >= last);
+    // A watch from inside the window gets its events.
+    let window = last - 5;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(window))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut got = Vec::new();
+    while got.last().copied().unwrap_or(0) < last {
+        let m = s.message().await.expect("stream").expect("open");
+        assert!(!m.canceled, "{m:?}");
+        got.extend(
+            m.events
+                .iter()
+                .map(|e| e.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0)),
+        );
+    }
+    assert_eq!(got, (window..=last).collect::<Vec<_>>());
+    // From before the window: compacted (polled: the retention runs in the background).
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Spec::prefix("/m/", false).create(2))
+            .await
+            .expect("queue");
+        let mut s = WatchClient::new(channel(&r.url()).await.expect("connect"))
+            .watch(ReceiverStream::new(rx))
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut m = s.message().await.expect("stream").expect("open");
+        while m.created && !m.canceled {
+            m = s.message().await.expect("stream").expect("open");
+        }
+        if m.canceled && m.compact_revision > 2 {
+            assert!(
+                m.compact_revision <= last - 9,
+                "compacted inside the window: {m:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mirror never compacted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Health and metrics follow the upstream connection: SERVING and
+/// `keywatch_mirror_connected 1` once the upstream watch is open; NOT_SERVING and 0 after the
+/// upstream dies, while the replica keeps answering serializable reads. Needs no etcd (a
+/// standalone keywatch is the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_follow_the_upstream() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut upstream = tokio::task::block_in_place(|| Replica::standalone("up3"));
+    let mut r = tokio::task::block_in_place(|| Replica::start("h", &upstream.url(), &["/m/"]));
+    r.args
+        .extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+    r.kill9();
+    tokio::task::block_in_place(|| r.launch());
+    let metrics_addr = r
+        .log
+        .dump()
+        .lines()
+        .find_map(|l| l.strip_prefix("watch-server metrics on http://"))
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .map(str::to_owned)
+        .expect("the replica prints its metrics address");
+    let scrape = |addr: String| {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect for metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("request metrics");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("keywatch_mirror_connected "))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let status = async |url: String| {
+        let ch = channel(&url).await.expect("connect");
+        HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+    };
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while status(r.url()).await != ServingStatus::Serving as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scrape(metrics_addr.clone()), "1");
+    upstream.kill9();
+    while status(r.url()).await != ServingStatus::NotServing as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "never NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scrape(metrics_addr), "0");
+    // Still answering from local data.
+    let read = with_kv(&r.url(), async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/a".into(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+    })
+    .await;
+    assert!(read.is_ok(), "{read:?}");
+}
