@@ -316,6 +316,15 @@ impl Store {
             .store(revision, Ordering::Release);
         // Before the state changes: a read of an older revision now fails as compacted.
         self.inner.compacted.fetch_max(floor, Ordering::AcqRel);
+        // Every live watcher ends before the marker at `revision` can reach the dispatcher:
+        // once it is dispatched, a progress request or tick would tell a watcher that nothing
+        // changed up to `revision` while it never saw the snapshot's difference. The floor is
+        // raised first, so a watcher registering after this cancel refuses itself
+        // ([`Store::watch`]); the write lock keeps the marker from being published until then.
+        self.inner.mirror_floor.fetch_max(floor, Ordering::AcqRel);
+        let canceled = self.inner.engine.cancel_all(CancelReason::Compacted {
+            compact_revision: floor,
+        });
         let mut marker = None;
         if revision > current {
             let sender = self
@@ -348,9 +357,7 @@ impl Store {
             // History below the snapshot can never be served again (the floor is above it).
             log.compact(revision).await.map_err(log_err)?;
         }
-        Ok(self.inner.engine.cancel_all(CancelReason::Compacted {
-            compact_revision: floor,
-        }))
+        Ok(canceled)
     }
 }
 
@@ -551,6 +558,71 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(now.kvs[0].value, "3");
+        store.close().await.unwrap();
+    }
+
+    /// A resync must end every live watcher before its revision is dispatched: a progress
+    /// answer at or above the snapshot revision would tell a watcher that nothing changed
+    /// while it never saw the snapshot's differences. Progress is requested (and ticks every
+    /// millisecond) throughout the reset; the watcher's stream must hold no progress at or
+    /// above the old revision's successor before its cancel.
+    #[tokio::test]
+    async fn reset_cancels_before_any_progress_at_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            crate::StoreConfig::default()
+                .durability(crate::Durability::NoSync)
+                .progress_interval(std::time::Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+        store.set_mirror(scope(&["/a/"])).unwrap();
+        store.mirror_reset(1, Vec::new()).await.unwrap();
+        store
+            .mirror_apply(ChangeSet::new(5, vec![put("/a/x", "1", 5, 5, 1)]))
+            .await
+            .unwrap();
+        store.wait_revision(5).await.unwrap();
+        let mut w = store
+            .watch(
+                KeySelector::prefix("/a/"),
+                watch_core::WatchOptions::default().progress_notify(true),
+            )
+            .unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let reset = async {
+            let r = store
+                .mirror_reset(40, vec![kv("/a/q", "9", 33, 33, 1)])
+                .await;
+            done.store(true, Ordering::Release);
+            r
+        };
+        let ask = async {
+            while !done.load(Ordering::Acquire) {
+                w.request_progress();
+                tokio::task::yield_now().await;
+            }
+        };
+        let (canceled, ()) = tokio::join!(reset, ask);
+        assert_eq!(canceled.unwrap(), 1);
+        loop {
+            match next(&mut w).await {
+                WatchMessage::Progress { revision } => {
+                    assert!(revision <= 5, "progress at {revision} before the cancel")
+                }
+                WatchMessage::Canceled(CancelReason::Compacted { compact_revision }) => {
+                    assert_eq!(compact_revision, 41);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // A watcher registered after the reset starts at the snapshot revision.
+        let w2 = store
+            .watch(KeySelector::prefix("/a/"), Default::default())
+            .unwrap();
+        assert_eq!(w2.created_revision(), 40);
         store.close().await.unwrap();
     }
 
