@@ -336,7 +336,7 @@ impl Server {
                 if let Some(m) = &mirror {
                     // NOT_SERVING until the upstream watch is open (before `set_ready`, so
                     // SERVING never shows early), then following the connection.
-                    health.set_serving(false).await;
+                    health.set_mirror_connected(false).await;
                     tokio::spawn(follow_mirror(m.status(), health.clone()));
                     metrics.set_mirror_status(m.status());
                     let _ = mirror_slot.set(m.clone());
@@ -519,7 +519,7 @@ async fn follow_mirror(
     loop {
         let connected = status.borrow_and_update().is_connected();
         if last != Some(connected) {
-            health.set_serving(connected).await;
+            health.set_mirror_connected(connected).await;
             last = Some(connected);
         }
         if status.changed().await.is_err() {
