@@ -1445,3 +1445,106 @@ async fn health_and_metrics_follow_the_upstream() {
     .await;
     assert!(read.is_ok(), "{read:?}");
 }
+
+/// Runs watch-server on `dir` with `args`, expecting it to exit by itself (within the guard);
+/// returns whether it exited successfully and everything it printed.
+fn run_to_exit(dir: &std::path::Path, args: &[String]) -> (bool, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_watch-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .env("KEYWATCH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch-server");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(GUARD) {
+        Ok(out) => {
+            let out = out.expect("watch-server output");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        }
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("watch-server {args:?} kept running on {}", dir.display());
+        }
+    }
+}
+
+/// Polls until `path` exists (a file a starting process writes).
+fn await_file(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + GUARD;
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A mirror's data directory is refused by a standalone server (it would accept local writes
+/// on a replica's keyspace, and a later mirror start would diverge from etcd silently), and
+/// by a mirror of other prefixes: typed error, clear message, non-zero exit. Needs no etcd
+/// (the upstream does not have to answer for the record to be written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_of_another_mode_or_scope_is_refused() {
+    tokio::task::block_in_place(|| {
+        let dead = format!("http://127.0.0.1:{}", free_ports(1)[0]);
+        let mut r = Replica::start("refuse", &dead, &["/a/"]);
+        await_file(&r.dir.path().join("mirror.toml"));
+        r.kill9();
+        let (ok, out) = run_to_exit(r.dir.path(), &[]);
+        assert!(!ok, "standalone accepted a mirror's data dir:\n{out}");
+        assert!(
+            out.contains("holds a mirror") && out.contains("mirror.toml"),
+            "{out}"
+        );
+        let other = [
+            "--upstream".to_owned(),
+            dead.clone(),
+            "--upstream-prefix".to_owned(),
+            "/b/".to_owned(),
+        ];
+        let (ok, out) = run_to_exit(r.dir.path(), &other);
+        assert!(!ok, "a mirror of other prefixes was accepted:\n{out}");
+        assert!(out.contains("other prefixes"), "{out}");
+
+        // A floor alone (a crash after the reset's first step) is a mirror's too.
+        let floor_only = tempfile::tempdir().expect("temp dir");
+        std::fs::write(floor_only.path().join("mirror.floor"), "5\n").expect("write floor");
+        let (ok, out) = run_to_exit(floor_only.path(), &[]);
+        assert!(!ok, "standalone accepted a dir with a floor:\n{out}");
+        assert!(out.contains("mirror.floor"), "{out}");
+    });
+}
+
+/// A replica's data directory mirrors one etcd cluster; restarted against another cluster it
+/// stops with a clear error and a non-zero exit instead of mixing two histories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_cluster_is_refused() {
+    if !etcd_present("mirror::another_cluster_is_refused") {
+        return;
+    }
+    let first = tokio::task::block_in_place(|| Cluster::start(1));
+    let mut r = tokio::task::block_in_place(|| Replica::start("cluster", &first.url(0), &[]));
+    r.await_upstream_watch().await;
+    r.kill9();
+    let second = tokio::task::block_in_place(|| Cluster::start(1));
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run_to_exit(r.dir.path(), &["--upstream".to_owned(), second.url(0)])
+    });
+    assert!(!ok, "a mirror of another cluster was accepted:\n{out}");
+    assert!(out.contains("mirrors etcd cluster"), "{out}");
+}

@@ -147,6 +147,33 @@ pub enum MirrorError {
     /// The store refused to become a mirror.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A standalone server (no `--upstream`) was given a mirror's data directory: serving it
+    /// would accept local writes on a replica's keyspace, and a later mirror start would
+    /// diverge silently from etcd.
+    #[error(
+        "data directory {dir} holds a mirror of an etcd cluster ({file} present); start it \
+         with --upstream, or use a fresh data directory for a standalone server"
+    )]
+    MirrorDirWithoutUpstream {
+        /// The data directory.
+        dir: String,
+        /// The mirror file found in it.
+        file: &'static str,
+    },
+}
+
+/// Refuses a mirror's data directory (one holding [`MIRROR_META_FILE`] or
+/// [`crate::store::MIRROR_FLOOR_FILE`]) for a standalone server.
+pub fn refuse_standalone(dir: &Path) -> Result<(), MirrorError> {
+    for file in [MIRROR_META_FILE, crate::store::MIRROR_FLOOR_FILE] {
+        if dir.join(file).exists() {
+            return Err(MirrorError::MirrorDirWithoutUpstream {
+                dir: dir.display().to_string(),
+                file,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The mirror's record in the data directory.

@@ -331,7 +331,10 @@ impl Server {
                 let _ = slot.set(store.clone());
                 let mirror = match mirror_config {
                     Some(m) => Some(Mirror::start(store.clone(), m)?),
-                    None => None,
+                    None => {
+                        crate::mirror::refuse_standalone(store.dir())?;
+                        None
+                    }
                 };
                 if let Some(m) = &mirror {
                     // NOT_SERVING until the upstream watch is open (before `set_ready`, so
