@@ -1691,3 +1691,83 @@ async fn partly_mirrored_deletes_do_not_wait_for_other_keys() {
         other => panic!("unexpected txn response {other:?}"),
     }
 }
+
+/// Opens a downstream watch of `/m/` on `url`, with etcd's `hasleader: true` metadata when
+/// `require_leader`; returns the stream (its first message is the created response) or the
+/// open's status. The request sender is returned too: dropping it would half-close the stream.
+async fn open_watch(
+    url: &str,
+    require_leader: bool,
+) -> Result<
+    (
+        tonic::Streaming<pb::WatchResponse>,
+        tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    ),
+    tonic::Status,
+> {
+    let ch = channel(url).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(0))
+        .await
+        .expect("queue the create");
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if require_leader {
+        req.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+    }
+    let stream = WatchClient::new(ch).watch(req).await?.into_inner();
+    Ok((stream, tx))
+}
+
+/// `hasleader` downstream watches follow the upstream connection, as etcd's follow its
+/// leader: open while connected, ended with "no leader" (UNAVAILABLE) when the upstream is
+/// lost, refused with it while disconnected; watches without the metadata stay served from
+/// local data. Needs no etcd (a standalone keywatch is the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hasleader_watches_follow_the_upstream() {
+    let mut upstream = tokio::task::block_in_place(|| Replica::standalone("up-leader"));
+    let r = tokio::task::block_in_place(|| Replica::start("leader", &upstream.url(), &["/m/"]));
+    r.await_upstream_watch().await;
+    // The log line comes from the sync task; the status the watch service reads is set just
+    // before it, so an open now sees the mirror connected.
+    let (mut led, _led_tx) = open_watch(&r.url(), true)
+        .await
+        .expect("open while connected");
+    let created = tokio::time::timeout(GUARD, led.message())
+        .await
+        .expect("created within the guard")
+        .expect("created")
+        .expect("a created response");
+    assert!(created.created && !created.canceled, "{created:?}");
+    let (mut plain, _plain_tx) = open_watch(&r.url(), false).await.expect("open plain");
+    let _ = tokio::time::timeout(GUARD, plain.message())
+        .await
+        .expect("created within the guard");
+    upstream.kill9();
+    let ended = tokio::time::timeout(GUARD, led.message())
+        .await
+        .expect("the hasleader stream ends within the guard");
+    let status = ended.expect_err("the hasleader stream must end with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no leader"), "{status:?}");
+    let refused = open_watch(&r.url(), true).await;
+    let status = match refused {
+        Err(s) => s,
+        Ok((mut s, _tx)) => tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("an answer within the guard")
+            .expect_err("a hasleader watch on a disconnected mirror must fail"),
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no leader"), "{status:?}");
+    // Watches without the metadata are still served from local data.
+    let (mut later, _later_tx) = open_watch(&r.url(), false).await.expect("open plain");
+    let created = tokio::time::timeout(GUARD, later.message())
+        .await
+        .expect("created within the guard")
+        .expect("created")
+        .expect("a created response");
+    assert!(created.created && !created.canceled, "{created:?}");
+}

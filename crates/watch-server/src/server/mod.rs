@@ -266,21 +266,23 @@ impl Server {
                         lease.fill(pb::lease_server::LeaseServer::new(LeaseService));
                     }
                 }
+                let mut watch_service = WatchService::new(
+                    store.clone(),
+                    WatchSettings {
+                        max_watchers_per_stream: config.max_watchers_per_stream,
+                        watch_buffer: config.watch_buffer,
+                        max_request_bytes: config.max_request_bytes,
+                    },
+                    stop_rx.clone(),
+                )
+                .with_metrics(watch_metrics);
+                if let Some(m) = mirror {
+                    watch_service = watch_service.with_mirror_status(m.status());
+                }
                 watch.fill(
-                    pb::watch_server::WatchServer::new(
-                        WatchService::new(
-                            store.clone(),
-                            WatchSettings {
-                                max_watchers_per_stream: config.max_watchers_per_stream,
-                                watch_buffer: config.watch_buffer,
-                                max_request_bytes: config.max_request_bytes,
-                            },
-                            stop_rx.clone(),
-                        )
-                        .with_metrics(watch_metrics),
-                    )
-                    .max_decoding_message_size(recv_limit)
-                    .max_encoding_message_size(usize::MAX),
+                    pb::watch_server::WatchServer::new(watch_service)
+                        .max_decoding_message_size(recv_limit)
+                        .max_encoding_message_size(usize::MAX),
                 );
                 maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
                     MaintenanceService::new(store.clone()),
