@@ -267,7 +267,31 @@ impl Store {
         {
             let st = self.inner.state.read();
             for e in &mut cs.events {
-                e.prev_kv = st.map.get(&e.kv.key).cloned();
+                let local = st.map.get(&e.kv.key).cloned();
+                // etcd sends `prev_kv` when it still has the previous version (it omits it
+                // when that version was compacted): one it sent must be the mirror's state,
+                // or the mirror missed or misapplied a revision (checked here for free: the
+                // upstream watch asks for `prev_kv` anyway).
+                if let Some(up) = &e.prev_kv
+                    && local.as_ref() != Some(up)
+                {
+                    let summary = |kv: Option<&KeyValue>| match kv {
+                        Some(kv) => format!(
+                            "(mod {}, version {}, {} bytes)",
+                            kv.mod_revision,
+                            kv.version,
+                            kv.value.len()
+                        ),
+                        None => "none".to_owned(),
+                    };
+                    return Err(StoreError::MirrorDiverged {
+                        revision: cs.revision,
+                        key: String::from_utf8_lossy(&e.kv.key).into_owned(),
+                        upstream: summary(Some(up)),
+                        local: summary(local.as_ref()),
+                    });
+                }
+                e.prev_kv = local;
             }
         }
         let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
@@ -476,6 +500,34 @@ mod tests {
             (25, 2),
             "one revision, one message"
         );
+        // A prev_kv that is not the mirror's state: refused as diverged, nothing applied.
+        let err = store
+            .mirror_apply(ChangeSet::new(
+                26,
+                vec![Event::put(
+                    kv("/a/y", "3", 25, 26, 2),
+                    Some(kv("/a/y", "other", 25, 25, 1)),
+                )],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::MirrorDiverged { revision: 26, .. }),
+            "{err}"
+        );
+        assert_eq!(store.current_revision(), 25);
+        // The right prev_kv is accepted.
+        store
+            .mirror_apply(ChangeSet::new(
+                26,
+                vec![Event::put(
+                    kv("/a/y", "3", 25, 26, 2),
+                    Some(kv("/a/y", "2", 25, 25, 1)),
+                )],
+            ))
+            .await
+            .unwrap();
+        store.wait_revision(26).await.unwrap();
         // Not increasing: refused, nothing applied.
         let err = store
             .mirror_apply(ChangeSet::new(25, Vec::new()))
@@ -507,13 +559,13 @@ mod tests {
         store.close().await.unwrap();
         drop(store);
         let store = open(dir.path()).await;
-        assert_eq!(store.current_revision(), 25);
+        assert_eq!(store.current_revision(), 26);
         assert_eq!(store.compacted_revision(), 11);
         let now = store
             .range(crate::store::RangeRequest::key("/a/y"))
             .await
             .unwrap();
-        assert_eq!((now.revision, now.kvs.len()), (25, 1));
+        assert_eq!((now.revision, now.kvs.len()), (26, 1));
         store.close().await.unwrap();
     }
 
