@@ -1771,3 +1771,18 @@ async fn hasleader_watches_follow_the_upstream() {
         .expect("a created response");
     assert!(created.created && !created.canceled, "{created:?}");
 }
+
+/// An `https://` upstream is refused at start with the reason (upstream TLS is not
+/// supported), not accepted and then retried forever. Needs no etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run_to_exit(
+            dir.path(),
+            &["--upstream".to_owned(), "https://127.0.0.1:2379".to_owned()],
+        )
+    });
+    assert!(!ok, "an https upstream was accepted:\n{out}");
+    assert!(out.contains("only http:// endpoints"), "{out}");
+}

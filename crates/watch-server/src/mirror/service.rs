@@ -28,6 +28,21 @@ use super::Mirror;
 use crate::server::convert::{self, store_status};
 use crate::store::KeyRange;
 
+/// The revision of an upstream answer's header, the target of a barrier. A missing header (or
+/// a revision below 1) is an error: a barrier at 0 would pass at once and break
+/// read-your-writes and linearizable reads silently.
+fn header_revision(header: Option<&pb::ResponseHeader>) -> Result<u64, Status> {
+    header
+        .and_then(|h| u64::try_from(h.revision).ok())
+        .filter(|r| *r > 0)
+        .ok_or_else(|| {
+            Status::unavailable(
+                "keywatch mirror: the upstream answer has no revision header; its outcome \
+                 cannot be awaited on the mirror",
+            )
+        })
+}
+
 /// Where a delete's range lies relative to the mirrored scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DeleteScope {
@@ -64,7 +79,8 @@ impl MirrorKvService {
     }
 
     fn upstream(&self) -> KvClient<tonic::transport::Channel> {
-        KvClient::new(self.mirror.channel()).max_decoding_message_size(usize::MAX)
+        KvClient::new(self.mirror.channel())
+            .max_decoding_message_size(self.mirror.inner.config.max_response_bytes)
     }
 
     /// Waits for the mirror to apply the write's revision when the write changed a mirrored
@@ -77,12 +93,11 @@ impl MirrorKvService {
         header: Option<&pb::ResponseHeader>,
         changed: bool,
     ) -> Result<(), Status> {
-        let revision = header.map(|h| h.revision).unwrap_or(0);
         let changed = changed || self.mirror.progress_trusted();
-        match (changed, u64::try_from(revision)) {
-            (true, Ok(r)) if r > 0 => self.mirror.wait_for(r).await,
-            _ => Ok(()),
+        if !changed {
+            return Ok(());
         }
+        self.mirror.wait_for(header_revision(header)?).await
     }
 
     fn changed_put(&self, key: &[u8]) -> bool {
@@ -204,10 +219,8 @@ impl pb::kv_server::Kv for MirrorKvService {
                 ..Default::default()
             };
             let current = self.upstream().range(probe).await?.into_inner();
-            let target = current.header.map(|h| h.revision).unwrap_or(0);
-            self.mirror
-                .wait_for(u64::try_from(target).unwrap_or(0))
-                .await?;
+            let target = header_revision(current.header.as_ref())?;
+            self.mirror.wait_for(target).await?;
         }
         let result = self
             .mirror
@@ -284,6 +297,7 @@ impl MirrorLeaseService {
 
     fn upstream(&self) -> LeaseClient<tonic::transport::Channel> {
         LeaseClient::new(self.mirror.channel())
+            .max_decoding_message_size(self.mirror.inner.config.max_response_bytes)
     }
 }
 
@@ -333,5 +347,22 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         self.upstream().lease_leases(request.into_inner()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_header_is_no_barrier_target() {
+        assert!(header_revision(None).is_err());
+        let h = |revision| pb::ResponseHeader {
+            revision,
+            ..Default::default()
+        };
+        assert!(header_revision(Some(&h(0))).is_err());
+        assert!(header_revision(Some(&h(-3))).is_err());
+        assert_eq!(header_revision(Some(&h(42))).unwrap(), 42);
     }
 }

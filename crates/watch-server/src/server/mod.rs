@@ -462,7 +462,7 @@ impl Server {
         // so a stalled scrape cannot keep the store open.
         let _ = ended_tx.send(true);
         if let Some(m) = mirror_slot.get() {
-            m.stop();
+            m.stop().await;
         }
         let closed = match (
             close(&slot, open_error, served).await,
