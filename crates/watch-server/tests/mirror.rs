@@ -1682,7 +1682,6 @@ async fn partly_mirrored_deletes_do_not_wait_for_other_keys() {
             key: "/a/".into(),
             range_end: "/n".into(),
             prev_kv: true,
-            ..Default::default()
         }),
     )
     .await
