@@ -9,7 +9,11 @@ use std::error::Error;
 use std::path::PathBuf;
 
 /// The proto files compiled, relative to the proto root. Imports are resolved from the root.
-const PROTOS: [&str; 2] = ["etcdserverpb/rpc.proto", "mvccpb/kv.proto"];
+const PROTOS: [&str; 3] = [
+    "etcdserverpb/rpc.proto",
+    "mvccpb/kv.proto",
+    "authpb/auth.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

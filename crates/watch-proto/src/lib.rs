@@ -61,6 +61,12 @@ pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
 }
 
+/// etcd's `authpb` package: `Permission` and `UserAddOptions`, carried by the Auth service's
+/// messages (generated from `proto/authpb/auth.proto`).
+pub mod authpb {
+    include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+}
+
 /// etcd's `etcdserverpb` package: requests, responses, and a client module (`*_client`) and
 /// server module (`*_server`) per service: KV, Watch, Lease, Cluster, Maintenance, Auth
 /// (generated from `proto/etcdserverpb/rpc.proto`).
@@ -68,7 +74,7 @@ pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
 }
 
-/// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (both packages, with source
+/// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source
 /// info), as a gRPC reflection service expects it.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/etcd_descriptor_set.bin"));

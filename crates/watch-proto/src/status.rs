@@ -52,7 +52,7 @@ pub enum EtcdError {
     NoLeader,
     /// The server is shutting down.
     Stopped,
-    /// An auth request to a server without authentication (keywatch never enables it).
+    /// An auth request to a server without authentication (no `[auth]` in its config).
     AuthNotEnabled,
     /// Stored data failed an integrity check.
     Corrupt,
@@ -60,6 +60,14 @@ pub enum EtcdError {
     WatcherRangeEmpty,
     /// A watch create reusing a watch ID in use on its stream (sent as `cancel_reason`).
     DuplicateWatchId,
+    /// Authentication is on and the request carries no token.
+    UserEmpty,
+    /// Authenticate with an unknown user or a wrong password.
+    AuthFailed,
+    /// The request's token is unknown or expired.
+    InvalidAuthToken,
+    /// The user's roles do not grant the access the request needs.
+    PermissionDenied,
     /// keywatch's own (etcd has no such state): the server is up but still opening its data
     /// directory (event-log replay); UNAVAILABLE, so clients retry.
     Starting,
@@ -79,7 +87,11 @@ impl EtcdError {
             | Self::TooManyOps
             | Self::RequestTooLarge
             | Self::WatcherRangeEmpty
-            | Self::DuplicateWatchId => Code::InvalidArgument,
+            | Self::DuplicateWatchId
+            | Self::UserEmpty
+            | Self::AuthFailed => Code::InvalidArgument,
+            Self::InvalidAuthToken => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::LeaseNotFound => Code::NotFound,
             Self::NoLeader | Self::Stopped | Self::Starting => Code::Unavailable,
@@ -109,11 +121,27 @@ impl EtcdError {
             Self::Corrupt => "etcdserver: corrupt cluster",
             Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
             Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
+            Self::UserEmpty => "etcdserver: user name is empty",
+            Self::AuthFailed => "etcdserver: authentication failed, invalid user ID or password",
+            Self::InvalidAuthToken => "etcdserver: invalid auth token",
+            Self::PermissionDenied => "etcdserver: permission denied",
             Self::Starting => {
                 "keywatch: starting: the data directory is being opened (event log replay); \
                  retry shortly"
             }
         }
+    }
+
+    /// The text of this error as Go's gRPC status prints it (`rpc error: code = X desc = Y`).
+    /// etcd puts that text, not the bare message, in the `cancel_reason` of a watch create it
+    /// refuses for lack of permission.
+    pub fn go_status_text(self) -> String {
+        // tonic's `Code` Debug names are Go's code names (`PermissionDenied`, `InvalidArgument`).
+        format!(
+            "rpc error: code = {:?} desc = {}",
+            self.code(),
+            self.message()
+        )
     }
 
     /// The status etcd returns for this error.
@@ -319,6 +347,30 @@ mod tests {
             Code::Unavailable,
             "keywatch: starting: the data directory is being opened (event log replay); \
              retry shortly",
+        );
+        check(
+            EtcdError::UserEmpty.into(),
+            Code::InvalidArgument,
+            "etcdserver: user name is empty",
+        );
+        check(
+            EtcdError::AuthFailed.into(),
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        check(
+            EtcdError::InvalidAuthToken.into(),
+            Code::Unauthenticated,
+            "etcdserver: invalid auth token",
+        );
+        check(
+            EtcdError::PermissionDenied.into(),
+            Code::PermissionDenied,
+            "etcdserver: permission denied",
+        );
+        assert_eq!(
+            EtcdError::PermissionDenied.go_status_text(),
+            "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
         );
     }
 

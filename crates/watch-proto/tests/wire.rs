@@ -77,13 +77,14 @@ fn service_names_match_etcd() {
 }
 
 #[test]
-fn descriptor_set_describes_both_packages() {
+fn descriptor_set_describes_every_package() {
     let fds = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
     let mut files: Vec<_> = fds.file.iter().map(|f| (f.name(), f.package())).collect();
     files.sort();
     assert_eq!(
         files,
         [
+            ("authpb/auth.proto", "authpb"),
             ("etcdserverpb/rpc.proto", "etcdserverpb"),
             ("mvccpb/kv.proto", "mvccpb")
         ]

@@ -2,7 +2,8 @@
 //!
 //! Precedence, highest first: **flags > environment variables > config file > defaults**.
 //! Every flag `--some-flag` has the environment variable `KEYWATCH_SOME_FLAG` and the file key
-//! `some_flag` (see [`FileConfig`]).
+//! `some_flag` (see [`FileConfig`]). Users and roles exist only in the file, under `[auth]`
+//! (see [`crate::auth`] and `docs/security.md`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -158,6 +159,44 @@ pub struct Cli {
     /// they are cut and the store is closed, e.g. 10s (default 10s).
     #[arg(long, env = "KEYWATCH_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// TLS: the server certificate (PEM); with --key-file, clients must use https:// (default
+    /// none: plain TCP).
+    #[arg(long, env = "KEYWATCH_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the server certificate's private key (PEM) (default none).
+    #[arg(long, env = "KEYWATCH_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// TLS: the CA (PEM) client certificates must chain to, for --client-cert-auth (default
+    /// none).
+    #[arg(long, env = "KEYWATCH_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// TLS: require every client to present a certificate signed by --trusted-ca-file
+    /// (default false).
+    #[arg(long, env = "KEYWATCH_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// TLS: close a connection whose handshake has not finished by then, e.g. 10s, 500ms
+    /// (default 10s).
+    #[arg(long, env = "KEYWATCH_TLS_HANDSHAKE_TIMEOUT")]
+    pub tls_handshake_timeout: Option<String>,
+    /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
+    /// etcd's). Users and roles come from the config file's `[auth]` section.
+    #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<String>,
+    /// A tool instead of the server (e.g. `hash-password`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tools of the `watch-server` binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Reads a password from the first line of stdin and prints its bcrypt hash, for a user's
+    /// `password_hash` in the config file's `[auth]` section.
+    HashPassword {
+        /// bcrypt cost, 4 to 31 (default 10, etcd's): each step doubles the time to check.
+        #[arg(long, default_value_t = 10)]
+        cost: u32,
+    },
 }
 
 /// The config file's keys; every key is optional.
@@ -184,6 +223,14 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<String>,
     pub shutdown_timeout: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub trusted_ca_file: Option<PathBuf>,
+    pub client_cert_auth: Option<bool>,
+    pub tls_handshake_timeout: Option<String>,
+    pub auth_token_ttl: Option<String>,
+    /// Users and roles; its presence turns authentication on.
+    pub auth: Option<crate::auth::AuthFileConfig>,
 }
 
 /// The resolved server configuration.
@@ -228,6 +275,10 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Longest graceful-shutdown wait for in-flight requests and streams.
     pub shutdown_timeout: Duration,
+    /// TLS for the listener; `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Users and roles; `None`: authentication off.
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 impl Default for ServerConfig {
@@ -252,6 +303,8 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(10),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -411,6 +464,44 @@ impl ServerConfig {
                 None => d.metrics_listen,
             },
             shutdown_timeout: d.shutdown_timeout,
+            tls: crate::tls::TlsSettings::load(
+                cli.cert_file.as_ref().or(file.cert_file.as_ref()),
+                cli.key_file.as_ref().or(file.key_file.as_ref()),
+                cli.trusted_ca_file
+                    .as_ref()
+                    .or(file.trusted_ca_file.as_ref()),
+                cli.client_cert_auth
+                    .or(file.client_cert_auth)
+                    .unwrap_or(false),
+                match cli.tls_handshake_timeout.or(file.tls_handshake_timeout) {
+                    Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                        field: "tls_handshake_timeout",
+                        message,
+                    })?,
+                    None => crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+                },
+            )?,
+            auth: match &file.auth {
+                Some(auth) => {
+                    let ttl = match cli.auth_token_ttl.or(file.auth_token_ttl) {
+                        Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                            field: "auth_token_ttl",
+                            message,
+                        })?,
+                        None => crate::auth::DEFAULT_TOKEN_TTL,
+                    };
+                    Some(crate::auth::AuthSettings::from_file(auth, ttl)?)
+                }
+                None => {
+                    if cli.auth_token_ttl.is_some() || file.auth_token_ttl.is_some() {
+                        return Err(ConfigError::Invalid {
+                            field: "auth_token_ttl",
+                            message: "is set but authentication is off (the config file has no [auth] section)".to_owned(),
+                        });
+                    }
+                    None
+                }
+            },
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -568,6 +659,39 @@ mod tests {
         assert_eq!(
             c.mirror_config().unwrap().max_response_bytes,
             crate::mirror::DEFAULT_MAX_RESPONSE_BYTES
+        );
+    }
+
+    #[test]
+    fn security_settings_merge_and_validate() {
+        // Client cert auth without a certificate is refused whichever source sets it.
+        let file: FileConfig = toml::from_str("client_cert_auth = true").unwrap();
+        let err = ServerConfig::merge(Cli::default(), file).unwrap_err();
+        assert!(err.to_string().contains("need TLS"), "{err}");
+        // The flag beats the file.
+        let file: FileConfig = toml::from_str("client_cert_auth = true").unwrap();
+        let cli = Cli {
+            client_cert_auth: Some(false),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, file).unwrap().tls.is_none());
+
+        let hash = crate::auth::hash_password("pw", 4).unwrap();
+        let text = format!("auth_token_ttl = \"2m\"\n[auth.users.a]\npassword_hash = \"{hash}\"\n");
+        let c = ServerConfig::merge(Cli::default(), toml::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(120));
+        let cli = Cli {
+            auth_token_ttl: Some("7".into()),
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, toml::from_str(&text).unwrap()).unwrap();
+        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(7));
+        // No [auth]: authentication off.
+        assert!(
+            ServerConfig::merge(Cli::default(), FileConfig::default())
+                .unwrap()
+                .auth
+                .is_none()
         );
     }
 

@@ -6,10 +6,13 @@
 //!   KV model (put, range, delete, txn, compact; one revision per write, `create_revision`,
 //!   `mod_revision`, `version`, reads at past revisions) and watches through watch-core's
 //!   engine, with the event log as the watch history. No protobuf types in its API.
-//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList; Lease
-//!   and Auth answer with a clear status), a thin translation over the store, plus gRPC health
-//!   ([`server::HealthHandle`]) and reflection, Prometheus metrics ([`server::metrics`]) and
-//!   the startup/shutdown lifecycle ([`server::Server`]).
+//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList, Auth's
+//!   Authenticate and AuthStatus; Lease answers with a clear status), a thin translation over
+//!   the store, plus gRPC health ([`server::HealthHandle`]) and reflection, Prometheus metrics
+//!   ([`server::metrics`]) and the startup/shutdown lifecycle ([`server::Server`]).
+//! - [`auth`]: users and roles from the config file, tokens, and the key-range permission
+//!   check every KV request and watch create passes ([`auth::Gate`]).
+//! - [`tls`]: TLS and mutual TLS for the listener (rustls through tonic).
 //! - [`config`]: the binary's flags, environment variables and TOML file.
 //! - [`mirror`]: mirror mode (`--upstream`): the store follows an etcd cluster through one
 //!   upstream watch and serves watchers and reads locally (docs/cluster.md).
@@ -55,11 +58,13 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod mirror;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use error::StoreError;
 pub use store::{Durability, Store, StoreConfig};

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use watch_server::config::{Cli, LogFormat, ServerConfig};
+use watch_server::config::{Cli, Command, LogFormat, ServerConfig};
 use watch_server::server::Server;
 
 /// Exit status of an invalid configuration (as clap's usage errors).
@@ -14,7 +14,11 @@ const EXIT_FORCED: i32 = 130;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = match ServerConfig::from_cli(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Some(Command::HashPassword { cost }) = cli.command {
+        return hash_password(cost);
+    }
+    let config = match ServerConfig::from_cli(cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("watch-server: invalid configuration: {e}");
@@ -52,6 +56,25 @@ async fn main() -> anyhow::Result<()> {
     });
     server.run(shutdown).await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `watch-server hash-password`: the first line of stdin (without its line ending) to a bcrypt
+/// hash on stdout. Reading stdin keeps the password out of the shell history and `ps`.
+fn hash_password(cost: u32) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(
+        !password.is_empty(),
+        "the password (first line of stdin) is empty"
+    );
+    let hash = watch_server::auth::hash_password(password, cost)
+        .with_context(|| format!("hashing with bcrypt cost {cost}"))?;
+    println!("{hash}");
     Ok(())
 }
 

@@ -25,6 +25,7 @@ use watch_proto::etcdserverpb::lease_client::LeaseClient;
 use watch_proto::status::EtcdError;
 
 use super::Mirror;
+use crate::auth::Gate;
 use crate::server::convert::{self, store_status};
 use crate::store::KeyRange;
 
@@ -60,6 +61,9 @@ pub struct MirrorKvService {
     mirror: Mirror,
     /// Largest accepted request, in encoded bytes (etcd `--max-request-bytes`).
     max_request_bytes: usize,
+    /// keywatch's own authorization, checked before anything is served or forwarded (off:
+    /// one branch).
+    gate: Gate,
 }
 
 impl MirrorKvService {
@@ -68,7 +72,14 @@ impl MirrorKvService {
         Self {
             mirror,
             max_request_bytes,
+            gate: Gate::off(),
         }
+    }
+
+    /// Checks every request against `gate`'s users and roles, as the local KV service does.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
     }
 
     fn check_size(&self, m: &impl Message) -> Result<(), Status> {
@@ -201,6 +212,9 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_range(request.get_ref())?;
+        }
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::range_request(&r)?;
@@ -235,6 +249,9 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_put(request.get_ref())?;
+        }
         let r = request.into_inner();
         self.check_size(&r)?;
         let changed = self.changed_put(&r.key);
@@ -248,6 +265,9 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_delete(request.get_ref())?;
+        }
         let r = request.into_inner();
         self.check_size(&r)?;
         let mut fwd = r.clone();
@@ -263,6 +283,9 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_txn(request.get_ref())?;
+        }
         let r = request.into_inner();
         self.check_size(&r)?;
         let mut fwd = r.clone();
@@ -278,6 +301,9 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            caller.check_admin()?;
+        }
         self.upstream().compact(request.into_inner()).await
     }
 }

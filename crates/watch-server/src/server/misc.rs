@@ -1,11 +1,10 @@
 //! Maintenance.Status, Cluster.MemberList, and the services keywatch does not implement yet
-//! (Lease, Auth), which answer with a clear status instead of a transport error.
+//! (Lease), which answer with a clear status instead of a transport error.
 
 use std::pin::Pin;
 
 use tonic::{Request, Response, Status, Streaming};
 use watch_proto::etcdserverpb as pb;
-use watch_proto::status::EtcdError;
 
 use super::convert::{self, MEMBER_ID, RAFT_TERM};
 use crate::store::Store;
@@ -128,19 +127,5 @@ impl pb::lease_server::Lease for LeaseService {
         _request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         Err(no_leases())
-    }
-}
-
-/// etcd's `Auth` service: authentication is not enabled, answered as etcd answers it then.
-#[derive(Debug, Clone, Default)]
-pub struct AuthService;
-
-#[tonic::async_trait]
-impl pb::auth_server::Auth for AuthService {
-    async fn authenticate(
-        &self,
-        _request: Request<pb::AuthenticateRequest>,
-    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        Err(EtcdError::AuthNotEnabled.status())
     }
 }

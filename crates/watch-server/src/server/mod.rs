@@ -19,6 +19,7 @@
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
 
+pub mod auth;
 pub mod convert;
 mod cut;
 mod health;
@@ -35,17 +36,19 @@ use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use watch_proto::etcdserverpb as pb;
 
+use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
 use crate::error::StoreError;
 use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
 use crate::store::Store;
 
+pub use auth::AuthService;
 use health::Gated;
 pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
-pub use misc::{AuthService, ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
+pub use misc::{ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -213,6 +216,11 @@ impl Server {
         let mirror_slot: Arc<OnceLock<Mirror>> = Arc::new(OnceLock::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
+        // Off without an [auth] section: then every check is one `Option` branch.
+        let gate = match &config.auth {
+            Some(settings) => Gate::on(Arc::new(Auth::new(settings))),
+            None => Gate::off(),
+        };
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
@@ -239,14 +247,19 @@ impl Server {
             );
             let watch_metrics = metrics.watch();
             let config = config.clone();
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             move |store: &Store, mirror: Option<&Mirror>| {
                 match mirror {
                     Some(m) => {
                         mirror_kv.fill(
-                            pb::kv_server::KvServer::new(MirrorKvService::new(
-                                m.clone(),
-                                config.max_request_bytes,
-                            ))
+                            pb::kv_server::KvServer::new(
+                                MirrorKvService::new(m.clone(), config.max_request_bytes)
+                                    .with_gate(gate.clone()),
+                            )
                             .max_decoding_message_size(recv_limit)
                             .max_encoding_message_size(usize::MAX),
                         );
@@ -256,10 +269,10 @@ impl Server {
                     }
                     None => {
                         kv.fill(
-                            pb::kv_server::KvServer::new(KvService::new(
-                                store.clone(),
-                                config.max_request_bytes,
-                            ))
+                            pb::kv_server::KvServer::new(
+                                KvService::new(store.clone(), config.max_request_bytes)
+                                    .with_gate(gate.clone()),
+                            )
                             .max_decoding_message_size(recv_limit)
                             .max_encoding_message_size(usize::MAX),
                         );
@@ -275,7 +288,8 @@ impl Server {
                     },
                     stop_rx.clone(),
                 )
-                .with_metrics(watch_metrics);
+                .with_metrics(watch_metrics)
+                .with_gate(gate.clone());
                 if let Some(m) = mirror {
                     watch_service = watch_service.with_mirror_status(m.status());
                 }
@@ -289,9 +303,12 @@ impl Server {
                 ));
                 cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
                     store.clone(),
-                    format!("http://{addr}"),
+                    format!("{scheme}://{addr}"),
                 )));
-                auth.fill(pb::auth_server::AuthServer::new(AuthService));
+                auth.fill(pb::auth_server::AuthServer::new(AuthService::new(
+                    store.clone(),
+                    gate.clone(),
+                )));
             }
         };
         let health_service = health.service();
@@ -407,7 +424,14 @@ impl Server {
                 let _ = stop_tx.send(true);
             }
         };
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "serving; opening the store");
+        tracing::info!(
+            %addr,
+            data_dir = %config.data_dir.display(),
+            tls = config.tls.is_some(),
+            client_cert_auth = config.tls.as_ref().is_some_and(|t| t.client_cert_auth()),
+            auth = config.auth.is_some(),
+            "serving; opening the store"
+        );
         let grace = config.shutdown_timeout;
         let incoming = {
             let cut_rx = cut_rx.clone();
@@ -416,7 +440,11 @@ impl Server {
                 move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone())),
             )
         };
-        let serve = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_config(tls.server_config())?;
+        }
+        let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
             .layer(metrics.rpc_layer())

@@ -38,6 +38,7 @@ use watch_proto::{ConvertError, to_proto};
 
 use super::convert::{header, store_status};
 use super::metrics::{CancelKind, WatchMetrics};
+use crate::auth::{Gate, Perm, token_of};
 use crate::error::StoreError;
 use crate::store::Store;
 use tracing::Instrument;
@@ -72,6 +73,8 @@ pub struct WatchService {
     /// Mirror mode: the upstream connection. Streams opened with etcd's `hasleader: true`
     /// metadata are refused, or ended, with etcd's "no leader" while it is not connected.
     leader: Option<watch::Receiver<crate::mirror::MirrorStatus>>,
+    /// Authorization of every watch create (off: one branch).
+    gate: Gate,
 }
 
 /// etcd's metadata key (value `true`) asking that a stream fail while the member has no
@@ -87,6 +90,7 @@ impl WatchService {
             shutdown,
             metrics: WatchMetrics::default(),
             leader: None,
+            gate: Gate::off(),
         }
     }
 
@@ -104,6 +108,12 @@ impl WatchService {
     /// Records streams, events, cancels and publish→send latency into `metrics`.
     pub fn with_metrics(mut self, metrics: WatchMetrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Checks every watch create against `gate`'s users and roles.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
         self
     }
 }
@@ -132,6 +142,12 @@ impl pb::watch_server::Watch for WatchService {
             }
             _ => None,
         };
+        // etcd reads the stream's token at every create, so a token that expires while the
+        // stream is open refuses later creates; keep it, not the caller.
+        let token = match self.gate.auth() {
+            Some(_) => token_of(request.metadata()).map(str::to_owned),
+            None => None,
+        };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
         let stream = WatchStream {
@@ -143,6 +159,8 @@ impl pb::watch_server::Watch for WatchService {
             next_id: 0,
             progress: None,
             metrics: self.metrics.clone(),
+            gate: self.gate.clone(),
+            token,
         };
         let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
         tokio::spawn(
@@ -259,6 +277,9 @@ struct WatchStream {
     next_id: i64,
     progress: Option<ProgressRound>,
     metrics: WatchMetrics,
+    gate: Gate,
+    /// The `token` metadata of the stream's request.
+    token: Option<String>,
 }
 
 impl WatchStream {
@@ -369,7 +390,26 @@ impl WatchStream {
         .await
     }
 
+    /// etcd's `isWatchPermitted`: a watch needs a valid token and read on every key it
+    /// could report.
+    fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<(), EtcdError> {
+        let Some(auth) = self.gate.auth() else {
+            return Ok(());
+        };
+        let caller = auth.caller(self.token.as_deref())?;
+        // An empty key means "\0" for a watch, as in etcd.
+        let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
+        caller.check(Perm::Read, key, &c.range_end)
+    }
+
     async fn on_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
+        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union
+            && let Err(e) = self.watch_permission(c)
+        {
+            // etcd's answer: created + canceled, with Go's rendering of its gRPC error
+            // (permission denied, user name is empty, invalid auth token) as the reason.
+            return self.refuse(&e.go_status_text()).await;
+        }
         match from_proto::watch_request(req) {
             Ok(WatchCommand::Create(c)) => self.create(c).await,
             Ok(WatchCommand::Cancel { watch_id }) => self.cancel(watch_id).await,
@@ -723,6 +763,8 @@ mod tests {
             next_id: 0,
             progress: None,
             metrics: metrics.clone(),
+            gate: Gate::off(),
+            token: None,
         };
         assert!(stream.send_events(event_response(2), None).await.is_ok());
         assert!(rx.recv().await.is_some());

@@ -241,6 +241,8 @@ pub struct Server {
     /// etcd's (client, peer) ports, reused on restart because etcd stores its peer URL.
     etcd_ports: Option<(u16, u16)>,
     extra_args: Vec<String>,
+    /// Extra environment variables of the server process.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -251,6 +253,16 @@ impl Server {
 
     /// Starts `target` with extra command-line flags.
     pub fn start_with(target: Target, name: &str, extra_args: &[&str]) -> Server {
+        Server::start_with_env(target, name, extra_args, &[])
+    }
+
+    /// Starts `target` with extra command-line flags and environment variables.
+    pub fn start_with_env(
+        target: Target,
+        name: &str,
+        extra_args: &[&str],
+        env: &[(&str, String)],
+    ) -> Server {
         let mut server = Server {
             target,
             name: name.to_owned(),
@@ -263,6 +275,10 @@ impl Server {
                 .expect("create a temp data dir"),
             etcd_ports: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         };
         server.launch(true);
         server
@@ -333,6 +349,7 @@ impl Server {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -347,7 +364,7 @@ impl Server {
         });
         drain(stderr, self.log.clone(), |_| None);
         match ready.recv_timeout(GUARD) {
-            Ok(addr) => self.endpoint = format!("http://{addr}"),
+            Ok(addr) => self.endpoint = format!("{}://{addr}", self.scheme()),
             Err(_) => panic!(
                 "watch-server printed no `watch-server listening on` line ({}):\n{}",
                 self.name,
@@ -358,7 +375,7 @@ impl Server {
 
     fn launch_etcd(&mut self) -> Result<(), String> {
         let (client, peer) = *self.etcd_ports.get_or_insert_with(free_ports);
-        let client_url = format!("http://127.0.0.1:{client}");
+        let client_url = format!("{}://127.0.0.1:{client}", self.scheme());
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
@@ -393,6 +410,17 @@ impl Server {
                 Err(self.log.dump())
             }
         }
+    }
+
+    /// `https` when the server was given a certificate by flag (both servers name it
+    /// `--cert-file`) or by keywatch's environment variable, else `http`.
+    fn scheme(&self) -> &'static str {
+        let by_flag = self.extra_args.iter().any(|a| a == "--cert-file");
+        let by_env = self
+            .extra_env
+            .iter()
+            .any(|(k, _)| k == "KEYWATCH_CERT_FILE");
+        if by_flag || by_env { "https" } else { "http" }
     }
 
     /// True when etcdctl is on PATH; otherwise the case is skipped (see [`tools_present`]).

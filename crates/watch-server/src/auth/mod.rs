@@ -1,0 +1,497 @@
+//! Authentication (etcd's simple tokens) and key-range authorization (etcd's permission
+//! model), for users and roles read from the config file's `[auth]` section.
+//!
+//! - [`Auth`]: the users, their bcrypt password hashes and the token map. `Authenticate`
+//!   exchanges a name and password for a token; clients send it in the `token` gRPC metadata
+//!   (what etcdctl `--user` and etcd client libraries do).
+//! - [`Gate`]: what every service holds. Off (no `[auth]`), every check is one branch on an
+//!   `Option` and nothing else. On, [`Gate::caller`] resolves the request's token to a
+//!   [`Caller`], whose [`Caller::check`] tests one access to one etcd `(key, range_end)`.
+//!
+//! **How a service checks a request** (every KV and Watch method does this; a new service
+//! that touches keys must too):
+//!
+//! ```
+//! use tonic::{Request, Status};
+//! use watch_proto::etcdserverpb as pb;
+//! use watch_server::auth::{Gate, Perm};
+//!
+//! fn check(gate: &Gate, request: &Request<pb::RangeRequest>) -> Result<(), Status> {
+//!     // Before `into_inner`: the token is in the request's metadata.
+//!     let r = request.get_ref();
+//!     gate.check(request, Perm::Read, &r.key, &r.range_end)?;
+//!     // Several checks on one request resolve the caller (a token lookup) once:
+//!     if let Some(caller) = gate.caller(request)? {
+//!         caller.check(Perm::Write, &r.key, b"")?;
+//!         caller.check_admin()?;
+//!     }
+//!     Ok(())
+//! }
+//! // Off (no `[auth]`): everything passes after one branch.
+//! assert!(check(&Gate::off(), &Request::new(pb::RangeRequest::default())).is_ok());
+//! ```
+//!
+//! Errors are etcd's: no token → "etcdserver: user name is empty" (InvalidArgument), an
+//! unknown or expired token → "etcdserver: invalid auth token" (Unauthenticated), a missing
+//! permission → "etcdserver: permission denied" (PermissionDenied).
+
+mod config;
+mod range;
+mod token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+use watch_proto::etcdserverpb as pb;
+use watch_proto::status::EtcdError;
+
+pub use config::{
+    AuthFileConfig, AuthSettings, DEFAULT_TOKEN_TTL, PermissionFileConfig, PermissionType,
+    ROOT_ROLE, RoleFileConfig, UserFileConfig, hash_password,
+};
+use range::{Interval, RangeSet};
+use token::Tokens;
+
+/// The gRPC metadata key etcd clients put their token in.
+pub const TOKEN_METADATA: &str = "token";
+
+/// A kind of access to keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perm {
+    /// Range, watch, txn compares, `prev_kv` of a write.
+    Read,
+    /// Put and delete.
+    Write,
+}
+
+/// An authenticated user: what it may read and write.
+#[derive(Debug)]
+pub(crate) struct User {
+    name: String,
+    /// The `root` role: every key, and the admin operations.
+    root: bool,
+    read: RangeSet,
+    write: RangeSet,
+}
+
+impl User {
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str) -> User {
+        User {
+            name: name.to_owned(),
+            root: false,
+            read: RangeSet::default(),
+            write: RangeSet::default(),
+        }
+    }
+}
+
+/// The user a request comes from, resolved from its token.
+#[derive(Debug, Clone)]
+pub struct Caller(Arc<User>);
+
+impl Caller {
+    /// The user's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Allows `perm` on etcd's `(key, range_end)` (empty `range_end`: the key alone; `"\0"`:
+    /// every key from `key` on) only if the user's roles grant it on every key of the range.
+    pub fn check(&self, perm: Perm, key: &[u8], range_end: &[u8]) -> Result<(), EtcdError> {
+        if self.0.root {
+            return Ok(());
+        }
+        let granted = match perm {
+            Perm::Read => &self.0.read,
+            Perm::Write => &self.0.write,
+        };
+        if granted.covers(&Interval::from_etcd(key, range_end)) {
+            Ok(())
+        } else {
+            Err(EtcdError::PermissionDenied)
+        }
+    }
+
+    /// Allows admin operations (compaction) to users with the `root` role only.
+    pub fn check_admin(&self) -> Result<(), EtcdError> {
+        if self.0.root {
+            Ok(())
+        } else {
+            Err(EtcdError::PermissionDenied)
+        }
+    }
+
+    /// etcd's checks for a Range: read on its range.
+    pub fn check_range(&self, r: &pb::RangeRequest) -> Result<(), EtcdError> {
+        self.check(Perm::Read, &r.key, &r.range_end)
+    }
+
+    /// etcd's checks for a Put: write on its key, and read too when it asks for `prev_kv`.
+    pub fn check_put(&self, r: &pb::PutRequest) -> Result<(), EtcdError> {
+        self.check(Perm::Write, &r.key, b"")?;
+        if r.prev_kv {
+            self.check(Perm::Read, &r.key, b"")?;
+        }
+        Ok(())
+    }
+
+    /// etcd's checks for a DeleteRange: write on its range, and read too for `prev_kv`.
+    pub fn check_delete(&self, r: &pb::DeleteRangeRequest) -> Result<(), EtcdError> {
+        self.check(Perm::Write, &r.key, &r.range_end)?;
+        if r.prev_kv {
+            self.check(Perm::Read, &r.key, &r.range_end)?;
+        }
+        Ok(())
+    }
+
+    /// etcd's checks for a Txn: read on every compare's range, and every operation of both
+    /// branches (nested txns included) as if sent alone, whichever branch would run.
+    pub fn check_txn(&self, r: &pb::TxnRequest) -> Result<(), EtcdError> {
+        for c in &r.compare {
+            self.check(Perm::Read, &c.key, &c.range_end)?;
+        }
+        for op in r.success.iter().chain(&r.failure) {
+            match &op.request {
+                Some(pb::request_op::Request::RequestRange(r)) => self.check_range(r)?,
+                Some(pb::request_op::Request::RequestPut(r)) => self.check_put(r)?,
+                Some(pb::request_op::Request::RequestDeleteRange(r)) => self.check_delete(r)?,
+                Some(pb::request_op::Request::RequestTxn(r)) => self.check_txn(r)?,
+                // An empty op is refused by the txn's own validation.
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A configured user: its bcrypt hash and permissions.
+struct Account {
+    password_hash: String,
+    user: Arc<User>,
+}
+
+/// The users and live tokens of a server with authentication on.
+pub struct Auth {
+    users: HashMap<String, Account>,
+    tokens: Tokens,
+    /// A hash checked when the user is unknown, so a wrong name costs as long as a wrong
+    /// password and timing does not reveal which users exist.
+    decoy_hash: String,
+    /// Bounds concurrent bcrypt checks (CPU-bound, run on blocking threads) to the CPUs.
+    hashing: Semaphore,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("users", &self.users.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// The users of `settings`, with no token issued yet.
+    pub fn new(settings: &AuthSettings) -> Auth {
+        let mut users = HashMap::new();
+        let mut decoy_hash = String::new();
+        for (name, u) in &settings.users {
+            let user = Arc::new(User {
+                name: name.clone(),
+                root: u.root,
+                read: RangeSet::new(u.read.clone()),
+                write: RangeSet::new(u.write.clone()),
+            });
+            // Any configured hash has a realistic cost; for an unknown name its result is
+            // ignored.
+            if decoy_hash.is_empty() {
+                decoy_hash = u.password_hash.clone();
+            }
+            users.insert(
+                name.clone(),
+                Account {
+                    password_hash: u.password_hash.clone(),
+                    user,
+                },
+            );
+        }
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Auth {
+            users,
+            tokens: Tokens::new(settings.token_ttl),
+            decoy_hash,
+            hashing: Semaphore::new(cpus),
+        }
+    }
+
+    /// etcd's Authenticate: a new token when `password` is `name`'s password, else
+    /// [`EtcdError::AuthFailed`] (same error for an unknown user).
+    pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, Status> {
+        let known = self.users.get(name);
+        let hash = known.map_or(&self.decoy_hash, |k| &k.password_hash).clone();
+        let password = password.to_owned();
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|_| EtcdError::Stopped.status())?;
+        let matched = tokio::task::spawn_blocking(move || {
+            // Passwords over 72 bytes (which bcrypt cannot hash) fail like a wrong one.
+            bcrypt::non_truncating_verify(password, &hash).unwrap_or(false)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("password check failed: {e}")))?;
+        match known {
+            Some(k) if matched => self
+                .tokens
+                .issue(k.user.clone(), Instant::now())
+                .map_err(|e| Status::unavailable(format!("no random source for a token: {e}"))),
+            _ => Err(EtcdError::AuthFailed.status()),
+        }
+    }
+
+    /// The caller a token belongs to. No token: "user name is empty"; unknown or expired:
+    /// "invalid auth token".
+    pub fn caller(&self, token: Option<&str>) -> Result<Caller, EtcdError> {
+        let token = token.ok_or(EtcdError::UserEmpty)?;
+        self.tokens
+            .user(token, Instant::now())
+            .map(Caller)
+            .ok_or(EtcdError::InvalidAuthToken)
+    }
+}
+
+/// The token an etcd client sent, if any.
+pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
+    metadata.get(TOKEN_METADATA).and_then(|v| v.to_str().ok())
+}
+
+/// Authentication as seen by a service: off, or the server's [`Auth`].
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Option<Arc<Auth>>);
+
+impl Gate {
+    /// Authentication off: every request is allowed.
+    pub fn off() -> Gate {
+        Gate(None)
+    }
+
+    /// Authentication on with `auth`'s users.
+    pub fn on(auth: Arc<Auth>) -> Gate {
+        Gate(Some(auth))
+    }
+
+    /// The server's [`Auth`], when on.
+    pub fn auth(&self) -> Option<&Arc<Auth>> {
+        self.0.as_ref()
+    }
+
+    /// `None` when authentication is off, else the request's caller or etcd's error.
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Option<Caller>, Status> {
+        match &self.0 {
+            // Off: the metadata is not even looked at.
+            None => Ok(None),
+            Some(auth) => auth
+                .caller(token_of(request.metadata()))
+                .map(Some)
+                .map_err(EtcdError::status),
+        }
+    }
+
+    /// [`Gate::caller`] from a token kept earlier (e.g. by a stream, which etcd re-checks at
+    /// each request on it).
+    pub fn caller_by_token(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
+        match &self.0 {
+            None => Ok(None),
+            Some(auth) => auth.caller(token).map(Some).map_err(EtcdError::status),
+        }
+    }
+
+    /// One check: `perm` on `(key, range_end)` for the request's caller.
+    pub fn check<T>(
+        &self,
+        request: &Request<T>,
+        perm: Perm,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<(), Status> {
+        match self.caller(request)? {
+            None => Ok(()),
+            Some(caller) => caller
+                .check(perm, key, range_end)
+                .map_err(EtcdError::status),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> AuthSettings {
+        let hash = hash_password("pw", 4).unwrap();
+        let file: AuthFileConfig = toml::from_str(&format!(
+            r#"
+            [users.root]
+            password_hash = "{hash}"
+            roles = ["root"]
+            [users.alice]
+            password_hash = "{hash}"
+            roles = ["app", "other"]
+            [users.nobody]
+            password_hash = "{hash}"
+            [roles.app]
+            permissions = [
+              {{ type = "readwrite", prefix = "/app/" }},
+              {{ type = "read", key = "/shared" }},
+            ]
+            [roles.other]
+            permissions = [{{ type = "write", key = "w", range_end = "\u0000" }}]
+            "#
+        ))
+        .unwrap();
+        AuthSettings::from_file(&file, DEFAULT_TOKEN_TTL).unwrap()
+    }
+
+    #[tokio::test]
+    async fn authenticate_and_check() {
+        let auth = Auth::new(&settings());
+        assert_eq!(
+            auth.authenticate("alice", "nope")
+                .await
+                .unwrap_err()
+                .message(),
+            EtcdError::AuthFailed.message()
+        );
+        assert_eq!(
+            auth.authenticate("mallory", "pw")
+                .await
+                .unwrap_err()
+                .message(),
+            EtcdError::AuthFailed.message()
+        );
+        let token = auth.authenticate("alice", "pw").await.unwrap();
+        let alice = auth.caller(Some(&token)).unwrap();
+        assert_eq!(alice.name(), "alice");
+        assert_eq!(auth.caller(None).unwrap_err(), EtcdError::UserEmpty);
+        assert_eq!(
+            auth.caller(Some("forged")).unwrap_err(),
+            EtcdError::InvalidAuthToken
+        );
+
+        assert!(alice.check(Perm::Write, b"/app/x", b"").is_ok());
+        assert!(alice.check(Perm::Read, b"/shared", b"").is_ok());
+        assert_eq!(
+            alice.check(Perm::Write, b"/shared", b""),
+            Err(EtcdError::PermissionDenied)
+        );
+        // Roles add up: "other" grants write from "w" on.
+        assert!(alice.check(Perm::Write, b"zz", b"\0").is_ok());
+        assert!(alice.check(Perm::Read, b"zz", b"").is_err());
+        assert!(alice.check_admin().is_err());
+
+        let root = auth
+            .caller(Some(&auth.authenticate("root", "pw").await.unwrap()))
+            .unwrap();
+        assert!(root.check(Perm::Write, b"\0", b"\0").is_ok());
+        assert!(root.check_admin().is_ok());
+        let nobody = auth
+            .caller(Some(&auth.authenticate("nobody", "pw").await.unwrap()))
+            .unwrap();
+        assert!(nobody.check(Perm::Read, b"/app/x", b"").is_err());
+    }
+
+    #[tokio::test]
+    async fn txn_checks_every_compare_and_op() {
+        let auth = Auth::new(&settings());
+        let alice = auth
+            .caller(Some(&auth.authenticate("alice", "pw").await.unwrap()))
+            .unwrap();
+        let put = |k: &str| pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: k.as_bytes().to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        let ok = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: "/shared".into(),
+                ..Default::default()
+            }],
+            success: vec![put("/app/a")],
+            failure: vec![put("/app/b")],
+        };
+        assert!(alice.check_txn(&ok).is_ok());
+        // A forbidden op in the branch that would not run still refuses the txn.
+        let mut bad = ok.clone();
+        bad.failure.push(put("/secret"));
+        assert_eq!(alice.check_txn(&bad), Err(EtcdError::PermissionDenied));
+        // A compare is a read.
+        let mut bad = ok.clone();
+        bad.compare[0].key = "/secret".into();
+        assert_eq!(alice.check_txn(&bad), Err(EtcdError::PermissionDenied));
+        // Nested txns are checked too.
+        let mut bad = ok.clone();
+        bad.success.push(pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestTxn(pb::TxnRequest {
+                success: vec![put("/secret")],
+                ..Default::default()
+            })),
+        });
+        assert_eq!(alice.check_txn(&bad), Err(EtcdError::PermissionDenied));
+        // prev_kv on a put needs read: alice may write "w..." but not read it.
+        let put_prev = pb::PutRequest {
+            key: "wx".into(),
+            prev_kv: true,
+            ..Default::default()
+        };
+        assert_eq!(alice.check_put(&put_prev), Err(EtcdError::PermissionDenied));
+    }
+
+    #[test]
+    fn config_errors() {
+        let hash = hash_password("pw", 4).unwrap();
+        let bad = |text: String| {
+            let file: AuthFileConfig = toml::from_str(&text).unwrap();
+            AuthSettings::from_file(&file, DEFAULT_TOKEN_TTL)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("[users.a]\npassword_hash = \"plain\"".into()).contains("not a bcrypt hash"));
+        assert!(
+            bad(format!(
+                "[users.a]\npassword_hash = \"{hash}\"\nroles = [\"x\"]"
+            ))
+            .contains("undefined role \"x\"")
+        );
+        assert!(bad("[roles.a]\npermissions = []".into()).contains("no user"));
+        assert!(
+            bad(format!(
+                "[users.a]\npassword_hash = \"{hash}\"\n[roles.r]\npermissions = [{{ type = \"read\", key = \"b\", range_end = \"a\" }}]"
+            ))
+            .contains("holds no key")
+        );
+        assert!(
+            bad(format!(
+                "[users.a]\npassword_hash = \"{hash}\"\n[roles.r]\npermissions = [{{ type = \"read\", key = \"b\", prefix = \"a\" }}]"
+            ))
+            .contains("not both")
+        );
+        assert!(
+            bad(format!(
+                "[users.a]\npassword_hash = \"{hash}\"\n[roles.root]"
+            ))
+            .contains("built in")
+        );
+        assert!(
+            toml::from_str::<AuthFileConfig>(
+                "[roles.r]\npermissions = [{ type = \"all\", prefix = \"\" }]"
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! TLS and mutual TLS for the gRPC listener (rustls through tonic), configured with etcd's
+//! flag names: `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+//!
+//! - cert + key: clients connect with `https://` and verify the server against their CA.
+//! - plus `--client-cert-auth` and `--trusted-ca-file`: every client must present a
+//!   certificate signed by that CA, or the handshake fails (etcd's `RequireAndVerifyClientCert`).
+//! - `--trusted-ca-file` without `--client-cert-auth` asks for no client certificate (as etcd).
+//!
+//! Everything is read and parsed when the configuration is loaded ([`TlsSettings::load`]), so a
+//! missing file, a key without a certificate or a malformed PEM stops the server before it
+//! binds anything.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::config::ConfigError;
+
+/// Default of `--tls-handshake-timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Loaded TLS material.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// A connection that has not finished its handshake by then is closed, so clients that
+    /// connect and stall cannot pile up.
+    handshake_timeout: Duration,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    /// PEM of the CA that client certificates must chain to; `Some` only with client cert auth.
+    client_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("client_cert_auth", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(field: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { field, message }
+}
+
+/// Reads a PEM file and checks it holds at least one block whose label ends with `label`.
+fn read_pem(field: &'static str, path: &Path, label: &str) -> Result<Vec<u8>, ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| invalid(field, format!("reading {}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text.lines().any(|l| {
+        l.strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    });
+    if !found {
+        return Err(invalid(
+            field,
+            format!("{} holds no PEM \"{label}\" block", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+impl TlsSettings {
+    /// Validates and reads the TLS flags. `Ok(None)`: plain TCP (no flag given).
+    pub fn load(
+        cert_file: Option<&PathBuf>,
+        key_file: Option<&PathBuf>,
+        trusted_ca_file: Option<&PathBuf>,
+        client_cert_auth: bool,
+        handshake_timeout: Duration,
+    ) -> Result<Option<TlsSettings>, ConfigError> {
+        if handshake_timeout.is_zero() {
+            return Err(invalid(
+                "tls_handshake_timeout",
+                "must be at least 1ms".to_owned(),
+            ));
+        }
+        let (cert_file, key_file) = match (cert_file, key_file) {
+            (None, None) => {
+                if client_cert_auth || trusted_ca_file.is_some() {
+                    return Err(invalid(
+                        "client_cert_auth",
+                        "client certificates need TLS: give cert_file and key_file too".to_owned(),
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "key_file",
+                    "cert_file is set but key_file is not".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "cert_file",
+                    "key_file is set but cert_file is not".to_owned(),
+                ));
+            }
+            (Some(c), Some(k)) => (c, k),
+        };
+        let cert_pem = read_pem("cert_file", cert_file, "CERTIFICATE")?;
+        let key_pem = read_pem("key_file", key_file, "PRIVATE KEY")?;
+        let client_ca_pem = match (trusted_ca_file, client_cert_auth) {
+            (Some(ca), true) => Some(read_pem("trusted_ca_file", ca, "CERTIFICATE")?),
+            (None, true) => {
+                return Err(invalid(
+                    "client_cert_auth",
+                    "client_cert_auth needs trusted_ca_file (the CA client certificates must chain to)"
+                        .to_owned(),
+                ));
+            }
+            // As etcd: a CA without client cert auth requests no client certificate; the file
+            // is still checked, so a typo is found now rather than when auth is turned on.
+            (Some(ca), false) => {
+                read_pem("trusted_ca_file", ca, "CERTIFICATE")?;
+                None
+            }
+            (None, false) => None,
+        };
+        let settings = TlsSettings {
+            handshake_timeout,
+            cert_pem,
+            key_pem,
+            client_ca_pem,
+        };
+        // Builds the rustls config the server will use, so what the PEM check above cannot see
+        // (a malformed block, an unsupported key) is also reported now.
+        tonic::transport::Server::builder()
+            .tls_config(settings.server_config())
+            .map_err(|e| {
+                invalid(
+                    "cert_file",
+                    format!(
+                        "{} / {}: {}",
+                        cert_file.display(),
+                        key_file.display(),
+                        error_chain(&e)
+                    ),
+                )
+            })?;
+        Ok(Some(settings))
+    }
+
+    /// True when clients must present a certificate.
+    pub fn client_cert_auth(&self) -> bool {
+        self.client_ca_pem.is_some()
+    }
+
+    /// The tonic server configuration.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(self.handshake_timeout);
+        match &self.client_ca_pem {
+            // With a client CA root, tonic requires and verifies a client certificate.
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
