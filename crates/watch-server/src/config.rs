@@ -120,7 +120,9 @@ pub struct Cli {
     #[arg(long, env = "KEYWATCH_UPSTREAM")]
     pub upstream: Option<String>,
     /// Mirror mode: a key prefix to mirror, taken as is (commas included); repeat for several
-    /// (default: none, the whole keyspace). Wins over --upstream-prefixes.
+    /// (default: none, the whole keyspace). No environment form of its own: the environment's
+    /// is KEYWATCH_UPSTREAM_PREFIX, comma-separated (--upstream-prefixes), which this wins
+    /// over.
     #[arg(long = "upstream-prefix")]
     pub upstream_prefix: Vec<String>,
     /// Mirror mode: comma-separated key prefixes to mirror (the list form of
