@@ -127,7 +127,7 @@ pub struct Cli {
     pub upstream_prefix: Vec<String>,
     /// Mirror mode: comma-separated key prefixes to mirror (the list form of
     /// --upstream-prefix, for the environment; a prefix holding a comma needs --upstream-prefix
-    /// or the file).
+    /// or the file) (default: none, the whole keyspace).
     #[arg(
         long = "upstream-prefixes",
         env = "KEYWATCH_UPSTREAM_PREFIX",
