@@ -127,14 +127,21 @@ pub struct Cli {
     /// standalone server).
     #[arg(long, env = "KEYWATCH_UPSTREAM")]
     pub upstream: Option<String>,
-    /// Mirror mode: a key prefix to mirror; repeat for several (env: comma-separated) (default:
-    /// none, the whole keyspace).
+    /// Mirror mode: a key prefix to mirror, taken as is (commas included); repeat for several
+    /// (default: none, the whole keyspace). No environment form of its own: the environment's
+    /// is KEYWATCH_UPSTREAM_PREFIX, comma-separated (--upstream-prefixes), which this wins
+    /// over.
+    #[arg(long = "upstream-prefix")]
+    pub upstream_prefix: Vec<String>,
+    /// Mirror mode: comma-separated key prefixes to mirror (the list form of
+    /// --upstream-prefix, for the environment; a prefix holding a comma needs --upstream-prefix
+    /// or the file) (default: none, the whole keyspace).
     #[arg(
-        long = "upstream-prefix",
+        long = "upstream-prefixes",
         env = "KEYWATCH_UPSTREAM_PREFIX",
         value_delimiter = ','
     )]
-    pub upstream_prefix: Vec<String>,
+    pub upstream_prefixes: Vec<String>,
     /// Mirror mode: longest wait of a linearizable read or a write for the mirror to catch up
     /// with etcd before failing with Unavailable (default 5s).
     #[arg(long, env = "KEYWATCH_UPSTREAM_BARRIER_TIMEOUT")]
@@ -146,6 +153,10 @@ pub struct Cli {
     /// the rest (default: keep everything).
     #[arg(long, env = "KEYWATCH_UPSTREAM_RETAIN_REVISIONS")]
     pub upstream_retain_revisions: Option<u64>,
+    /// Mirror mode: largest response accepted from etcd, in bytes (snapshot pages, forwarded
+    /// answers, watch responses) (default 2147483647, etcd clientv3's receive limit).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_MAX_RESPONSE_BYTES")]
+    pub upstream_max_response_bytes: Option<usize>,
     /// Log line format on stderr (default text).
     #[arg(long, env = "KEYWATCH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -218,6 +229,7 @@ pub struct FileConfig {
     pub upstream_barrier_timeout: Option<String>,
     pub upstream_snapshot_page: Option<usize>,
     pub upstream_retain_revisions: Option<u64>,
+    pub upstream_max_response_bytes: Option<usize>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<String>,
     pub shutdown_timeout: Option<String>,
@@ -267,6 +279,8 @@ pub struct ServerConfig {
     pub upstream_snapshot_page: usize,
     /// Mirror mode: revisions of local history kept (`None`: all).
     pub upstream_retain_revisions: Option<u64>,
+    /// Mirror mode: largest response accepted from etcd, in bytes.
+    pub upstream_max_response_bytes: usize,
     /// Log line format (used by the binary only).
     pub log_format: LogFormat,
     /// Address of the Prometheus endpoint; `None`: no endpoint.
@@ -301,6 +315,7 @@ impl Default for ServerConfig {
             upstream_barrier_timeout: Duration::from_secs(5),
             upstream_snapshot_page: 1000,
             upstream_retain_revisions: None,
+            upstream_max_response_bytes: crate::mirror::DEFAULT_MAX_RESPONSE_BYTES,
             log_format: LogFormat::Text,
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -433,10 +448,12 @@ impl ServerConfig {
                         .collect()
                 })
                 .unwrap_or_default(),
-            upstream_prefixes: if cli.upstream_prefix.is_empty() {
-                file.upstream_prefix.unwrap_or_default()
-            } else {
+            upstream_prefixes: if !cli.upstream_prefix.is_empty() {
                 cli.upstream_prefix
+            } else if !cli.upstream_prefixes.is_empty() {
+                cli.upstream_prefixes
+            } else {
+                file.upstream_prefix.unwrap_or_default()
             },
             upstream_barrier_timeout: match cli
                 .upstream_barrier_timeout
@@ -455,6 +472,10 @@ impl ServerConfig {
             upstream_retain_revisions: cli
                 .upstream_retain_revisions
                 .or(file.upstream_retain_revisions),
+            upstream_max_response_bytes: cli
+                .upstream_max_response_bytes
+                .or(file.upstream_max_response_bytes)
+                .unwrap_or(d.upstream_max_response_bytes),
             log_format: cli.log_format.or(file.log_format).unwrap_or(d.log_format),
             metrics_listen: match cli.metrics_listen.or(file.metrics_listen) {
                 Some(s) => parse_metrics_listen(&s)?,
@@ -534,6 +555,14 @@ impl ServerConfig {
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
         positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
+        positive("upstream_max_response_bytes", c.upstream_max_response_bytes)?;
+        if c.upstream_barrier_timeout.is_zero() {
+            // Every linearizable read and every write would fail at once.
+            return Err(ConfigError::Invalid {
+                field: "upstream_barrier_timeout",
+                message: "must be above 0".to_owned(),
+            });
+        }
         if c.upstream_retain_revisions == Some(0) {
             return Err(ConfigError::Invalid {
                 field: "upstream_retain_revisions",
@@ -575,6 +604,7 @@ impl ServerConfig {
         m.barrier_timeout = self.upstream_barrier_timeout;
         m.snapshot_page = self.upstream_snapshot_page;
         m.retain_revisions = self.upstream_retain_revisions;
+        m.max_response_bytes = self.upstream_max_response_bytes;
         Some(m)
     }
 
@@ -659,8 +689,41 @@ mod tests {
             upstream_prefix: vec!["/z/".into()],
             ..Cli::default()
         };
-        let c = ServerConfig::merge(cli, file).unwrap();
+        let c = ServerConfig::merge(cli, file.clone()).unwrap();
         assert_eq!(c.upstream_prefixes, vec!["/z/"]);
+        // A prefix flag is taken as is: a comma is part of the key.
+        let cli = Cli {
+            upstream_prefix: vec!["/a,b/".into(), "/c/".into()],
+            upstream_prefixes: vec!["/ignored/".into()],
+            ..Cli::default()
+        };
+        let c = ServerConfig::merge(cli, file.clone()).unwrap();
+        assert_eq!(c.upstream_prefixes, vec!["/a,b/", "/c/"]);
+        // The list form (env or --upstream-prefixes), split by clap on commas.
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "watch-server",
+            "--upstream",
+            "http://a:2379",
+            "--upstream-prefixes",
+            "/p/,/q/",
+            "--upstream-prefix",
+            "/x,y/",
+        ])
+        .unwrap();
+        assert_eq!(cli.upstream_prefix, vec!["/x,y/"]);
+        assert_eq!(cli.upstream_prefixes, vec!["/p/", "/q/"]);
+        // Limits: a zero barrier timeout or response limit is refused.
+        for bad in [
+            "upstream = \"a:1\"\nupstream_barrier_timeout = \"0s\"",
+            "upstream = \"a:1\"\nupstream_max_response_bytes = 0",
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            assert!(ServerConfig::merge(Cli::default(), file).is_err(), "{bad}");
+        }
+        assert_eq!(
+            c.mirror_config().unwrap().max_response_bytes,
+            crate::mirror::DEFAULT_MAX_RESPONSE_BYTES
+        );
     }
 
     #[test]

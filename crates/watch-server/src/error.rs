@@ -136,4 +136,21 @@ pub enum StoreError {
         /// The mirror's current revision.
         current: Revision,
     },
+    /// An upstream event's `prev_kv` (the key's value before that revision, as etcd holds
+    /// it) differs from the mirror's state for the key: the mirror missed or misapplied a
+    /// revision. Nothing was applied; the mirror stops rather than serve a diverged history.
+    #[error(
+        "keywatch: mirror diverged from the upstream at revision {revision}, key {key:?}: \
+         upstream previous value {upstream}, mirror has {local}"
+    )]
+    MirrorDiverged {
+        /// The upstream revision being applied.
+        revision: Revision,
+        /// The key (lossy UTF-8).
+        key: String,
+        /// The upstream's previous value, summarized (mod revision, version, value bytes).
+        upstream: String,
+        /// The mirror's value, summarized likewise (`none` when it has no such key).
+        local: String,
+    },
 }

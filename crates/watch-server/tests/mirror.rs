@@ -8,6 +8,11 @@
 //! revisions, same events and values, no gap, no duplicate, each revision in one response.
 //! Also checked: etcd holds exactly one watcher per replica whatever the downstream count, and
 //! every write acknowledged by a replica is readable from that replica at its revision.
+//! The checker (`check_stream`) compares with etcd's own history (read back from etcd after
+//! the run) instead of reusing `crates/robustness`'s validator: that validator rebuilds the
+//! expected history from a model of keywatch's own writes, whereas here etcd is the source of
+//! truth and its history is the exact oracle (every revision, value and version as etcd
+//! committed them, writes from every client included), so it is the stricter check.
 //!
 //! `leases_are_forwarded`: Lease RPCs (keep-alive stream included) go to etcd and a revoke
 //! reaches the mirror as DELETE events.
@@ -52,17 +57,38 @@ use watch_proto::mvccpb;
 // ---------------------------------------------------------------------------------------------
 // Processes.
 
-/// Last lines of a process's output, printed when the test fails.
+/// Log lines the tests wait for or assert on: counted over the process's whole life (and
+/// across relaunches), unlike the capped tail.
+const MARKERS: [&str; 2] = ["upstream watch open", "upstream session ended"];
+
+/// Last lines of a process's output, printed when the test fails, and all-time counts of the
+/// [`MARKERS`] lines.
 #[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>);
+struct Log(Arc<Mutex<Vec<String>>>, Arc<Mutex<[usize; MARKERS.len()]>>);
 
 impl Log {
     fn push(&self, line: String) {
+        {
+            let mut counts = self.1.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, m) in MARKERS.iter().enumerate() {
+                if line.contains(m) {
+                    counts[i] += 1;
+                }
+            }
+        }
         let mut l = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if l.len() >= 300 {
             l.remove(0);
         }
         l.push(line);
+    }
+    /// How many lines holding `marker` (one of [`MARKERS`]) were logged so far.
+    fn count(&self, marker: &str) -> usize {
+        let i = MARKERS
+            .iter()
+            .position(|m| *m == marker)
+            .expect("a counted marker");
+        self.1.lock().unwrap_or_else(|e| e.into_inner())[i]
     }
     fn dump(&self) -> String {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
@@ -122,10 +148,18 @@ struct Cluster {
     dir: TempDir,
     members: Vec<Member>,
     token: String,
+    /// etcd's `--experimental-watch-progress-notify-interval`.
+    progress: &'static str,
 }
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Self::start_with(n, "100ms")
+    }
+
+    /// A cluster whose periodic progress notifications come every `progress` (etcd's default
+    /// is 10m: a mirror then advances past other keys' revisions only on its own events).
+    fn start_with(n: usize, progress: &'static str) -> Cluster {
         let ports = free_ports(2 * n);
         let dir = tempfile::Builder::new()
             .prefix("mirror-etcd-")
@@ -149,6 +183,7 @@ impl Cluster {
             dir,
             members,
             token,
+            progress,
         };
         // All members first, then readiness: a member waits for a quorum before serving.
         let waits: Vec<_> = (0..n).map(|i| c.spawn_member(i)).collect();
@@ -177,7 +212,10 @@ impl Cluster {
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--experimental-watch-progress-notify-interval", "100ms"]);
+            .args([
+                "--experimental-watch-progress-notify-interval",
+                self.progress,
+            ]);
         let (child, rx) = spawn(&mut cmd, &m.log, |line| {
             line.contains("ready to serve client requests")
                 .then(String::new)
@@ -306,6 +344,8 @@ struct Replica {
     /// Its current client URL (the port changes on restart); downstream tasks read it.
     endpoint: Arc<Mutex<String>>,
     log: Log,
+    /// Upstream watch opens logged before the current launch.
+    opens_before_launch: usize,
 }
 
 impl Replica {
@@ -334,12 +374,14 @@ impl Replica {
             child: None,
             endpoint: Arc::new(Mutex::new(String::new())),
             log: Log::default(),
+            opens_before_launch: 0,
         };
         r.launch();
         r
     }
 
     fn launch(&mut self) {
+        self.opens_before_launch = self.log.count("upstream watch open");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_watch-server"));
         cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(self.dir.path())
@@ -368,11 +410,11 @@ impl Replica {
         self.endpoint.lock().unwrap().clone()
     }
 
-    /// Polls the replica's log until its upstream watch is open (it answers linearizable
-    /// reads from its snapshot already before that).
+    /// Polls the replica's log until the current launch opened its upstream watch (it answers
+    /// linearizable reads from its snapshot already before that).
     async fn await_upstream_watch(&self) {
         let deadline = tokio::time::Instant::now() + GUARD;
-        while !self.log.dump().contains("upstream watch open") {
+        while self.log.count("upstream watch open") <= self.opens_before_launch {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "replica {} never opened its upstream watch",
@@ -945,7 +987,7 @@ async fn failover_keeps_every_stream_exact() {
     assert!(checked > 100, "too few events checked ({checked})");
     for r in [&a, &b] {
         assert!(
-            r.log.dump().contains("upstream session ended"),
+            r.log.count("upstream session ended") > 0,
             "replica {} never lost its upstream: the failover was not exercised",
             r.name
         );
@@ -1444,4 +1486,332 @@ async fn health_and_metrics_follow_the_upstream() {
     })
     .await;
     assert!(read.is_ok(), "{read:?}");
+}
+
+/// Runs watch-server on `dir` with `args`, expecting it to exit by itself (within the guard);
+/// returns whether it exited successfully and everything it printed.
+fn run_to_exit(dir: &std::path::Path, args: &[String]) -> (bool, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_watch-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .env("KEYWATCH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch-server");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(GUARD) {
+        Ok(out) => {
+            let out = out.expect("watch-server output");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        }
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("watch-server {args:?} kept running on {}", dir.display());
+        }
+    }
+}
+
+/// Polls until `path` exists (a file a starting process writes).
+fn await_file(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + GUARD;
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A mirror's data directory is refused by a standalone server (it would accept local writes
+/// on a replica's keyspace, and a later mirror start would diverge from etcd silently), and
+/// by a mirror of other prefixes: typed error, clear message, non-zero exit. Needs no etcd
+/// (the upstream does not have to answer for the record to be written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_of_another_mode_or_scope_is_refused() {
+    tokio::task::block_in_place(|| {
+        let dead = format!("http://127.0.0.1:{}", free_ports(1)[0]);
+        let mut r = Replica::start("refuse", &dead, &["/a/"]);
+        await_file(&r.dir.path().join("mirror.toml"));
+        r.kill9();
+        let (ok, out) = run_to_exit(r.dir.path(), &[]);
+        assert!(!ok, "standalone accepted a mirror's data dir:\n{out}");
+        assert!(
+            out.contains("holds a mirror") && out.contains("mirror.toml"),
+            "{out}"
+        );
+        let other = [
+            "--upstream".to_owned(),
+            dead.clone(),
+            "--upstream-prefix".to_owned(),
+            "/b/".to_owned(),
+        ];
+        let (ok, out) = run_to_exit(r.dir.path(), &other);
+        assert!(!ok, "a mirror of other prefixes was accepted:\n{out}");
+        assert!(out.contains("other prefixes"), "{out}");
+
+        // A floor alone (a crash after the reset's first step) is a mirror's too.
+        let floor_only = tempfile::tempdir().expect("temp dir");
+        std::fs::write(floor_only.path().join("mirror.floor"), "5\n").expect("write floor");
+        let (ok, out) = run_to_exit(floor_only.path(), &[]);
+        assert!(!ok, "standalone accepted a dir with a floor:\n{out}");
+        assert!(out.contains("mirror.floor"), "{out}");
+    });
+}
+
+/// A replica's data directory mirrors one etcd cluster; restarted against another cluster it
+/// stops with a clear error and a non-zero exit instead of mixing two histories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_cluster_is_refused() {
+    if !etcd_present("mirror::another_cluster_is_refused") {
+        return;
+    }
+    let first = tokio::task::block_in_place(|| Cluster::start(1));
+    let mut r = tokio::task::block_in_place(|| Replica::start("cluster", &first.url(0), &[]));
+    r.await_upstream_watch().await;
+    r.kill9();
+    let second = tokio::task::block_in_place(|| Cluster::start(1));
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run_to_exit(r.dir.path(), &["--upstream".to_owned(), second.url(0)])
+    });
+    assert!(!ok, "a mirror of another cluster was accepted:\n{out}");
+    assert!(out.contains("mirrors etcd cluster"), "{out}");
+}
+
+/// A delete whose range overlaps the mirrored prefixes but removed only keys outside them
+/// produces no mirrored event: the write must not wait for one (with etcd 3.4.23 requested
+/// progress is not trusted and periodic progress is set to 10 minutes here, so a wait would
+/// end in `Unavailable` after the barrier timeout although etcd applied the delete). Also
+/// checked: `prev_kvs` appear in the response only when the client asked for them, for
+/// DeleteRange and inside a Txn, and a partly mirrored delete that did remove a mirrored key
+/// is visible through the replica when acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partly_mirrored_deletes_do_not_wait_for_other_keys() {
+    if !etcd_present("mirror::partly_mirrored_deletes_do_not_wait_for_other_keys") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| Cluster::start_with(1, "10m"));
+    let r = tokio::task::block_in_place(|| {
+        Replica::with_args(
+            "deletes",
+            vec![
+                "--upstream".into(),
+                cluster.url(0),
+                "--upstream-prefix".into(),
+                "/m/".into(),
+                "--upstream-barrier-timeout".into(),
+                "10s".into(),
+            ],
+        )
+    });
+    r.await_upstream_watch().await;
+    let etcd = cluster.url(0);
+    // /m/x last: the linearizable read below waits for the last revision to be mirrored.
+    for k in ["/a/1", "/a/2", "/z/1", "/m/x"] {
+        with_kv(&etcd, async |mut kv| {
+            kv.put(pb::PutRequest {
+                key: k.into(),
+                value: "v".into(),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .expect("put to etcd");
+    }
+    caught_up(&r.url(), "/m/x").await;
+    let url = r.url();
+    let kv = async || KvClient::new(channel(&url).await.expect("connect"));
+    let put_etcd = async |k: &'static str| {
+        KvClient::new(channel(&etcd).await.expect("connect"))
+            .put(pb::PutRequest {
+                key: k.into(),
+                value: "v".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("put to etcd");
+    };
+    // Partly mirrored, removes /m/x: acknowledged once mirrored; no prev_kvs (not asked).
+    let resp = tokio::time::timeout(
+        GUARD,
+        kv().await.delete_range(pb::DeleteRangeRequest {
+            key: "/a/".into(),
+            range_end: "/n".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("delete 1: no answer within the guard")
+    .expect("delete 1")
+    .into_inner();
+    assert_eq!(resp.deleted, 3);
+    assert!(resp.prev_kvs.is_empty(), "prev_kvs not asked for: {resp:?}");
+    let read = kv()
+        .await
+        .range(pb::RangeRequest {
+            key: "/m/x".into(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .expect("serializable read")
+        .into_inner();
+    assert!(
+        read.kvs.is_empty(),
+        "the acknowledged delete is not mirrored"
+    );
+    // Partly mirrored, removes only /a/3: must not wait for a mirrored revision.
+    put_etcd("/a/3").await;
+    let resp = tokio::time::timeout(
+        GUARD,
+        kv().await.delete_range(pb::DeleteRangeRequest {
+            key: "/a/".into(),
+            range_end: "/n".into(),
+            prev_kv: true,
+        }),
+    )
+    .await
+    .expect("delete 2: no answer within the guard")
+    .expect("a delete of keys outside the prefixes must succeed")
+    .into_inner();
+    assert_eq!(resp.deleted, 1);
+    assert_eq!(resp.prev_kvs.len(), 1, "prev_kvs asked for: {resp:?}");
+    // The same inside a Txn, prev_kv not asked for.
+    put_etcd("/a/4").await;
+    let del = pb::RequestOp {
+        request: Some(pb::request_op::Request::RequestDeleteRange(
+            pb::DeleteRangeRequest {
+                key: "/a/".into(),
+                range_end: "/n".into(),
+                ..Default::default()
+            },
+        )),
+    };
+    let resp = tokio::time::timeout(
+        GUARD,
+        kv().await.txn(pb::TxnRequest {
+            success: vec![del],
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("txn: no answer within the guard")
+    .expect("a txn deleting keys outside the prefixes must succeed")
+    .into_inner();
+    match resp.responses.first().and_then(|r| r.response.as_ref()) {
+        Some(pb::response_op::Response::ResponseDeleteRange(d)) => {
+            assert_eq!(d.deleted, 1);
+            assert!(d.prev_kvs.is_empty(), "prev_kvs not asked for: {d:?}");
+        }
+        other => panic!("unexpected txn response {other:?}"),
+    }
+}
+
+/// Opens a downstream watch of `/m/` on `url`, with etcd's `hasleader: true` metadata when
+/// `require_leader`; returns the stream (its first message is the created response) or the
+/// open's status. The request sender is returned too: dropping it would half-close the stream.
+async fn open_watch(
+    url: &str,
+    require_leader: bool,
+) -> Result<
+    (
+        tonic::Streaming<pb::WatchResponse>,
+        tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    ),
+    tonic::Status,
+> {
+    let ch = channel(url).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(0))
+        .await
+        .expect("queue the create");
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if require_leader {
+        req.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+    }
+    let stream = WatchClient::new(ch).watch(req).await?.into_inner();
+    Ok((stream, tx))
+}
+
+/// `hasleader` downstream watches follow the upstream connection, as etcd's follow its
+/// leader: open while connected, ended with "no leader" (UNAVAILABLE) when the upstream is
+/// lost, refused with it while disconnected; watches without the metadata stay served from
+/// local data. Needs no etcd (a standalone keywatch is the upstream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hasleader_watches_follow_the_upstream() {
+    let mut upstream = tokio::task::block_in_place(|| Replica::standalone("up-leader"));
+    let r = tokio::task::block_in_place(|| Replica::start("leader", &upstream.url(), &["/m/"]));
+    r.await_upstream_watch().await;
+    // The log line comes from the sync task; the status the watch service reads is set just
+    // before it, so an open now sees the mirror connected.
+    let (mut led, _led_tx) = open_watch(&r.url(), true)
+        .await
+        .expect("open while connected");
+    let created = tokio::time::timeout(GUARD, led.message())
+        .await
+        .expect("created within the guard")
+        .expect("created")
+        .expect("a created response");
+    assert!(created.created && !created.canceled, "{created:?}");
+    let (mut plain, _plain_tx) = open_watch(&r.url(), false).await.expect("open plain");
+    let _ = tokio::time::timeout(GUARD, plain.message())
+        .await
+        .expect("created within the guard");
+    upstream.kill9();
+    let ended = tokio::time::timeout(GUARD, led.message())
+        .await
+        .expect("the hasleader stream ends within the guard");
+    let status = ended.expect_err("the hasleader stream must end with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no leader"), "{status:?}");
+    let refused = open_watch(&r.url(), true).await;
+    let status = match refused {
+        Err(s) => s,
+        Ok((mut s, _tx)) => tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("an answer within the guard")
+            .expect_err("a hasleader watch on a disconnected mirror must fail"),
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no leader"), "{status:?}");
+    // Watches without the metadata are still served from local data.
+    let (mut later, _later_tx) = open_watch(&r.url(), false).await.expect("open plain");
+    let created = tokio::time::timeout(GUARD, later.message())
+        .await
+        .expect("created within the guard")
+        .expect("created")
+        .expect("a created response");
+    assert!(created.created && !created.canceled, "{created:?}");
+}
+
+/// An `https://` upstream is refused at start with the reason (upstream TLS is not
+/// supported), not accepted and then retried forever. Needs no etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run_to_exit(
+            dir.path(),
+            &["--upstream".to_owned(), "https://127.0.0.1:2379".to_owned()],
+        )
+    });
+    assert!(!ok, "an https upstream was accepted:\n{out}");
+    assert!(out.contains("only http:// endpoints"), "{out}");
 }

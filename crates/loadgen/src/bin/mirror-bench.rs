@@ -7,9 +7,11 @@
 //! - reads etcd's own watcher gauge (`etcd_debugging_mvcc_watcher_total`, summed over the
 //!   members' /metrics): the upstream load,
 //! - reads every replica's RSS (`VmRSS`),
-//! - writes `--writes` puts to the etcd leader at `--rate` per second and records, per put,
-//!   the time from sending it to its event on a direct etcd watch and on one watcher per
-//!   replica (same process, same clock): the tier's latency is the difference.
+//! - writes `--writes` puts to etcd member 0 (the first upstream endpoint, which every replica
+//!   watches while it stays up; not necessarily the raft leader) at `--rate` per second and
+//!   records, per put, the time from sending it to its event on a direct etcd watch on that
+//!   same member and on one watcher per replica (same process, same clock): the tier's
+//!   latency is the difference.
 //!
 //! Run: `cargo build --release -p watch-server -p keywatch-loadgen && \
 //! target/release/keywatch-mirror-bench`.
@@ -321,9 +323,10 @@ async fn main() -> Result<()> {
             .iter()
             .map(|(p, _)| rss_kib(p.child.id()))
             .collect();
-        // Latency: one probe per replica and one on etcd itself.
+        // Latency: one probe per replica and one on etcd itself, on the member the replicas
+        // watch (member 0, their first endpoint), so the difference is the tier alone.
         let mut probes = Vec::new();
-        let urls = std::iter::once(upstream[1].clone()).chain(replicas.iter().map(|r| r.1.clone()));
+        let urls = std::iter::once(upstream[0].clone()).chain(replicas.iter().map(|r| r.1.clone()));
         for url in urls {
             let (tx, rx) = tokio::sync::oneshot::channel();
             probes.push(tokio::spawn(probe(url, args.writes, tx)));

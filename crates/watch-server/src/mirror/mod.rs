@@ -50,6 +50,10 @@ use crate::store::{MirrorScope, Store};
 
 pub use service::{MirrorKvService, MirrorLeaseService};
 
+/// Default [`MirrorConfig::max_response_bytes`]: etcd clientv3's receive limit
+/// (`math.MaxInt32`), so every answer etcd can give (a snapshot page of large values) fits.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
+
 /// File of the data directory recording what it mirrors (prefixes, upstream cluster ID).
 pub const MIRROR_META_FILE: &str = "mirror.toml";
 
@@ -71,6 +75,10 @@ pub struct MirrorConfig {
     /// The mirror's own retention: keep the history of the last this many upstream revisions
     /// and compact the rest (the state is kept whole). `None` (default): keep everything.
     pub retain_revisions: Option<u64>,
+    /// Largest response accepted from the upstream, in bytes (snapshot pages, forwarded
+    /// answers, watch responses; default [`DEFAULT_MAX_RESPONSE_BYTES`]). A larger one fails
+    /// that call (a snapshot is retried; lower `snapshot_page` if pages are too large).
+    pub max_response_bytes: usize,
 }
 
 impl MirrorConfig {
@@ -83,6 +91,7 @@ impl MirrorConfig {
             barrier_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             retain_revisions: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -147,6 +156,33 @@ pub enum MirrorError {
     /// The store refused to become a mirror.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A standalone server (no `--upstream`) was given a mirror's data directory: serving it
+    /// would accept local writes on a replica's keyspace, and a later mirror start would
+    /// diverge silently from etcd.
+    #[error(
+        "data directory {dir} holds a mirror of an etcd cluster ({file} present); start it \
+         with --upstream, or use a fresh data directory for a standalone server"
+    )]
+    MirrorDirWithoutUpstream {
+        /// The data directory.
+        dir: String,
+        /// The mirror file found in it.
+        file: &'static str,
+    },
+}
+
+/// Refuses a mirror's data directory (one holding [`MIRROR_META_FILE`] or
+/// [`crate::store::MIRROR_FLOOR_FILE`]) for a standalone server.
+pub fn refuse_standalone(dir: &Path) -> Result<(), MirrorError> {
+    for file in [MIRROR_META_FILE, crate::store::MIRROR_FLOOR_FILE] {
+        if dir.join(file).exists() {
+            return Err(MirrorError::MirrorDirWithoutUpstream {
+                dir: dir.display().to_string(),
+                file,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The mirror's record in the data directory.
@@ -234,6 +270,9 @@ pub(crate) struct Inner {
     task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// True while a retention compaction runs (at most one at a time).
     compacting: Arc<AtomicBool>,
+    /// The last retention compaction task, awaited by [`Mirror::stop`] so none runs on into
+    /// the store's close.
+    retention: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running mirror. Cheap to clone; every clone is the same mirror.
@@ -267,6 +306,15 @@ impl Mirror {
             } else {
                 format!("http://{e}")
             };
+            if !url.starts_with("http://") {
+                // tonic would accept an https:// URL and then fail every connect (no TLS
+                // configured), retrying forever: refuse it here with the reason.
+                return Err(MirrorError::Endpoint {
+                    endpoint: e.clone(),
+                    message: "only http:// endpoints are supported (upstream TLS is not)"
+                        .to_owned(),
+                });
+            }
             let endpoint =
                 Endpoint::from_shared(url.clone()).map_err(|err| MirrorError::Endpoint {
                     endpoint: e.clone(),
@@ -328,6 +376,7 @@ impl Mirror {
             fatal,
             task: parking_lot::Mutex::new(None),
             compacting: Arc::new(AtomicBool::new(false)),
+            retention: parking_lot::Mutex::new(None),
         });
         let task = tokio::spawn(sync::run(inner.clone()));
         *inner.task.lock() = Some(task);
@@ -361,10 +410,19 @@ impl Mirror {
         }
     }
 
-    /// Stops the sync task (the store stays open; close it separately).
-    pub fn stop(&self) {
-        if let Some(task) = self.inner.task.lock().take() {
+    /// Stops the sync task and waits for a retention compaction in flight to finish (it is
+    /// not aborted halfway: its snapshot write runs on a blocking thread anyway). The store
+    /// stays open; close it separately, after this.
+    pub async fn stop(&self) {
+        let task = self.inner.task.lock().take();
+        if let Some(task) = task {
             task.abort();
+            let _ = task.await;
+        }
+        // The sync task is gone: no new retention task can start.
+        let retention = self.inner.retention.lock().take();
+        if let Some(r) = retention {
+            let _ = r.await;
         }
     }
 

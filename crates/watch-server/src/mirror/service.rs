@@ -9,6 +9,10 @@
 //!   response or gRPC status is returned unchanged. A write that changed a mirrored key returns
 //!   only once the mirror applied its revision (read-your-writes through the same replica);
 //!   with an upstream whose requested progress notifications are ordered, every write does.
+//!   A delete whose range lies only partly inside the mirrored prefixes is forwarded with
+//!   `prev_kv` (etcd names the removed keys only there), so a delete that removed only keys
+//!   outside the prefixes does not wait for a mirrored revision that never comes; the
+//!   `prev_kvs` the client did not ask for are dropped from the response.
 //!   `Compact` compacts etcd only: the mirror keeps its own history.
 
 use std::pin::Pin;
@@ -24,6 +28,32 @@ use super::Mirror;
 use crate::auth::Gate;
 use crate::server::convert::{self, store_status};
 use crate::store::KeyRange;
+
+/// The revision of an upstream answer's header, the target of a barrier. A missing header (or
+/// a revision below 1) is an error: a barrier at 0 would pass at once and break
+/// read-your-writes and linearizable reads silently.
+fn header_revision(header: Option<&pb::ResponseHeader>) -> Result<u64, Status> {
+    header
+        .and_then(|h| u64::try_from(h.revision).ok())
+        .filter(|r| *r > 0)
+        .ok_or_else(|| {
+            Status::unavailable(
+                "keywatch mirror: the upstream answer has no revision header; its outcome \
+                 cannot be awaited on the mirror",
+            )
+        })
+}
+
+/// Where a delete's range lies relative to the mirrored scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeleteScope {
+    /// Inside one mirrored prefix.
+    Inside,
+    /// Partly inside: the deleted keys decide.
+    Partly,
+    /// Disjoint from every mirrored prefix.
+    Outside,
+}
 
 /// etcd's `KV` service over a [`Mirror`] (see the module docs).
 #[derive(Debug, Clone)]
@@ -60,7 +90,8 @@ impl MirrorKvService {
     }
 
     fn upstream(&self) -> KvClient<tonic::transport::Channel> {
-        KvClient::new(self.mirror.channel()).max_decoding_message_size(usize::MAX)
+        KvClient::new(self.mirror.channel())
+            .max_decoding_message_size(self.mirror.inner.config.max_response_bytes)
     }
 
     /// Waits for the mirror to apply the write's revision when the write changed a mirrored
@@ -73,28 +104,86 @@ impl MirrorKvService {
         header: Option<&pb::ResponseHeader>,
         changed: bool,
     ) -> Result<(), Status> {
-        let revision = header.map(|h| h.revision).unwrap_or(0);
         let changed = changed || self.mirror.progress_trusted();
-        match (changed, u64::try_from(revision)) {
-            (true, Ok(r)) if r > 0 => self.mirror.wait_for(r).await,
-            _ => Ok(()),
+        if !changed {
+            return Ok(());
         }
+        self.mirror.wait_for(header_revision(header)?).await
     }
 
     fn changed_put(&self, key: &[u8]) -> bool {
         self.mirror.scope().contains_key(key)
     }
 
-    fn changed_delete(&self, key: &[u8], range_end: &[u8], deleted: i64) -> bool {
-        deleted > 0
-            && self.mirror.scope().intersects_range(&KeyRange::new(
-                bytes::Bytes::copy_from_slice(key),
-                bytes::Bytes::copy_from_slice(range_end),
-            ))
+    /// How a delete of `[key, range_end)` is judged: a range inside one mirrored prefix
+    /// changed a mirrored key iff it deleted something; a range disjoint from the scope never
+    /// did; a range overlapping the scope only partly needs the deleted keys themselves, so it
+    /// is forwarded with `prev_kv` (the only way etcd names the keys a delete removed).
+    fn delete_scope(&self, key: &[u8], range_end: &[u8]) -> DeleteScope {
+        let range = KeyRange::new(
+            bytes::Bytes::copy_from_slice(key),
+            bytes::Bytes::copy_from_slice(range_end),
+        );
+        let scope = self.mirror.scope();
+        if scope.covers_range(&range) {
+            DeleteScope::Inside
+        } else if scope.intersects_range(&range) {
+            DeleteScope::Partly
+        } else {
+            DeleteScope::Outside
+        }
     }
 
-    /// True if the executed branch of `req` (answered by `resp`) changed a mirrored key.
-    fn changed_txn(&self, req: &pb::TxnRequest, resp: &pb::TxnResponse) -> bool {
+    /// Asks for `prev_kv` on a partly mirrored delete (see [`Self::delete_scope`]); returns
+    /// what the client asked for.
+    fn prepare_delete(&self, d: &mut pb::DeleteRangeRequest) -> bool {
+        let asked = d.prev_kv;
+        if self.delete_scope(&d.key, &d.range_end) == DeleteScope::Partly {
+            d.prev_kv = true;
+        }
+        asked
+    }
+
+    /// True if the delete `d` (as sent by the client), answered by `resp` (forwarded after
+    /// [`Self::prepare_delete`]), removed a mirrored key; then drops the `prev_kvs` the client
+    /// did not ask for.
+    fn finish_delete(
+        &self,
+        d: &pb::DeleteRangeRequest,
+        resp: &mut pb::DeleteRangeResponse,
+    ) -> bool {
+        let changed = match self.delete_scope(&d.key, &d.range_end) {
+            DeleteScope::Inside => resp.deleted > 0,
+            DeleteScope::Outside => false,
+            DeleteScope::Partly => resp
+                .prev_kvs
+                .iter()
+                .any(|kv| self.mirror.scope().contains_key(&kv.key)),
+        };
+        if !d.prev_kv {
+            resp.prev_kvs.clear();
+        }
+        changed
+    }
+
+    /// [`Self::prepare_delete`] for every delete of `t`, both branches, nested txns included.
+    fn prepare_txn(&self, t: &mut pb::TxnRequest) {
+        use pb::request_op::Request as Q;
+        for op in t.success.iter_mut().chain(t.failure.iter_mut()) {
+            match &mut op.request {
+                Some(Q::RequestDeleteRange(d)) => {
+                    self.prepare_delete(d);
+                }
+                Some(Q::RequestTxn(t)) => self.prepare_txn(t),
+                _ => {}
+            }
+        }
+    }
+
+    /// True if the executed branch of `req` (as sent by the client), answered by `resp`
+    /// (forwarded after [`Self::prepare_txn`]), changed a mirrored key; then drops the
+    /// `prev_kvs` the client did not ask for.
+    fn finish_txn(&self, req: &pb::TxnRequest, resp: &mut pb::TxnResponse) -> bool {
         use pb::request_op::Request as Q;
         use pb::response_op::Response as A;
         let ops = if resp.succeeded {
@@ -102,16 +191,18 @@ impl MirrorKvService {
         } else {
             &req.failure
         };
-        ops.iter()
-            .zip(&resp.responses)
-            .any(|(op, r)| match (&op.request, &r.response) {
+        let mut changed = false;
+        for (op, r) in ops.iter().zip(&mut resp.responses) {
+            changed |= match (&op.request, &mut r.response) {
                 (Some(Q::RequestPut(p)), _) => self.changed_put(&p.key),
                 (Some(Q::RequestDeleteRange(d)), Some(A::ResponseDeleteRange(dr))) => {
-                    self.changed_delete(&d.key, &d.range_end, dr.deleted)
+                    self.finish_delete(d, dr)
                 }
-                (Some(Q::RequestTxn(t)), Some(A::ResponseTxn(tr))) => self.changed_txn(t, tr),
+                (Some(Q::RequestTxn(t)), Some(A::ResponseTxn(tr))) => self.finish_txn(t, tr),
                 _ => false,
-            })
+            };
+        }
+        changed
     }
 }
 
@@ -142,10 +233,8 @@ impl pb::kv_server::Kv for MirrorKvService {
                 ..Default::default()
             };
             let current = self.upstream().range(probe).await?.into_inner();
-            let target = current.header.map(|h| h.revision).unwrap_or(0);
-            self.mirror
-                .wait_for(u64::try_from(target).unwrap_or(0))
-                .await?;
+            let target = header_revision(current.header.as_ref())?;
+            self.mirror.wait_for(target).await?;
         }
         let result = self
             .mirror
@@ -181,9 +270,10 @@ impl pb::kv_server::Kv for MirrorKvService {
         }
         let r = request.into_inner();
         self.check_size(&r)?;
-        let (key, end) = (r.key.clone(), r.range_end.clone());
-        let resp = self.upstream().delete_range(r).await?;
-        let changed = self.changed_delete(&key, &end, resp.get_ref().deleted);
+        let mut fwd = r.clone();
+        self.prepare_delete(&mut fwd);
+        let mut resp = self.upstream().delete_range(fwd).await?;
+        let changed = self.finish_delete(&r, resp.get_mut());
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
         Ok(resp)
@@ -198,8 +288,10 @@ impl pb::kv_server::Kv for MirrorKvService {
         }
         let r = request.into_inner();
         self.check_size(&r)?;
-        let resp = self.upstream().txn(r.clone()).await?;
-        let changed = self.changed_txn(&r, resp.get_ref());
+        let mut fwd = r.clone();
+        self.prepare_txn(&mut fwd);
+        let mut resp = self.upstream().txn(fwd).await?;
+        let changed = self.finish_txn(&r, resp.get_mut());
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
         Ok(resp)
@@ -231,6 +323,7 @@ impl MirrorLeaseService {
 
     fn upstream(&self) -> LeaseClient<tonic::transport::Channel> {
         LeaseClient::new(self.mirror.channel())
+            .max_decoding_message_size(self.mirror.inner.config.max_response_bytes)
     }
 }
 
@@ -280,5 +373,22 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         self.upstream().lease_leases(request.into_inner()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_header_is_no_barrier_target() {
+        assert!(header_revision(None).is_err());
+        let h = |revision| pb::ResponseHeader {
+            revision,
+            ..Default::default()
+        };
+        assert!(header_revision(Some(&h(0))).is_err());
+        assert!(header_revision(Some(&h(-3))).is_err());
+        assert_eq!(header_revision(Some(&h(42))).unwrap(), 42);
     }
 }

@@ -44,23 +44,46 @@ fn retry(what: &'static str) -> impl Fn(tonic::Status) -> End {
 }
 
 /// Backoff between endpoint attempts: doubles from `MIN` to `MAX`, reset by a session that
-/// got its watch open.
+/// advanced the mirrored revision (a watch that opens and then fails at once, e.g. on a
+/// member that cannot serve it, must not make the mirror retry at full speed).
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The delay before the next endpoint attempt.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+
+    /// The delay after a session that ended; `advanced`: it moved the mirrored revision.
+    fn after_session(&mut self, advanced: bool) -> Duration {
+        if advanced {
+            self.next = BACKOFF_MIN;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
 
 /// The watch ID the mirror asks for on its stream.
 const WATCH_ID: i64 = 1;
 
 pub(super) async fn run(inner: Arc<Inner>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     loop {
         let idx = inner.current.load(Ordering::Acquire) % inner.channels.len();
         let endpoint = inner.channels[idx].0.clone();
         inner
             .status
             .send_modify(|s| s.endpoint = Some(endpoint.clone()));
-        let mut opened = false;
-        let end = session(&inner, idx, &mut opened).await;
+        let before = inner.store.current_revision();
+        let end = session(&inner, idx).await;
         inner.status.send_modify(|s| {
             s.state = MirrorState::Disconnected;
             s.revision = inner.store.current_revision();
@@ -79,25 +102,22 @@ pub(super) async fn run(inner: Arc<Inner>) {
                 inner
                     .current
                     .store((idx + 1) % inner.channels.len(), Ordering::Release);
-                if opened {
-                    backoff = BACKOFF_MIN;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let advanced = inner.store.current_revision() > before;
+                tokio::time::sleep(backoff.after_session(advanced)).await;
             }
         }
     }
 }
 
 /// One endpoint: check the cluster, snapshot if needed, then follow the watch.
-async fn session(inner: &Inner, idx: usize, opened: &mut bool) -> End {
-    match session_inner(inner, idx, opened).await {
+async fn session(inner: &Inner, idx: usize) -> End {
+    match session_inner(inner, idx).await {
         Ok(()) => End::Closed,
         Err(e) => e,
     }
 }
 
-async fn session_inner(inner: &Inner, idx: usize, opened: &mut bool) -> Result<(), End> {
+async fn session_inner(inner: &Inner, idx: usize) -> Result<(), End> {
     let channel = inner.channels[idx].1.clone();
     let store = &inner.store;
     let status = MaintenanceClient::new(channel.clone())
@@ -115,13 +135,14 @@ async fn session_inner(inner: &Inner, idx: usize, opened: &mut bool) -> Result<(
         progress_requests = trusted,
         "upstream connected"
     );
-    let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+    let mut kv =
+        KvClient::new(channel.clone()).max_decoding_message_size(inner.config.max_response_bytes);
     // A store never reset has no floor: it needs its first snapshot.
     if store.compacted_revision() == 0 {
         resync(inner, &mut kv).await?;
     }
     loop {
-        match follow(inner, channel.clone(), opened).await? {
+        match follow(inner, channel.clone()).await? {
             Follow::Compacted(c) => {
                 tracing::warn!(
                     compacted = c,
@@ -201,7 +222,15 @@ async fn snapshot(
                 Err(s) => return Err(retry("snapshot Range")(s)),
             };
             if revision == 0 {
-                revision = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+                // Without it the later pages would be read at "now", not one cut.
+                revision = resp
+                    .header
+                    .as_ref()
+                    .map(|h| h.revision)
+                    .filter(|r| *r > 0)
+                    .ok_or_else(|| {
+                        End::Retry("snapshot Range: answer without a revision header".into())
+                    })?;
             }
             let Some(last) = resp.kvs.last().map(|k| k.key.clone()) else {
                 break;
@@ -231,7 +260,7 @@ enum Follow {
 }
 
 /// Opens the upstream watch at the mirror's position + 1 and applies it until it fails.
-async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Follow, End> {
+async fn follow(inner: &Inner, channel: Channel) -> Result<Follow, End> {
     let store = &inner.store;
     let from = store.current_revision() + 1;
     let covering = inner.scope.covering();
@@ -260,7 +289,7 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
         tonic::metadata::MetadataValue::from_static("true"),
     );
     let mut stream = WatchClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
+        .max_decoding_message_size(inner.config.max_response_bytes)
         .watch(request)
         .await
         .map_err(retry("opening the upstream watch"))?
@@ -301,7 +330,6 @@ async fn follow(inner: &Inner, channel: Channel, opened: &mut bool) -> Result<Fo
         }
         if resp.created {
             watch_id = resp.watch_id;
-            *opened = true;
             inner.status.send_modify(|s| {
                 s.state = MirrorState::Connected;
                 s.error = None;
@@ -350,13 +378,14 @@ fn retain(inner: &Inner) {
         return;
     }
     let (store, flag) = (store.clone(), inner.compacting.clone());
-    tokio::spawn(async move {
+    // Tracked for `Mirror::stop`; the previous task has ended (the flag was clear).
+    *inner.retention.lock() = Some(tokio::spawn(async move {
         match store.mirror_compact(target).await {
             Ok(_) => tracing::debug!(revision = target, "mirror history compacted"),
             Err(e) => tracing::warn!(error = %e, revision = target, "mirror retention failed"),
         }
         flag.store(false, Ordering::Release);
-    });
+    }));
 }
 
 /// Splits one response's events into one change set per revision, keeping only mirrored keys.
@@ -394,4 +423,25 @@ fn change_sets(events: &[mvccpb::Event], inner: &Inner) -> Result<Vec<ChangeSet>
     }
     out.extend(current);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions that opened a watch but mirrored nothing keep doubling the delay; only one
+    /// that advanced the mirrored revision resets it.
+    #[test]
+    fn backoff_resets_only_on_progress() {
+        let mut b = Backoff::new();
+        assert_eq!(b.after_session(false), BACKOFF_MIN);
+        assert_eq!(b.after_session(false), BACKOFF_MIN * 2);
+        assert_eq!(b.after_session(false), BACKOFF_MIN * 4);
+        for _ in 0..10 {
+            b.after_session(false);
+        }
+        assert_eq!(b.after_session(false), BACKOFF_MAX);
+        assert_eq!(b.after_session(true), BACKOFF_MIN);
+        assert_eq!(b.after_session(false), BACKOFF_MIN * 2);
+    }
 }

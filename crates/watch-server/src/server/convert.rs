@@ -64,7 +64,9 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::MirrorReadOnly | StoreError::OutsideMirror { .. } => {
             Status::failed_precondition(e.to_string())
         }
-        StoreError::MirrorOrder { .. } => Status::unavailable(e.to_string()),
+        StoreError::MirrorOrder { .. } | StoreError::MirrorDiverged { .. } => {
+            Status::unavailable(e.to_string())
+        }
         // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
         #[allow(unreachable_patterns)]
         _ => Status::internal(e.to_string()),

@@ -44,15 +44,19 @@ struct Inputs {
     stopping: bool,
     /// What [`HealthHandle::set_serving`] last said (true unless someone said otherwise).
     operator: bool,
+    /// Mirror mode: the upstream watch is open (always true without a mirror). The server's
+    /// own input, separate from `operator`, so neither overrides the other.
+    mirror: bool,
 }
 
 /// Flips the gRPC health status (`grpc.health.v1.Health`) of this server: the overall status
 /// (service `""`) and each etcd service (`etcdserverpb.KV`, ...).
 ///
 /// The status is SERVING only when all of these hold: the store is open (the server sets this),
-/// shutdown has not begun (the server sets this), and the embedder has not called
+/// shutdown has not begun (the server sets this), in mirror mode the upstream watch is open
+/// (the server sets this, as its own input), and the embedder has not called
 /// `set_serving(false)`. Embedders use [`HealthHandle::set_serving`] for conditions the server
-/// cannot see, e.g. a mirror that lost its upstream: `set_serving(false)` takes the server out
+/// cannot see, e.g. a dependency of their own: `set_serving(false)` takes the server out
 /// of load balancers while it keeps answering reads; `set_serving(true)` puts it back (once
 /// ready). Cheap to clone.
 #[derive(Debug, Clone)]
@@ -76,6 +80,7 @@ impl HealthHandle {
                 ready: false,
                 stopping: false,
                 operator: true,
+                mirror: true,
             })),
             ready: tokio::sync::watch::Sender::new(false),
             stopped: tokio::sync::watch::Sender::new(false),
@@ -112,6 +117,11 @@ impl HealthHandle {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// Mirror mode's input: false while the upstream watch is not open.
+    pub(crate) async fn set_mirror_connected(&self, connected: bool) {
+        self.update(|i| i.mirror = connected).await;
+    }
+
     pub(crate) async fn set_ready(&self) {
         self.update(|i| i.ready = true).await;
         self.ready.send_replace(true);
@@ -126,7 +136,7 @@ impl HealthHandle {
     }
 
     fn serving(i: Inputs) -> bool {
-        i.ready && !i.stopping && i.operator
+        i.ready && !i.stopping && i.operator && i.mirror
     }
 
     /// Applies `change` and publishes the result, under the lock. Once stopping, NOT_SERVING
@@ -300,6 +310,32 @@ mod tests {
 
     fn status(item: Option<Result<HealthCheckResponse, tonic::Status>>) -> Wire {
         Wire::try_from(item.expect("a health update").unwrap().status).unwrap()
+    }
+
+    /// The mirror's connection and the embedder's switch are separate inputs: a reconnecting
+    /// mirror does not undo an operator's `set_serving(false)`, and an operator's
+    /// `set_serving(true)` does not hide a disconnected mirror.
+    #[tokio::test]
+    async fn mirror_and_operator_inputs_are_independent() {
+        let h = HealthHandle::new(HealthReporter::new()).await;
+        h.set_mirror_connected(false).await;
+        h.set_ready().await;
+        assert!(!h.is_serving().await);
+        h.set_serving(true).await;
+        assert!(
+            !h.is_serving().await,
+            "operator true must not hide the mirror"
+        );
+        h.set_mirror_connected(true).await;
+        assert!(h.is_serving().await);
+        h.set_serving(false).await;
+        h.set_mirror_connected(true).await;
+        assert!(
+            !h.is_serving().await,
+            "mirror reconnect must not undo the operator"
+        );
+        h.set_serving(true).await;
+        assert!(h.is_serving().await);
     }
 
     #[tokio::test]

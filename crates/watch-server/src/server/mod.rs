@@ -284,22 +284,24 @@ impl Server {
                         )));
                     }
                 }
+                let mut watch_service = WatchService::new(
+                    store.clone(),
+                    WatchSettings {
+                        max_watchers_per_stream: config.max_watchers_per_stream,
+                        watch_buffer: config.watch_buffer,
+                        max_request_bytes: config.max_request_bytes,
+                    },
+                    stop_rx.clone(),
+                )
+                .with_metrics(watch_metrics)
+                .with_gate(gate.clone());
+                if let Some(m) = mirror {
+                    watch_service = watch_service.with_mirror_status(m.status());
+                }
                 watch.fill(
-                    pb::watch_server::WatchServer::new(
-                        WatchService::new(
-                            store.clone(),
-                            WatchSettings {
-                                max_watchers_per_stream: config.max_watchers_per_stream,
-                                watch_buffer: config.watch_buffer,
-                                max_request_bytes: config.max_request_bytes,
-                            },
-                            stop_rx.clone(),
-                        )
-                        .with_metrics(watch_metrics)
-                        .with_gate(gate.clone()),
-                    )
-                    .max_decoding_message_size(recv_limit)
-                    .max_encoding_message_size(usize::MAX),
+                    pb::watch_server::WatchServer::new(watch_service)
+                        .max_decoding_message_size(recv_limit)
+                        .max_encoding_message_size(usize::MAX),
                 );
                 maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
                     MaintenanceService::new(store.clone()),
@@ -353,12 +355,15 @@ impl Server {
                 let _ = slot.set(store.clone());
                 let mirror = match mirror_config {
                     Some(m) => Some(Mirror::start(store.clone(), m)?),
-                    None => None,
+                    None => {
+                        crate::mirror::refuse_standalone(store.dir())?;
+                        None
+                    }
                 };
                 if let Some(m) = &mirror {
                     // NOT_SERVING until the upstream watch is open (before `set_ready`, so
                     // SERVING never shows early), then following the connection.
-                    health.set_serving(false).await;
+                    health.set_mirror_connected(false).await;
                     tokio::spawn(follow_mirror(m.status(), health.clone()));
                     metrics.set_mirror_status(m.status());
                     let _ = mirror_slot.set(m.clone());
@@ -490,7 +495,7 @@ impl Server {
         // so a stalled scrape cannot keep the store open.
         let _ = ended_tx.send(true);
         if let Some(m) = mirror_slot.get() {
-            m.stop();
+            m.stop().await;
         }
         let closed = match (
             close(&slot, open_error, served).await,
@@ -552,7 +557,7 @@ async fn follow_mirror(
     loop {
         let connected = status.borrow_and_update().is_connected();
         if last != Some(connected) {
-            health.set_serving(connected).await;
+            health.set_mirror_connected(connected).await;
             last = Some(connected);
         }
         if status.changed().await.is_err() {

@@ -70,9 +70,16 @@ pub struct WatchService {
     /// Becomes true at shutdown: every stream task ends.
     shutdown: watch::Receiver<bool>,
     metrics: WatchMetrics,
+    /// Mirror mode: the upstream connection. Streams opened with etcd's `hasleader: true`
+    /// metadata are refused, or ended, with etcd's "no leader" while it is not connected.
+    leader: Option<watch::Receiver<crate::mirror::MirrorStatus>>,
     /// Authorization of every watch create (off: one branch).
     gate: Gate,
 }
+
+/// etcd's metadata key (value `true`) asking that a stream fail while the member has no
+/// leader (clientv3 `WithRequireLeader`).
+const REQUIRE_LEADER_KEY: &str = "hasleader";
 
 impl WatchService {
     /// The service; streams end when `shutdown` turns true.
@@ -82,8 +89,20 @@ impl WatchService {
             settings,
             shutdown,
             metrics: WatchMetrics::default(),
+            leader: None,
             gate: Gate::off(),
         }
+    }
+
+    /// Mirror mode: `hasleader` streams follow the mirror's upstream connection in `status`
+    /// (refused at open, ended when it drops, with etcd's "no leader", as an etcd member that
+    /// loses its leader does), so a client fails over instead of waiting on a stale replica.
+    pub fn with_mirror_status(
+        mut self,
+        status: watch::Receiver<crate::mirror::MirrorStatus>,
+    ) -> Self {
+        self.leader = Some(status);
+        self
     }
 
     /// Records streams, events, cancels and publish→send latency into `metrics`.
@@ -110,6 +129,19 @@ impl pb::watch_server::Watch for WatchService {
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let peer = request.remote_addr();
+        let require_leader = request
+            .metadata()
+            .get(REQUIRE_LEADER_KEY)
+            .is_some_and(|v| v.as_bytes() == b"true");
+        let leader = match &self.leader {
+            Some(status) if require_leader => {
+                if !status.borrow().is_connected() {
+                    return Err(EtcdError::NoLeader.status());
+                }
+                Some(status.clone())
+            }
+            _ => None,
+        };
         // etcd reads the stream's token at every create, so a token that expires while the
         // stream is open refuses later creates; keep it, not the caller.
         let token = match self.gate.auth() {
@@ -131,7 +163,11 @@ impl pb::watch_server::Watch for WatchService {
             token,
         };
         let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
-        tokio::spawn(stream.run(inbound, self.shutdown.clone()).instrument(span));
+        tokio::spawn(
+            stream
+                .run(inbound, self.shutdown.clone(), leader)
+                .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -251,6 +287,7 @@ impl WatchStream {
         mut self,
         mut inbound: Streaming<pb::WatchRequest>,
         mut shutdown: watch::Receiver<bool>,
+        mut leader: Option<watch::Receiver<crate::mirror::MirrorStatus>>,
     ) {
         let _open = self.metrics.stream_opened();
         tracing::debug!("watch stream opened");
@@ -280,6 +317,17 @@ impl WatchStream {
                     }
                 }
                 _ = self.out.closed() => break,
+                _ = async {
+                    match &mut leader {
+                        Some(l) => drop(l.wait_for(|s| !s.is_connected()).await),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // A `hasleader` stream on a mirror that lost its upstream: etcd ends such
+                    // a stream with "no leader" when the member loses its leader.
+                    let _ = self.out.send(Err(EtcdError::NoLeader.status())).await;
+                    break;
+                }
                 _ = async { drop(shutdown.wait_for(|s| *s).await) } => {
                     // The server is stopping: end the stream with a status clients retry on
                     // (etcd's "server stopped", UNAVAILABLE), not a silent OK.

@@ -273,7 +273,31 @@ impl Store {
         {
             let st = self.inner.state.read();
             for e in &mut cs.events {
-                e.prev_kv = st.map.get(&e.kv.key).cloned();
+                let local = st.map.get(&e.kv.key).cloned();
+                // etcd sends `prev_kv` when it still has the previous version (it omits it
+                // when that version was compacted): one it sent must be the mirror's state,
+                // or the mirror missed or misapplied a revision (checked here for free: the
+                // upstream watch asks for `prev_kv` anyway).
+                if let Some(up) = &e.prev_kv
+                    && local.as_ref() != Some(up)
+                {
+                    let summary = |kv: Option<&KeyValue>| match kv {
+                        Some(kv) => format!(
+                            "(mod {}, version {}, {} bytes)",
+                            kv.mod_revision,
+                            kv.version,
+                            kv.value.len()
+                        ),
+                        None => "none".to_owned(),
+                    };
+                    return Err(StoreError::MirrorDiverged {
+                        revision: cs.revision,
+                        key: String::from_utf8_lossy(&e.kv.key).into_owned(),
+                        upstream: summary(Some(up)),
+                        local: summary(local.as_ref()),
+                    });
+                }
+                e.prev_kv = local;
             }
         }
         let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
@@ -322,6 +346,15 @@ impl Store {
             .store(revision, Ordering::Release);
         // Before the state changes: a read of an older revision now fails as compacted.
         self.inner.compacted.fetch_max(floor, Ordering::AcqRel);
+        // Every live watcher ends before the marker at `revision` can reach the dispatcher:
+        // once it is dispatched, a progress request or tick would tell a watcher that nothing
+        // changed up to `revision` while it never saw the snapshot's difference. The floor is
+        // raised first, so a watcher registering after this cancel refuses itself
+        // ([`Store::watch`]); the write lock keeps the marker from being published until then.
+        self.inner.mirror_floor.fetch_max(floor, Ordering::AcqRel);
+        let canceled = self.inner.engine.cancel_all(CancelReason::Compacted {
+            compact_revision: floor,
+        });
         let mut marker = None;
         if revision > current {
             let sender = self
@@ -354,9 +387,7 @@ impl Store {
             // History below the snapshot can never be served again (the floor is above it).
             log.compact(revision).await.map_err(log_err)?;
         }
-        Ok(self.inner.engine.cancel_all(CancelReason::Compacted {
-            compact_revision: floor,
-        }))
+        Ok(canceled)
     }
 }
 
@@ -475,6 +506,34 @@ mod tests {
             (25, 2),
             "one revision, one message"
         );
+        // A prev_kv that is not the mirror's state: refused as diverged, nothing applied.
+        let err = store
+            .mirror_apply(ChangeSet::new(
+                26,
+                vec![Event::put(
+                    kv("/a/y", "3", 25, 26, 2),
+                    Some(kv("/a/y", "other", 25, 25, 1)),
+                )],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::MirrorDiverged { revision: 26, .. }),
+            "{err}"
+        );
+        assert_eq!(store.current_revision(), 25);
+        // The right prev_kv is accepted.
+        store
+            .mirror_apply(ChangeSet::new(
+                26,
+                vec![Event::put(
+                    kv("/a/y", "3", 25, 26, 2),
+                    Some(kv("/a/y", "2", 25, 25, 1)),
+                )],
+            ))
+            .await
+            .unwrap();
+        store.wait_revision(26).await.unwrap();
         // Not increasing: refused, nothing applied.
         let err = store
             .mirror_apply(ChangeSet::new(25, Vec::new()))
@@ -506,13 +565,13 @@ mod tests {
         store.close().await.unwrap();
         drop(store);
         let store = open(dir.path()).await;
-        assert_eq!(store.current_revision(), 25);
+        assert_eq!(store.current_revision(), 26);
         assert_eq!(store.compacted_revision(), 11);
         let now = store
             .range(crate::store::RangeRequest::key("/a/y"))
             .await
             .unwrap();
-        assert_eq!((now.revision, now.kvs.len()), (25, 1));
+        assert_eq!((now.revision, now.kvs.len()), (26, 1));
         store.close().await.unwrap();
     }
 
@@ -557,6 +616,71 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(now.kvs[0].value, "3");
+        store.close().await.unwrap();
+    }
+
+    /// A resync must end every live watcher before its revision is dispatched: a progress
+    /// answer at or above the snapshot revision would tell a watcher that nothing changed
+    /// while it never saw the snapshot's differences. Progress is requested (and ticks every
+    /// millisecond) throughout the reset; the watcher's stream must hold no progress at or
+    /// above the old revision's successor before its cancel.
+    #[tokio::test]
+    async fn reset_cancels_before_any_progress_at_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            crate::StoreConfig::default()
+                .durability(crate::Durability::NoSync)
+                .progress_interval(std::time::Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+        store.set_mirror(scope(&["/a/"])).unwrap();
+        store.mirror_reset(1, Vec::new()).await.unwrap();
+        store
+            .mirror_apply(ChangeSet::new(5, vec![put("/a/x", "1", 5, 5, 1)]))
+            .await
+            .unwrap();
+        store.wait_revision(5).await.unwrap();
+        let mut w = store
+            .watch(
+                KeySelector::prefix("/a/"),
+                watch_core::WatchOptions::default().progress_notify(true),
+            )
+            .unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let reset = async {
+            let r = store
+                .mirror_reset(40, vec![kv("/a/q", "9", 33, 33, 1)])
+                .await;
+            done.store(true, Ordering::Release);
+            r
+        };
+        let ask = async {
+            while !done.load(Ordering::Acquire) {
+                w.request_progress();
+                tokio::task::yield_now().await;
+            }
+        };
+        let (canceled, ()) = tokio::join!(reset, ask);
+        assert_eq!(canceled.unwrap(), 1);
+        loop {
+            match next(&mut w).await {
+                WatchMessage::Progress { revision } => {
+                    assert!(revision <= 5, "progress at {revision} before the cancel")
+                }
+                WatchMessage::Canceled(CancelReason::Compacted { compact_revision }) => {
+                    assert_eq!(compact_revision, 41);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // A watcher registered after the reset starts at the snapshot revision.
+        let w2 = store
+            .watch(KeySelector::prefix("/a/"), Default::default())
+            .unwrap();
+        assert_eq!(w2.created_revision(), 40);
         store.close().await.unwrap();
     }
 

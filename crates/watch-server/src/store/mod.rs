@@ -184,6 +184,10 @@ struct Inner {
     expiry: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Current compaction revision (0: never compacted).
     compacted: AtomicU64,
+    /// A mirror's floor (0: not a mirror, or never reset): no watcher may start below it.
+    /// Raised by a mirror reset under `write_lock` before the watchers are canceled, so a
+    /// registration racing the reset sees it ([`Store::watch`]).
+    mirror_floor: AtomicU64,
     /// Revision of the snapshot on disk (0: none).
     snapshot_revision: AtomicU64,
     closed: AtomicBool,
@@ -356,6 +360,7 @@ impl Store {
                 leases: Arc::new(leases),
                 expiry: parking_lot::Mutex::new(None),
                 compacted: AtomicU64::new(compacted),
+                mirror_floor: AtomicU64::new(floor),
                 snapshot_revision: AtomicU64::new(snap_rev),
                 closed: AtomicBool::new(false),
                 mirror: std::sync::OnceLock::new(),
@@ -755,8 +760,29 @@ impl Store {
                 compacted,
             });
         }
+        let start = options.start_revision;
         match self.inner.engine.watch(selector, options) {
-            Ok(h) => Ok(h),
+            Ok(h) => {
+                // A mirror reset racing this registration: the reset raises the floor, then
+                // cancels every registered watcher, then publishes its revision. A watcher
+                // registered after the cancel but before that publish would start below the
+                // floor and be told "no change" (progress, or nothing) across the snapshot;
+                // it reads the floor after registering, so it sees the new one and is refused
+                // as etcd refuses a watch below the compaction.
+                let floor = self.inner.mirror_floor.load(Ordering::Acquire);
+                let first = if start == 0 {
+                    h.created_revision() + 1
+                } else {
+                    start
+                };
+                if first < floor {
+                    return Err(StoreError::Compacted {
+                        requested: first,
+                        compacted: floor,
+                    });
+                }
+                Ok(h)
+            }
             Err(watch_core::WatchError::Compacted {
                 requested,
                 compact_revision,
