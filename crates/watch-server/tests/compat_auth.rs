@@ -16,8 +16,8 @@ mod common;
 
 use common::{Server, Target, Watch, assert_status, events, put};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseTimeToLiveOptions,
+    PutOptions, Txn, TxnOp, WatchOptions,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -928,4 +928,88 @@ async fn mirror_mode_checks_before_forwarding() {
     assert_eq!(value(&mut direct, "/app/m").await.as_deref(), Some("1"));
     assert_eq!(value(&mut direct, "/other/m").await, None);
     assert_eq!(value(&mut direct, "/other/t").await, None);
+
+    // Leases (forwarded to etcd): a valid caller for every call; revoking a lease needs write
+    // and listing its keys read on every key attached to it (etcd's checkLeasePuts /
+    // checkLeaseTimeToLive); attaching it to a new key needs write on its keys too.
+    let secret = direct.lease_grant(60, None).await.expect("grant").id();
+    direct
+        .put(
+            "/other/secret",
+            "s",
+            Some(PutOptions::new().with_lease(secret)),
+        )
+        .await
+        .expect("leased put on etcd");
+    let with_keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
+    let mut anon = s.anonymous().await;
+    assert_status(
+        anon.lease_revoke(secret).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(
+        anon.lease_time_to_live(secret, with_keys()).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
+    assert_status(
+        anon.lease_grant(60, None).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(
+        alice.lease_revoke(secret).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice.lease_time_to_live(secret, with_keys()).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice
+            .put("/app/l", "x", Some(PutOptions::new().with_lease(secret)))
+            .await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    // Without keys the time-to-live names no key; lease ids are listed to any valid caller.
+    let ttl = alice
+        .lease_time_to_live(secret, None)
+        .await
+        .expect("time-to-live without keys");
+    assert!(ttl.keys().is_empty());
+    assert!(
+        alice
+            .leases()
+            .await
+            .expect("leases")
+            .leases()
+            .iter()
+            .any(|l| l.id() == secret)
+    );
+    assert_eq!(
+        value(&mut direct, "/other/secret").await.as_deref(),
+        Some("s")
+    );
+    // Alice's own lease over her own keys: every call passes.
+    let own = alice.lease_grant(60, None).await.expect("grant").id();
+    alice
+        .put("/app/l", "x", Some(PutOptions::new().with_lease(own)))
+        .await
+        .expect("leased put");
+    let ttl = alice
+        .lease_time_to_live(own, with_keys())
+        .await
+        .expect("own time-to-live");
+    assert_eq!(ttl.keys(), [b"/app/l".to_vec()]);
+    alice.lease_revoke(own).await.expect("own revoke");
+    assert_eq!(value(&mut direct, "/app/l").await, None);
+    // Root may revoke any lease.
+    let mut root = s.client("root", "rootpw").await;
+    root.lease_revoke(secret).await.expect("root revokes");
+    assert_eq!(value(&mut direct, "/other/secret").await, None);
 }

@@ -126,6 +126,24 @@ impl Caller {
         }
     }
 
+    /// True for a user with the `root` role (every key, admin operations).
+    pub fn is_root(&self) -> bool {
+        self.0.root
+    }
+
+    /// etcd's `checkLeasePuts` / `checkLeaseTimeToLive`: `perm` on every key attached to a
+    /// lease (revoking a lease deletes its keys; its time-to-live with `keys` names them).
+    pub fn check_keys<'a>(
+        &self,
+        perm: Perm,
+        keys: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), EtcdError> {
+        if self.0.root {
+            return Ok(());
+        }
+        keys.into_iter().try_for_each(|k| self.check(perm, k, b""))
+    }
+
     /// etcd's checks for a Range: read on its range.
     pub fn check_range(&self, r: &pb::RangeRequest) -> Result<(), EtcdError> {
         self.check(Perm::Read, &r.key, &r.range_end)

@@ -21,7 +21,7 @@ use watch_proto::etcdserverpb::lease_client::LeaseClient;
 use watch_proto::status::EtcdError;
 
 use super::Mirror;
-use crate::auth::Gate;
+use crate::auth::{Caller, Gate, Perm};
 use crate::server::convert::{self, store_status};
 use crate::store::KeyRange;
 
@@ -162,6 +162,13 @@ impl pb::kv_server::Kv for MirrorKvService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
+            // etcd's checkLeasePuts: attaching a lease needs write on the keys it already
+            // holds (its holder could not revoke it otherwise).
+            let lease = request.get_ref().lease;
+            if lease != 0 && !caller.is_root() {
+                let keys = lease_keys(&self.mirror, lease).await?;
+                caller.check_keys(Perm::Write, keys.iter().map(|k| &k[..]))?;
+            }
         }
         let r = request.into_inner();
         self.check_size(&r)?;
@@ -216,21 +223,60 @@ impl pb::kv_server::Kv for MirrorKvService {
     }
 }
 
+/// The keys attached to lease `id` upstream (none for an unknown or expired lease), for
+/// etcd's per-key lease checks. Not atomic with the forwarded call: a key attached upstream
+/// between the two is not checked (etcd checks inside its apply loop).
+async fn lease_keys(mirror: &Mirror, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
+    let resp = LeaseClient::new(mirror.channel())
+        .max_decoding_message_size(usize::MAX)
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+        .await?;
+    Ok(resp.into_inner().keys)
+}
+
 /// etcd's `Lease` service of a mirror: every RPC forwarded to the upstream, whose lease
 /// expiry reaches the mirror as ordinary DELETE events through the upstream watch.
+///
+/// With authentication on, every RPC needs a valid caller (etcd: "user name is empty" /
+/// "invalid auth token"); `LeaseRevoke` needs write and `LeaseTimeToLive{keys}` read on every
+/// key attached to the lease, unless the caller is root (etcd's `checkLeasePuts` /
+/// `checkLeaseTimeToLive`). Grant, keep-alive and `LeaseLeases` need only a valid caller, as
+/// in etcd.
 #[derive(Debug, Clone)]
 pub struct MirrorLeaseService {
     mirror: Mirror,
+    /// keywatch's own authorization (off: one branch).
+    gate: Gate,
 }
 
 impl MirrorLeaseService {
     /// The service over `mirror`.
     pub fn new(mirror: Mirror) -> Self {
-        Self { mirror }
+        Self {
+            mirror,
+            gate: Gate::off(),
+        }
+    }
+
+    /// Checks every request against `gate`'s users and roles (see the type docs).
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
     }
 
     fn upstream(&self) -> LeaseClient<tonic::transport::Channel> {
         LeaseClient::new(self.mirror.channel())
+    }
+
+    /// `perm` on every key of lease `id` for a non-root caller.
+    async fn check_lease(&self, caller: &Caller, perm: Perm, id: i64) -> Result<(), Status> {
+        if caller.is_root() {
+            return Ok(());
+        }
+        let keys = lease_keys(&self.mirror, id).await?;
+        caller
+            .check_keys(perm, keys.iter().map(|k| &k[..]))
+            .map_err(EtcdError::status)
     }
 }
 
@@ -243,6 +289,7 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.gate.caller(&request)?;
         self.upstream().lease_grant(request.into_inner()).await
     }
 
@@ -250,6 +297,10 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            self.check_lease(&caller, Perm::Write, request.get_ref().id)
+                .await?;
+        }
         self.upstream().lease_revoke(request.into_inner()).await
     }
 
@@ -260,6 +311,8 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         use tokio_stream::StreamExt;
+        // Checked once when the stream opens (etcd checks its token there too).
+        self.gate.caller(&request)?;
         // The client's stream ends the upstream one when it ends or fails.
         let inbound = request.into_inner().map_while(Result::ok);
         let upstream = self.upstream().lease_keep_alive(inbound).await?;
@@ -270,6 +323,12 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            let r = request.get_ref();
+            if r.keys {
+                self.check_lease(&caller, Perm::Read, r.id).await?;
+            }
+        }
         self.upstream()
             .lease_time_to_live(request.into_inner())
             .await
@@ -279,6 +338,8 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        // etcd lists every lease id to any authenticated user (ids name no key).
+        self.gate.caller(&request)?;
         self.upstream().lease_leases(request.into_inner()).await
     }
 }

@@ -264,7 +264,7 @@ impl Server {
                             .max_encoding_message_size(usize::MAX),
                         );
                         mirror_lease.fill(pb::lease_server::LeaseServer::new(
-                            MirrorLeaseService::new(m.clone()),
+                            MirrorLeaseService::new(m.clone()).with_gate(gate.clone()),
                         ));
                     }
                     None => {
