@@ -419,6 +419,65 @@ async fn txn_permissions(s: Secured) {
 auth_test!(txn_permissions);
 
 /// Opens a stream with one create and returns its first response.
+// etcd validates a request's shape in its gRPC layer, before authorization: a malformed
+// request is refused as such even without a token or permission.
+async fn malformed_before_auth(s: Secured) {
+    const EMPTY_KEY: &str = "etcdserver: key is not provided";
+    let mut anon = s.anonymous().await;
+    let mut bob = s.client("bob", "bobpw").await;
+    for client in [&mut anon, &mut bob] {
+        assert_status(
+            client.put("", "v", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
+        assert_status(client.get("", None).await, Code::InvalidArgument, EMPTY_KEY);
+        assert_status(
+            client.delete("", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
+        assert_status(
+            client
+                .put("/other/v", "x", Some(PutOptions::new().with_ignore_value()))
+                .await,
+            Code::InvalidArgument,
+            "etcdserver: value is provided",
+        );
+        assert_status(
+            client
+                .txn(Txn::new().and_then([
+                    TxnOp::put("/other/d", "1", None),
+                    TxnOp::put("/other/d", "2", None),
+                ]))
+                .await,
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request",
+        );
+        // Both servers' default limit is 128 operations.
+        let ops: Vec<TxnOp> = (0..129)
+            .map(|i| TxnOp::put(format!("/other/{i}"), "x", None))
+            .collect();
+        assert_status(
+            client.txn(Txn::new().and_then(ops)).await,
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request",
+        );
+    }
+    // Well-formed, the same requests meet the auth errors.
+    assert_status(
+        anon.put("/other/v", "x", None).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(
+        bob.put("/other/v", "x", None).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+}
+auth_test!(malformed_before_auth);
+
 async fn first_response(
     client: &mut Client,
     key: &str,
@@ -916,6 +975,24 @@ async fn mirror_mode_checks_before_forwarding() {
         Code::InvalidArgument,
         USER_EMPTY,
     );
+    // The shape is checked before the caller, as by etcd.
+    for (resp, what) in [
+        (
+            s.anonymous().await.put("", "x", None).await.map(drop),
+            "put",
+        ),
+        (s.anonymous().await.get("", None).await.map(drop), "get"),
+        (
+            s.anonymous().await.delete("", None).await.map(drop),
+            "delete",
+        ),
+    ] {
+        assert!(
+            matches!(&resp, Err(etcd_client::Error::GRpcStatus(st))
+                if st.message() == "etcdserver: key is not provided"),
+            "{what}: {resp:?}"
+        );
+    }
     let refused = first_response(
         &mut alice,
         "/other/",

@@ -59,6 +59,29 @@ impl MirrorKvService {
         Ok(())
     }
 
+    /// With authentication on, etcd's pre-authorization checks of a put or delete (size, then
+    /// the op `op` builds), so a malformed request is refused as such before any auth error.
+    /// Off, etcd makes them when the request is forwarded.
+    fn validate_first(
+        &self,
+        m: &impl Message,
+        op: impl FnOnce() -> crate::store::TxnOp,
+    ) -> Result<(), Status> {
+        if self.gate.auth().is_none() {
+            return Ok(());
+        }
+        self.check_size(m)?;
+        let req = crate::store::TxnRequest {
+            compare: Vec::new(),
+            success: vec![op()],
+            failure: Vec::new(),
+        };
+        self.mirror
+            .store()
+            .validate(&req)
+            .map_err(|e| store_status(&e))
+    }
+
     fn upstream(&self) -> KvClient<tonic::transport::Channel> {
         KvClient::new(self.mirror.channel()).max_decoding_message_size(usize::MAX)
     }
@@ -121,14 +144,16 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        if let Some(caller) = self.gate.caller(&request)? {
-            caller.check_range(request.get_ref())?;
-        }
+        // As etcd: a malformed request is refused as such before any auth error.
+        let caller = self.gate.caller(&request);
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::range_request(&r)?;
         if r.key.is_empty() {
             return Err(EtcdError::EmptyKey.status());
+        }
+        if let Some(caller) = caller? {
+            caller.check_range(&r)?;
         }
         if !self.mirror.scope().covers_range(&req.range) {
             return self.upstream().range(r).await;
@@ -160,6 +185,7 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        self.validate_first(request.get_ref(), || convert::put_op(request.get_ref()))?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
             // etcd's checkLeasePuts: attaching a lease needs write on the keys it already
@@ -183,6 +209,7 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        self.validate_first(request.get_ref(), || convert::delete_op(request.get_ref()))?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_delete(request.get_ref())?;
         }
@@ -200,6 +227,14 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        if self.gate.auth().is_some() {
+            self.check_size(request.get_ref())?;
+            let req = convert::txn_request(request.get_ref())?;
+            self.mirror
+                .store()
+                .validate(&req)
+                .map_err(|e| store_status(&e))?;
+        }
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_txn(request.get_ref())?;
         }

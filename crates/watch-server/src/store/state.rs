@@ -52,9 +52,32 @@ pub(crate) type HistoricReads = HashMap<(KeyRange, Revision), Vec<KeyValue>>;
 /// Static checks of a txn (etcd's `checkTxnRequest` and `checkIntervals`): sizes, empty keys,
 /// put flags, and no key written twice in one branch.
 pub(crate) fn validate_txn(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
+    validate_shape(req, max_ops)?;
+    check_leases(req.success.iter().chain(&req.failure))
+}
+
+/// The checks etcd makes in its gRPC layer, before authorization: [`validate_txn`] without
+/// the lease lookup (etcd looks leases up when applying, after the permission checks).
+pub(crate) fn validate_shape(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
     check_txn(req, max_ops)?;
     check_intervals(&req.success)?;
     check_intervals(&req.failure)?;
+    Ok(())
+}
+
+/// A put naming a lease fails: no lease can exist yet (the Lease service is not implemented).
+fn check_leases<'a>(ops: impl Iterator<Item = &'a TxnOp>) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            TxnOp::Put { options, .. } if options.lease != 0 => {
+                return Err(StoreError::LeaseNotFound {
+                    lease: options.lease,
+                });
+            }
+            TxnOp::Txn(t) => check_leases(t.success.iter().chain(&t.failure))?,
+            _ => {}
+        }
+    }
     Ok(())
 }
 
@@ -96,12 +119,6 @@ pub(crate) fn check_op(op: &TxnOp, max_ops: usize) -> Result<(), StoreError> {
             }
             if options.ignore_lease && options.lease != 0 {
                 return Err(StoreError::LeaseProvided);
-            }
-            if options.lease != 0 {
-                // No lease can exist yet (the Lease service is not implemented).
-                return Err(StoreError::LeaseNotFound {
-                    lease: options.lease,
-                });
             }
             Ok(())
         }
