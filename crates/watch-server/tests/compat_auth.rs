@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{Server, Target, Watch, assert_status, events, put};
+use common::{Server, Target, Watch, assert_status, put};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseTimeToLiveOptions,
     PutOptions, Txn, TxnOp, WatchOptions,
@@ -565,7 +565,9 @@ async fn watch_permissions(s: Secured) {
             put("/app/x", "seen", revision(&r4), revision(&r4), 1),
         ]
     );
-    let _ = (r3, events);
+    // The /shared put between them was not delivered: the two events are r2's and r4's,
+    // with r3's revision in between.
+    assert!(revision(&r2) < revision(&r3) && revision(&r3) < revision(&r4));
 }
 auth_test!(watch_permissions);
 
@@ -676,14 +678,31 @@ async fn tokens(s: Secured) {
         "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
     );
 
-    // Expiry: the TTL is 1 s after the last use; waiting 3 s makes the token stale on any
-    // machine (a lower bound only: a slower machine waits longer, never less).
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_code(
-        kv.range(with_token(range("/app/a"), Some(&token))).await,
-        Code::Unauthenticated,
-        INVALID_TOKEN,
-    );
+    // Expiry: the TTL is 1 s after the last use, and every use restarts it, so the token is
+    // tried after ever longer idle gaps (0.5 s, 1 s, 2 s, ...) until one outlasts the TTL
+    // (etcd also sweeps expired tokens only once a second); the guard bounds the whole wait.
+    let guard = tokio::time::Instant::now() + common::GUARD;
+    let mut gap = std::time::Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(gap).await;
+        match kv.range(with_token(range("/app/a"), Some(&token))).await {
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < guard,
+                    "the token never expired"
+                );
+                gap *= 2;
+            }
+            Err(status) => {
+                assert_eq!(
+                    (status.code(), status.message()),
+                    (Code::Unauthenticated, INVALID_TOKEN),
+                    "{status:?}"
+                );
+                break;
+            }
+        }
+    }
 }
 
 fn short_ttl(_: Target) -> Vec<&'static str> {
