@@ -10,10 +10,12 @@
 //! - [`server`]: launching keywatch and etcd, readiness from their output, RSS.
 //! - [`client`]: connections, watch streams carrying many watchers, writers.
 //! - [`scenarios`]: fan-out, spread, history, register, stalled.
+//! - [`lease`]: lease grant, keep-alive and expiry measurements (`keywatch-lease-bench`).
 //! - [`report`]: JSON, the markdown section of `docs/benchmarks.md`, SVG charts.
 
 pub mod check;
 pub mod client;
+pub mod lease;
 pub mod report;
 pub mod scenarios;
 pub mod server;

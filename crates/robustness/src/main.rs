@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
                     "robustness: seed {s}: {:.1?}, {} kills survived, final revision {}, {} writes \
                      acknowledged, {} unknown ({} happened), {} compactions, {} watchers / {} \
                      sessions, {} events and {} progress notifications checked, {} compacted \
-                     cancels, {} violations",
+                     cancels, {} lease expiries/revokes (one revision each), {} violations",
                     started.elapsed(),
                     run.kills,
                     report.final_revision,
@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
                     report.events_checked,
                     report.progress_checked,
                     report.compacted_cancels,
+                    report.lease_ends,
                     report.violations.len()
                 );
                 for v in &report.violations {

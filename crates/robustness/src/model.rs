@@ -1,7 +1,7 @@
 //! The reference model: a key-value map that replays writes in revision order and says which
 //! events each revision must produce and what each response must have contained.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::record::{AckDetail, Event, EventKind, Kv, Request, TxnOp, TxnOpResult};
 
@@ -10,6 +10,8 @@ use crate::record::{AckDetail, Event, EventKind, Kv, Request, TxnOp, TxnOpResult
 pub struct Model {
     /// Live keys.
     pub state: BTreeMap<Vec<u8>, Kv>,
+    /// Leases whose revoke or expiry has been replayed: no key may attach to them later.
+    pub dead: BTreeSet<i64>,
 }
 
 /// The effect of one write on the model.
@@ -39,9 +41,15 @@ impl Model {
         let mut events = Vec::new();
         let expected = match req {
             Request::Put { key, value } => {
-                let prev = self.put(key, value, revision, &mut events);
+                let prev = self.put(key, value, 0, revision, &mut events);
                 AckDetail::Put { prev }
             }
+            Request::LeasePut { key, value, lease } => {
+                let prev = self.put(key, value, *lease, revision, &mut events);
+                AckDetail::Put { prev }
+            }
+            // Resolved from the reference watcher (`Model::end_lease`), never applied here.
+            Request::Revoke { .. } => AckDetail::Revoke,
             Request::DeleteRange { key, range_end } => {
                 let prev = self.delete(key, range_end, revision, &mut events);
                 AckDetail::DeleteRange { prev }
@@ -60,7 +68,7 @@ impl Model {
                 for op in ops {
                     results.push(match op {
                         TxnOp::Put { key, value } => TxnOpResult::Put {
-                            prev: self.put(key, value, revision, &mut events),
+                            prev: self.put(key, value, 0, revision, &mut events),
                         },
                         TxnOp::Delete { key } => TxnOpResult::Delete {
                             prev: self.delete(key, &[], revision, &mut events),
@@ -74,7 +82,46 @@ impl Model {
         Applied { events, expected }
     }
 
-    fn put(&mut self, key: &[u8], value: &[u8], rev: i64, events: &mut Vec<Event>) -> Option<Kv> {
+    /// If `seen` (one revision's events, from the reference watcher) is exactly the deletion
+    /// of ALL keys attached to one lease, applies it at `rev` (the lease is then dead) and
+    /// returns the events in the model's order; otherwise `None`. This is how a lease expiry
+    /// or revoke shows up: no write of the runner claims the revision.
+    pub fn end_lease(&mut self, rev: i64, seen: &[&Event]) -> Option<Vec<Event>> {
+        let first = seen.first()?;
+        if seen.iter().any(|e| e.kind != EventKind::Delete) {
+            return None;
+        }
+        let lease = self.state.get(&first.kv.key)?.lease;
+        if lease == 0 {
+            return None;
+        }
+        let attached: BTreeSet<&Vec<u8>> = self
+            .state
+            .values()
+            .filter(|kv| kv.lease == lease)
+            .map(|kv| &kv.key)
+            .collect();
+        let deleted: BTreeSet<&Vec<u8>> = seen.iter().map(|e| &e.kv.key).collect();
+        if attached != deleted || deleted.len() != seen.len() {
+            return None;
+        }
+        let keys: Vec<Vec<u8>> = attached.into_iter().cloned().collect();
+        let mut events = Vec::new();
+        for k in keys {
+            self.delete(&k, &[], rev, &mut events);
+        }
+        self.dead.insert(lease);
+        Some(events)
+    }
+
+    fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        rev: i64,
+        events: &mut Vec<Event>,
+    ) -> Option<Kv> {
         let prev = self.state.get(key).cloned();
         let kv = Kv {
             key: key.to_vec(),
@@ -82,6 +129,7 @@ impl Model {
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
             mod_revision: rev,
             version: prev.as_ref().map_or(1, |p| p.version + 1),
+            lease,
         };
         self.state.insert(key.to_vec(), kv.clone());
         events.push(Event {
@@ -110,6 +158,7 @@ impl Model {
                         create_revision: 0,
                         mod_revision: rev,
                         version: 0,
+                        lease: 0,
                     },
                     prev: Some(old.clone()),
                 });

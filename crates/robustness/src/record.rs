@@ -16,6 +16,8 @@ pub struct Kv {
     pub mod_revision: i64,
     /// 1 on create, +1 per modification.
     pub version: i64,
+    /// The lease the key is attached to (0: none).
+    pub lease: i64,
 }
 
 /// One operation inside a txn branch (single keys only, so a branch never writes a key twice).
@@ -68,6 +70,23 @@ pub enum Request {
         /// End (exclusive), etcd convention.
         range_end: Vec<u8>,
     },
+    /// Put with `prev_kv` attaching the key to `lease` (granted by the lease task, which
+    /// records no grant: grants create no revision).
+    LeasePut {
+        /// The key.
+        key: Vec<u8>,
+        /// A value unique to this request.
+        value: Vec<u8>,
+        /// The lease.
+        lease: i64,
+    },
+    /// LeaseRevoke. Its revision (if the lease still had keys) is not claimed from the
+    /// response, which cannot tell: the validator resolves it from the reference watcher as
+    /// it does an expiry (all of one lease's keys deleted in one revision).
+    Revoke {
+        /// The lease.
+        lease: i64,
+    },
     /// Txn: every compare holds ⇒ `success`, else `failure`.
     Txn {
         /// Compares (all must hold).
@@ -109,6 +128,8 @@ pub enum AckDetail {
         /// `prev_kvs` (what was deleted).
         prev: Vec<Kv>,
     },
+    /// LeaseRevoke response (the header revision only).
+    Revoke,
     /// Txn response.
     Txn {
         /// Which branch ran.
@@ -124,6 +145,8 @@ impl AckDetail {
         match self {
             AckDetail::Put { .. } => true,
             AckDetail::DeleteRange { prev } => !prev.is_empty(),
+            // Unknown from the response; see `Request::Revoke`.
+            AckDetail::Revoke => false,
             AckDetail::Txn { results, .. } => results.iter().any(|r| match r {
                 TxnOpResult::Put { .. } => true,
                 TxnOpResult::Delete { prev } => !prev.is_empty(),

@@ -50,6 +50,8 @@ pub struct Report {
     pub progress_checked: usize,
     /// Sessions ended by a compaction cancel.
     pub compacted_cancels: usize,
+    /// Revisions that were a lease's expiry or revoke (all its keys, one revision).
+    pub lease_ends: usize,
 }
 
 /// Most violations reported per run (the first ones explain the rest).
@@ -124,6 +126,17 @@ pub fn validate(run: &RunRecord) -> Report {
     for rev in 2..=final_revision {
         if let Some(&i) = claims.get(&rev) {
             let w = &run.writes[i];
+            if let crate::record::Request::LeasePut { lease, .. } = &w.request
+                && model.dead.contains(lease)
+            {
+                v.push(violation(
+                    None,
+                    format!(
+                        "lease: write #{i} attached a key to lease {lease} at revision {rev}, \
+                         after that lease's keys were deleted by its expiry or revoke"
+                    ),
+                ));
+            }
             let applied = model.apply(&w.request, rev);
             if let Outcome::Ack { detail, .. } = &w.outcome
                 && *detail != applied.expected
@@ -160,6 +173,16 @@ pub fn validate(run: &RunRecord) -> Report {
             let applied = m.apply(&run.writes[*i].request, rev);
             same_events(&applied.events, seen)
         });
+        // Not a write of the runner: then it must be a lease's expiry or revoke.
+        let ended = match found {
+            Some(_) => None,
+            None => model.end_lease(rev, seen),
+        };
+        if let Some(events) = ended {
+            report.lease_ends += 1;
+            history.insert(rev, events);
+            continue;
+        }
         match found {
             Some(i) => {
                 used.insert(i);
@@ -171,8 +194,13 @@ pub fn validate(run: &RunRecord) -> Report {
                     None,
                     format!(
                         "revision {rev}: the events {:?} match no write the runner issued \
-                         (validation stops at revision {})",
+                         nor a whole lease's keys (model: {:?}; server prev_kv: {:?}; \
+                         validation stops at revision {})",
                         seen.iter().map(|e| short(e)).collect::<Vec<_>>(),
+                        seen.iter()
+                            .map(|e| model.state.get(&e.kv.key))
+                            .collect::<Vec<_>>(),
+                        seen.iter().map(|e| e.prev.as_ref()).collect::<Vec<_>>(),
                         rev - 1
                     ),
                 ));

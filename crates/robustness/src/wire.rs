@@ -15,6 +15,7 @@ pub fn kv(k: &mvccpb::KeyValue) -> Kv {
         create_revision: k.create_revision,
         mod_revision: k.mod_revision,
         version: k.version,
+        lease: k.lease,
     }
 }
 
@@ -32,6 +33,7 @@ pub fn event(e: &mvccpb::Event) -> Event {
             create_revision: 0,
             mod_revision: 0,
             version: 0,
+            lease: 0,
         }),
         prev: e.prev_kv.as_ref().map(kv),
     }

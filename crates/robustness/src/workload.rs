@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::etcdserverpb::kv_client::KvClient;
+use watch_proto::etcdserverpb::lease_client::LeaseClient;
 use watch_proto::etcdserverpb::watch_client::WatchClient;
 
 use crate::Error;
@@ -43,6 +44,8 @@ pub struct RunConfig {
     pub streams: usize,
     /// Extra server flags.
     pub server_args: Vec<String>,
+    /// Run the lease task (leased keys that expire or are revoked; see `leaser`).
+    pub leases: bool,
 }
 
 impl RunConfig {
@@ -55,6 +58,7 @@ impl RunConfig {
             kills: 2,
             writers: 4,
             streams: 24,
+            leases: true,
             server_args: vec![
                 "--progress-interval".into(),
                 "500ms".into(),
@@ -204,9 +208,38 @@ fn gen_request(rng: &mut fastrand::Rng, writer: usize, seq: &mut u64) -> Request
     }
 }
 
-async fn execute(c: &mut KvClient<Channel>, req: &Request) -> Result<Outcome, tonic::Status> {
+async fn execute(ch: &Channel, req: &Request) -> Result<Outcome, tonic::Status> {
     let revision = |h: Option<pb::ResponseHeader>| h.map_or(0, |h| h.revision);
+    let mut c = KvClient::new(ch.clone());
     Ok(match req {
+        Request::LeasePut { key, value, lease } => {
+            let r = c
+                .put(pb::PutRequest {
+                    key: key.clone().into(),
+                    value: value.clone().into(),
+                    lease: *lease,
+                    prev_kv: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            Outcome::Ack {
+                revision: revision(r.header),
+                detail: AckDetail::Put {
+                    prev: r.prev_kv.as_ref().map(wire::kv),
+                },
+            }
+        }
+        Request::Revoke { lease } => {
+            let r = LeaseClient::new(ch.clone())
+                .lease_revoke(pb::LeaseRevokeRequest { id: *lease })
+                .await?
+                .into_inner();
+            Outcome::Ack {
+                revision: revision(r.header),
+                detail: AckDetail::Revoke,
+            }
+        }
         Request::Put { key, value } => {
             let r = c
                 .put(pb::PutRequest {
@@ -264,12 +297,12 @@ async fn writer(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(31).wrapping_add(id as u64 + 1));
     let mut seq = 0;
     let mut out = Vec::new();
-    let mut client: Option<KvClient<Channel>> = None;
+    let mut client: Option<Channel> = None;
     while sh.phase() == Phase::Running {
-        let c = match client.as_mut() {
+        let c = match client.as_ref() {
             Some(c) => c,
             None => match connect(&sh).await {
-                Some(ch) => client.insert(KvClient::new(ch)),
+                Some(ch) => client.insert(ch),
                 None => break,
             },
         };
@@ -299,6 +332,99 @@ async fn writer(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
         if rng.u8(..4) == 0 {
             tokio::time::sleep(Duration::from_millis(rng.u64(1..4))).await;
         }
+    }
+    out
+}
+
+/// TTL of the leases the lease task grants (etcd's minimum), seconds.
+const LEASE_TTL: i64 = 2;
+
+/// The lease task's own keys. They sort before every range the plain writers delete (`a/..`,
+/// `b/..`, from `b/2` on) and no plain write names them, so a revision deleting them can only
+/// be a lease's end: an unknown-outcome plain delete can never explain the same events, which
+/// would make the validator's resolution ambiguous.
+const LEASE_KEYS: &[&str] = &["L/0", "L/1", "L/2", "L/3"];
+
+/// The lease task: grants a lease (not recorded: a grant creates no revision), attaches 1–3
+/// of [`LEASE_KEYS`] to it (`LeasePut`, recorded; a key still on an earlier lease moves, which
+/// detaches it there), then revokes it (recorded) or lets it expire. Recorded as writer `id`
+/// with the writers' value scheme.
+async fn leaser(sh: Arc<Shared>, id: usize, seed: u64) -> Vec<WriteRecord> {
+    let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(17).wrapping_add(id as u64));
+    let mut seq = 0u64;
+    let mut out = Vec::new();
+    let mut client: Option<Channel> = None;
+    while sh.phase() == Phase::Running {
+        let ch = match client.as_ref() {
+            Some(c) => c.clone(),
+            None => match connect(&sh).await {
+                Some(ch) => client.insert(ch).clone(),
+                None => break,
+            },
+        };
+        let mut leases = LeaseClient::new(ch.clone());
+        let grant = leases.lease_grant(pb::LeaseGrantRequest {
+            ttl: LEASE_TTL,
+            id: 0,
+        });
+        let lease = match tokio::time::timeout(REQUEST_GUARD, grant).await {
+            Ok(Ok(r)) => r.into_inner().id,
+            _ => {
+                // The server is down or restarting: reconnect, without spinning.
+                client = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut keys: Vec<Vec<u8>> = LEASE_KEYS.iter().map(|k| k.as_bytes().to_vec()).collect();
+        rng.shuffle(&mut keys);
+        keys.truncate(rng.usize(1..=3));
+        let mut requests: Vec<Request> = keys
+            .into_iter()
+            .map(|key| {
+                seq += 1;
+                Request::LeasePut {
+                    key,
+                    value: format!("w{id}-{seq}").into_bytes(),
+                    lease,
+                }
+            })
+            .collect();
+        if rng.bool() {
+            requests.push(Request::Revoke { lease });
+        }
+        for request in requests {
+            if sh.phase() != Phase::Running {
+                break;
+            }
+            let sent = sh.start.elapsed();
+            let outcome = match tokio::time::timeout(REQUEST_GUARD, execute(&ch, &request)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(status)) if wire::definite(&status) => Outcome::Refused(status.to_string()),
+                Ok(Err(status)) => {
+                    client = None;
+                    Outcome::Unknown(status.to_string())
+                }
+                Err(_) => {
+                    client = None;
+                    Outcome::Unknown("timed out".into())
+                }
+            };
+            if let Outcome::Ack { revision, .. } = &outcome {
+                sh.head.fetch_max(*revision, Ordering::Relaxed);
+            }
+            let failed = !matches!(outcome, Outcome::Ack { .. });
+            out.push(WriteRecord {
+                writer: id,
+                sent,
+                request,
+                outcome,
+            });
+            if failed {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(20..200))).await;
     }
     out
 }
@@ -693,9 +819,12 @@ pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
     )));
     next_id += 1;
 
-    let writers: Vec<_> = (0..cfg.writers)
+    let mut writers: Vec<_> = (0..cfg.writers)
         .map(|i| tokio::spawn(writer(sh.clone(), i, cfg.seed)))
         .collect();
+    if cfg.leases {
+        writers.push(tokio::spawn(leaser(sh.clone(), cfg.writers, cfg.seed)));
+    }
     let compactor = tokio::spawn(compactor(sh.clone(), cfg.seed));
 
     // Streams open at random times; kills at spread-out random times.

@@ -16,6 +16,7 @@ fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64) -> Kv {
         create_revision: create,
         mod_revision: modr,
         version,
+        lease: 0,
     }
 }
 
@@ -296,4 +297,101 @@ fn a_watcher_that_never_catches_up_is_caught() {
     run.watchers[0].sessions[1].end = SessionEnd::Closed;
     responses(&mut run, 1).pop();
     assert_violation(&run, "never caught up");
+}
+
+fn leased(key: &str, value: &str, create: i64, modr: i64, version: i64, lease: i64) -> Kv {
+    Kv {
+        lease,
+        ..kv(key, value, create, modr, version)
+    }
+}
+
+/// Lease 9: c @2 and d @3 attached, then both deleted at 4 by its expiry (no write claims 4);
+/// the reference watcher saw it all and drained to 4.
+fn lease_run() -> RunRecord {
+    let c = leased("c", "1", 2, 2, 1, 9);
+    let d = leased("d", "1", 3, 3, 1, 9);
+    let lease_put = |key: &str, rev: i64| {
+        write(
+            Request::LeasePut {
+                key: key.into(),
+                value: "1".into(),
+                lease: 9,
+            },
+            Outcome::Ack {
+                revision: rev,
+                detail: AckDetail::Put { prev: None },
+            },
+        )
+    };
+    let watcher = WatcherRecord {
+        id: 0,
+        spec: WatchSpec {
+            key: vec![0],
+            range_end: vec![0],
+            prev_kv: true,
+            no_put: false,
+            no_delete: false,
+            progress_notify: false,
+        },
+        behaviour: "test".into(),
+        reference: true,
+        sessions: vec![Session {
+            start_revision: 1,
+            created_revision: Some(1),
+            responses: vec![
+                events(vec![put_ev(c.clone(), None)]),
+                events(vec![put_ev(d.clone(), None)]),
+                events(vec![del_ev("c", 4, Some(c)), del_ev("d", 4, Some(d))]),
+                Response::Progress { revision: 4 },
+            ],
+            end: SessionEnd::Drained(4),
+        }],
+    };
+    RunRecord {
+        seed: 9,
+        writes: vec![lease_put("c", 2), lease_put("d", 3)],
+        watchers: vec![watcher],
+        compactions: Vec::new(),
+        final_range: Some((4, Vec::new())),
+        kills: 0,
+    }
+}
+
+#[test]
+fn a_lease_expiry_is_one_revision_of_all_its_keys() {
+    let report = validate(&lease_run());
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.lease_ends, 1);
+
+    // The lease's keys split over two revisions: neither is a whole lease, nor a write.
+    let mut run = lease_run();
+    let c = leased("c", "1", 2, 2, 1, 9);
+    let d = leased("d", "1", 3, 3, 1, 9);
+    responses(&mut run, 0)[2] = events(vec![del_ev("c", 4, Some(c))]);
+    responses(&mut run, 0).insert(3, events(vec![del_ev("d", 5, Some(d))]));
+    responses(&mut run, 0)[4] = Response::Progress { revision: 5 };
+    run.watchers[0].sessions[0].end = SessionEnd::Drained(5);
+    run.final_range = Some((5, Vec::new()));
+    assert_violation(&run, "match no write");
+
+    // A key attached to the lease after its expiry.
+    let mut run = lease_run();
+    run.writes.push(write(
+        Request::LeasePut {
+            key: "e".into(),
+            value: "2".into(),
+            lease: 9,
+        },
+        Outcome::Ack {
+            revision: 5,
+            detail: AckDetail::Put { prev: None },
+        },
+    ));
+    let e = leased("e", "2", 5, 5, 1, 9);
+    responses(&mut run, 0)[3] = events(vec![put_ev(e.clone(), None)]);
+    responses(&mut run, 0).push(Response::Progress { revision: 5 });
+    run.watchers[0].sessions[0].end = SessionEnd::Drained(5);
+    run.final_range = Some((5, vec![e]));
+    assert_violation(&run, "lease:");
 }

@@ -48,6 +48,10 @@ pub enum EtcdError {
     TooManyRequests,
     /// A request names a lease that does not exist.
     LeaseNotFound,
+    /// A lease grant asks for an ID already in use.
+    LeaseExists,
+    /// A lease grant asks for a TTL above etcd's maximum (9,000,000,000 s).
+    LeaseTtlTooLarge,
     /// No leader is known (returned to `hasleader` streams).
     NoLeader,
     /// The server is shutting down.
@@ -97,6 +101,8 @@ impl EtcdError {
             Self::PermissionDenied => Code::PermissionDenied,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::LeaseNotFound => Code::NotFound,
+            Self::LeaseExists => Code::FailedPrecondition,
+            Self::LeaseTtlTooLarge => Code::OutOfRange,
             Self::NoLeader | Self::Stopped | Self::Starting | Self::TokenSource => {
                 Code::Unavailable
             }
@@ -120,6 +126,8 @@ impl EtcdError {
             Self::RequestTooLarge => "etcdserver: request is too large",
             Self::TooManyRequests => "etcdserver: too many requests",
             Self::LeaseNotFound => "etcdserver: requested lease not found",
+            Self::LeaseExists => "etcdserver: lease already exists",
+            Self::LeaseTtlTooLarge => "etcdserver: too large lease TTL",
             Self::NoLeader => "etcdserver: no leader",
             Self::Stopped => "etcdserver: server stopped",
             Self::AuthNotEnabled => "etcdserver: authentication is not enabled",
@@ -317,6 +325,16 @@ mod tests {
             EtcdError::LeaseNotFound.into(),
             Code::NotFound,
             "etcdserver: requested lease not found",
+        );
+        check(
+            EtcdError::LeaseExists.into(),
+            Code::FailedPrecondition,
+            "etcdserver: lease already exists",
+        );
+        check(
+            EtcdError::LeaseTtlTooLarge.into(),
+            Code::OutOfRange,
+            "etcdserver: too large lease TTL",
         );
         check(
             EtcdError::NoLeader.into(),

@@ -111,6 +111,10 @@ pub struct Cli {
     /// Revisions queued per watcher before it is caught up from the log (default 64).
     #[arg(long, env = "KEYWATCH_WATCH_BUFFER")]
     pub watch_buffer: Option<u32>,
+    /// Most leases alive at once; a grant beyond it fails with RESOURCE_EXHAUSTED
+    /// (default 1000000).
+    #[arg(long, env = "KEYWATCH_MAX_LEASES")]
+    pub max_leases: Option<usize>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -230,6 +234,7 @@ pub struct FileConfig {
     pub auth_max_queued_logins: Option<usize>,
     /// Users and roles; its presence turns authentication on.
     pub auth: Option<crate::auth::AuthFileConfig>,
+    pub max_leases: Option<usize>,
 }
 
 /// The resolved server configuration.
@@ -276,6 +281,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsSettings>,
     /// Users and roles; `None`: authentication off.
     pub auth: Option<crate::auth::AuthSettings>,
+    /// Most leases alive at once.
+    pub max_leases: usize,
 }
 
 impl Default for ServerConfig {
@@ -301,6 +308,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             tls: None,
             auth: None,
+            max_leases: 1_000_000,
         }
     }
 }
@@ -516,6 +524,7 @@ impl ServerConfig {
                     None
                 }
             },
+            max_leases: cli.max_leases.or(file.max_leases).unwrap_or(d.max_leases),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -558,6 +567,7 @@ impl ServerConfig {
                 message: "needs --upstream (mirror mode)".to_owned(),
             });
         }
+        positive("max_leases", c.max_leases)?;
         Ok(c)
     }
 
@@ -586,6 +596,7 @@ impl ServerConfig {
             .max_txn_ops(self.max_txn_ops)
             .max_watchers(self.max_watchers)
             .progress_interval(self.progress_interval)
+            .max_leases(self.max_leases)
     }
 }
 
@@ -610,6 +621,15 @@ mod tests {
         assert_eq!(c.durability, Durability::NoSync);
         assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.max_leases, 1_000_000);
+        let file: FileConfig = toml::from_str("max_leases = 5").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file).unwrap();
+        assert_eq!(c.store_config().max_leases, 5);
+        let cli = Cli {
+            max_leases: Some(0),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
         assert!(c.mirror_config().is_none());
     }
 

@@ -40,11 +40,32 @@ pub enum StoreError {
         /// The store's current revision.
         current: Revision,
     },
-    /// A put named a lease; this store has no leases yet, so every lease is unknown.
+    /// A put or a lease request named a lease that does not exist (never granted, revoked or
+    /// expired).
     #[error("requested lease {lease} not found")]
     LeaseNotFound {
         /// The lease ID asked for.
         lease: i64,
+    },
+    /// A lease grant asked for an ID that is already in use.
+    #[error("lease {lease} already exists")]
+    LeaseExists {
+        /// The lease ID asked for.
+        lease: i64,
+    },
+    /// A lease grant asked for a TTL above the maximum.
+    #[error("lease TTL {ttl}s is too large (maximum {max}s)")]
+    LeaseTtlTooLarge {
+        /// The TTL asked for, in seconds.
+        ttl: i64,
+        /// [`crate::store::MAX_LEASE_TTL`], in seconds.
+        max: i64,
+    },
+    /// A lease grant would exceed [`crate::StoreConfig::max_leases`].
+    #[error("too many leases (limit {limit})")]
+    TooManyLeases {
+        /// The configured limit.
+        limit: usize,
     },
     /// A put with `ignore_value` or `ignore_lease` on a key that does not exist.
     #[error("key not found")]
@@ -78,6 +99,14 @@ pub enum StoreError {
         /// The snapshot file.
         path: String,
         /// The I/O or decoding error.
+        message: String,
+    },
+    /// Opening or reading the lease records file (`leases.redb`) failed.
+    #[error("lease records {path}: {message}")]
+    LeaseFile {
+        /// The file.
+        path: String,
+        /// The storage error.
         message: String,
     },
     /// The data directory holds a log and a snapshot that do not fit together (the log was

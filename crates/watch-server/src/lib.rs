@@ -5,11 +5,13 @@
 //!   durable event log plus a state snapshot), rebuilds the key-value state and serves etcd's
 //!   KV model (put, range, delete, txn, compact; one revision per write, `create_revision`,
 //!   `mod_revision`, `version`, reads at past revisions) and watches through watch-core's
-//!   engine, with the event log as the watch history. No protobuf types in its API.
-//! - [`server`]: the gRPC services (KV, Watch, Maintenance.Status, Cluster.MemberList, Auth's
-//!   Authenticate and AuthStatus; Lease answers with a clear status), a thin translation over
-//!   the store, plus gRPC health ([`server::HealthHandle`]) and reflection, Prometheus metrics
-//!   ([`server::metrics`]) and the startup/shutdown lifecycle ([`server::Server`]).
+//!   engine, with the event log as the watch history; and etcd's leases (grant, revoke,
+//!   keep-alive, time-to-live; a revoked or expired lease's keys are deleted in one revision).
+//!   No protobuf types in its API.
+//! - [`server`]: the gRPC services (KV, Watch, Lease, Maintenance.Status, Cluster.MemberList,
+//!   Auth's Authenticate and AuthStatus), a thin translation over the store, plus gRPC health
+//!   ([`server::HealthHandle`]) and reflection, Prometheus metrics ([`server::metrics`]) and
+//!   the startup/shutdown lifecycle ([`server::Server`]).
 //! - [`auth`]: users and roles from the config file, tokens, and the key-range permission
 //!   check every KV request and watch create passes ([`auth::Gate`]).
 //! - [`tls`]: TLS and mutual TLS for the listener (rustls through tonic).

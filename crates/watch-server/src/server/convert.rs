@@ -45,6 +45,10 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::Compacted { .. } => EtcdError::Compacted.status(),
         StoreError::FutureRevision { .. } => EtcdError::FutureRevision.status(),
         StoreError::LeaseNotFound { .. } => EtcdError::LeaseNotFound.status(),
+        StoreError::LeaseExists { .. } => EtcdError::LeaseExists.status(),
+        StoreError::LeaseTtlTooLarge { .. } => EtcdError::LeaseTtlTooLarge.status(),
+        // keywatch's own limit (etcd has none): the error's text, as for too many watchers.
+        StoreError::TooManyLeases { .. } => Status::resource_exhausted(e.to_string()),
         StoreError::KeyNotFound => EtcdError::KeyNotFound.status(),
         StoreError::ValueProvided => EtcdError::ValueProvided.status(),
         StoreError::LeaseProvided => EtcdError::LeaseProvided.status(),
@@ -56,6 +60,7 @@ pub fn store_status(e: &StoreError) -> Status {
         StoreError::Log(l) => from_log_error(l),
         StoreError::Inconsistent(_) => EtcdError::Corrupt.status(),
         StoreError::Snapshot { .. } => Status::unavailable(e.to_string()),
+        StoreError::LeaseFile { .. } => Status::unavailable(e.to_string()),
         StoreError::MirrorReadOnly | StoreError::OutsideMirror { .. } => {
             Status::failed_precondition(e.to_string())
         }

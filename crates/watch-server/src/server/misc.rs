@@ -1,9 +1,6 @@
-//! Maintenance.Status, Cluster.MemberList, and the services keywatch does not implement yet
-//! (Lease), which answer with a clear status instead of a transport error.
+//! Maintenance.Status and Cluster.MemberList.
 
-use std::pin::Pin;
-
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use watch_proto::etcdserverpb as pb;
 
 use super::convert::{self, MEMBER_ID, RAFT_TERM};
@@ -81,51 +78,5 @@ impl pb::cluster_server::Cluster for ClusterService {
                 is_learner: false,
             }],
         }))
-    }
-}
-
-fn no_leases() -> Status {
-    Status::unimplemented("keywatch: leases are not implemented yet")
-}
-
-/// etcd's `Lease` service: every method answers UNIMPLEMENTED (leases are not implemented).
-#[derive(Debug, Clone, Default)]
-pub struct LeaseService;
-
-type KeepAliveStream =
-    Pin<Box<dyn futures_core::Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::lease_server::Lease for LeaseService {
-    async fn lease_grant(
-        &self,
-        _request: Request<pb::LeaseGrantRequest>,
-    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        Err(no_leases())
-    }
-    async fn lease_revoke(
-        &self,
-        _request: Request<pb::LeaseRevokeRequest>,
-    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        Err(no_leases())
-    }
-    type LeaseKeepAliveStream = KeepAliveStream;
-    async fn lease_keep_alive(
-        &self,
-        _request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
-    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        Err(no_leases())
-    }
-    async fn lease_time_to_live(
-        &self,
-        _request: Request<pb::LeaseTimeToLiveRequest>,
-    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        Err(no_leases())
-    }
-    async fn lease_leases(
-        &self,
-        _request: Request<pb::LeaseLeasesRequest>,
-    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        Err(no_leases())
     }
 }

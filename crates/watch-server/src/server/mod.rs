@@ -24,6 +24,7 @@ pub mod convert;
 mod cut;
 mod health;
 pub mod kv;
+pub mod lease;
 pub mod metrics;
 pub mod misc;
 pub mod watch;
@@ -48,7 +49,8 @@ pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
-pub use misc::{ClusterService, ETCD_VERSION, LeaseService, MaintenanceService};
+pub use lease::LeaseService;
+pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -276,7 +278,10 @@ impl Server {
                             .max_decoding_message_size(recv_limit)
                             .max_encoding_message_size(usize::MAX),
                         );
-                        lease.fill(pb::lease_server::LeaseServer::new(LeaseService));
+                        lease.fill(pb::lease_server::LeaseServer::new(LeaseService::new(
+                            store.clone(),
+                            stop_rx.clone(),
+                        )));
                     }
                 }
                 watch.fill(

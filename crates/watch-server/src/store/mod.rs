@@ -25,10 +25,18 @@
 //!
 //! # Tasks
 //!
-//! [`Store::open`] spawns two tasks on the current tokio runtime: the watch engine's dispatcher
-//! and the publisher. [`Store::close`] (or dropping every clone) stops both.
+//! [`Store::open`] spawns three tasks on the current tokio runtime: the watch engine's
+//! dispatcher, the publisher and the lease expiry task, and one OS thread that writes lease
+//! grants ([`LEASES_FILE`]). [`Store::close`] (or dropping every clone) stops them.
+//!
+//! # Leases
+//!
+//! [`Store::lease_grant`] and friends: etcd's leases. A revoked or expired lease's keys are
+//! deleted in one revision through the write path above; see `lease.rs` for storage, crash
+//! consistency and the restart rule.
 
 mod clock;
+mod lease;
 mod mirror;
 mod snapshot;
 mod state;
@@ -47,6 +55,8 @@ use watch_core::{
 };
 
 use crate::error::StoreError;
+use lease::Leases;
+pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
@@ -77,6 +87,11 @@ pub struct StoreConfig {
     /// Interval of progress notifications for watchers that asked for them (etcd default
     /// 10 minutes; the engine adds 0–10 % jitter).
     pub progress_interval: Duration,
+    /// Most leases alive at once; a grant beyond it fails with
+    /// [`StoreError::TooManyLeases`].
+    pub max_leases: usize,
+    /// Smallest lease TTL in seconds; shorter grants are raised to it (etcd's default: 2).
+    pub min_lease_ttl: i64,
 }
 
 impl Default for StoreConfig {
@@ -86,6 +101,8 @@ impl Default for StoreConfig {
             max_txn_ops: 128,
             max_watchers: 1_000_000,
             progress_interval: Duration::from_secs(600),
+            max_leases: 1_000_000,
+            min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
         }
     }
 }
@@ -109,6 +126,16 @@ impl StoreConfig {
     /// Sets [`StoreConfig::progress_interval`].
     pub fn progress_interval(mut self, d: Duration) -> Self {
         self.progress_interval = d;
+        self
+    }
+    /// Sets [`StoreConfig::max_leases`].
+    pub fn max_leases(mut self, n: usize) -> Self {
+        self.max_leases = n;
+        self
+    }
+    /// Sets [`StoreConfig::min_lease_ttl`] (seconds, at least 1).
+    pub fn min_lease_ttl(mut self, seconds: i64) -> Self {
+        self.min_lease_ttl = seconds.max(1);
         self
     }
 }
@@ -148,6 +175,13 @@ struct Inner {
     /// Taken by `close`; writers clone it under `write_lock`.
     pipeline: parking_lot::Mutex<Option<mpsc::Sender<Pending>>>,
     durable: watch::Receiver<Durable>,
+    /// Shared with the publisher; also written by the lease code to record a failed lease
+    /// records commit (fail-stop).
+    durable_tx: Arc<watch::Sender<Durable>>,
+    /// Leases (see `lease.rs`); shared with the expiry task.
+    leases: Arc<Leases>,
+    /// The expiry task, awaited by `close`.
+    expiry: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Current compaction revision (0: never compacted).
     compacted: AtomicU64,
     /// Revision of the snapshot on disk (0: none).
@@ -166,6 +200,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Ends the dispatcher task; the publisher ends when the pipeline sender drops.
         self.engine.shutdown();
+        self.leases.stop();
     }
 }
 
@@ -236,7 +271,9 @@ impl Store {
         };
         let dir2 = dir.clone();
         // Opening and replaying read the disk: keep them off the async workers.
-        let (log, state, snap_rev) = tokio::task::spawn_blocking(move || {
+        let durable_leases = config.durability == Durability::Fsync;
+        let (min_ttl, max_leases) = (config.min_lease_ttl.max(1), config.max_leases);
+        let (log, state, snap_rev, leases) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir2).map_err(|e| StoreError::Snapshot {
                 path: dir2.display().to_string(),
                 message: e.to_string(),
@@ -251,6 +288,7 @@ impl Store {
                 snap_rev = rev;
                 state.revision = rev;
                 state.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+                state.index_leases();
             }
             let compacted = log.compacted_revision();
             if compacted > snap_rev + 1 {
@@ -263,7 +301,8 @@ impl Store {
                 state.apply(&cs?);
             }
             state.revision = state.revision.max(log.last_revision()).max(1);
-            Ok::<_, StoreError>((log, state, snap_rev))
+            let leases = Leases::open(&dir2, durable_leases, min_ttl, max_leases)?;
+            Ok::<_, StoreError>((log, state, snap_rev, leases))
         })
         .await
         .map_err(|e| StoreError::Inconsistent(format!("open task failed: {e}")))??;
@@ -283,13 +322,15 @@ impl Store {
             failed: None,
         });
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+        let durable_tx = Arc::new(durable_tx);
         // A mirror's floor (see `mirror`): history below it was never mirrored.
-        let compacted = log.compacted_revision().max(mirror::load_floor(&dir)?);
+        let floor = mirror::load_floor(&dir)?;
+        let compacted = log.compacted_revision().max(floor);
         let published = Arc::new(clock::PublishClock::new());
         let publisher = tokio::spawn(publish_loop(
             rx,
             engine.clone(),
-            durable_tx,
+            durable_tx.clone(),
             published.clone(),
         ));
         tracing::info!(
@@ -297,9 +338,10 @@ impl Store {
             revision,
             compacted,
             keys = state.map.len(),
+            leases = leases.count(),
             "store opened"
         );
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 dir,
                 config,
@@ -310,6 +352,9 @@ impl Store {
                 compact_lock: tokio::sync::Mutex::new(()),
                 pipeline: parking_lot::Mutex::new(Some(tx)),
                 durable: durable_rx,
+                durable_tx,
+                leases: Arc::new(leases),
+                expiry: parking_lot::Mutex::new(None),
                 compacted: AtomicU64::new(compacted),
                 snapshot_revision: AtomicU64::new(snap_rev),
                 closed: AtomicBool::new(false),
@@ -317,7 +362,14 @@ impl Store {
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
                 published,
             }),
-        })
+        };
+        // A mirror's keys carry the upstream etcd's lease IDs, which this store never granted
+        // (Lease RPCs go upstream): they are not orphans, and a mirror writes nothing of its own.
+        if floor == 0 {
+            store.remove_orphans().await?;
+        }
+        *store.inner.expiry.lock() = Some(store.spawn_expiry());
+        Ok(store)
     }
 
     /// Time since `revision` was published to the watch engine, if it is one of the last 4096
@@ -365,7 +417,7 @@ impl Store {
 
     /// Bytes the data directory's files take on disk (event log and snapshot).
     pub fn disk_size(&self) -> u64 {
-        [event_log::STORE_FILE, SNAPSHOT_FILE]
+        [event_log::STORE_FILE, SNAPSHOT_FILE, LEASES_FILE]
             .iter()
             .filter_map(|f| std::fs::metadata(self.inner.dir.join(f)).ok())
             .map(|m| m.len())
@@ -620,7 +672,8 @@ impl Store {
             .ok_or(StoreError::Closed)?;
         let (result, changes) = {
             let st = self.inner.state.read();
-            Exec::new(&st, &history).run(&req)?
+            let leases = &self.inner.leases;
+            Exec::new(&st, &history, &|id| leases.exists(id)).run(&req)?
         };
         let Some(cs) = changes else {
             drop(guard);
@@ -731,6 +784,12 @@ impl Store {
     /// dropped; only then can the directory be opened again.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.inner.closed.store(true, Ordering::Release);
+        // The expiry task finishes the batch it is revoking (it holds the write lock for it).
+        self.inner.leases.stop();
+        let expiry = self.inner.expiry.lock().take();
+        if let Some(expiry) = expiry {
+            let _ = expiry.await;
+        }
         {
             // Waits for a writer in the middle of queueing; later writers see `closed`.
             let _w = self.inner.write_lock.lock().await;
@@ -746,10 +805,14 @@ impl Store {
             let _ = dispatcher.await;
         }
         let log = self.inner.log.clone();
-        tokio::task::spawn_blocking(move || log.close())
-            .await
-            .map_err(|e| StoreError::Inconsistent(format!("close task failed: {e}")))?
-            .map_err(log_err)
+        let leases = self.inner.leases.clone();
+        tokio::task::spawn_blocking(move || {
+            leases.close_db();
+            log.close()
+        })
+        .await
+        .map_err(|e| StoreError::Inconsistent(format!("close task failed: {e}")))?
+        .map_err(log_err)
     }
 }
 
@@ -758,7 +821,7 @@ impl Store {
 async fn publish_loop(
     mut rx: mpsc::Receiver<Pending>,
     engine: WatchEngine,
-    durable: watch::Sender<Durable>,
+    durable: Arc<watch::Sender<Durable>>,
     published: Arc<clock::PublishClock>,
 ) {
     while let Some((cs, ack)) = rx.recv().await {

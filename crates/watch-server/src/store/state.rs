@@ -1,7 +1,7 @@
 //! The in-memory key-value state and the pure (lock-free, I/O-free) txn logic over it:
 //! validation, compares, range options and the execution that yields one change set.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use bytes::Bytes;
 use watch_core::{ChangeSet, Event, EventKind, KeyValue, Revision};
@@ -18,22 +18,52 @@ pub(crate) struct KvState {
     pub(crate) map: BTreeMap<Bytes, KeyValue>,
     /// The revision of the last applied change set (1 for a fresh store, as etcd).
     pub(crate) revision: Revision,
+    /// Lease ID -> the keys attached to it (every key of `map` whose `lease != 0`, and only
+    /// those). Maintained by [`KvState::apply`], so a log replay rebuilds it.
+    pub(crate) leased: HashMap<i64, BTreeSet<Bytes>>,
 }
 
 impl KvState {
     /// Applies a committed change set (from a write or a log replay).
     pub(crate) fn apply(&mut self, cs: &ChangeSet) {
         for e in &cs.events {
-            match e.kind {
+            let old = match e.kind {
                 EventKind::Put => {
-                    self.map.insert(e.kv.key.clone(), e.kv.clone());
+                    let old = self.map.insert(e.kv.key.clone(), e.kv.clone());
+                    if e.kv.lease != 0 && old.as_ref().is_none_or(|o| o.lease != e.kv.lease) {
+                        self.leased
+                            .entry(e.kv.lease)
+                            .or_default()
+                            .insert(e.kv.key.clone());
+                    }
+                    old.filter(|o| o.lease != e.kv.lease)
                 }
-                EventKind::Delete => {
-                    self.map.remove(&e.kv.key);
-                }
+                EventKind::Delete => self.map.remove(&e.kv.key),
+            };
+            if let Some(old) = old.filter(|o| o.lease != 0) {
+                self.detach(old.lease, &old.key);
             }
         }
         self.revision = self.revision.max(cs.revision);
+    }
+
+    fn detach(&mut self, lease: i64, key: &Bytes) {
+        if let Some(keys) = self.leased.get_mut(&lease) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.leased.remove(&lease);
+            }
+        }
+    }
+
+    /// Rebuilds the lease index from `map` (after loading a snapshot into `map`).
+    pub(crate) fn index_leases(&mut self) {
+        self.leased.clear();
+        for (key, kv) in &self.map {
+            if kv.lease != 0 {
+                self.leased.entry(kv.lease).or_default().insert(key.clone());
+            }
+        }
     }
 
     /// The key-values of `range`, in key order.
@@ -50,34 +80,18 @@ impl KvState {
 pub(crate) type HistoricReads = HashMap<(KeyRange, Revision), Vec<KeyValue>>;
 
 /// Static checks of a txn (etcd's `checkTxnRequest` and `checkIntervals`): sizes, empty keys,
-/// put flags, and no key written twice in one branch.
+/// put flags, and no key written twice in one branch. Whether a named lease exists is checked
+/// when the op runs.
 pub(crate) fn validate_txn(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
-    validate_shape(req, max_ops)?;
-    check_leases(req.success.iter().chain(&req.failure))
+    validate_shape(req, max_ops)
 }
 
-/// The checks etcd makes in its gRPC layer, before authorization: [`validate_txn`] without
-/// the lease lookup (etcd looks leases up when applying, after the permission checks).
+/// The checks etcd makes in its gRPC layer, before authorization (the lease lookup comes
+/// after it, when the op runs, in both).
 pub(crate) fn validate_shape(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
     check_txn(req, max_ops)?;
     check_intervals(&req.success)?;
     check_intervals(&req.failure)?;
-    Ok(())
-}
-
-/// A put naming a lease fails: no lease can exist yet (the Lease service is not implemented).
-fn check_leases<'a>(ops: impl Iterator<Item = &'a TxnOp>) -> Result<(), StoreError> {
-    for op in ops {
-        match op {
-            TxnOp::Put { options, .. } if options.lease != 0 => {
-                return Err(StoreError::LeaseNotFound {
-                    lease: options.lease,
-                });
-            }
-            TxnOp::Txn(t) => check_leases(t.success.iter().chain(&t.failure))?,
-            _ => {}
-        }
-    }
     Ok(())
 }
 
@@ -120,6 +134,8 @@ pub(crate) fn check_op(op: &TxnOp, max_ops: usize) -> Result<(), StoreError> {
             if options.ignore_lease && options.lease != 0 {
                 return Err(StoreError::LeaseProvided);
             }
+            // Whether `options.lease` exists is checked when the op runs ([`Exec`]), under the
+            // write lock, so a revoke cannot slip in between the check and the write.
             Ok(())
         }
         TxnOp::Delete { range, .. } if range.key.is_empty() => Err(StoreError::EmptyKey),
@@ -249,10 +265,14 @@ pub(crate) fn finish_range(
     }
 }
 
+/// Answers whether a lease exists (the lessor's view, read under the store's write lock).
+pub(crate) type LeaseExists<'a> = &'a dyn Fn(i64) -> bool;
+
 /// One txn's execution over the state: reads see the txn's own earlier writes.
 pub(crate) struct Exec<'a> {
     base: &'a KvState,
     history: &'a HistoricReads,
+    lease_exists: LeaseExists<'a>,
     /// Writes of this txn so far: key -> new value (`None`: deleted).
     overlay: BTreeMap<Bytes, Option<KeyValue>>,
     events: Vec<Event>,
@@ -261,10 +281,15 @@ pub(crate) struct Exec<'a> {
 }
 
 impl<'a> Exec<'a> {
-    pub(crate) fn new(base: &'a KvState, history: &'a HistoricReads) -> Self {
+    pub(crate) fn new(
+        base: &'a KvState,
+        history: &'a HistoricReads,
+        lease_exists: LeaseExists<'a>,
+    ) -> Self {
         Self {
             base,
             history,
+            lease_exists,
             overlay: BTreeMap::new(),
             events: Vec::new(),
             rev: base.revision + 1,
@@ -354,6 +379,11 @@ impl<'a> Exec<'a> {
                 let prev = self.get(key).cloned();
                 if (options.ignore_value || options.ignore_lease) && prev.is_none() {
                     return Err(StoreError::KeyNotFound);
+                }
+                if options.lease != 0 && !(self.lease_exists)(options.lease) {
+                    return Err(StoreError::LeaseNotFound {
+                        lease: options.lease,
+                    });
                 }
                 // Stored bytes are private, exact-size copies: a request's `Bytes` may be a
                 // slice of a whole received gRPC buffer, which the state, the in-memory window
