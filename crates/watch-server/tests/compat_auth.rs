@@ -478,6 +478,66 @@ async fn malformed_before_auth(s: Secured) {
 }
 auth_test!(malformed_before_auth);
 
+// Leases: revoking one needs write on every key attached to it, and so does attaching it to
+// another key (etcd's checkLeasePuts); root may do both.
+async fn lease_permissions(s: Secured) {
+    let mut root = s.client("root", "rootpw").await;
+    let secret = root.lease_grant(60, None).await.expect("grant").id();
+    root.put(
+        "/other/secret",
+        "s",
+        Some(PutOptions::new().with_lease(secret)),
+    )
+    .await
+    .expect("leased put");
+    let mut alice = s.client("alice", "alicepw").await;
+    assert_status(
+        alice.lease_revoke(secret).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice
+            .put("/app/l", "x", Some(PutOptions::new().with_lease(secret)))
+            .await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    let own = alice.lease_grant(60, None).await.expect("grant").id();
+    alice
+        .put("/app/l", "x", Some(PutOptions::new().with_lease(own)))
+        .await
+        .expect("leased put on a granted key");
+    alice.lease_revoke(own).await.expect("revoke own lease");
+    assert_eq!(value(&mut root, "/app/l").await, None);
+    if s.server.target == Target::Keywatch {
+        // Stricter than etcd 3.4.23, which checks nothing on these: a valid token for every
+        // Lease RPC, and read on every key for a time-to-live that lists them.
+        let mut anon = s.anonymous().await;
+        assert_status(
+            anon.lease_grant(60, None).await,
+            Code::InvalidArgument,
+            USER_EMPTY,
+        );
+        assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
+        assert_status(
+            anon.lease_revoke(secret).await,
+            Code::InvalidArgument,
+            USER_EMPTY,
+        );
+        assert_status(
+            alice
+                .lease_time_to_live(secret, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                .await,
+            Code::PermissionDenied,
+            DENIED,
+        );
+    }
+    root.lease_revoke(secret).await.expect("root revokes");
+    assert_eq!(value(&mut root, "/other/secret").await, None);
+}
+auth_test!(lease_permissions);
+
 async fn first_response(
     client: &mut Client,
     key: &str,

@@ -6,7 +6,7 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 use super::convert::{self, store_status};
-use crate::auth::Gate;
+use crate::auth::{Gate, Perm};
 use crate::store::{Store, TxnOp, TxnOpResult, TxnRequest};
 
 /// etcd's `KV` service over a [`Store`].
@@ -90,6 +90,11 @@ impl pb::kv_server::Kv for KvService {
         self.validate_op(&op)?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
+            // etcd's checkLeasePuts: attaching a lease needs write on the keys it holds.
+            let lease = request.get_ref().lease;
+            if lease != 0 {
+                super::lease::check_lease_keys(&self.store, &caller, Perm::Write, lease).await?;
+            }
         }
         match self.store.single(op).await.map_err(|e| store_status(&e))? {
             TxnOpResult::Put(p) => {
