@@ -3,9 +3,11 @@
 //! against it with etcd's robustness properties (`tests/robustness/validate/watch.go`):
 //! Ordered, Unique, Atomic, Reliable, Resumable, Bookmarkable (progress), prev_kv, IsCreate
 //! and filters; plus durability: every acknowledged write keeps its revision across kills and
-//! the final state equals the model.
+//! the final state equals the model; plus leases: a lease's end deletes all its keys in one
+//! revision, no key attaches to an ended lease, an acknowledged revoke's delete revision is at
+//! most its response's revision, and no final key carries an acknowledged-revoked lease.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use crate::model::Model;
@@ -122,6 +124,8 @@ pub fn validate(run: &RunRecord) -> Report {
     let mut model = Model::default();
     let mut history: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
     let mut used: HashSet<usize> = HashSet::new();
+    // Lease -> the revision that deleted its keys (its expiry or revoke).
+    let mut lease_end: HashMap<i64, i64> = HashMap::new();
     let mut known_until = final_revision;
     for rev in 2..=final_revision {
         if let Some(&i) = claims.get(&rev) {
@@ -174,11 +178,18 @@ pub fn validate(run: &RunRecord) -> Report {
             same_events(&applied.events, seen)
         });
         // Not a write of the runner: then it must be a lease's expiry or revoke.
+        let ending = seen
+            .first()
+            .and_then(|e| model.state.get(&e.kv.key))
+            .map(|kv| kv.lease);
         let ended = match found {
             Some(_) => None,
             None => model.end_lease(rev, seen),
         };
         if let Some(events) = ended {
+            if let Some(lease) = ending {
+                lease_end.insert(lease, rev);
+            }
             report.lease_ends += 1;
             history.insert(rev, events);
             continue;
@@ -228,6 +239,39 @@ pub fn validate(run: &RunRecord) -> Report {
             v.push(violation(
                 None,
                 format!("durability: final range at revision {frev} differs: {diff}"),
+            ));
+        }
+    }
+
+    // 4b. Every acknowledged revoke: its keys were deleted at or before the revision its
+    // response carried, and none of them is left attached to it at the end.
+    for (i, w) in run.writes.iter().enumerate() {
+        let (crate::record::Request::Revoke { lease }, Outcome::Ack { revision, .. }) =
+            (&w.request, &w.outcome)
+        else {
+            continue;
+        };
+        if let Some(&deleted) = lease_end.get(lease)
+            && deleted > *revision
+        {
+            v.push(violation(
+                None,
+                format!(
+                    "lease: revoke #{i} of lease {lease} was acknowledged at revision \
+                     {revision} but its keys were deleted later, at revision {deleted}"
+                ),
+            ));
+        }
+        if let Some((frev, kvs)) = &run.final_range
+            && let Some(kv) = kvs.iter().find(|kv| kv.lease == *lease)
+        {
+            v.push(violation(
+                None,
+                format!(
+                    "lease: key {} still carries lease {lease} at the final revision {frev}, \
+                     after revoke #{i} of that lease was acknowledged at revision {revision}",
+                    String::from_utf8_lossy(&kv.key)
+                ),
             ));
         }
     }

@@ -395,3 +395,32 @@ fn a_lease_expiry_is_one_revision_of_all_its_keys() {
     run.final_range = Some((5, vec![e]));
     assert_violation(&run, "lease:");
 }
+
+/// `lease_run` where the deletion at 4 is an acknowledged revoke whose response carried
+/// `ack_revision`.
+fn revoked_run(ack_revision: i64) -> RunRecord {
+    let mut run = lease_run();
+    run.writes.push(write(
+        Request::Revoke { lease: 9 },
+        Outcome::Ack {
+            revision: ack_revision,
+            detail: AckDetail::Revoke,
+        },
+    ));
+    run
+}
+
+#[test]
+fn an_acknowledged_revoke_has_deleted_its_keys() {
+    let report = validate(&revoked_run(4));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.lease_ends, 1);
+
+    // Acknowledged at 3, but its keys were only deleted at 4.
+    assert_violation(&revoked_run(3), "deleted later, at revision 4");
+
+    // A key still attached to the revoked lease in the final range (the server kept it).
+    let mut run = revoked_run(4);
+    run.final_range = Some((4, vec![leased("d", "1", 3, 3, 1, 9)]));
+    assert_violation(&run, "still carries lease 9");
+}

@@ -115,6 +115,10 @@ pub struct Cli {
     /// (default 1000000).
     #[arg(long, env = "KEYWATCH_MAX_LEASES")]
     pub max_leases: Option<usize>,
+    /// Smallest lease TTL in seconds; shorter grants are raised to it (default 2, etcd 3.4's
+    /// with its default election timeout).
+    #[arg(long, env = "KEYWATCH_MIN_LEASE_TTL")]
+    pub min_lease_ttl: Option<i64>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -235,6 +239,7 @@ pub struct FileConfig {
     /// Users and roles; its presence turns authentication on.
     pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
+    pub min_lease_ttl: Option<i64>,
 }
 
 /// The resolved server configuration.
@@ -283,6 +288,8 @@ pub struct ServerConfig {
     pub auth: Option<crate::auth::AuthSettings>,
     /// Most leases alive at once.
     pub max_leases: usize,
+    /// Smallest lease TTL in seconds (at least 1).
+    pub min_lease_ttl: i64,
 }
 
 impl Default for ServerConfig {
@@ -309,6 +316,7 @@ impl Default for ServerConfig {
             tls: None,
             auth: None,
             max_leases: 1_000_000,
+            min_lease_ttl: crate::store::DEFAULT_MIN_LEASE_TTL,
         }
     }
 }
@@ -525,6 +533,10 @@ impl ServerConfig {
                 }
             },
             max_leases: cli.max_leases.or(file.max_leases).unwrap_or(d.max_leases),
+            min_lease_ttl: cli
+                .min_lease_ttl
+                .or(file.min_lease_ttl)
+                .unwrap_or(d.min_lease_ttl),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -568,6 +580,16 @@ impl ServerConfig {
             });
         }
         positive("max_leases", c.max_leases)?;
+        if !(1..=crate::store::MAX_LEASE_TTL).contains(&c.min_lease_ttl) {
+            return Err(ConfigError::Invalid {
+                field: "min_lease_ttl",
+                message: format!(
+                    "{} is not between 1 and {} seconds",
+                    c.min_lease_ttl,
+                    crate::store::MAX_LEASE_TTL
+                ),
+            });
+        }
         Ok(c)
     }
 
@@ -597,6 +619,7 @@ impl ServerConfig {
             .max_watchers(self.max_watchers)
             .progress_interval(self.progress_interval)
             .max_leases(self.max_leases)
+            .min_lease_ttl(self.min_lease_ttl)
     }
 }
 
@@ -631,6 +654,25 @@ mod tests {
         };
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
         assert!(c.mirror_config().is_none());
+    }
+
+    #[test]
+    fn min_lease_ttl_flag_over_file() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.store_config().min_lease_ttl, 2);
+        let file: FileConfig = toml::from_str("min_lease_ttl = 7").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.store_config().min_lease_ttl, 7);
+        let cli = Cli {
+            min_lease_ttl: Some(3),
+            ..Cli::default()
+        };
+        assert_eq!(ServerConfig::merge(cli, file).unwrap().min_lease_ttl, 3);
+        let cli = Cli {
+            min_lease_ttl: Some(0),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
     }
 
     #[test]

@@ -290,7 +290,9 @@ compat_test!(revoke_deletes_in_one_revision);
 // watchers see ordinary DELETE events carrying prev_kv; a kept-alive lease outlives it.
 async fn expiry_deletes_in_one_revision(server: Server) {
     let mut c = server.client().await;
-    let short = c.lease_grant(2, None).await.expect("grant").id();
+    // 5 s, not the 2 s minimum: the three puts and the watch must land before it expires, even
+    // on a loaded machine (the test then waits for the expiry, so longer costs only time).
+    let short = c.lease_grant(5, None).await.expect("grant").id();
     let long = c.lease_grant(600, None).await.expect("grant").id();
     let (mut w, _) = Watch::open(&mut c, "/e/", prefix_watch()).await;
     let with = |l: i64| Some(PutOptions::new().with_lease(l));

@@ -1,11 +1,12 @@
 //! Leases through the embedded store API: persistence of grants, the lease -> keys index after
 //! a snapshot, the crash-consistency rule for revokes (orphaned keys deleted at open in one
-//! revision), the lease limit, and expiry of more leases than one expiry batch.
+//! revision), the lease limit, expiry of more leases than one expiry batch, a grant racing a
+//! revoke of its ID, and no local leases in a mirror.
 
 use std::time::Duration;
 
 use watch_core::{EventKind, KeySelector, WatchHandle, WatchMessage, WatchOptions};
-use watch_server::store::{LEASES_FILE, PutOptions, RangeRequest, TxnOp, TxnRequest};
+use watch_server::store::{LEASES_FILE, MirrorScope, PutOptions, RangeRequest, TxnOp, TxnRequest};
 use watch_server::{Durability, Store, StoreConfig, StoreError};
 
 /// Failure guard for one watch message; a correct run never gets near it.
@@ -273,5 +274,68 @@ async fn detached_keys_survive_the_revoke() {
         keys,
         vec![("k1".into(), 0), ("k2".into(), 0), ("k3".into(), b)]
     );
+    store.close().await.unwrap();
+}
+
+/// A revoke and a grant of the same client-chosen ID racing: whenever the grant is
+/// acknowledged, its record survives a reopen (the revoke's record removal was queued before
+/// the ID became free, so it cannot be committed after the grant's record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_racing_a_revoke_of_its_id_stays_durable() {
+    const N: i64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).await.unwrap();
+    for id in 1..=N {
+        store.lease_grant(id, 300).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for id in 1..=N {
+        let (s1, s2) = (store.clone(), store.clone());
+        let revoke = tokio::spawn(async move { s1.lease_revoke(id).await });
+        let grant = tokio::spawn(async move { s2.lease_grant(id, 300).await });
+        tasks.push((id, revoke, grant));
+    }
+    let mut acked = Vec::new();
+    for (id, revoke, grant) in tasks {
+        revoke.await.unwrap().unwrap();
+        match grant.await.unwrap() {
+            Ok(g) => acked.push(g.id),
+            Err(StoreError::LeaseExists { .. }) => {}
+            Err(e) => panic!("grant {id}: {e}"),
+        }
+    }
+    assert_eq!(store.leases().unwrap(), acked);
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path(), config()).await.unwrap();
+    assert_eq!(store.leases().unwrap(), acked, "every acknowledged grant");
+    store.close().await.unwrap();
+}
+
+/// A mirror grants, revokes and expires no lease of its own: a store holding leases cannot
+/// become one, and a mirror refuses grants and revokes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_has_no_local_leases() {
+    let scope = || MirrorScope::new([bytes::Bytes::from("/m/")]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), config()).await.unwrap();
+    let g = store.lease_grant(0, 300).await.unwrap();
+    assert!(matches!(
+        store.set_mirror(scope()),
+        Err(StoreError::Inconsistent(_))
+    ));
+    assert!(store.mirror_scope().is_none());
+    store.lease_revoke(g.id).await.unwrap();
+    store.set_mirror(scope()).unwrap();
+    assert!(matches!(
+        store.lease_grant(0, 300).await,
+        Err(StoreError::MirrorReadOnly)
+    ));
+    assert!(matches!(
+        store.lease_revoke(g.id).await,
+        Err(StoreError::MirrorReadOnly)
+    ));
+    assert_eq!(store.lease_count(), 0);
     store.close().await.unwrap();
 }

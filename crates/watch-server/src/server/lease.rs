@@ -145,7 +145,12 @@ impl pb::lease_server::Lease for LeaseService {
                     id,
                     ttl,
                 });
-                if tx.send(reply).await.is_err() || end {
+                // A client that does not read its replies must not hold up shutdown.
+                let sent = tokio::select! {
+                    _ = async { drop(shutdown.wait_for(|s| *s).await) } => return,
+                    sent = tx.send(reply) => sent,
+                };
+                if sent.is_err() || end {
                     return;
                 }
             }

@@ -16,21 +16,39 @@
 //!
 //! # Crash consistency
 //!
-//! A revoke (or expiry) first removes the lease from the lessor (puts naming it now fail),
-//! then removes its record from [`LEASES_FILE`] (durably), then deletes its keys through the
-//! write path. A crash between the last two leaves keys naming a lease with no record: at open,
+//! A revoke (or expiry) first removes the lease from the lessor (puts naming it now fail) and,
+//! under the same lessor lock, queues the removal of its record from [`LEASES_FILE`]; it waits
+//! for that removal to be durable, then deletes its keys through the write path. Record
+//! changes are queued in the order of the lessor changes they persist, so a grant reusing the
+//! ID (possible once the lessor lock is released) is committed after the removal, never
+//! before it. A crash between the last two leaves keys naming a lease with no record: at open,
 //! before the store serves anything, each such lease's *orphaned* keys are deleted in one
 //! revision, as the interrupted revoke would have. A
 //! crash before the record removal leaves the lease and its keys intact (the revoke was never
 //! acknowledged). So no key ever stays attached to a lease that no longer exists.
 //! (Not in a mirror's data directory: its keys carry the upstream etcd's lease IDs.)
 //!
+//! # Mirrors
+//!
+//! A mirror has no lease of its own: grants and revokes fail with
+//! [`StoreError::MirrorReadOnly`], and a store holding a lease cannot become a mirror
+//! ([`Store::set_mirror`]), so the expiry task of a mirror has nothing to expire. The reverse is
+//! not refused: a former mirror's data directory opened without `--upstream` serves as a
+//! standalone store; its keys keep the upstream's lease IDs, which this store never granted,
+//! so they are not deleted at open (no orphan sweep where a mirror floor exists) and never
+//! expire. Use a fresh data directory for a standalone server.
+//!
 //! # Restart
 //!
 //! Deadlines are not persisted: at open every recovered lease gets a full TTL from the moment
-//! the store opens, as etcd 3.4 does without lease checkpointing (`Promote` refreshes every
-//! lease). A lease nobody keeps alive still expires, one TTL after the restart; a process that
-//! restarts more often than a TTL keeps unrenewed leases alive (the trade-off etcd 3.4 makes).
+//! the store opens. etcd 3.4 without lease checkpointing also refreshes every lease on
+//! restart (`Promote`), but differently: it adds the election timeout to each deadline and
+//! pushes back leases whose refreshed deadlines pile up, so that about 750 expire per second
+//! (three quarters of its `leaseRevokeRate` of 1,000 revokes per second). keywatch does neither: every recovered lease of the
+//! same TTL expires at the same instant, one TTL after the open, revoked in batches of
+//! [`EXPIRY_BATCH`] under the write lock (writers wait behind each batch). A lease nobody
+//! keeps alive still expires; a process that restarts more often than a TTL keeps unrenewed
+//! leases alive (as in etcd 3.4).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -206,18 +224,33 @@ impl LeaseDb {
         ))
     }
 
-    /// Applies `op` durably (fsync unless the store runs without it).
-    async fn apply(&self, op: DbOp) -> Result<(), StoreError> {
+    /// Queues `op`; the writer commits queued ops in queue order. Never blocks (an unbounded
+    /// std channel), so callers queue while holding the lessor lock: record ops are then
+    /// ordered exactly as the lessor changes they persist.
+    fn queue(&self, op: DbOp) -> Result<DbDone, StoreError> {
         let (done, rx) = oneshot::channel();
         let tx = self.tx.lock().clone().ok_or(StoreError::Closed)?;
         tx.send((op, done)).map_err(|_| StoreError::Closed)?;
-        rx.await
+        Ok(DbDone(rx))
+    }
+}
+
+/// A queued record op; [`DbDone::wait`] returns once it is durable (fsync unless the store
+/// runs without it).
+struct DbDone(oneshot::Receiver<Result<(), String>>);
+
+impl DbDone {
+    async fn wait(self) -> Result<(), StoreError> {
+        self.0
+            .await
             .map_err(|_| StoreError::Closed)?
             .map_err(|message| StoreError::Failed {
                 message: format!("{LEASES_FILE}: {message}"),
             })
     }
+}
 
+impl LeaseDb {
     /// Stops the writer after what is queued and waits for it (releasing the file).
     fn close(&self) {
         drop(self.tx.lock().take());
@@ -335,7 +368,24 @@ impl Leases {
         self.lessor.lock().leases.len()
     }
 
-    /// Ends the expiry task (after the batch it is revoking) and closes the records file.
+    /// Runs `f` (which makes the store a mirror) only if no lease exists or is being granted,
+    /// under the lessor lock: a grant checks for a mirror under the same lock, so no lease
+    /// can appear in a mirror (where nothing local may write, nor expire).
+    pub(super) fn if_empty(&self, f: impl FnOnce()) -> Result<(), StoreError> {
+        let l = self.lessor.lock();
+        let n = l.leases.len() + l.pending.len();
+        if n > 0 {
+            return Err(StoreError::Inconsistent(format!(
+                "the data directory holds {n} lease(s) of a standalone store; a mirror needs a \
+                 fresh data directory"
+            )));
+        }
+        f();
+        Ok(())
+    }
+
+    /// Tells the expiry task to end; it finishes the batch it is revoking, if any. The records
+    /// file stays open until [`Leases::close_db`].
     pub(super) fn stop(&self) {
         self.stop.send_replace(true);
     }
@@ -363,8 +413,10 @@ impl Store {
         }
         let leases = &self.inner.leases;
         let ttl = ttl.max(leases.min_ttl);
-        let id = {
+        let (id, done) = {
             let mut l = leases.lessor.lock();
+            // Under the lessor lock: see `Leases::if_empty`.
+            self.check_writable()?;
             if id != 0 && l.taken(id) {
                 return Err(StoreError::LeaseExists { lease: id });
             }
@@ -374,22 +426,32 @@ impl Store {
                 });
             }
             let id = if id == 0 { l.new_id() } else { id };
+            // Queued under the lock, as a revoke's Remove is: see `LeaseDb::queue`.
+            let done = leases.db.queue(DbOp::Put { id, ttl })?;
             l.pending.insert(id);
-            id
+            (id, done)
         };
-        let stored = leases.db.apply(DbOp::Put { id, ttl }).await;
-        {
+        let stored = done.wait().await;
+        let earliest = {
             let mut l = leases.lessor.lock();
             l.pending.remove(&id);
-            if stored.is_ok() {
-                l.insert(id, ttl, Instant::now());
+            stored.is_ok() && {
+                let now = Instant::now();
+                let deadline = now + ttl_duration(ttl);
+                let earliest = l.timer.first().is_none_or(|&(first, _)| deadline < first);
+                l.insert(id, ttl, now);
+                earliest
             }
-        }
+        };
         if let Err(e) = stored {
             self.fail(&e);
             return Err(e);
         }
-        leases.wake.notify_one();
+        // The expiry task sleeps until the timer's first deadline: only an earlier one needs
+        // to wake it (a later one is seen when it next looks).
+        if earliest {
+            leases.wake.notify_one();
+        }
         Ok(LeaseGrant {
             id,
             ttl,
@@ -408,10 +470,17 @@ impl Store {
         tokio::spawn(async move {
             let guard = store.inner.write_lock.lock().await;
             store.check_open()?;
-            if store.inner.leases.lessor.lock().remove(id).is_none() {
-                return Err(StoreError::LeaseNotFound { lease: id });
-            }
-            let revision = store.revoke_locked(vec![id]).await?;
+            store.check_writable()?;
+            let done = {
+                let mut l = store.inner.leases.lessor.lock();
+                if l.remove(id).is_none() {
+                    return Err(StoreError::LeaseNotFound { lease: id });
+                }
+                // Queued before the lock is released: a grant reusing `id` can only take it
+                // after this, so its Put is committed after this Remove (see `LeaseDb::queue`).
+                store.inner.leases.db.queue(DbOp::Remove(vec![id]))?
+            };
+            let revision = store.revoke_locked(vec![id], done).await?;
             drop(guard);
             store.wait_durable(revision).await?;
             Ok(revision)
@@ -422,7 +491,8 @@ impl Store {
 
     /// Renews lease `id` for its granted TTL from now and returns that TTL in seconds. Fails
     /// with [`StoreError::LeaseNotFound`] for an unknown lease or one whose deadline has
-    /// passed (its revoke is under way).
+    /// passed (its revoke is under way): the gRPC service then answers TTL 0, as etcd does for
+    /// an expired lease, possibly before the expiry task has deleted the lease's keys.
     pub fn lease_keep_alive(&self, id: i64) -> Result<i64, StoreError> {
         self.check_open()?;
         let now = Instant::now();
@@ -497,18 +567,23 @@ impl Store {
         self.inner.leases.count()
     }
 
-    /// Marks the store failed (fail-stop) after a lease records commit failed.
+    /// Marks the store failed (fail-stop) after a lease records commit failed. A closed store
+    /// (the writer is gone because of `close`) is not a failure.
     fn fail(&self, e: &StoreError) {
+        if matches!(e, StoreError::Closed) {
+            return;
+        }
         self.inner.durable_tx.send_modify(|d| {
             d.failed.get_or_insert_with(|| e.to_string());
         });
     }
 
-    /// Removes the records of `ids` (already gone from the lessor), then deletes each lease's
-    /// keys in one revision per lease. The caller holds the write lock. Returns the last
-    /// revision written (the current revision when no lease had keys); not yet durable.
-    async fn revoke_locked(&self, ids: Vec<i64>) -> Result<Revision, StoreError> {
-        if let Err(e) = self.inner.leases.db.apply(DbOp::Remove(ids.clone())).await {
+    /// Waits until the removal of the records of `ids` (`removed`, queued when they left the
+    /// lessor) is durable, then deletes each lease's keys in one revision per lease. The
+    /// caller holds the write lock. Returns the last revision written (the current revision
+    /// when no lease had keys); not yet durable.
+    async fn revoke_locked(&self, ids: Vec<i64>, removed: DbDone) -> Result<Revision, StoreError> {
+        if let Err(e) = removed.wait().await {
             self.fail(&e);
             return Err(e);
         }
@@ -574,7 +649,8 @@ impl Store {
             "deleting the keys of leases revoked just before a crash"
         );
         // Their records are already gone: removing them again is a no-op commit.
-        let revision = self.revoke_locked(orphans).await?;
+        let removed = self.inner.leases.db.queue(DbOp::Remove(orphans.clone()))?;
+        let revision = self.revoke_locked(orphans, removed).await?;
         drop(guard);
         self.wait_durable(revision).await
     }
@@ -590,8 +666,10 @@ impl Store {
     async fn expire_due(&self) -> Result<usize, StoreError> {
         let guard = self.inner.write_lock.lock().await;
         self.check_open()?;
+        // A mirror holds no lease (`Leases::if_empty`); nothing local may write in one anyway.
+        self.check_writable()?;
         let now = Instant::now();
-        let ids = {
+        let (ids, removed) = {
             let mut l = self.inner.leases.lessor.lock();
             let mut ids = Vec::new();
             while ids.len() < EXPIRY_BATCH {
@@ -603,12 +681,15 @@ impl Store {
                     _ => break,
                 }
             }
-            ids
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            // Queued under the lock: see `lease_revoke`.
+            let removed = self.inner.leases.db.queue(DbOp::Remove(ids.clone()))?;
+            (ids, removed)
         };
         let n = ids.len();
-        if n > 0 {
-            self.revoke_locked(ids).await?;
-        }
+        self.revoke_locked(ids, removed).await?;
         drop(guard);
         Ok(n)
     }
@@ -641,7 +722,7 @@ async fn expiry_loop(inner: Weak<Inner>, leases: Arc<Leases>, mut stop: watch::R
         };
         let store = Store { inner: strong };
         if let Err(e) = store.expire_due().await {
-            if !matches!(e, StoreError::Closed) {
+            if !matches!(e, StoreError::Closed | StoreError::MirrorReadOnly) {
                 tracing::error!(error = %e, "lease expiry stopped");
             }
             return;

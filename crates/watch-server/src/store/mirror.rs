@@ -200,8 +200,14 @@ fn write_floor(dir: &Path, floor: Revision) -> Result<(), StoreError> {
 
 impl Store {
     /// Makes this store a mirror of `scope` (see the module docs). Once only: a second call
-    /// with another scope fails with [`StoreError::Inconsistent`].
+    /// with another scope fails with [`StoreError::Inconsistent`], and so does a call on a
+    /// store holding leases (a mirror must not grant, revoke or expire leases of its own).
     pub fn set_mirror(&self, scope: MirrorScope) -> Result<(), StoreError> {
+        if self.inner.mirror.get().is_none() {
+            self.inner.leases.if_empty(|| {
+                let _ = self.inner.mirror.set(scope.clone());
+            })?;
+        }
         let set = self.inner.mirror.get_or_init(|| scope.clone());
         if *set != scope {
             return Err(StoreError::Inconsistent(format!(
