@@ -75,6 +75,9 @@ pub enum EtcdError {
     /// keywatch's own (etcd has no such state): the server is up but still opening its data
     /// directory (event-log replay); UNAVAILABLE, so clients retry.
     Starting,
+    /// keywatch's own: the operating system's random source failed while issuing an auth
+    /// token (etcd panics); UNAVAILABLE, so clients retry.
+    TokenSource,
 }
 
 impl EtcdError {
@@ -100,7 +103,9 @@ impl EtcdError {
             Self::LeaseNotFound => Code::NotFound,
             Self::LeaseExists => Code::FailedPrecondition,
             Self::LeaseTtlTooLarge => Code::OutOfRange,
-            Self::NoLeader | Self::Stopped | Self::Starting => Code::Unavailable,
+            Self::NoLeader | Self::Stopped | Self::Starting | Self::TokenSource => {
+                Code::Unavailable
+            }
             Self::AuthNotEnabled => Code::FailedPrecondition,
             Self::Corrupt => Code::DataLoss,
         }
@@ -137,6 +142,7 @@ impl EtcdError {
                 "keywatch: starting: the data directory is being opened (event log replay); \
                  retry shortly"
             }
+            Self::TokenSource => "keywatch: no random source to issue an auth token; retry",
         }
     }
 

@@ -192,6 +192,13 @@ pub struct Cli {
     /// etcd's). Users and roles come from the config file's `[auth]` section.
     #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
     pub auth_token_ttl: Option<String>,
+    /// Auth: password checks (bcrypt, CPU-bound) running at once (default: the CPUs).
+    #[arg(long, env = "KEYWATCH_AUTH_MAX_CONCURRENT_HASHES")]
+    pub auth_max_concurrent_hashes: Option<usize>,
+    /// Auth: logins waiting for a password check beyond the running ones; more are refused
+    /// with "etcdserver: too many requests" (default 64).
+    #[arg(long, env = "KEYWATCH_AUTH_MAX_QUEUED_LOGINS")]
+    pub auth_max_queued_logins: Option<usize>,
     /// A tool instead of the server (e.g. `hash-password`).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -203,7 +210,7 @@ pub enum Command {
     /// Reads a password from the first line of stdin and prints its bcrypt hash, for a user's
     /// `password_hash` in the config file's `[auth]` section.
     HashPassword {
-        /// bcrypt cost, 4 to 31 (default 10, etcd's): each step doubles the time to check.
+        /// bcrypt cost, 4 to 16 (default 10, etcd's): each step doubles the time to check.
         #[arg(long, default_value_t = 10)]
         cost: u32,
     },
@@ -239,6 +246,8 @@ pub struct FileConfig {
     pub client_cert_auth: Option<bool>,
     pub tls_handshake_timeout: Option<String>,
     pub auth_token_ttl: Option<String>,
+    pub auth_max_concurrent_hashes: Option<usize>,
+    pub auth_max_queued_logins: Option<usize>,
     /// Users and roles; its presence turns authentication on.
     pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
@@ -335,11 +344,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 10m, 5s or 500ms"))?;
+    let too_long = || format!("{s:?} is too long a duration");
     match unit.trim() {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(too_long),
+        "h" => n
+            .checked_mul(3600)
+            .map(Duration::from_secs)
+            .ok_or_else(too_long),
         other => Err(format!(
             "unknown duration unit {other:?} (use ms, s, m or h)"
         )),
@@ -508,7 +524,24 @@ impl ServerConfig {
                         })?,
                         None => crate::auth::DEFAULT_TOKEN_TTL,
                     };
-                    Some(crate::auth::AuthSettings::from_file(auth, ttl)?)
+                    let mut settings = crate::auth::AuthSettings::from_file(auth, ttl)?;
+                    match cli
+                        .auth_max_concurrent_hashes
+                        .or(file.auth_max_concurrent_hashes)
+                    {
+                        Some(0) => {
+                            return Err(ConfigError::Invalid {
+                                field: "auth_max_concurrent_hashes",
+                                message: "must be at least 1".to_owned(),
+                            });
+                        }
+                        Some(n) => settings.max_concurrent_hashes = n,
+                        None => {}
+                    }
+                    if let Some(n) = cli.auth_max_queued_logins.or(file.auth_max_queued_logins) {
+                        settings.max_queued_logins = n;
+                    }
+                    Some(settings)
                 }
                 None => {
                     if cli.auth_token_ttl.is_some() || file.auth_token_ttl.is_some() {
@@ -750,6 +783,32 @@ mod tests {
         };
         let c = ServerConfig::merge(cli, toml::from_str(&text).unwrap()).unwrap();
         assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(7));
+        // A TTL that would overflow, or above the cap: clear config errors, no panic.
+        for ttl in ["18446744073709551615h", "400000000000000000m", "9999999h"] {
+            let cli = Cli {
+                auth_token_ttl: Some(ttl.into()),
+                ..Cli::default()
+            };
+            let err = ServerConfig::merge(cli, toml::from_str(&text).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("auth_token_ttl"), "{ttl}: {err}");
+        }
+        assert!(parse_duration("18446744073709551615h").is_err());
+        // Login limits: flag beats file; zero running checks is refused.
+        let limits = format!("auth_max_queued_logins = 3\n{text}");
+        let cli = Cli {
+            auth_max_concurrent_hashes: Some(5),
+            ..Cli::default()
+        };
+        let a = ServerConfig::merge(cli, toml::from_str(&limits).unwrap())
+            .unwrap()
+            .auth
+            .unwrap();
+        assert_eq!((a.max_concurrent_hashes, a.max_queued_logins), (5, 3));
+        let cli = Cli {
+            auth_max_concurrent_hashes: Some(0),
+            ..Cli::default()
+        };
+        assert!(ServerConfig::merge(cli, toml::from_str(&text).unwrap()).is_err());
         // No [auth]: authentication off.
         assert!(
             ServerConfig::merge(Cli::default(), FileConfig::default())

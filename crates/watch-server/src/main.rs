@@ -42,6 +42,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting watch-server")?;
     let addr = server.local_addr();
+    if config.auth.is_some() && config.tls.is_none() && !addr.ip().is_loopback() {
+        // Passwords (Authenticate) and tokens (every request) would cross the network in
+        // clear text.
+        tracing::warn!(
+            %addr,
+            "authentication is on without TLS on a non-loopback address: passwords and tokens \
+             travel unencrypted (set --cert-file/--key-file)"
+        );
+    }
     // Health checks are answered (NOT_SERVING) from here on, while the store opens.
     println!("watch-server bound {addr}; opening the data directory");
     if let Some(metrics) = server.metrics_addr() {

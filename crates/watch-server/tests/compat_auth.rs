@@ -14,10 +14,10 @@
 
 mod common;
 
-use common::{Server, Target, Watch, assert_status, events, put};
+use common::{Server, Target, Watch, assert_status, put};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseTimeToLiveOptions,
+    PutOptions, Txn, TxnOp, WatchOptions,
 };
 use tempfile::TempDir;
 use tonic::Code;
@@ -419,6 +419,125 @@ async fn txn_permissions(s: Secured) {
 auth_test!(txn_permissions);
 
 /// Opens a stream with one create and returns its first response.
+// etcd validates a request's shape in its gRPC layer, before authorization: a malformed
+// request is refused as such even without a token or permission.
+async fn malformed_before_auth(s: Secured) {
+    const EMPTY_KEY: &str = "etcdserver: key is not provided";
+    let mut anon = s.anonymous().await;
+    let mut bob = s.client("bob", "bobpw").await;
+    for client in [&mut anon, &mut bob] {
+        assert_status(
+            client.put("", "v", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
+        assert_status(client.get("", None).await, Code::InvalidArgument, EMPTY_KEY);
+        assert_status(
+            client.delete("", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
+        assert_status(
+            client
+                .put("/other/v", "x", Some(PutOptions::new().with_ignore_value()))
+                .await,
+            Code::InvalidArgument,
+            "etcdserver: value is provided",
+        );
+        assert_status(
+            client
+                .txn(Txn::new().and_then([
+                    TxnOp::put("/other/d", "1", None),
+                    TxnOp::put("/other/d", "2", None),
+                ]))
+                .await,
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request",
+        );
+        // Both servers' default limit is 128 operations.
+        let ops: Vec<TxnOp> = (0..129)
+            .map(|i| TxnOp::put(format!("/other/{i}"), "x", None))
+            .collect();
+        assert_status(
+            client.txn(Txn::new().and_then(ops)).await,
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request",
+        );
+    }
+    // Well-formed, the same requests meet the auth errors.
+    assert_status(
+        anon.put("/other/v", "x", None).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(
+        bob.put("/other/v", "x", None).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+}
+auth_test!(malformed_before_auth);
+
+// Leases: revoking one needs write on every key attached to it, and so does attaching it to
+// another key (etcd's checkLeasePuts); root may do both.
+async fn lease_permissions(s: Secured) {
+    let mut root = s.client("root", "rootpw").await;
+    let secret = root.lease_grant(60, None).await.expect("grant").id();
+    root.put(
+        "/other/secret",
+        "s",
+        Some(PutOptions::new().with_lease(secret)),
+    )
+    .await
+    .expect("leased put");
+    let mut alice = s.client("alice", "alicepw").await;
+    assert_status(
+        alice.lease_revoke(secret).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice
+            .put("/app/l", "x", Some(PutOptions::new().with_lease(secret)))
+            .await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    let own = alice.lease_grant(60, None).await.expect("grant").id();
+    alice
+        .put("/app/l", "x", Some(PutOptions::new().with_lease(own)))
+        .await
+        .expect("leased put on a granted key");
+    alice.lease_revoke(own).await.expect("revoke own lease");
+    assert_eq!(value(&mut root, "/app/l").await, None);
+    if s.server.target == Target::Keywatch {
+        // Stricter than etcd 3.4.23, which checks nothing on these: a valid token for every
+        // Lease RPC, and read on every key for a time-to-live that lists them.
+        let mut anon = s.anonymous().await;
+        assert_status(
+            anon.lease_grant(60, None).await,
+            Code::InvalidArgument,
+            USER_EMPTY,
+        );
+        assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
+        assert_status(
+            anon.lease_revoke(secret).await,
+            Code::InvalidArgument,
+            USER_EMPTY,
+        );
+        assert_status(
+            alice
+                .lease_time_to_live(secret, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                .await,
+            Code::PermissionDenied,
+            DENIED,
+        );
+    }
+    root.lease_revoke(secret).await.expect("root revokes");
+    assert_eq!(value(&mut root, "/other/secret").await, None);
+}
+auth_test!(lease_permissions);
+
 async fn first_response(
     client: &mut Client,
     key: &str,
@@ -506,7 +625,9 @@ async fn watch_permissions(s: Secured) {
             put("/app/x", "seen", revision(&r4), revision(&r4), 1),
         ]
     );
-    let _ = (r3, events);
+    // The /shared put between them was not delivered: the two events are r2's and r4's,
+    // with r3's revision in between.
+    assert!(revision(&r2) < revision(&r3) && revision(&r3) < revision(&r4));
 }
 auth_test!(watch_permissions);
 
@@ -617,14 +738,31 @@ async fn tokens(s: Secured) {
         "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
     );
 
-    // Expiry: the TTL is 1 s after the last use; waiting 3 s makes the token stale on any
-    // machine (a lower bound only: a slower machine waits longer, never less).
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_code(
-        kv.range(with_token(range("/app/a"), Some(&token))).await,
-        Code::Unauthenticated,
-        INVALID_TOKEN,
-    );
+    // Expiry: the TTL is 1 s after the last use, and every use restarts it, so the token is
+    // tried after ever longer idle gaps (0.5 s, 1 s, 2 s, ...) until one outlasts the TTL
+    // (etcd also sweeps expired tokens only once a second); the guard bounds the whole wait.
+    let guard = tokio::time::Instant::now() + common::GUARD;
+    let mut gap = std::time::Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(gap).await;
+        match kv.range(with_token(range("/app/a"), Some(&token))).await {
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < guard,
+                    "the token never expired"
+                );
+                gap *= 2;
+            }
+            Err(status) => {
+                assert_eq!(
+                    (status.code(), status.message()),
+                    (Code::Unauthenticated, INVALID_TOKEN),
+                    "{status:?}"
+                );
+                break;
+            }
+        }
+    }
 }
 
 fn short_ttl(_: Target) -> Vec<&'static str> {
@@ -916,6 +1054,24 @@ async fn mirror_mode_checks_before_forwarding() {
         Code::InvalidArgument,
         USER_EMPTY,
     );
+    // The shape is checked before the caller, as by etcd.
+    for (resp, what) in [
+        (
+            s.anonymous().await.put("", "x", None).await.map(drop),
+            "put",
+        ),
+        (s.anonymous().await.get("", None).await.map(drop), "get"),
+        (
+            s.anonymous().await.delete("", None).await.map(drop),
+            "delete",
+        ),
+    ] {
+        assert!(
+            matches!(&resp, Err(etcd_client::Error::GRpcStatus(st))
+                if st.message() == "etcdserver: key is not provided"),
+            "{what}: {resp:?}"
+        );
+    }
     let refused = first_response(
         &mut alice,
         "/other/",
@@ -928,4 +1084,88 @@ async fn mirror_mode_checks_before_forwarding() {
     assert_eq!(value(&mut direct, "/app/m").await.as_deref(), Some("1"));
     assert_eq!(value(&mut direct, "/other/m").await, None);
     assert_eq!(value(&mut direct, "/other/t").await, None);
+
+    // Leases (forwarded to etcd): a valid caller for every call; revoking a lease needs write
+    // and listing its keys read on every key attached to it (etcd's checkLeasePuts /
+    // checkLeaseTimeToLive); attaching it to a new key needs write on its keys too.
+    let secret = direct.lease_grant(60, None).await.expect("grant").id();
+    direct
+        .put(
+            "/other/secret",
+            "s",
+            Some(PutOptions::new().with_lease(secret)),
+        )
+        .await
+        .expect("leased put on etcd");
+    let with_keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
+    let mut anon = s.anonymous().await;
+    assert_status(
+        anon.lease_revoke(secret).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(
+        anon.lease_time_to_live(secret, with_keys()).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
+    assert_status(
+        anon.lease_grant(60, None).await,
+        Code::InvalidArgument,
+        USER_EMPTY,
+    );
+    assert_status(
+        alice.lease_revoke(secret).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice.lease_time_to_live(secret, with_keys()).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    assert_status(
+        alice
+            .put("/app/l", "x", Some(PutOptions::new().with_lease(secret)))
+            .await,
+        Code::PermissionDenied,
+        DENIED,
+    );
+    // Without keys the time-to-live names no key; lease ids are listed to any valid caller.
+    let ttl = alice
+        .lease_time_to_live(secret, None)
+        .await
+        .expect("time-to-live without keys");
+    assert!(ttl.keys().is_empty());
+    assert!(
+        alice
+            .leases()
+            .await
+            .expect("leases")
+            .leases()
+            .iter()
+            .any(|l| l.id() == secret)
+    );
+    assert_eq!(
+        value(&mut direct, "/other/secret").await.as_deref(),
+        Some("s")
+    );
+    // Alice's own lease over her own keys: every call passes.
+    let own = alice.lease_grant(60, None).await.expect("grant").id();
+    alice
+        .put("/app/l", "x", Some(PutOptions::new().with_lease(own)))
+        .await
+        .expect("leased put");
+    let ttl = alice
+        .lease_time_to_live(own, with_keys())
+        .await
+        .expect("own time-to-live");
+    assert_eq!(ttl.keys(), [b"/app/l".to_vec()]);
+    alice.lease_revoke(own).await.expect("own revoke");
+    assert_eq!(value(&mut direct, "/app/l").await, None);
+    // Root may revoke any lease.
+    let mut root = s.client("root", "rootpw").await;
+    root.lease_revoke(secret).await.expect("root revokes");
+    assert_eq!(value(&mut direct, "/other/secret").await, None);
 }

@@ -205,6 +205,12 @@ async fn mtls_from_config_file_requires_a_trusted_client_certificate() {
             &["--config", &config.display().to_string()],
         )
     });
+    // The harness sees TLS set in the config file too (its endpoint is what clients dial).
+    assert!(
+        server.endpoint().starts_with("https://"),
+        "{}",
+        server.endpoint()
+    );
     let addr = addr(&server);
     put_get(&addr, &pki.ca_pem, Some(&pki.client))
         .await

@@ -31,6 +31,26 @@ pub const ROOT_ROLE: &str = "root";
 /// etcd's default `--auth-token-ttl`: 300 s.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
 
+/// The longest accepted `--auth-token-ttl`: one year (a longer TTL is a configuration
+/// mistake, and bounds `now + ttl` far from `Instant`'s range).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The highest accepted bcrypt cost (etcd's default is 10; each step doubles the time to
+/// check a password: cost 16 takes seconds per login on one core, higher costs make logins a
+/// denial of service on the server itself).
+pub const MAX_BCRYPT_COST: u32 = 16;
+
+/// The longest user name accepted in the config and by `Authenticate`, in bytes (longer names
+/// are refused before any password check).
+pub const MAX_USER_NAME_BYTES: usize = 256;
+
+/// The longest password bcrypt hashes in full, in bytes (as Go's bcrypt, which etcd uses).
+pub const MAX_PASSWORD_BYTES: usize = 72;
+
+/// Default bound on logins waiting for a password check (beyond the ones running): later
+/// ones are refused with "etcdserver: too many requests".
+pub const DEFAULT_LOGIN_QUEUE: usize = 64;
+
 /// `[auth]`: users and roles. Its presence turns authentication on.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,8 +134,15 @@ pub(crate) struct UserSettings {
 #[derive(Clone)]
 pub struct AuthSettings {
     pub(crate) users: BTreeMap<String, UserSettings>,
-    /// How long a token stays valid after its last use.
+    /// How long a token stays valid after its last use (at most [`MAX_TOKEN_TTL`]).
     pub token_ttl: Duration,
+    /// Password checks (CPU-bound bcrypt, on blocking threads) running at once; default: the
+    /// CPUs (`--auth-max-concurrent-hashes`).
+    pub max_concurrent_hashes: usize,
+    /// Logins waiting for a password check beyond those running; more are refused with
+    /// "etcdserver: too many requests" (`--auth-max-queued-logins`, default
+    /// [`DEFAULT_LOGIN_QUEUE`]).
+    pub max_queued_logins: usize,
 }
 
 impl fmt::Debug for AuthSettings {
@@ -169,10 +196,25 @@ impl AuthSettings {
             if name.is_empty() {
                 return Err(invalid("a user name is empty".to_owned()));
             }
-            if let Err(e) = bcrypt::HashParts::from_str(&user.password_hash) {
+            if name.len() > MAX_USER_NAME_BYTES {
                 return Err(invalid(format!(
-                    "users.{name}.password_hash is not a bcrypt hash ({e}); make one with `watch-server hash-password`"
+                    "user name {:?}... is longer than {MAX_USER_NAME_BYTES} bytes",
+                    name.chars().take(32).collect::<String>()
                 )));
+            }
+            match bcrypt::HashParts::from_str(&user.password_hash) {
+                Err(e) => {
+                    return Err(invalid(format!(
+                        "users.{name}.password_hash is not a bcrypt hash ({e}); make one with `watch-server hash-password`"
+                    )));
+                }
+                Ok(parts) if parts.get_cost() > MAX_BCRYPT_COST => {
+                    return Err(invalid(format!(
+                        "users.{name}.password_hash has bcrypt cost {}, above the maximum {MAX_BCRYPT_COST} (each login would cost the server seconds of CPU)",
+                        parts.get_cost()
+                    )));
+                }
+                Ok(_) => {}
             }
             let mut settings = UserSettings {
                 password_hash: user.password_hash.clone(),
@@ -201,7 +243,21 @@ impl AuthSettings {
                 message: "must be at least 1s".to_owned(),
             });
         }
-        Ok(AuthSettings { users, token_ttl })
+        if token_ttl > MAX_TOKEN_TTL {
+            return Err(ConfigError::Invalid {
+                field: "auth_token_ttl",
+                message: format!(
+                    "{token_ttl:?} is above the maximum of one year ({}s)",
+                    MAX_TOKEN_TTL.as_secs()
+                ),
+            });
+        }
+        Ok(AuthSettings {
+            users,
+            token_ttl,
+            max_concurrent_hashes: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_queued_logins: DEFAULT_LOGIN_QUEUE,
+        })
     }
 }
 
@@ -227,8 +283,71 @@ fn permission_interval(p: &PermissionFileConfig) -> Result<Interval, String> {
     }
 }
 
-/// A bcrypt hash of `password` at `cost` (etcd's default cost is 10; 4 to 31). Passwords
-/// longer than 72 bytes are refused rather than silently truncated.
+/// A bcrypt hash of `password` at `cost` (etcd's default cost is 10; 4 to
+/// [`MAX_BCRYPT_COST`]). Passwords of up to 72 bytes are hashed in full (as Go's bcrypt
+/// does); longer ones are refused rather than silently truncated.
 pub fn hash_password(password: &str, cost: u32) -> Result<String, bcrypt::BcryptError> {
-    bcrypt::non_truncating_hash(password, cost)
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(bcrypt::BcryptError::Truncation(password.len()));
+    }
+    if cost > MAX_BCRYPT_COST {
+        return Err(bcrypt::BcryptError::CostNotAllowed(cost));
+    }
+    // Not `non_truncating_hash`: it counts the terminating NUL bcrypt appends, so it refuses
+    // exactly 72 bytes, which Go (etcd) accepts. Up to 72 bytes nothing is truncated.
+    bcrypt::hash(password, cost)
+}
+
+/// True if `password` matches the bcrypt `hash`; false for a password over 72 bytes (which
+/// no hash made by [`hash_password`] or Go's bcrypt can match) or a malformed hash.
+pub(crate) fn verify_password(password: &[u8], hash: &str) -> bool {
+    password.len() <= MAX_PASSWORD_BYTES && bcrypt::verify(password, hash).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_of_72_bytes_hash_in_full() {
+        let pw72 = "p".repeat(72);
+        let hash = hash_password(&pw72, 4).unwrap();
+        assert!(verify_password(pw72.as_bytes(), &hash));
+        // Byte 72 counts: a 71-byte prefix does not match.
+        assert!(!verify_password(&pw72.as_bytes()[..71], &hash));
+        // 73 bytes: refused, and never matches (no silent truncation to the 72-byte hash).
+        let pw73 = "p".repeat(73);
+        assert!(hash_password(&pw73, 4).is_err());
+        assert!(!verify_password(pw73.as_bytes(), &hash));
+        assert!(hash_password("pw", MAX_BCRYPT_COST + 1).is_err());
+    }
+
+    #[test]
+    fn limits_refused_with_clear_errors() {
+        let hash = hash_password("pw", 4).unwrap();
+        let file = |text: String| toml::from_str::<AuthFileConfig>(&text).unwrap();
+        let ok = file(format!("[users.a]\npassword_hash = \"{hash}\""));
+        let err = AuthSettings::from_file(&ok, Duration::from_secs(u64::MAX))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("maximum of one year"), "{err}");
+        assert!(AuthSettings::from_file(&ok, MAX_TOKEN_TTL).is_ok());
+        // A cost-17 hash (the format only: its salt and digest are never checked here).
+        let costly = hash.replacen("$04$", "$17$", 1);
+        let err = AuthSettings::from_file(
+            &file(format!("[users.a]\npassword_hash = \"{costly}\"")),
+            DEFAULT_TOKEN_TTL,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cost 17"), "{err}");
+        let long = "n".repeat(MAX_USER_NAME_BYTES + 1);
+        let err = AuthSettings::from_file(
+            &file(format!("[users.{long}]\npassword_hash = \"{hash}\"")),
+            DEFAULT_TOKEN_TTL,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("longer than 256 bytes"), "{err}");
+    }
 }

@@ -50,7 +50,8 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 pub use config::{
-    AuthFileConfig, AuthSettings, DEFAULT_TOKEN_TTL, PermissionFileConfig, PermissionType,
+    AuthFileConfig, AuthSettings, DEFAULT_LOGIN_QUEUE, DEFAULT_TOKEN_TTL, MAX_BCRYPT_COST,
+    MAX_PASSWORD_BYTES, MAX_TOKEN_TTL, MAX_USER_NAME_BYTES, PermissionFileConfig, PermissionType,
     ROOT_ROLE, RoleFileConfig, UserFileConfig, hash_password,
 };
 use range::{Interval, RangeSet};
@@ -126,6 +127,24 @@ impl Caller {
         }
     }
 
+    /// True for a user with the `root` role (every key, admin operations).
+    pub fn is_root(&self) -> bool {
+        self.0.root
+    }
+
+    /// etcd's `checkLeasePuts` / `checkLeaseTimeToLive`: `perm` on every key attached to a
+    /// lease (revoking a lease deletes its keys; its time-to-live with `keys` names them).
+    pub fn check_keys<'a>(
+        &self,
+        perm: Perm,
+        keys: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), EtcdError> {
+        if self.0.root {
+            return Ok(());
+        }
+        keys.into_iter().try_for_each(|k| self.check(perm, k, b""))
+    }
+
     /// etcd's checks for a Range: read on its range.
     pub fn check_range(&self, r: &pb::RangeRequest) -> Result<(), EtcdError> {
         self.check(Perm::Read, &r.key, &r.range_end)
@@ -182,8 +201,12 @@ pub struct Auth {
     /// A hash checked when the user is unknown, so a wrong name costs as long as a wrong
     /// password and timing does not reveal which users exist.
     decoy_hash: String,
-    /// Bounds concurrent bcrypt checks (CPU-bound, run on blocking threads) to the CPUs.
-    hashing: Semaphore,
+    /// Bounds concurrent bcrypt checks (CPU-bound, run on blocking threads). A permit moves
+    /// into the blocking task, so a canceled login keeps it until its hash is done.
+    hashing: Arc<Semaphore>,
+    /// Bounds logins admitted to wait for or run a check (`hashing` + queue permits); held
+    /// like a `hashing` permit.
+    admitted: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -199,6 +222,7 @@ impl Auth {
     pub fn new(settings: &AuthSettings) -> Auth {
         let mut users = HashMap::new();
         let mut decoy_hash = String::new();
+        let mut costs = std::collections::BTreeSet::new();
         for (name, u) in &settings.users {
             let user = Arc::new(User {
                 name: name.clone(),
@@ -211,6 +235,9 @@ impl Auth {
             if decoy_hash.is_empty() {
                 decoy_hash = u.password_hash.clone();
             }
+            if let Ok(parts) = u.password_hash.parse::<bcrypt::HashParts>() {
+                costs.insert(parts.get_cost());
+            }
             users.insert(
                 name.clone(),
                 Account {
@@ -219,37 +246,65 @@ impl Auth {
                 },
             );
         }
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        if costs.len() > 1 {
+            // The decoy costs as much as one user's hash: with other costs, the time of a
+            // failed login tells apart unknown names from users of another cost.
+            tracing::warn!(
+                ?costs,
+                "auth: password hashes have different bcrypt costs; the time of a failed login \
+                 can then reveal which user names exist (re-hash all at one cost)"
+            );
+        }
+        let running = settings.max_concurrent_hashes.max(1);
         Auth {
             users,
             tokens: Tokens::new(settings.token_ttl),
             decoy_hash,
-            hashing: Semaphore::new(cpus),
+            hashing: Arc::new(Semaphore::new(running)),
+            admitted: Arc::new(Semaphore::new(
+                running.saturating_add(settings.max_queued_logins),
+            )),
         }
     }
 
     /// etcd's Authenticate: a new token when `password` is `name`'s password, else
-    /// [`EtcdError::AuthFailed`] (same error for an unknown user).
+    /// [`EtcdError::AuthFailed`] (same error for an unknown user). A name over
+    /// [`MAX_USER_NAME_BYTES`] or a password over [`MAX_PASSWORD_BYTES`] (neither can match
+    /// a configured user) fails at once, before any hashing. More logins than
+    /// `max_concurrent_hashes + max_queued_logins` at once: [`EtcdError::TooManyRequests`].
     pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, Status> {
+        if name.len() > MAX_USER_NAME_BYTES || password.len() > MAX_PASSWORD_BYTES {
+            return Err(EtcdError::AuthFailed.status());
+        }
         let known = self.users.get(name);
         let hash = known.map_or(&self.decoy_hash, |k| &k.password_hash).clone();
         let password = password.to_owned();
-        let _permit = self
+        let admitted = self
+            .admitted
+            .clone()
+            .try_acquire_owned()
+            .map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => EtcdError::TooManyRequests.status(),
+                tokio::sync::TryAcquireError::Closed => EtcdError::Stopped.status(),
+            })?;
+        let running = self
             .hashing
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| EtcdError::Stopped.status())?;
         let matched = tokio::task::spawn_blocking(move || {
-            // Passwords over 72 bytes (which bcrypt cannot hash) fail like a wrong one.
-            bcrypt::non_truncating_verify(password, &hash).unwrap_or(false)
+            let _permits = (admitted, running);
+            config::verify_password(password.as_bytes(), &hash)
         })
         .await
-        .map_err(|e| Status::internal(format!("password check failed: {e}")))?;
+        // The blocking task panicked or the runtime is shutting down.
+        .map_err(|_| EtcdError::Stopped.status())?;
         match known {
             Some(k) if matched => self
                 .tokens
                 .issue(k.user.clone(), Instant::now())
-                .map_err(|e| Status::unavailable(format!("no random source for a token: {e}"))),
+                .map_err(|_| EtcdError::TokenSource.status()),
             _ => Err(EtcdError::AuthFailed.status()),
         }
     }
@@ -299,15 +354,6 @@ impl Gate {
                 .caller(token_of(request.metadata()))
                 .map(Some)
                 .map_err(EtcdError::status),
-        }
-    }
-
-    /// [`Gate::caller`] from a token kept earlier (e.g. by a stream, which etcd re-checks at
-    /// each request on it).
-    pub fn caller_by_token(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
-        match &self.0 {
-            None => Ok(None),
-            Some(auth) => auth.caller(token).map(Some).map_err(EtcdError::status),
         }
     }
 
@@ -403,6 +449,60 @@ mod tests {
             .caller(Some(&auth.authenticate("nobody", "pw").await.unwrap()))
             .unwrap();
         assert!(nobody.check(Perm::Read, b"/app/x", b"").is_err());
+    }
+
+    /// A canceled login keeps its hashing permits until its bcrypt check is done, and logins
+    /// beyond the running + queued bound are refused at once.
+    #[test]
+    fn canceled_login_keeps_its_permit_and_waiters_are_bounded() {
+        use futures_util::FutureExt;
+        // One blocking thread, held by `blocker`: the login's hash task stays queued, holding
+        // whatever permits moved into it, until the blocker is released.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut s = settings();
+        s.max_concurrent_hashes = 1;
+        s.max_queued_logins = 0;
+        let auth = Auth::new(&s);
+        rt.block_on(async {
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || held.recv());
+            // Polled once (spawns the hash task), then dropped: the caller went away.
+            assert!(auth.authenticate("alice", "pw").now_or_never().is_none());
+            let refused = auth.authenticate("alice", "pw").await.unwrap_err();
+            assert_eq!(refused.message(), EtcdError::TooManyRequests.message());
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            // Once the canceled hash is done, its permits are back.
+            let guard = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                match auth.authenticate("alice", "pw").await {
+                    Ok(_) => break,
+                    Err(e) if e.message() == EtcdError::TooManyRequests.message() => {
+                        assert!(
+                            tokio::time::Instant::now() < guard,
+                            "permits never returned"
+                        );
+                        tokio::task::yield_now().await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn overlong_names_and_passwords_fail_like_wrong_ones() {
+        let auth = Auth::new(&settings());
+        let long_name = "a".repeat(MAX_USER_NAME_BYTES + 1);
+        let long_pw = "p".repeat(MAX_PASSWORD_BYTES + 1);
+        for (name, pw) in [(long_name.as_str(), "pw"), ("alice", long_pw.as_str())] {
+            let e = auth.authenticate(name, pw).await.unwrap_err();
+            assert_eq!(e.message(), EtcdError::AuthFailed.message());
+        }
     }
 
     #[tokio::test]

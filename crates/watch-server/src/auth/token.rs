@@ -11,7 +11,15 @@ use super::User;
 
 struct Entry {
     user: Arc<User>,
-    expires: Instant,
+    /// `None`: `now + ttl` is past what `Instant` can hold, i.e. never (the config caps the TTL
+    /// at a year, so only a library caller can get here).
+    expires: Option<Instant>,
+}
+
+impl Entry {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
 }
 
 struct Map {
@@ -49,14 +57,14 @@ impl Tokens {
         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         let mut map = self.map.lock();
         if map.entries.len() >= map.sweep_at {
-            map.entries.retain(|_, e| e.expires > now);
+            map.entries.retain(|_, e| !e.expired(now));
             map.sweep_at = (map.entries.len() * 2).max(1024);
         }
         map.entries.insert(
             token.clone(),
             Entry {
                 user,
-                expires: now + self.ttl,
+                expires: now.checked_add(self.ttl),
             },
         );
         Ok(token)
@@ -66,11 +74,11 @@ impl Tokens {
     pub(crate) fn user(&self, token: &str, now: Instant) -> Option<Arc<User>> {
         let mut map = self.map.lock();
         let entry = map.entries.get_mut(token)?;
-        if entry.expires <= now {
+        if entry.expired(now) {
             map.entries.remove(token);
             return None;
         }
-        entry.expires = now + self.ttl;
+        entry.expires = now.checked_add(self.ttl);
         Some(entry.user.clone())
     }
 
@@ -101,6 +109,14 @@ mod tests {
         // Gone for good once seen expired.
         assert!(tokens.user(&token, t0).is_none());
         assert!(tokens.user("not-a-token", t0).is_none());
+    }
+
+    #[test]
+    fn huge_ttl_never_overflows() {
+        let tokens = Tokens::new(Duration::MAX);
+        let t0 = Instant::now();
+        let token = tokens.issue(user(), t0).unwrap();
+        assert!(tokens.user(&token, t0 + Duration::from_secs(1)).is_some());
     }
 
     #[test]

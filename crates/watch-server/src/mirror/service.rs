@@ -25,7 +25,7 @@ use watch_proto::etcdserverpb::lease_client::LeaseClient;
 use watch_proto::status::EtcdError;
 
 use super::Mirror;
-use crate::auth::Gate;
+use crate::auth::{Caller, Gate, Perm};
 use crate::server::convert::{self, store_status};
 use crate::store::KeyRange;
 
@@ -87,6 +87,29 @@ impl MirrorKvService {
             return Err(EtcdError::RequestTooLarge.status());
         }
         Ok(())
+    }
+
+    /// With authentication on, etcd's pre-authorization checks of a put or delete (size, then
+    /// the op `op` builds), so a malformed request is refused as such before any auth error.
+    /// Off, etcd makes them when the request is forwarded.
+    fn validate_first(
+        &self,
+        m: &impl Message,
+        op: impl FnOnce() -> crate::store::TxnOp,
+    ) -> Result<(), Status> {
+        if self.gate.auth().is_none() {
+            return Ok(());
+        }
+        self.check_size(m)?;
+        let req = crate::store::TxnRequest {
+            compare: Vec::new(),
+            success: vec![op()],
+            failure: Vec::new(),
+        };
+        self.mirror
+            .store()
+            .validate(&req)
+            .map_err(|e| store_status(&e))
     }
 
     fn upstream(&self) -> KvClient<tonic::transport::Channel> {
@@ -212,14 +235,16 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        if let Some(caller) = self.gate.caller(&request)? {
-            caller.check_range(request.get_ref())?;
-        }
+        // As etcd: a malformed request is refused as such before any auth error.
+        let caller = self.gate.caller(&request);
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::range_request(&r)?;
         if r.key.is_empty() {
             return Err(EtcdError::EmptyKey.status());
+        }
+        if let Some(caller) = caller? {
+            caller.check_range(&r)?;
         }
         if !self.mirror.scope().covers_range(&req.range) {
             return self.upstream().range(r).await;
@@ -249,8 +274,16 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        self.validate_first(request.get_ref(), || convert::put_op(request.get_ref()))?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
+            // etcd's checkLeasePuts: attaching a lease needs write on the keys it already
+            // holds (its holder could not revoke it otherwise).
+            let lease = request.get_ref().lease;
+            if lease != 0 && !caller.is_root() {
+                let keys = lease_keys(&self.mirror, lease).await?;
+                caller.check_keys(Perm::Write, keys.iter().map(|k| &k[..]))?;
+            }
         }
         let r = request.into_inner();
         self.check_size(&r)?;
@@ -265,6 +298,7 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        self.validate_first(request.get_ref(), || convert::delete_op(request.get_ref()))?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_delete(request.get_ref())?;
         }
@@ -283,6 +317,14 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
+        if self.gate.auth().is_some() {
+            self.check_size(request.get_ref())?;
+            let req = convert::txn_request(request.get_ref())?;
+            self.mirror
+                .store()
+                .validate(&req)
+                .map_err(|e| store_status(&e))?;
+        }
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_txn(request.get_ref())?;
         }
@@ -308,22 +350,61 @@ impl pb::kv_server::Kv for MirrorKvService {
     }
 }
 
+/// The keys attached to lease `id` upstream (none for an unknown or expired lease), for
+/// etcd's per-key lease checks. Not atomic with the forwarded call: a key attached upstream
+/// between the two is not checked (etcd checks inside its apply loop).
+async fn lease_keys(mirror: &Mirror, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
+    let resp = LeaseClient::new(mirror.channel())
+        .max_decoding_message_size(usize::MAX)
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+        .await?;
+    Ok(resp.into_inner().keys)
+}
+
 /// etcd's `Lease` service of a mirror: every RPC forwarded to the upstream, whose lease
 /// expiry reaches the mirror as ordinary DELETE events through the upstream watch.
+///
+/// With authentication on, every RPC needs a valid caller (etcd: "user name is empty" /
+/// "invalid auth token"); `LeaseRevoke` needs write and `LeaseTimeToLive{keys}` read on every
+/// key attached to the lease, unless the caller is root (etcd's `checkLeasePuts` /
+/// `checkLeaseTimeToLive`). Grant, keep-alive and `LeaseLeases` need only a valid caller, as
+/// in etcd.
 #[derive(Debug, Clone)]
 pub struct MirrorLeaseService {
     mirror: Mirror,
+    /// keywatch's own authorization (off: one branch).
+    gate: Gate,
 }
 
 impl MirrorLeaseService {
     /// The service over `mirror`.
     pub fn new(mirror: Mirror) -> Self {
-        Self { mirror }
+        Self {
+            mirror,
+            gate: Gate::off(),
+        }
+    }
+
+    /// Checks every request against `gate`'s users and roles (see the type docs).
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
     }
 
     fn upstream(&self) -> LeaseClient<tonic::transport::Channel> {
         LeaseClient::new(self.mirror.channel())
             .max_decoding_message_size(self.mirror.inner.config.max_response_bytes)
+    }
+
+    /// `perm` on every key of lease `id` for a non-root caller.
+    async fn check_lease(&self, caller: &Caller, perm: Perm, id: i64) -> Result<(), Status> {
+        if caller.is_root() {
+            return Ok(());
+        }
+        let keys = lease_keys(&self.mirror, id).await?;
+        caller
+            .check_keys(perm, keys.iter().map(|k| &k[..]))
+            .map_err(EtcdError::status)
     }
 }
 
@@ -336,6 +417,7 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.gate.caller(&request)?;
         self.upstream().lease_grant(request.into_inner()).await
     }
 
@@ -343,6 +425,10 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            self.check_lease(&caller, Perm::Write, request.get_ref().id)
+                .await?;
+        }
         self.upstream().lease_revoke(request.into_inner()).await
     }
 
@@ -353,6 +439,8 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         use tokio_stream::StreamExt;
+        // Checked once when the stream opens (etcd checks its token there too).
+        self.gate.caller(&request)?;
         // The client's stream ends the upstream one when it ends or fails.
         let inbound = request.into_inner().map_while(Result::ok);
         let upstream = self.upstream().lease_keep_alive(inbound).await?;
@@ -363,6 +451,12 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            let r = request.get_ref();
+            if r.keys {
+                self.check_lease(&caller, Perm::Read, r.id).await?;
+            }
+        }
         self.upstream()
             .lease_time_to_live(request.into_inner())
             .await
@@ -372,6 +466,8 @@ impl pb::lease_server::Lease for MirrorLeaseService {
         &self,
         request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        // etcd lists every lease id to any authenticated user (ids name no key).
+        self.gate.caller(&request)?;
         self.upstream().lease_leases(request.into_inner()).await
     }
 }

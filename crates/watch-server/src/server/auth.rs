@@ -2,6 +2,10 @@
 //! exchange (`Authenticate`) and `AuthStatus` are served; every management method answers
 //! UNIMPLEMENTED with a message pointing to the config file.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
@@ -15,17 +19,67 @@ use crate::store::Store;
 pub struct AuthService {
     store: Store,
     gate: Gate,
+    failures: Arc<FailureLog>,
 }
 
 impl AuthService {
     /// The service; `gate` is off when the config has no `[auth]` section.
     pub fn new(store: Store, gate: Gate) -> Self {
-        Self { store, gate }
+        Self {
+            store,
+            gate,
+            failures: Arc::default(),
+        }
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
         Some(convert::header(self.store.durable_revision()))
     }
+}
+
+/// Failed logins logged at info per second; more go to debug (a flood of bad logins, e.g.
+/// over-long passwords that fail without hashing, cannot flood the log).
+const FAILURES_LOGGED_PER_SECOND: u32 = 10;
+
+/// Bytes of a user name shown in the log (escaped), so a client cannot forge or flood lines.
+const NAME_SHOWN_BYTES: usize = 64;
+
+/// Rate limit of the failed-login info lines: a one-second window and its count.
+#[derive(Debug)]
+struct FailureLog(Mutex<(Instant, u32)>);
+
+impl Default for FailureLog {
+    fn default() -> Self {
+        FailureLog(Mutex::new((Instant::now(), 0)))
+    }
+}
+
+impl FailureLog {
+    /// `Some(n)` if this failure may be logged at info, `n` failures having been demoted to
+    /// debug since the last info line; `None` to log it at debug.
+    fn admit(&self, now: Instant) -> Option<u32> {
+        let mut w = self.0.lock();
+        if now.saturating_duration_since(w.0) >= Duration::from_secs(1) {
+            let demoted = w.1.saturating_sub(FAILURES_LOGGED_PER_SECOND);
+            *w = (now, 1);
+            return Some(demoted);
+        }
+        w.1 = w.1.saturating_add(1);
+        (w.1 <= FAILURES_LOGGED_PER_SECOND).then_some(0)
+    }
+}
+
+/// A user name as logged: at most [`NAME_SHOWN_BYTES`] (on a char boundary), with a marker
+/// when cut; the caller logs it with `?` (Debug), which escapes quotes and control characters.
+fn shown_name(name: &str) -> String {
+    if name.len() <= NAME_SHOWN_BYTES {
+        return name.to_owned();
+    }
+    let mut end = NAME_SHOWN_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...({} bytes)", &name[..end], name.len())
 }
 
 /// The answer to every user and role management method.
@@ -51,11 +105,22 @@ impl pb::auth_server::Auth for AuthService {
             Ok(token) => token,
             Err(status) => {
                 // Operators watch these for password guessing; the password is never logged.
-                tracing::info!(user = %r.name, ?peer, code = ?status.code(), "authentication failed");
+                let user = shown_name(&r.name);
+                let code = status.code();
+                match self.failures.admit(Instant::now()) {
+                    Some(demoted) => tracing::info!(
+                        ?user,
+                        ?peer,
+                        ?code,
+                        demoted_to_debug = demoted,
+                        "authentication failed"
+                    ),
+                    None => tracing::debug!(?user, ?peer, ?code, "authentication failed"),
+                }
                 return Err(status);
             }
         };
-        tracing::debug!(user = %r.name, ?peer, "authenticated");
+        tracing::debug!(user = ?shown_name(&r.name), ?peer, "authenticated");
         Ok(Response::new(pb::AuthenticateResponse {
             header: self.header(),
             token,
@@ -178,5 +243,32 @@ impl pb::auth_server::Auth for AuthService {
         _request: Request<pb::AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
         Err(managed_in_config("RoleRevokePermission"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_logins_logged_at_info_at_a_bounded_rate() {
+        let log = FailureLog::default();
+        let t0 = Instant::now();
+        let admitted = (0..100).filter(|_| log.admit(t0).is_some()).count();
+        assert_eq!(admitted, FAILURES_LOGGED_PER_SECOND as usize);
+        // The next window logs again and reports how many went to debug.
+        assert_eq!(log.admit(t0 + Duration::from_secs(1)), Some(90));
+        assert_eq!(log.admit(t0 + Duration::from_secs(1)), Some(0));
+    }
+
+    #[test]
+    fn names_are_cut_and_escaped() {
+        assert_eq!(shown_name("alice"), "alice");
+        let forged = format!("x\nINFO forged line{}", "é".repeat(100));
+        let shown = shown_name(&forged);
+        assert!(shown.len() < NAME_SHOWN_BYTES + 20, "{shown}");
+        assert!(shown.ends_with(&format!("({} bytes)", forged.len())));
+        // Debug, as logged, escapes the newline.
+        assert!(!format!("{shown:?}").contains('\n'));
     }
 }

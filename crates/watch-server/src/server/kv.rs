@@ -6,8 +6,8 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 use super::convert::{self, store_status};
-use crate::auth::Gate;
-use crate::store::{Store, TxnOpResult};
+use crate::auth::{Gate, Perm};
+use crate::store::{Store, TxnOp, TxnOpResult, TxnRequest};
 
 /// etcd's `KV` service over a [`Store`].
 #[derive(Debug, Clone)]
@@ -35,6 +35,21 @@ impl KvService {
         self
     }
 
+    /// The store's pre-authorization checks of one put or delete (see [`Store::validate`]);
+    /// with authentication off the store's own run of them is enough.
+    fn validate_op(&self, op: &TxnOp) -> Result<(), Status> {
+        if self.gate.auth().is_none() {
+            return Ok(());
+        }
+        self.store
+            .validate(&TxnRequest {
+                compare: Vec::new(),
+                success: vec![op.clone()],
+                failure: Vec::new(),
+            })
+            .map_err(|e| store_status(&e))
+    }
+
     fn check_size(&self, m: &impl Message) -> Result<(), Status> {
         if m.encoded_len() > self.max_request_bytes {
             return Err(EtcdError::RequestTooLarge.status());
@@ -54,6 +69,9 @@ impl pb::kv_server::Kv for KvService {
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::range_request(&r)?;
+        if r.key.is_empty() {
+            return Err(EtcdError::EmptyKey.status());
+        }
         if let Some(caller) = caller? {
             caller.check_range(&r)?;
         }
@@ -66,17 +84,19 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        // As etcd: a malformed request is refused as such before any auth error.
+        self.check_size(request.get_ref())?;
+        let op = convert::put_op(request.get_ref());
+        self.validate_op(&op)?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
+            // etcd's checkLeasePuts: attaching a lease needs write on the keys it holds.
+            let lease = request.get_ref().lease;
+            if lease != 0 {
+                super::lease::check_lease_keys(&self.store, &caller, Perm::Write, lease).await?;
+            }
         }
-        let r = request.into_inner();
-        self.check_size(&r)?;
-        match self
-            .store
-            .single(convert::put_op(&r))
-            .await
-            .map_err(|e| store_status(&e))?
-        {
+        match self.store.single(op).await.map_err(|e| store_status(&e))? {
             TxnOpResult::Put(p) => {
                 tracing::debug!(revision = p.revision, "put");
                 Ok(Response::new(convert::put_response(p)))
@@ -89,17 +109,13 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        self.check_size(request.get_ref())?;
+        let op = convert::delete_op(request.get_ref());
+        self.validate_op(&op)?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_delete(request.get_ref())?;
         }
-        let r = request.into_inner();
-        self.check_size(&r)?;
-        match self
-            .store
-            .single(convert::delete_op(&r))
-            .await
-            .map_err(|e| store_status(&e))?
-        {
+        match self.store.single(op).await.map_err(|e| store_status(&e))? {
             TxnOpResult::Delete(d) => {
                 tracing::debug!(revision = d.revision, "delete_range");
                 Ok(Response::new(convert::delete_response(d)))
@@ -116,6 +132,9 @@ impl pb::kv_server::Kv for KvService {
         let r = request.into_inner();
         self.check_size(&r)?;
         let req = convert::txn_request(&r)?;
+        if self.gate.auth().is_some() {
+            self.store.validate(&req).map_err(|e| store_status(&e))?;
+        }
         if let Some(caller) = caller? {
             caller.check_txn(&r)?;
         }

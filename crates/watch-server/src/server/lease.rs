@@ -11,8 +11,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use watch_proto::etcdserverpb as pb;
+use watch_proto::status::EtcdError;
 
 use super::convert::{header, store_status};
+use crate::auth::{Caller, Gate, Perm};
 use crate::error::StoreError;
 use crate::store::Store;
 
@@ -25,13 +27,48 @@ pub struct LeaseService {
     store: Store,
     /// Becomes true at shutdown: every keep-alive stream ends.
     shutdown: watch::Receiver<bool>,
+    /// Authorization (off: one branch). On: every RPC needs a valid caller; LeaseRevoke
+    /// needs write and TimeToLive{keys} read on every key of the lease, unless root (etcd's
+    /// `checkLeasePuts` / `checkLeaseTimeToLive`).
+    gate: Gate,
 }
 
 impl LeaseService {
     /// The service; keep-alive streams end when `shutdown` turns true.
     pub fn new(store: Store, shutdown: watch::Receiver<bool>) -> Self {
-        Self { store, shutdown }
+        Self {
+            store,
+            shutdown,
+            gate: Gate::off(),
+        }
     }
+
+    /// Checks every request against `gate`'s users and roles (see the field docs).
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
+    }
+}
+
+/// `perm` on every key attached to lease `id` for a non-root caller (an unknown lease has
+/// none, as in etcd).
+pub(crate) async fn check_lease_keys(
+    store: &Store,
+    caller: &Caller,
+    perm: Perm,
+    id: i64,
+) -> Result<(), Status> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    let keys = match store.lease_time_to_live(id, true).await {
+        Ok(t) => t.keys,
+        Err(StoreError::LeaseNotFound { .. }) => return Ok(()),
+        Err(e) => return Err(store_status(&e)),
+    };
+    caller
+        .check_keys(perm, keys.iter().map(|k| &k[..]))
+        .map_err(EtcdError::status)
 }
 
 type KeepAliveStream = ReceiverStream<Result<pb::LeaseKeepAliveResponse, Status>>;
@@ -42,6 +79,7 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.gate.caller(&request)?;
         let r = request.into_inner();
         let g = self
             .store
@@ -60,6 +98,9 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)? {
+            check_lease_keys(&self.store, &caller, Perm::Write, request.get_ref().id).await?;
+        }
         let revision = self
             .store
             .lease_revoke(request.into_inner().id)
@@ -76,6 +117,8 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        // Checked once when the stream opens.
+        self.gate.caller(&request)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(KEEPALIVE_DEPTH);
         let store = self.store.clone();
@@ -119,6 +162,11 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        if let Some(caller) = self.gate.caller(&request)?
+            && request.get_ref().keys
+        {
+            check_lease_keys(&self.store, &caller, Perm::Read, request.get_ref().id).await?;
+        }
         let r = request.into_inner();
         match self.store.lease_time_to_live(r.id, r.keys).await {
             Ok(t) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
@@ -143,8 +191,10 @@ impl pb::lease_server::Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _request: Request<pb::LeaseLeasesRequest>,
+        request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        // etcd lists every lease id to any authenticated user (ids name no key).
+        self.gate.caller(&request)?;
         let ids = self.store.leases().map_err(|e| store_status(&e))?;
         Ok(Response::new(pb::LeaseLeasesResponse {
             header: Some(header(self.store.durable_revision())),

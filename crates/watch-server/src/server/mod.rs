@@ -266,7 +266,7 @@ impl Server {
                             .max_encoding_message_size(usize::MAX),
                         );
                         mirror_lease.fill(pb::lease_server::LeaseServer::new(
-                            MirrorLeaseService::new(m.clone()),
+                            MirrorLeaseService::new(m.clone()).with_gate(gate.clone()),
                         ));
                     }
                     None => {
@@ -278,10 +278,10 @@ impl Server {
                             .max_decoding_message_size(recv_limit)
                             .max_encoding_message_size(usize::MAX),
                         );
-                        lease.fill(pb::lease_server::LeaseServer::new(LeaseService::new(
-                            store.clone(),
-                            stop_rx.clone(),
-                        )));
+                        lease.fill(pb::lease_server::LeaseServer::new(
+                            LeaseService::new(store.clone(), stop_rx.clone())
+                                .with_gate(gate.clone()),
+                        ));
                     }
                 }
                 let mut watch_service = WatchService::new(

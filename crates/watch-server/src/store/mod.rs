@@ -638,6 +638,14 @@ impl Store {
         Ok(map.into_values().collect())
     }
 
+    /// The request checks etcd makes before authorization (op count, empty keys, put flags,
+    /// a key written twice in one branch), without running `req`: a service with
+    /// authentication refuses a malformed request as such before checking its caller, as etcd
+    /// does. [`Store::txn`] runs them again.
+    pub fn validate(&self, req: &TxnRequest) -> Result<(), StoreError> {
+        state::validate_shape(req, self.inner.config.max_txn_ops)
+    }
+
     /// Runs a transaction (see [`TxnRequest`]). All its writes share one revision; a txn that
     /// writes nothing does not create one.
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {

@@ -80,8 +80,15 @@ impl KvState {
 pub(crate) type HistoricReads = HashMap<(KeyRange, Revision), Vec<KeyValue>>;
 
 /// Static checks of a txn (etcd's `checkTxnRequest` and `checkIntervals`): sizes, empty keys,
-/// put flags, and no key written twice in one branch.
+/// put flags, and no key written twice in one branch. Whether a named lease exists is checked
+/// when the op runs.
 pub(crate) fn validate_txn(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
+    validate_shape(req, max_ops)
+}
+
+/// The checks etcd makes in its gRPC layer, before authorization (the lease lookup comes
+/// after it, when the op runs, in both).
+pub(crate) fn validate_shape(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
     check_txn(req, max_ops)?;
     check_intervals(&req.success)?;
     check_intervals(&req.failure)?;

@@ -413,14 +413,38 @@ impl Server {
     }
 
     /// `https` when the server was given a certificate by flag (both servers name it
-    /// `--cert-file`) or by keywatch's environment variable, else `http`.
+    /// `--cert-file`), by keywatch's environment variable or in keywatch's config file
+    /// (`--config <path>` with a `cert_file` key), else `http`.
     fn scheme(&self) -> &'static str {
         let by_flag = self.extra_args.iter().any(|a| a == "--cert-file");
         let by_env = self
             .extra_env
             .iter()
             .any(|(k, _)| k == "KEYWATCH_CERT_FILE");
-        if by_flag || by_env { "https" } else { "http" }
+        let config = self
+            .extra_args
+            .iter()
+            .position(|a| a == "--config")
+            .and_then(|i| self.extra_args.get(i + 1))
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                self.extra_env
+                    .iter()
+                    .find(|(k, _)| k == "KEYWATCH_CONFIG")
+                    .map(|(_, v)| v.into())
+            });
+        let by_file = config.is_some_and(|path| {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read the config file {}: {e}", path.display()));
+            let table: toml::Table = toml::from_str(&text)
+                .unwrap_or_else(|e| panic!("parse the config file {}: {e}", path.display()));
+            table.contains_key("cert_file")
+        });
+        if by_flag || by_env || by_file {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// True when etcdctl is on PATH; otherwise the case is skipped (see [`tools_present`]).
