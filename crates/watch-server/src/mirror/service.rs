@@ -327,6 +327,12 @@ impl pb::kv_server::Kv for MirrorKvService {
         }
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_txn(request.get_ref())?;
+            if !caller.is_root() {
+                for lease in crate::server::lease::txn_leases(request.get_ref()) {
+                    let keys = lease_keys(&self.mirror, lease).await?;
+                    caller.check_keys(Perm::Write, keys.iter().map(|k| &k[..]))?;
+                }
+            }
         }
         let r = request.into_inner();
         self.check_size(&r)?;

@@ -137,6 +137,9 @@ impl pb::kv_server::Kv for KvService {
         }
         if let Some(caller) = caller? {
             caller.check_txn(&r)?;
+            for lease in super::lease::txn_leases(&r) {
+                super::lease::check_lease_keys(&self.store, &caller, Perm::Write, lease).await?;
+            }
         }
         let result = self.store.txn(req).await.map_err(|e| store_status(&e))?;
         tracing::debug!(revision = result.revision, "txn");

@@ -71,6 +71,26 @@ pub(crate) async fn check_lease_keys(
         .map_err(EtcdError::status)
 }
 
+/// Every lease a put of `r` attaches, in either branch and in nested txns, once each: a txn
+/// gets the same lease check as a plain Put (etcd 3.4 skips it for txns, which would let a
+/// txn do what the Put is refused).
+pub(crate) fn txn_leases(r: &pb::TxnRequest) -> Vec<i64> {
+    fn walk(r: &pb::TxnRequest, out: &mut Vec<i64>) {
+        for op in r.success.iter().chain(&r.failure) {
+            match &op.request {
+                Some(pb::request_op::Request::RequestPut(p)) if p.lease != 0 => out.push(p.lease),
+                Some(pb::request_op::Request::RequestTxn(t)) => walk(t, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(r, &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 type KeepAliveStream = ReceiverStream<Result<pb::LeaseKeepAliveResponse, Status>>;
 
 #[tonic::async_trait]
