@@ -32,11 +32,12 @@
 //!
 //! A mirror has no lease of its own: grants and revokes fail with
 //! [`StoreError::MirrorReadOnly`], and a store holding a lease cannot become a mirror
-//! ([`Store::set_mirror`]), so the expiry task of a mirror has nothing to expire. The reverse is
-//! not refused: a former mirror's data directory opened without `--upstream` serves as a
-//! standalone store; its keys keep the upstream's lease IDs, which this store never granted,
-//! so they are not deleted at open (no orphan sweep where a mirror floor exists) and never
-//! expire. Use a fresh data directory for a standalone server.
+//! ([`Store::set_mirror`]), so the expiry task of a mirror has nothing to expire. The reverse
+//! is refused by the server: `watch-server` without `--upstream` will not start on a mirror's
+//! data directory (`mirror::refuse_standalone`). An embedder calling [`Store::open`] on one
+//! directly gets no such check: the keys keep the upstream's lease IDs, which this store never
+//! granted, so they are not deleted at open (no orphan sweep where a mirror floor exists) and
+//! never expire.
 //!
 //! # Restart
 //!
