@@ -459,6 +459,26 @@ async fn with_kv<T>(
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test guard")))
 }
 
+/// Puts `value` at `key` through `url` and returns the revision of the write.
+async fn put_rev(url: &str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> i64 {
+    let (key, value) = (key.into(), value.into());
+    let what = String::from_utf8_lossy(&key).into_owned();
+    with_kv(url, async |mut kv| {
+        kv.put(pb::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("put {what} through {url}: {e}"))
+    .into_inner()
+    .header
+    .expect("a put response carries a header")
+    .revision
+}
+
 /// Polls a linearizable read through `url` until it succeeds: the replica is connected and
 /// has mirrored etcd's current revision. Returns that revision.
 async fn caught_up(url: &str, key: &str) -> i64 {
@@ -960,20 +980,7 @@ async fn failover_keeps_every_stream_exact() {
 
     // The last write, on a key every downstream watcher selects, ends the run.
     let leader = cluster.leader().await;
-    let end = with_kv(&cluster.url(leader), async |mut kv| {
-        kv.put(pb::PutRequest {
-            key: "/m/k3".into(),
-            value: "end".into(),
-            ..Default::default()
-        })
-        .await
-    })
-    .await
-    .expect("final put")
-    .into_inner()
-    .header
-    .map(|h| h.revision)
-    .unwrap_or(0);
+    let end = put_rev(&cluster.url(leader), "/m/k3", "end").await;
     until_tx.send_replace(end);
     let mut streams = Vec::new();
     for t in tasks {
@@ -1317,20 +1324,7 @@ async fn requested_progress_advances_past_other_keys() {
         read(true).await >= written,
         "the write returned before the mirror passed it"
     );
-    let direct = with_kv(&upstream.url(), async |mut kv| {
-        kv.put(pb::PutRequest {
-            key: "/x/b".into(),
-            value: "2".into(),
-            ..Default::default()
-        })
-        .await
-    })
-    .await
-    .expect("direct put")
-    .into_inner()
-    .header
-    .map(|h| h.revision)
-    .unwrap_or(0);
+    let direct = put_rev(&upstream.url(), "/x/b", "2").await;
     assert!(
         read(false).await >= direct,
         "a linearizable read missed an upstream write"
@@ -1351,20 +1345,7 @@ async fn retention_compacts_the_mirror_history() {
     caught_up(&r.url(), "/m/a").await;
     let mut last = 0;
     for i in 0..40 {
-        last = with_kv(&upstream.url(), async |mut kv| {
-            kv.put(pb::PutRequest {
-                key: format!("/m/k{}", i % 5).into_bytes().into(),
-                value: format!("v{i}").into_bytes().into(),
-                ..Default::default()
-            })
-            .await
-        })
-        .await
-        .expect("put")
-        .into_inner()
-        .header
-        .map(|h| h.revision)
-        .unwrap_or(0);
+        last = put_rev(&upstream.url(), format!("/m/k{}", i % 5), format!("v{i}")).await;
     }
     assert!(caught_up(&r.url(), "/m/a").await >= last);
     // A watch from inside the window gets its events.
@@ -1621,16 +1602,7 @@ async fn partly_mirrored_deletes_do_not_wait_for_other_keys() {
     let etcd = cluster.url(0);
     // /m/x last: the linearizable read below waits for the last revision to be mirrored.
     for k in ["/a/1", "/a/2", "/z/1", "/m/x"] {
-        with_kv(&etcd, async |mut kv| {
-            kv.put(pb::PutRequest {
-                key: k.into(),
-                value: "v".into(),
-                ..Default::default()
-            })
-            .await
-        })
-        .await
-        .expect("put to etcd");
+        put_rev(&etcd, k, "v").await;
     }
     caught_up(&r.url(), "/m/x").await;
     let url = r.url();
