@@ -12,8 +12,8 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::status::{EtcdError, from_convert_error, from_log_error, from_watch_error};
 use watch_proto::to_proto;
 
-use crate::error::StoreError;
-use crate::store::{
+use kv_store::StoreError;
+use kv_store::{
     Compare, CompareOp, CompareTarget, DeleteResult, KeyRange, PutOptions, PutResult, RangeRequest,
     RangeResult, SortOrder, SortTarget, TxnOp, TxnOpResult, TxnRequest, TxnResult,
 };

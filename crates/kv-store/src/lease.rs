@@ -63,7 +63,7 @@ use tokio::time::Instant;
 use watch_core::{ChangeSet, Event, Revision};
 
 use super::{Inner, Store, log_err};
-use crate::error::StoreError;
+use crate::StoreError;
 
 /// File name of the lease records inside the data directory.
 pub const LEASES_FILE: &str = "leases.redb";

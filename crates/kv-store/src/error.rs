@@ -58,7 +58,7 @@ pub enum StoreError {
     LeaseTtlTooLarge {
         /// The TTL asked for, in seconds.
         ttl: i64,
-        /// [`crate::store::MAX_LEASE_TTL`], in seconds.
+        /// [`crate::MAX_LEASE_TTL`], in seconds.
         max: i64,
     },
     /// A lease grant would exceed [`crate::StoreConfig::max_leases`].
@@ -114,7 +114,7 @@ pub enum StoreError {
     #[error("inconsistent data directory: {0}")]
     Inconsistent(String),
     /// A local write (put, delete, txn, compact) on a store that mirrors an upstream etcd
-    /// (`crate::mirror`): writes go to the upstream, the mirror applies them from its watch.
+    /// (watch-server's mirror mode): writes go to the upstream, the mirror applies them from its watch.
     #[error("keywatch: this store mirrors an upstream etcd; write through the server or to etcd")]
     MirrorReadOnly,
     /// A watch on keys outside the prefixes a mirror replicates: the mirror has no history of

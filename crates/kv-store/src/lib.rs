@@ -1,6 +1,57 @@
-//! The embedded store: etcd's KV model (revisions, ranges, txns, compaction) over a durable
-//! event log, with watches served by watch-core's engine. The gRPC services in
-//! [`crate::server`] are a thin translation over it.
+//! kv-store: keywatch's embeddable key-value store. etcd's KV model (revisions, ranges, txns,
+//! compaction) and etcd's leases over a durable event log ([`event_log`]), with watches served
+//! by watch-core's engine ([`watch_core`]). [`Store`] is the **in-process engine API**: what an
+//! application embeds, with no network hop and no protobuf or gRPC in its API or its
+//! dependencies. watch-server's gRPC services are a thin translation over it, so the server and
+//! an embedder run the same code.
+//!
+//! ```
+//! use kv_store::{Durability, PutOptions, RangeRequest, Store, StoreConfig};
+//! use watch_core::{KeySelector, WatchMessage, WatchOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let rt = tokio::runtime::Runtime::new()?;
+//! rt.block_on(async {
+//!     // Immediate (fsync before ack) is the default; tests may skip it.
+//!     let store = Store::open(dir.path(), StoreConfig::default().durability(Durability::NoSync)).await?;
+//!     assert_eq!(store.current_revision(), 1); // a fresh store is at revision 1, as etcd
+//!
+//!     let mut watch = store.watch(KeySelector::prefix("/svc/"), WatchOptions::default().prev_kv(true))?;
+//!     store.put("/svc/a", "up", PutOptions::default()).await?; // revision 2
+//!     let put = store.put("/svc/a", "down", PutOptions::default()).await?; // revision 3
+//!     assert_eq!(put.revision, 3);
+//!
+//!     // Writes are acknowledged only once durable and published: the watch has them.
+//!     let mut seen = Vec::new();
+//!     while seen.len() < 2 {
+//!         if let Some(WatchMessage::Events(batch)) = watch.recv().await {
+//!             for e in batch.events() {
+//!                 seen.push((batch.revision(), e.kv.value.clone(), e.prev_kv.map(|p| p.value.clone())));
+//!             }
+//!         }
+//!     }
+//!     assert_eq!(seen[1], (3, "down".into(), Some("up".into())));
+//!
+//!     // Reads at a past revision come from the event log.
+//!     let then = store.range(RangeRequest::key("/svc/a").revision(2)).await?;
+//!     assert_eq!(then.kvs[0].value, "up");
+//!     store.close().await?;
+//!     Ok::<_, kv_store::StoreError>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Model
+//!
+//! The key-value state is a `BTreeMap` in memory, rebuilt at open from [`SNAPSHOT_FILE`]
+//! (written before each compaction) plus a replay of the event log after it. A fresh store is
+//! at revision 1; one revision per write request (a whole txn counts once; deleting nothing and
+//! read-only txns do not bump it). Txns validate as etcd's `checkTxnRequest`/`checkIntervals`
+//! (max ops, empty keys, a key written twice in a branch). `state.rs` is pure logic
+//! (validation, compares, range options, execution yielding one `ChangeSet`); `lib.rs` holds
+//! the write path, reads and compaction.
 //!
 //! # Write path
 //!
@@ -36,6 +87,7 @@
 //! consistency and the restart rule.
 
 mod clock;
+mod error;
 mod lease;
 mod mirror;
 mod snapshot;
@@ -54,7 +106,7 @@ use watch_core::{
     WatchOptions,
 };
 
-use crate::error::StoreError;
+pub use error::StoreError;
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
@@ -511,7 +563,7 @@ impl Store {
 
     /// Runs one write op as a txn without compares and returns its result, with the revision
     /// of the write (or the current one when it wrote nothing).
-    pub(crate) async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
+    pub async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
         let result = self
             .txn(TxnRequest {
                 compare: Vec::new(),
