@@ -56,9 +56,11 @@
 //! # Write path
 //!
 //! A write takes the write lock (a tokio mutex: held across awaits, never by readers), runs
-//! the request against the state, queues the resulting change set on the event log, applies it
-//! to the in-memory state and hands the log's acknowledgement to the publisher task, all in
-//! revision order; then it releases the lock. The event log commits in groups. The publisher
+//! the request against the state, then hands the resulting change set to `Store::commit`, the
+//! one write path every writer (txn, lease revoke and expiry, mirror apply and reset) ends in:
+//! it queues the change set on the event log, applies it to the in-memory state and hands the
+//! log's acknowledgement to the publisher task, all in revision order and with no await
+//! between the log append and the hand-off; then the writer releases the lock. The event log commits in groups. The publisher
 //! awaits acknowledgements in revision order, publishes each durable change set to the watch
 //! engine and advances the *durable revision*. A write returns once its revision is published,
 //! so a client that wrote at revision R and then watches sees R (read-your-writes).
@@ -200,6 +202,9 @@ struct Durable {
     /// Set once when the log failed; never cleared.
     failed: Option<String>,
 }
+
+/// Proof that the caller holds [`Inner::write_lock`] (see [`Store::commit`]).
+type WriteGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
 
 /// Change sets queued on the log, in revision order, with their acknowledgement.
 type Pending = (ChangeSet, event_log::AppendAck);
@@ -719,14 +724,6 @@ impl Store {
                 history.insert((r.range.clone(), r.revision), at);
             }
         }
-        // Reserve the pipeline slot before queueing on the log: from the log append on, nothing
-        // may await, or a dropped request could leave a durable revision unpublished.
-        let sender = self
-            .inner
-            .pipeline
-            .lock()
-            .clone()
-            .ok_or(StoreError::Closed)?;
         let (result, changes) = {
             let st = self.inner.state.read();
             let leases = &self.inner.leases;
@@ -737,15 +734,46 @@ impl Store {
             self.wait_durable(result.revision).await?;
             return Ok(result);
         };
-        let revision = cs.revision;
-        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
-        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-        // No await from here to `send`: the change set is queued, it must reach the publisher.
-        self.inner.state.write().apply(&cs);
-        permit.send((cs, ack));
+        let revision = self.commit(&guard, cs, KvState::apply).await?;
         drop(guard);
         self.wait_durable(revision).await?;
         Ok(result)
+    }
+
+    /// **The write path**: the one place a change set enters the pipeline. Reserves a
+    /// publisher slot, submits `cs` to the event log, applies it to the state (`apply`: almost
+    /// always [`KvState::apply`]; a mirror reset installs a whole snapshot instead) and hands
+    /// the log's acknowledgement to the publisher, which publishes `cs` once durable. Txns,
+    /// lease revokes and expiries, orphan cleanup, and mirror applies and resets all end here.
+    ///
+    /// The caller holds the write lock (`_write` proves it) and computed `cs` under it, so
+    /// change sets reach the log, the state and the publisher in revision order. Returns
+    /// `cs.revision`, queued but not yet durable (see [`Store::wait_durable`]).
+    async fn commit(
+        &self,
+        _write: &WriteGuard<'_>,
+        cs: ChangeSet,
+        apply: impl FnOnce(&mut KvState, &ChangeSet),
+    ) -> Result<Revision, StoreError> {
+        // `close` takes the sender under the write lock, after setting `closed`; a caller that
+        // passed `check_open` under the lock finds it here.
+        let sender = self
+            .inner
+            .pipeline
+            .lock()
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let revision = cs.revision;
+        // The slot is reserved before the log append, because of the invariant below.
+        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
+        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
+        // INVARIANT: no await between `submit` and `send`. From here the change set is on the
+        // log and will become durable; a request dropped at an await in between would leave a
+        // durable revision that is never applied or published, and every later read and write
+        // would wait for it forever.
+        apply(&mut self.inner.state.write(), &cs);
+        permit.send((cs, ack));
+        Ok(revision)
     }
 
     /// Compacts history: afterwards reads and watches below `revision` fail with

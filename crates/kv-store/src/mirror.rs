@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use watch_core::{CancelReason, ChangeSet, KeySelector, KeyValue, Revision};
 
-use super::{KeyRange, Store, log_err, snapshot};
+use super::{KeyRange, KvState, Store, log_err, snapshot};
 use crate::StoreError;
 
 /// File of the data directory holding a mirror's floor (decimal revision): history below it
@@ -263,13 +263,6 @@ impl Store {
                 current,
             });
         }
-        // Reserved before the log append: from the append on nothing may await (see `txn`).
-        let sender = self
-            .inner
-            .pipeline
-            .lock()
-            .clone()
-            .ok_or(StoreError::Closed)?;
         {
             let st = self.inner.state.read();
             for e in &mut cs.events {
@@ -300,10 +293,7 @@ impl Store {
                 e.prev_kv = local;
             }
         }
-        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
-        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-        self.inner.state.write().apply(&cs);
-        permit.send((cs, ack));
+        self.commit(&guard, cs, KvState::apply).await?;
         drop(guard);
         Ok(())
     }
@@ -355,30 +345,18 @@ impl Store {
         let canceled = self.inner.engine.cancel_all(CancelReason::Compacted {
             compact_revision: floor,
         });
-        let mut marker = None;
-        if revision > current {
-            let sender = self
-                .inner
-                .pipeline
-                .lock()
-                .clone()
-                .ok_or(StoreError::Closed)?;
-            let cs = ChangeSet::new(revision, Vec::new());
-            let permit = sender
-                .reserve_owned()
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-            marker = Some((permit, cs, ack));
-        }
-        {
-            // One state-lock section: no reader sees the new keys at the old revision.
-            let mut st = self.inner.state.write();
+        // One state-lock section: no reader sees the new keys at the old revision.
+        let install = |st: &mut KvState| {
             st.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
             st.revision = st.revision.max(revision);
-        }
-        if let Some((permit, cs, ack)) = marker {
-            permit.send((cs, ack));
+        };
+        if revision > current {
+            // The marker: an empty change set at `revision`, so the log (and a restart) and
+            // the watchers' progress reach it.
+            let marker = ChangeSet::new(revision, Vec::new());
+            self.commit(&guard, marker, |st, _| install(st)).await?;
+        } else {
+            install(&mut self.inner.state.write());
         }
         drop(guard);
         self.wait_durable(revision).await?;
