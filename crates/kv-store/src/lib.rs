@@ -108,7 +108,7 @@ use watch_core::{
     WatchOptions,
 };
 
-pub use error::StoreError;
+pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
