@@ -116,17 +116,12 @@ pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
 pub use types::*;
 
-/// How durable a write is when it is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Durability {
-    /// fsync every group commit before acknowledging its writes (the default).
-    #[default]
-    Fsync,
-    /// No fsync: acknowledged writes may be lost on kill -9, an OS crash or power loss (redb
-    /// persists a non-durable commit only with the next durable one). For tests and benchmarks.
-    NoSync,
-}
+/// How durable a write is when it is acknowledged: the event log's setting, which also
+/// governs lease grants in [`LEASES_FILE`]. `Fsync` (the default) fsyncs every group commit
+/// before acknowledging its writes; `NoSync` may lose acknowledged writes on kill -9, an OS
+/// crash or power loss (redb persists a non-durable commit only with the next durable one), for
+/// tests and benchmarks.
+pub use event_log::Durability;
 
 /// Settings of a [`Store`]. `Default` matches etcd's defaults where etcd has one.
 #[derive(Debug, Clone)]
@@ -324,10 +319,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let dir = dir.to_path_buf();
         let log_config = LogConfig {
-            durability: match config.durability {
-                Durability::Fsync => event_log::Durability::Immediate,
-                Durability::NoSync => event_log::Durability::None,
-            },
+            durability: config.durability,
             ..LogConfig::default()
         };
         let dir2 = dir.clone();
