@@ -1,7 +1,8 @@
 //! The in-memory key-value state and the pure (lock-free, I/O-free) txn logic over it:
 //! validation, compares, range options and the execution that yields one change set.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 
 use bytes::Bytes;
 use watch_core::{ChangeSet, Event, EventKind, KeyValue, Revision};
@@ -81,18 +82,25 @@ pub(crate) type HistoricReads = HashMap<(KeyRange, Revision), Vec<KeyValue>>;
 
 /// Static checks of a txn (etcd's `checkTxnRequest` and `checkIntervals`): sizes, empty keys,
 /// put flags, and no key written twice in one branch. Whether a named lease exists is checked
-/// when the op runs.
+/// when the op runs. O(n log n) in the txn's ops (see [`check_intervals`]); etcd runs all of
+/// them in its gRPC layer, before authorization, so a malformed request is refused as such.
 pub(crate) fn validate_txn(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
-    validate_shape(req, max_ops)
-}
-
-/// The checks etcd makes in its gRPC layer, before authorization (the lease lookup comes
-/// after it, when the op runs, in both).
-pub(crate) fn validate_shape(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
     check_txn(req, max_ops)?;
     check_intervals(&req.success)?;
     check_intervals(&req.failure)?;
     Ok(())
+}
+
+/// Every op of `req`, nested ones included (a nested txn counts as one op plus its own).
+pub(crate) fn total_ops(req: &TxnRequest) -> usize {
+    let mut n = req.compare.len();
+    for op in req.success.iter().chain(&req.failure) {
+        n += 1;
+        if let TxnOp::Txn(t) = op {
+            n += total_ops(t);
+        }
+    }
+    n
 }
 
 fn check_txn(req: &TxnRequest, max_ops: usize) -> Result<(), StoreError> {
@@ -146,44 +154,141 @@ pub(crate) fn check_op(op: &TxnOp, max_ops: usize) -> Result<(), StoreError> {
 
 /// etcd's `checkIntervals`: the puts of one branch (nested txns included, their two branches
 /// being exclusive) must not repeat a key nor fall in a range the branch deletes.
-fn check_intervals(ops: &[TxnOp]) -> Result<(HashSet<Bytes>, Vec<KeyRange>), StoreError> {
-    let mut dels: Vec<KeyRange> = ops
-        .iter()
-        .filter_map(|op| match op {
-            TxnOp::Delete { range, .. } => Some(range.clone()),
-            _ => None,
-        })
-        .collect();
-    let hits = |dels: &[KeyRange], k: &[u8]| dels.iter().any(|d| d.contains(k));
-    let mut puts: HashSet<Bytes> = HashSet::new();
+///
+/// Returns the branch's put keys and deleted ranges. O(n log n) per level: sets are merged
+/// smaller-into-larger and every overlap test walks the smaller side, so a key nested `d`
+/// levels deep is not rescanned against every delete of every level (the linear scan this
+/// replaces made a 0.9 MB txn cost seconds of CPU).
+fn check_intervals(ops: &[TxnOp]) -> Result<(BTreeSet<Bytes>, Dels), StoreError> {
+    let mut dels = Dels::default();
+    for op in ops {
+        if let TxnOp::Delete { range, .. } = op {
+            dels.insert_range(range);
+        }
+    }
+    let mut puts: BTreeSet<Bytes> = BTreeSet::new();
     for op in ops {
         let TxnOp::Txn(t) = op else { continue };
         let (puts_then, dels_then) = check_intervals(&t.success)?;
         let (puts_else, dels_else) = check_intervals(&t.failure)?;
-        for k in &puts_then {
-            if puts.contains(k) || hits(&dels, k) {
-                return Err(StoreError::DuplicateKey);
-            }
-            puts.insert(k.clone());
+        // A key in both branches of the same nested txn is fine: only one branch runs. Any key
+        // either branch puts must be new to this branch and outside the ranges deleted so far
+        // (this level's and earlier nested txns'), as etcd checks them.
+        let child = union_keys(puts_then, puts_else);
+        if intersects(&puts, &child) || dels.hits_any(&child) {
+            return Err(StoreError::DuplicateKey);
         }
-        for k in &puts_else {
-            // A key in both branches of the same nested txn is fine: only one branch runs.
-            if (puts.contains(k) && !puts_then.contains(k)) || hits(&dels, k) {
-                return Err(StoreError::DuplicateKey);
-            }
-            puts.insert(k.clone());
-        }
-        dels.extend(dels_then);
-        dels.extend(dels_else);
+        puts = union_keys(puts, child);
+        dels = dels.union(dels_then).union(dels_else);
     }
     for op in ops {
         let TxnOp::Put { key, .. } = op else { continue };
-        if puts.contains(key) || hits(&dels, key) {
+        if dels.contains(key) || !puts.insert(key.clone()) {
             return Err(StoreError::DuplicateKey);
         }
-        puts.insert(key.clone());
     }
     Ok((puts, dels))
+}
+
+/// `a ∪ b`, inserting the smaller set into the larger.
+fn union_keys(a: BTreeSet<Bytes>, b: BTreeSet<Bytes>) -> BTreeSet<Bytes> {
+    let (mut large, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    large.extend(small);
+    large
+}
+
+/// Whether `a` and `b` share a key, walking the smaller set.
+fn intersects(a: &BTreeSet<Bytes>, b: &BTreeSet<Bytes>) -> bool {
+    let (large, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    small.iter().any(|k| large.contains(k))
+}
+
+/// The key ranges one txn branch deletes, as disjoint half-open intervals `[start, end)`
+/// keyed by start (`None` end: unbounded). Overlapping or touching ranges are merged on
+/// insert, so a point lookup is one ordered-map probe.
+#[derive(Debug, Default)]
+struct Dels(BTreeMap<Bytes, Option<Bytes>>);
+
+impl Dels {
+    fn insert_range(&mut self, range: &KeyRange) {
+        // `interval` is `None` for a range that selects nothing (end before start), which
+        // `KeyRange::contains` never matches either.
+        if let Some((start, end)) = range.interval() {
+            self.insert(start, end);
+        }
+    }
+
+    fn insert(&mut self, mut start: Bytes, mut end: Option<Bytes>) {
+        // The interval starting at or before `start`, if it reaches it, absorbs the new one.
+        let before = self
+            .0
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(&start[..])))
+            .next_back()
+            .filter(|(_, e)| e.as_ref().is_none_or(|e| *e >= start))
+            .map(|(s, e)| (s.clone(), e.clone()));
+        if let Some((s, e)) = before {
+            self.0.remove(&s);
+            start = s;
+            end = max_end(end, e);
+        }
+        // Every interval starting inside `[start, end]` is absorbed.
+        loop {
+            let next = self
+                .0
+                .range::<[u8], _>((Bound::Included(&start[..]), Bound::Unbounded))
+                .next()
+                .filter(|(s, _)| end.as_ref().is_none_or(|end| *s <= end))
+                .map(|(s, e)| (s.clone(), e.clone()));
+            let Some((s, e)) = next else { break };
+            self.0.remove(&s);
+            end = max_end(end, e);
+        }
+        self.0.insert(start, end);
+    }
+
+    /// Whether `key` falls in a deleted range.
+    fn contains(&self, key: &[u8]) -> bool {
+        self.0
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+            .is_some_and(|(_, e)| e.as_ref().is_none_or(|e| key < &e[..]))
+    }
+
+    /// Whether any of `keys` falls in a deleted range, walking the smaller side.
+    fn hits_any(&self, keys: &BTreeSet<Bytes>) -> bool {
+        if keys.len() <= self.0.len() {
+            return keys.iter().any(|k| self.contains(k));
+        }
+        self.0.iter().any(|(s, e)| {
+            let hi = e
+                .as_ref()
+                .map_or(Bound::Unbounded, |e| Bound::Excluded(&e[..]));
+            keys.range::<[u8], _>((Bound::Included(&s[..]), hi))
+                .next()
+                .is_some()
+        })
+    }
+
+    /// `self ∪ other`, inserting the smaller into the larger.
+    fn union(self, other: Dels) -> Dels {
+        let (mut large, small) = if self.0.len() >= other.0.len() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        for (s, e) in small.0 {
+            large.insert(s, e);
+        }
+        large
+    }
+}
+
+/// The later of two interval ends (`None`: unbounded).
+fn max_end(a: Option<Bytes>, b: Option<Bytes>) -> Option<Bytes> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        _ => None,
+    }
 }
 
 /// Every (range, revision) a txn reads at a past revision (`0 < revision < current`), so the
@@ -486,5 +591,197 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
         CompareOp::NotEqual => ord.is_ne(),
         CompareOp::Greater => ord.is_gt(),
         CompareOp::Less => ord.is_lt(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::PutOptions;
+
+    fn put(k: &[u8]) -> TxnOp {
+        TxnOp::Put {
+            key: Bytes::copy_from_slice(k),
+            value: Bytes::new(),
+            options: PutOptions::default(),
+        }
+    }
+
+    fn del(k: &[u8], end: &[u8]) -> TxnOp {
+        TxnOp::Delete {
+            range: KeyRange {
+                key: Bytes::copy_from_slice(k),
+                range_end: Bytes::copy_from_slice(end),
+            },
+            prev_kv: false,
+        }
+    }
+
+    /// The linear-scan check this module used to run (etcd's algorithm written out with a list
+    /// of delete ranges): the oracle the interval version must agree with.
+    fn naive(ops: &[TxnOp]) -> Option<(Vec<Bytes>, Vec<KeyRange>)> {
+        let mut dels: Vec<KeyRange> = ops
+            .iter()
+            .filter_map(|op| match op {
+                TxnOp::Delete { range, .. } => Some(range.clone()),
+                _ => None,
+            })
+            .collect();
+        let hits = |dels: &[KeyRange], k: &[u8]| dels.iter().any(|d| d.contains(k));
+        let mut puts: Vec<Bytes> = Vec::new();
+        for op in ops {
+            let TxnOp::Txn(t) = op else { continue };
+            let (then_p, then_d) = naive(&t.success)?;
+            let (else_p, else_d) = naive(&t.failure)?;
+            for k in &then_p {
+                if puts.contains(k) || hits(&dels, k) {
+                    return None;
+                }
+                puts.push(k.clone());
+            }
+            for k in &else_p {
+                if (puts.contains(k) && !then_p.contains(k)) || hits(&dels, k) {
+                    return None;
+                }
+                // A set, as the original: a key of both branches is kept once.
+                if !puts.contains(k) {
+                    puts.push(k.clone());
+                }
+            }
+            dels.extend(then_d);
+            dels.extend(else_d);
+        }
+        for op in ops {
+            let TxnOp::Put { key, .. } = op else { continue };
+            if puts.contains(key) || hits(&dels, key) {
+                return None;
+            }
+            puts.push(key.clone());
+        }
+        Some((puts, dels))
+    }
+
+    /// xorshift64: deterministic cases without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+        fn key(&mut self) -> Vec<u8> {
+            // A small alphabet with prefixes of each other, so ranges overlap, touch and nest.
+            let len = 1 + self.below(3) as usize;
+            (0..len).map(|_| b'a' + self.below(4) as u8).collect()
+        }
+        fn ops(&mut self, depth: u32) -> Vec<TxnOp> {
+            let n = self.below(5) as usize;
+            (0..n)
+                .map(|_| match self.below(if depth == 0 { 3 } else { 4 }) {
+                    0 => put(&self.key()),
+                    1 => {
+                        let k = self.key();
+                        let end = match self.below(4) {
+                            0 => Vec::new(),
+                            1 => vec![0],
+                            _ => self.key(),
+                        };
+                        del(&k, &end)
+                    }
+                    2 => TxnOp::Range(RangeRequest::new(KeyRange::key(self.key()))),
+                    _ => TxnOp::Txn(TxnRequest {
+                        compare: Vec::new(),
+                        success: self.ops(depth - 1),
+                        failure: self.ops(depth - 1),
+                    }),
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn interval_check_agrees_with_the_linear_scan() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut ok, mut dup) = (0, 0);
+        for _ in 0..10_000 {
+            let ops = rng.ops(3);
+            let want = naive(&ops).is_some();
+            let got = check_intervals(&ops);
+            assert_eq!(got.is_ok(), want, "{ops:?}");
+            if let Ok((puts, _)) = got {
+                ok += 1;
+                let mut want: Vec<Bytes> = naive(&ops).unwrap_or_default().0;
+                want.sort();
+                want.dedup();
+                assert_eq!(puts.into_iter().collect::<Vec<_>>(), want, "{ops:?}");
+            } else {
+                dup += 1;
+            }
+        }
+        // Both outcomes were exercised.
+        assert!(ok > 500 && dup > 500, "ok {ok} dup {dup}");
+    }
+
+    #[test]
+    fn delete_ranges_merge_and_answer_points() {
+        let mut d = Dels::default();
+        for (k, end) in [("b", "d"), ("f", ""), ("c", "e"), ("x", "\0"), ("e", "f")] {
+            d.insert_range(&KeyRange {
+                key: Bytes::copy_from_slice(k.as_bytes()),
+                range_end: Bytes::copy_from_slice(end.as_bytes()),
+            });
+        }
+        // [b,d) ∪ [c,e) ∪ [e,f) ∪ [f,f\0) touch into one; [x,∞) stays apart.
+        assert_eq!(d.0.len(), 2, "{d:?}");
+        for k in ["b", "c", "dz", "e", "f"] {
+            assert!(d.contains(k.as_bytes()), "{k}");
+        }
+        for k in ["a", "f\0", "g", "w"] {
+            assert!(!d.contains(k.as_bytes()), "{k}");
+        }
+        assert!(d.contains(b"x") && d.contains(b"zzz"));
+        // An inverted range selects nothing.
+        let mut e = Dels::default();
+        e.insert_range(&KeyRange {
+            key: Bytes::from_static(b"z"),
+            range_end: Bytes::from_static(b"a"),
+        });
+        assert!(!e.contains(b"m"));
+    }
+
+    /// 50,000 puts and 50,000 deletes in one branch, 20 levels deep: the linear scan made this 5e10 range
+    /// tests (hours); sorted intervals make it O(n log n) (a second here). Nested, every put is checked at
+    /// each enclosing level.
+    #[test]
+    fn a_large_txn_checks_in_n_log_n() {
+        let n = 50_000u32;
+        let mut ops = Vec::with_capacity(2 * n as usize);
+        for i in 0..n {
+            ops.push(put(format!("p{i:08}").as_bytes()));
+            ops.push(del(format!("d{i:08}").as_bytes(), b""));
+        }
+        let mut req = TxnRequest {
+            compare: Vec::new(),
+            success: ops,
+            failure: Vec::new(),
+        };
+        for _ in 0..20 {
+            req = TxnRequest {
+                compare: Vec::new(),
+                success: vec![TxnOp::Txn(req), del(b"q", b"\0")],
+                failure: Vec::new(),
+            };
+        }
+        assert!(validate_txn(&req, 2 * n as usize + 100).is_ok());
+        // One put more, inside a deleted range at the top: refused.
+        let TxnOp::Txn(inner) = &mut req.success[0] else {
+            unreachable!()
+        };
+        inner.success.push(del(b"p", b"q"));
+        assert!(matches!(
+            validate_txn(&req, 2 * n as usize + 100),
+            Err(StoreError::DuplicateKey)
+        ));
     }
 }

@@ -92,7 +92,7 @@ impl MirrorKvService {
     /// With authentication on, etcd's pre-authorization checks of a put or delete (size, then
     /// the op `op` builds), so a malformed request is refused as such before any auth error.
     /// Off, etcd makes them when the request is forwarded.
-    fn validate_first(
+    async fn validate_first(
         &self,
         m: &impl Message,
         op: impl FnOnce() -> kv_store::TxnOp,
@@ -108,7 +108,9 @@ impl MirrorKvService {
         };
         self.mirror
             .store()
-            .validate(&req)
+            .validate(req)
+            .await
+            .map(drop)
             .map_err(|e| store_status(&e))
     }
 
@@ -274,7 +276,8 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        self.validate_first(request.get_ref(), || convert::put_op(request.get_ref()))?;
+        self.validate_first(request.get_ref(), || convert::put_op(request.get_ref()))
+            .await?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
             // etcd's checkLeasePuts: attaching a lease needs write on the keys it already
@@ -298,7 +301,8 @@ impl pb::kv_server::Kv for MirrorKvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        self.validate_first(request.get_ref(), || convert::delete_op(request.get_ref()))?;
+        self.validate_first(request.get_ref(), || convert::delete_op(request.get_ref()))
+            .await?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_delete(request.get_ref())?;
         }
@@ -322,7 +326,8 @@ impl pb::kv_server::Kv for MirrorKvService {
             let req = convert::txn_request(request.get_ref())?;
             self.mirror
                 .store()
-                .validate(&req)
+                .validate(req)
+                .await
                 .map_err(|e| store_status(&e))?;
         }
         if let Some(caller) = self.gate.caller(&request)? {

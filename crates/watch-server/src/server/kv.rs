@@ -37,16 +37,18 @@ impl KvService {
 
     /// The store's pre-authorization checks of one put or delete (see [`Store::validate`]);
     /// with authentication off the store's own run of them is enough.
-    fn validate_op(&self, op: &TxnOp) -> Result<(), Status> {
+    async fn validate_op(&self, op: &TxnOp) -> Result<(), Status> {
         if self.gate.auth().is_none() {
             return Ok(());
         }
         self.store
-            .validate(&TxnRequest {
+            .validate(TxnRequest {
                 compare: Vec::new(),
                 success: vec![op.clone()],
                 failure: Vec::new(),
             })
+            .await
+            .map(drop)
             .map_err(|e| store_status(&e))
     }
 
@@ -87,7 +89,7 @@ impl pb::kv_server::Kv for KvService {
         // As etcd: a malformed request is refused as such before any auth error.
         self.check_size(request.get_ref())?;
         let op = convert::put_op(request.get_ref());
-        self.validate_op(&op)?;
+        self.validate_op(&op).await?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_put(request.get_ref())?;
             // etcd's checkLeasePuts: attaching a lease needs write on the keys it holds.
@@ -111,7 +113,7 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         self.check_size(request.get_ref())?;
         let op = convert::delete_op(request.get_ref());
-        self.validate_op(&op)?;
+        self.validate_op(&op).await?;
         if let Some(caller) = self.gate.caller(&request)? {
             caller.check_delete(request.get_ref())?;
         }
@@ -131,9 +133,13 @@ impl pb::kv_server::Kv for KvService {
         let caller = self.gate.caller(&request);
         let r = request.into_inner();
         self.check_size(&r)?;
-        let req = convert::txn_request(&r)?;
+        let mut req = convert::txn_request(&r)?;
         if self.gate.auth().is_some() {
-            self.store.validate(&req).map_err(|e| store_status(&e))?;
+            req = self
+                .store
+                .validate(req)
+                .await
+                .map_err(|e| store_status(&e))?;
         }
         if let Some(caller) = caller? {
             caller.check_txn(&r)?;
