@@ -750,9 +750,9 @@ mod tests {
         assert!(!e.contains(b"m"));
     }
 
-    /// 50,000 puts and 50,000 deletes in one branch, 20 levels deep: the linear scan made this 5e10 range
-    /// tests (hours); sorted intervals make it O(n log n) (a second here). Nested, every put is checked at
-    /// each enclosing level.
+    /// 50,000 puts and 50,000 deletes in one branch, 20 levels deep: the linear scan made this
+    /// 5e10 range tests (hours); sorted intervals make it O(n log n), about a second in a debug
+    /// build. Nested, every put is checked again at each enclosing level.
     #[test]
     fn a_large_txn_checks_in_n_log_n() {
         let n = 50_000u32;
