@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+/// Default bound of redb's page cache, in bytes (see [`crate::RedbOptions::cache_bytes`]).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 /// How durable a commit is when `append` resolves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -94,7 +97,7 @@ impl Default for LogConfig {
             retention: RetentionPolicy::UNBOUNDED,
             quick_repair: false,
             verify_on_open: true,
-            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }

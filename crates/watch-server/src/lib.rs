@@ -62,6 +62,7 @@
 
 pub mod auth;
 pub mod config;
+mod config_error;
 pub mod error;
 pub mod mirror;
 pub mod server;
