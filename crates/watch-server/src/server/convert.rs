@@ -1,5 +1,6 @@
 //! Translation between the etcd wire messages of the KV service and the store API, and the
-//! mapping of [`StoreError`] to `tonic::Status`.
+//! mapping of watch-server's errors ([`StoreError`], the mirror's [`BarrierError`]) to
+//! `tonic::Status`.
 //!
 //! watch-proto owns the watch and event conversions and the etcd error table
 //! ([`EtcdError`]); the KV request types are the store's own (they live in this crate), so
@@ -13,6 +14,7 @@ use watch_proto::status::{EtcdError, from_convert_error, from_log_error, from_wa
 use watch_proto::to_proto;
 
 use crate::error::StoreError;
+use crate::mirror::BarrierError;
 use crate::store::{
     Compare, CompareOp, CompareTarget, DeleteResult, KeyRange, PutOptions, PutResult, RangeRequest,
     RangeResult, SortOrder, SortTarget, TxnOp, TxnOpResult, TxnRequest, TxnResult,
@@ -70,6 +72,16 @@ pub fn store_status(e: &StoreError) -> Status {
         // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
         #[allow(unreachable_patterns)]
         _ => Status::internal(e.to_string()),
+    }
+}
+
+/// The gRPC status of a failed mirror barrier (a linearizable read or a forwarded write
+/// waiting for the mirror to reach the upstream's revision).
+pub fn barrier_status(e: &BarrierError) -> Status {
+    match e {
+        // keywatch's own condition: Unavailable, so clients retry or go elsewhere.
+        BarrierError::Timeout { .. } => Status::unavailable(e.to_string()),
+        BarrierError::Store(s) => store_status(s),
     }
 }
 
