@@ -240,10 +240,7 @@ impl Forward {
     }
 
     /// Put: forwarded; returns once the mirror applied it (see [`Self::after_write`]).
-    pub(crate) async fn put(
-        &self,
-        r: pb::PutRequest,
-    ) -> Result<Response<pb::PutResponse>, Status> {
+    pub(crate) async fn put(&self, r: pb::PutRequest) -> Result<Response<pb::PutResponse>, Status> {
         let changed = self.changed_put(&r.key);
         let resp = self.kv().put(r).await?;
         self.after_write(resp.get_ref().header.as_ref(), changed)
@@ -268,10 +265,7 @@ impl Forward {
 
     /// Txn: forwarded (its deletes prepared as [`Self::delete_range`]'s); returns once the
     /// mirror applied it.
-    pub(crate) async fn txn(
-        &self,
-        r: pb::TxnRequest,
-    ) -> Result<Response<pb::TxnResponse>, Status> {
+    pub(crate) async fn txn(&self, r: pb::TxnRequest) -> Result<Response<pb::TxnResponse>, Status> {
         let mut fwd = r.clone();
         self.prepare_txn(&mut fwd);
         let mut resp = self.kv().txn(fwd).await?;
