@@ -15,11 +15,11 @@ use anyhow::{Context, Result, bail};
 /// What one rule checks.
 enum Check {
     /// `package` (if in the workspace: `required` says whether its absence is an error)
-    /// has none of `forbidden` in its normal and build dependency tree, all features, all
-    /// targets; and each of `needs` as a direct dependency.
+    /// has none of the `forbidden` groups' crates in its normal and build dependency tree, all
+    /// features, all targets; and each of `needs` as a direct dependency.
     Deps {
         package: &'static str,
-        forbidden: &'static [&'static str],
+        forbidden: &'static [&'static [&'static str]],
         needs: &'static [&'static str],
         required: bool,
     },
@@ -46,18 +46,7 @@ const RULES: &[Rule] = &[
                event-log, watch-proto, kv-store, watch-server), not even transitively.",
         check: Check::Deps {
             package: "watch-core",
-            forbidden: &[
-                "prost",
-                "prost-types",
-                "prost-build",
-                "tonic",
-                "tonic-build",
-                "redb",
-                "event-log",
-                "watch-proto",
-                "kv-store",
-                "watch-server",
-            ],
+            forbidden: &[WIRE, SERVER, &["redb", "event-log"]],
             needs: &[],
             required: true,
         },
@@ -67,16 +56,7 @@ const RULES: &[Rule] = &[
                (prost, tonic, watch-proto, kv-store, watch-server), not even transitively.",
         check: Check::Deps {
             package: "event-log",
-            forbidden: &[
-                "prost",
-                "prost-types",
-                "prost-build",
-                "tonic",
-                "tonic-build",
-                "watch-proto",
-                "kv-store",
-                "watch-server",
-            ],
+            forbidden: &[WIRE, SERVER],
             needs: &["watch-core"],
             required: true,
         },
@@ -86,15 +66,7 @@ const RULES: &[Rule] = &[
                dependency tree (tonic, prost, axum, hyper, clap, bcrypt).",
         check: Check::Deps {
             package: "kv-store",
-            forbidden: &[
-                "tonic",
-                "prost",
-                "prost-types",
-                "axum",
-                "hyper",
-                "clap",
-                "bcrypt",
-            ],
+            forbidden: &[WIRE, &["axum", "hyper", "clap", "bcrypt"]],
             needs: &[],
             // Until branch `store` (which creates kv-store) is merged.
             required: false,
@@ -126,6 +98,19 @@ const RULES: &[Rule] = &[
         check: Check::ModuleCircles,
     },
 ];
+
+/// The wire layer: protobuf and gRPC crates, and watch-proto.
+const WIRE: &[&str] = &[
+    "prost",
+    "prost-types",
+    "prost-build",
+    "tonic",
+    "tonic-build",
+    "watch-proto",
+];
+
+/// The server layers.
+const SERVER: &[&str] = &["kv-store", "watch-server"];
 
 /// Where generated type names may appear (paths relative to the workspace root).
 const GENERATED_NAMES_ALLOWED: &[&str] = &[
@@ -327,7 +312,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// `cargo tree` of `p` (normal and build edges, all features, all targets): the forbidden
 /// crates found, each with what pulls it in.
-fn deps(root: &Path, p: &Package, forbidden: &[&str]) -> Result<Vec<String>> {
+fn deps(root: &Path, p: &Package, forbidden: &[&[&str]]) -> Result<Vec<String>> {
     let tree = cargo_tree(
         root,
         &["-p", &p.name, "--prefix", "none", "--format", "{p}"],
@@ -337,7 +322,11 @@ fn deps(root: &Path, p: &Package, forbidden: &[&str]) -> Result<Vec<String>> {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     let mut problems = Vec::new();
-    for bad in forbidden.iter().filter(|b| present.contains(**b)) {
+    for bad in forbidden
+        .iter()
+        .flat_map(|group| group.iter())
+        .filter(|b| present.contains(**b))
+    {
         // The inverted tree: who pulls `bad` in, up to `p`.
         let why = cargo_tree(
             root,
