@@ -14,14 +14,12 @@ use anyhow::{Context, Result, bail};
 
 /// What one rule checks.
 enum Check {
-    /// `package` (if in the workspace: `required` says whether its absence is an error)
-    /// has none of the `forbidden` groups' crates in its normal and build dependency tree, all
+    /// `package` has none of the `forbidden` groups' crates in its normal and build dependency tree, all
     /// features, all targets; and each of `needs` as a direct dependency.
     Deps {
         package: &'static str,
         forbidden: &'static [&'static [&'static str]],
         needs: &'static [&'static str],
-        required: bool,
     },
     /// Only watch-proto generates protobuf code.
     Codegen,
@@ -48,7 +46,6 @@ const RULES: &[Rule] = &[
             package: "watch-core",
             forbidden: &[WIRE, SERVER, &["redb", "event-log"]],
             needs: &[],
-            required: true,
         },
     },
     Rule {
@@ -58,7 +55,6 @@ const RULES: &[Rule] = &[
             package: "event-log",
             forbidden: &[WIRE, SERVER],
             needs: &["watch-core"],
-            required: true,
         },
     },
     Rule {
@@ -68,8 +64,16 @@ const RULES: &[Rule] = &[
             package: "kv-store",
             forbidden: &[WIRE, &["axum", "hyper", "clap", "bcrypt"]],
             needs: &[],
-            // Until branch `store` (which creates kv-store) is merged.
-            required: false,
+        },
+    },
+    Rule {
+        text: "watch-proto depends on no storage or server crate (redb, event-log, kv-store, \
+               watch-server), not even transitively: the wire layer knows watch-core's types \
+               only.",
+        check: Check::Deps {
+            package: "watch-proto",
+            forbidden: &[SERVER, &["redb", "event-log"]],
+            needs: &["watch-core"],
         },
     },
     Rule {
@@ -148,7 +152,6 @@ pub(crate) fn check(root: &Path) -> Result<()> {
                 package,
                 forbidden,
                 needs,
-                required,
             } => match ws.packages.iter().find(|p| p.name == *package) {
                 Some(p) => {
                     problems.extend(deps(root, p, forbidden)?);
@@ -158,11 +161,7 @@ pub(crate) fn check(root: &Path) -> Result<()> {
                         }
                     }
                 }
-                None if *required => problems.push(format!("no package {package}")),
-                None => eprintln!(
-                    "xtask: rule {}: {package} is not in the workspace yet; skipped",
-                    i + 1
-                ),
+                None => problems.push(format!("no package {package} in the workspace")),
             },
             Check::Codegen => problems.extend(codegen(&ws)),
             Check::GeneratedNames => problems.extend(generated_names(&ws)),
@@ -334,15 +333,17 @@ fn deps(root: &Path, p: &Package, forbidden: &[&[&str]]) -> Result<Vec<String>> 
                 "-p", &p.name, "--invert", bad, "--prefix", "depth", "--format", "{p}",
             ],
         )?;
-        let chain: Vec<&str> = why
-            .lines()
-            .filter_map(|l| {
-                l.trim_start_matches(|c: char| c.is_ascii_digit())
-                    .split_whitespace()
-                    .next()
-            })
-            .take(8)
-            .collect();
+        // Its first branch (depth 0, 1, 2, ... in a row) is one path from `bad` up to `p`.
+        let mut chain: Vec<&str> = Vec::new();
+        for line in why.lines() {
+            let name_at = line
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(line.len());
+            if line[..name_at].parse::<usize>().ok() != Some(chain.len()) {
+                break;
+            }
+            chain.extend(line[name_at..].split_whitespace().next());
+        }
         problems.push(format!(
             "{} depends on {bad}: {}",
             p.name,

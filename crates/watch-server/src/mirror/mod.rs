@@ -43,8 +43,8 @@ use tokio::sync::{Notify, watch};
 use tonic::transport::{Channel, Endpoint};
 use watch_core::Revision;
 
-use crate::error::StoreError;
-use crate::store::{MirrorScope, Store};
+use kv_store::StoreError;
+use kv_store::{MirrorScope, Store};
 
 /// Default [`MirrorConfig::max_response_bytes`]: etcd clientv3's receive limit
 /// (`math.MaxInt32`), so every answer etcd can give (a snapshot page of large values) fits.
@@ -195,9 +195,9 @@ pub enum BarrierError {
 }
 
 /// Refuses a mirror's data directory (one holding [`MIRROR_META_FILE`] or
-/// [`crate::store::MIRROR_FLOOR_FILE`]) for a standalone server.
+/// [`kv_store::MIRROR_FLOOR_FILE`]) for a standalone server.
 pub fn refuse_standalone(dir: &Path) -> Result<(), MirrorError> {
-    for file in [MIRROR_META_FILE, crate::store::MIRROR_FLOOR_FILE] {
+    for file in [MIRROR_META_FILE, kv_store::MIRROR_FLOOR_FILE] {
         if dir.join(file).exists() {
             return Err(MirrorError::MirrorDirWithoutUpstream {
                 dir: dir.display().to_string(),

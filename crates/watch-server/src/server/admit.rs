@@ -23,8 +23,7 @@ use watch_proto::status::EtcdError;
 use super::convert::{self, store_status};
 use super::forward::Forward;
 use crate::auth::{Caller, Gate, Perm};
-use crate::error::StoreError;
-use crate::store::{RangeRequest, Store, TxnOp, TxnRequest};
+use kv_store::{RangeRequest, Store, StoreError, TxnOp, TxnRequest};
 
 /// Where an admitted KV or Lease request goes.
 #[derive(Debug, Clone)]

@@ -26,7 +26,7 @@ use watch_proto::etcdserverpb::lease_client::LeaseClient;
 
 use super::convert::{self, barrier_status, store_status};
 use crate::mirror::Mirror;
-use crate::store::{KeyRange, RangeRequest, Store};
+use kv_store::{KeyRange, RangeRequest, Store};
 
 /// The revision of an upstream answer's header, the target of a barrier. A missing header (or
 /// a revision below 1) is an error: a barrier at 0 would pass at once and break

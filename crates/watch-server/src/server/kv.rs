@@ -11,7 +11,7 @@ use super::convert::{self, store_status};
 use super::forward::Forward;
 use crate::auth::Gate;
 use crate::mirror::Mirror;
-use crate::store::{Store, TxnOpResult};
+use kv_store::{Store, TxnOpResult};
 
 /// etcd's `KV` service over a [`Store`], or over a [`Mirror`] in mirror mode.
 #[derive(Debug, Clone)]

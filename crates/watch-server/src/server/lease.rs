@@ -19,9 +19,8 @@ use super::admit::{Admission, Backend};
 use super::convert::{header, store_status};
 use super::forward::{Forward, KeepAliveStream};
 use crate::auth::Gate;
-use crate::error::StoreError;
 use crate::mirror::Mirror;
-use crate::store::Store;
+use kv_store::{Store, StoreError};
 
 /// Keep-alive responses buffered per stream between its task and the client.
 const KEEPALIVE_DEPTH: usize = 64;

@@ -41,9 +41,8 @@ use watch_proto::etcdserverpb as pb;
 
 use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
-use crate::error::StoreError;
 use crate::mirror::{Mirror, MirrorError};
-use crate::store::Store;
+use kv_store::{Store, StoreError};
 
 pub use auth::AuthService;
 use health::Gated;
