@@ -42,6 +42,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         // Payloads (keys, values, range ends) become `bytes::Bytes`, so events fan out to many
         // watchers by reference count instead of by copy.
         .bytes(".")
+        // Written out in src/nested.rs: they decode a nested txn past prost's recursion limit
+        // (etcd accepts 127 nested levels).
+        .extern_path(".etcdserverpb.RequestOp", "crate::nested::RequestOp")
+        .extern_path(".etcdserverpb.ResponseOp", "crate::nested::ResponseOp")
         .compile_fds(fds)?;
     Ok(())
 }

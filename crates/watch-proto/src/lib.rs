@@ -51,6 +51,7 @@
 
 pub mod error;
 pub mod from_proto;
+pub mod nested;
 pub mod status;
 pub mod to_proto;
 
@@ -70,8 +71,12 @@ pub mod authpb {
 /// etcd's `etcdserverpb` package: requests, responses, and a client module (`*_client`) and
 /// server module (`*_server`) per service: KV, Watch, Lease, Cluster, Maintenance, Auth
 /// (generated from `proto/etcdserverpb/rpc.proto`).
+///
+/// `RequestOp` and `ResponseOp` (and their `request_op`/`response_op` modules) are written out
+/// in [`nested`] so a txn nests as deep as etcd accepts; they are re-exported here.
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    pub use crate::nested::{RequestOp, ResponseOp, request_op, response_op};
 }
 
 /// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source
