@@ -26,9 +26,12 @@ use crate::etcdserverpb::{TxnRequest, TxnResponse};
 /// Txns nested in one another (the outermost counts) that decode with a fresh prost
 /// recursion budget each. Deeper ones spend the budget as any message, so decoding fails with
 /// prost's "recursion limit reached" about 49 levels further: the stack a decode uses stays
-/// bounded. etcd refuses a txn of `--max-txn-ops` levels or more, so this covers every op
-/// limit up to 512.
-pub const MAX_TXN_NESTING: usize = 512;
+/// bounded. etcd refuses a txn of `--max-txn-ops` levels or more (128 by default), so this
+/// covers the default op limit; a server with a larger one still refuses deeper txns (with
+/// "failed to decode" instead of "too many operations"). Not more: the server's conversion,
+/// checks and execution of a txn are recursive too, and 512 levels overflowed a worker
+/// thread's 2 MiB stack in a debug build.
+pub const MAX_TXN_NESTING: usize = 128;
 
 thread_local! {
     /// Nested txns being decoded on this thread with a fresh budget (the outermost txn is

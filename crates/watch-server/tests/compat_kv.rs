@@ -11,6 +11,7 @@ use etcd_client::{
     SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use tonic::Code;
+use watch_proto::etcdserverpb as pb;
 
 fn kvs(resp: &GetResponse) -> Vec<Kv> {
     resp.kvs().iter().map(Kv::from).collect()
@@ -445,3 +446,71 @@ async fn invalid_requests_and_large_values(server: Server) {
     assert_eq!(keys(&after), ["big"]);
 }
 compat_test!(invalid_requests_and_large_values);
+
+/// A txn whose success branch nests `levels` txns (the outermost counts), the innermost
+/// putting `nested`.
+fn nested_txn(levels: usize) -> pb::TxnRequest {
+    let mut txn = pb::TxnRequest {
+        success: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: "nested".into(),
+                value: levels.to_string().into(),
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    };
+    for _ in 1..levels {
+        txn = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestTxn(txn)),
+            }],
+            ..Default::default()
+        };
+    }
+    txn
+}
+
+// Nested txns: each level spends one op of its parent's 128, so etcd runs 128 txns nested in
+// one another (the outermost counts) and refuses 129 as too many operations. keywatch used to
+// fail at ~50 with INTERNAL "failed to decode" (prost's recursion limit). Sent through
+// keywatch's own wire types: etcd-client's stop decoding the nested response at ~50 levels.
+async fn nested_txn_depth(server: Server) {
+    let mut kv = pb::kv_client::KvClient::connect(server.endpoint().to_owned())
+        .await
+        .expect("connect");
+    let resp = kv
+        .txn(nested_txn(128))
+        .await
+        .expect("128 levels")
+        .into_inner();
+    assert!(resp.succeeded);
+    let mut depth = 1;
+    let mut op = &resp.responses[0];
+    while let Some(pb::response_op::Response::ResponseTxn(t)) = &op.response {
+        depth += 1;
+        op = &t.responses[0];
+    }
+    assert_eq!(depth, 128);
+    let got = kv
+        .range(pb::RangeRequest {
+            key: "nested".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    assert_eq!(&got.kvs[0].value[..], b"128");
+    for levels in [129, 150] {
+        let status = kv.txn(nested_txn(levels)).await.expect_err("too deep");
+        assert_eq!(
+            (status.code(), status.message()),
+            (
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request"
+            ),
+            "{levels} levels"
+        );
+    }
+}
+compat_test!(nested_txn_depth);
