@@ -77,7 +77,7 @@ impl StalledArgs {
     }
 
     /// The RSS growth bound in KiB, from the configuration (see docs/reliability.md):
-    /// the engine's in-memory window (at most 64 MiB of payload; here far less, as 65,536
+    /// the engine's in-memory window (at most 64 MiB of memory; here far less, as 65,536
     /// small change sets at ≤ 512 B each = 32 MiB), per stalled watcher `watch_buffer` queued
     /// batches (≤ 256 B each: an `Arc` and the selected indices), per stream the outbound
     /// channel (32 responses of ≤ 4 KiB) plus HTTP/2 buffers (≤ 1 MiB), and 64 MiB for the

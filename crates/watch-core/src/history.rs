@@ -47,7 +47,8 @@ pub trait History: Send + Sync + 'static {
 pub struct MemoryHistoryLimits {
     /// Most change sets kept.
     pub max_changes: usize,
-    /// Most payload bytes (keys and values, see [`ChangeSet::payload_len`]) kept.
+    /// Most bytes of memory kept (change sets as [`ChangeSet::mem_size`] counts them: events,
+    /// keys, values and bookkeeping).
     pub max_bytes: usize,
 }
 
@@ -100,7 +101,7 @@ impl MemoryHistory {
 
     /// Appends the next change set, evicting the oldest beyond the limits.
     pub fn append(&self, changes: Arc<ChangeSet>) -> Result<(), PublishError> {
-        let bytes = changes.payload_len();
+        let bytes = changes.mem_size();
         let mut ring = self.ring.lock();
         if changes.revision <= ring.last {
             return Err(PublishError::NotIncreasing {
@@ -115,7 +116,7 @@ impl MemoryHistory {
             && (ring.changes.len() > self.limits.max_changes || ring.bytes > self.limits.max_bytes)
         {
             if let Some(old) = ring.changes.pop_front() {
-                ring.bytes -= old.payload_len();
+                ring.bytes -= old.mem_size();
                 ring.evicted_through = old.revision;
             }
         }
@@ -203,6 +204,7 @@ impl History for MemoryHistory {
 mod tests {
     use super::*;
     use crate::types::{Event, KeyValue};
+    use bytes::Bytes;
 
     fn cs(rev: Revision, key: &'static str) -> Arc<ChangeSet> {
         let kv = KeyValue {
@@ -247,5 +249,58 @@ mod tests {
             h.append(cs(5, "a")),
             Err(PublishError::NotIncreasing { .. })
         ));
+    }
+
+    /// The byte bound counts what a change set really holds: 16 one-byte puts are 32 payload
+    /// bytes but ~4 KiB of events, keys and values. Counting payload only, a 64 KiB window
+    /// kept all 2,000 such change sets (~8 MiB).
+    #[test]
+    fn byte_bound_counts_events_not_just_payload() {
+        let max_bytes = 64 << 10;
+        let h = MemoryHistory::new(
+            0,
+            MemoryHistoryLimits {
+                max_changes: 1 << 20,
+                max_bytes,
+            },
+        );
+        let events = |rev: Revision| {
+            (0..16u8)
+                .map(|i| {
+                    Event::put(
+                        KeyValue {
+                            key: Bytes::from(vec![i]),
+                            value: Bytes::from(vec![b'v']),
+                            create_revision: rev,
+                            mod_revision: rev,
+                            version: 1,
+                            lease: 0,
+                        },
+                        None,
+                    )
+                })
+                .collect()
+        };
+        for rev in 1..=2000 {
+            h.append(Arc::new(ChangeSet::new(rev, events(rev))))
+                .unwrap();
+        }
+        let kept = h
+            .chunk(h.first_available() - 1, 2000, usize::MAX)
+            .expect("the window");
+        let held: usize = kept
+            .iter()
+            .map(|cs| {
+                std::mem::size_of::<ChangeSet>()
+                    + cs.events.capacity() * std::mem::size_of::<Event>()
+                    + cs.events.len() * 2 * 2
+            })
+            .sum();
+        assert!(
+            held <= max_bytes,
+            "{} change sets hold {held} B",
+            kept.len()
+        );
+        assert!(kept.len() > 1 && kept.last().map(|c| c.revision) == Some(2000));
     }
 }

@@ -100,5 +100,5 @@ pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
 pub use selector::{KeySelector, prefix_end};
 pub use stats::EngineStats;
-pub use types::{ChangeSet, Event, EventKind, KeyValue, Revision};
+pub use types::{BYTES_OVERHEAD, ChangeSet, Event, EventKind, KeyValue, Revision};
 pub use watcher::{CancelReason, EventBatch, WatchEvent, WatchId, WatchMessage};

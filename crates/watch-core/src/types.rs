@@ -29,7 +29,26 @@ impl KeyValue {
     pub fn payload_len(&self) -> usize {
         self.key.len() + self.value.len()
     }
+
+    /// Heap bytes this kv's key and value can pin beyond the struct itself: their bytes plus
+    /// [`BYTES_OVERHEAD`] for each non-empty one (an upper bound: a buffer shared with other
+    /// values is counted whole in each).
+    pub fn heap_size(&self) -> usize {
+        let one = |b: &Bytes| {
+            if b.is_empty() {
+                0
+            } else {
+                b.len() + BYTES_OVERHEAD
+            }
+        };
+        one(&self.key) + one(&self.value)
+    }
 }
+
+/// Bytes counted per non-empty key or value beyond its length: the allocator's rounding and
+/// per-allocation header (16 bytes on 64-bit glibc) and the shared-buffer header `Bytes`
+/// allocates once a buffer is cloned (24 bytes on 64-bit).
+pub const BYTES_OVERHEAD: usize = 40;
 
 /// Whether an event wrote or removed its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +109,12 @@ impl Event {
     pub fn payload_len(&self) -> usize {
         self.kv.payload_len() + self.prev_kv.as_ref().map_or(0, KeyValue::payload_len)
     }
+
+    /// Heap bytes this event's keys and values can pin beyond the struct (see
+    /// [`KeyValue::heap_size`]).
+    pub fn heap_size(&self) -> usize {
+        self.kv.heap_size() + self.prev_kv.as_ref().map_or(0, KeyValue::heap_size)
+    }
 }
 
 /// All events of one revision. Delivered atomically: a watcher receives every event of a
@@ -108,8 +133,20 @@ impl ChangeSet {
         Self { revision, events }
     }
 
-    /// Approximate payload bytes, used by byte-bounded buffers.
+    /// Approximate payload bytes (keys and values only).
     pub fn payload_len(&self) -> usize {
         self.events.iter().map(Event::payload_len).sum()
+    }
+
+    /// Bytes of memory this change set holds once shared as an `Arc<ChangeSet>`: the `Arc`
+    /// allocation (two counts and the struct), the event vector's capacity in whole
+    /// [`Event`]s, and every key and value it references with [`BYTES_OVERHEAD`] each (an
+    /// upper bound where buffers are shared). What byte-bounded windows and queues count, so a
+    /// tiny event costs its real ~200 bytes, not its few payload bytes.
+    pub fn mem_size(&self) -> usize {
+        2 * std::mem::size_of::<usize>()
+            + std::mem::size_of::<Self>()
+            + self.events.capacity() * std::mem::size_of::<Event>()
+            + self.events.iter().map(Event::heap_size).sum::<usize>()
     }
 }
