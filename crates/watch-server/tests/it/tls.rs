@@ -2,12 +2,10 @@
 //! `watch-server` binary configured by flags, environment variables and the config file, and
 //! clients that must be accepted or refused: watch-proto's tonic clients and etcdctl.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Server, Target};
+use crate::common::{Server, Target};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -112,7 +110,7 @@ async fn put_get(
         .map_err(|e| e.to_string())?
         .tls_config(tls)
         .map_err(|e| e.to_string())?
-        .connect_timeout(common::GUARD)
+        .connect_timeout(crate::common::GUARD)
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
@@ -144,7 +142,7 @@ async fn round_trip(channel: Channel) -> Result<(), String> {
 async fn plaintext(addr: &str) -> Result<(), String> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
-        .connect_timeout(common::GUARD)
+        .connect_timeout(crate::common::GUARD)
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
@@ -249,7 +247,7 @@ fn etcdctl_over_mtls(target: Target) {
         Target::Keywatch => &["etcdctl"],
         Target::Etcd => &["etcd", "etcdctl"],
     };
-    if !common::tools_present(&name, tools, "etcd/etcdctl") {
+    if !testkit::tools_present(&name, tools, "etcd/etcdctl") {
         return;
     }
     let pki = Pki::new();
@@ -437,7 +435,7 @@ async fn a_stalled_handshake_is_closed() {
         .await
         .expect("TCP connect");
     let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(common::GUARD, stalled.read(&mut buf))
+    let read = tokio::time::timeout(crate::common::GUARD, stalled.read(&mut buf))
         .await
         .expect("the server closes a stalled handshake (failure guard, not a threshold)");
     assert!(

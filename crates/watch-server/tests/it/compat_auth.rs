@@ -12,9 +12,7 @@
 //! | bob | reader | read prefix `/app/` |
 //! | carol | writer | write prefix `/w/` |
 
-mod common;
-
-use common::{Server, Target, Watch, assert_status, put};
+use crate::common::{Server, Target, Watch, assert_status, put};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseTimeToLiveOptions,
     PutOptions, Txn, TxnOp, WatchOptions,
@@ -149,7 +147,7 @@ permissions = [{{ type = "write", prefix = "/w/" }}]
     async fn client(&self, user: &str, password: &str) -> Client {
         let options = ConnectOptions::new()
             .with_user(user, password)
-            .with_connect_timeout(common::GUARD);
+            .with_connect_timeout(crate::common::GUARD);
         Client::connect([self.server.endpoint()], Some(options))
             .await
             .unwrap_or_else(|e| panic!("{}: connect as {user}: {e}", self.server.target))
@@ -211,8 +209,7 @@ where
     F: FnOnce(Secured) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    if target == Target::Etcd
-        && !common::tools_present(&format!("{name}::etcd"), &["etcd", "etcdctl"], "etcd")
+    if target == Target::Etcd && !crate::common::etcd_and_etcdctl_present(&format!("{name}::etcd"))
     {
         return;
     }
@@ -727,7 +724,7 @@ async fn tokens(s: Secured) {
         .await
         .expect("open the watch stream")
         .into_inner();
-    let first = tokio::time::timeout(common::GUARD, responses.message())
+    let first = tokio::time::timeout(crate::common::GUARD, responses.message())
         .await
         .expect("a response within the guard")
         .expect("a response")
@@ -741,7 +738,7 @@ async fn tokens(s: Secured) {
     // Expiry: the TTL is 1 s after the last use, and every use restarts it, so the token is
     // tried after ever longer idle gaps (0.5 s, 1 s, 2 s, ...) until one outlasts the TTL
     // (etcd also sweeps expired tokens only once a second); the guard bounds the whole wait.
-    let guard = tokio::time::Instant::now() + common::GUARD;
+    let guard = tokio::time::Instant::now() + crate::common::GUARD;
     let mut gap = std::time::Duration::from_millis(500);
     loop {
         tokio::time::sleep(gap).await;
@@ -808,10 +805,10 @@ async fn compaction_needs_root() {
 async fn management_rpcs_point_to_the_config_file() {
     let s = tokio::task::block_in_place(|| Secured::start(Target::Keywatch, "management", &[]));
     let mut root = s.client("root", "rootpw").await;
-    let status = common::status(root.user_add("dave", "pw", None).await);
+    let status = crate::common::status(root.user_add("dave", "pw", None).await);
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert!(status.message().contains("[auth] section"), "{status:?}");
-    let status = common::status(root.auth_enable().await);
+    let status = crate::common::status(root.auth_enable().await);
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     let mut auth = pb::auth_client::AuthClient::new(s.channel().await);
     let st = auth
@@ -1009,7 +1006,7 @@ auth_test!(etcdctl_with_users);
 /// served from the mirror or forwarded to etcd, so a refused write never reaches etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_mode_checks_before_forwarding() {
-    if !common::tools_present("mirror_mode_checks_before_forwarding", &["etcd"], "etcd") {
+    if !testkit::etcd_present("mirror_mode_checks_before_forwarding") {
         return;
     }
     let upstream = tokio::task::block_in_place(|| Server::start(Target::Etcd, "auth_upstream"));
@@ -1019,7 +1016,7 @@ async fn mirror_mode_checks_before_forwarding() {
             "auth_mirror",
             &[
                 "--upstream",
-                upstream.endpoint(),
+                &upstream.endpoint(),
                 "--upstream-prefix",
                 "/app/",
             ],
