@@ -54,11 +54,8 @@ async fn main() -> Result<()> {
     } else {
         Binaries::find_etcd(args.etcd_bin.clone())
     };
-    if etcd.is_none()
-        && !args.no_etcd
-        && std::env::var("KEYWATCH_REQUIRE_ETCD").as_deref() == Ok("1")
-    {
-        bail!("KEYWATCH_REQUIRE_ETCD=1 but etcd was not found");
+    if etcd.is_none() && !args.no_etcd && testkit::etcd_required() {
+        bail!("{}=1 but etcd was not found", testkit::REQUIRE_ETCD);
     }
     if etcd.is_none() {
         println!("etcd: not installed (or --no-etcd): SKIPPED, measuring keywatch alone");

@@ -1,31 +1,18 @@
 //! The two servers a run measures, started fresh through `testkit` (loopback, temporary data
 //! dir, readiness read from their output, killed and removed on drop).
 
-use std::fmt;
 use std::path::PathBuf;
 
-use serde::Serialize;
-use testkit::{Etcd, ServerProcess};
+use testkit::{AnyServer, Etcd, ServerProcess};
 
 use crate::Error;
 
-/// Which server a run is against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// keywatch's `watch-server`.
-    Keywatch,
-    /// etcd.
-    Etcd,
-}
+/// Which server a run is against (serialized as `"keywatch"` / `"etcd"`).
+pub use testkit::Target;
 
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Target::Keywatch => "keywatch",
-            Target::Etcd => "etcd",
-        })
-    }
+/// [`Target`] as its name, for `#[serde(serialize_with)]` (testkit carries no serde).
+pub fn serialize_target<S: serde::Serializer>(target: &Target, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(target.as_str())
 }
 
 /// Where the server binaries are.
@@ -65,33 +52,27 @@ impl Binaries {
     }
 }
 
-/// The process behind a [`Server`].
-enum Process {
-    Keywatch(ServerProcess),
-    Etcd(Etcd),
-}
-
 /// A running server with its data dir; killed and removed on drop.
 pub struct Server {
     /// Which server.
     pub target: Target,
     /// Client URL, `http://127.0.0.1:<port>`.
     pub endpoint: String,
-    process: Process,
+    process: AnyServer,
 }
 
 impl Server {
     /// Starts `target` fresh. Blocking.
     pub fn start(target: Target, bins: &Binaries) -> Result<Server, Error> {
         let process = match target {
-            Target::Keywatch => Process::Keywatch(
+            Target::Keywatch => AnyServer::Keywatch(
                 ServerProcess::builder(&bins.keywatch)
                     .temp_prefix("loadgen-keywatch-")
                     .start()?,
             ),
             Target::Etcd => {
                 let bin = bins.etcd.as_deref().ok_or(Error::NoEtcd)?;
-                Process::Etcd(
+                AnyServer::Etcd(
                     Etcd::builder()
                         .bin(bin)
                         .temp_prefix("loadgen-etcd-")
@@ -99,10 +80,7 @@ impl Server {
                 )
             }
         };
-        let endpoint = match &process {
-            Process::Keywatch(p) => p.endpoint(),
-            Process::Etcd(e) => e.endpoint(),
-        };
+        let endpoint = process.endpoint();
         Ok(Server {
             target,
             endpoint,
@@ -112,10 +90,7 @@ impl Server {
 
     /// The server's process id.
     pub fn pid(&self) -> Option<u32> {
-        match &self.process {
-            Process::Keywatch(p) => p.pid(),
-            Process::Etcd(e) => e.pid(),
-        }
+        self.process.pid()
     }
 
     /// Resident set size of the server process, in bytes.

@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tempfile::TempDir;
 
 use crate::output::{Output, Stream, drain};
 use crate::{Error, GUARD, free_ports};
+
+/// How many of each member's last lines are kept for error messages.
+const KEEP_LINES: usize = 300;
 
 /// The line etcd logs once it serves clients.
 const READY: &str = "ready to serve client requests";
@@ -25,8 +28,6 @@ pub struct EtcdBuilder {
     args: Vec<String>,
     https: bool,
     temp_prefix: String,
-    keep_lines: usize,
-    guard: Duration,
 }
 
 impl EtcdBuilder {
@@ -36,13 +37,13 @@ impl EtcdBuilder {
         self
     }
 
-    /// One more flag for every member, after the URL and cluster flags.
-    pub fn arg(mut self, arg: impl Into<String>) -> Self {
-        self.args.push(arg.into());
+    /// How many members (default 3).
+    pub fn members(mut self, n: usize) -> Self {
+        self.members = n;
         self
     }
 
-    /// More flags for every member.
+    /// More flags for every member, after the URL and cluster flags.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -61,18 +62,6 @@ impl EtcdBuilder {
     /// The temporary directory's name starts with `prefix` (default `etcd-`).
     pub fn temp_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.temp_prefix = prefix.into();
-        self
-    }
-
-    /// How many of each member's last lines are kept for error messages (default 300).
-    pub fn keep_lines(mut self, n: usize) -> Self {
-        self.keep_lines = n;
-        self
-    }
-
-    /// How long a start may take before it is an error (default [`GUARD`]).
-    pub fn guard(mut self, guard: Duration) -> Self {
-        self.guard = guard;
         self
     }
 
@@ -123,7 +112,7 @@ impl EtcdBuilder {
                 client: ports[2 * i],
                 peer: ports[2 * i + 1],
                 running: None,
-                output: Output::new(self.keep_lines, &[]),
+                output: Output::new(KEEP_LINES, &[]),
             })
             .collect();
         let mut cluster = EtcdCluster {
@@ -133,7 +122,6 @@ impl EtcdBuilder {
             members,
             args: self.args.clone(),
             https: self.https,
-            guard: self.guard,
             pending: Vec::new(),
         };
         for i in 0..n {
@@ -177,7 +165,6 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     args: Vec<String>,
     https: bool,
-    guard: Duration,
     /// Members spawned and not yet awaited, with their readiness channels.
     pending: Vec<(usize, mpsc::Receiver<()>)>,
 }
@@ -191,8 +178,6 @@ impl EtcdCluster {
             args: Vec::new(),
             https: false,
             temp_prefix: "etcd-".into(),
-            keep_lines: 300,
-            guard: GUARD,
         }
     }
 
@@ -259,7 +244,7 @@ impl EtcdCluster {
     }
 
     fn await_all(&mut self) -> Result<(), Error> {
-        let deadline = Instant::now() + self.guard;
+        let deadline = Instant::now() + GUARD;
         let pending = std::mem::take(&mut self.pending);
         let started: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
         for (i, ready) in pending {
@@ -293,11 +278,6 @@ impl EtcdCluster {
         format!("{}://127.0.0.1:{}", self.scheme(), self.members[i].client)
     }
 
-    /// Member `i`'s client port.
-    pub fn client_port(&self, i: usize) -> u16 {
-        self.members[i].client
-    }
-
     /// Every member's URL, comma-separated, `first`'s first (a mirror attaches to its first
     /// endpoint).
     pub fn endpoints(&self, first: usize) -> String {
@@ -318,16 +298,6 @@ impl EtcdCluster {
     /// Member `i`'s process id, while running.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.members[i].running.as_ref().map(|(c, _)| c.id())
-    }
-
-    /// Member `i`'s data directory.
-    pub fn data_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(&self.members[i].name)
-    }
-
-    /// Member `i`'s output (the kept tail).
-    pub fn output(&self, i: usize) -> &Output {
-        &self.members[i].output
     }
 
     /// SIGKILL member `i` and reap it. Nothing happens when it is not running.
@@ -363,7 +333,7 @@ impl EtcdCluster {
                 source,
             };
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
-            s.set_read_timeout(Some(self.guard)).map_err(io)?;
+            s.set_read_timeout(Some(GUARD)).map_err(io)?;
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
                 .map_err(io)?;
             let mut body = String::new();
@@ -467,31 +437,36 @@ impl Etcd {
         self.0.pid(0)
     }
 
-    /// The member's data directory.
-    pub fn data_dir(&self) -> PathBuf {
-        self.0.data_dir(0)
-    }
-
-    /// What it printed (the kept tail).
-    pub fn output(&self) -> &Output {
-        self.0.output(0)
-    }
-
     /// SIGKILL, then start again on the same directory and ports. Blocking.
     pub fn restart(&mut self) -> Result<(), Error> {
         self.0.restart(0)
     }
-
-    /// The one-member cluster, for what [`EtcdCluster`] offers beyond this type.
-    pub fn cluster(&self) -> &EtcdCluster {
-        &self.0
-    }
 }
 
-impl EtcdBuilder {
-    /// How many members (default 3).
-    pub fn members(mut self, n: usize) -> Self {
-        self.members = n;
-        self
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_member_starts_serves_metrics_and_restarts_on_its_ports() {
+        if !crate::etcd_present("testkit::etcd::one_member_starts_serves_metrics_and_restarts") {
+            return;
+        }
+        let mut etcd = Etcd::builder().start().expect("etcd starts");
+        let endpoint = etcd.endpoint();
+        assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
+        let watchers = etcd
+            .0
+            .metric_sum("etcd_debugging_mvcc_watcher_total")
+            .expect("etcd exports its watcher gauge");
+        assert_eq!(watchers, 0.0);
+        let pid = etcd.pid();
+        etcd.restart().expect("etcd restarts");
+        assert_eq!(etcd.endpoint(), endpoint, "a restart keeps the ports");
+        assert_ne!(etcd.pid(), pid, "a restart is a new process");
+        assert!(matches!(
+            etcd.0.metric_sum("no_such_metric"),
+            Err(Error::NoMetric { .. })
+        ));
     }
 }

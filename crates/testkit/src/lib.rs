@@ -7,6 +7,8 @@
 //!   read too); kill -9, restart on the same directory, signals and exit status.
 //! - [`Etcd`] (one member) and [`EtcdCluster`] (3 members by default) on free loopback ports
 //!   with a temporary directory, ready when etcd logs that it serves clients.
+//! - [`Target`] and [`AnyServer`]: either one behind one type, for what runs the same case
+//!   against both.
 //! - [`free_ports`], [`find_on_path`], [`tools_present`] / [`etcd_present`] (print a `SKIPPED`
 //!   line, or panic when [`REQUIRE_ETCD`]`=1` as in CI), [`watch_server_bin`], [`rss_kib`].
 //!
@@ -37,6 +39,7 @@ mod env;
 mod etcd;
 mod output;
 mod server;
+mod target;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,6 +51,7 @@ pub use env::{
 pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, SingleEtcdBuilder};
 pub use output::Output;
 pub use server::{Exit, ServerBuilder, ServerProcess, Signal};
+pub use target::{AnyServer, Target};
 
 /// Default hang guard of a start or an exit: generous, so it never decides an outcome on a
 /// loaded machine; a healthy start takes well under a second.

@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::output::{Output, Stream, drain};
 use crate::{Error, GUARD};
+
+/// How many of a process's last lines are kept: for error messages, [`Output::tail`] and
+/// [`Exit`].
+const KEEP_LINES: usize = 1_000;
 
 /// The line watch-server prints once it is bound (health answers NOT_SERVING while the store
 /// opens).
@@ -40,8 +43,8 @@ impl Signal {
     }
 }
 
-/// How a process ended, and what it printed on each stream since it was (re)started (the
-/// kept tail: see [`ServerBuilder::keep_lines`]).
+/// How a process ended, and what it printed on each stream since it was (re)started (within
+/// the last 1,000 lines).
 #[derive(Debug)]
 pub struct Exit {
     /// Its exit status.
@@ -81,8 +84,6 @@ pub struct ServerBuilder {
     env: Vec<(OsString, OsString)>,
     https: bool,
     markers: Vec<String>,
-    keep_lines: usize,
-    guard: Duration,
 }
 
 impl ServerBuilder {
@@ -100,13 +101,7 @@ impl ServerBuilder {
         self
     }
 
-    /// One more command-line argument, after `--listen 127.0.0.1:0 --data-dir <dir>`.
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
-    /// More command-line arguments.
+    /// More command-line arguments, after `--listen 127.0.0.1:0 --data-dir <dir>`.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -138,20 +133,6 @@ impl ServerBuilder {
         self
     }
 
-    /// How many of the last lines are kept (default 1,000): for error messages,
-    /// [`Output::tail`] and [`Exit`].
-    pub fn keep_lines(mut self, n: usize) -> Self {
-        self.keep_lines = n;
-        self
-    }
-
-    /// How long a start or an exit may take before it is an error (default [`GUARD`]). A hang
-    /// guard, never a readiness wait: readiness is the printed line.
-    pub fn guard(mut self, guard: Duration) -> Self {
-        self.guard = guard;
-        self
-    }
-
     fn data(&self) -> Result<DataDir, Error> {
         match &self.data_dir {
             Some(dir) => Ok(DataDir::Given(dir.clone())),
@@ -170,16 +151,7 @@ impl ServerBuilder {
     /// Blocking: from async code, call it inside `tokio::task::block_in_place` or
     /// `spawn_blocking`.
     pub fn start(self) -> Result<ServerProcess, Error> {
-        let data = self.data()?;
-        let output = Output::new(self.keep_lines, &self.markers);
-        let mut server = ServerProcess {
-            config: self,
-            data,
-            output,
-            running: None,
-            addr: None,
-            metrics_addr: None,
-        };
+        let mut server = self.into_process()?;
         server.launch()?;
         Ok(server)
     }
@@ -188,19 +160,21 @@ impl ServerBuilder {
     /// directory) and returns how it ended. A process still running after the guard is killed
     /// and reported as [`Error::StillRunning`]. Blocking.
     pub fn run_to_exit(self) -> Result<Exit, Error> {
-        let data = self.data()?;
-        let output = Output::new(self.keep_lines, &self.markers);
-        let mut server = ServerProcess {
-            config: self,
-            data,
-            output,
-            running: None,
-            addr: None,
-            metrics_addr: None,
-        };
+        let mut server = self.into_process()?;
         let (_lines, running) = server.spawn()?;
         server.running = Some(running);
         server.wait_exit()
+    }
+
+    fn into_process(self) -> Result<ServerProcess, Error> {
+        Ok(ServerProcess {
+            data: self.data()?,
+            output: Output::new(KEEP_LINES, &self.markers),
+            config: self,
+            running: None,
+            addr: None,
+            metrics_addr: None,
+        })
     }
 }
 
@@ -275,8 +249,6 @@ impl ServerProcess {
             env: Vec::new(),
             https: false,
             markers: Vec::new(),
-            keep_lines: 1_000,
-            guard: GUARD,
         }
     }
 
@@ -336,7 +308,7 @@ impl ServerProcess {
         let (lines, running) = self.spawn()?;
         self.running = Some(running);
         self.metrics_addr = None;
-        let deadline = std::time::Instant::now() + self.config.guard;
+        let deadline = std::time::Instant::now() + GUARD;
         let mut bound = None;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -474,7 +446,7 @@ impl ServerProcess {
             }
             let _ = tx.send(());
         });
-        if rx.recv_timeout(self.config.guard).is_err() {
+        if rx.recv_timeout(GUARD).is_err() {
             let _ = running.child.kill();
             let _ = running.child.wait();
             return Err(Error::StillRunning {

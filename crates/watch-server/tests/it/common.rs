@@ -16,29 +16,14 @@ use std::sync::mpsc;
 use etcd_client::{
     Client, ConnectOptions, Event, EventType, KeyValue, WatchOptions, WatchResponse, WatchStream,
 };
-use testkit::{Etcd, ServerProcess};
+use testkit::{AnyServer, Etcd, ServerProcess};
+
+/// Which server a case runs against.
+pub(crate) use testkit::Target;
 
 /// Failure guard for anything that waits on a server: startup, one watch response, one etcdctl
 /// line. Generous on purpose; a correct run never comes close, so it never decides an outcome.
 pub(crate) use testkit::GUARD;
-
-/// Which server a case runs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    /// keywatch's `watch-server` binary from this package.
-    Keywatch,
-    /// The real etcd on PATH (3.4.23 here).
-    Etcd,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Target::Keywatch => "keywatch",
-            Target::Etcd => "etcd",
-        })
-    }
-}
 
 /// Generates `mod <case> { keywatch(), etcd() }`: two thin `#[tokio::test]` wrappers around
 /// `async fn <case>(server: Server)`. `flags = f` starts each server with `f(target)` as extra
@@ -164,18 +149,12 @@ fn https(args: &[&str], env: &[(&str, String)]) -> bool {
     by_flag || by_env || by_file
 }
 
-/// The process behind a [`Server`].
-enum Process {
-    Keywatch(ServerProcess),
-    Etcd(Etcd),
-}
-
 /// A running keywatch or etcd with its data dir.
 pub(crate) struct Server {
     /// Which server this is.
     pub(crate) target: Target,
     name: String,
-    process: Process,
+    process: AnyServer,
 }
 
 impl Server {
@@ -207,7 +186,7 @@ impl Server {
                 for (k, v) in env {
                     builder = builder.env(k, v);
                 }
-                Process::Keywatch(
+                AnyServer::Keywatch(
                     builder
                         .start()
                         .unwrap_or_else(|e| panic!("keywatch did not start ({name}): {e}")),
@@ -218,7 +197,7 @@ impl Server {
                     env.is_empty(),
                     "etcd takes flags, not environment variables"
                 );
-                Process::Etcd(
+                AnyServer::Etcd(
                     Etcd::builder()
                         .temp_prefix(format!("compat-{target}-{name}-"))
                         .args(extra_args.iter().copied())
@@ -237,10 +216,7 @@ impl Server {
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub(crate) fn endpoint(&self) -> String {
-        match &self.process {
-            Process::Keywatch(p) => p.endpoint(),
-            Process::Etcd(e) => e.endpoint(),
-        }
+        self.process.endpoint()
     }
 
     /// A new client connection. `hasleader` metadata is set as etcdctl and Kubernetes do.
@@ -257,10 +233,7 @@ impl Server {
     /// Kills the process (SIGKILL: acknowledged writes must already be durable) and starts it
     /// again on the same data dir. keywatch may come back on a new port; take a new client.
     pub(crate) fn restart(&mut self) {
-        let restarted = tokio::task::block_in_place(|| match &mut self.process {
-            Process::Keywatch(p) => p.restart(),
-            Process::Etcd(e) => e.restart(),
-        });
+        let restarted = tokio::task::block_in_place(|| self.process.restart());
         restarted
             .unwrap_or_else(|e| panic!("{} did not restart ({}): {e}", self.target, self.name));
     }

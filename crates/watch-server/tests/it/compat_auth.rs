@@ -889,19 +889,16 @@ fn bad_auth_config_is_refused_before_binding() {
         let path = dir.path().join("keywatch.toml");
         std::fs::write(&path, &config).unwrap();
         let data = dir.path().join("data");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_watch-server"))
-            .args(["--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(&data)
+        let out = testkit::ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .data_dir(&data)
+            .args([std::ffi::OsStr::new("--config"), path.as_os_str()])
             .env("RUST_BACKTRACE", "0")
-            .stdin(std::process::Stdio::null())
-            .output()
+            .run_to_exit()
             .expect("run watch-server");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = &out.stderr;
         assert!(!out.status.success(), "{config}: must fail: {out:?}");
         assert!(
-            !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+            !out.stdout.contains("listening on"),
             "{config}: bound a socket"
         );
         assert!(stderr.contains(expected), "{config}: {stderr}");

@@ -10,6 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 use tempfile::TempDir;
+use testkit::ServerProcess;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use watch_proto::etcdserverpb as pb;
 
@@ -328,18 +329,16 @@ mod etcdctl_over_mtls {
 /// Runs the binary with `args`; it must exit non-zero before binding, saying `expected`.
 fn refuses_to_start(args: &[&str], expected: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_watch-server"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+    let out = ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+        .data_dir(dir.path())
         .args(args)
         .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .output()
+        .run_to_exit()
         .expect("run watch-server");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(!out.status.success(), "{args:?} must fail: {out:?}");
     assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        !out.stdout.contains("listening on"),
         "{args:?} bound a socket: {out:?}"
     );
     assert!(stderr.contains(expected), "{args:?}: {stderr}");
