@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
+use kv_store::{Durability, Store, StoreConfig, StoreError};
 use testkit::{ServerProcess, Signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -22,7 +23,6 @@ use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::etcdserverpb::watch_request::RequestUnion;
 use watch_server::config::ServerConfig;
 use watch_server::server::Server;
-use watch_server::{Durability, Store, StoreConfig, StoreError};
 
 fn config(dir: &Path) -> ServerConfig {
     let mut c = ServerConfig::default();
