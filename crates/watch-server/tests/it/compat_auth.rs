@@ -30,6 +30,78 @@ const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 const WATCH_DENIED: &str =
     "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 
+/// The users of the table above: (name, password, role).
+const USERS: [(&str, &str, &str); 4] = [
+    ("root", "rootpw", "root"),
+    ("alice", "alicepw", "app"),
+    ("bob", "bobpw", "reader"),
+    ("carol", "carolpw", "writer"),
+];
+
+/// The grants of the table above: (role, permission, whole prefix or single key, key).
+const GRANTS: [(&str, &str, bool, &str); 4] = [
+    ("app", "readwrite", true, "/app/"),
+    ("app", "read", false, "/shared"),
+    ("reader", "read", true, "/app/"),
+    ("writer", "write", true, "/w/"),
+];
+
+/// The roles with grants, each once, in table order (root needs none: it is built in).
+fn granted_roles() -> Vec<&'static str> {
+    let mut roles: Vec<&str> = GRANTS.iter().map(|g| g.0).collect();
+    roles.dedup();
+    roles
+}
+
+/// [`USERS`] and [`GRANTS`] as keywatch's `[auth]` config section.
+fn keywatch_auth_config() -> String {
+    let mut toml = String::new();
+    for (user, password, role) in USERS {
+        // The lowest bcrypt cost keeps the tests fast; the format is the same.
+        let hash = watch_server::auth::hash_password(password, 4).expect("hash");
+        toml +=
+            &format!("[auth.users.{user}]\npassword_hash = \"{hash}\"\nroles = [\"{role}\"]\n\n");
+    }
+    for role in granted_roles() {
+        toml += &format!("[auth.roles.{role}]\npermissions = [\n");
+        for (_, permission, prefix, key) in GRANTS.iter().filter(|g| g.0 == role) {
+            let kind = if *prefix { "prefix" } else { "key" };
+            toml += &format!("  {{ type = \"{permission}\", {kind} = \"{key}\" }},\n");
+        }
+        toml += "]\n\n";
+    }
+    toml
+}
+
+/// [`USERS`] and [`GRANTS`] as the etcdctl commands that give a real etcd the same users and
+/// roles, then enable authentication (root first: etcd needs it to enable auth).
+fn etcdctl_auth_setup() -> Vec<Vec<String>> {
+    let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let (_, root_password, _) = USERS.iter().find(|u| u.0 == "root").expect("a root user");
+    let mut cmds = vec![
+        cmd(&["user", "add", &format!("root:{root_password}")]),
+        cmd(&["role", "add", "root"]),
+        cmd(&["user", "grant-role", "root", "root"]),
+    ];
+    for role in granted_roles() {
+        cmds.push(cmd(&["role", "add", role]));
+        for (_, permission, prefix, key) in GRANTS.iter().filter(|g| g.0 == role) {
+            let mut grant = cmd(&["role", "grant-permission", role]);
+            if *prefix {
+                grant.push("--prefix=true".into());
+            }
+            grant.extend(cmd(&[permission, key]));
+            cmds.push(grant);
+        }
+    }
+    for (user, password, role) in USERS.iter().filter(|u| u.0 != "root") {
+        cmds.push(cmd(&["user", "add", &format!("{user}:{password}")]));
+        cmds.push(cmd(&["user", "grant-role", user, role]));
+    }
+    cmds.push(cmd(&["auth", "enable"]));
+    cmds
+}
+
 /// A server with the users above, and the config dir keywatch reads them from.
 struct Secured {
     server: Server,
@@ -42,47 +114,7 @@ impl Secured {
             Target::Keywatch => {
                 let dir = tempfile::tempdir().expect("config dir");
                 let path = dir.path().join("keywatch.toml");
-                // The lowest bcrypt cost keeps the tests fast; the format is the same.
-                let hash = |pw: &str| watch_server::auth::hash_password(pw, 4).expect("hash");
-                std::fs::write(
-                    &path,
-                    format!(
-                        r#"
-[auth.users.root]
-password_hash = "{}"
-roles = ["root"]
-
-[auth.users.alice]
-password_hash = "{}"
-roles = ["app"]
-
-[auth.users.bob]
-password_hash = "{}"
-roles = ["reader"]
-
-[auth.users.carol]
-password_hash = "{}"
-roles = ["writer"]
-
-[auth.roles.app]
-permissions = [
-  {{ type = "readwrite", prefix = "/app/" }},
-  {{ type = "read", key = "/shared" }},
-]
-
-[auth.roles.reader]
-permissions = [{{ type = "read", prefix = "/app/" }}]
-
-[auth.roles.writer]
-permissions = [{{ type = "write", prefix = "/w/" }}]
-"#,
-                        hash("rootpw"),
-                        hash("alicepw"),
-                        hash("bobpw"),
-                        hash("carolpw"),
-                    ),
-                )
-                .expect("write the config");
+                std::fs::write(&path, keywatch_auth_config()).expect("write the config");
                 let path = path.display().to_string();
                 let mut args = vec!["--config", path.as_str()];
                 args.extend_from_slice(flags);
@@ -94,47 +126,8 @@ permissions = [{{ type = "write", prefix = "/w/" }}]
             }
             Target::Etcd => {
                 let server = Server::start_with(target, name, flags);
-                for args in [
-                    &["user", "add", "root:rootpw"][..],
-                    &["role", "add", "root"],
-                    &["user", "grant-role", "root", "root"],
-                    &["role", "add", "app"],
-                    &[
-                        "role",
-                        "grant-permission",
-                        "app",
-                        "--prefix=true",
-                        "readwrite",
-                        "/app/",
-                    ],
-                    &["role", "grant-permission", "app", "read", "/shared"],
-                    &["role", "add", "reader"],
-                    &[
-                        "role",
-                        "grant-permission",
-                        "reader",
-                        "--prefix=true",
-                        "read",
-                        "/app/",
-                    ],
-                    &["role", "add", "writer"],
-                    &[
-                        "role",
-                        "grant-permission",
-                        "writer",
-                        "--prefix=true",
-                        "write",
-                        "/w/",
-                    ],
-                    &["user", "add", "alice:alicepw"],
-                    &["user", "grant-role", "alice", "app"],
-                    &["user", "add", "bob:bobpw"],
-                    &["user", "grant-role", "bob", "reader"],
-                    &["user", "add", "carol:carolpw"],
-                    &["user", "grant-role", "carol", "writer"],
-                    &["auth", "enable"],
-                ] {
-                    server.etcdctl(args);
+                for args in etcdctl_auth_setup() {
+                    server.etcdctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
                 }
                 Secured {
                     server,
