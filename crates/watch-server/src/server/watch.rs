@@ -301,7 +301,10 @@ impl WatchStream {
                 req = inbound.next(), if client_open => match req {
                     Some(Ok(req)) => self.on_request(&req).await,
                     Some(Err(status)) => {
+                        // Undecodable bytes (or a broken transport): end the stream with the
+                        // receive error (INTERNAL for a decode error), as etcd does, not OK.
                         tracing::debug!(%status, "watch stream receive error");
+                        let _ = self.out.send(Err(status)).await;
                         break;
                     }
                     // The client half-closed; keep streaming, as etcd does.

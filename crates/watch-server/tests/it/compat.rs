@@ -919,3 +919,78 @@ async fn watch_negative_start_revision(server: Server) {
     );
 }
 compat_test!(watch_negative_start_revision, keywatch_only);
+
+/// Sends `frames` (each an encoded message, possibly not a valid one) on a Watch stream as raw
+/// gRPC messages, half-closes, and returns how the stream ended.
+async fn raw_watch(server: &Server, frames: Vec<bytes::Bytes>) -> tonic::Status {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    /// Messages as raw bytes in both directions.
+    #[derive(Default)]
+    struct Raw;
+    impl Encoder for Raw {
+        type Item = bytes::Bytes;
+        type Error = tonic::Status;
+        fn encode(
+            &mut self,
+            item: bytes::Bytes,
+            dst: &mut EncodeBuf<'_>,
+        ) -> Result<(), Self::Error> {
+            bytes::BufMut::put(dst, item);
+            Ok(())
+        }
+    }
+    impl Decoder for Raw {
+        type Item = bytes::Bytes;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+            let n = bytes::Buf::remaining(src);
+            Ok(Some(bytes::Buf::copy_to_bytes(src, n)))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = bytes::Bytes;
+        type Decode = bytes::Bytes;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
+    let requests = tokio_stream::iter(frames);
+    let mut responses = match grpc
+        .streaming(tonic::Request::new(requests), path, Raw)
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match responses.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return tonic::Status::ok(""),
+            Err(status) => return status,
+        }
+    }
+}
+
+// A Watch stream that receives bytes that are not a WatchRequest ends with INTERNAL, as etcd's
+// (grpc-go's "failed to unmarshal"; keywatch's message is tonic's "failed to decode"). It used
+// to end with OK, as if the client had finished.
+async fn undecodable_watch_request(server: Server) {
+    let status = raw_watch(&server, vec![bytes::Bytes::from_static(&[0xff; 4])]).await;
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+}
+compat_test!(undecodable_watch_request);
