@@ -7,8 +7,9 @@
 //! - creates, cancels and progress requests are answered in request order;
 //! - a cancel drops the handle before the `canceled` reply, so no event follows it;
 //! - a manual progress request asks every handle for a progress message, which the engine
-//!   orders after that watcher's events; the stream's single `watch_id = -1` reply is sent once
-//!   every watcher answered, so it follows every event it covers.
+//!   orders after that watcher's events; the stream's `watch_id = -1` reply (one per request:
+//!   requests arriving meanwhile join the open round) is sent once every watcher answered, so
+//!   it follows every event it covers.
 //!
 //! A watcher catching up from history (a past start revision, or a queue that filled) gets its
 //! consecutive catch-up revisions merged into one response, up to 1000 revisions or
@@ -263,6 +264,9 @@ struct ProgressRound {
     waiting: HashSet<i64>,
     /// Lowest revision reported so far: every watcher is complete through it.
     revision: Revision,
+    /// Requests this round answers, one reply each (requests arriving while a round is open
+    /// join it rather than asking every watcher again: N pending requests cost one round).
+    owed: usize,
 }
 
 /// The client went away (the outbound channel closed): end the stream task.
@@ -549,9 +553,14 @@ impl WatchStream {
             // etcd: no response on a stream without watchers.
             return;
         }
-        // A new request restarts the round: a watcher that cannot answer yet (catching up, or
-        // waiting for a future start revision) holds the reply back, as etcd drops the request
-        // until every watcher is synced, and the client asks again.
+        // A watcher that cannot answer yet (catching up, or waiting for a future start
+        // revision) holds the round's replies back, as etcd drops a request until every
+        // watcher is synced. A request while a round is open joins it: each request gets its
+        // reply (as etcd's), and the watchers are asked once.
+        if let Some(round) = &mut self.progress {
+            round.owed += 1;
+            return;
+        }
         let mut waiting = HashSet::with_capacity(self.meta.len());
         for slot in self.watches.iter() {
             if let Some(h) = &slot.handle {
@@ -562,6 +571,7 @@ impl WatchStream {
         self.progress = Some(ProgressRound {
             waiting,
             revision: Revision::MAX,
+            owed: 1,
         });
     }
 
@@ -574,18 +584,22 @@ impl WatchStream {
         if !round.waiting.remove(&id) || !round.waiting.is_empty() {
             return Ok(());
         }
-        let revision = if round.revision == Revision::MAX {
+        let (reported, owed) = (round.revision, round.owed);
+        self.progress = None;
+        let revision = if reported == Revision::MAX {
             self.current()
         } else {
-            round.revision
+            reported
         };
-        self.progress = None;
-        self.send(pb::WatchResponse {
-            header: Some(header(revision)),
-            watch_id: -1,
-            ..Default::default()
-        })
-        .await
+        for _ in 0..owed {
+            self.send(pb::WatchResponse {
+                header: Some(header(revision)),
+                watch_id: -1,
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Sends consecutive catch-up batches of one watch as one response (fragmented when the

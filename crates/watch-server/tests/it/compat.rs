@@ -599,6 +599,24 @@ async fn watch_progress_request(server: Server) {
 }
 compat_test!(watch_progress_request);
 
+// Back-to-back progress requests each get their reply: three requests, three progress
+// responses at the current revision, then nothing more (the next response is the next
+// event). keywatch once answered three requests with two.
+async fn watch_progress_requests_each_answered(server: Server) {
+    let mut c = server.client().await;
+    let (mut w, _) = Watch::open(&mut c, "foo", None).await;
+    let at = put_rev(&mut c, "other", "x").await;
+    for _ in 0..3 {
+        w.stream.request_progress().await.expect("send progress");
+    }
+    for _ in 0..3 {
+        assert_progress(&w.next().await, at);
+    }
+    let next = put_rev(&mut c, "foo", "1").await;
+    assert_eq!(events(&w.next().await), [put("foo", "1", next, next, 1)]);
+}
+compat_test!(watch_progress_requests_each_answered);
+
 /// A progress notification as the Go client recognises one (`IsProgressNotify`), sent for the
 /// whole stream (`watch_id` -1), at revision `at`.
 fn assert_progress(resp: &etcd_client::WatchResponse, at: i64) {
