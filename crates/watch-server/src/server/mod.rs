@@ -54,6 +54,11 @@ pub use lease::LeaseService;
 pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
+/// HTTP/2 connection flow-control window, bytes (see where the server is built).
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 per-stream flow-control window, bytes: h2's default.
+const STREAM_WINDOW: u32 = 65_535;
+
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -439,6 +444,16 @@ impl Server {
         let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+            // A stream whose responses are not read stops reading requests, so HTTP/2 flow
+            // control stops its sender (as etcd's). h2 closes a connection (GOAWAY
+            // ENHANCE_YOUR_CALM) once the small DATA frames it buffers exceed half the
+            // connection window in framing overhead (~250 bytes a frame): with the 64 KiB
+            // default that is ~130 pipelined watch requests. A 16 MiB connection window allows
+            // 8 MiB: three streams each stalled with a full 64 KiB stream window of the
+            // smallest requests (7 bytes), or six of creates. Memory: at most the connection
+            // window of request bytes per connection, plus that overhead.
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
+            .initial_stream_window_size(Some(STREAM_WINDOW))
             .layer(metrics.rpc_layer())
             .add_service(health_service)
             .add_service(reflection_v1)

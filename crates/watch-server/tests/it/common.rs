@@ -219,6 +219,14 @@ impl Server {
         self.process.endpoint()
     }
 
+    /// The server process's resident set size in KiB, from /proc.
+    pub(crate) fn rss_kib(&self) -> u64 {
+        self.process
+            .pid()
+            .and_then(testkit::rss_kib)
+            .unwrap_or_else(|| panic!("{}: no RSS in /proc", self.target))
+    }
+
     /// A new client connection. `hasleader` metadata is set as etcdctl and Kubernetes do.
     pub(crate) async fn client(&self) -> Client {
         let options = ConnectOptions::new()

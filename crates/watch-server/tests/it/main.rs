@@ -8,6 +8,8 @@
 //! - `ops`: metrics, health, reflection, signals and shutdown of the binary.
 //! - `store`, `lease_store`, `watch_stream`: the in-process store and watch stream.
 //! - `tls`: TLS and mutual TLS end to end.
+//! - `hostile`: hostile clients (issue 17), against keywatch and etcd: bounded memory, every
+//!   request answered, others unaffected.
 //!
 //! `cargo test -p watch-server --test it compat::` runs one area; `::etcd` one side of every
 //! compat case. Tests needing etcd print a `SKIPPED` line without it, and fail when
@@ -20,6 +22,7 @@ mod compat_auth;
 mod compat_etcdctl;
 mod compat_kv;
 mod compat_lease;
+mod hostile;
 mod lease_store;
 mod mirror;
 mod ops;
