@@ -19,8 +19,15 @@ impl RawStream {
     /// Opens the stream and sends `first` (grpc-go servers send response headers with the
     /// first response only, so the call completes after that request is answered).
     async fn open(server: &Server, first: pb::WatchRequest) -> RawStream {
+        // grpc-go's (etcd clients') stream receive window, not hyper's megabytes: a client
+        // that does not read stalls the server after 64 KiB of responses. The connection
+        // window stays large: h2 (this client's too) closes a connection whose buffered small
+        // DATA frames exceed half of it in framing overhead, and etcd sends each response in
+        // its own frame.
         let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
             .expect("endpoint")
+            .initial_stream_window_size(Some(65_535))
+            .initial_connection_window_size(Some(16 << 20))
             .connect()
             .await
             .expect("connect");
