@@ -68,6 +68,9 @@ pub enum ServerError {
     /// The store failed to open, failed while serving (fail-stop), or failed to close.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The auth records file could not be opened, or a commit to it failed (fail-stop).
+    #[error(transparent)]
+    AuthStore(#[from] crate::auth::AuthStoreError),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -218,11 +221,8 @@ impl Server {
         let mirror_slot: Arc<OnceLock<Mirror>> = Arc::new(OnceLock::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
-        // Off without an [auth] section: then every check is one `Option` branch.
-        let gate = match &config.auth {
-            Some(settings) => Gate::on(Arc::new(Auth::new(settings))),
-            None => Gate::off(),
-        };
+        // The server's users and roles, opened from the data directory with the store.
+        let auth_slot: Arc<OnceLock<Arc<Auth>>> = Arc::new(OnceLock::new());
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
@@ -254,7 +254,7 @@ impl Server {
             } else {
                 "http"
             };
-            move |store: &Store, mirror: Option<&Mirror>| {
+            move |store: &Store, mirror: Option<&Mirror>, gate: Gate| {
                 match mirror {
                     Some(m) => {
                         mirror_kv.fill(
@@ -350,9 +350,14 @@ impl Server {
             let (slot, health, metrics) = (slot.clone(), health.clone(), metrics.clone());
             let data_dir = config.data_dir.clone();
             let mirror_slot = mirror_slot.clone();
+            let auth_slot = auth_slot.clone();
+            let auth_settings = config.auth.clone();
             move |store: Store| async move {
                 store.set_log_observer(metrics.log_observer());
                 let _ = slot.set(store.clone());
+                let durable = store.config().durability == crate::store::Durability::Fsync;
+                let auth = Arc::new(Auth::open(store.dir(), &auth_settings, durable).await?);
+                let _ = auth_slot.set(auth.clone());
                 let mirror = match mirror_config {
                     Some(m) => Some(Mirror::start(store.clone(), m)?),
                     None => {
@@ -368,7 +373,7 @@ impl Server {
                     metrics.set_mirror_status(m.status());
                     let _ = mirror_slot.set(m.clone());
                 }
-                install(&store, mirror.as_ref());
+                install(&store, mirror.as_ref(), Gate::on(auth));
                 health.set_ready().await;
                 tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
                 Ok::<_, ServerError>(store)
@@ -387,6 +392,7 @@ impl Server {
         let stop = {
             let (health, open_error) = (health.clone(), open_error.clone());
             let (mirror_slot, mirror_stopped) = (mirror_slot.clone(), mirror_stopped.clone());
+            let auth_slot = auth_slot.clone();
             async move {
                 tokio::pin!(shutdown);
                 let opened = match early {
@@ -407,10 +413,25 @@ impl Server {
                                 None => std::future::pending().await,
                             }
                         };
+                        let auth_failed = async {
+                            match auth_slot.get() {
+                                Some(a) => a.failed().await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             _ = &mut shutdown => tracing::info!("shutdown requested"),
                             msg = store.failed() => {
                                 tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
+                            }
+                            msg = auth_failed => {
+                                tracing::error!(error = %msg, "auth records failed; shutting down (fail-stop)");
+                                *open_error.lock() = Some(ServerError::AuthStore(
+                                    crate::auth::AuthStoreError::Storage {
+                                        path: crate::auth::AUTH_FILE.to_owned(),
+                                        message: msg,
+                                    },
+                                ));
                             }
                             msg = mirror_failed => {
                                 tracing::error!(error = %msg, "mirror stopped; shutting down");
@@ -434,7 +455,7 @@ impl Server {
             data_dir = %config.data_dir.display(),
             tls = config.tls.is_some(),
             client_cert_auth = config.tls.as_ref().is_some_and(|t| t.client_cert_auth()),
-            auth = config.auth.is_some(),
+            auth_seed = config.auth.has_seed(),
             "serving; opening the store"
         );
         let grace = config.shutdown_timeout;
