@@ -17,7 +17,7 @@ use super::convert;
 use crate::auth::{
     Auth, AuthData, Effect, Gate, MAX_BCRYPT_COST, MAX_USER_NAME_BYTES, PermKind, Permission,
 };
-use crate::store::Store;
+use kv_store::Store;
 
 /// etcd's `Auth` service over the server's [`Gate`].
 #[derive(Debug, Clone)]

@@ -39,9 +39,9 @@ use watch_proto::etcdserverpb as pb;
 
 use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
-use crate::error::StoreError;
 use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
-use crate::store::Store;
+use kv_store::Store;
+use kv_store::StoreError;
 
 pub use auth::AuthService;
 use health::Gated;
@@ -355,7 +355,7 @@ impl Server {
             move |store: Store| async move {
                 store.set_log_observer(metrics.log_observer());
                 let _ = slot.set(store.clone());
-                let durable = store.config().durability == crate::store::Durability::Fsync;
+                let durable = store.config().durability == kv_store::Durability::Fsync;
                 let auth = Arc::new(Auth::open(store.dir(), &auth_settings, durable).await?);
                 let _ = auth_slot.set(auth.clone());
                 let mirror = match mirror_config {
