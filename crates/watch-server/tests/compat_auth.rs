@@ -809,9 +809,13 @@ async fn compaction_needs_root() {
 async fn config_seeds_only_a_new_data_directory() {
     let mut s = tokio::task::block_in_place(|| Secured::start(Target::Keywatch, "seed", &[]));
     let mut root = s.client("root", "rootpw").await;
-    root.user_add("dave", "davepw", None).await.expect("add dave");
+    root.user_add("dave", "davepw", None)
+        .await
+        .expect("add dave");
     root.user_grant_role("dave", "reader").await.expect("grant");
-    root.user_delete("alice").await.expect("delete a seeded user");
+    root.user_delete("alice")
+        .await
+        .expect("delete a seeded user");
     drop(root);
     s.server.restart();
     let mut dave = s.client("dave", "davepw").await;
@@ -881,10 +885,7 @@ fn bad_auth_config_is_refused_before_binding() {
             ),
             "roles.r.permissions[0]: needs key",
         ),
-        (
-            "auth_token_ttl = \"0s\"\n".to_owned(),
-            "auth_token_ttl",
-        ),
+        ("auth_token_ttl = \"0s\"\n".to_owned(), "auth_token_ttl"),
     ];
     for (config, expected) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -43,12 +43,19 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 
 fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, message: &str) {
     let status = r.expect_err("expected an error");
-    assert_eq!((status.code(), status.message()), (code, message), "{status:?}");
+    assert_eq!(
+        (status.code(), status.message()),
+        (code, message),
+        "{status:?}"
+    );
 }
 
 /// root (root role), with authentication still off.
 async fn add_root(client: &mut Client) {
-    client.user_add("root", "rootpw", None).await.expect("add root");
+    client
+        .user_add("root", "rootpw", None)
+        .await
+        .expect("add root");
     client.role_add("root").await.expect("add role root");
     client
         .user_grant_role("root", "root")
@@ -110,7 +117,9 @@ async fn management_rules(server: Server) {
         Permission::write("a").with_range_end("z"),
         Permission::read("from").with_from_key(),
     ] {
-        c.role_grant_permission("reader", perm).await.expect("grant");
+        c.role_grant_permission("reader", perm)
+            .await
+            .expect("grant");
     }
     // Same (key, range_end): the type is replaced.
     c.role_grant_permission("reader", Permission::write("foo"))
@@ -156,12 +165,20 @@ async fn management_rules(server: Server) {
         c.role_delete("nobody").await.map(drop),
         c.user_grant_role("root", "nope").await.map(drop),
     ] {
-        assert_status(r, Code::FailedPrecondition, "etcdserver: role name not found");
+        assert_status(
+            r,
+            Code::FailedPrecondition,
+            "etcdserver: role name not found",
+        );
     }
-    c.user_add("alice", "alicepw", None).await.expect("add alice");
+    c.user_add("alice", "alicepw", None)
+        .await
+        .expect("add alice");
     // A repeated grant is a silent no-op.
     c.user_grant_role("alice", "reader").await.expect("grant");
-    c.user_grant_role("alice", "reader").await.expect("grant again");
+    c.user_grant_role("alice", "reader")
+        .await
+        .expect("grant again");
     for r in [
         c.user_grant_role("nobody", "reader").await.map(drop),
         c.user_get("nobody").await.map(drop),
@@ -169,7 +186,11 @@ async fn management_rules(server: Server) {
         c.user_change_password("nobody", "x").await.map(drop),
         c.user_revoke_role("nobody", "reader").await.map(drop),
     ] {
-        assert_status(r, Code::FailedPrecondition, "etcdserver: user name not found");
+        assert_status(
+            r,
+            Code::FailedPrecondition,
+            "etcdserver: user name not found",
+        );
     }
     assert_eq!(
         c.user_get("alice").await.expect("get").roles(),
@@ -184,15 +205,21 @@ async fn management_rules(server: Server) {
         &["reader".to_owned(), "root".to_owned()]
     );
     c.role_add("temp").await.expect("add temp");
-    c.user_grant_role("alice", "temp").await.expect("grant temp");
-    c.user_revoke_role("alice", "temp").await.expect("revoke temp");
+    c.user_grant_role("alice", "temp")
+        .await
+        .expect("grant temp");
+    c.user_revoke_role("alice", "temp")
+        .await
+        .expect("revoke temp");
     assert_status(
         c.user_revoke_role("alice", "temp").await,
         Code::FailedPrecondition,
         "etcdserver: role is not granted to the user",
     );
     // Deleting a role revokes it from every user.
-    c.user_grant_role("alice", "temp").await.expect("grant temp");
+    c.user_grant_role("alice", "temp")
+        .await
+        .expect("grant temp");
     c.role_delete("temp").await.expect("delete temp");
     assert_eq!(
         c.user_get("alice").await.expect("get").roles(),
@@ -239,7 +266,11 @@ async fn management_rules(server: Server) {
         root.user_revoke_role("root", "root").await.map(drop),
         root.role_delete("root").await.map(drop),
     ] {
-        assert_status(r, Code::InvalidArgument, "etcdserver: invalid auth management");
+        assert_status(
+            r,
+            Code::InvalidArgument,
+            "etcdserver: invalid auth management",
+        );
     }
     // Enabling again succeeds.
     root.auth_enable().await.expect("enable again");
@@ -253,7 +284,9 @@ compat_test!(management_rules);
 async fn token_invalidation(server: Server) {
     let mut c = server.client().await;
     add_root(&mut c).await;
-    c.user_add("alice", "alicepw", None).await.expect("add alice");
+    c.user_add("alice", "alicepw", None)
+        .await
+        .expect("add alice");
     c.user_add("bob", "bobpw", None).await.expect("add bob");
     let mut opts = etcd_client::UserAddOptions::new();
     opts = opts.with_no_pwd();
@@ -298,16 +331,22 @@ async fn token_invalidation(server: Server) {
     kv.range(range(&alice_token)).await.expect("alice reads");
     let root = Some(root_token.as_str());
     // Deleting another user leaves the token alone.
-    auth.user_delete(with_token(pb::AuthUserDeleteRequest { name: "bob".into() }, root))
-        .await
-        .expect("delete bob");
+    auth.user_delete(with_token(
+        pb::AuthUserDeleteRequest { name: "bob".into() },
+        root,
+    ))
+    .await
+    .expect("delete bob");
     kv.range(range(&alice_token)).await.expect("still valid");
     // A password change invalidates the user's tokens.
-    auth.user_change_password(with_token(pb::AuthUserChangePasswordRequest {
-        name: "alice".into(),
-        password: "new".into(),
-        ..Default::default()
-    }, root))
+    auth.user_change_password(with_token(
+        pb::AuthUserChangePasswordRequest {
+            name: "alice".into(),
+            password: "new".into(),
+            ..Default::default()
+        },
+        root,
+    ))
     .await
     .expect("change password");
     assert_code(
@@ -318,11 +357,14 @@ async fn token_invalidation(server: Server) {
     let alice_token = token(&mut auth, "alice", "new").await;
     kv.range(range(&alice_token)).await.expect("new token");
     // A revoked permission applies to the next request of a live token.
-    auth.role_revoke_permission(with_token(pb::AuthRoleRevokePermissionRequest {
-        role: "app".into(),
-        key: "/app/".into(),
-        range_end: "/app0".into(),
-    }, root))
+    auth.role_revoke_permission(with_token(
+        pb::AuthRoleRevokePermissionRequest {
+            role: "app".into(),
+            key: "/app/".into(),
+            range_end: "/app0".into(),
+        },
+        root,
+    ))
     .await
     .expect("revoke");
     assert_code(
@@ -331,16 +373,22 @@ async fn token_invalidation(server: Server) {
         DENIED,
     );
     // Deleting the user invalidates its tokens; re-adding the name does not revive them.
-    auth.user_delete(with_token(pb::AuthUserDeleteRequest {
-        name: "alice".into(),
-    }, root))
+    auth.user_delete(with_token(
+        pb::AuthUserDeleteRequest {
+            name: "alice".into(),
+        },
+        root,
+    ))
     .await
     .expect("delete alice");
-    auth.user_add(with_token(pb::AuthUserAddRequest {
-        name: "alice".into(),
-        password: "new".into(),
-        ..Default::default()
-    }, root))
+    auth.user_add(with_token(
+        pb::AuthUserAddRequest {
+            name: "alice".into(),
+            password: "new".into(),
+            ..Default::default()
+        },
+        root,
+    ))
     .await
     .expect("re-add alice");
     assert_code(
@@ -375,7 +423,9 @@ compat_test!(token_invalidation);
 async fn watch_create_rechecks(server: Server) {
     let mut c = server.client().await;
     add_root(&mut c).await;
-    c.user_add("alice", "alicepw", None).await.expect("add alice");
+    c.user_add("alice", "alicepw", None)
+        .await
+        .expect("add alice");
     c.role_add("app").await.expect("role");
     c.role_grant_permission("app", Permission::read("/app/").with_prefix())
         .await
@@ -414,7 +464,9 @@ compat_test!(watch_create_rechecks);
 async fn durable_across_restart(mut server: Server) {
     let mut c = server.client().await;
     add_root(&mut c).await;
-    c.user_add("alice", "alicepw", None).await.expect("add alice");
+    c.user_add("alice", "alicepw", None)
+        .await
+        .expect("add alice");
     c.role_add("app").await.expect("role");
     c.role_grant_permission("app", Permission::read_write("/app/").with_prefix())
         .await
@@ -434,8 +486,15 @@ async fn durable_across_restart(mut server: Server) {
         "etcdserver: user name is empty",
     );
     let mut alice = login(&server, "alice", "changed").await;
-    alice.put("/app/x", "v", None).await.expect("alice writes /app/");
-    assert_status(alice.put("/other", "v", None).await, Code::PermissionDenied, DENIED);
+    alice
+        .put("/app/x", "v", None)
+        .await
+        .expect("alice writes /app/");
+    assert_status(
+        alice.put("/other", "v", None).await,
+        Code::PermissionDenied,
+        DENIED,
+    );
     let mut root = login(&server, "root", "rootpw").await;
     assert_eq!(
         root.role_list().await.expect("roles").roles(),
@@ -462,35 +521,68 @@ async fn etcdctl_transcript(server: Server) {
     }
     let ok = |args: &[&str], out: &str| {
         let (code, stdout, stderr) = ctl(&server, args, "");
-        assert_eq!((code, stdout.as_str()), (Some(0), out), "{args:?}: {stderr}");
+        assert_eq!(
+            (code, stdout.as_str()),
+            (Some(0), out),
+            "{args:?}: {stderr}"
+        );
     };
     let fails = |args: &[&str], err: &str| {
         let (code, _, stderr) = ctl(&server, args, "");
         assert_eq!((code, stderr.trim_end()), (Some(1), err), "{args:?}");
     };
     tokio::task::block_in_place(|| {
-        fails(&["auth", "enable"], "Error: etcdserver: root user does not exist");
+        fails(
+            &["auth", "enable"],
+            "Error: etcdserver: root user does not exist",
+        );
         ok(&["user", "add", "root:rootpw"], "User root created\n");
         fails(
             &["user", "add", "root:again"],
             "Error: etcdserver: user name already exists",
         );
         ok(&["user", "add", "alice:alicepw"], "User alice created\n");
-        ok(&["user", "add", "bob", "--no-password"], "User bob created\n");
+        ok(
+            &["user", "add", "bob", "--no-password"],
+            "User bob created\n",
+        );
         ok(&["user", "get", "alice"], "User: alice\nRoles:\n");
-        fails(&["user", "get", "nobody"], "Error: etcdserver: user name not found");
+        fails(
+            &["user", "get", "nobody"],
+            "Error: etcdserver: user name not found",
+        );
         ok(&["role", "add", "reader"], "Role reader created\n");
         fails(
             &["role", "add", "reader"],
             "Error: etcdserver: role name already exists",
         );
-        fails(&["role", "get", "nobody"], "Error: etcdserver: role name not found");
-        fails(&["role", "delete", "nobody"], "Error: etcdserver: role name not found");
+        fails(
+            &["role", "get", "nobody"],
+            "Error: etcdserver: role name not found",
+        );
+        fails(
+            &["role", "delete", "nobody"],
+            "Error: etcdserver: role name not found",
+        );
         for perm in [
             &["role", "grant-permission", "reader", "read", "foo"][..],
-            &["role", "grant-permission", "reader", "readwrite", "k", "--prefix"],
+            &[
+                "role",
+                "grant-permission",
+                "reader",
+                "readwrite",
+                "k",
+                "--prefix",
+            ],
             &["role", "grant-permission", "reader", "write", "a", "z"],
-            &["role", "grant-permission", "reader", "read", "from", "--from-key"],
+            &[
+                "role",
+                "grant-permission",
+                "reader",
+                "read",
+                "from",
+                "--from-key",
+            ],
         ] {
             ok(perm, "Role reader updated\n");
         }
@@ -540,7 +632,11 @@ async fn etcdctl_transcript(server: Server) {
             &["user", "passwd", "alice", "--interactive=false"],
             "newpw\n",
         );
-        assert_eq!((code, stdout.as_str()), (Some(0), "Password updated\n"), "{stderr}");
+        assert_eq!(
+            (code, stdout.as_str()),
+            (Some(0), "Password updated\n"),
+            "{stderr}"
+        );
         ok(&["user", "delete", "bob"], "User bob deleted\n");
         ok(&["role", "add", "gone"], "Role gone created\n");
         ok(&["role", "delete", "gone"], "Role gone deleted\n");
