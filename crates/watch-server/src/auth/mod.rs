@@ -382,8 +382,10 @@ impl Auth {
     /// Resolves when a commit of the records file failed (fail-stop), with the error.
     pub async fn failed(&self) -> String {
         let mut rx = self.failure.subscribe();
-        match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().unwrap_or_default(),
+        // The guard (not `Send`) is dropped before any other await.
+        let failed = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match failed {
+            Ok(message) => message.unwrap_or_default(),
             // The sender lives in `self`, which outlives this borrow.
             Err(_) => std::future::pending().await,
         }

@@ -1,6 +1,6 @@
-//! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease and
-//! Auth services over one [`Store`], plus the standard gRPC health and reflection services and
-//! an optional Prometheus endpoint.
+//! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease,
+//! Auth, Lock and Election services over one [`Store`], plus the standard gRPC health and
+//! reflection services and an optional Prometheus endpoint.
 //!
 //! # Lifecycle
 //!
