@@ -281,3 +281,54 @@ async fn etcdctl_elect(server: Server) {
     assert_eq!(seen, won);
 }
 compat_test!(etcdctl_elect);
+
+// With authentication on, Lock and Campaign need read and write under `<name>/`, Leader read:
+// the recipe's KV calls are checked with the caller's token.
+async fn lock_and_election_with_auth(server: Server) {
+    let mut c = server.client().await;
+    c.user_add("root", "rootpw", None).await.expect("add root");
+    c.role_add("root").await.expect("role root");
+    c.user_grant_role("root", "root").await.expect("grant root");
+    c.user_add("alice", "alicepw", None)
+        .await
+        .expect("add alice");
+    c.role_add("locks").await.expect("role");
+    c.role_grant_permission(
+        "locks",
+        etcd_client::Permission::read_write("mine/").with_prefix(),
+    )
+    .await
+    .expect("grant");
+    c.user_grant_role("alice", "locks").await.expect("grant");
+    c.auth_enable().await.expect("enable");
+    let options = etcd_client::ConnectOptions::new().with_user("alice", "alicepw");
+    let mut alice = Client::connect([server.endpoint()], Some(options))
+        .await
+        .expect("connect as alice");
+    let held = alice
+        .lock("mine", None)
+        .await
+        .expect("lock under a granted prefix");
+    alice.unlock(held.key()).await.expect("unlock");
+    let refused = alice.lock("theirs", None).await;
+    let status = common::status(refused);
+    assert_eq!(
+        status.message(),
+        "etcdserver: permission denied",
+        "{status:?}"
+    );
+    let status = common::status(alice.leader("theirs").await);
+    assert_eq!(
+        status.message(),
+        "etcdserver: permission denied",
+        "{status:?}"
+    );
+    let mut anonymous = server.client().await;
+    let status = common::status(anonymous.lock("mine", None).await);
+    assert_eq!(
+        status.message(),
+        "etcdserver: user name is empty",
+        "{status:?}"
+    );
+}
+compat_test!(lock_and_election_with_auth);

@@ -329,8 +329,11 @@ impl Recipes {
             key: key.clone(),
             rev: Some(to_proto::revision(rev)),
         };
-        self.wait_deletes(&prefix, rev.saturating_sub(1)).await?;
+        let waited = self.wait_deletes(&prefix, rev.saturating_sub(1)).await;
+        // As etcd: only a caller that went away (the guard's drop) resigns; a failed wait
+        // leaves the candidacy to its lease.
         abandon.disarm();
+        waited?;
         Ok((
             epb::LeaderKey {
                 name: Bytes::copy_from_slice(name),
