@@ -21,12 +21,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
-use super::data::{AuthData, PermKind, Permission, UserRecord};
-
-/// etcd's role that grants every permission and the admin operations.
-pub const ROOT_ROLE: &str = "root";
+use super::data::{AuthData, PermKind, Permission, ROOT_ROLE, UserRecord};
 
 /// etcd's default `--auth-token-ttl`: 300 s.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);

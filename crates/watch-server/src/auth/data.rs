@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use watch_proto::status::EtcdError;
 
-use super::config::ROOT_ROLE;
+/// etcd's role that grants every permission and the admin operations.
+pub const ROOT_ROLE: &str = "root";
 
 /// etcd's root user: AuthEnable needs it (with the root role), and it cannot be deleted while
 /// authentication is on.
