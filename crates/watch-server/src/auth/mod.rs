@@ -1,12 +1,15 @@
 //! Authentication (etcd's simple tokens) and key-range authorization (etcd's permission
-//! model), for users and roles read from the config file's `[auth]` section.
+//! model), for users and roles managed at run time with etcd's Auth RPCs and kept in the data
+//! directory (`auth.redb`); the config file's `[auth]` section seeds a new data directory.
 //!
-//! - [`Auth`]: the users, their bcrypt password hashes and the token map. `Authenticate`
-//!   exchanges a name and password for a token; clients send it in the `token` gRPC metadata
-//!   (what etcdctl `--user` and etcd client libraries do).
-//! - [`Gate`]: what every service holds. Off (no `[auth]`), every check is one branch on an
-//!   `Option` and nothing else. On, [`Gate::caller`] resolves the request's token to a
-//!   [`Caller`], whose [`Caller::check`] tests one access to one etcd `(key, range_end)`.
+//! - [`Auth`]: the users and roles (durable records plus a published view the checks read),
+//!   whether authentication is on, and the token map. `Authenticate` exchanges a name and
+//!   password for a token; clients send it in the `token` gRPC metadata (what etcdctl `--user`
+//!   and etcd client libraries do). A change applies to the next request.
+//! - [`Gate`]: what every service holds. Authentication off: one atomic load (and a request
+//!   that still carries a token is refused, as etcd does). On, [`Gate::caller`] resolves the
+//!   request's token to a [`Caller`] with its current permissions, whose [`Caller::check`]
+//!   tests one access to one etcd `(key, range_end)`.
 //!
 //! **How a service checks a request** (every KV, Lease and Watch method does this; a new
 //! service that touches keys must too). The KV and Lease services do it in one place, the

@@ -182,6 +182,21 @@ impl Recipes {
         Ok(())
     }
 
+    /// `perms` on every key under `<name>/` (what the recipe's ranges and puts there need).
+    fn check_names<T>(
+        &self,
+        request: &Request<T>,
+        name: &[u8],
+        perms: &[Perm],
+    ) -> Result<(), Status> {
+        let range = KeyRange::prefix(prefix_of(name));
+        let checks: Vec<_> = perms
+            .iter()
+            .map(|p| (*p, &range.key[..], &range.range_end[..]))
+            .collect();
+        self.check(request, &checks)
+    }
+
     /// clientv3's `waitDeletes`: until no key under `prefix` has a create revision at most
     /// `max_create_rev`, waits for the newest such key to be deleted. Returns the revision
     /// of the last range.
@@ -513,12 +528,8 @@ impl lpb::lock_server::Lock for LockService {
         request: Request<lpb::LockRequest>,
     ) -> Result<Response<lpb::LockResponse>, Status> {
         let r = request.get_ref();
-        let prefix = prefix_of(&r.name);
-        let end = watch_core::prefix_end(&prefix).unwrap_or_else(|| vec![0]);
-        self.0.check(
-            &request,
-            &[(Perm::Read, &prefix, &end), (Perm::Write, &prefix, &end)],
-        )?;
+        self.0
+            .check_names(&request, &r.name, &[Perm::Read, Perm::Write])?;
         let lease = self.0.session(r.lease).await?;
         let (key, rev) = self.0.lock(&r.name, lease).await?;
         Ok(Response::new(lpb::LockResponse {
@@ -569,11 +580,21 @@ impl ElectionService {
         self
     }
 
-    /// Read on `<name>/`.
-    fn check_read<T>(&self, request: &Request<T>, name: &[u8]) -> Result<(), Status> {
-        let prefix = prefix_of(name);
-        let end = watch_core::prefix_end(&prefix).unwrap_or_else(|| vec![0]);
-        self.0.check(request, &[(Perm::Read, &prefix, &end)])
+    /// Proclaim's and Resign's leader key: present, and the caller may read and write it.
+    fn leader_key<'a, T>(
+        &self,
+        request: &Request<T>,
+        leader: Option<&'a epb::LeaderKey>,
+    ) -> Result<&'a epb::LeaderKey, Status> {
+        let leader = leader.ok_or_else(|| Status::unknown(MISSING_LEADER))?;
+        self.0.check(
+            request,
+            &[
+                (Perm::Read, &leader.key, b""),
+                (Perm::Write, &leader.key, b""),
+            ],
+        )?;
+        Ok(leader)
     }
 }
 
@@ -587,12 +608,8 @@ impl epb::election_server::Election for ElectionService {
         request: Request<epb::CampaignRequest>,
     ) -> Result<Response<epb::CampaignResponse>, Status> {
         let r = request.get_ref();
-        let prefix = prefix_of(&r.name);
-        let end = watch_core::prefix_end(&prefix).unwrap_or_else(|| vec![0]);
-        self.0.check(
-            &request,
-            &[(Perm::Read, &prefix, &end), (Perm::Write, &prefix, &end)],
-        )?;
+        self.0
+            .check_names(&request, &r.name, &[Perm::Read, Perm::Write])?;
         let lease = self.0.session(r.lease).await?;
         let (leader, rev) = self.0.campaign(&r.name, lease, r.value.clone()).await?;
         Ok(Response::new(epb::CampaignResponse {
@@ -606,17 +623,7 @@ impl epb::election_server::Election for ElectionService {
         request: Request<epb::ProclaimRequest>,
     ) -> Result<Response<epb::ProclaimResponse>, Status> {
         let r = request.get_ref();
-        let leader = r
-            .leader
-            .as_ref()
-            .ok_or_else(|| Status::unknown(MISSING_LEADER))?;
-        self.0.check(
-            &request,
-            &[
-                (Perm::Read, &leader.key, b""),
-                (Perm::Write, &leader.key, b""),
-            ],
-        )?;
+        let leader = self.leader_key(&request, r.leader.as_ref())?;
         // As etcd's resumed session: lease 0 gets a new session lease for the put.
         let lease = self.0.session(leader.lease).await?;
         let rev = self
@@ -632,7 +639,8 @@ impl epb::election_server::Election for ElectionService {
         &self,
         request: Request<epb::LeaderRequest>,
     ) -> Result<Response<epb::LeaderResponse>, Status> {
-        self.check_read(&request, &request.get_ref().name)?;
+        self.0
+            .check_names(&request, &request.get_ref().name, &[Perm::Read])?;
         let (kv, rev) = self.0.leader(&request.get_ref().name).await?;
         Ok(Response::new(leader_response(&kv, rev)))
     }
@@ -643,7 +651,8 @@ impl epb::election_server::Election for ElectionService {
         &self,
         request: Request<epb::LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
-        self.check_read(&request, &request.get_ref().name)?;
+        self.0
+            .check_names(&request, &request.get_ref().name, &[Perm::Read])?;
         let name = request.into_inner().name;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(self.0.clone().observe(name, tx));
@@ -657,17 +666,7 @@ impl epb::election_server::Election for ElectionService {
         request: Request<epb::ResignRequest>,
     ) -> Result<Response<epb::ResignResponse>, Status> {
         let r = request.get_ref();
-        let leader = r
-            .leader
-            .as_ref()
-            .ok_or_else(|| Status::unknown(MISSING_LEADER))?;
-        self.0.check(
-            &request,
-            &[
-                (Perm::Read, &leader.key, b""),
-                (Perm::Write, &leader.key, b""),
-            ],
-        )?;
+        let leader = self.leader_key(&request, r.leader.as_ref())?;
         // A failed compare (no longer the leader) still succeeds, as in etcd.
         let resp = self
             .0
