@@ -160,7 +160,8 @@ pub struct Cli {
     #[arg(long, env = "KEYWATCH_TLS_HANDSHAKE_TIMEOUT")]
     pub tls_handshake_timeout: Option<String>,
     /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
-    /// etcd's). Users and roles come from the config file's `[auth]` section.
+    /// etcd's). Users and roles are managed with the Auth RPCs (etcdctl user/role); the config
+    /// file's `[auth]` section seeds a new data directory.
     #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
     pub auth_token_ttl: Option<String>,
     /// Auth: password checks (bcrypt, CPU-bound) running at once (default: the CPUs).
@@ -219,7 +220,7 @@ pub struct FileConfig {
     pub auth_token_ttl: Option<String>,
     pub auth_max_concurrent_hashes: Option<usize>,
     pub auth_max_queued_logins: Option<usize>,
-    /// Users and roles; its presence turns authentication on.
+    /// Users and roles that seed a new data directory (with authentication on).
     pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
     pub min_lease_ttl: Option<i64>,

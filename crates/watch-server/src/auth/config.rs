@@ -48,7 +48,7 @@ pub const MAX_PASSWORD_BYTES: usize = 72;
 /// ones are refused with "etcdserver: too many requests".
 pub const DEFAULT_LOGIN_QUEUE: usize = 64;
 
-/// `[auth]`: users and roles. Its presence turns authentication on.
+/// `[auth]`: users and roles that seed a new data directory, with authentication on.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFileConfig {
