@@ -3,9 +3,7 @@
 //! through the Auth RPCs (the etcd-client crate, raw gRPC, or etcdctl). The same codes,
 //! messages and outputs must hold on both.
 
-mod common;
-
-use common::{Server, Watch, assert_status};
+use crate::common::{Server, Watch, assert_status, compat_test};
 use etcd_client::{Client, ConnectOptions, Permission, RoleRevokePermissionOptions, WatchOptions};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -17,7 +15,7 @@ const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 async fn login(server: &Server, user: &str, password: &str) -> Client {
     let options = ConnectOptions::new()
         .with_user(user, password)
-        .with_connect_timeout(common::GUARD);
+        .with_connect_timeout(crate::common::GUARD);
     Client::connect([server.endpoint()], Some(options))
         .await
         .unwrap_or_else(|e| panic!("{}: connect as {user}: {e}", server.target))

@@ -5,9 +5,7 @@
 //! Waiting is asserted without timing: a waiter's key is seen in the store (it is queued),
 //! its call has not returned, and it returns once the holder goes.
 
-mod common;
-
-use common::{Server, assert_status};
+use crate::common::{Server, assert_status, compat_test};
 use etcd_client::{
     Client, GetOptions, LeaderKey, LockOptions, ProclaimOptions, ResignOptions, SortOrder,
     SortTarget,
@@ -35,7 +33,7 @@ async fn keys(client: &mut Client, prefix: &str) -> Vec<String> {
 
 /// Waits (bounded by the guard) until `prefix` holds `n` keys.
 async fn until_keys(client: &mut Client, prefix: &str, n: usize) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + common::GUARD;
+    let deadline = tokio::time::Instant::now() + crate::common::GUARD;
     loop {
         let k = keys(client, prefix).await;
         if k.len() == n {
@@ -55,7 +53,7 @@ async fn lease(client: &mut Client, ttl: i64) -> i64 {
 
 /// The result of a task that must end (bounded by the guard).
 async fn finish<T>(task: tokio::task::JoinHandle<T>) -> T {
-    tokio::time::timeout(common::GUARD, task)
+    tokio::time::timeout(crate::common::GUARD, task)
         .await
         .expect("the waiter never returned")
         .expect("the waiter panicked")
@@ -149,7 +147,7 @@ compat_test!(lock_service);
 
 /// The value of the next Observe message.
 async fn next(o: &mut etcd_client::ObserveStream) -> String {
-    let msg = tokio::time::timeout(common::GUARD, o.message())
+    let msg = tokio::time::timeout(crate::common::GUARD, o.message())
         .await
         .expect("an Observe message")
         .expect("observe stream")
@@ -311,20 +309,20 @@ async fn lock_and_election_with_auth(server: Server) {
         .expect("lock under a granted prefix");
     alice.unlock(held.key()).await.expect("unlock");
     let refused = alice.lock("theirs", None).await;
-    let status = common::status(refused);
+    let status = crate::common::status(refused);
     assert_eq!(
         status.message(),
         "etcdserver: permission denied",
         "{status:?}"
     );
-    let status = common::status(alice.leader("theirs").await);
+    let status = crate::common::status(alice.leader("theirs").await);
     assert_eq!(
         status.message(),
         "etcdserver: permission denied",
         "{status:?}"
     );
     let mut anonymous = server.client().await;
-    let status = common::status(anonymous.lock("mine", None).await);
+    let status = crate::common::status(anonymous.lock("mine", None).await);
     assert_eq!(
         status.message(),
         "etcdserver: user name is empty",
