@@ -172,6 +172,11 @@ async fn management_rules(server: Server) {
     c.user_add("alice", "alicepw", None)
         .await
         .expect("add alice");
+    // An empty password is a password (etcdctl prompts for one; the RPC takes it).
+    c.user_add("emptypw", "", None)
+        .await
+        .expect("empty password");
+    c.user_delete("emptypw").await.expect("delete");
     // A repeated grant is a silent no-op.
     c.user_grant_role("alice", "reader").await.expect("grant");
     c.user_grant_role("alice", "reader")
