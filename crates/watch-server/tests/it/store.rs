@@ -600,3 +600,39 @@ async fn failed_log_commit_is_fail_stop() {
     assert_eq!(s.current_revision(), 2);
     assert_eq!(get(&s, "a").await.unwrap().value, "1");
 }
+
+/// A txn above the inline threshold (1,024 ops) is checked on a blocking thread: the request
+/// comes back intact and runs, and a duplicate key deep in it is still refused.
+#[tokio::test]
+async fn large_txn_checked_off_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path(), config().max_txn_ops(4096))
+        .await
+        .unwrap();
+    let ops: Vec<TxnOp> = (0..3000)
+        .map(|i| put_op(&format!("l{i:04}"), "v"))
+        .collect();
+    let req = TxnRequest {
+        success: ops.clone(),
+        ..TxnRequest::default()
+    };
+    assert_eq!(s.validate(req.clone()).await.unwrap(), req);
+    let r = s.txn(req).await.unwrap();
+    assert_eq!(r.responses.len(), 3000);
+    assert!(get(&s, "l2999").await.is_some());
+
+    let mut dup = ops;
+    dup.push(TxnOp::Delete {
+        range: KeyRange::prefix("l1"),
+        prev_kv: false,
+    });
+    let dup = TxnRequest {
+        success: dup,
+        ..TxnRequest::default()
+    };
+    assert!(matches!(
+        s.validate(dup.clone()).await,
+        Err(StoreError::DuplicateKey)
+    ));
+    assert!(matches!(s.txn(dup).await, Err(StoreError::DuplicateKey)));
+}
