@@ -77,6 +77,55 @@ fn merge_nested<M: Message>(
     }
 }
 
+/// `prost::Message` for a txn op wrapper `$ty` whose oneof `$field` (of type `$oneof`) holds
+/// a nested txn in variant `$txn_variant` (`$txn`, tag 4): the generated code, except that
+/// tag 4 decodes through [`merge_nested`].
+macro_rules! txn_op_message {
+    ($ty:ident, $field:ident, $module:ident :: $oneof:ident, $txn_variant:ident, $txn:ty) => {
+        impl Message for $ty {
+            fn encode_raw(&self, buf: &mut impl BufMut) {
+                if let Some(op) = &self.$field {
+                    op.encode(buf);
+                }
+            }
+
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: WireType,
+                buf: &mut impl Buf,
+                ctx: DecodeContext,
+            ) -> Result<(), DecodeError> {
+                let result = if tag == 4 {
+                    let mut txn = match self.$field.take() {
+                        Some($module::$oneof::$txn_variant(t)) => t,
+                        _ => <$txn>::default(),
+                    };
+                    let r = merge_nested(&mut txn, wire_type, buf, ctx);
+                    self.$field = Some($module::$oneof::$txn_variant(txn));
+                    r
+                } else if (1..=3).contains(&tag) {
+                    $module::$oneof::merge(&mut self.$field, tag, wire_type, buf, ctx)
+                } else {
+                    return prost::encoding::skip_field(wire_type, tag, buf, ctx);
+                };
+                result.map_err(|mut e| {
+                    e.push(stringify!($ty), stringify!($field));
+                    e
+                })
+            }
+
+            fn encoded_len(&self) -> usize {
+                self.$field.as_ref().map_or(0, $module::$oneof::encoded_len)
+            }
+
+            fn clear(&mut self) {
+                self.$field = None;
+            }
+        }
+    };
+}
+
 /// One operation of a transaction.
 #[derive(Clone, PartialEq, Default, Debug)]
 pub struct RequestOp {
@@ -104,49 +153,13 @@ pub mod request_op {
     }
 }
 
-impl Message for RequestOp {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        if let Some(r) = &self.request {
-            r.encode(buf);
-        }
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        let result = if tag == 4 {
-            let mut txn = match self.request.take() {
-                Some(request_op::Request::RequestTxn(t)) => t,
-                _ => TxnRequest::default(),
-            };
-            let r = merge_nested(&mut txn, wire_type, buf, ctx);
-            self.request = Some(request_op::Request::RequestTxn(txn));
-            r
-        } else if (1..=3).contains(&tag) {
-            request_op::Request::merge(&mut self.request, tag, wire_type, buf, ctx)
-        } else {
-            return prost::encoding::skip_field(wire_type, tag, buf, ctx);
-        };
-        result.map_err(|mut e| {
-            e.push("RequestOp", "request");
-            e
-        })
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.request
-            .as_ref()
-            .map_or(0, request_op::Request::encoded_len)
-    }
-
-    fn clear(&mut self) {
-        self.request = None;
-    }
-}
+txn_op_message!(
+    RequestOp,
+    request,
+    request_op::Request,
+    RequestTxn,
+    TxnRequest
+);
 
 /// The result of one transaction operation.
 #[derive(Clone, PartialEq, Default, Debug)]
@@ -175,49 +188,13 @@ pub mod response_op {
     }
 }
 
-impl Message for ResponseOp {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        if let Some(r) = &self.response {
-            r.encode(buf);
-        }
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        let result = if tag == 4 {
-            let mut txn = match self.response.take() {
-                Some(response_op::Response::ResponseTxn(t)) => t,
-                _ => TxnResponse::default(),
-            };
-            let r = merge_nested(&mut txn, wire_type, buf, ctx);
-            self.response = Some(response_op::Response::ResponseTxn(txn));
-            r
-        } else if (1..=3).contains(&tag) {
-            response_op::Response::merge(&mut self.response, tag, wire_type, buf, ctx)
-        } else {
-            return prost::encoding::skip_field(wire_type, tag, buf, ctx);
-        };
-        result.map_err(|mut e| {
-            e.push("ResponseOp", "response");
-            e
-        })
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.response
-            .as_ref()
-            .map_or(0, response_op::Response::encoded_len)
-    }
-
-    fn clear(&mut self) {
-        self.response = None;
-    }
-}
+txn_op_message!(
+    ResponseOp,
+    response,
+    response_op::Response,
+    ResponseTxn,
+    TxnResponse
+);
 
 #[cfg(test)]
 mod tests {
