@@ -271,6 +271,19 @@ impl EventLog {
         self.state.store.read(selector, after, until, limit)
     }
 
+    /// For every key `selector` selects that changed in `(after, until]`, its first event in
+    /// that window, in key order: the `prev_kv` of each is the key's value at `after` (see
+    /// [`LogStore::first_changes`]). With [`RedbStore`], from the key index: no scan of the
+    /// history after `after`. Blocking (a store read).
+    pub fn first_changes(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+    ) -> Result<Vec<watch_core::Event>, LogError> {
+        self.state.store.first_changes(selector, after, until)
+    }
+
     /// Up to `limit` change sets after revision `after`.
     pub fn read_range(&self, after: Revision, limit: usize) -> Result<Vec<ChangeSet>, LogError> {
         self.read(&KeySelector::All, after, Revision::MAX, limit)
