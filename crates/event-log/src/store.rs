@@ -85,6 +85,16 @@ pub trait LogStore: Send + Sync + 'static {
     /// revision only grew. The caller checks `compacted < revision <= last`.
     fn compact(&self, revision: Revision) -> Result<(), LogError>;
 
+    /// One bounded step of [`Self::compact`]: drops some revisions below `revision` in one
+    /// commit, raising the persisted compaction revision to just past them (never beyond
+    /// `revision`), and returns `true` once every revision below `revision` is gone and the
+    /// compaction revision is at least `revision`. The writer thread interleaves steps with
+    /// append batches, so a large compaction never holds appends for longer than one step.
+    /// The default does the whole compaction in one call.
+    fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
+        self.compact(revision).map(|()| true)
+    }
+
     /// The revision retention should compact to under `policy` at `now_ms` (milliseconds since
     /// the Unix epoch), or `None` when nothing is due. The newest change set is always kept.
     fn retention_target(
@@ -422,47 +432,49 @@ impl LogStore for RedbStore {
     }
 
     fn compact(&self, revision: Revision) -> Result<(), LogError> {
-        loop {
-            let txn = self.begin_write()?;
-            let done;
-            {
-                let mut changes = txn.open_table(CHANGES)?;
-                let mut index = txn.open_table(KEY_INDEX)?;
-                let mut meta = txn.open_table(META)?;
-                let mut doomed = Vec::new();
-                for entry in changes.range(..revision)?.take(COMPACT_CHUNK) {
-                    let (k, v) = entry?;
-                    let rev = k.value();
-                    let cs = codec::decode(v.value(), rev)?;
-                    doomed.push((rev, v.value().len() as u64, cs));
-                }
-                done = doomed.len() < COMPACT_CHUNK;
-                let mut bytes = 0;
-                for (rev, len, cs) in &doomed {
-                    changes.remove(*rev)?;
-                    for e in &cs.events {
-                        index.remove((e.key(), *rev))?;
-                    }
-                    bytes += len;
-                }
-                let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
-                let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
-                // An intermediate step compacts to just past what it deleted, never beyond the
-                // requested revision, so the persisted value only grows.
-                let reached = match doomed.last() {
-                    Some((rev, _, _)) if !done => (rev + 1).min(revision),
-                    _ => revision,
-                };
-                let previous = Self::meta_get(&meta, META_COMPACTED)?;
-                meta.insert(META_COMPACTED, reached.max(previous))?;
-                meta.insert(META_COUNT, count)?;
-                meta.insert(META_BYTES, total)?;
+        while !self.compact_step(revision)? {}
+        Ok(())
+    }
+
+    /// Deletes at most [`COMPACT_CHUNK`] revisions (and their key-index entries) per commit.
+    fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
+        let txn = self.begin_write()?;
+        let done;
+        {
+            let mut changes = txn.open_table(CHANGES)?;
+            let mut index = txn.open_table(KEY_INDEX)?;
+            let mut meta = txn.open_table(META)?;
+            let mut doomed = Vec::new();
+            for entry in changes.range(..revision)?.take(COMPACT_CHUNK) {
+                let (k, v) = entry?;
+                let rev = k.value();
+                let cs = codec::decode(v.value(), rev)?;
+                doomed.push((rev, v.value().len() as u64, cs));
             }
-            txn.commit()?;
-            if done {
-                return Ok(());
+            done = doomed.len() < COMPACT_CHUNK;
+            let mut bytes = 0;
+            for (rev, len, cs) in &doomed {
+                changes.remove(*rev)?;
+                for e in &cs.events {
+                    index.remove((e.key(), *rev))?;
+                }
+                bytes += len;
             }
+            let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
+            let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
+            // An intermediate step compacts to just past what it deleted, never beyond the
+            // requested revision, so the persisted value only grows.
+            let reached = match doomed.last() {
+                Some((rev, _, _)) if !done => (rev + 1).min(revision),
+                _ => revision,
+            };
+            let previous = Self::meta_get(&meta, META_COMPACTED)?;
+            meta.insert(META_COMPACTED, reached.max(previous))?;
+            meta.insert(META_COUNT, count)?;
+            meta.insert(META_BYTES, total)?;
         }
+        txn.commit()?;
+        Ok(done)
     }
 
     fn retention_target(
