@@ -26,18 +26,24 @@ pub struct FsyncProbe {
     pub p99_ms: f64,
 }
 
-/// Takes `samples` timings of "overwrite 4 KiB, `fdatasync`" in a fresh temp directory on the
-/// filesystem the servers' data directories use (the default temp dir), then removes it.
+/// Takes `samples` timings of "overwrite 4 KiB, `fdatasync`" in a fresh directory under the
+/// default temp dir (where the servers' data directories are), then removes it.
 pub fn probe(samples: usize) -> Result<FsyncProbe, Error> {
-    let io = |what: &str| {
-        let what = what.to_owned();
-        move |e| Error::Io(format!("fsync probe: {what}"), e)
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("loadgen-fsync-")
-        .tempdir()
-        .map_err(io("temp dir"))?;
-    let mut file = std::fs::File::create(dir.path().join("probe")).map_err(io("create"))?;
+    let dir = std::env::temp_dir().join(format!("loadgen-fsync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io("create its directory"))?;
+    let result = measure(&dir, samples);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The error of a failed probe step.
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error {
+    let what = format!("fsync probe: {what}");
+    move |source| Error::from(testkit::Error::Io { what, source })
+}
+
+fn measure(dir: &std::path::Path, samples: usize) -> Result<FsyncProbe, Error> {
+    let mut file = std::fs::File::create(dir.join("probe")).map_err(io("create"))?;
     file.write_all(&vec![0u8; BLOCK * BLOCKS])
         .map_err(io("preallocate"))?;
     file.sync_all().map_err(io("sync"))?;
