@@ -449,3 +449,65 @@ async fn appends_are_committed_between_compaction_steps() {
         Err(LogError::Compacted { compacted: 3 })
     ));
 }
+
+/// `RedbStore::first_changes` (key-index seeks) answers as the trait's default (reading every
+/// selected change set of the window, here through `ScriptedStore`), for every window start,
+/// key, prefix, range, from-key and all, including keys changed in several change sets of one
+/// window, keys changed only before it, and after a compaction.
+#[test]
+fn first_changes_by_index_match_the_replay() {
+    use event_log::LogStore;
+    let dir = tempfile::tempdir().unwrap();
+    let inner = RedbStore::open(
+        dir.path().join(STORE_FILE),
+        RedbOptions {
+            durability: Durability::NoSync,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap();
+    let store = ScriptedStore::new(inner);
+    let history: [&[&str]; 8] = [
+        &["/a/1", "/b"],
+        &["/a/2"],
+        &["/a/1"],
+        &["/c", "/a/2", "/b/x"],
+        &["/b"],
+        &["/a/1", "/a/3"],
+        &["/d"],
+        &["/b/x"],
+    ];
+    let batch: Vec<_> = history
+        .iter()
+        .zip(1u64..)
+        .map(|(keys, rev)| event_log::codec::encode(&puts(rev, keys), 0))
+        .collect();
+    store.append_batch(&batch).unwrap();
+    let selectors = [
+        KeySelector::key("/a/1"),
+        KeySelector::key("/zz"),
+        KeySelector::prefix("/a/"),
+        KeySelector::prefix("/b"),
+        KeySelector::range("/a/2", "/c"),
+        KeySelector::from_key("/b"),
+        KeySelector::All,
+    ];
+    let check = |from: u64| {
+        for sel in &selectors {
+            for after in from..=8 {
+                for until in after..=8 {
+                    let by_index = store.inner.first_changes(sel, after, until).unwrap();
+                    let replayed = store.first_changes(sel, after, until).unwrap();
+                    assert_eq!(by_index, replayed, "{sel:?} ({after}, {until}]");
+                }
+            }
+        }
+    };
+    check(0);
+    store.compact(4).unwrap();
+    check(3);
+    assert!(matches!(
+        store.inner.first_changes(&KeySelector::All, 2, 8),
+        Err(LogError::Compacted { compacted: 4 })
+    ));
+}
