@@ -68,7 +68,10 @@
 //! # Reads
 //!
 //! A read serves the in-memory state at its revision N but returns only once the durable
-//! revision reaches N: no read ever returns data a crash could still lose.
+//! revision reaches N: no read ever returns data a crash could still lose. A read at a past
+//! revision R is that state with each key changed after R restored to its value at R, found
+//! through the event log's key index (one seek per key of the range, never a replay of the
+//! history after R); a txn fetches such reads before it takes the write lock.
 //!
 //! # Failure
 //!
