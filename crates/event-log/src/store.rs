@@ -241,6 +241,18 @@ impl RedbStore {
         Ok(meta.get(name)?.map_or(0, |g| g.value()))
     }
 
+    /// A read transaction for history after `after`, failing with [`LogError::Compacted`]
+    /// when `after + 1` is compacted away. One transaction: the compaction check and the data
+    /// read in it come from the same snapshot.
+    fn begin_history_read(&self, after: Revision) -> Result<redb::ReadTransaction, LogError> {
+        let txn = self.db.begin_read()?;
+        let compacted = Self::meta_get(&txn.open_table(META)?, META_COMPACTED)?;
+        if after.saturating_add(1) < compacted {
+            return Err(LogError::Compacted { compacted });
+        }
+        Ok(txn)
+    }
+
     fn read_meta(&self, name: &str) -> Result<u64, LogError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
@@ -291,13 +303,7 @@ impl LogStore for RedbStore {
         until: Revision,
         limit: usize,
     ) -> Result<Vec<ChangeSet>, LogError> {
-        // One read transaction: the compaction check and the data come from the same snapshot.
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let compacted = Self::meta_get(&meta, META_COMPACTED)?;
-        if after.saturating_add(1) < compacted {
-            return Err(LogError::Compacted { compacted });
-        }
+        let txn = self.begin_history_read(after)?;
         let changes = txn.open_table(CHANGES)?;
         if limit == 0 || after >= until {
             return Ok(Vec::new());
@@ -367,12 +373,7 @@ impl LogStore for RedbStore {
         after: Revision,
         until: Revision,
     ) -> Result<Vec<Event>, LogError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let compacted = Self::meta_get(&meta, META_COMPACTED)?;
-        if after.saturating_add(1) < compacted {
-            return Err(LogError::Compacted { compacted });
-        }
+        let txn = self.begin_history_read(after)?;
         if after >= until {
             return Ok(Vec::new());
         }
