@@ -848,4 +848,84 @@ mod tests {
         drop(stream);
         store.close().await.unwrap();
     }
+
+    fn decode(resp: WireResponse) -> pb::WatchResponse {
+        use prost::Message;
+        pb::WatchResponse::decode(resp.to_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn revisions_waiting_for_one_watch_go_out_in_one_response() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            StoreConfig::default().durability(Durability::NoSync),
+        )
+        .await
+        .unwrap();
+        let (mut stream, mut responses) = WatchStream::new(
+            store.clone(),
+            WatchSettings {
+                max_watchers_per_stream: 10,
+                watch_buffer: 64,
+                watch_stream_bytes: 1 << 20,
+                max_request_bytes: 1 << 20,
+            },
+            WatchMetrics::default(),
+            Gate::off(),
+            None,
+        );
+        for (id, key) in [(5, "a"), (6, "b")] {
+            let create = pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                    pb::WatchCreateRequest {
+                        key: key.into(),
+                        watch_id: id,
+                        prev_kv: true,
+                        ..Default::default()
+                    },
+                )),
+            };
+            assert!(stream.on_request(&create).await.is_ok());
+            assert!(decode(responses.next().await.unwrap().unwrap()).created);
+        }
+        // Five revisions for watch 5 and one for watch 6 wait while the stream does not drain.
+        for v in 0..5 {
+            store
+                .put("a", format!("v{v}"), Default::default())
+                .await
+                .unwrap();
+        }
+        store.put("b", "x", Default::default()).await.unwrap();
+        stream.outbox.request_progress();
+        while !stream
+            .items
+            .iter()
+            .any(|i| matches!(i, OutboxItem::Progress { .. }))
+        {
+            stream.outbox.drain(&mut stream.items, usize::MAX).await;
+        }
+        assert!(stream.deliver().await.is_ok());
+        let merged = decode(responses.next().await.unwrap().unwrap());
+        assert_eq!(merged.watch_id, 5);
+        let revs: Vec<i64> = merged
+            .events
+            .iter()
+            .map(|e| e.kv.as_ref().unwrap().mod_revision)
+            .collect();
+        assert_eq!(revs, [2, 3, 4, 5, 6]);
+        // The header names the last revision; prev_kv is shared-encoded per variant.
+        assert_eq!(merged.header.unwrap().revision, 6);
+        assert_eq!(&merged.events[1].prev_kv.as_ref().unwrap().value[..], b"v0");
+        let other = decode(responses.next().await.unwrap().unwrap());
+        assert_eq!((other.watch_id, other.events.len()), (6, 1));
+        // The progress answer follows every event it covers.
+        let progress = decode(responses.next().await.unwrap().unwrap());
+        assert_eq!(
+            (progress.watch_id, progress.header.unwrap().revision),
+            (-1, 7)
+        );
+        drop(stream);
+        store.close().await.unwrap();
+    }
 }
