@@ -3,9 +3,11 @@
 //!
 //! Run: `cargo bench -p keywatch-benches --bench core_memory` (optionally `-- <count>`).
 //! The handles are kept in a vector allocated before the baseline is taken, so the figure is
-//! what the engine holds per watcher: registry entry, watcher state and its key bytes.
+//! what the engine holds per watcher: registry entry, watcher state and its key bytes. Measured
+//! twice: standalone handles (each has its own queue) and registrations sharing one outbox (a
+//! server's watch stream).
 
-use watch_core::{EngineConfig, KeySelector, WatchEngine, WatchOptions};
+use watch_core::{EngineConfig, KeySelector, OutboxLimits, WatchEngine, WatchOptions};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -22,16 +24,20 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
+    handles(count);
+    outbox(count);
+}
+
+/// Standalone handles, each with its own queue (an embedder's watchers).
+fn handles(count: usize) {
     let (engine, _dispatcher) = WatchEngine::new(EngineConfig::default());
     let mut handles = Vec::with_capacity(count);
-    // Touch the vector's pages so they are in the baseline, not in the delta.
     handles.extend((0..0).map(|_: usize| None));
     let warm = engine
         .watch(KeySelector::key("warm-up"), WatchOptions::default())
         .ok();
     let before = rss_bytes();
     for i in 0..count {
-        // Keys like etcd service keys: 20 bytes.
         let key = format!("/svc/api/inst-{i:06}");
         handles.push(
             engine
@@ -43,9 +49,39 @@ fn main() {
     let per = (after.saturating_sub(before)) as f64 / count as f64;
     let handle = std::mem::size_of::<Option<watch_core::WatchHandle>>();
     eprintln!(
-        "core_memory: {count} idle exact-key watchers (20-byte keys): RSS +{:.1} MiB, {per:.0} bytes/watcher (engine side; the embedder's handle is {handle} bytes more)",
+        "core_memory: {count} idle exact-key watchers with handles (20-byte keys): RSS +{:.1} MiB, {per:.0} bytes/watcher (engine side and each handle's own queue; the embedder's handle is {handle} bytes more)",
         (after - before) as f64 / (1 << 20) as f64
     );
     drop(warm);
     drop(handles);
+}
+
+/// Watchers sharing one outbox, as a server's watch stream registers them.
+fn outbox(count: usize) {
+    let (engine, _dispatcher) = WatchEngine::new(EngineConfig::default());
+    let outbox = engine.outbox(OutboxLimits::default());
+    let mut regs = Vec::with_capacity(count);
+    regs.extend((0..0).map(|_: usize| None));
+    let warm = outbox
+        .watch(0, KeySelector::key("warm-up"), WatchOptions::default())
+        .ok();
+    let before = rss_bytes();
+    for i in 0..count {
+        let key = format!("/svc/api/inst-{i:06}");
+        regs.push(
+            outbox
+                .watch(i as u64, KeySelector::key(key), WatchOptions::default())
+                .ok()
+                .map(|(r, _)| r),
+        );
+    }
+    let after = rss_bytes();
+    let per = (after.saturating_sub(before)) as f64 / count as f64;
+    let reg = std::mem::size_of::<Option<watch_core::Registration>>();
+    eprintln!(
+        "core_memory: {count} idle exact-key watchers in one outbox (20-byte keys): RSS +{:.1} MiB, {per:.0} bytes/watcher (engine side; the consumer's registration is {reg} bytes more)",
+        (after - before) as f64 / (1 << 20) as f64
+    );
+    drop(warm);
+    drop(regs);
 }
