@@ -35,12 +35,13 @@
 //! serves catch-ups in bounded turns and reads the log off its task, so live delivery to other
 //! streams is not held up.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::StreamExt;
+// foldhash, not SipHash: both maps are probed once per delivered item.
+use hashbrown::HashMap;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use watch_core::{
@@ -572,11 +573,14 @@ impl WatchStream {
                         // A canceled watch's leftovers, its client id reused since.
                         continue;
                     }
+                    let flags = (w.prev_kv, w.fragment, w.progress_notify);
                     match message {
-                        WatchMessage::Events(batch) => self.add_events(watch_id, &batch, compacted),
+                        WatchMessage::Events(batch) => {
+                            self.add_events(watch_id, flags.0, flags.1, &batch, compacted);
+                        }
                         WatchMessage::Progress { revision } => {
                             self.open.remove(&watch_id);
-                            if w.progress_notify {
+                            if flags.2 {
                                 self.pending.push(Pending::message(
                                     pb::WatchResponse {
                                         header: Some(header(revision)),
@@ -627,14 +631,17 @@ impl WatchStream {
 
     /// Adds one revision of watch `watch_id` to its open response, or opens a new one when
     /// merging would pass the caps.
-    fn add_events(&mut self, watch_id: i64, batch: &EventBatch, compacted: Revision) {
-        let Some(w) = self.watches.get(&watch_id) else {
-            return;
-        };
+    fn add_events(
+        &mut self,
+        watch_id: i64,
+        prev_kv: bool,
+        fragment: bool,
+        batch: &EventBatch,
+        compacted: Revision,
+    ) {
         // etcd reads prev_kv at `revision - 1`, which is gone when that is below the
         // compaction revision: then it sends no prev_kv (the log still has it).
-        let prev_kv = w.prev_kv && batch.revision() > compacted;
-        let fragment = w.fragment;
+        let prev_kv = prev_kv && batch.revision() > compacted;
         let live = (!batch.is_catch_up()).then(|| batch.revision());
         let cap = self.settings.max_request_bytes;
         wire::encoded(batch.change_set(), prev_kv, |enc| {
