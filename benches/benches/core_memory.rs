@@ -20,12 +20,28 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
-    let count: usize = std::env::args()
-        .skip(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let count: usize = args
+        .iter()
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    handles(count);
-    outbox(count);
+    match args.iter().find(|a| *a == "handles" || *a == "outbox") {
+        Some(v) if v == "handles" => handles(count),
+        Some(_) => outbox(count),
+        // Each variant in a process of its own: memory the first one freed would otherwise
+        // be reused by the second and hide its growth.
+        None => {
+            let exe = std::env::current_exe().expect("current exe");
+            for variant in ["outbox", "handles"] {
+                let status = std::process::Command::new(&exe)
+                    .arg(count.to_string())
+                    .arg(variant)
+                    .status()
+                    .expect("run variant");
+                assert!(status.success(), "{variant}: {status}");
+            }
+        }
+    }
 }
 
 /// Standalone handles, each with its own queue (an embedder's watchers).
