@@ -44,60 +44,58 @@ fn main() {
     }
 }
 
-/// Standalone handles, each with its own queue (an embedder's watchers).
-fn handles(count: usize) {
-    let (engine, _dispatcher) = WatchEngine::new(EngineConfig::default());
-    let mut handles = Vec::with_capacity(count);
-    handles.extend((0..0).map(|_: usize| None));
-    let warm = engine
-        .watch(KeySelector::key("warm-up"), WatchOptions::default())
-        .ok();
+/// Registers `count` idle exact-key watchers with `register` and prints the RSS growth per
+/// watcher. The vector is allocated before the baseline, so only the engine's side counts.
+fn measure<T>(
+    count: usize,
+    what: &str,
+    extra: usize,
+    mut register: impl FnMut(usize, String) -> T,
+) {
+    let mut kept: Vec<T> = Vec::with_capacity(count);
+    let warm = register(usize::MAX, "warm-up".to_owned());
     let before = rss_bytes();
     for i in 0..count {
-        let key = format!("/svc/api/inst-{i:06}");
-        handles.push(
-            engine
-                .watch(KeySelector::key(key), WatchOptions::default())
-                .ok(),
-        );
+        kept.push(register(i, format!("/svc/api/inst-{i:06}")));
     }
     let after = rss_bytes();
     let per = (after.saturating_sub(before)) as f64 / count as f64;
-    let handle = std::mem::size_of::<Option<watch_core::WatchHandle>>();
     eprintln!(
-        "core_memory: {count} idle exact-key watchers with handles (20-byte keys): RSS +{:.1} MiB, {per:.0} bytes/watcher (engine side and each handle's own queue; the embedder's handle is {handle} bytes more)",
+        "core_memory: {count} idle exact-key watchers {what} (20-byte keys): RSS +{:.1} MiB, {per:.0} bytes/watcher (engine side; the caller keeps {extra} bytes more each)",
         (after - before) as f64 / (1 << 20) as f64
     );
     drop(warm);
-    drop(handles);
+    drop(kept);
+}
+
+/// Standalone handles, each with its own queue (an embedder's watchers).
+fn handles(count: usize) {
+    let (engine, _dispatcher) = WatchEngine::new(EngineConfig::default());
+    measure(
+        count,
+        "with handles, each its own queue",
+        std::mem::size_of::<Option<watch_core::WatchHandle>>(),
+        |_, key| {
+            engine
+                .watch(KeySelector::key(key), WatchOptions::default())
+                .ok()
+        },
+    );
 }
 
 /// Watchers sharing one outbox, as a server's watch stream registers them.
 fn outbox(count: usize) {
     let (engine, _dispatcher) = WatchEngine::new(EngineConfig::default());
     let outbox = engine.outbox(OutboxLimits::default());
-    let mut regs = Vec::with_capacity(count);
-    regs.extend((0..0).map(|_: usize| None));
-    let warm = outbox
-        .watch(0, KeySelector::key("warm-up"), WatchOptions::default())
-        .ok();
-    let before = rss_bytes();
-    for i in 0..count {
-        let key = format!("/svc/api/inst-{i:06}");
-        regs.push(
+    measure(
+        count,
+        "in one outbox",
+        std::mem::size_of::<Option<watch_core::Registration>>(),
+        |i, key| {
             outbox
                 .watch(i as u64, KeySelector::key(key), WatchOptions::default())
                 .ok()
-                .map(|(r, _)| r),
-        );
-    }
-    let after = rss_bytes();
-    let per = (after.saturating_sub(before)) as f64 / count as f64;
-    let reg = std::mem::size_of::<Option<watch_core::Registration>>();
-    eprintln!(
-        "core_memory: {count} idle exact-key watchers in one outbox (20-byte keys): RSS +{:.1} MiB, {per:.0} bytes/watcher (engine side; the consumer's registration is {reg} bytes more)",
-        (after - before) as f64 / (1 << 20) as f64
+                .map(|(r, _)| r)
+        },
     );
-    drop(warm);
-    drop(regs);
 }

@@ -784,8 +784,11 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn events_are_counted_only_once_the_stream_took_them() {
+    /// A store in a temporary directory and one stream over it (no task: tests drive it).
+    async fn stream(
+        watch_buffer: u32,
+        metrics: WatchMetrics,
+    ) -> (tempfile::TempDir, Store, WatchStream, WatchResponseStream) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(
             dir.path(),
@@ -793,19 +796,25 @@ mod tests {
         )
         .await
         .unwrap();
-        let metrics = WatchMetrics::default();
-        let (stream, mut responses) = WatchStream::new(
+        let (stream, responses) = WatchStream::new(
             store.clone(),
             WatchSettings {
                 max_watchers_per_stream: 10,
-                watch_buffer: 16,
+                watch_buffer,
                 watch_stream_bytes: 1 << 20,
                 max_request_bytes: 1 << 20,
             },
-            metrics.clone(),
+            metrics,
             Gate::off(),
             None,
         );
+        (dir, store, stream, responses)
+    }
+
+    #[tokio::test]
+    async fn events_are_counted_only_once_the_stream_took_them() {
+        let metrics = WatchMetrics::default();
+        let (_dir, store, stream, mut responses) = stream(16, metrics.clone()).await;
         assert!(stream.send_wire(event_response(2), 2, None).await.is_ok());
         assert!(responses.next().await.is_some());
         assert_eq!(metrics.sent_counts(), (2, 1));
@@ -819,25 +828,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_does_not_read_stops_being_read_without_losing_the_stream() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            dir.path(),
-            StoreConfig::default().durability(Durability::NoSync),
-        )
-        .await
-        .unwrap();
-        let (stream, mut responses) = WatchStream::new(
-            store.clone(),
-            WatchSettings {
-                max_watchers_per_stream: 10,
-                watch_buffer: 16,
-                watch_stream_bytes: 1 << 20,
-                max_request_bytes: 1 << 20,
-            },
-            WatchMetrics::default(),
-            Gate::off(),
-            None,
-        );
+        let (_dir, store, stream, mut responses) = stream(16, WatchMetrics::default()).await;
         // Fill the outbound bound exactly.
         let big = WireResponse::message(&pb::WatchResponse {
             cancel_reason: "x".repeat(OUTBOUND_BYTES - 16),
@@ -866,25 +857,7 @@ mod tests {
 
     #[tokio::test]
     async fn revisions_waiting_for_one_watch_go_out_in_one_response() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            dir.path(),
-            StoreConfig::default().durability(Durability::NoSync),
-        )
-        .await
-        .unwrap();
-        let (mut stream, mut responses) = WatchStream::new(
-            store.clone(),
-            WatchSettings {
-                max_watchers_per_stream: 10,
-                watch_buffer: 64,
-                watch_stream_bytes: 1 << 20,
-                max_request_bytes: 1 << 20,
-            },
-            WatchMetrics::default(),
-            Gate::off(),
-            None,
-        );
+        let (_dir, store, mut stream, mut responses) = stream(64, WatchMetrics::default()).await;
         for (id, key) in [(5, "a"), (6, "b")] {
             let create = pb::WatchRequest {
                 request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
