@@ -44,6 +44,9 @@ pub enum Error {
     /// A connection or RPC failure outside a measured run.
     #[error("{0}")]
     Rpc(String),
+    /// A local process of the load generator (a CPU burner of a busy case) failed to start.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
     /// Drawing a chart failed.
     #[error("chart: {0}")]
     Chart(String),
@@ -60,7 +63,8 @@ pub struct Sizes {
     pub fanout_events: usize,
     /// Fan-out: fewest and most puts per case.
     pub fanout_puts: (usize, usize),
-    /// Paced fan-out: watchers, puts, puts/s.
+    /// Paced fan-out: watchers, puts, puts/s. Run twice: on a quiet machine and while
+    /// another process loads every core.
     pub paced: (usize, usize, f64),
     /// Spread: watchers, puts, writers.
     pub spread: (usize, usize, usize),
@@ -90,7 +94,7 @@ impl Sizes {
             fanout_connections: 8,
             fanout_events: 500_000,
             fanout_puts: (50, 2_000),
-            paced: (1_000, 500, 100.0),
+            paced: (1_000, 2_500, 500.0),
             spread: (1_000, 20_000, 64),
             history: (100, 10_000),
             register: (50_000, 4),
@@ -133,12 +137,14 @@ impl Sizes {
                 connections: self.fanout_connections.min(w),
                 puts: (self.fanout_events / w.max(1)).clamp(self.fanout_puts.0, self.fanout_puts.1),
                 rate: None,
+                busy: false,
             })
-            .chain(std::iter::once(Case::Fanout {
+            .chain([false, true].map(|busy| Case::Fanout {
                 watchers: self.paced.0,
                 connections: self.fanout_connections.min(self.paced.0),
                 puts: self.paced.1,
                 rate: Some(self.paced.2),
+                busy,
             }))
             .collect();
         let (h, s, p, r) = self.stalled;

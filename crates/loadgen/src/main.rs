@@ -47,6 +47,14 @@ struct Args {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    // A CPU burner of a busy case (see `server::Burners`), not a run.
+    if let Some(secs) = std::env::var(loadgen::server::BURN_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        loadgen::server::burn(secs);
+        return Ok(());
+    }
     let args = Args::parse();
     let keywatch = Binaries::find_keywatch(args.server_bin.clone())?;
     let etcd = if args.no_etcd {
