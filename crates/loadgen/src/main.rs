@@ -43,6 +43,13 @@ struct Args {
     /// Register scenario watchers (overrides the mode's default).
     #[arg(long)]
     register_watchers: Option<usize>,
+    /// Runs of each case per server, alternating the servers; the report keeps the medians
+    /// (default: 3, or 1 with --quick).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Only these scenarios, comma-separated: fan-out, spread, history, register, stalled.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -79,6 +86,16 @@ async fn main() -> Result<()> {
     }
     if let Some(w) = args.register_watchers {
         sizes.register.0 = w;
+    }
+    if let Some(n) = args.repeat {
+        sizes.repeat = n.max(1);
+    }
+    if let Some(only) = args.scenarios.clone() {
+        const NAMES: [&str; 5] = ["fan-out", "spread", "history", "register", "stalled"];
+        if let Some(bad) = only.iter().find(|n| !NAMES.contains(&n.as_str())) {
+            bail!("unknown scenario {bad:?}: expected one of {}", NAMES.join(", "));
+        }
+        sizes.scenarios = Some(only);
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut meta = Meta::collect(bins.etcd.as_deref(), command, args.quick);

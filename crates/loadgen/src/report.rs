@@ -549,6 +549,10 @@ pub fn markdown(report: &Report, charts: &[(String, String)], json: &str) -> Str
         probe(&m.fsync_before),
         probe(&m.fsync_after)
     ));
+    s.push_str(&format!(
+        "Each figure is the median of {} run(s) per server and case, the servers alternating.\n\n",
+        report.sizes.repeat.max(1)
+    ));
     if m.quick {
         s.push_str("**Quick mode**: tiny sizes, figures are not meaningful.\n\n");
     }
