@@ -251,7 +251,11 @@ pub async fn run_all(bins: &Binaries, sizes: &Sizes, progress: bool) -> Vec<RunR
                     bar.inc(1);
                 }
             }
-            results.extend(per_target.into_iter().filter_map(|(_, runs)| median_run(runs)));
+            results.extend(
+                per_target
+                    .into_iter()
+                    .filter_map(|(_, runs)| median_run(runs)),
+            );
         }
         bar.finish_with_message("done");
     }
@@ -272,8 +276,10 @@ fn median_run(mut runs: Vec<RunResult>) -> Option<RunResult> {
     }
     let n = runs.len();
     let mut metrics = std::collections::BTreeMap::new();
-    let names: std::collections::BTreeSet<String> =
-        runs.iter().flat_map(|r| r.metrics.keys().cloned()).collect();
+    let names: std::collections::BTreeSet<String> = runs
+        .iter()
+        .flat_map(|r| r.metrics.keys().cloned())
+        .collect();
     for name in names {
         let vals: Vec<f64> = runs.iter().filter_map(|r| r.metric(&name)).collect();
         if !vals.is_empty() {

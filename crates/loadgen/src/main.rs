@@ -93,7 +93,10 @@ async fn main() -> Result<()> {
     if let Some(only) = args.scenarios.clone() {
         const NAMES: [&str; 5] = ["fan-out", "spread", "history", "register", "stalled"];
         if let Some(bad) = only.iter().find(|n| !NAMES.contains(&n.as_str())) {
-            bail!("unknown scenario {bad:?}: expected one of {}", NAMES.join(", "));
+            bail!(
+                "unknown scenario {bad:?}: expected one of {}",
+                NAMES.join(", ")
+            );
         }
         sizes.scenarios = Some(only);
     }
