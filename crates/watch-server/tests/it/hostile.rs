@@ -185,3 +185,65 @@ async fn pipelined_watch_creates(server: Server) {
     assert!(sender.await.expect("sender"), "the stream stayed open");
 }
 compat_test!(pipelined_watch_creates);
+
+/// Issue 17, item 2: 100 watchers on distinct keys, on one stream that is not read, while
+/// 2,000 puts of 128 KiB values (250 MiB) go by. Each watcher used to pin up to
+/// `--watch-buffer` (64) change sets of any size: ~250 MiB here, growing with writes. Now the
+/// stream's buffers are bounded in bytes and the watchers are caught up from the log later:
+/// growth stays below the window (64 MiB) plus the stream's bound and slack; then every
+/// watcher receives every one of its events. keywatch only: etcd's RSS grows with its
+/// memory-mapped data file, whatever the watchers do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_watchers_bounded_in_bytes() {
+    const WATCHERS: usize = 100;
+    const ROUNDS: usize = 20;
+    /// RSS growth allowed, KiB: the 64 MiB window, 32 MiB for the stream's buffers, the
+    /// HTTP/2 windows, redb's cache and the allocator; the pinning grew by ~360 MiB.
+    const BOUND_KIB: u64 = 192 * 1024;
+    let server = Server::start_with(
+        crate::common::Target::Keywatch,
+        "slow_watchers_bounded_in_bytes",
+        &["--durability", "no-sync"],
+    );
+    let mut c = server.client().await;
+    c.put("warm", "up", None).await.expect("put");
+    let before = server.rss_kib();
+    let mut s = RawStream::open(&server, create("s0".into())).await;
+    assert!(s.next().await.created);
+    for i in 1..WATCHERS {
+        s.requests
+            .send(create(format!("s{i}")))
+            .await
+            .expect("create");
+        assert!(s.next().await.created);
+    }
+    let value = vec![b'x'; 128 << 10];
+    let mut peak = before;
+    for round in 0..ROUNDS {
+        for i in 0..WATCHERS {
+            c.put(format!("s{i}"), value.clone(), None)
+                .await
+                .expect("put");
+        }
+        if round % 5 == 4 {
+            peak = peak.max(server.rss_kib());
+        }
+    }
+    let growth = peak.saturating_sub(before);
+    println!("slow watchers: RSS {before} KiB before, peak {peak} KiB (+{growth} KiB)");
+    assert!(
+        growth <= BOUND_KIB,
+        "RSS grew by {growth} KiB (bound {BOUND_KIB} KiB)"
+    );
+    // Nothing lost: every watcher gets its ROUNDS events once the client reads.
+    let mut events = std::collections::HashMap::<i64, usize>::new();
+    let mut total = 0;
+    while total < WATCHERS * ROUNDS {
+        let r = s.next().await;
+        assert!(!r.canceled, "{:?}", r.cancel_reason);
+        *events.entry(r.watch_id).or_default() += r.events.len();
+        total += r.events.len();
+    }
+    assert_eq!(events.len(), WATCHERS);
+    assert!(events.values().all(|&n| n == ROUNDS), "{events:?}");
+}
