@@ -59,12 +59,14 @@ pub use error::ConvertError;
 /// etcd's `mvccpb` package: `KeyValue` and `Event` (generated from `proto/mvccpb/kv.proto`).
 pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 /// etcd's `authpb` package: `Permission` and `UserAddOptions`, carried by the Auth service's
 /// messages (generated from `proto/authpb/auth.proto`).
 pub mod authpb {
     include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// etcd's `etcdserverpb` package: requests, responses, and a client module (`*_client`) and
@@ -72,6 +74,7 @@ pub mod authpb {
 /// (generated from `proto/etcdserverpb/rpc.proto`).
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 /// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source

@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod convert;
 mod cut;
+pub mod gateway;
 mod health;
 pub mod kv;
 pub mod lease;
@@ -452,6 +453,15 @@ impl Server {
         let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+            // etcd's gateway clients speak HTTP/1.1 on the client port.
+            .accept_http1(true)
+            // Outermost: HTTP/JSON requests are answered by the gateway, whose own gRPC calls
+            // then pass the RPC metrics layer like any client's (see `gateway`).
+            .layer(gateway::GatewayLayer::new(gateway::GatewaySettings {
+                max_json_bytes: gateway::max_json_bytes(config.max_request_bytes),
+                health: health.clone(),
+                metrics: metrics.clone(),
+            }))
             .layer(metrics.rpc_layer())
             .add_service(health_service)
             .add_service(reflection_v1)
