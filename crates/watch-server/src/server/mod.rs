@@ -36,6 +36,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 use watch_proto::etcdserverpb as pb;
 
 use crate::auth::{Auth, Gate};
@@ -45,6 +46,7 @@ use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
 use crate::store::Store;
 
 pub use auth::AuthService;
+use cut::Conn;
 use health::Gated;
 pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
@@ -80,6 +82,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS configuration could not be built (checked at load, so not expected here).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The reflection service could not be built from the descriptor sets.
     #[error("building the gRPC reflection service: {0}")]
     Reflection(String),
@@ -439,17 +444,29 @@ impl Server {
             "serving; opening the store"
         );
         let grace = config.shutdown_timeout;
-        let incoming = {
-            let cut_rx = cut_rx.clone();
-            tokio_stream::StreamExt::map(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone())),
-            )
+        let incoming = tokio_stream::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            {
+                let cut_rx = cut_rx.clone();
+                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone()))
+            },
+        );
+        // TLS is ours, not tonic's, so it can offer ALPN http/1.1 beside h2 (see `crate::tls`).
+        let incoming: Pin<Box<dyn Stream<Item = _> + Send>> = match &config.tls {
+            Some(tls) => {
+                let rustls = tls
+                    .rustls_config()
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+                Box::pin(tokio_stream::StreamExt::map(
+                    crate::tls::accept(incoming, rustls, tls.handshake_timeout()),
+                    |conn| conn.map(|io| Conn::Tls(Box::new(io))),
+                ))
+            }
+            None => Box::pin(tokio_stream::StreamExt::map(incoming, |conn| {
+                conn.map(Conn::Plain)
+            })),
         };
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &config.tls {
-            builder = builder.tls_config(tls.server_config())?;
-        }
+        let builder = tonic::transport::Server::builder();
         let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
