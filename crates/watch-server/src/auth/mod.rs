@@ -330,7 +330,8 @@ pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
 pub struct Gate(Option<Arc<Auth>>);
 
 impl Gate {
-    /// Authentication off: every request is allowed.
+    /// Authentication off: every request without a token is allowed; one with a token is
+    /// refused as `invalid auth token` (etcd's answer).
     pub fn off() -> Gate {
         Gate(None)
     }
@@ -348,8 +349,12 @@ impl Gate {
     /// `None` when authentication is off, else the request's caller or etcd's error.
     pub fn caller<T>(&self, request: &Request<T>) -> Result<Option<Caller>, Status> {
         match &self.0 {
-            // Off: the metadata is not even looked at.
-            None => Ok(None),
+            // Off: no token can be valid, so one sent is refused, as etcd does (its token
+            // check does not ask whether auth is on); without one, everything is allowed.
+            None => match token_of(request.metadata()) {
+                Some(_) => Err(EtcdError::InvalidAuthToken.status()),
+                None => Ok(None),
+            },
             Some(auth) => auth
                 .caller(token_of(request.metadata()))
                 .map(Some)

@@ -226,22 +226,19 @@ where
 }
 
 /// Feeds the HTTP request body to the gRPC call as frames, one per complete JSON object.
-/// After the input ends (or holds something that is not a request, or an object over the
-/// limit) it sends nothing more but stays open until `done` resolves (the HTTP response was
-/// dropped): etcd's gateway half-closes there and its watch stream keeps going; keeping the
-/// request open gives that behaviour whatever the service does on a half-close.
+/// The input ends (the gRPC half-close) at the end of the body, at something that is not a
+/// request, or at an object over the limit, as etcd's gateway does; the service then decides,
+/// as over gRPC: Watch keeps streaming, LeaseKeepAlive ends the call.
 struct Input {
     body: Body,
     buf: BytesMut,
     max: usize,
     parse: fn(&[u8]) -> Parsed,
-    done: tokio::sync::oneshot::Receiver<()>,
-    ended: bool,
 }
 
 impl Input {
     async fn next_frame(&mut self) -> Option<Bytes> {
-        while !self.ended {
+        loop {
             match (self.parse)(&self.buf) {
                 Parsed::Message(frame, used) => {
                     self.buf.advance(used);
@@ -249,14 +246,14 @@ impl Input {
                 }
                 Parsed::Invalid(message) => {
                     tracing::debug!(%message, "gateway stream: input is not a request; input ends");
-                    self.ended = true;
+                    return None;
                 }
                 Parsed::Incomplete(_) if self.buf.len() > self.max => {
                     tracing::debug!(
                         max = self.max,
                         "gateway stream: object over the limit; input ends"
                     );
-                    self.ended = true;
+                    return None;
                 }
                 Parsed::Incomplete(_) => match self.body.frame().await {
                     Some(Ok(f)) => {
@@ -264,13 +261,10 @@ impl Input {
                             self.buf.extend_from_slice(&data);
                         }
                     }
-                    Some(Err(_)) | None => self.ended = true,
+                    Some(Err(_)) | None => return None,
                 },
             }
         }
-        // Input over: hold the call open until the response side is gone.
-        let _ = (&mut self.done).await;
-        None
     }
 }
 
@@ -290,14 +284,11 @@ where
 {
     use tower::ServiceExt;
     let (parts, body) = req.into_parts();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let mut input = Input {
         body,
         buf: BytesMut::new(),
         max: max_json_bytes,
         parse: route.parse,
-        done: done_rx,
-        ended: false,
     };
     // etcd's gateway reads the first object before calling: a malformed one is an HTTP error
     // (code 2, as its decoder's error carries no gRPC code); an empty body opens the call.
@@ -323,10 +314,7 @@ where
                 Some(Err(_)) | None if partial => {
                     return error_response(&Status::unknown("unexpected EOF"));
                 }
-                Some(Err(_)) | None => {
-                    input.ended = true;
-                    break None;
-                }
+                Some(Err(_)) | None => break None,
             },
         }
     };
@@ -361,8 +349,8 @@ where
     };
     let render = route.render;
     let chunks = futures_util::stream::unfold(
-        (Some(first), Some(frames), done_tx),
-        move |(first, frames, done)| async move {
+        (Some(first), Some(frames)),
+        move |(first, frames)| async move {
             let mut frames = frames?;
             let message = match first {
                 Some(m) => m,
@@ -373,7 +361,7 @@ where
                         let chunk = stream_error_chunk(&s);
                         return Some((
                             Ok::<_, Status>(http_body::Frame::data(chunk)),
-                            (None, None, done),
+                            (None, None),
                         ));
                     }
                 },
@@ -388,10 +376,7 @@ where
                 }
                 Err(e) => stream_error_chunk(&Status::internal(e)),
             };
-            Some((
-                Ok(http_body::Frame::data(chunk)),
-                (None, Some(frames), done),
-            ))
+            Some((Ok(http_body::Frame::data(chunk)), (None, Some(frames))))
         },
     );
     ok_response(Body::new(http_body_util::StreamBody::new(chunks)))
