@@ -760,3 +760,90 @@ print("empty", c.get_prefix("/cfg/"))
 print("members", len(c.members()))
 print("status has version", "version" in c.status())
 "#;
+
+/// keywatch only (embedded): the gateway follows the server's lifecycle. Before the store is
+/// open `/health` is 503 and calls answer 503 code 14; once open both work; at shutdown an
+/// open gateway watch gets grpc-gateway's error chunk and ends, and `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_follows_startup_and_shutdown() {
+    use watch_server::config::ServerConfig;
+    use watch_server::{Durability, Store, StoreConfig};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".into();
+    config.data_dir = dir.path().to_path_buf();
+    config.durability = Durability::NoSync;
+    let (open_tx, open_rx) = tokio::sync::oneshot::channel::<()>();
+    let data = dir.path().to_path_buf();
+    let server = watch_server::server::Server::with_store_future(config, async move {
+        let _ = open_rx.await;
+        let mut store_config = StoreConfig::default();
+        store_config.durability = Durability::NoSync;
+        Store::open(data, store_config).await
+    })
+    .await
+    .expect("bind");
+    let addr = server.local_addr().to_string();
+    let health = server.health();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    let a = call(&addr, "GET", "/health", "", None, Mask::Ids).await;
+    assert_eq!(
+        (a.status, &a.body),
+        (503, &Body::Json(serde_json::json!({"health": "false"})))
+    );
+    let a = call(
+        &addr,
+        "POST",
+        "/v3/kv/range",
+        r#"{"key":"Zm9v"}"#,
+        None,
+        Mask::Ids,
+    )
+    .await;
+    assert_eq!(a.status, 503, "{a:?}");
+    let Body::Json(v) = &a.body else {
+        panic!("{a:?}")
+    };
+    assert_eq!(v["code"], 14, "{v}");
+
+    open_tx.send(()).expect("opening");
+    health.ready().await;
+    let a = call(&addr, "GET", "/health", "", None, Mask::Ids).await;
+    assert_eq!(
+        (a.status, &a.body),
+        (200, &Body::Json(serde_json::json!({"health": "true"})))
+    );
+    let mut w = Stream::open(
+        &addr,
+        "/v3/watch",
+        r#"{"create_request":{"key":"Zm9v"}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(w.line(Mask::Ids).await["result"]["created"], true);
+
+    stop_tx.send(()).expect("stopping");
+    let end = w.line(Mask::Ids).await;
+    assert_eq!(
+        end,
+        serde_json::json!({"error": {
+            "grpc_code": 14,
+            "http_code": 503,
+            "message": "etcdserver: server stopped",
+            "http_status": "Service Unavailable",
+        }})
+    );
+    let rest = tokio::time::timeout(GUARD, w.body.frame())
+        .await
+        .expect("the stream ends within the guard");
+    assert!(rest.is_none(), "the stream ended: {rest:?}");
+    tokio::time::timeout(GUARD, run)
+        .await
+        .expect("run returns within the guard")
+        .expect("run task")
+        .expect("a clean shutdown");
+}
