@@ -1,6 +1,7 @@
 //! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease and
 //! Auth services over one [`Store`], plus the standard gRPC health and reflection services and
-//! an optional Prometheus endpoint.
+//! an optional Prometheus endpoint. The same port also serves etcd's HTTP/JSON gateway and
+//! `/health`, `/version`, `/metrics` over HTTP/1.1 and HTTP/2 (see [`gateway`]).
 //!
 //! # Lifecycle
 //!
