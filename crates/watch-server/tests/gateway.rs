@@ -534,56 +534,22 @@ async fn auth_token_in_authorization() {
         .await;
         let token = login["token"].as_str().expect("a token").to_owned();
         let t = Some(token.as_str());
-        // "/app/a" = L2FwcC9h, "/other" = L290aGVy
-        s.req(
-            "POST",
-            "/v3/kv/put",
-            r#"{"key":"L2FwcC9h","value":"MQ=="}"#,
-            None,
-            Mask::Ids,
-        )
-        .await;
-        s.req(
-            "POST",
-            "/v3/kv/put",
-            r#"{"key":"L2FwcC9h","value":"MQ=="}"#,
-            t,
-            Mask::Ids,
-        )
-        .await;
-        s.req(
-            "POST",
-            "/v3/kv/range",
-            r#"{"key":"L2FwcC9h"}"#,
-            t,
-            Mask::Ids,
-        )
-        .await;
-        s.req(
-            "POST",
-            "/v3/kv/put",
-            r#"{"key":"L290aGVy","value":"MQ=="}"#,
-            t,
-            Mask::Ids,
-        )
-        .await;
-        s.req(
-            "POST",
-            "/v3/kv/range",
-            r#"{"key":"L2FwcC9h"}"#,
-            Some("garbage.1"),
-            Mask::Ids,
-        )
-        .await;
         let bearer = format!("Bearer {token}");
-        s.req(
-            "POST",
-            "/v3/kv/range",
-            r#"{"key":"L2FwcC9h"}"#,
-            Some(&bearer),
-            Mask::Ids,
-        )
-        .await;
+        // "/app/a" = L2FwcC9h, "/other" = L290aGVy
+        for (path, body, auth) in [
+            ("/v3/kv/put", r#"{"key":"L2FwcC9h","value":"MQ=="}"#, None),
+            ("/v3/kv/put", r#"{"key":"L2FwcC9h","value":"MQ=="}"#, t),
+            ("/v3/kv/range", r#"{"key":"L2FwcC9h"}"#, t),
+            ("/v3/kv/put", r#"{"key":"L290aGVy","value":"MQ=="}"#, t),
+            ("/v3/kv/range", r#"{"key":"L2FwcC9h"}"#, Some("garbage.1")),
+            (
+                "/v3/kv/range",
+                r#"{"key":"L2FwcC9h"}"#,
+                Some(bearer.as_str()),
+            ),
+        ] {
+            s.req("POST", path, body, auth, Mask::Ids).await;
+        }
         let mut w = Stream::open(
             &addr,
             "/v3/watch",

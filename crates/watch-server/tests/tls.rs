@@ -87,6 +87,22 @@ impl Pki {
     }
 }
 
+/// keywatch with the server certificate by flags (no client certificates asked for).
+fn start_tls(pki: &Pki, name: &str) -> Server {
+    tokio::task::block_in_place(|| {
+        Server::start_with(
+            Target::Keywatch,
+            name,
+            &[
+                "--cert-file",
+                &pki.arg("server.pem"),
+                "--key-file",
+                &pki.arg("server.key"),
+            ],
+        )
+    })
+}
+
 /// `host:port` of a started server.
 fn addr(server: &Server) -> String {
     let endpoint = server.endpoint();
@@ -154,18 +170,7 @@ async fn plaintext(addr: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_by_flags_serves_https_only() {
     let pki = Pki::new();
-    let server = tokio::task::block_in_place(|| {
-        Server::start_with(
-            Target::Keywatch,
-            "tls_by_flags",
-            &[
-                "--cert-file",
-                &pki.arg("server.pem"),
-                "--key-file",
-                &pki.arg("server.key"),
-            ],
-        )
-    });
+    let server = start_tls(&pki, "tls_by_flags");
     let addr = addr(&server);
     put_get(&addr, &pki.ca_pem, None)
         .await
@@ -512,18 +517,7 @@ async fn gateway_over_tls(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_and_grpc_share_the_tls_port() {
     let pki = Pki::new();
-    let server = tokio::task::block_in_place(|| {
-        Server::start_with(
-            Target::Keywatch,
-            "tls_gateway",
-            &[
-                "--cert-file",
-                &pki.arg("server.pem"),
-                "--key-file",
-                &pki.arg("server.key"),
-            ],
-        )
-    });
+    let server = start_tls(&pki, "tls_gateway");
     let addr = addr(&server);
     put_get(&addr, &pki.ca_pem, None)
         .await

@@ -8,9 +8,10 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use tonic::body::Body;
 use tonic::{Code, Status};
+use tower::ServiceExt;
 
-use super::BoxError;
 use super::routes::{Parsed, Route};
+use super::{BoxError, Router};
 use crate::auth::TOKEN_METADATA;
 
 /// grpc-gateway's `HTTPStatusFromCode` (v1.9.5, the version etcd 3.4 ships).
@@ -185,24 +186,16 @@ impl Frames {
 }
 
 /// One unary call through the router; the HTTP answer.
-pub(super) async fn unary<S, ResBody>(
-    inner: S,
+pub(super) async fn unary(
+    inner: Router,
     route: Route,
     parts: &http::request::Parts,
     frame: Bytes,
-) -> Response<Body>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: std::fmt::Display + Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    use tower::ServiceExt;
+) -> Response<Body> {
     let req = grpc_request(route, parts, full(frame));
     let resp = match inner.oneshot(req).await {
         Ok(r) => r,
-        Err(e) => return error_response(&Status::internal(e.to_string())),
+        Err(e) => return error_response(&Status::internal(e)),
     };
     let mut frames = Frames::new(resp);
     let message = match frames.next().await {
@@ -269,20 +262,12 @@ impl Input {
 }
 
 /// A streaming call (watch, lease keep-alive) as etcd's gateway runs it.
-pub(super) async fn stream<S, ResBody>(
-    inner: S,
+pub(super) async fn stream(
+    inner: Router,
     max_json_bytes: usize,
     route: Route,
     req: Request<Body>,
-) -> Response<Body>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: std::fmt::Display + Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    use tower::ServiceExt;
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let mut input = Input {
         body,
@@ -331,7 +316,7 @@ where
     let body = Body::new(http_body_util::StreamBody::new(frames));
     let resp = match inner.oneshot(grpc_request(route, &parts, body)).await {
         Ok(r) => r,
-        Err(e) => return error_response(&Status::internal(e.to_string())),
+        Err(e) => return error_response(&Status::internal(e)),
     };
     let mut frames = Frames::new(resp);
     // Headers go out with the first message, as etcd's.

@@ -34,6 +34,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tonic::body::Body;
+use tower::ServiceExt;
 
 use super::health::HealthHandle;
 use super::metrics::Metrics;
@@ -99,6 +100,10 @@ pub struct Gateway<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// The gRPC router as the gateway calls it (boxed once per call, so the gateway's functions
+/// need no generics over the router's types).
+type Router = tower::util::BoxService<Request<Body>, Response<Body>, String>;
+
 impl<S, ResBody> tower::Service<Request<Body>> for Gateway<S>
 where
     S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -122,7 +127,12 @@ where
         }
         // The router stays ready (tonic's router always is), so a clone serves the gateway's
         // own call; `self.inner` keeps the readiness `poll_ready` reserved.
-        let inner = self.inner.clone();
+        let inner = Router::new(
+            self.inner
+                .clone()
+                .map_response(|r| r.map(Body::new))
+                .map_err(|e| e.to_string()),
+        );
         let settings = self.settings.clone();
         Box::pin(async move {
             let mut resp = handle(inner, &settings, req).await;
@@ -155,18 +165,7 @@ fn cors(h: &mut http::HeaderMap) {
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
 }
 
-async fn handle<S, ResBody>(
-    inner: S,
-    settings: &GatewaySettings,
-    req: Request<Body>,
-) -> Response<Body>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: std::fmt::Display + Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
+async fn handle(inner: Router, settings: &GatewaySettings, req: Request<Body>) -> Response<Body> {
     if req.method() == Method::OPTIONS {
         return Response::new(Body::empty());
     }
@@ -235,19 +234,12 @@ fn cluster_version(server: &str) -> String {
     }
 }
 
-async fn unary<S, ResBody>(
-    inner: S,
+async fn unary(
+    inner: Router,
     settings: &GatewaySettings,
     route: routes::Route,
     req: Request<Body>,
-) -> Response<Body>
-where
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: std::fmt::Display + Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let json = match http_body_util::Limited::new(body, settings.max_json_bytes)
         .collect()
