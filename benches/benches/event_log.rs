@@ -45,7 +45,7 @@ fn append_throughput(c: &mut Criterion) {
     for batch in [1usize, 64, 1024] {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = LogConfig {
-            durability: Durability::Immediate,
+            durability: Durability::Fsync,
             batch_size: batch,
             // Long enough for a burst of `batch` submissions to fill the batch, which is then
             // committed at once (the writer does not wait once a batch is full).
@@ -155,7 +155,7 @@ fn append_latency(c: &mut Criterion) {
 fn fill(dir: &std::path::Path, events: u64) -> EventLog {
     let rt = runtime();
     let config = LogConfig {
-        durability: Durability::None,
+        durability: Durability::NoSync,
         batch_size: 4096,
         queue_capacity: 16_384,
         ..LogConfig::default()

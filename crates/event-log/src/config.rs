@@ -2,16 +2,17 @@
 
 use std::time::Duration;
 
-/// How durable a commit is when `append` resolves.
+/// How durable a commit is when `append` resolves. The one durability vocabulary of keywatch:
+/// kv-store re-exports it, and the server's `--durability fsync|no-sync` names its variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// Every batch is fsynced before any of its submitters is acknowledged (redb
     /// `Durability::Immediate`, one fsync per batch). The only setting for production.
     #[default]
-    Immediate,
+    Fsync,
     /// No fsync (redb `Durability::None`): commits are atomic and visible but may vanish on a
     /// crash or power loss. **Tests and benchmarks only.**
-    None,
+    NoSync,
 }
 
 /// When the writer compacts old history by itself. Every bound that is set applies; the
@@ -86,7 +87,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            durability: Durability::Immediate,
+            durability: Durability::Fsync,
             batch_size: 1024,
             max_batch_bytes: 8 << 20,
             flush_interval: Duration::ZERO,

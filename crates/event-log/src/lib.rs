@@ -8,7 +8,7 @@
 //!   by the log (joined on [`EventLog::close`]). The writer takes what is queued, up to
 //!   [`LogConfig::batch_size`] change sets or [`LogConfig::max_batch_bytes`], optionally waits
 //!   [`LogConfig::flush_interval`] for more, and makes the batch durable with **one** redb commit
-//!   (one fsync under [`Durability::Immediate`]). `append` resolves only then.
+//!   (one fsync under [`Durability::Fsync`]). `append` resolves only then.
 //! - **Backpressure, never drops.** The queue is bounded: `append` waits for room,
 //!   [`EventLog::try_append`] fails with [`LogError::QueueFull`].
 //! - **Poisoning.** A failed commit is reported to every submitter of its batch and the log
@@ -38,7 +38,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
-//! let config = LogConfig { durability: Durability::Immediate, ..LogConfig::default() };
+//! let config = LogConfig { durability: Durability::Fsync, ..LogConfig::default() };
 //! let rt = tokio::runtime::Builder::new_current_thread().build()?;
 //! rt.block_on(async {
 //!     let log = EventLog::open(dir.path(), config)?;

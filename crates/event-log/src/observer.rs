@@ -13,7 +13,7 @@ use crate::error::LogError;
 pub trait LogObserver: std::fmt::Debug + Send + Sync {
     /// A group commit of `change_sets` change sets (`bytes` encoded bytes) became durable;
     /// `duration` is the storage commit itself, including its fsync under
-    /// [`crate::Durability::Immediate`].
+    /// [`crate::Durability::Fsync`].
     fn batch_committed(&self, change_sets: usize, bytes: usize, duration: Duration);
 
     /// A commit (of a batch, or a compaction) failed: the log is now poisoned.

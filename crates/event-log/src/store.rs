@@ -103,7 +103,7 @@ pub struct RedbOptions {
 impl Default for RedbOptions {
     fn default() -> Self {
         Self {
-            durability: Durability::Immediate,
+            durability: Durability::Fsync,
             quick_repair: false,
             verify_on_open: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
@@ -188,8 +188,8 @@ impl RedbStore {
     fn begin_write(&self) -> Result<redb::WriteTransaction, LogError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(match self.options.durability {
-            Durability::Immediate => redb::Durability::Immediate,
-            Durability::None => redb::Durability::None,
+            Durability::Fsync => redb::Durability::Immediate,
+            Durability::NoSync => redb::Durability::None,
         })
         .map_err(|e| LogError::Storage(e.to_string()))?;
         txn.set_quick_repair(self.options.quick_repair);

@@ -1,4 +1,4 @@
-//! kill -9 loop: a child process appends under concurrent load with `Durability::Immediate` and
+//! kill -9 loop: a child process appends under concurrent load with `Durability::Fsync` and
 //! prints each acknowledged revision; the parent SIGKILLs it after a random number of acks,
 //! reopens the log and checks that every acknowledged change set survived intact, that the
 //! log is gap-free, and that appends continue from `last_revision + 1`.
@@ -63,7 +63,7 @@ fn kill_9_loses_no_acknowledged_append() {
         drop(child);
 
         let config = LogConfig {
-            durability: Durability::Immediate,
+            durability: Durability::Fsync,
             ..LogConfig::default()
         };
         let log = EventLog::open(dir.path(), config).unwrap();

@@ -175,7 +175,7 @@ async fn failed_fsync_is_never_retried_and_acknowledged() {
             fail: fail.clone(),
         };
         let options = RedbOptions {
-            durability: Durability::Immediate,
+            durability: Durability::Fsync,
             ..RedbOptions::default()
         };
         let store = Arc::new(RedbStore::with_backend(backend, options).unwrap());

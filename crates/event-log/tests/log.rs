@@ -14,7 +14,7 @@ use watch_core::{History, HistoryError, KeySelector};
 
 fn fast() -> LogConfig {
     LogConfig {
-        durability: Durability::None,
+        durability: Durability::NoSync,
         ..LogConfig::default()
     }
 }
@@ -215,7 +215,7 @@ async fn full_queue_backpressure() {
         RedbStore::open(
             dir.path().join(STORE_FILE),
             RedbOptions {
-                durability: Durability::None,
+                durability: Durability::NoSync,
                 ..RedbOptions::default()
             },
         )

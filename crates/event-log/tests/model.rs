@@ -64,7 +64,7 @@ struct Model {
 
 fn config() -> LogConfig {
     LogConfig {
-        durability: Durability::None,
+        durability: Durability::NoSync,
         batch_size: 4,
         ..LogConfig::default()
     }

@@ -84,7 +84,7 @@ struct Outcomes {
 /// Opens the damaged copy and checks it never yields wrong data.
 fn check(dir: &Path, out: &mut Outcomes, what: &str) {
     let config = LogConfig {
-        durability: Durability::None,
+        durability: Durability::NoSync,
         ..LogConfig::default()
     };
     let log = match EventLog::open(dir, config) {

@@ -1,5 +1,7 @@
-//! The one mapping from keywatch errors (watch-core's, event-log's and [`ConvertError`]) to
-//! gRPC statuses.
+//! The one mapping from keywatch errors (watch-core's and [`ConvertError`]) to gRPC statuses,
+//! and etcd's error table ([`EtcdError`]). kv-store classifies its own errors, event-log's
+//! included, into that table without knowing gRPC (`kv_store::ErrorClass`); watch-server's
+//! `store_status` maps the classes through here.
 //!
 //! Where etcd defines an error, the status carries etcd's exact code and message
 //! ([`EtcdError`]): the Go client (`rpctypes.Error`) recognises errors by message text, so
@@ -10,7 +12,6 @@
 //! watch create fails, which is where etcd puts the same texts (e.g. "mvcc: watcher range is
 //! empty" for an empty range).
 
-use event_log::LogError;
 use tonic::{Code, Status};
 use watch_core::{HistoryError, WatchError};
 
@@ -202,37 +203,6 @@ pub fn from_history_error(e: &HistoryError) -> Status {
         HistoryError::Compacted { .. } => EtcdError::Compacted.status(),
         HistoryError::Unavailable(_) => Status::unavailable(e.to_string()),
         // `HistoryError` is #[non_exhaustive] in watch-core: see `from_watch_error`.
-        _ => Status::internal(e.to_string()),
-    }
-}
-
-/// The status for an event-log [`LogError`].
-///
-/// | error | code | message |
-/// |---|---|---|
-/// | `Compacted`, `AlreadyCompacted` | OutOfRange | etcd's compacted (etcd answers a compaction at or below the last one the same way) |
-/// | `FutureRevision` | OutOfRange | etcd's future revision |
-/// | `QueueFull` | ResourceExhausted | "etcdserver: too many requests" |
-/// | `Closed` | Unavailable | "etcdserver: server stopped" |
-/// | `Corrupt` | DataLoss | "etcdserver: corrupt cluster" (the detail is for the server's log) |
-/// | `Io`, `Storage`, `Poisoned` | Unavailable | the error's text |
-/// | `NotIncreasing`, `UnsupportedFormat` | Internal | the error's text: server bugs or setup, not the request |
-pub fn from_log_error(e: &LogError) -> Status {
-    match e {
-        LogError::Compacted { .. } | LogError::AlreadyCompacted { .. } => {
-            EtcdError::Compacted.status()
-        }
-        LogError::FutureRevision { .. } => EtcdError::FutureRevision.status(),
-        LogError::QueueFull => EtcdError::TooManyRequests.status(),
-        LogError::Closed => EtcdError::Stopped.status(),
-        LogError::Corrupt { .. } => EtcdError::Corrupt.status(),
-        LogError::Io(_) | LogError::Storage(_) | LogError::Poisoned { .. } => {
-            Status::unavailable(e.to_string())
-        }
-        LogError::NotIncreasing { .. } | LogError::UnsupportedFormat { .. } => {
-            Status::internal(e.to_string())
-        }
-        // `LogError` is #[non_exhaustive] in event-log: see `from_watch_error`.
         _ => Status::internal(e.to_string()),
     }
 }
@@ -452,80 +422,6 @@ mod tests {
             Code::Unavailable,
             "history unavailable: disk gone",
         );
-    }
-
-    #[test]
-    fn log_errors() {
-        use std::sync::Arc;
-        check(
-            from_log_error(&LogError::Compacted { compacted: 3 }),
-            Code::OutOfRange,
-            COMPACTED,
-        );
-        check(
-            from_log_error(&LogError::AlreadyCompacted {
-                requested: 2,
-                compacted: 3,
-            }),
-            Code::OutOfRange,
-            COMPACTED,
-        );
-        check(
-            from_log_error(&LogError::FutureRevision {
-                requested: 9,
-                last: 4,
-            }),
-            Code::OutOfRange,
-            "etcdserver: mvcc: required revision is a future revision",
-        );
-        check(
-            from_log_error(&LogError::QueueFull),
-            Code::ResourceExhausted,
-            "etcdserver: too many requests",
-        );
-        check(
-            from_log_error(&LogError::Closed),
-            Code::Unavailable,
-            "etcdserver: server stopped",
-        );
-        check(
-            from_log_error(&LogError::Corrupt {
-                revision: Some(4),
-                reason: "crc".into(),
-            }),
-            Code::DataLoss,
-            "etcdserver: corrupt cluster",
-        );
-        let io = LogError::Io(Arc::new(std::io::Error::other("disk")));
-        check(from_log_error(&io), Code::Unavailable, &io.to_string());
-        let storage = LogError::Storage("busy".into());
-        check(
-            from_log_error(&storage),
-            Code::Unavailable,
-            &storage.to_string(),
-        );
-        let poisoned = LogError::Poisoned {
-            cause: "fsync".into(),
-        };
-        check(
-            from_log_error(&poisoned),
-            Code::Unavailable,
-            &poisoned.to_string(),
-        );
-        let not_increasing = LogError::NotIncreasing {
-            revision: 1,
-            last: 2,
-        };
-        check(
-            from_log_error(&not_increasing),
-            Code::Internal,
-            &not_increasing.to_string(),
-        );
-        let format = LogError::UnsupportedFormat {
-            found: 9,
-            expected: 1,
-        };
-        check(from_log_error(&format), Code::Internal, &format.to_string());
     }
 
     #[test]

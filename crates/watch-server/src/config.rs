@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::store::Durability;
+use kv_store::Durability;
 
 /// etcd's default `--max-request-bytes` (1.5 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
@@ -331,7 +331,7 @@ impl Default for ServerConfig {
             tls: None,
             auth: None,
             max_leases: 1_000_000,
-            min_lease_ttl: crate::store::DEFAULT_MIN_LEASE_TTL,
+            min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
         }
     }
 }
@@ -609,13 +609,13 @@ impl ServerConfig {
             });
         }
         positive("max_leases", c.max_leases)?;
-        if !(1..=crate::store::MAX_LEASE_TTL).contains(&c.min_lease_ttl) {
+        if !(1..=kv_store::MAX_LEASE_TTL).contains(&c.min_lease_ttl) {
             return Err(ConfigError::Invalid {
                 field: "min_lease_ttl",
                 message: format!(
                     "{} is not between 1 and {} seconds",
                     c.min_lease_ttl,
-                    crate::store::MAX_LEASE_TTL
+                    kv_store::MAX_LEASE_TTL
                 ),
             });
         }
@@ -642,8 +642,8 @@ impl ServerConfig {
     }
 
     /// The store settings of this configuration.
-    pub fn store_config(&self) -> crate::StoreConfig {
-        crate::StoreConfig::default()
+    pub fn store_config(&self) -> kv_store::StoreConfig {
+        kv_store::StoreConfig::default()
             .durability(self.durability)
             .max_txn_ops(self.max_txn_ops)
             .max_watchers(self.max_watchers)

@@ -733,7 +733,7 @@ print("status has version", "version" in c.status())
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_follows_startup_and_shutdown() {
     use watch_server::config::ServerConfig;
-    use watch_server::{Durability, Store, StoreConfig};
+    use kv_store::{Durability, Store, StoreConfig};
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = ServerConfig::default();
     config.listen = "127.0.0.1:0".into();

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use kv_store::{Durability, Store, StoreConfig, StoreError};
+use kv_store::{LEASES_FILE, MirrorScope, PutOptions, RangeRequest, TxnOp, TxnRequest};
 use watch_core::{EventKind, KeySelector, WatchHandle, WatchMessage, WatchOptions};
-use watch_server::store::{LEASES_FILE, MirrorScope, PutOptions, RangeRequest, TxnOp, TxnRequest};
-use watch_server::{Durability, Store, StoreConfig, StoreError};
 
 /// Failure guard for one watch message; a correct run never gets near it.
 const GUARD: Duration = Duration::from_secs(60);

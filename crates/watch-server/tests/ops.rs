@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 
+use kv_store::{Durability, Store, StoreConfig, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
@@ -23,7 +24,6 @@ use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::etcdserverpb::watch_request::RequestUnion;
 use watch_server::config::ServerConfig;
 use watch_server::server::Server;
-use watch_server::{Durability, Store, StoreConfig, StoreError};
 
 fn config(dir: &Path) -> ServerConfig {
     let mut c = ServerConfig::default();

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use watch_core::{EventKind, KeySelector, WatchMessage, WatchOptions};
-use watch_server::store::{
+use kv_store::{
     Compare, CompareOp, CompareTarget, KeyRange, PutOptions, RangeRequest, SortOrder, SortTarget,
     TxnOp, TxnOpResult, TxnRequest,
 };
-use watch_server::{Durability, Store, StoreConfig, StoreError};
+use kv_store::{Durability, Store, StoreConfig, StoreError};
+use watch_core::{EventKind, KeySelector, WatchMessage, WatchOptions};
 
 fn config() -> StoreConfig {
     StoreConfig::default().durability(Durability::NoSync)
@@ -194,9 +194,8 @@ async fn range_options() {
     let all = s.range(RangeRequest::new(KeyRange::all())).await.unwrap();
     assert_eq!(all.count, 4);
     assert_eq!(all.revision, 6);
-    let keys = |r: &watch_server::store::RangeResult| {
-        r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>()
-    };
+    let keys =
+        |r: &kv_store::RangeResult| r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
     let lim = s
         .range(RangeRequest::new(KeyRange::all()).limit(2))
         .await
@@ -272,7 +271,7 @@ async fn range_at_past_revision_and_compaction() {
     s.put("p/c", "1", PutOptions::default()).await.unwrap(); // 6
 
     let at = |rev| RangeRequest::prefix("p/").revision(rev);
-    let vals = |r: watch_server::store::RangeResult| {
+    let vals = |r: kv_store::RangeResult| {
         r.kvs
             .into_iter()
             .map(|kv| (kv.key, kv.value, kv.mod_revision))

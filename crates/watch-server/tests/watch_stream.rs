@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use kv_store::{Durability, Store, StoreConfig};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -10,7 +11,6 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::etcdserverpb::watch_request::RequestUnion;
 use watch_server::config::{Cli, FileConfig, ServerConfig};
 use watch_server::server::Server;
-use watch_server::{Durability, Store, StoreConfig};
 
 struct Running {
     addr: String,

@@ -1,5 +1,5 @@
 //! Crash-test child: appends change sets to the event log in `argv[1]` from several concurrent
-//! submitters with `Durability::Immediate`, printing `ack <revision>` (flushed) for every
+//! submitters with `Durability::Fsync`, printing `ack <revision>` (flushed) for every
 //! acknowledged append, forever, until the parent kills it with SIGKILL.
 
 use std::io::Write;
@@ -19,7 +19,7 @@ fn main() -> Result<(), BoxError> {
         .nth(1)
         .ok_or("usage: event-log-crash-child <dir>")?;
     let config = LogConfig {
-        durability: Durability::Immediate,
+        durability: Durability::Fsync,
         batch_size: 64,
         ..LogConfig::default()
     };

@@ -45,8 +45,8 @@ use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use watch_core::Revision;
 
-use crate::error::StoreError;
-use crate::store::{MirrorScope, Store};
+use kv_store::StoreError;
+use kv_store::{MirrorScope, Store};
 
 pub use service::{MirrorKvService, MirrorLeaseService};
 
@@ -172,9 +172,9 @@ pub enum MirrorError {
 }
 
 /// Refuses a mirror's data directory (one holding [`MIRROR_META_FILE`] or
-/// [`crate::store::MIRROR_FLOOR_FILE`]) for a standalone server.
+/// [`kv_store::MIRROR_FLOOR_FILE`]) for a standalone server.
 pub fn refuse_standalone(dir: &Path) -> Result<(), MirrorError> {
-    for file in [MIRROR_META_FILE, crate::store::MIRROR_FLOOR_FILE] {
+    for file in [MIRROR_META_FILE, kv_store::MIRROR_FLOOR_FILE] {
         if dir.join(file).exists() {
             return Err(MirrorError::MirrorDirWithoutUpstream {
                 dir: dir.display().to_string(),

@@ -27,7 +27,7 @@ use watch_proto::status::EtcdError;
 use super::Mirror;
 use crate::auth::{Caller, Gate, Perm};
 use crate::server::convert::{self, store_status};
-use crate::store::KeyRange;
+use kv_store::KeyRange;
 
 /// The revision of an upstream answer's header, the target of a barrier. A missing header (or
 /// a revision below 1) is an error: a barrier at 0 would pass at once and break
@@ -95,13 +95,13 @@ impl MirrorKvService {
     fn validate_first(
         &self,
         m: &impl Message,
-        op: impl FnOnce() -> crate::store::TxnOp,
+        op: impl FnOnce() -> kv_store::TxnOp,
     ) -> Result<(), Status> {
         if self.gate.auth().is_none() {
             return Ok(());
         }
         self.check_size(m)?;
-        let req = crate::store::TxnRequest {
+        let req = kv_store::TxnRequest {
             compare: Vec::new(),
             success: vec![op()],
             failure: Vec::new(),

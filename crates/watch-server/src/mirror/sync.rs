@@ -18,7 +18,7 @@ use watch_proto::from_proto;
 use watch_proto::mvccpb;
 
 use super::{Inner, Meta, MirrorState, progress_ordered};
-use crate::error::StoreError;
+use kv_store::StoreError;
 
 /// How a session with one endpoint ended.
 enum End {

@@ -12,7 +12,7 @@ use watch_proto::status::EtcdError;
 
 use super::convert;
 use crate::auth::Gate;
-use crate::store::Store;
+use kv_store::Store;
 
 /// etcd's `Auth` service over the server's [`Gate`].
 #[derive(Debug, Clone)]

@@ -5,15 +5,15 @@
 //! ([`EtcdError`]); the KV request types are the store's own (they live in this crate), so
 //! their translation lives here, next to the services that use it.
 
-use tonic::Status;
+use tonic::{Code, Status};
 use watch_core::Revision;
 use watch_proto::ConvertError;
 use watch_proto::etcdserverpb as pb;
-use watch_proto::status::{EtcdError, from_convert_error, from_log_error, from_watch_error};
+use watch_proto::status::{EtcdError, from_convert_error, from_watch_error};
 use watch_proto::to_proto;
 
-use crate::error::StoreError;
-use crate::store::{
+use kv_store::{CodeClass, ErrorClass, EtcdKind, StoreError};
+use kv_store::{
     Compare, CompareOp, CompareTarget, DeleteResult, KeyRange, PutOptions, PutResult, RangeRequest,
     RangeResult, SortOrder, SortTarget, TxnOp, TxnOpResult, TxnRequest, TxnResult,
 };
@@ -36,40 +36,44 @@ pub fn header(revision: Revision) -> pb::ResponseHeader {
     }
 }
 
-/// The gRPC status of a store error, with etcd's code and message where etcd has one.
+/// The gRPC status of a store error: the one mapping of [`StoreError`] to `tonic::Status`.
+/// kv-store classifies each error exhaustively ([`StoreError::class`]); this maps the classes,
+/// also exhaustively, so a new variant or class fails to build instead of becoming INTERNAL.
 pub fn store_status(e: &StoreError) -> Status {
-    match e {
-        StoreError::EmptyKey => EtcdError::EmptyKey.status(),
-        StoreError::DuplicateKey => EtcdError::DuplicateKey.status(),
-        StoreError::TooManyOps { .. } => EtcdError::TooManyOps.status(),
-        StoreError::Compacted { .. } => EtcdError::Compacted.status(),
-        StoreError::FutureRevision { .. } => EtcdError::FutureRevision.status(),
-        StoreError::LeaseNotFound { .. } => EtcdError::LeaseNotFound.status(),
-        StoreError::LeaseExists { .. } => EtcdError::LeaseExists.status(),
-        StoreError::LeaseTtlTooLarge { .. } => EtcdError::LeaseTtlTooLarge.status(),
-        // keywatch's own limit (etcd has none): the error's text, as for too many watchers.
-        StoreError::TooManyLeases { .. } => Status::resource_exhausted(e.to_string()),
-        StoreError::KeyNotFound => EtcdError::KeyNotFound.status(),
-        StoreError::ValueProvided => EtcdError::ValueProvided.status(),
-        StoreError::LeaseProvided => EtcdError::LeaseProvided.status(),
-        StoreError::Watch(w) => from_watch_error(w),
-        StoreError::Closed => EtcdError::Stopped.status(),
-        // Fail-stop: Unavailable so clients go elsewhere or retry after a restart. keywatch's own
-        // condition, so no "etcdserver:" text that clients might match as an etcd error.
-        StoreError::Failed { .. } => Status::unavailable(e.to_string()),
-        StoreError::Log(l) => from_log_error(l),
-        StoreError::Inconsistent(_) => EtcdError::Corrupt.status(),
-        StoreError::Snapshot { .. } => Status::unavailable(e.to_string()),
-        StoreError::LeaseFile { .. } => Status::unavailable(e.to_string()),
-        StoreError::MirrorReadOnly | StoreError::OutsideMirror { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
-        StoreError::MirrorOrder { .. } | StoreError::MirrorDiverged { .. } => {
-            Status::unavailable(e.to_string())
-        }
-        // StoreError is #[non_exhaustive]: a new variant reaches clients as Internal.
-        #[allow(unreachable_patterns)]
-        _ => Status::internal(e.to_string()),
+    match e.class() {
+        ErrorClass::Etcd(kind) => etcd_error(kind).status(),
+        ErrorClass::Own(class) => Status::new(code(class), e.to_string()),
+        ErrorClass::Watch(w) => from_watch_error(w),
+    }
+}
+
+/// The etcd error (code and exact text) of a store [`EtcdKind`].
+fn etcd_error(kind: EtcdKind) -> EtcdError {
+    match kind {
+        EtcdKind::Compacted => EtcdError::Compacted,
+        EtcdKind::FutureRevision => EtcdError::FutureRevision,
+        EtcdKind::EmptyKey => EtcdError::EmptyKey,
+        EtcdKind::KeyNotFound => EtcdError::KeyNotFound,
+        EtcdKind::ValueProvided => EtcdError::ValueProvided,
+        EtcdKind::LeaseProvided => EtcdError::LeaseProvided,
+        EtcdKind::DuplicateKey => EtcdError::DuplicateKey,
+        EtcdKind::TooManyOps => EtcdError::TooManyOps,
+        EtcdKind::TooManyRequests => EtcdError::TooManyRequests,
+        EtcdKind::LeaseNotFound => EtcdError::LeaseNotFound,
+        EtcdKind::LeaseExists => EtcdError::LeaseExists,
+        EtcdKind::LeaseTtlTooLarge => EtcdError::LeaseTtlTooLarge,
+        EtcdKind::Stopped => EtcdError::Stopped,
+        EtcdKind::Corrupt => EtcdError::Corrupt,
+    }
+}
+
+/// The gRPC code of a store [`CodeClass`].
+fn code(class: CodeClass) -> Code {
+    match class {
+        CodeClass::FailedPrecondition => Code::FailedPrecondition,
+        CodeClass::ResourceExhausted => Code::ResourceExhausted,
+        CodeClass::Unavailable => Code::Unavailable,
+        CodeClass::Internal => Code::Internal,
     }
 }
 
@@ -276,5 +280,61 @@ pub fn txn_response(t: TxnResult) -> pb::TxnResponse {
                 }),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(e: StoreError, code: Code, message: &str) {
+        let s = store_status(&e);
+        assert_eq!((s.code(), s.message()), (code, message));
+    }
+
+    #[test]
+    fn store_errors() {
+        check(
+            StoreError::Compacted {
+                requested: 1,
+                compacted: 4,
+            },
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        );
+        check(
+            StoreError::LeaseNotFound { lease: 7 },
+            Code::NotFound,
+            "etcdserver: requested lease not found",
+        );
+        check(
+            StoreError::Closed,
+            Code::Unavailable,
+            "etcdserver: server stopped",
+        );
+        let own = StoreError::TooManyLeases { limit: 3 };
+        let text = own.to_string();
+        check(own, Code::ResourceExhausted, &text);
+        let mirror = StoreError::MirrorReadOnly;
+        let text = mirror.to_string();
+        check(mirror, Code::FailedPrecondition, &text);
+        check(
+            StoreError::Log(event_log::LogError::QueueFull),
+            Code::ResourceExhausted,
+            "etcdserver: too many requests",
+        );
+        let poisoned = StoreError::Log(event_log::LogError::Poisoned {
+            cause: "fsync".into(),
+        });
+        let text = poisoned.to_string();
+        check(poisoned, Code::Unavailable, &text);
+        check(
+            StoreError::Watch(watch_core::WatchError::EmptyRange {
+                start: "b".into(),
+                end: "a".into(),
+            }),
+            Code::InvalidArgument,
+            "mvcc: watcher range is empty",
+        );
     }
 }

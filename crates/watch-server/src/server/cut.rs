@@ -2,7 +2,7 @@
 //! fail once the server's grace period expired.
 //!
 //! tonic and axum spawn every accepted connection as its own task, so dropping the serve
-//! future leaves those tasks (and the services they hold, with their [`crate::Store`] clones)
+//! future leaves those tasks (and the services they hold, with their [`kv_store::Store`] clones)
 //! running. Their graceful shutdown waits for calls the server cannot end by itself (a
 //! client's open bidirectional stream, a half-sent HTTP request). Cutting the socket makes the
 //! connection's next read or write fail, so hyper ends the connection, its streams are reset,

@@ -7,7 +7,7 @@ use watch_proto::status::EtcdError;
 
 use super::convert::{self, store_status};
 use crate::auth::{Gate, Perm};
-use crate::store::{Store, TxnOp, TxnOpResult, TxnRequest};
+use kv_store::{Store, TxnOp, TxnOpResult, TxnRequest};
 
 /// etcd's `KV` service over a [`Store`].
 #[derive(Debug, Clone)]

@@ -15,8 +15,8 @@ use watch_proto::status::EtcdError;
 
 use super::convert::{header, store_status};
 use crate::auth::{Caller, Gate, Perm};
-use crate::error::StoreError;
-use crate::store::Store;
+use kv_store::Store;
+use kv_store::StoreError;
 
 /// Keep-alive responses buffered per stream between its task and the client.
 const KEEPALIVE_DEPTH: usize = 64;

@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 use watch_proto::etcdserverpb as pb;
 
 use super::convert::{self, MEMBER_ID, RAFT_TERM};
-use crate::store::Store;
+use kv_store::Store;
 
 /// The etcd version reported by Status. Kubernetes enables its consistent reads from the
 /// watch cache (which rely on ordered progress notifications) only for etcd >= 3.5.13.

@@ -42,9 +42,9 @@ use watch_proto::etcdserverpb as pb;
 
 use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
-use crate::error::StoreError;
 use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
-use crate::store::Store;
+use kv_store::Store;
+use kv_store::StoreError;
 
 pub use auth::AuthService;
 use cut::Conn;

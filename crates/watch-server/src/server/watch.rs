@@ -39,8 +39,8 @@ use watch_proto::{ConvertError, to_proto};
 use super::convert::{header, store_status};
 use super::metrics::{CancelKind, WatchMetrics};
 use crate::auth::{Gate, Perm, token_of};
-use crate::error::StoreError;
-use crate::store::Store;
+use kv_store::Store;
+use kv_store::StoreError;
 use tracing::Instrument;
 
 /// Responses buffered per stream between its task and the client.
@@ -729,7 +729,7 @@ impl WatchStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Durability, StoreConfig};
+    use kv_store::{Durability, StoreConfig};
 
     fn event_response(n: usize) -> pb::WatchResponse {
         pb::WatchResponse {

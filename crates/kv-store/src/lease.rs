@@ -62,8 +62,8 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use watch_core::{ChangeSet, Event, Revision};
 
-use super::{Inner, Store, log_err};
-use crate::error::StoreError;
+use super::{Inner, KvState, Store, WriteGuard};
+use crate::StoreError;
 
 /// File name of the lease records inside the data directory.
 pub const LEASES_FILE: &str = "leases.redb";
@@ -481,7 +481,7 @@ impl Store {
                 // after this, so its Put is committed after this Remove (see `LeaseDb::queue`).
                 store.inner.leases.db.queue(DbOp::Remove(vec![id]))?
             };
-            let revision = store.revoke_locked(vec![id], done).await?;
+            let revision = store.revoke_locked(&guard, vec![id], done).await?;
             drop(guard);
             store.wait_durable(revision).await?;
             Ok(revision)
@@ -583,7 +583,12 @@ impl Store {
     /// lessor) is durable, then deletes each lease's keys in one revision per lease. The
     /// caller holds the write lock. Returns the last revision written (the current revision
     /// when no lease had keys); not yet durable.
-    async fn revoke_locked(&self, ids: Vec<i64>, removed: DbDone) -> Result<Revision, StoreError> {
+    async fn revoke_locked(
+        &self,
+        write: &WriteGuard<'_>,
+        ids: Vec<i64>,
+        removed: DbDone,
+    ) -> Result<Revision, StoreError> {
         if let Err(e) = removed.wait().await {
             self.fail(&e);
             return Err(e);
@@ -603,28 +608,10 @@ impl Store {
                 })
             };
             if let Some(cs) = deletes {
-                last = self.commit_locked(cs).await?;
+                last = self.commit(write, cs, KvState::apply).await?;
             }
         }
         Ok(last)
-    }
-
-    /// Queues `cs` on the event log, applies it and hands it to the publisher, exactly as the
-    /// tail of [`Store::txn`]. The caller holds the write lock and computed `cs` under it.
-    async fn commit_locked(&self, cs: ChangeSet) -> Result<Revision, StoreError> {
-        let sender = self
-            .inner
-            .pipeline
-            .lock()
-            .clone()
-            .ok_or(StoreError::Closed)?;
-        let revision = cs.revision;
-        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
-        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-        // No await from here to `send`: the change set is queued, it must reach the publisher.
-        self.inner.state.write().apply(&cs);
-        permit.send((cs, ack));
-        Ok(revision)
     }
 
     /// At open: deletes every key attached to a lease that has no record (left by a revoke
@@ -651,7 +638,7 @@ impl Store {
         );
         // Their records are already gone: removing them again is a no-op commit.
         let removed = self.inner.leases.db.queue(DbOp::Remove(orphans.clone()))?;
-        let revision = self.revoke_locked(orphans, removed).await?;
+        let revision = self.revoke_locked(&guard, orphans, removed).await?;
         drop(guard);
         self.wait_durable(revision).await
     }
@@ -690,7 +677,7 @@ impl Store {
             (ids, removed)
         };
         let n = ids.len();
-        self.revoke_locked(ids, removed).await?;
+        self.revoke_locked(&guard, ids, removed).await?;
         drop(guard);
         Ok(n)
     }

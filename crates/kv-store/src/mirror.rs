@@ -1,4 +1,4 @@
-//! Store hooks for mirror mode ([`crate::mirror`]): the store replicates an upstream etcd's
+//! Store hooks for mirror mode (watch-server's `mirror` module drives them): the store replicates an upstream etcd's
 //! keyspace (or some prefixes of it) under **etcd's own revision numbers**.
 //!
 //! - [`Store::mirror_apply`] appends one upstream revision as one change set through the normal
@@ -31,8 +31,8 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use watch_core::{CancelReason, ChangeSet, KeySelector, KeyValue, Revision};
 
-use super::{KeyRange, Store, log_err, snapshot};
-use crate::error::StoreError;
+use super::{KeyRange, KvState, Store, log_err, snapshot};
+use crate::StoreError;
 
 /// File of the data directory holding a mirror's floor (decimal revision): history below it
 /// was never mirrored.
@@ -253,7 +253,7 @@ impl Store {
     /// recomputed from the mirrored state, so watch `prev_kv` and past reads never depend on
     /// what the upstream sent. Returns once the change set is queued and applied to the
     /// state; [`Store::wait_revision`] waits for its durability.
-    pub(crate) async fn mirror_apply(&self, mut cs: ChangeSet) -> Result<(), StoreError> {
+    pub async fn mirror_apply(&self, mut cs: ChangeSet) -> Result<(), StoreError> {
         let guard = self.inner.write_lock.lock().await;
         self.check_open()?;
         let current = self.current_revision();
@@ -263,13 +263,6 @@ impl Store {
                 current,
             });
         }
-        // Reserved before the log append: from the append on nothing may await (see `txn`).
-        let sender = self
-            .inner
-            .pipeline
-            .lock()
-            .clone()
-            .ok_or(StoreError::Closed)?;
         {
             let st = self.inner.state.read();
             for e in &mut cs.events {
@@ -300,10 +293,7 @@ impl Store {
                 e.prev_kv = local;
             }
         }
-        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
-        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-        self.inner.state.write().apply(&cs);
-        permit.send((cs, ack));
+        self.commit(&guard, cs, KvState::apply).await?;
         drop(guard);
         Ok(())
     }
@@ -311,14 +301,14 @@ impl Store {
     /// Drops the mirror's own history below `revision` (its retention; the upstream is not
     /// touched): as [`Store::compact`], which a mirror refuses because `Compact` requests go
     /// to the upstream.
-    pub(crate) async fn mirror_compact(&self, revision: Revision) -> Result<Revision, StoreError> {
+    pub async fn mirror_compact(&self, revision: Revision) -> Result<Revision, StoreError> {
         self.compact_history(revision).await
     }
 
     /// Replaces the state with the upstream snapshot `kvs` at `revision` (see the module docs)
     /// and returns how many live watchers were canceled as compacted. `revision` must not be
     /// below the current revision.
-    pub(crate) async fn mirror_reset(
+    pub async fn mirror_reset(
         &self,
         revision: Revision,
         kvs: Vec<KeyValue>,
@@ -355,30 +345,18 @@ impl Store {
         let canceled = self.inner.engine.cancel_all(CancelReason::Compacted {
             compact_revision: floor,
         });
-        let mut marker = None;
-        if revision > current {
-            let sender = self
-                .inner
-                .pipeline
-                .lock()
-                .clone()
-                .ok_or(StoreError::Closed)?;
-            let cs = ChangeSet::new(revision, Vec::new());
-            let permit = sender
-                .reserve_owned()
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-            marker = Some((permit, cs, ack));
-        }
-        {
-            // One state-lock section: no reader sees the new keys at the old revision.
-            let mut st = self.inner.state.write();
+        // One state-lock section: no reader sees the new keys at the old revision.
+        let install = |st: &mut KvState| {
             st.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
             st.revision = st.revision.max(revision);
-        }
-        if let Some((permit, cs, ack)) = marker {
-            permit.send((cs, ack));
+        };
+        if revision > current {
+            // The marker: an empty change set at `revision`, so the log (and a restart) and
+            // the watchers' progress reach it.
+            let marker = ChangeSet::new(revision, Vec::new());
+            self.commit(&guard, marker, |st, _| install(st)).await?;
+        } else {
+            install(&mut self.inner.state.write());
         }
         drop(guard);
         self.wait_durable(revision).await?;
@@ -551,13 +529,13 @@ mod tests {
         ));
         // A past read inside the mirrored history, and below the floor.
         let at20 = store
-            .range(crate::store::RangeRequest::key("/a/x").revision(20))
+            .range(crate::RangeRequest::key("/a/x").revision(20))
             .await
             .unwrap();
         assert_eq!(at20.kvs[0].value, "1");
         assert!(matches!(
             store
-                .range(crate::store::RangeRequest::key("/a/x").revision(10))
+                .range(crate::RangeRequest::key("/a/x").revision(10))
                 .await,
             Err(StoreError::Compacted { compacted: 11, .. })
         ));
@@ -567,10 +545,7 @@ mod tests {
         let store = open(dir.path()).await;
         assert_eq!(store.current_revision(), 26);
         assert_eq!(store.compacted_revision(), 11);
-        let now = store
-            .range(crate::store::RangeRequest::key("/a/y"))
-            .await
-            .unwrap();
+        let now = store.range(crate::RangeRequest::key("/a/y")).await.unwrap();
         assert_eq!((now.revision, now.kvs.len()), (26, 1));
         store.close().await.unwrap();
     }
@@ -595,12 +570,12 @@ mod tests {
         store.mirror_compact(12).await.unwrap();
         assert!(matches!(
             store
-                .range(crate::store::RangeRequest::key("/a/x").revision(9))
+                .range(crate::RangeRequest::key("/a/x").revision(9))
                 .await,
             Err(StoreError::Compacted { compacted: 12, .. })
         ));
         let at12 = store
-            .range(crate::store::RangeRequest::key("/a/x").revision(12))
+            .range(crate::RangeRequest::key("/a/x").revision(12))
             .await
             .unwrap();
         assert_eq!(at12.kvs[0].value, "1");
@@ -611,10 +586,7 @@ mod tests {
             (store.current_revision(), store.compacted_revision()),
             (30, 12)
         );
-        let now = store
-            .range(crate::store::RangeRequest::key("/a/x"))
-            .await
-            .unwrap();
+        let now = store.range(crate::RangeRequest::key("/a/x")).await.unwrap();
         assert_eq!(now.kvs[0].value, "3");
         store.close().await.unwrap();
     }
@@ -711,7 +683,7 @@ mod tests {
             other => panic!("expected a compacted cancel, got {other:?}"),
         }
         let all = store
-            .range(crate::store::RangeRequest::new(KeyRange::prefix("/a/")))
+            .range(crate::RangeRequest::new(KeyRange::prefix("/a/")))
             .await
             .unwrap();
         assert_eq!(all.revision, 40);

@@ -1,13 +1,66 @@
-//! The embedded store: etcd's KV model (revisions, ranges, txns, compaction) over a durable
-//! event log, with watches served by watch-core's engine. The gRPC services in
-//! [`crate::server`] are a thin translation over it.
+//! kv-store: keywatch's embeddable key-value store. etcd's KV model (revisions, ranges, txns,
+//! compaction) and etcd's leases over a durable event log ([`event_log`]), with watches served
+//! by watch-core's engine ([`watch_core`]). [`Store`] is the **in-process engine API**: what an
+//! application embeds, with no network hop and no protobuf or gRPC in its API or its
+//! dependencies. watch-server's gRPC services are a thin translation over it, so the server and
+//! an embedder run the same code.
+//!
+//! ```
+//! use kv_store::{Durability, PutOptions, RangeRequest, Store, StoreConfig};
+//! use watch_core::{KeySelector, WatchMessage, WatchOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let rt = tokio::runtime::Runtime::new()?;
+//! rt.block_on(async {
+//!     // Immediate (fsync before ack) is the default; tests may skip it.
+//!     let store = Store::open(dir.path(), StoreConfig::default().durability(Durability::NoSync)).await?;
+//!     assert_eq!(store.current_revision(), 1); // a fresh store is at revision 1, as etcd
+//!
+//!     let mut watch = store.watch(KeySelector::prefix("/svc/"), WatchOptions::default().prev_kv(true))?;
+//!     store.put("/svc/a", "up", PutOptions::default()).await?; // revision 2
+//!     let put = store.put("/svc/a", "down", PutOptions::default()).await?; // revision 3
+//!     assert_eq!(put.revision, 3);
+//!
+//!     // Writes are acknowledged only once durable and published: the watch has them.
+//!     let mut seen = Vec::new();
+//!     while seen.len() < 2 {
+//!         if let Some(WatchMessage::Events(batch)) = watch.recv().await {
+//!             for e in batch.events() {
+//!                 seen.push((batch.revision(), e.kv.value.clone(), e.prev_kv.map(|p| p.value.clone())));
+//!             }
+//!         }
+//!     }
+//!     assert_eq!(seen[1], (3, "down".into(), Some("up".into())));
+//!
+//!     // Reads at a past revision come from the event log.
+//!     let then = store.range(RangeRequest::key("/svc/a").revision(2)).await?;
+//!     assert_eq!(then.kvs[0].value, "up");
+//!     store.close().await?;
+//!     Ok::<_, kv_store::StoreError>(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Model
+//!
+//! The key-value state is a `BTreeMap` in memory, rebuilt at open from [`SNAPSHOT_FILE`]
+//! (written before each compaction) plus a replay of the event log after it. A fresh store is
+//! at revision 1; one revision per write request (a whole txn counts once; deleting nothing and
+//! read-only txns do not bump it). Txns validate as etcd's `checkTxnRequest`/`checkIntervals`
+//! (max ops, empty keys, a key written twice in a branch). `state.rs` is pure logic
+//! (validation, compares, range options, execution yielding one `ChangeSet`); `lib.rs` holds
+//! the write path, reads and compaction.
 //!
 //! # Write path
 //!
 //! A write takes the write lock (a tokio mutex: held across awaits, never by readers), runs
-//! the request against the state, queues the resulting change set on the event log, applies it
-//! to the in-memory state and hands the log's acknowledgement to the publisher task, all in
-//! revision order; then it releases the lock. The event log commits in groups. The publisher
+//! the request against the state, then hands the resulting change set to `Store::commit`, the
+//! one write path every writer (txn, lease revoke and expiry, mirror apply and reset) ends in:
+//! it queues the change set on the event log, applies it to the in-memory state and hands the
+//! log's acknowledgement to the publisher task, all in revision order and with no await
+//! between the log append and the hand-off; then the writer releases the lock. The event log commits in groups. The publisher
 //! awaits acknowledgements in revision order, publishes each durable change set to the watch
 //! engine and advances the *durable revision*. A write returns once its revision is published,
 //! so a client that wrote at revision R and then watches sees R (read-your-writes).
@@ -36,6 +89,7 @@
 //! consistency and the restart rule.
 
 mod clock;
+mod error;
 mod lease;
 mod mirror;
 mod snapshot;
@@ -54,7 +108,7 @@ use watch_core::{
     WatchOptions,
 };
 
-use crate::error::StoreError;
+pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
@@ -62,17 +116,12 @@ pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
 pub use types::*;
 
-/// How durable a write is when it is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Durability {
-    /// fsync every group commit before acknowledging its writes (the default).
-    #[default]
-    Fsync,
-    /// No fsync: acknowledged writes may be lost on kill -9, an OS crash or power loss (redb
-    /// persists a non-durable commit only with the next durable one). For tests and benchmarks.
-    NoSync,
-}
+/// How durable a write is when it is acknowledged: the event log's setting, which also
+/// governs lease grants in [`LEASES_FILE`]. `Fsync` (the default) fsyncs every group commit
+/// before acknowledging its writes; `NoSync` may lose acknowledged writes on kill -9, an OS
+/// crash or power loss (redb persists a non-durable commit only with the next durable one), for
+/// tests and benchmarks.
+pub use event_log::Durability;
 
 /// Settings of a [`Store`]. `Default` matches etcd's defaults where etcd has one.
 #[derive(Debug, Clone)]
@@ -148,6 +197,9 @@ struct Durable {
     /// Set once when the log failed; never cleared.
     failed: Option<String>,
 }
+
+/// Proof that the caller holds [`Inner::write_lock`] (see [`Store::commit`]).
+type WriteGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
 
 /// Change sets queued on the log, in revision order, with their acknowledgement.
 type Pending = (ChangeSet, event_log::AppendAck);
@@ -267,10 +319,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let dir = dir.to_path_buf();
         let log_config = LogConfig {
-            durability: match config.durability {
-                Durability::Fsync => event_log::Durability::Immediate,
-                Durability::NoSync => event_log::Durability::None,
-            },
+            durability: config.durability,
             ..LogConfig::default()
         };
         let dir2 = dir.clone();
@@ -511,7 +560,7 @@ impl Store {
 
     /// Runs one write op as a txn without compares and returns its result, with the revision
     /// of the write (or the current one when it wrote nothing).
-    pub(crate) async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
+    pub async fn single(&self, op: TxnOp) -> Result<TxnOpResult, StoreError> {
         let result = self
             .txn(TxnRequest {
                 compare: Vec::new(),
@@ -667,14 +716,6 @@ impl Store {
                 history.insert((r.range.clone(), r.revision), at);
             }
         }
-        // Reserve the pipeline slot before queueing on the log: from the log append on, nothing
-        // may await, or a dropped request could leave a durable revision unpublished.
-        let sender = self
-            .inner
-            .pipeline
-            .lock()
-            .clone()
-            .ok_or(StoreError::Closed)?;
         let (result, changes) = {
             let st = self.inner.state.read();
             let leases = &self.inner.leases;
@@ -685,15 +726,46 @@ impl Store {
             self.wait_durable(result.revision).await?;
             return Ok(result);
         };
-        let revision = cs.revision;
-        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
-        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
-        // No await from here to `send`: the change set is queued, it must reach the publisher.
-        self.inner.state.write().apply(&cs);
-        permit.send((cs, ack));
+        let revision = self.commit(&guard, cs, KvState::apply).await?;
         drop(guard);
         self.wait_durable(revision).await?;
         Ok(result)
+    }
+
+    /// **The write path**: the one place a change set enters the pipeline. Reserves a
+    /// publisher slot, submits `cs` to the event log, applies it to the state (`apply`: almost
+    /// always [`KvState::apply`]; a mirror reset installs a whole snapshot instead) and hands
+    /// the log's acknowledgement to the publisher, which publishes `cs` once durable. Txns,
+    /// lease revokes and expiries, orphan cleanup, and mirror applies and resets all end here.
+    ///
+    /// The caller holds the write lock (`_write` proves it) and computed `cs` under it, so
+    /// change sets reach the log, the state and the publisher in revision order. Returns
+    /// `cs.revision`, queued but not yet durable (see [`Store::wait_durable`]).
+    async fn commit(
+        &self,
+        _write: &WriteGuard<'_>,
+        cs: ChangeSet,
+        apply: impl FnOnce(&mut KvState, &ChangeSet),
+    ) -> Result<Revision, StoreError> {
+        // `close` takes the sender under the write lock, after setting `closed`; a caller that
+        // passed `check_open` under the lock finds it here.
+        let sender = self
+            .inner
+            .pipeline
+            .lock()
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let revision = cs.revision;
+        // The slot is reserved before the log append, because of the invariant below.
+        let permit = sender.reserve().await.map_err(|_| StoreError::Closed)?;
+        let ack = self.inner.log.submit(&cs).await.map_err(log_err)?;
+        // INVARIANT: no await between `submit` and `send`. From here the change set is on the
+        // log and will become durable; a request dropped at an await in between would leave a
+        // durable revision that is never applied or published, and every later read and write
+        // would wait for it forever.
+        apply(&mut self.inner.state.write(), &cs);
+        permit.send((cs, ack));
+        Ok(revision)
     }
 
     /// Compacts history: afterwards reads and watches below `revision` fail with

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use watch_core::{ChangeSet, Event, EventKind, KeyValue, Revision};
 
-use crate::error::StoreError;
+use crate::StoreError;
 
 /// File name of the snapshot inside the data directory.
 pub const SNAPSHOT_FILE: &str = "state.snapshot";

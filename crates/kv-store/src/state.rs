@@ -10,7 +10,7 @@ use super::types::{
     Compare, CompareOp, CompareTarget, DeleteResult, KeyRange, PutResult, RangeRequest,
     RangeResult, SortOrder, SortTarget, TxnOp, TxnOpResult, TxnRequest, TxnResult,
 };
-use crate::error::StoreError;
+use crate::StoreError;
 
 /// The current key-value state at `revision`.
 #[derive(Debug, Clone, Default)]
