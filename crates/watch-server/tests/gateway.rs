@@ -584,7 +584,14 @@ async fn ok_with(addr: &str, path: &str, body: &str, auth: Option<&str>) {
 /// and HTTP/2 JSON on the same port as HTTP/1.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_port_serves_grpc_json_and_metrics() {
-    let server = tokio::task::block_in_place(|| Server::start(Target::Keywatch, "gw-port"));
+    // A small request limit, so the JSON body limit (2 × it + 1 MiB) is cheap to exceed.
+    let server = tokio::task::block_in_place(|| {
+        Server::start_with(
+            Target::Keywatch,
+            "gw-port",
+            &["--max-request-bytes", "1024"],
+        )
+    });
     let addr = authority(&server);
     let mut grpc = server.client().await;
     grpc.put("from-grpc", "1", None).await.expect("gRPC put");
@@ -626,6 +633,24 @@ async fn one_port_serves_grpc_json_and_metrics() {
                 && !l.ends_with(" 0")),
         "{text}"
     );
+    // A body over the JSON limit is refused before it is decoded; a request over the gRPC
+    // limit meets the gRPC service's own answer.
+    let big = format!(
+        r#"{{"key":"Zm9v","value":"{}"}}"#,
+        "A".repeat((1 << 20) + 4096)
+    );
+    let a = call(&addr, "POST", "/v3/kv/put", &big, None, Mask::Ids).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    let Body::Json(v) = &a.body else {
+        panic!("{a:?}")
+    };
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.contains("exceeds")),
+        "{v}"
+    );
+    let over = format!(r#"{{"key":"Zm9v","value":"{}"}}"#, "A".repeat(4096));
+    let a = call(&addr, "POST", "/v3/kv/put", &over, None, Mask::Ids).await;
+    assert_eq!(a.status, 400, "{a:?}");
     // A gRPC call still answers on the same port after all that.
     grpc.get("from-grpc", None).await.expect("gRPC get");
 }
@@ -732,8 +757,8 @@ print("status has version", "version" in c.status())
 /// open gateway watch gets grpc-gateway's error chunk and ends, and `run` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_follows_startup_and_shutdown() {
-    use watch_server::config::ServerConfig;
     use kv_store::{Durability, Store, StoreConfig};
+    use watch_server::config::ServerConfig;
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = ServerConfig::default();
     config.listen = "127.0.0.1:0".into();

@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::TryFutureExt;
+use futures_util::future::Either;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -114,7 +116,12 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+    /// gRPC calls pass through unboxed (no allocation added to the gRPC path); HTTP answers
+    /// are boxed.
+    type Future = futures_util::future::Either<
+        futures_util::future::MapOk<S::Future, fn(Response<ResBody>) -> Response<Body>>,
+        BoxFuture<Result<Response<Body>, S::Error>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -122,8 +129,8 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if is_grpc(&req) {
-            let call = self.inner.call(req);
-            return Box::pin(async move { Ok(call.await?.map(Body::new)) });
+            let boxed: fn(Response<ResBody>) -> Response<Body> = |r| r.map(Body::new);
+            return Either::Left(self.inner.call(req).map_ok(boxed));
         }
         // The router stays ready (tonic's router always is), so a clone serves the gateway's
         // own call; `self.inner` keeps the readiness `poll_ready` reserved.
@@ -134,11 +141,11 @@ where
                 .map_err(|e| e.to_string()),
         );
         let settings = self.settings.clone();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let mut resp = handle(inner, &settings, req).await;
             cors(resp.headers_mut());
             Ok(resp)
-        })
+        }))
     }
 }
 
