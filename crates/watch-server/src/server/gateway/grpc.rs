@@ -67,6 +67,7 @@ pub(super) fn error_response(status: &Status) -> Response<Body> {
         message: status.message(),
         code: status.code() as i32,
     };
+    // Strings and integers only: serializing cannot fail.
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     json_response(http_status(status.code()), full(Bytes::from(bytes)))
 }
@@ -229,33 +230,50 @@ struct Input {
     parse: fn(&[u8]) -> Parsed,
 }
 
+/// What the next read of a stream's input yields.
+enum Read {
+    /// One request, framed.
+    Frame(Bytes),
+    /// The body ended cleanly (between objects).
+    End,
+    /// Not a request: malformed, cut off by the end of the body, or over the limit.
+    Malformed(String),
+}
+
 impl Input {
-    async fn next_frame(&mut self) -> Option<Bytes> {
+    async fn read(&mut self) -> Read {
         loop {
             match (self.parse)(&self.buf) {
                 Parsed::Message(frame, used) => {
                     self.buf.advance(used);
-                    return Some(frame);
+                    return Read::Frame(frame);
                 }
-                Parsed::Invalid(message) => {
-                    tracing::debug!(%message, "gateway stream: input is not a request; input ends");
-                    return None;
-                }
+                Parsed::Invalid(message) => return Read::Malformed(message),
                 Parsed::Incomplete(_) if self.buf.len() > self.max => {
-                    tracing::debug!(
-                        max = self.max,
-                        "gateway stream: object over the limit; input ends"
-                    );
-                    return None;
+                    return Read::Malformed(format!("request object exceeds {} bytes", self.max));
                 }
-                Parsed::Incomplete(_) => match self.body.frame().await {
+                Parsed::Incomplete(partial) => match self.body.frame().await {
                     Some(Ok(f)) => {
                         if let Ok(data) = f.into_data() {
                             self.buf.extend_from_slice(&data);
                         }
                     }
-                    Some(Err(_)) | None => return None,
+                    Some(Err(e)) => return Read::Malformed(e.to_string()),
+                    None if partial => return Read::Malformed("unexpected EOF".to_owned()),
+                    None => return Read::End,
                 },
+            }
+        }
+    }
+
+    /// The next frame to send; `None` ends the input (logged when it was not a clean end).
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        match self.read().await {
+            Read::Frame(f) => Some(f),
+            Read::End => None,
+            Read::Malformed(message) => {
+                tracing::debug!(%message, "gateway stream: input is not a request; input ends");
+                None
             }
         }
     }
@@ -276,32 +294,12 @@ pub(super) async fn stream(
         parse: route.parse,
     };
     // etcd's gateway reads the first object before calling: a malformed one is an HTTP error
-    // (code 2, as its decoder's error carries no gRPC code); an empty body opens the call.
-    let first = loop {
-        match (route.parse)(&input.buf) {
-            Parsed::Message(frame, used) => {
-                input.buf.advance(used);
-                break Some(frame);
-            }
-            Parsed::Invalid(message) => return error_response(&Status::unknown(message)),
-            Parsed::Incomplete(partial) if input.buf.len() > max_json_bytes => {
-                let _ = partial;
-                return error_response(&Status::unknown(format!(
-                    "request object exceeds {max_json_bytes} bytes"
-                )));
-            }
-            Parsed::Incomplete(partial) => match input.body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        input.buf.extend_from_slice(&data);
-                    }
-                }
-                Some(Err(_)) | None if partial => {
-                    return error_response(&Status::unknown("unexpected EOF"));
-                }
-                Some(Err(_)) | None => break None,
-            },
-        }
+    // (code 2, as its decoder's error carries no gRPC code); an empty body opens the call
+    // with its input already ended.
+    let first = match input.read().await {
+        Read::Frame(f) => Some(f),
+        Read::End => None,
+        Read::Malformed(message) => return error_response(&Status::unknown(message)),
     };
     let frames = futures_util::stream::unfold((first, input), |(first, mut input)| async move {
         let frame = match first {
@@ -323,13 +321,9 @@ pub(super) async fn stream(
     let first = match frames.next().await {
         Next::Message(m) => m,
         Next::End(s) if s.code() == Code::Ok => return ok_response(Body::empty()),
+        // grpc-gateway writes the error chunk with the status of its code.
         Next::End(s) => {
-            let mut resp = json_response(http_status(s.code()), full(stream_error_chunk(&s)));
-            resp.headers_mut().insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-            return resp;
+            return json_response(http_status(s.code()), full(stream_error_chunk(&s)));
         }
     };
     let render = route.render;

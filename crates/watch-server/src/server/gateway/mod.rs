@@ -17,7 +17,8 @@
 //! - `/health`, `/version`, `/metrics`; anything else is 404.
 //!
 //! Limits: a unary body, and any one object of a stream, may hold at most
-//! [`GatewaySettings::max_json_bytes`]; more is refused (unary: 400) or ends the input (stream).
+//! [`GatewaySettings::max_json_bytes`]; more is refused (unary: 400; a stream's first object:
+//! 500, as a malformed one) or ends a stream's input (a later object).
 
 mod grpc;
 mod routes;
