@@ -651,6 +651,39 @@ async fn one_port_serves_grpc_json_and_metrics() {
     let over = format!(r#"{{"key":"Zm9v","value":"{}"}}"#, "A".repeat(4096));
     let a = call(&addr, "POST", "/v3/kv/put", &over, None, Mask::Ids).await;
     assert_eq!(a.status, 400, "{a:?}");
+    // Hanging up a gateway watch ends its gRPC stream (no watcher is left behind).
+    let streams = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("keywatch_watch_streams "))
+            .map(str::to_owned)
+    };
+    let mut w = Stream::open(
+        &addr,
+        "/v3/watch",
+        r#"{"create_request":{"key":"Zm9v"}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(w.line(Mask::Ids).await["result"]["created"], true);
+    let metrics = |addr: String| async move {
+        match call(&addr, "GET", "/metrics", "", None, Mask::Ids)
+            .await
+            .body
+        {
+            Body::Text(t) => t,
+            Body::Json(v) => panic!("metrics as JSON: {v}"),
+        }
+    };
+    assert_eq!(streams(&metrics(addr.clone()).await).as_deref(), Some("1"));
+    drop(w);
+    // Polled: the server learns of the hang-up asynchronously; the guard only bounds a hang.
+    tokio::time::timeout(GUARD, async {
+        while streams(&metrics(addr.clone()).await).as_deref() != Some("0") {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the watch stream ended after the client hung up");
     // A gRPC call still answers on the same port after all that.
     grpc.get("from-grpc", None).await.expect("gRPC get");
 }
