@@ -10,10 +10,9 @@
 //! method, `/v3alpha/`), the `/v3beta/` alias, CORS, `/health`, `/version`, `/metrics`; and
 //! the Python gateway client `etcd3gw` driving both servers with one script.
 
-mod common;
-
+use crate::common::{GUARD, Server, Target};
+use crate::compat_auth::Secured;
 use bytes::Bytes;
-use common::{GUARD, Server, Target};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -246,7 +245,7 @@ where
 {
     let (keywatch, _k) = tokio::task::block_in_place(|| start(Target::Keywatch));
     let ours = script(authority(&keywatch)).await;
-    if !common::tools_present(&format!("{name}::etcd"), &["etcd", "etcdctl"], "etcd") {
+    if !crate::common::etcd_and_etcdctl_present(&format!("{name}::etcd")) {
         return;
     }
     let (etcd, _e) = tokio::task::block_in_place(|| start(Target::Etcd));
@@ -459,55 +458,10 @@ async fn watch_stream() {
     .await;
 }
 
-/// Users: root (role root) and alice (role app: readwrite on the prefix `/app/`).
+/// compat_auth's users; the cases use alice (role app: readwrite on the prefix `/app/`).
 fn secured(target: Target) -> (Server, Option<tempfile::TempDir>) {
-    match target {
-        Target::Keywatch => {
-            let dir = tempfile::tempdir().expect("config dir");
-            let path = dir.path().join("keywatch.toml");
-            let hash = |pw: &str| watch_server::auth::hash_password(pw, 4).expect("hash");
-            std::fs::write(
-                &path,
-                format!(
-                    "[auth.users.root]\npassword_hash = \"{}\"\nroles = [\"root\"]\n\n\
-                     [auth.users.alice]\npassword_hash = \"{}\"\nroles = [\"app\"]\n\n\
-                     [auth.roles.app]\npermissions = [{{ type = \"readwrite\", prefix = \"/app/\" }}]\n",
-                    hash("rootpw"),
-                    hash("alicepw"),
-                ),
-            )
-            .expect("write the config");
-            let server = Server::start_with(
-                target,
-                "gw-auth",
-                &["--config", &path.display().to_string()],
-            );
-            (server, Some(dir))
-        }
-        Target::Etcd => {
-            let server = Server::start(target, "gw-auth");
-            for args in [
-                &["user", "add", "root:rootpw"][..],
-                &["role", "add", "root"],
-                &["user", "grant-role", "root", "root"],
-                &["role", "add", "app"],
-                &[
-                    "role",
-                    "grant-permission",
-                    "app",
-                    "--prefix=true",
-                    "readwrite",
-                    "/app/",
-                ],
-                &["user", "add", "alice:alicepw"],
-                &["user", "grant-role", "alice", "app"],
-                &["auth", "enable"],
-            ] {
-                server.etcdctl(args);
-            }
-            (server, None)
-        }
-    }
+    let s = Secured::start(target, "gw-auth", &[]);
+    (s.server, s._config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -714,7 +668,7 @@ async fn etcd3gw_client() {
     };
     let keywatch = tokio::task::block_in_place(|| Server::start(Target::Keywatch, "gw-py"));
     let ours = tokio::task::block_in_place(|| run(&keywatch));
-    if !common::tools_present("etcd3gw_client::etcd", &["etcd", "etcdctl"], "etcd") {
+    if !crate::common::etcd_and_etcdctl_present("etcd3gw_client::etcd") {
         return;
     }
     let etcd = tokio::task::block_in_place(|| Server::start(Target::Etcd, "gw-py"));
