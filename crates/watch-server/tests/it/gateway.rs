@@ -234,6 +234,19 @@ impl Stream {
     }
 }
 
+/// A gateway watch on `foo`, its `created` answer read.
+async fn watch_foo(addr: &str) -> Stream {
+    let mut w = Stream::open(
+        addr,
+        "/v3/watch",
+        r#"{"create_request":{"key":"Zm9v"}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(w.line(Mask::Ids).await["result"]["created"], true);
+    w
+}
+
 /// Runs `script` against keywatch and etcd (started by `start`) and asserts equal
 /// transcripts; keywatch alone, or SKIPPED, when etcd is absent (a failure under
 /// `KEYWATCH_REQUIRE_ETCD=1`).
@@ -611,14 +624,7 @@ async fn one_port_serves_grpc_json_and_metrics() {
             .find_map(|l| l.strip_prefix("keywatch_watch_streams "))
             .map(str::to_owned)
     };
-    let mut w = Stream::open(
-        &addr,
-        "/v3/watch",
-        r#"{"create_request":{"key":"Zm9v"}}"#,
-        None,
-    )
-    .await;
-    assert_eq!(w.line(Mask::Ids).await["result"]["created"], true);
+    let mut w = watch_foo(&addr).await;
     let metrics = |addr: String| async move {
         match call(&addr, "GET", "/metrics", "", None, Mask::Ids)
             .await
@@ -795,14 +801,7 @@ async fn gateway_follows_startup_and_shutdown() {
         (a.status, &a.body),
         (200, &Body::Json(serde_json::json!({"health": "true"})))
     );
-    let mut w = Stream::open(
-        &addr,
-        "/v3/watch",
-        r#"{"create_request":{"key":"Zm9v"}}"#,
-        None,
-    )
-    .await;
-    assert_eq!(w.line(Mask::Ids).await["result"]["created"], true);
+    let mut w = watch_foo(&addr).await;
 
     stop_tx.send(()).expect("stopping");
     let end = w.line(Mask::Ids).await;
