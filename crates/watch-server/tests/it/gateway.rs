@@ -624,7 +624,7 @@ async fn one_port_serves_grpc_json_and_metrics() {
             .find_map(|l| l.strip_prefix("keywatch_watch_streams "))
             .map(str::to_owned)
     };
-    let mut w = watch_foo(&addr).await;
+    let w = watch_foo(&addr).await;
     let metrics = |addr: String| async move {
         match call(&addr, "GET", "/metrics", "", None, Mask::Ids)
             .await
