@@ -46,7 +46,13 @@ fn main() -> Result<(), Box<dyn Error>> {
         .out_dir(&out_dir)
         .preserve_proto_field_names()
         .ignore_unknown_fields()
-        .build(&[".etcdserverpb", ".mvccpb", ".authpb"])?;
+        .build(&[
+            ".etcdserverpb",
+            ".mvccpb",
+            ".authpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])?;
 
     tonic_prost_build::configure()
         .build_server(true)

@@ -99,12 +99,14 @@ pub mod etcdserverpb {
 /// `proto/v3lockpb/v3lock.proto`.
 pub mod v3lockpb {
     include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
 }
 
 /// etcd's `v3electionpb` package: the Election service (Campaign, Proclaim, Leader, Observe,
 /// Resign), generated from `proto/v3electionpb/v3election.proto`.
 pub mod v3electionpb {
     include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
 }
 
 /// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source

@@ -5,7 +5,7 @@
 //! wording of a malformed body (Go's and serde's messages differ; status and code must not).
 //!
 //! Covers KV, Lease (unary and the keep-alive stream), Maintenance status, Cluster member
-//! list, the watch stream (create, events, progress, a second watcher, cancel, a compacted
+//! list, Lock and Election (Observe's server stream), the watch stream (create, events, progress, a second watcher, cancel, a compacted
 //! start), auth (token in `Authorization`), errors (bad JSON, bad base64, unknown path, wrong
 //! method, `/v3alpha/`), the `/v3beta/` alias, CORS, `/health`, `/version`, `/metrics`; and
 //! the Python gateway client `etcd3gw` driving both servers with one script.
@@ -471,6 +471,54 @@ async fn watch_stream() {
     .await;
 }
 
+/// Lock and Election through the gateway, with a lease of a fixed ID so both servers name
+/// the same keys (`<name>/<lease ID in hex>`); Observe is a server stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_election() {
+    differential(
+        "lock_and_election",
+        |t| plain(t, "gw-lock"),
+        |addr| async move {
+            let mut s = Script::new(addr.clone());
+            s.post("/v3/lease/grant", r#"{"TTL":60,"ID":4660}"#).await;
+            // "mylock" = bXlsb2Nr; its key "mylock/1234" = bXlsb2NrLzEyMzQ=
+            s.post("/v3/lock/lock", r#"{"name":"bXlsb2Nr","lease":"4660"}"#)
+                .await;
+            s.post("/v3/lock/unlock", r#"{"key":"bXlsb2NrLzEyMzQ="}"#)
+                .await;
+            s.post("/v3/lock/unlock", "{}").await;
+            // "ele" = ZWxl; its key "ele/1234" = ZWxlLzEyMzQ=
+            s.post(
+                "/v3/election/campaign",
+                r#"{"name":"ZWxl","lease":"4660","value":"YQ=="}"#,
+            )
+            .await;
+            s.post("/v3/election/leader", r#"{"name":"ZWxl"}"#).await;
+            let mut observe =
+                Stream::open(&addr, "/v3/election/observe", r#"{"name":"ZWxl"}"#, None).await;
+            let current = observe.line(Mask::Ids).await;
+            let leader = r#"{"name":"ZWxl","key":"ZWxlLzEyMzQ=","rev":"4","lease":"4660"}"#;
+            s.post(
+                "/v3/election/proclaim",
+                &format!(r#"{{"leader":{leader},"value":"Yg=="}}"#),
+            )
+            .await;
+            let proclaimed = observe.line(Mask::Ids).await;
+            s.note(
+                "observe",
+                serde_json::json!([observe.status, current, proclaimed]),
+            );
+            drop(observe);
+            s.post("/v3/election/proclaim", r#"{"value":"Yw=="}"#).await;
+            s.post("/v3/election/resign", &format!(r#"{{"leader":{leader}}}"#))
+                .await;
+            s.post("/v3/election/leader", r#"{"name":"ZWxl"}"#).await;
+            s.steps
+        },
+    )
+    .await;
+}
+
 /// compat_auth's users; the cases use alice (role app: readwrite on the prefix `/app/`).
 fn secured(target: Target) -> (Server, Option<tempfile::TempDir>) {
     let s = Secured::start(target, "gw-auth", &[]);
@@ -514,6 +562,9 @@ async fn auth_token_in_authorization() {
                 r#"{"key":"L2FwcC9h"}"#,
                 Some(bearer.as_str()),
             ),
+            // Management needs the root role.
+            ("/v3/auth/user/list", "{}", t),
+            ("/v3/auth/role/get", r#"{"role":"app"}"#, t),
         ] {
             s.req("POST", path, body, auth, Mask::Ids).await;
         }

@@ -279,7 +279,7 @@ impl Input {
     }
 }
 
-/// A streaming call (watch, lease keep-alive) as etcd's gateway runs it.
+/// A bidi streaming call (watch, lease keep-alive) as etcd's gateway runs it.
 pub(super) async fn stream(
     inner: Router,
     max_json_bytes: usize,
@@ -312,7 +312,27 @@ pub(super) async fn stream(
         ))
     });
     let body = Body::new(http_body_util::StreamBody::new(frames));
-    let resp = match inner.oneshot(grpc_request(route, &parts, body)).await {
+    stream_response(inner, route, &parts, body).await
+}
+
+/// A server-streaming call (Election.Observe): one request, a stream of results.
+pub(super) async fn server_stream(
+    inner: Router,
+    route: Route,
+    parts: &http::request::Parts,
+    frame: Bytes,
+) -> Response<Body> {
+    stream_response(inner, route, parts, full(frame)).await
+}
+
+/// Sends `body` as the call's request stream and answers with etcd's stream of results.
+async fn stream_response(
+    inner: Router,
+    route: Route,
+    parts: &http::request::Parts,
+    body: Body,
+) -> Response<Body> {
+    let resp = match inner.oneshot(grpc_request(route, parts, body)).await {
         Ok(r) => r,
         Err(e) => return error_response(&Status::internal(e)),
     };

@@ -228,7 +228,14 @@ async fn handle(inner: Router, settings: &GatewaySettings, req: Request<Body>) -
         return method_not_allowed(false);
     }
     match route.kind {
-        Kind::Unary => unary(inner, settings, route, req).await,
+        Kind::Unary => match one_request(settings, route, req).await {
+            Ok((parts, frame)) => grpc::unary(inner, route, &parts, frame).await,
+            Err(refused) => refused,
+        },
+        Kind::ServerStream => match one_request(settings, route, req).await {
+            Ok((parts, frame)) => grpc::server_stream(inner, route, &parts, frame).await,
+            Err(refused) => refused,
+        },
         Kind::Stream => grpc::stream(inner, settings.max_json_bytes, route, req).await,
     }
 }
@@ -242,12 +249,13 @@ fn cluster_version(server: &str) -> String {
     }
 }
 
-async fn unary(
-    inner: Router,
+/// The one request object of a unary or server-streaming call, framed, or the HTTP answer
+/// refusing it.
+async fn one_request(
     settings: &GatewaySettings,
     route: routes::Route,
     req: Request<Body>,
-) -> Response<Body> {
+) -> Result<(http::request::Parts, Bytes), Response<Body>> {
     let (parts, body) = req.into_parts();
     let json = match http_body_util::Limited::new(body, settings.max_json_bytes)
         .collect()
@@ -262,7 +270,7 @@ async fn unary(
                 )),
                 None => tonic::Status::invalid_argument(format!("reading the request body: {e}")),
             };
-            return grpc::error_response(&status);
+            return Err(grpc::error_response(&status));
         }
     };
     // As etcd's gateway: the first JSON value counts and anything after it is ignored; an
@@ -271,13 +279,17 @@ async fn unary(
         Parsed::Message(frame, _) => frame,
         Parsed::Incomplete(false) => (route.empty)(),
         Parsed::Incomplete(true) => {
-            return grpc::error_response(&tonic::Status::invalid_argument("unexpected EOF"));
+            return Err(grpc::error_response(&tonic::Status::invalid_argument(
+                "unexpected EOF",
+            )));
         }
         Parsed::Invalid(message) => {
-            return grpc::error_response(&tonic::Status::invalid_argument(message));
+            return Err(grpc::error_response(&tonic::Status::invalid_argument(
+                message,
+            )));
         }
     };
-    grpc::unary(inner, route, &parts, frame).await
+    Ok((parts, frame))
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {

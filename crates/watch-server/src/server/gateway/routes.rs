@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use watch_proto::etcdserverpb as pb;
+use watch_proto::{v3electionpb as election, v3lockpb as lock};
 
 /// How a method's messages flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,8 +20,11 @@ pub(super) enum Kind {
     /// One JSON request object, one JSON response object.
     Unary,
     /// A run of JSON request objects in, a newline-delimited `{"result":...}` stream out
-    /// (etcd's client/bidi streams: Watch, LeaseKeepAlive).
+    /// (etcd's bidi streams: Watch, LeaseKeepAlive).
     Stream,
+    /// One JSON request object in (read as a unary body), a `{"result":...}` stream out
+    /// (etcd's server streams: Election.Observe).
+    ServerStream,
 }
 
 /// What parsing the front of a JSON buffer yielded.
@@ -66,7 +70,7 @@ where
 /// method of the services keywatch serves. A method keywatch does not implement still has its
 /// path: the gRPC service answers it (UNIMPLEMENTED becomes HTTP 501), as over gRPC.
 fn table() -> Vec<(&'static str, Route)> {
-    use Kind::{Stream, Unary};
+    use Kind::{ServerStream, Stream, Unary};
     vec![
         (
             "/v3/kv/range",
@@ -282,6 +286,49 @@ fn table() -> Vec<(&'static str, Route)> {
                 Unary,
             ),
         ),
+        (
+            "/v3/lock/lock",
+            rpc::<lock::LockRequest, lock::LockResponse>("/v3lockpb.Lock/Lock", Unary),
+        ),
+        (
+            "/v3/lock/unlock",
+            rpc::<lock::UnlockRequest, lock::UnlockResponse>("/v3lockpb.Lock/Unlock", Unary),
+        ),
+        (
+            "/v3/election/campaign",
+            rpc::<election::CampaignRequest, election::CampaignResponse>(
+                "/v3electionpb.Election/Campaign",
+                Unary,
+            ),
+        ),
+        (
+            "/v3/election/proclaim",
+            rpc::<election::ProclaimRequest, election::ProclaimResponse>(
+                "/v3electionpb.Election/Proclaim",
+                Unary,
+            ),
+        ),
+        (
+            "/v3/election/leader",
+            rpc::<election::LeaderRequest, election::LeaderResponse>(
+                "/v3electionpb.Election/Leader",
+                Unary,
+            ),
+        ),
+        (
+            "/v3/election/observe",
+            rpc::<election::LeaderRequest, election::LeaderResponse>(
+                "/v3electionpb.Election/Observe",
+                ServerStream,
+            ),
+        ),
+        (
+            "/v3/election/resign",
+            rpc::<election::ResignRequest, election::ResignResponse>(
+                "/v3electionpb.Election/Resign",
+                Unary,
+            ),
+        ),
     ]
 }
 
@@ -339,7 +386,10 @@ mod tests {
         assert_eq!(ROUTES.len(), t.len(), "a path is listed twice");
         for (path, r) in t {
             assert!(path.starts_with("/v3/"), "{path}");
-            assert!(r.grpc_path.starts_with("/etcdserverpb."), "{path}");
+            assert!(
+                r.grpc_path.starts_with('/') && r.grpc_path[1..].contains('/'),
+                "{path}"
+            );
         }
     }
 
