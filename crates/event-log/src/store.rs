@@ -58,6 +58,15 @@ pub trait LogStore: Send + Sync + 'static {
         policy: &RetentionPolicy,
         now_ms: u64,
     ) -> Result<Option<Revision>, LogError>;
+
+    /// Returns the space the store's files hold but no longer use (deleted and compacted
+    /// records) to the file system, and whether anything was reclaimed. Called on the writer
+    /// thread, never concurrently with `append_batch` or `compact`. The default reclaims
+    /// nothing and returns `Ok(false)`: right for a backend whose files never hold free space
+    /// (an in-memory or test store).
+    fn defragment(&self) -> Result<bool, LogError> {
+        Ok(false)
+    }
 }
 
 /// Revision -> encoded change set.
@@ -117,7 +126,9 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// The default [`LogStore`]: one redb file with the tables `changes`, `key_index` and `meta`.
 #[derive(Debug, Clone)]
 pub struct RedbStore {
-    db: Arc<redb::Database>,
+    /// Read-locked by every transaction for its whole life (reads and commits); write-locked
+    /// only by [`LogStore::defragment`], since redb's `compact` needs the database to itself.
+    db: Arc<parking_lot::RwLock<redb::Database>>,
     options: RedbOptions,
 }
 
@@ -153,7 +164,7 @@ impl RedbStore {
                 reason: "the storage engine panicked while opening the file".into(),
             })??;
         let store = Self {
-            db: Arc::new(db),
+            db: Arc::new(parking_lot::RwLock::new(db)),
             options,
         };
         store.init()?;
@@ -186,7 +197,9 @@ impl RedbStore {
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, LogError> {
-        let mut txn = self.db.begin_write()?;
+        // Write transactions run on the writer thread only, as `defragment` does: they never
+        // overlap it, so the guard need not outlive this call.
+        let mut txn = self.db.read().begin_write()?;
         txn.set_durability(match self.options.durability {
             Durability::Fsync => redb::Durability::Immediate,
             Durability::NoSync => redb::Durability::None,
@@ -201,13 +214,21 @@ impl RedbStore {
     }
 
     fn read_meta(&self, name: &str) -> Result<u64, LogError> {
-        let txn = self.db.begin_read()?;
+        // Held until the transaction ends: `defragment` must not run under a live read.
+        let db = self.db.read();
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         Self::meta_get(&meta, name)
     }
 }
 
 impl LogStore for RedbStore {
+    fn defragment(&self) -> Result<bool, LogError> {
+        // Waits for in-flight reads; new ones wait for the compaction.
+        let mut db = self.db.write();
+        db.compact().map_err(|e| LogError::Storage(e.to_string()))
+    }
+
     fn append_batch(&self, batch: &[EncodedChange]) -> Result<(), LogError> {
         let Some(newest) = batch.last() else {
             return Ok(());
@@ -251,7 +272,9 @@ impl LogStore for RedbStore {
         limit: usize,
     ) -> Result<Vec<ChangeSet>, LogError> {
         // One read transaction: the compaction check and the data come from the same snapshot.
-        let txn = self.db.begin_read()?;
+        // Held until the transaction ends: `defragment` must not run under a live read.
+        let db = self.db.read();
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         let compacted = Self::meta_get(&meta, META_COMPACTED)?;
         if after.saturating_add(1) < compacted {
@@ -368,7 +391,9 @@ impl LogStore for RedbStore {
         if policy.is_unbounded() {
             return Ok(None);
         }
-        let txn = self.db.begin_read()?;
+        // Held until the transaction ends: `defragment` must not run under a live read.
+        let db = self.db.read();
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         let changes = txn.open_table(CHANGES)?;
         let mut count = Self::meta_get(&meta, META_COUNT)?.max(changes.len()?);

@@ -91,6 +91,7 @@
 mod clock;
 mod error;
 mod lease;
+mod maintenance;
 mod mirror;
 mod snapshot;
 mod state;
@@ -110,6 +111,9 @@ use watch_core::{
 
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
+pub use maintenance::{
+    Alarm, AlarmMember, BACKUP_MAGIC, BackupInfo, Defragmented, KvHash, RestoreInfo, restore,
+};
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
 pub use snapshot::SNAPSHOT_FILE;
@@ -141,6 +145,11 @@ pub struct StoreConfig {
     pub max_leases: usize,
     /// Smallest lease TTL in seconds; shorter grants are raised to it (etcd's default: 2).
     pub min_lease_ttl: i64,
+    /// Space quota in bytes of the data files (etcd's `--quota-backend-bytes`); 0: none (the
+    /// store's default; watch-server applies etcd's 2 GiB). See `maintenance.rs`.
+    pub quota_bytes: u64,
+    /// The member ID the store's own alarms are raised for (etcd's member ID).
+    pub member_id: u64,
 }
 
 impl Default for StoreConfig {
@@ -152,6 +161,8 @@ impl Default for StoreConfig {
             progress_interval: Duration::from_secs(600),
             max_leases: 1_000_000,
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
+            quota_bytes: 0,
+            member_id: 0,
         }
     }
 }
@@ -180,6 +191,16 @@ impl StoreConfig {
     /// Sets [`StoreConfig::max_leases`].
     pub fn max_leases(mut self, n: usize) -> Self {
         self.max_leases = n;
+        self
+    }
+    /// Sets [`StoreConfig::quota_bytes`] (0: no quota).
+    pub fn quota_bytes(mut self, bytes: u64) -> Self {
+        self.quota_bytes = bytes;
+        self
+    }
+    /// Sets [`StoreConfig::member_id`].
+    pub fn member_id(mut self, id: u64) -> Self {
+        self.member_id = id;
         self
     }
     /// Sets [`StoreConfig::min_lease_ttl`] (seconds, at least 1).
@@ -250,6 +271,9 @@ struct Inner {
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// When recent revisions were published (written by the publisher, for metrics).
     published: Arc<clock::PublishClock>,
+    /// Raised alarms (in memory: a restart clears them, and the next write past the quota
+    /// raises NOSPACE again).
+    alarms: maintenance::Alarms,
 }
 
 impl Drop for Inner {
@@ -415,6 +439,7 @@ impl Store {
                 mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
                 published,
+                alarms: Default::default(),
             }),
         };
         // A mirror's keys carry the upstream etcd's lease IDs, which this store never granted
@@ -700,6 +725,7 @@ impl Store {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {
         state::validate_txn(&req, self.inner.config.max_txn_ops)?;
         self.check_writable()?;
+        self.admit(maintenance::txn_cost(&req))?;
         let guard = self.inner.write_lock.lock().await;
         self.check_open()?;
         // State cannot change while `write_lock` is held, so this revision stays current.
@@ -774,6 +800,7 @@ impl Store {
     /// Returns the store revision the compaction was judged against (durable) once it is persisted.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
         self.check_writable()?;
+        self.check_not_corrupt()?;
         self.compact_history(revision).await
     }
 

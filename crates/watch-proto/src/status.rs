@@ -59,8 +59,12 @@ pub enum EtcdError {
     Stopped,
     /// An auth request to a server without authentication (no `[auth]` in its config).
     AuthNotEnabled,
-    /// Stored data failed an integrity check.
+    /// Stored data failed an integrity check, or the CORRUPT alarm is raised.
     Corrupt,
+    /// The space quota is exhausted or the NOSPACE alarm is raised (`--quota-backend-bytes`).
+    NoSpace,
+    /// MoveLeader to a member that is not in the cluster (or a learner).
+    BadLeaderTransferee,
     /// A watch create whose `key >= range_end` (etcd sends it only as `cancel_reason`).
     WatcherRangeEmpty,
     /// A watch create reusing a watch ID in use on its stream (sent as `cancel_reason`).
@@ -109,6 +113,8 @@ impl EtcdError {
             }
             Self::AuthNotEnabled => Code::FailedPrecondition,
             Self::Corrupt => Code::DataLoss,
+            Self::NoSpace => Code::ResourceExhausted,
+            Self::BadLeaderTransferee => Code::FailedPrecondition,
         }
     }
 
@@ -133,6 +139,8 @@ impl EtcdError {
             Self::Stopped => "etcdserver: server stopped",
             Self::AuthNotEnabled => "etcdserver: authentication is not enabled",
             Self::Corrupt => "etcdserver: corrupt cluster",
+            Self::NoSpace => "etcdserver: mvcc: database space exceeded",
+            Self::BadLeaderTransferee => "etcdserver: bad leader transferee",
             Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
             Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
             Self::UserEmpty => "etcdserver: user name is empty",
@@ -325,6 +333,16 @@ mod tests {
             EtcdError::Corrupt.into(),
             Code::DataLoss,
             "etcdserver: corrupt cluster",
+        );
+        check(
+            EtcdError::NoSpace.into(),
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        );
+        check(
+            EtcdError::BadLeaderTransferee.into(),
+            Code::FailedPrecondition,
+            "etcdserver: bad leader transferee",
         );
         check(
             EtcdError::WatcherRangeEmpty.into(),

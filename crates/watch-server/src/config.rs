@@ -119,6 +119,11 @@ pub struct Cli {
     /// with its default election timeout).
     #[arg(long, env = "KEYWATCH_MIN_LEASE_TTL")]
     pub min_lease_ttl: Option<i64>,
+    /// Space quota in bytes of the data files, as etcd's: past it, writes that add data fail
+    /// with "mvcc: database space exceeded" and the NOSPACE alarm is raised (default and 0:
+    /// 2147483648, etcd's 2 GiB; negative: no quota). See docs/operations.md.
+    #[arg(long, env = "KEYWATCH_QUOTA_BACKEND_BYTES", allow_hyphen_values = true)]
+    pub quota_backend_bytes: Option<i64>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -214,6 +219,16 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         cost: u32,
     },
+    /// Installs a backup taken with Maintenance.Snapshot (`etcdctl snapshot save`) as a new
+    /// data directory, then exits; start the server on that directory afterwards. See
+    /// docs/operations.md.
+    Restore {
+        /// The backup file (as `etcdctl snapshot save` wrote it; its SHA-256 is checked).
+        file: PathBuf,
+        /// The data directory to create; it must not hold a store yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 /// The config file's keys; every key is optional.
@@ -252,6 +267,7 @@ pub struct FileConfig {
     pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
     pub min_lease_ttl: Option<i64>,
+    pub quota_backend_bytes: Option<i64>,
 }
 
 /// The resolved server configuration.
@@ -304,6 +320,20 @@ pub struct ServerConfig {
     pub max_leases: usize,
     /// Smallest lease TTL in seconds (at least 1).
     pub min_lease_ttl: i64,
+    /// Space quota of the data files in bytes; 0: none (only from a negative setting).
+    pub quota_backend_bytes: u64,
+}
+
+/// etcd's default space quota (`DefaultQuotaBytes`, 2 GiB), also what 0 means.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// The quota as etcd reads `--quota-backend-bytes`: 0 is the default, negative is none.
+fn quota_of(setting: i64) -> u64 {
+    match setting {
+        0 => DEFAULT_QUOTA_BYTES,
+        n if n < 0 => 0,
+        n => n as u64,
+    }
 }
 
 impl Default for ServerConfig {
@@ -332,6 +362,7 @@ impl Default for ServerConfig {
             auth: None,
             max_leases: 1_000_000,
             min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
+            quota_backend_bytes: DEFAULT_QUOTA_BYTES,
         }
     }
 }
@@ -558,6 +589,10 @@ impl ServerConfig {
                 .min_lease_ttl
                 .or(file.min_lease_ttl)
                 .unwrap_or(d.min_lease_ttl),
+            quota_backend_bytes: cli
+                .quota_backend_bytes
+                .or(file.quota_backend_bytes)
+                .map_or(d.quota_backend_bytes, quota_of),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -650,6 +685,8 @@ impl ServerConfig {
             .progress_interval(self.progress_interval)
             .max_leases(self.max_leases)
             .min_lease_ttl(self.min_lease_ttl)
+            .quota_bytes(self.quota_backend_bytes)
+            .member_id(crate::server::convert::MEMBER_ID)
     }
 }
 
@@ -684,6 +721,23 @@ mod tests {
         };
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
         assert!(c.mirror_config().is_none());
+    }
+
+    #[test]
+    fn quota_as_etcd_reads_it() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.quota_backend_bytes, DEFAULT_QUOTA_BYTES);
+        let file: FileConfig = toml::from_str("quota_backend_bytes = 0").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file).unwrap();
+        assert_eq!(c.store_config().quota_bytes, DEFAULT_QUOTA_BYTES);
+        let file: FileConfig = toml::from_str("quota_backend_bytes = 4096").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.quota_backend_bytes, 4096);
+        let cli = Cli {
+            quota_backend_bytes: Some(-1),
+            ..Cli::default()
+        };
+        assert_eq!(ServerConfig::merge(cli, file).unwrap().quota_backend_bytes, 0);
     }
 
     #[test]

@@ -64,6 +64,7 @@ fn etcd_error(kind: EtcdKind) -> EtcdError {
         EtcdKind::LeaseTtlTooLarge => EtcdError::LeaseTtlTooLarge,
         EtcdKind::Stopped => EtcdError::Stopped,
         EtcdKind::Corrupt => EtcdError::Corrupt,
+        EtcdKind::NoSpace => EtcdError::NoSpace,
     }
 }
 

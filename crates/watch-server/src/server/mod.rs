@@ -50,7 +50,7 @@ pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
 pub use lease::LeaseService;
-pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService};
+pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService, RestoreError, restore_snapshot};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -304,7 +304,7 @@ impl Server {
                         .max_encoding_message_size(usize::MAX),
                 );
                 maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
-                    MaintenanceService::new(store.clone()),
+                    MaintenanceService::new(store.clone()).with_gate(gate.clone()),
                 ));
                 cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
                     store.clone(),
