@@ -181,7 +181,10 @@ fn ttl_duration(ttl: i64) -> Duration {
 }
 
 enum DbOp {
-    Put { id: i64, ttl: i64 },
+    Put {
+        id: i64,
+        ttl: i64,
+    },
     Remove(Vec<i64>),
     /// Reclaim the file's free space (redb `compact`), between commits.
     Compact,

@@ -111,10 +111,10 @@ use watch_core::{
 
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
+pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use maintenance::{
     Alarm, AlarmMember, BACKUP_MAGIC, BackupInfo, Defragmented, KvHash, RestoreInfo, restore,
 };
-pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};

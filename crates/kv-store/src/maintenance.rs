@@ -161,7 +161,11 @@ impl Store {
 
     /// Raises `alarm` for `member`. Returns false when it was already raised.
     pub fn activate_alarm(&self, member: u64, alarm: Alarm) -> bool {
-        let added = self.inner.alarms.lock().insert(AlarmMember { member, alarm });
+        let added = self
+            .inner
+            .alarms
+            .lock()
+            .insert(AlarmMember { member, alarm });
         if added {
             tracing::warn!(member, ?alarm, "alarm raised");
         }
@@ -242,7 +246,8 @@ impl Store {
         }
         self.wait_durable(current).await?;
         let kvs = if revision != 0 && revision < current {
-            self.rewind(&KeyRange::all(), kvs, revision, current).await?
+            self.rewind(&KeyRange::all(), kvs, revision, current)
+                .await?
         } else {
             kvs
         };
@@ -291,11 +296,7 @@ impl Store {
         let before = self.disk_size();
         // Holding the compaction lock keeps a compaction (many log commits) from interleaving.
         let _c = self.inner.compact_lock.lock().await;
-        self.inner
-            .log
-            .defragment()
-            .await
-            .map_err(crate::log_err)?;
+        self.inner.log.defragment().await.map_err(crate::log_err)?;
         self.inner.leases.defragment().await?;
         let after = self.disk_size();
         tracing::info!(before, after, "data files defragmented");
@@ -386,7 +387,11 @@ impl Store {
 /// deleted at open, as after a crash mid-revoke.
 pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError> {
     let src = Path::new("<backup>");
-    for f in [event_log::STORE_FILE, snapshot::SNAPSHOT_FILE, lease::LEASES_FILE] {
+    for f in [
+        event_log::STORE_FILE,
+        snapshot::SNAPSHOT_FILE,
+        lease::LEASES_FILE,
+    ] {
         if dir.join(f).exists() {
             return Err(io_err(
                 dir,

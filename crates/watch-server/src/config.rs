@@ -737,7 +737,10 @@ mod tests {
             quota_backend_bytes: Some(-1),
             ..Cli::default()
         };
-        assert_eq!(ServerConfig::merge(cli, file).unwrap().quota_backend_bytes, 0);
+        assert_eq!(
+            ServerConfig::merge(cli, file).unwrap().quota_backend_bytes,
+            0
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use watch_proto::status::EtcdError;
 use watch_proto::etcdserverpb as pb;
+use watch_proto::status::EtcdError;
 
 use super::convert::{self, MEMBER_ID, RAFT_TERM, store_status};
 use crate::auth::Gate;
@@ -189,10 +189,12 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             Err(_) => return Err(Status::invalid_argument("unknown alarm type")),
         };
         let changed = |done: bool| {
-            done.then(|| alarm_member(AlarmMember {
-                member: r.member_id,
-                alarm,
-            }))
+            done.then(|| {
+                alarm_member(AlarmMember {
+                    member: r.member_id,
+                    alarm,
+                })
+            })
         };
         let alarms = match pb::alarm_request::AlarmAction::try_from(r.action) {
             // etcd lists every alarm for NONE, else those of that type (any member).
@@ -255,7 +257,10 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         request: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         self.check_admin(&request)?;
-        self.store.defragment().await.map_err(|e| store_status(&e))?;
+        self.store
+            .defragment()
+            .await
+            .map_err(|e| store_status(&e))?;
         Ok(Response::new(pb::DefragmentResponse {
             header: Some(convert::header(self.store.durable_revision())),
         }))
@@ -305,10 +310,10 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.check_admin(&request)?;
         let seq = SNAPSHOT_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .store
-            .dir()
-            .join(format!("{SNAPSHOT_TMP_PREFIX}{}-{seq}.tmp", std::process::id()));
+        let path = self.store.dir().join(format!(
+            "{SNAPSHOT_TMP_PREFIX}{}-{seq}.tmp",
+            std::process::id()
+        ));
         let file = TempBackup(path);
         let info = self
             .store

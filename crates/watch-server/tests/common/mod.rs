@@ -284,6 +284,24 @@ impl Server {
         server
     }
 
+    /// Starts keywatch on an existing data dir (e.g. one `watch-server restore` made); the dir
+    /// is removed with the server.
+    pub fn start_keywatch_in(name: &str, dir: TempDir) -> Server {
+        let mut server = Server {
+            target: Target::Keywatch,
+            name: name.to_owned(),
+            endpoint: String::new(),
+            child: None,
+            log: Log::default(),
+            dir,
+            etcd_ports: None,
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
+        };
+        server.launch(false);
+        server
+    }
+
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
