@@ -65,6 +65,9 @@ pub enum EtcdError {
     NoSpace,
     /// MoveLeader to a member that is not in the cluster (or a learner).
     BadLeaderTransferee,
+    /// A caller without the root role asked for Snapshot, Hash, HashKV or Defragment: etcd
+    /// 3.4 returns its auth package's error there without converting it (code Unknown).
+    AdminPermissionDenied,
     /// A watch create whose `key >= range_end` (etcd sends it only as `cancel_reason`).
     WatcherRangeEmpty,
     /// A watch create reusing a watch ID in use on its stream (sent as `cancel_reason`).
@@ -115,6 +118,7 @@ impl EtcdError {
             Self::Corrupt => Code::DataLoss,
             Self::NoSpace => Code::ResourceExhausted,
             Self::BadLeaderTransferee => Code::FailedPrecondition,
+            Self::AdminPermissionDenied => Code::Unknown,
         }
     }
 
@@ -141,6 +145,7 @@ impl EtcdError {
             Self::Corrupt => "etcdserver: corrupt cluster",
             Self::NoSpace => "etcdserver: mvcc: database space exceeded",
             Self::BadLeaderTransferee => "etcdserver: bad leader transferee",
+            Self::AdminPermissionDenied => "auth: permission denied",
             Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
             Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
             Self::UserEmpty => "etcdserver: user name is empty",
@@ -338,6 +343,11 @@ mod tests {
             EtcdError::NoSpace.into(),
             Code::ResourceExhausted,
             "etcdserver: mvcc: database space exceeded",
+        );
+        check(
+            EtcdError::AdminPermissionDenied.into(),
+            Code::Unknown,
+            "auth: permission denied",
         );
         check(
             EtcdError::BadLeaderTransferee.into(),
