@@ -274,6 +274,8 @@ struct Inner {
     /// Raised alarms (in memory: a restart clears them, and the next write past the quota
     /// raises NOSPACE again).
     alarms: maintenance::Alarms,
+    /// The last [`Store::defragment`]'s sizes and how many ran (for metrics).
+    defragmented: parking_lot::Mutex<(Option<Defragmented>, u64)>,
 }
 
 impl Drop for Inner {
@@ -440,6 +442,7 @@ impl Store {
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
                 published,
                 alarms: Default::default(),
+                defragmented: Default::default(),
             }),
         };
         // A mirror's keys carry the upstream etcd's lease IDs, which this store never granted

@@ -300,7 +300,16 @@ impl Store {
         self.inner.leases.defragment().await?;
         let after = self.disk_size();
         tracing::info!(before, after, "data files defragmented");
-        Ok(Defragmented { before, after })
+        let done = Defragmented { before, after };
+        let mut last = self.inner.defragmented.lock();
+        *last = (Some(done), last.1 + 1);
+        Ok(done)
+    }
+
+    /// The last [`Store::defragment`]'s sizes (`None` before the first) and how many have run
+    /// since the store opened.
+    pub fn last_defragment(&self) -> (Option<Defragmented>, u64) {
+        *self.inner.defragmented.lock()
     }
 
     /// Writes a consistent backup of the whole store to `out` (created or truncated; see the

@@ -198,6 +198,21 @@ async fn metrics_move_after_a_workload() {
         batches
     );
     assert_eq!(sample(&m, "keywatch_log_commit_failures_total"), 0.0);
+    // Quota, alarms and defragmentation.
+    assert_eq!(sample(&m, "keywatch_quota_backend_bytes"), 2147483648.0);
+    assert_eq!(sample(&m, "keywatch_alarms{alarm=\"NOSPACE\"}"), 0.0);
+    assert_eq!(sample(&m, "keywatch_defragmentations"), 0.0);
+    pb::maintenance_client::MaintenanceClient::new(ch.clone())
+        .defragment(pb::DefragmentRequest {})
+        .await
+        .unwrap();
+    let m = samples(&scrape(maddr).await);
+    assert_eq!(sample(&m, "keywatch_defragmentations"), 1.0);
+    let (before, after) = (
+        sample(&m, "keywatch_defrag_before_bytes"),
+        sample(&m, "keywatch_defrag_after_bytes"),
+    );
+    assert!(after > 0.0 && after <= before, "{before} -> {after}");
     assert_eq!(sample(&m, "keywatch_revision"), 4.0);
     assert_eq!(sample(&m, "keywatch_compacted_revision"), 0.0);
     assert_eq!(sample(&m, "keywatch_keys"), 3.0);
