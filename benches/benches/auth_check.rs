@@ -9,13 +9,16 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tonic::Request;
 use watch_proto::etcdserverpb as pb;
-use watch_server::auth::{Auth, AuthFileConfig, AuthSettings, DEFAULT_TOKEN_TTL, Gate};
+use watch_server::auth::{Auth, AuthFileConfig, AuthSettings, DEFAULT_TOKEN_TTL, Gate, Perm};
 
 /// Runs `gate`'s checks for one Range request, as the KV service does.
 fn check(gate: &Gate, request: &Request<pb::RangeRequest>) -> bool {
     match gate.caller(request) {
         Ok(None) => true,
-        Ok(Some(caller)) => caller.check_range(request.get_ref()).is_ok(),
+        Ok(Some(caller)) => {
+            let r = request.get_ref();
+            caller.check(Perm::Read, &r.key, &r.range_end).is_ok()
+        }
         Err(_) => false,
     }
 }

@@ -6,31 +6,24 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-/// Crates the embeddable engine must never depend on, even transitively.
-const CORE_FORBIDDEN: &[&str] = &[
-    "prost",
-    "tonic",
-    "prost-types",
-    "tonic-build",
-    "prost-build",
-];
+mod boundaries;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
-        Some("check-core-deps") => check_core_deps(),
+        Some("check-boundaries") => boundaries::check(&root()),
         Some("robustness") => robustness(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
-                 ci               fmt check, clippy -D warnings, tests, doc tests, bench build, dependency boundaries\n  \
+                 ci               boundaries, fmt check, clippy -D warnings, tests, doc tests, bench build, loadgen, robustness\n  \
                  bench [args]     criterion benches (args go to `cargo bench`), then loadgen vs etcd\n  \
                  bench --quick    loadgen only, every scenario tiny, docs untouched\n  \
                  bench --loadgen  loadgen only, default sizes (rewrites its docs/benchmarks.md section)\n  \
-                 check-core-deps  fail if watch-core depends on prost or tonic\n  \
+                 check-boundaries fail if a boundary rule of ARCHITECTURE.md is broken\n  \
                  robustness [--duration S] [--seed N]...  randomized kill/stall/compaction runs, validated"
             );
             bail!("unknown or missing command")
@@ -86,7 +79,7 @@ fn cargo(args: &[&str]) -> Result<()> {
 
 fn ci() -> Result<()> {
     let started = std::time::Instant::now();
-    check_core_deps()?;
+    boundaries::check(&root())?;
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&[
         "clippy",
@@ -207,48 +200,4 @@ fn robustness(extra: &[String]) -> Result<()> {
     }
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
-}
-
-/// Walks `cargo tree` for watch-core (all features, all targets except dev) and fails on any
-/// forbidden crate, so the boundary is checked rather than hoped for.
-fn check_core_deps() -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
-        .args([
-            "tree",
-            "-p",
-            "watch-core",
-            "--edges",
-            "normal,build",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-            "--all-features",
-        ])
-        .current_dir(root())
-        .output()
-        .context("running cargo tree")?;
-    if !out.status.success() {
-        bail!(
-            "cargo tree failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let tree = String::from_utf8_lossy(&out.stdout);
-    let bad: Vec<&str> = tree
-        .lines()
-        .filter(|l| {
-            let name = l.split_whitespace().next().unwrap_or("");
-            CORE_FORBIDDEN.contains(&name)
-        })
-        .collect();
-    if !bad.is_empty() {
-        bail!("watch-core must not depend on protobuf/gRPC crates, found: {bad:?}");
-    }
-    eprintln!(
-        "xtask: watch-core dependency boundary ok ({} crates)",
-        tree.lines().count()
-    );
-    Ok(())
 }

@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+/// Default bound of redb's page cache, in bytes (see [`crate::RedbOptions::cache_bytes`]).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 /// How durable a commit is when `append` resolves. The one durability vocabulary of keywatch:
 /// kv-store re-exports it, and the server's `--durability fsync|no-sync` names its variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,7 +98,7 @@ impl Default for LogConfig {
             retention: RetentionPolicy::UNBOUNDED,
             quick_repair: false,
             verify_on_open: true,
-            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }

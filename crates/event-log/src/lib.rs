@@ -76,9 +76,9 @@ mod log;
 mod observer;
 mod store;
 
-pub use config::{Durability, LogConfig, RetentionPolicy};
+pub use config::{DEFAULT_CACHE_BYTES, Durability, LogConfig, RetentionPolicy};
 pub use error::LogError;
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
 pub use observer::LogObserver;
-pub use store::{DEFAULT_CACHE_BYTES, LogStore, RedbOptions, RedbStore};
+pub use store::{LogStore, RedbOptions, RedbStore};
 pub use watch_core::{ChangeSet, KeySelector, Revision};

@@ -13,7 +13,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use watch_core::{ChangeSet, KeySelector, Revision};
 
 use crate::codec::{self, EncodedChange};
-use crate::config::{Durability, RetentionPolicy};
+use crate::config::{DEFAULT_CACHE_BYTES, Durability, RetentionPolicy};
 use crate::error::LogError;
 
 /// A durable, ordered store of encoded change sets.
@@ -119,9 +119,6 @@ impl Default for RedbOptions {
         }
     }
 }
-
-/// Default bound of redb's page cache (see [`RedbOptions::cache_bytes`]).
-pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// The default [`LogStore`]: one redb file with the tables `changes`, `key_index` and `meta`.
 #[derive(Debug, Clone)]

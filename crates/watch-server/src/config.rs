@@ -12,40 +12,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+pub use crate::config_error::ConfigError;
 use kv_store::Durability;
 
 /// etcd's default `--max-request-bytes` (1.5 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
-
-/// Why a configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("reading config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for [`FileConfig`].
-    #[error("parsing config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message.
-        message: String,
-    },
-    /// A value is out of its allowed range or malformed.
-    #[error("invalid {field}: {message}")]
-    Invalid {
-        /// The setting.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// Commit durability as written in flags and files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]

@@ -39,6 +39,7 @@
 
 pub mod auth;
 pub mod config;
+mod config_error;
 pub mod mirror;
 pub mod server;
 pub mod tls;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 /// Default of `--tls-handshake-timeout`.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

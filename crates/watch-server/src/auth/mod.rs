@@ -8,27 +8,28 @@
 //!   `Option` and nothing else. On, [`Gate::caller`] resolves the request's token to a
 //!   [`Caller`], whose [`Caller::check`] tests one access to one etcd `(key, range_end)`.
 //!
-//! **How a service checks a request** (every KV and Watch method does this; a new service
-//! that touches keys must too):
+//! **How a service checks a request** (every KV, Lease and Watch method does this; a new
+//! service that touches keys must too). The KV and Lease services do it in one place, the
+//! server's admission layer, which knows which keys each wire request reads and writes; this
+//! module knows only etcd's `(key, range_end)` model, no wire type.
 //!
 //! ```
 //! use tonic::{Request, Status};
-//! use watch_proto::etcdserverpb as pb;
 //! use watch_server::auth::{Gate, Perm};
 //!
-//! fn check(gate: &Gate, request: &Request<pb::RangeRequest>) -> Result<(), Status> {
+//! /// A request that reads etcd's `(key, range_end)` and writes `key`.
+//! fn check<T>(gate: &Gate, request: &Request<T>, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
 //!     // Before `into_inner`: the token is in the request's metadata.
-//!     let r = request.get_ref();
-//!     gate.check(request, Perm::Read, &r.key, &r.range_end)?;
+//!     gate.check(request, Perm::Read, key, range_end)?;
 //!     // Several checks on one request resolve the caller (a token lookup) once:
 //!     if let Some(caller) = gate.caller(request)? {
-//!         caller.check(Perm::Write, &r.key, b"")?;
+//!         caller.check(Perm::Write, key, b"")?;
 //!         caller.check_admin()?;
 //!     }
 //!     Ok(())
 //! }
 //! // Off (no `[auth]`): everything passes after one branch.
-//! assert!(check(&Gate::off(), &Request::new(pb::RangeRequest::default())).is_ok());
+//! assert!(check(&Gate::off(), &Request::new(()), b"/app/x", b"").is_ok());
 //! ```
 //!
 //! Errors are etcd's: no token → "etcdserver: user name is empty" (InvalidArgument), an
@@ -46,7 +47,6 @@ use std::time::Instant;
 use tokio::sync::Semaphore;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
-use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 pub use config::{
@@ -143,48 +143,6 @@ impl Caller {
             return Ok(());
         }
         keys.into_iter().try_for_each(|k| self.check(perm, k, b""))
-    }
-
-    /// etcd's checks for a Range: read on its range.
-    pub fn check_range(&self, r: &pb::RangeRequest) -> Result<(), EtcdError> {
-        self.check(Perm::Read, &r.key, &r.range_end)
-    }
-
-    /// etcd's checks for a Put: write on its key, and read too when it asks for `prev_kv`.
-    pub fn check_put(&self, r: &pb::PutRequest) -> Result<(), EtcdError> {
-        self.check(Perm::Write, &r.key, b"")?;
-        if r.prev_kv {
-            self.check(Perm::Read, &r.key, b"")?;
-        }
-        Ok(())
-    }
-
-    /// etcd's checks for a DeleteRange: write on its range, and read too for `prev_kv`.
-    pub fn check_delete(&self, r: &pb::DeleteRangeRequest) -> Result<(), EtcdError> {
-        self.check(Perm::Write, &r.key, &r.range_end)?;
-        if r.prev_kv {
-            self.check(Perm::Read, &r.key, &r.range_end)?;
-        }
-        Ok(())
-    }
-
-    /// etcd's checks for a Txn: read on every compare's range, and every operation of both
-    /// branches (nested txns included) as if sent alone, whichever branch would run.
-    pub fn check_txn(&self, r: &pb::TxnRequest) -> Result<(), EtcdError> {
-        for c in &r.compare {
-            self.check(Perm::Read, &c.key, &c.range_end)?;
-        }
-        for op in r.success.iter().chain(&r.failure) {
-            match &op.request {
-                Some(pb::request_op::Request::RequestRange(r)) => self.check_range(r)?,
-                Some(pb::request_op::Request::RequestPut(r)) => self.check_put(r)?,
-                Some(pb::request_op::Request::RequestDeleteRange(r)) => self.check_delete(r)?,
-                Some(pb::request_op::Request::RequestTxn(r)) => self.check_txn(r)?,
-                // An empty op is refused by the txn's own validation.
-                None => {}
-            }
-        }
-        Ok(())
     }
 }
 
@@ -374,38 +332,41 @@ impl Gate {
     }
 }
 
+/// Users and roles for unit tests: `root`, `alice` (roles `app`: readwrite `/app/`, read
+/// `/shared`; `other`: write from `w` on) and `nobody`, all with password `pw`.
+#[cfg(test)]
+pub(crate) fn test_settings() -> AuthSettings {
+    let hash = hash_password("pw", 4).unwrap();
+    let file: AuthFileConfig = toml::from_str(&format!(
+        r#"
+        [users.root]
+        password_hash = "{hash}"
+        roles = ["root"]
+        [users.alice]
+        password_hash = "{hash}"
+        roles = ["app", "other"]
+        [users.nobody]
+        password_hash = "{hash}"
+        [roles.app]
+        permissions = [
+          {{ type = "readwrite", prefix = "/app/" }},
+          {{ type = "read", key = "/shared" }},
+        ]
+        [roles.other]
+        permissions = [{{ type = "write", key = "w", range_end = "\u0000" }}]
+        "#
+    ))
+    .unwrap();
+    AuthSettings::from_file(&file, DEFAULT_TOKEN_TTL).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn settings() -> AuthSettings {
-        let hash = hash_password("pw", 4).unwrap();
-        let file: AuthFileConfig = toml::from_str(&format!(
-            r#"
-            [users.root]
-            password_hash = "{hash}"
-            roles = ["root"]
-            [users.alice]
-            password_hash = "{hash}"
-            roles = ["app", "other"]
-            [users.nobody]
-            password_hash = "{hash}"
-            [roles.app]
-            permissions = [
-              {{ type = "readwrite", prefix = "/app/" }},
-              {{ type = "read", key = "/shared" }},
-            ]
-            [roles.other]
-            permissions = [{{ type = "write", key = "w", range_end = "\u0000" }}]
-            "#
-        ))
-        .unwrap();
-        AuthSettings::from_file(&file, DEFAULT_TOKEN_TTL).unwrap()
-    }
-
     #[tokio::test]
     async fn authenticate_and_check() {
-        let auth = Auth::new(&settings());
+        let auth = Auth::new(&test_settings());
         assert_eq!(
             auth.authenticate("alice", "nope")
                 .await
@@ -463,7 +424,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let mut s = settings();
+        let mut s = test_settings();
         s.max_concurrent_hashes = 1;
         s.max_queued_logins = 0;
         let auth = Auth::new(&s);
@@ -496,60 +457,13 @@ mod tests {
 
     #[tokio::test]
     async fn overlong_names_and_passwords_fail_like_wrong_ones() {
-        let auth = Auth::new(&settings());
+        let auth = Auth::new(&test_settings());
         let long_name = "a".repeat(MAX_USER_NAME_BYTES + 1);
         let long_pw = "p".repeat(MAX_PASSWORD_BYTES + 1);
         for (name, pw) in [(long_name.as_str(), "pw"), ("alice", long_pw.as_str())] {
             let e = auth.authenticate(name, pw).await.unwrap_err();
             assert_eq!(e.message(), EtcdError::AuthFailed.message());
         }
-    }
-
-    #[tokio::test]
-    async fn txn_checks_every_compare_and_op() {
-        let auth = Auth::new(&settings());
-        let alice = auth
-            .caller(Some(&auth.authenticate("alice", "pw").await.unwrap()))
-            .unwrap();
-        let put = |k: &str| pb::RequestOp {
-            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-                key: k.as_bytes().to_vec().into(),
-                ..Default::default()
-            })),
-        };
-        let ok = pb::TxnRequest {
-            compare: vec![pb::Compare {
-                key: "/shared".into(),
-                ..Default::default()
-            }],
-            success: vec![put("/app/a")],
-            failure: vec![put("/app/b")],
-        };
-        assert!(alice.check_txn(&ok).is_ok());
-        // A forbidden op in the branch that would not run still refuses the txn.
-        let mut bad = ok.clone();
-        bad.failure.push(put("/secret"));
-        assert_eq!(alice.check_txn(&bad), Err(EtcdError::PermissionDenied));
-        // A compare is a read.
-        let mut bad = ok.clone();
-        bad.compare[0].key = "/secret".into();
-        assert_eq!(alice.check_txn(&bad), Err(EtcdError::PermissionDenied));
-        // Nested txns are checked too.
-        let mut bad = ok.clone();
-        bad.success.push(pb::RequestOp {
-            request: Some(pb::request_op::Request::RequestTxn(pb::TxnRequest {
-                success: vec![put("/secret")],
-                ..Default::default()
-            })),
-        });
-        assert_eq!(alice.check_txn(&bad), Err(EtcdError::PermissionDenied));
-        // prev_kv on a put needs read: alice may write "w..." but not read it.
-        let put_prev = pb::PutRequest {
-            key: "wx".into(),
-            prev_kv: true,
-            ..Default::default()
-        };
-        assert_eq!(alice.check_put(&put_prev), Err(EtcdError::PermissionDenied));
     }
 
     #[test]

@@ -30,7 +30,6 @@
 //! [`Mirror::status`] publishes a [`MirrorStatus`] (connected or not, mirrored revision,
 //! endpoint) for health checks and metrics.
 
-mod service;
 mod sync;
 
 use std::path::Path;
@@ -41,14 +40,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use watch_core::Revision;
 
 use kv_store::StoreError;
 use kv_store::{MirrorScope, Store};
-
-pub use service::{MirrorKvService, MirrorLeaseService};
 
 /// Default [`MirrorConfig::max_response_bytes`]: etcd clientv3's receive limit
 /// (`math.MaxInt32`), so every answer etcd can give (a snapshot page of large values) fits.
@@ -169,6 +165,33 @@ pub enum MirrorError {
         /// The mirror file found in it.
         file: &'static str,
     },
+}
+
+/// Why [`Mirror::wait_for`] failed. The server maps it to a gRPC status in one place, with
+/// the store's errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BarrierError {
+    /// The mirror did not apply the target revision within
+    /// [`MirrorConfig::barrier_timeout`] (the upstream is unreachable or slow): a client
+    /// should retry or go elsewhere.
+    #[error(
+        "keywatch mirror: upstream revision {target} not mirrored within {timeout:?} (mirror \
+         at {mirrored}, {state:?})"
+    )]
+    Timeout {
+        /// The upstream revision waited for.
+        target: Revision,
+        /// The barrier timeout.
+        timeout: Duration,
+        /// The mirror's revision when it gave up.
+        mirrored: Revision,
+        /// The mirror's connection state then.
+        state: MirrorState,
+    },
+    /// The store failed or closed while waiting.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Refuses a mirror's data directory (one holding [`MIRROR_META_FILE`] or
@@ -433,16 +456,21 @@ impl Mirror {
     }
 
     /// A channel to the endpoint in use, for forwarded requests.
-    fn channel(&self) -> Channel {
+    pub(crate) fn channel(&self) -> Channel {
         let i = self.inner.current.load(Ordering::Acquire) % self.inner.channels.len();
         self.inner.channels[i].1.clone()
     }
 
+    /// Largest response accepted from the upstream ([`MirrorConfig::max_response_bytes`]).
+    pub(crate) fn max_response_bytes(&self) -> usize {
+        self.inner.config.max_response_bytes
+    }
+
     /// Waits until the mirror has applied (durably) every upstream revision up to `target`,
     /// asking the upstream for progress every 100 ms while it waits (as Kubernetes' watch cache
-    /// does) when those answers are trusted. Fails with `Unavailable` after the barrier
-    /// timeout.
-    pub async fn wait_for(&self, target: Revision) -> Result<(), Status> {
+    /// does) when those answers are trusted. Fails with [`BarrierError::Timeout`] after the
+    /// barrier timeout.
+    pub async fn wait_for(&self, target: Revision) -> Result<(), BarrierError> {
         let store = &self.inner.store;
         let deadline = tokio::time::Instant::now() + self.inner.config.barrier_timeout;
         loop {
@@ -453,18 +481,17 @@ impl Mirror {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(Status::unavailable(format!(
-                    "keywatch mirror: upstream revision {target} not mirrored within {:?} \
-                     (mirror at {}, {:?})",
-                    self.inner.config.barrier_timeout,
-                    store.current_revision(),
-                    self.inner.status.borrow().state
-                )));
+                return Err(BarrierError::Timeout {
+                    target,
+                    timeout: self.inner.config.barrier_timeout,
+                    mirrored: store.current_revision(),
+                    state: self.inner.status.borrow().state,
+                });
             }
             let step = (deadline - now).min(Duration::from_millis(100));
             match tokio::time::timeout(step, store.wait_revision(target)).await {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => return Err(crate::server::convert::store_status(&e)),
+                Ok(Err(e)) => return Err(e.into()),
                 Err(_) => continue,
             }
         }

@@ -1,5 +1,6 @@
 //! Translation between the etcd wire messages of the KV service and the store API, and the
-//! mapping of [`StoreError`] to `tonic::Status`.
+//! mapping of watch-server's errors ([`StoreError`], the mirror's [`BarrierError`]) to
+//! `tonic::Status`.
 //!
 //! watch-proto owns the watch and event conversions and the etcd error table
 //! ([`EtcdError`]); the KV request types are the store's own (they live in this crate), so
@@ -12,6 +13,7 @@ use watch_proto::etcdserverpb as pb;
 use watch_proto::status::{EtcdError, from_convert_error, from_watch_error};
 use watch_proto::to_proto;
 
+use crate::mirror::BarrierError;
 use kv_store::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use kv_store::{
     Compare, CompareOp, CompareTarget, DeleteResult, KeyRange, PutOptions, PutResult, RangeRequest,
@@ -75,6 +77,16 @@ fn code(class: CodeClass) -> Code {
         CodeClass::ResourceExhausted => Code::ResourceExhausted,
         CodeClass::Unavailable => Code::Unavailable,
         CodeClass::Internal => Code::Internal,
+    }
+}
+
+/// The gRPC status of a failed mirror barrier (a linearizable read or a forwarded write
+/// waiting for the mirror to reach the upstream's revision).
+pub fn barrier_status(e: &BarrierError) -> Status {
+    match e {
+        // keywatch's own condition: Unavailable, so clients retry or go elsewhere.
+        BarrierError::Timeout { .. } => Status::unavailable(e.to_string()),
+        BarrierError::Store(s) => store_status(s),
     }
 }
 

@@ -19,9 +19,11 @@
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
 
+mod admit;
 pub mod auth;
 pub mod convert;
 mod cut;
+mod forward;
 mod health;
 pub mod kv;
 pub mod lease;
@@ -39,9 +41,8 @@ use watch_proto::etcdserverpb as pb;
 
 use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
-use crate::mirror::{Mirror, MirrorError, MirrorKvService, MirrorLeaseService};
-use kv_store::Store;
-use kv_store::StoreError;
+use crate::mirror::{Mirror, MirrorError};
+use kv_store::{Store, StoreError};
 
 pub use auth::AuthService;
 use health::Gated;
@@ -232,13 +233,8 @@ impl Server {
         let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
         let lease = Gated::<pb::lease_server::LeaseServer<LeaseService>>::new();
         let auth = Gated::<pb::auth_server::AuthServer<AuthService>>::new();
-        // Mirror mode replaces KV and Lease with services that forward to etcd.
         let mirror_config = config.mirror_config();
-        let mirrored = mirror_config.is_some();
-        let mirror_kv = Gated::<pb::kv_server::KvServer<MirrorKvService>>::new();
-        let mirror_lease = Gated::<pb::lease_server::LeaseServer<MirrorLeaseService>>::new();
         let install = {
-            let (mirror_kv, mirror_lease) = (mirror_kv.clone(), mirror_lease.clone());
             let (kv, watch, maintenance, cluster, lease, auth) = (
                 kv.clone(),
                 watch.clone(),
@@ -255,35 +251,26 @@ impl Server {
                 "http"
             };
             move |store: &Store, mirror: Option<&Mirror>| {
-                match mirror {
-                    Some(m) => {
-                        mirror_kv.fill(
-                            pb::kv_server::KvServer::new(
-                                MirrorKvService::new(m.clone(), config.max_request_bytes)
-                                    .with_gate(gate.clone()),
-                            )
-                            .max_decoding_message_size(recv_limit)
-                            .max_encoding_message_size(usize::MAX),
-                        );
-                        mirror_lease.fill(pb::lease_server::LeaseServer::new(
-                            MirrorLeaseService::new(m.clone()).with_gate(gate.clone()),
-                        ));
-                    }
-                    None => {
-                        kv.fill(
-                            pb::kv_server::KvServer::new(
-                                KvService::new(store.clone(), config.max_request_bytes)
-                                    .with_gate(gate.clone()),
-                            )
-                            .max_decoding_message_size(recv_limit)
-                            .max_encoding_message_size(usize::MAX),
-                        );
-                        lease.fill(pb::lease_server::LeaseServer::new(
-                            LeaseService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
-                    }
-                }
+                // Mirror mode's KV and Lease serve mirrored reads locally and forward the rest
+                // to etcd; both pass the same admission as the local services.
+                let (kv_service, lease_service) = match mirror {
+                    Some(m) => (
+                        KvService::mirror(m.clone(), config.max_request_bytes),
+                        LeaseService::mirror(m.clone()),
+                    ),
+                    None => (
+                        KvService::new(store.clone(), config.max_request_bytes),
+                        LeaseService::new(store.clone(), stop_rx.clone()),
+                    ),
+                };
+                kv.fill(
+                    pb::kv_server::KvServer::new(kv_service.with_gate(gate.clone()))
+                        .max_decoding_message_size(recv_limit)
+                        .max_encoding_message_size(usize::MAX),
+                );
+                lease.fill(pb::lease_server::LeaseServer::new(
+                    lease_service.with_gate(gate.clone()),
+                ));
                 let mut watch_service = WatchService::new(
                     store.clone(),
                     WatchSettings {
@@ -456,13 +443,11 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_optional_service((!mirrored).then_some(kv))
-            .add_optional_service(mirrored.then_some(mirror_kv))
+            .add_service(kv)
             .add_service(watch)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_optional_service((!mirrored).then_some(lease))
-            .add_optional_service(mirrored.then_some(mirror_lease))
+            .add_service(lease)
             .add_service(auth)
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
