@@ -657,7 +657,6 @@ impl ServerConfig {
             .max_leases(self.max_leases)
             .min_lease_ttl(self.min_lease_ttl)
             .quota_bytes(self.quota_backend_bytes)
-            .member_id(crate::server::convert::MEMBER_ID)
     }
 }
 

@@ -125,7 +125,8 @@ impl Server {
     /// `config.data_dir` while already answering health checks.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = config.data_dir.clone();
-        let store_config = config.store_config();
+        // The store raises its own alarms (NOSPACE) for this member.
+        let store_config = config.store_config().member_id(convert::MEMBER_ID);
         Self::with_store_future(config, async move { Store::open(dir, store_config).await }).await
     }
 
