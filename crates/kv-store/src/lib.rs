@@ -87,6 +87,14 @@
 //! [`Store::lease_grant`] and friends: etcd's leases. A revoked or expired lease's keys are
 //! deleted in one revision through the write path above; see `lease.rs` for storage, crash
 //! consistency and the restart rule.
+//!
+//! # Maintenance
+//!
+//! [`Store::backup`] writes a consistent point-in-time backup (keys, leases, revision counter,
+//! compaction revision, history) and [`restore`] installs one as a new data directory;
+//! [`Store::hash_kv`] hashes the state at a revision; [`Store::defragment`] returns the files'
+//! free space to the file system; [`StoreConfig::quota_bytes`] is etcd's space quota, with its
+//! NOSPACE [`Alarm`]. See `maintenance.rs` for the backup format and the quota rules.
 
 mod clock;
 mod error;

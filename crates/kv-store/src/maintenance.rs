@@ -505,3 +505,138 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
 
 /// The alarms as a set, for [`crate::Inner`].
 pub(crate) type Alarms = parking_lot::Mutex<BTreeSet<AlarmMember>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Durability, PutOptions, RangeRequest, StoreConfig};
+
+    fn config() -> StoreConfig {
+        StoreConfig::default().durability(Durability::NoSync)
+    }
+
+    #[test]
+    fn txn_cost_is_etcds() {
+        let put = |k: &str, v: &str| TxnOp::Put {
+            key: k.to_owned().into(),
+            value: v.to_owned().into(),
+            options: PutOptions::default(),
+        };
+        let req = TxnRequest {
+            compare: Vec::new(),
+            success: vec![put("a", "12"), put("bb", "")],
+            failure: vec![put("ccc", "1234567")],
+        };
+        // success: 256+1+2 + 256+2+0 = 517; failure: 256+3+7 = 266.
+        assert_eq!(txn_cost(&req), 517);
+        let read_only = TxnRequest {
+            compare: Vec::new(),
+            success: vec![TxnOp::Delete {
+                range: KeyRange::key("a"),
+                prev_kv: false,
+            }],
+            failure: Vec::new(),
+        };
+        assert_eq!(txn_cost(&read_only), 0);
+    }
+
+    #[tokio::test]
+    async fn backup_restore_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("a"), config()).await.unwrap();
+        let lease = store.lease_grant(0, 600).await.unwrap().id;
+        store.put("k", "1", PutOptions::default()).await.unwrap(); // 2
+        store.put("k", "2", PutOptions::default()).await.unwrap(); // 3
+        store
+            .put("l", "x", PutOptions::default().lease(lease))
+            .await
+            .unwrap(); // 4
+        store.compact(3).await.unwrap();
+        let file = dir.path().join("backup");
+        let info = store.backup(&file).await.unwrap();
+        assert_eq!((info.revision, info.compacted), (4, 3));
+        let hash = store.hash_kv(0).await.unwrap().hash;
+
+        // Padding is allowed, anything else after the end is not.
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.extend_from_slice(&[0; 100]);
+        let restored = restore(&bytes[..], &dir.path().join("b")).unwrap();
+        assert_eq!(
+            (
+                restored.revision,
+                restored.compacted,
+                restored.keys,
+                restored.leases
+            ),
+            (4, 3, 2, 1)
+        );
+        assert!(
+            restore(&bytes[..], &dir.path().join("b")).is_err(),
+            "not empty"
+        );
+        bytes.push(1);
+        assert!(restore(&bytes[..], &dir.path().join("c")).is_err());
+        assert!(restore(&b"NOTAKWBACKUP"[..], &dir.path().join("d")).is_err());
+
+        let copy = Store::open(dir.path().join("b"), config()).await.unwrap();
+        assert_eq!(copy.current_revision(), 4);
+        assert_eq!(copy.compacted_revision(), 3);
+        assert_eq!(copy.hash_kv(0).await.unwrap().hash, hash);
+        assert_eq!(copy.leases().unwrap(), vec![lease]);
+        let at3 = copy
+            .range(RangeRequest::key("k").revision(3))
+            .await
+            .unwrap();
+        assert_eq!(at3.kvs[0].value, "2");
+        let l = copy.range(RangeRequest::key("l")).await.unwrap();
+        assert_eq!((l.kvs[0].lease, l.kvs[0].create_revision), (lease, 4));
+        store.close().await.unwrap();
+        copy.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn quota_raises_nospace_and_spares_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        // The files' size once created and reopened (opening commits nothing new after that).
+        for _ in 0..2 {
+            let s = Store::open(&path, config()).await.unwrap();
+            s.close().await.unwrap();
+        }
+        let s = Store::open(&path, config()).await.unwrap();
+        let size = s.disk_size();
+        s.close().await.unwrap();
+        drop(s);
+        // Room for a small put, not for a 4 KiB one.
+        let store = Store::open(&path, config().quota_bytes(size + 1024))
+            .await
+            .unwrap();
+        assert_eq!(store.disk_size(), size);
+        store.put("a", "1", PutOptions::default()).await.unwrap();
+        let big = vec![b'x'; 4096];
+        assert!(matches!(
+            store.put("b", big, PutOptions::default()).await,
+            Err(StoreError::NoSpace)
+        ));
+        assert_eq!(
+            store.alarms(),
+            vec![AlarmMember {
+                member: 0,
+                alarm: Alarm::NoSpace
+            }]
+        );
+        // Any size now, and lease grants, fail; deletes do not.
+        assert!(matches!(
+            store.put("c", "", PutOptions::default()).await,
+            Err(StoreError::NoSpace)
+        ));
+        assert!(matches!(
+            store.lease_grant(0, 60).await,
+            Err(StoreError::NoSpace)
+        ));
+        store.delete_range(KeyRange::key("a"), false).await.unwrap();
+        assert!(store.deactivate_alarm(0, Alarm::NoSpace));
+        assert!(!store.deactivate_alarm(0, Alarm::NoSpace));
+        store.close().await.unwrap();
+    }
+}

@@ -346,7 +346,7 @@ async fn quota_nospace(server: Server) {
     assert_eq!(alarms.alarms()[0].alarm(), AlarmType::Nospace);
     assert_eq!(
         client.status().await.expect("status").errors(),
-        &[alarm_line.clone()]
+        std::slice::from_ref(&alarm_line)
     );
     assert_eq!(
         server.etcdctl(&["alarm", "list"]),
