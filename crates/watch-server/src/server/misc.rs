@@ -313,6 +313,14 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.check_admin(&request)?;
+        if self.store.mirror_scope().is_some() {
+            // A mirror's keys carry the upstream's lease IDs, and its history starts at its
+            // own floor: restored standalone, it would not be the upstream's data. Back up
+            // the upstream etcd instead.
+            return Err(Status::failed_precondition(
+                "keywatch: this server mirrors an upstream etcd; take the snapshot from etcd",
+            ));
+        }
         let seq = SNAPSHOT_SEQ.fetch_add(1, Ordering::Relaxed);
         let path = self.store.dir().join(format!(
             "{SNAPSHOT_TMP_PREFIX}{}-{seq}.tmp",
