@@ -7,7 +7,7 @@
 //! received (missing, duplicate, out-of-order events, see [`check`]); a wrong run fails the
 //! whole invocation, however fast it was.
 //!
-//! - [`server`]: launching keywatch and etcd, readiness from their output, RSS.
+//! - [`server`]: keywatch and etcd started through `testkit`, RSS.
 //! - [`client`]: connections, watch streams carrying many watchers, writers.
 //! - [`scenarios`]: fan-out, spread, history, register, stalled.
 //! - [`lease`]: lease grant, keep-alive and expiry measurements (`keywatch-lease-bench`).
@@ -35,17 +35,9 @@ pub enum Error {
     /// etcd was asked for but is not installed.
     #[error("etcd is not installed")]
     NoEtcd,
-    /// A server did not come up.
-    #[error("{what} did not start:\n{output}")]
-    Start {
-        /// Which server.
-        what: String,
-        /// Its output.
-        output: String,
-    },
-    /// A local I/O failure.
-    #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
+    /// A server did not come up (or a local resource for it was missing).
+    #[error(transparent)]
+    Start(#[from] testkit::Error),
     /// A connection or RPC failure outside a measured run.
     #[error("{0}")]
     Rpc(String),

@@ -13,9 +13,9 @@ use loadgen::{Sizes, run_all};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// keywatch's `watch-server` binary.
-    #[arg(long, default_value = "target/release/watch-server")]
-    server_bin: PathBuf,
+    /// keywatch's `watch-server` binary [default: the one next to this executable].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
     /// etcd binary (default: `etcd` on PATH; skipped when absent).
     #[arg(long)]
     etcd_bin: Option<PathBuf>,
@@ -48,30 +48,19 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if !args.server_bin.is_file() {
-        bail!(
-            "{} not found: build it first (`cargo build --release -p watch-server`) or pass --server-bin",
-            args.server_bin.display()
-        );
-    }
+    let keywatch = Binaries::find_keywatch(args.server_bin.clone())?;
     let etcd = if args.no_etcd {
         None
     } else {
         Binaries::find_etcd(args.etcd_bin.clone())
     };
-    if etcd.is_none()
-        && !args.no_etcd
-        && std::env::var("KEYWATCH_REQUIRE_ETCD").as_deref() == Ok("1")
-    {
-        bail!("KEYWATCH_REQUIRE_ETCD=1 but etcd was not found");
+    if etcd.is_none() && !args.no_etcd && testkit::etcd_required() {
+        bail!("{}=1 but etcd was not found", testkit::REQUIRE_ETCD);
     }
     if etcd.is_none() {
         println!("etcd: not installed (or --no-etcd): SKIPPED, measuring keywatch alone");
     }
-    let bins = Binaries {
-        keywatch: args.server_bin.clone(),
-        etcd,
-    };
+    let bins = Binaries { keywatch, etcd };
     let mut sizes = if args.quick {
         Sizes::quick()
     } else {

@@ -161,6 +161,7 @@ pub struct RunResult {
     /// The case.
     pub case: Case,
     /// The server.
+    #[serde(serialize_with = "crate::server::serialize_target")]
     pub target: Target,
     /// Named figures (`events_per_s`, `puts_per_s`, `replay_s`, ...).
     pub metrics: BTreeMap<String, f64>,

@@ -1,41 +1,18 @@
-//! Starting keywatch and etcd on loopback, each with a fresh temporary data dir, and learning
-//! readiness from their output (never by sleeping). The process is killed and the dir removed
-//! on drop.
+//! The two servers a run measures, started fresh through `testkit` (loopback, temporary data
+//! dir, readiness read from their output, killed and removed on drop).
 
-use std::fmt;
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::path::PathBuf;
 
-use serde::Serialize;
-use tempfile::TempDir;
+use testkit::{AnyServer, Etcd, ServerProcess};
 
 use crate::Error;
 
-/// How long a server may take to say it is ready. Generous; a healthy start takes well under a
-/// second, so it never decides an outcome.
-const READY_GUARD: Duration = Duration::from_secs(60);
+/// Which server a run is against (serialized as `"keywatch"` / `"etcd"`).
+pub use testkit::Target;
 
-/// Which server a run is against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// keywatch's `watch-server`.
-    Keywatch,
-    /// etcd.
-    Etcd,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Target::Keywatch => "keywatch",
-            Target::Etcd => "etcd",
-        })
-    }
+/// [`Target`] as its name, for `#[serde(serialize_with)]` (testkit carries no serde).
+pub fn serialize_target<S: serde::Serializer>(target: &Target, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(target.as_str())
 }
 
 /// Where the server binaries are.
@@ -48,15 +25,30 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// `explicit`, or else the `watch-server` built next to this executable
+    /// (`testkit::watch_server_bin`); an error when that is not a file.
+    pub fn find_keywatch(explicit: Option<PathBuf>) -> Result<PathBuf, Error> {
+        let bin = match explicit {
+            Some(bin) => bin,
+            None => testkit::watch_server_bin()?,
+        };
+        if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(testkit::Error::NotFound {
+                what: "watch-server (build it: cargo build --release -p watch-server)".into(),
+                tried: vec![bin],
+            }
+            .into())
+        }
+    }
+
     /// `etcd` from `explicit` or, failing that, from PATH.
     pub fn find_etcd(explicit: Option<PathBuf>) -> Option<PathBuf> {
-        if let Some(p) = explicit {
-            return p.is_file().then_some(p);
+        match explicit {
+            Some(p) => p.is_file().then_some(p),
+            None => testkit::find_on_path("etcd"),
         }
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("etcd"))
-            .find(|p| p.is_file())
     }
 }
 
@@ -66,183 +58,43 @@ pub struct Server {
     pub target: Target,
     /// Client URL, `http://127.0.0.1:<port>`.
     pub endpoint: String,
-    child: Child,
-    _dir: TempDir,
+    process: AnyServer,
 }
 
 impl Server {
-    /// Starts `target` fresh.
+    /// Starts `target` fresh. Blocking.
     pub fn start(target: Target, bins: &Binaries) -> Result<Server, Error> {
-        match target {
-            Target::Keywatch => Self::start_keywatch(&bins.keywatch),
+        let process = match target {
+            Target::Keywatch => AnyServer::Keywatch(
+                ServerProcess::builder(&bins.keywatch)
+                    .temp_prefix("loadgen-keywatch-")
+                    .start()?,
+            ),
             Target::Etcd => {
                 let bin = bins.etcd.as_deref().ok_or(Error::NoEtcd)?;
-                // A free port can be taken by another process before etcd binds it; only then
-                // is a fresh pair tried.
-                let mut last = None;
-                for _ in 0..3 {
-                    match Self::start_etcd(bin) {
-                        Ok(s) => return Ok(s),
-                        Err(Error::Start { output, .. }) if output.contains("in use") => {
-                            last = Some(output);
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(Error::Start {
-                    what: "etcd".into(),
-                    output: last.unwrap_or_default(),
-                })
+                AnyServer::Etcd(
+                    Etcd::builder()
+                        .bin(bin)
+                        .temp_prefix("loadgen-etcd-")
+                        .start()?,
+                )
             }
-        }
-    }
-
-    fn start_keywatch(bin: &Path) -> Result<Server, Error> {
-        let dir = tempdir("keywatch")?;
-        let mut child = Command::new(bin)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::Io(format!("spawn {}", bin.display()), e))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let ready = drain(stdout, |l| {
-            l.strip_prefix("watch-server listening on ")
-                .map(|a| a.trim().to_owned())
-        });
-        let log = drain(stderr, |l| Some(l.to_owned()));
-        let mut server = Server {
-            target: Target::Keywatch,
-            endpoint: String::new(),
-            child,
-            _dir: dir,
         };
-        match ready.recv_timeout(READY_GUARD) {
-            Ok(addr) => {
-                server.endpoint = format!("http://{addr}");
-                Ok(server)
-            }
-            Err(_) => Err(Error::Start {
-                what: "watch-server".into(),
-                output: log.try_iter().collect::<Vec<_>>().join("\n"),
-            }),
-        }
-    }
-
-    fn start_etcd(bin: &Path) -> Result<Server, Error> {
-        let dir = tempdir("etcd")?;
-        let (client, peer) = free_ports()?;
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut child = Command::new(bin)
-            .args(["--name", "loadgen", "--data-dir"])
-            .arg(dir.path())
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("loadgen={peer_url}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::Io(format!("spawn {}", bin.display()), e))?;
-        let stderr = child.stderr.take().expect("piped stderr");
-        // Every line is forwarded; the channel closes when etcd dies, which ends the wait.
-        let lines = drain(stderr, |l| Some(l.to_owned()));
-        let mut server = Server {
-            target: Target::Etcd,
-            endpoint: client_url,
-            child,
-            _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + READY_GUARD;
-        let mut output = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) if line.contains("ready to serve client requests") => {
-                    // Keep draining so etcd never blocks on a full stderr pipe.
-                    std::thread::spawn(move || for _ in lines {});
-                    return Ok(server);
-                }
-                Ok(line) => output.push(line),
-                Err(_) => {
-                    server.kill();
-                    return Err(Error::Start {
-                        what: "etcd".into(),
-                        output: output.join("\n"),
-                    });
-                }
-            }
-        }
+        let endpoint = process.endpoint();
+        Ok(Server {
+            target,
+            endpoint,
+            process,
+        })
     }
 
     /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 
-    /// Resident set size of the server process, in bytes (`VmRSS` of `/proc/<pid>/status`).
+    /// Resident set size of the server process, in bytes.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
+        testkit::rss_kib(self.pid()?).map(|kib| kib * 1024)
     }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn tempdir(what: &str) -> Result<TempDir, Error> {
-    tempfile::Builder::new()
-        .prefix(&format!("loadgen-{what}-"))
-        .tempdir()
-        .map_err(|e| Error::Io("create a temp data dir".into(), e))
-}
-
-/// Two distinct free loopback ports (both listeners held at once so they differ).
-fn free_ports() -> Result<(u16, u16), Error> {
-    let bind =
-        || TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io("bind a free port".into(), e));
-    let (a, b) = (bind()?, bind()?);
-    let port = |l: &TcpListener| {
-        l.local_addr()
-            .map(|a| a.port())
-            .map_err(|e| Error::Io("local addr".into(), e))
-    };
-    Ok((port(&a)?, port(&b)?))
-}
-
-/// Reads `reader` line by line on a thread for the life of the process; lines for which `pick`
-/// returns `Some` are sent on the returned channel. The channel closes with the pipe.
-fn drain<R: Read + Send + 'static>(
-    reader: R,
-    pick: fn(&str) -> Option<String>,
-) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { break };
-            if let Some(found) = pick(&line) {
-                // The receiver may be gone; keep reading so the child never blocks.
-                let _ = tx.send(found);
-            }
-        }
-    });
-    rx
 }

@@ -7,7 +7,8 @@
 //! - [`validate::validate`] checks a record: Ordered, Unique, Atomic, Reliable, Resumable,
 //!   Bookmarkable, prev_kv, IsCreate, filters, and that acknowledged writes survive restarts.
 //! - [`stalled::run`] is the stalled-watchers pressure scenario (RSS bound, latency figures).
-//! - [`server::ServerProcess`] owns a server child process (killed on drop).
+//! - [`server::start`] starts the server child process (testkit's `ServerProcess`, killed on
+//!   drop).
 
 pub mod model;
 pub mod record;
@@ -21,21 +22,10 @@ pub mod workload;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The server binary could not be started.
-    #[error("spawning {bin}: {source}")]
-    Spawn {
-        /// The binary.
-        bin: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The server exited or never printed `watch-server listening on <addr>`.
-    #[error("watch-server did not report its address; its last output:\n{log}")]
-    NotReady {
-        /// The server's last output lines.
-        log: String,
-    },
+    /// The server could not be started, or did not print `watch-server listening on <addr>`
+    /// (the error holds its last output lines).
+    #[error(transparent)]
+    Server(#[from] testkit::Error),
     /// A request the harness needs (setup or the final read) kept failing.
     #[error("{what}: {status}")]
     Rpc {

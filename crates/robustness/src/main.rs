@@ -13,9 +13,9 @@ use keywatch_robustness::workload::{self, RunConfig};
 #[derive(Parser)]
 #[command(about = "keywatch robustness runner and validator")]
 struct Cli {
-    /// The watch-server binary to test.
-    #[arg(long, global = true, default_value = "target/debug/watch-server")]
-    server_bin: PathBuf,
+    /// The watch-server binary to test [default: the one next to this executable].
+    #[arg(long, global = true)]
+    server_bin: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -45,10 +45,14 @@ enum Cmd {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if !cli.server_bin.is_file() {
+    let server_bin = match cli.server_bin {
+        Some(bin) => bin,
+        None => testkit::watch_server_bin()?,
+    };
+    if !server_bin.is_file() {
         bail!(
             "no server binary at {} (build it: cargo build -p watch-server)",
-            cli.server_bin.display()
+            server_bin.display()
         );
     }
     match cli.command {
@@ -68,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
             let mut failed = Vec::new();
             for s in seeds {
                 let started = Instant::now();
-                let mut cfg = RunConfig::new(cli.server_bin.clone(), s);
+                let mut cfg = RunConfig::new(server_bin.clone(), s);
                 cfg.duration = Duration::from_secs(duration);
                 cfg.kills = kills;
                 cfg.streams = streams;
@@ -110,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Stalled(args) => {
-            let report = keywatch_robustness::stalled::run(&cli.server_bin, &args).await?;
+            let report = keywatch_robustness::stalled::run(&server_bin, &args).await?;
             println!("{report}");
             if !report.violations.is_empty() {
                 bail!("stalled scenario failed");

@@ -28,7 +28,6 @@ use crate::record::{
     AckDetail, Outcome, Request, Response, RunRecord, Session, SessionEnd, WatchSpec,
     WatcherRecord, WriteRecord,
 };
-use crate::server::ServerProcess;
 use crate::validate::validate;
 use crate::wire;
 
@@ -326,20 +325,19 @@ async fn read(
 
 /// Runs the scenario against `bin`.
 pub async fn run(bin: &Path, args: &StalledArgs) -> Result<StalledReport, Error> {
-    let dir = tempfile::Builder::new()
-        .prefix("keywatch-stalled-")
-        .tempdir()?;
     let server_args = vec![
         "--watch-buffer".to_owned(),
         args.watch_buffer.to_string(),
         "--durability".to_owned(),
         args.durability.clone(),
     ];
-    let (b, d) = (bin.to_path_buf(), dir.path().to_path_buf());
-    let server =
-        tokio::task::spawn_blocking(move || ServerProcess::start(&b, &d, &server_args)).await??;
+    let b = bin.to_path_buf();
+    let server = tokio::task::spawn_blocking(move || {
+        crate::server::start(&b, "keywatch-stalled-", &server_args)
+    })
+    .await??;
     let pid = server.pid().unwrap_or(0);
-    let endpoint = server.endpoint().to_owned();
+    let endpoint = server.endpoint();
     let start = Instant::now();
     let mut watchers = Vec::new();
 
@@ -360,7 +358,7 @@ pub async fn run(bin: &Path, args: &StalledArgs) -> Result<StalledReport, Error>
         stalled.push(open(stalled_ch.clone(), n, true, &mut watchers, "stalled").await?);
         left -= n;
     }
-    let baseline = crate::server::rss_kib(pid).unwrap_or(0);
+    let baseline = testkit::rss_kib(pid).unwrap_or(0);
 
     // prev_kv may be absent at or below a compaction (only with --compact).
     let may_compact = if args.compact { i64::MAX } else { 0 };
@@ -376,7 +374,7 @@ pub async fn run(bin: &Path, args: &StalledArgs) -> Result<StalledReport, Error>
         let (sampling, peak) = (sampling.clone(), peak.clone());
         tokio::spawn(async move {
             while sampling.load(Ordering::Relaxed) {
-                if let Some(rss) = crate::server::rss_kib(pid) {
+                if let Some(rss) = testkit::rss_kib(pid) {
                     peak.fetch_max(rss, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -446,7 +444,7 @@ pub async fn run(bin: &Path, args: &StalledArgs) -> Result<StalledReport, Error>
         sent_at.extend(s);
     }
     let write_time = write_start.elapsed();
-    let end_rss = crate::server::rss_kib(pid).unwrap_or(0);
+    let end_rss = testkit::rss_kib(pid).unwrap_or(0);
 
     let range = KvClient::new(kv_ch.clone())
         .range(pb::RangeRequest {

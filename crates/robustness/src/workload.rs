@@ -21,7 +21,7 @@ use crate::record::{
     AckDetail, Outcome, Request, Response, RunRecord, Session, SessionEnd, TxnOp, VersionCompare,
     WatchSpec, WatcherRecord, WriteRecord,
 };
-use crate::server::ServerProcess;
+use crate::server::{self, ServerProcess};
 use crate::wire;
 
 /// The key space: small, so writes collide and every selector kind matches something.
@@ -766,17 +766,11 @@ fn random_spec(rng: &mut fastrand::Rng) -> WatchSpec {
 /// Runs one randomized workload and returns what happened. Property violations are found
 /// afterwards by [`crate::validate::validate`].
 pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
-    let dir = tempfile::Builder::new()
-        .prefix("keywatch-robustness-")
-        .tempdir()?;
-    let (bin, path, args) = (
-        cfg.server_bin.clone(),
-        dir.path().to_path_buf(),
-        cfg.server_args.clone(),
-    );
+    let (bin, args) = (cfg.server_bin.clone(), cfg.server_args.clone());
     let mut server =
-        tokio::task::spawn_blocking(move || ServerProcess::start(&bin, &path, &args)).await??;
-    let (ep_tx, ep_rx) = watch::channel(server.endpoint().to_owned());
+        tokio::task::spawn_blocking(move || server::start(&bin, "keywatch-robustness-", &args))
+            .await??;
+    let (ep_tx, ep_rx) = watch::channel(server.endpoint());
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let sh = Arc::new(Shared {
         start: Instant::now(),
@@ -877,7 +871,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
             kill_times.pop();
             server = restart(server).await?;
             kills += 1;
-            let _ = ep_tx.send(server.endpoint().to_owned());
+            let _ = ep_tx.send(server.endpoint());
         }
         tokio::time::sleep(Duration::from_millis(rng.u64(100..400))).await;
     }
@@ -891,7 +885,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
     let compactions = compactor.await?;
     server = restart(server).await?;
     kills += 1;
-    let _ = ep_tx.send(server.endpoint().to_owned());
+    let _ = ep_tx.send(server.endpoint());
     let final_range = final_range(&sh).await?;
     let _ = phase_tx.send(Phase::Draining(final_range.0));
     let mut watchers = Vec::new();
@@ -921,7 +915,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
 }
 
 async fn restart(mut server: ServerProcess) -> Result<ServerProcess, Error> {
-    tokio::task::spawn_blocking(move || server.restart().map(|()| server)).await?
+    Ok(tokio::task::spawn_blocking(move || server.restart().map(|()| server)).await??)
 }
 
 async fn final_range(sh: &Shared) -> Result<(i64, Vec<crate::record::Kv>), Error> {

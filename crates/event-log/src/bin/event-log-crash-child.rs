@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use event_log::{Durability, EventLog, LogConfig, Revision};
 
-#[path = "../../tests/common/crash_payload.rs"]
+#[path = "../../tests/it/common/crash_payload.rs"]
 mod crash_payload;
 
 const SUBMITTERS: usize = 8;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Parser;
 use loadgen::lease;
 use loadgen::server::{Binaries, Server, Target};
@@ -13,9 +13,9 @@ use loadgen::server::{Binaries, Server, Target};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// keywatch's `watch-server` binary.
-    #[arg(long, default_value = "target/release/watch-server")]
-    server_bin: PathBuf,
+    /// keywatch's `watch-server` binary [default: the one next to this executable].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
     /// etcd binary (default: `etcd` on PATH; skipped when absent).
     #[arg(long)]
     etcd_bin: Option<PathBuf>,
@@ -43,19 +43,14 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if !args.server_bin.is_file() {
-        bail!(
-            "{} not found: build it first (`cargo build --release -p watch-server`)",
-            args.server_bin.display()
-        );
-    }
+    let keywatch = Binaries::find_keywatch(args.server_bin.clone())?;
     let etcd = if args.no_etcd {
         None
     } else {
         Binaries::find_etcd(args.etcd_bin.clone())
     };
     let bins = Binaries {
-        keywatch: args.server_bin.clone(),
+        keywatch,
         etcd: etcd.clone(),
     };
     let mut targets = vec![Target::Keywatch];

@@ -17,10 +17,8 @@
 //! target/release/keywatch-mirror-bench`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +26,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use loadgen::client::{connect, histogram, record};
+use loadgen::server::Binaries;
+use testkit::{EtcdCluster, ServerProcess};
 use tokio_stream::wrappers::ReceiverStream;
 use watch_proto::etcdserverpb as pb;
 use watch_proto::etcdserverpb::kv_client::KvClient;
@@ -37,9 +37,9 @@ use watch_proto::etcdserverpb::watch_client::WatchClient;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// keywatch's `watch-server` binary.
-    #[arg(long, default_value = "target/release/watch-server")]
-    server_bin: PathBuf,
+    /// keywatch's `watch-server` binary [default: the one next to this executable].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
     /// etcd binary.
     #[arg(long, default_value = "etcd")]
     etcd_bin: PathBuf,
@@ -60,72 +60,9 @@ struct Args {
 const GUARD: Duration = Duration::from_secs(60);
 const STREAM_WATCHERS: usize = 5000;
 
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Spawns `cmd` and waits for a line containing `ready`; returns the text after it.
-fn spawn(cmd: &mut Command, ready: &'static str) -> Result<(Proc, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {cmd:?}"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out: Box<dyn Read + Send> = Box::new(child.stdout.take().context("stdout")?);
-    let err: Box<dyn Read + Send> = Box::new(child.stderr.take().context("stderr")?);
-    for reader in [out, err] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).lines() {
-                let Ok(line) = line else { break };
-                if let Some(i) = line.find(ready) {
-                    let _ = tx.send(line[i + ready.len()..].trim().to_owned());
-                }
-            }
-        });
-    }
-    let proc = Proc { child };
-    let found = rx
-        .recv_timeout(GUARD)
-        .with_context(|| format!("{cmd:?} never printed {ready:?}"))?;
-    Ok((proc, found))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn watcher_total(ports: &[u16]) -> Result<u64> {
-    let mut total = 0;
-    for p in ports {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", *p))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        total += body
-            .lines()
-            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .context("etcd_debugging_mvcc_watcher_total missing")? as u64;
-    }
-    Ok(total)
+/// etcd's own count of the watchers it serves, summed over the members.
+fn watcher_total(cluster: &EtcdCluster) -> Result<u64> {
+    Ok(cluster.metric_sum("etcd_debugging_mvcc_watcher_total")? as u64)
 }
 
 fn create(key: &[u8], range_end: &[u8]) -> pb::WatchRequest {
@@ -219,63 +156,25 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if !args.server_bin.is_file() {
-        bail!(
-            "{} not found: `cargo build --release -p watch-server`",
-            args.server_bin.display()
-        );
-    }
-    let dir = tempfile::tempdir()?;
-    let held: Vec<TcpListener> = (0..6)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<_>>()?;
-    drop(held);
-    let initial: Vec<String> = (0..3)
-        .map(|i| format!("m{i}=http://127.0.0.1:{}", ports[2 * i + 1]))
-        .collect();
-    let mut etcd = Vec::new();
-    let mut waits = Vec::new();
-    for i in 0..3 {
-        let client = format!("http://127.0.0.1:{}", ports[2 * i]);
-        let peer = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
-        let mut cmd = Command::new(&args.etcd_bin);
-        cmd.args(["--name", &format!("m{i}"), "--data-dir"])
-            .arg(dir.path().join(format!("m{i}")))
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args(["--experimental-watch-progress-notify-interval", "100ms"]);
-        // Members wait for each other: spawn all, then wait.
-        waits.push(std::thread::spawn(move || {
-            spawn(&mut cmd, "ready to serve client requests")
-        }));
-    }
-    for w in waits {
-        etcd.push(
-            w.join()
-                .map_err(|_| anyhow::anyhow!("etcd spawn thread"))??
-                .0,
-        );
-    }
-    let client_ports: Vec<u16> = (0..3).map(|i| ports[2 * i]).collect();
-    let upstream: Vec<String> = client_ports
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect();
+    let server_bin = Binaries::find_keywatch(args.server_bin.clone())?;
+    let cluster = tokio::task::block_in_place(|| {
+        EtcdCluster::builder()
+            .bin(&args.etcd_bin)
+            .temp_prefix("mirror-bench-etcd-")
+            .args(["--experimental-watch-progress-notify-interval", "100ms"])
+            .start_cluster()
+    })?;
+    let upstream: Vec<String> = (0..cluster.len()).map(|i| cluster.url(i)).collect();
     let mut replicas = Vec::new();
     for r in 0..args.replicas {
-        let mut cmd = Command::new(&args.server_bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join(format!("kw{r}")))
-            .args(["--upstream", &upstream.join(",")]);
-        let (p, addr) = spawn(&mut cmd, "watch-server listening on")?;
-        replicas.push((p, format!("http://{addr}")));
+        let p = tokio::task::block_in_place(|| {
+            ServerProcess::builder(&server_bin)
+                .temp_prefix(format!("mirror-bench-kw{r}-"))
+                .args(["--upstream", &upstream.join(",")])
+                .start()
+        })?;
+        let url = p.endpoint();
+        replicas.push((p, url));
     }
     // Caught up: a linearizable read through each replica succeeds.
     for (_, url) in &replicas {
@@ -303,7 +202,7 @@ async fn main() -> Result<()> {
     // A replica answers linearizable reads from its snapshot before its upstream watch is
     // open: wait for etcd to count one watcher per replica.
     let deadline = Instant::now() + GUARD;
-    while watcher_total(&client_ports)? < args.replicas as u64 {
+    while watcher_total(&cluster)? < args.replicas as u64 {
         if Instant::now() > deadline {
             bail!("the replicas' upstream watches never opened");
         }
@@ -318,10 +217,10 @@ async fn main() -> Result<()> {
             kept.extend(idle_watchers(url, opened, n - opened.min(n)).await?);
         }
         opened = n.max(opened);
-        let upstream_watchers = watcher_total(&client_ports)?;
+        let upstream_watchers = watcher_total(&cluster)?;
         let rss: Vec<u64> = replicas
             .iter()
-            .map(|(p, _)| rss_kib(p.child.id()))
+            .map(|(p, _)| p.rss_kib().unwrap_or(0))
             .collect();
         // Latency: one probe per replica and one on etcd itself, on the member the replicas
         // watch (member 0, their first endpoint), so the difference is the tier alone.
@@ -403,6 +302,6 @@ async fn main() -> Result<()> {
         );
     }
     drop(replicas);
-    drop(etcd);
+    drop(cluster);
     Ok(())
 }

@@ -2,9 +2,7 @@
 //! put/get/del/txn/compaction/watch must be byte-for-byte what etcd itself makes etcdctl print.
 //! Each expected transcript below passes against a real etcd; keywatch must produce the same.
 
-mod common;
-
-use common::Server;
+use crate::common::{Server, compat_test};
 
 /// etcdctl's `-w fields` output without the lines that name the cluster, member and raft term,
 /// which legitimately differ between servers.

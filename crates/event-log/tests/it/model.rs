@@ -1,11 +1,9 @@
 //! Model-based property test: random appends, compactions, queries and reopens against an
 //! in-memory `BTreeMap` model of the log.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::puts;
+use crate::common::puts;
 use event_log::{Durability, EventLog, LogConfig, LogError};
 use proptest::prelude::*;
 use watch_core::{ChangeSet, KeySelector, Revision};

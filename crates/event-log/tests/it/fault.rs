@@ -1,15 +1,13 @@
 //! Fault injection: a failed commit poisons the log, every submitter waiting on it or queued
 //! behind it gets an error, and nothing after the failure is acknowledged.
 
-mod common;
-
 use std::fs::OpenOptions;
 use std::io;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{ScriptedStore, puts, revs};
+use crate::common::{ScriptedStore, puts, revs};
 use event_log::{Durability, EventLog, LogConfig, LogError, RedbOptions, RedbStore, STORE_FILE};
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};

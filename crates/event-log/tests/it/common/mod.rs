@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code, unreachable_pub)]
 
-pub mod crash_payload;
+pub(crate) mod crash_payload;
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -13,7 +12,7 @@ use parking_lot::Mutex;
 use watch_core::{ChangeSet, Event, KeySelector, KeyValue, Revision};
 
 /// A change set at `rev` putting each of `keys` to a value naming the revision.
-pub fn puts(rev: Revision, keys: &[&str]) -> ChangeSet {
+pub(crate) fn puts(rev: Revision, keys: &[&str]) -> ChangeSet {
     let events = keys
         .iter()
         .map(|k| {
@@ -33,12 +32,12 @@ pub fn puts(rev: Revision, keys: &[&str]) -> ChangeSet {
     ChangeSet::new(rev, events)
 }
 
-pub fn revs(v: &[ChangeSet]) -> Vec<Revision> {
+pub(crate) fn revs(v: &[ChangeSet]) -> Vec<Revision> {
     v.iter().map(|c| c.revision).collect()
 }
 
 /// What the next `append_batch` of a [`ScriptedStore`] does.
-pub struct Script {
+pub(crate) struct Script {
     /// Signalled when the call starts.
     pub entered: mpsc::Sender<()>,
     /// The call blocks until this receives.
@@ -49,13 +48,13 @@ pub struct Script {
 
 /// A [`LogStore`] over a real [`RedbStore`] whose next `append_batch` can be made to block
 /// and/or fail: the storage seam for fault-injection and backpressure tests.
-pub struct ScriptedStore {
+pub(crate) struct ScriptedStore {
     pub inner: RedbStore,
     pub next: Mutex<Option<Script>>,
 }
 
 impl ScriptedStore {
-    pub fn new(inner: RedbStore) -> Arc<Self> {
+    pub(crate) fn new(inner: RedbStore) -> Arc<Self> {
         Arc::new(Self {
             inner,
             next: Mutex::new(None),
@@ -63,7 +62,7 @@ impl ScriptedStore {
     }
 
     /// Arms the next `append_batch`: returns (entered, release) handles.
-    pub fn arm(&self, fail: bool) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    pub(crate) fn arm(&self, fail: bool) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
         let (entered_tx, entered_rx) = mpsc::channel();
         let (release_tx, release_rx) = mpsc::channel();
         *self.next.lock() = Some(Script {

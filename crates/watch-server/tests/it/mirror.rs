@@ -34,17 +34,13 @@
 //! The etcd tests are skipped with a `SKIPPED` line when etcd is not installed; failing when
 //! `KEYWATCH_REQUIRE_ETCD=1`.
 
-mod common;
-
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{GUARD, tools_present};
-use tempfile::TempDir;
+use crate::common::GUARD;
+use testkit::{EtcdCluster, ServerProcess, etcd_present};
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -55,101 +51,21 @@ use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::mvccpb;
 
 // ---------------------------------------------------------------------------------------------
-// Processes.
+// Processes (testkit's), with what these tests need on top.
 
-/// Log lines the tests wait for or assert on: counted over the process's whole life (and
-/// across relaunches), unlike the capped tail.
-const MARKERS: [&str; 2] = ["upstream watch open", "upstream session ended"];
+/// Log lines the tests wait for or assert on: counted over a replica's whole life (and across
+/// relaunches), unlike the capped tail.
+const OPEN: &str = "upstream watch open";
+const ENDED: &str = "upstream session ended";
 
-/// Last lines of a process's output, printed when the test fails, and all-time counts of the
-/// [`MARKERS`] lines.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>, Arc<Mutex<[usize; MARKERS.len()]>>);
+/// A loopback etcd cluster (killed and removed on drop), and its leader as the members see it.
+struct Cluster(EtcdCluster);
 
-impl Log {
-    fn push(&self, line: String) {
-        {
-            let mut counts = self.1.lock().unwrap_or_else(|e| e.into_inner());
-            for (i, m) in MARKERS.iter().enumerate() {
-                if line.contains(m) {
-                    counts[i] += 1;
-                }
-            }
-        }
-        let mut l = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if l.len() >= 300 {
-            l.remove(0);
-        }
-        l.push(line);
+impl std::ops::Deref for Cluster {
+    type Target = EtcdCluster;
+    fn deref(&self) -> &EtcdCluster {
+        &self.0
     }
-    /// How many lines holding `marker` (one of [`MARKERS`]) were logged so far.
-    fn count(&self, marker: &str) -> usize {
-        let i = MARKERS
-            .iter()
-            .position(|m| *m == marker)
-            .expect("a counted marker");
-        self.1.lock().unwrap_or_else(|e| e.into_inner())[i]
-    }
-    fn dump(&self) -> String {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
-    }
-}
-
-/// Spawns `cmd`, logging stdout and stderr; lines for which `ready` returns `Some` are sent on
-/// the returned channel (readiness without sleeping).
-fn spawn(
-    cmd: &mut Command,
-    log: &Log,
-    ready: fn(&str) -> Option<String>,
-) -> (Child, mpsc::Receiver<String>) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn a process");
-    let (tx, rx) = mpsc::channel();
-    let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout"));
-    let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr"));
-    for reader in [out, err] {
-        let (tx, log) = (tx.clone(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).lines() {
-                let Ok(line) = line else { break };
-                if let Some(found) = ready(&line) {
-                    let _ = tx.send(found);
-                }
-                log.push(line);
-            }
-        });
-    }
-    (child, rx)
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
-}
-
-struct Member {
-    name: String,
-    client: u16,
-    peer: u16,
-    child: Option<Child>,
-    log: Log,
-}
-
-/// A loopback etcd cluster; every member is killed and every data dir removed on drop.
-struct Cluster {
-    dir: TempDir,
-    members: Vec<Member>,
-    token: String,
-    /// etcd's `--experimental-watch-progress-notify-interval`.
-    progress: &'static str,
 }
 
 impl Cluster {
@@ -160,108 +76,24 @@ impl Cluster {
     /// A cluster whose periodic progress notifications come every `progress` (etcd's default
     /// is 10m: a mirror then advances past other keys' revisions only on its own events).
     fn start_with(n: usize, progress: &'static str) -> Cluster {
-        let ports = free_ports(2 * n);
-        let dir = tempfile::Builder::new()
-            .prefix("mirror-etcd-")
-            .tempdir()
-            .expect("temp dir");
-        let token = dir
-            .path()
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let members = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client: ports[2 * i],
-                peer: ports[2 * i + 1],
-                child: None,
-                log: Log::default(),
-            })
-            .collect();
-        let mut c = Cluster {
-            dir,
-            members,
-            token,
-            progress,
-        };
-        // All members first, then readiness: a member waits for a quorum before serving.
-        let waits: Vec<_> = (0..n).map(|i| c.spawn_member(i)).collect();
-        for (i, rx) in waits.into_iter().enumerate() {
-            c.await_ready(i, rx);
-        }
-        c
-    }
-
-    fn spawn_member(&mut self, i: usize) -> mpsc::Receiver<String> {
-        let initial: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
-            .collect();
-        let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client);
-        let peer = format!("http://127.0.0.1:{}", m.peer);
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", &m.name, "--data-dir"])
-            .arg(self.dir.path().join(&m.name))
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args(["--initial-cluster-token", &self.token])
+        let cluster = EtcdCluster::builder()
+            .members(n)
+            .temp_prefix("mirror-etcd-")
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args([
-                "--experimental-watch-progress-notify-interval",
-                self.progress,
-            ]);
-        let (child, rx) = spawn(&mut cmd, &m.log, |line| {
-            line.contains("ready to serve client requests")
-                .then(String::new)
-        });
-        self.members[i].child = Some(child);
-        rx
-    }
-
-    fn await_ready(&self, i: usize, rx: mpsc::Receiver<String>) {
-        if rx.recv_timeout(GUARD).is_err() {
-            panic!(
-                "etcd member {i} did not become ready:\n{}",
-                self.members[i].log.dump()
-            );
-        }
+            .args(["--experimental-watch-progress-notify-interval", progress])
+            .start_cluster()
+            .unwrap_or_else(|e| panic!("the etcd cluster did not start: {e}"));
+        Cluster(cluster)
     }
 
     fn restart(&mut self, i: usize) {
-        let rx = self.spawn_member(i);
-        self.await_ready(i, rx);
+        self.0
+            .restart(i)
+            .unwrap_or_else(|e| panic!("etcd member {i} did not restart: {e}"));
     }
 
     fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client)
-    }
-
-    fn alive(&self) -> Vec<usize> {
-        (0..self.members.len())
-            .filter(|&i| self.members[i].child.is_some())
-            .collect()
-    }
-
-    /// Every member's URL, `first` first (replicas attach to the first endpoint).
-    fn endpoints(&self, first: usize) -> String {
-        std::iter::once(first)
-            .chain((0..self.members.len()).filter(|&i| i != first))
-            .map(|i| self.url(i))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.0.kill9(i);
     }
 
     /// The leader, once every live member agrees on one that is alive (polled).
@@ -299,51 +131,19 @@ impl Cluster {
         }
     }
 
-    /// Sum of `etcd_debugging_mvcc_watcher_total` over the live members (etcd's own count of
-    /// the watchers it serves), from each member's /metrics.
+    /// etcd's own count of the watchers it serves, over the live members.
     fn watcher_total(&self) -> u64 {
-        self.alive()
-            .into_iter()
-            .map(|i| {
-                let mut s = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client))
-                    .expect("connect for metrics");
-                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                    .expect("request metrics");
-                let mut body = String::new();
-                s.read_to_string(&mut body).expect("read metrics");
-                body.lines()
-                    .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .expect("etcd exports etcd_debugging_mvcc_watcher_total") as u64
-            })
-            .sum()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-            if std::thread::panicking() {
-                eprintln!(
-                    "---- etcd {} (last lines) ----\n{}",
-                    self.members[i].name,
-                    self.members[i].log.dump()
-                );
-            }
-        }
+        self.metric_sum("etcd_debugging_mvcc_watcher_total")
+            .expect("etcd exports etcd_debugging_mvcc_watcher_total") as u64
     }
 }
 
 /// A keywatch replica in mirror mode; killed on drop.
 struct Replica {
     name: &'static str,
-    dir: TempDir,
-    args: Vec<String>,
-    child: Option<Child>,
+    process: ServerProcess,
     /// Its current client URL (the port changes on restart); downstream tasks read it.
     endpoint: Arc<Mutex<String>>,
-    log: Log,
     /// Upstream watch opens logged before the current launch.
     opens_before_launch: usize,
 }
@@ -364,76 +164,59 @@ impl Replica {
     }
 
     fn with_args(name: &'static str, args: Vec<String>) -> Replica {
-        let mut r = Replica {
+        let process = ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .temp_prefix(format!("mirror-{name}-"))
+            .args(args)
+            .env("KEYWATCH_LOG", "info")
+            .count_lines(OPEN)
+            .count_lines(ENDED)
+            .start()
+            .unwrap_or_else(|e| panic!("replica {name} did not start: {e}"));
+        Replica {
             name,
-            dir: tempfile::Builder::new()
-                .prefix(&format!("mirror-{name}-"))
-                .tempdir()
-                .expect("temp dir"),
-            args,
-            child: None,
-            endpoint: Arc::new(Mutex::new(String::new())),
-            log: Log::default(),
+            endpoint: Arc::new(Mutex::new(process.endpoint())),
+            process,
             opens_before_launch: 0,
-        };
-        r.launch();
-        r
+        }
     }
 
+    /// Starts the replica again on its data dir (after [`Replica::kill9`]).
     fn launch(&mut self) {
-        self.opens_before_launch = self.log.count("upstream watch open");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_watch-server"));
-        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(self.dir.path())
-            .args(&self.args)
-            .env("KEYWATCH_LOG", "info");
-        let (child, rx) = spawn(&mut cmd, &self.log, |line| {
-            line.strip_prefix("watch-server listening on ")
-                .map(|a| a.trim().to_owned())
-        });
-        self.child = Some(child);
-        match rx.recv_timeout(GUARD) {
-            Ok(addr) => *self.endpoint.lock().unwrap() = format!("http://{addr}"),
-            Err(_) => panic!("replica {} did not start:\n{}", self.name, self.log.dump()),
-        }
+        self.opens_before_launch = self.count(OPEN);
+        self.process
+            .restart()
+            .unwrap_or_else(|e| panic!("replica {} did not start: {e}", self.name));
+        *self.endpoint.lock().unwrap() = self.process.endpoint();
     }
 
     /// SIGKILL, as a crash.
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill9();
     }
 
     fn url(&self) -> String {
         self.endpoint.lock().unwrap().clone()
     }
 
+    /// How many lines holding `marker` ([`OPEN`] or [`ENDED`]) were logged so far.
+    fn count(&self, marker: &str) -> usize {
+        self.process
+            .output()
+            .count(marker)
+            .expect("a counted marker")
+    }
+
     /// Polls the replica's log until the current launch opened its upstream watch (it answers
     /// linearizable reads from its snapshot already before that).
     async fn await_upstream_watch(&self) {
         let deadline = tokio::time::Instant::now() + GUARD;
-        while self.log.count("upstream watch open") <= self.opens_before_launch {
+        while self.count(OPEN) <= self.opens_before_launch {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "replica {} never opened its upstream watch",
                 self.name
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!(
-                "---- replica {} (last lines) ----\n{}",
-                self.name,
-                self.log.dump()
-            );
         }
     }
 }
@@ -868,10 +651,6 @@ async fn phase(cluster: &Cluster, replicas: &[Arc<Mutex<String>>], from: usize, 
     );
 }
 
-fn etcd_present(test: &str) -> bool {
-    tools_present(test, &["etcd"], "etcd")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_keeps_every_stream_exact() {
     if !etcd_present("mirror::failover_keeps_every_stream_exact") {
@@ -994,7 +773,7 @@ async fn failover_keeps_every_stream_exact() {
     assert!(checked > 100, "too few events checked ({checked})");
     for r in [&a, &b] {
         assert!(
-            r.log.count("upstream session ended") > 0,
+            r.count(ENDED) > 0,
             "replica {} never lost its upstream: the failover was not exercised",
             r.name
         );
@@ -1338,8 +1117,7 @@ async fn requested_progress_advances_past_other_keys() {
 async fn retention_compacts_the_mirror_history() {
     let upstream = tokio::task::block_in_place(|| Replica::standalone("up2"));
     let mut r = tokio::task::block_in_place(|| Replica::start("ret", &upstream.url(), &["/m/"]));
-    r.args
-        .extend(["--upstream-retain-revisions".into(), "10".into()]);
+    r.process.add_args(["--upstream-retain-revisions", "10"]);
     r.kill9();
     tokio::task::block_in_place(|| r.launch());
     caught_up(&r.url(), "/m/a").await;
@@ -1411,18 +1189,14 @@ async fn health_and_metrics_follow_the_upstream() {
     use tonic_health::pb::health_client::HealthClient;
     let mut upstream = tokio::task::block_in_place(|| Replica::standalone("up3"));
     let mut r = tokio::task::block_in_place(|| Replica::start("h", &upstream.url(), &["/m/"]));
-    r.args
-        .extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+    r.process.add_args(["--metrics-listen", "127.0.0.1:0"]);
     r.kill9();
     tokio::task::block_in_place(|| r.launch());
     let metrics_addr = r
-        .log
-        .dump()
-        .lines()
-        .find_map(|l| l.strip_prefix("watch-server metrics on http://"))
-        .and_then(|l| l.strip_suffix("/metrics"))
-        .map(str::to_owned)
-        .expect("the replica prints its metrics address");
+        .process
+        .metrics_addr()
+        .expect("the replica prints its metrics address")
+        .to_string();
     let scrape = |addr: String| {
         let mut s = std::net::TcpStream::connect(&addr).expect("connect for metrics");
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
@@ -1472,36 +1246,16 @@ async fn health_and_metrics_follow_the_upstream() {
 /// Runs watch-server on `dir` with `args`, expecting it to exit by itself (within the guard);
 /// returns whether it exited successfully and everything it printed.
 fn run_to_exit(dir: &std::path::Path, args: &[String]) -> (bool, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_watch-server"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
+    let exit = ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+        .data_dir(dir)
         .args(args)
         .env("KEYWATCH_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn watch-server");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(GUARD) {
-        Ok(out) => {
-            let out = out.expect("watch-server output");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            (out.status.success(), text)
-        }
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("watch-server {args:?} kept running on {}", dir.display());
-        }
-    }
+        .run_to_exit()
+        .unwrap_or_else(|e| panic!("watch-server {args:?} on {}: {e}", dir.display()));
+    (
+        exit.status.success(),
+        format!("{}{}", exit.stdout, exit.stderr),
+    )
 }
 
 /// Polls until `path` exists (a file a starting process writes).
@@ -1524,11 +1278,14 @@ fn await_file(path: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_dir_of_another_mode_or_scope_is_refused() {
     tokio::task::block_in_place(|| {
-        let dead = format!("http://127.0.0.1:{}", free_ports(1)[0]);
+        let dead = format!(
+            "http://127.0.0.1:{}",
+            testkit::free_ports(1).expect("a free port")[0]
+        );
         let mut r = Replica::start("refuse", &dead, &["/a/"]);
-        await_file(&r.dir.path().join("mirror.toml"));
+        await_file(&r.process.data_dir().join("mirror.toml"));
         r.kill9();
-        let (ok, out) = run_to_exit(r.dir.path(), &[]);
+        let (ok, out) = run_to_exit(r.process.data_dir(), &[]);
         assert!(!ok, "standalone accepted a mirror's data dir:\n{out}");
         assert!(
             out.contains("holds a mirror") && out.contains("mirror.toml"),
@@ -1540,7 +1297,7 @@ async fn data_dir_of_another_mode_or_scope_is_refused() {
             "--upstream-prefix".to_owned(),
             "/b/".to_owned(),
         ];
-        let (ok, out) = run_to_exit(r.dir.path(), &other);
+        let (ok, out) = run_to_exit(r.process.data_dir(), &other);
         assert!(!ok, "a mirror of other prefixes was accepted:\n{out}");
         assert!(out.contains("other prefixes"), "{out}");
 
@@ -1566,7 +1323,10 @@ async fn another_cluster_is_refused() {
     r.kill9();
     let second = tokio::task::block_in_place(|| Cluster::start(1));
     let (ok, out) = tokio::task::block_in_place(|| {
-        run_to_exit(r.dir.path(), &["--upstream".to_owned(), second.url(0)])
+        run_to_exit(
+            r.process.data_dir(),
+            &["--upstream".to_owned(), second.url(0)],
+        )
     });
     assert!(!ok, "a mirror of another cluster was accepted:\n{out}");
     assert!(out.contains("mirrors etcd cluster"), "{out}");

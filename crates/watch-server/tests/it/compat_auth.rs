@@ -12,9 +12,7 @@
 //! | bob | reader | read prefix `/app/` |
 //! | carol | writer | write prefix `/w/` |
 
-mod common;
-
-use common::{Server, Target, Watch, assert_status, put};
+use crate::common::{Server, Target, Watch, assert_status, put};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, LeaseTimeToLiveOptions,
     PutOptions, Txn, TxnOp, WatchOptions,
@@ -34,6 +32,78 @@ const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 const WATCH_DENIED: &str =
     "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
 
+/// The users of the table above: (name, password, role).
+const USERS: [(&str, &str, &str); 4] = [
+    ("root", "rootpw", "root"),
+    ("alice", "alicepw", "app"),
+    ("bob", "bobpw", "reader"),
+    ("carol", "carolpw", "writer"),
+];
+
+/// The grants of the table above: (role, permission, whole prefix or single key, key).
+const GRANTS: [(&str, &str, bool, &str); 4] = [
+    ("app", "readwrite", true, "/app/"),
+    ("app", "read", false, "/shared"),
+    ("reader", "read", true, "/app/"),
+    ("writer", "write", true, "/w/"),
+];
+
+/// The roles with grants, each once, in table order (root needs none: it is built in).
+fn granted_roles() -> Vec<&'static str> {
+    let mut roles: Vec<&str> = GRANTS.iter().map(|g| g.0).collect();
+    roles.dedup();
+    roles
+}
+
+/// [`USERS`] and [`GRANTS`] as keywatch's `[auth]` config section.
+fn keywatch_auth_config() -> String {
+    let mut toml = String::new();
+    for (user, password, role) in USERS {
+        // The lowest bcrypt cost keeps the tests fast; the format is the same.
+        let hash = watch_server::auth::hash_password(password, 4).expect("hash");
+        toml +=
+            &format!("[auth.users.{user}]\npassword_hash = \"{hash}\"\nroles = [\"{role}\"]\n\n");
+    }
+    for role in granted_roles() {
+        toml += &format!("[auth.roles.{role}]\npermissions = [\n");
+        for (_, permission, prefix, key) in GRANTS.iter().filter(|g| g.0 == role) {
+            let kind = if *prefix { "prefix" } else { "key" };
+            toml += &format!("  {{ type = \"{permission}\", {kind} = \"{key}\" }},\n");
+        }
+        toml += "]\n\n";
+    }
+    toml
+}
+
+/// [`USERS`] and [`GRANTS`] as the etcdctl commands that give a real etcd the same users and
+/// roles, then enable authentication (root first: etcd needs it to enable auth).
+fn etcdctl_auth_setup() -> Vec<Vec<String>> {
+    let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let (_, root_password, _) = USERS.iter().find(|u| u.0 == "root").expect("a root user");
+    let mut cmds = vec![
+        cmd(&["user", "add", &format!("root:{root_password}")]),
+        cmd(&["role", "add", "root"]),
+        cmd(&["user", "grant-role", "root", "root"]),
+    ];
+    for role in granted_roles() {
+        cmds.push(cmd(&["role", "add", role]));
+        for (_, permission, prefix, key) in GRANTS.iter().filter(|g| g.0 == role) {
+            let mut grant = cmd(&["role", "grant-permission", role]);
+            if *prefix {
+                grant.push("--prefix=true".into());
+            }
+            grant.extend(cmd(&[permission, key]));
+            cmds.push(grant);
+        }
+    }
+    for (user, password, role) in USERS.iter().filter(|u| u.0 != "root") {
+        cmds.push(cmd(&["user", "add", &format!("{user}:{password}")]));
+        cmds.push(cmd(&["user", "grant-role", user, role]));
+    }
+    cmds.push(cmd(&["auth", "enable"]));
+    cmds
+}
+
 /// A server with the users above, and the config dir keywatch reads them from.
 struct Secured {
     server: Server,
@@ -46,47 +116,7 @@ impl Secured {
             Target::Keywatch => {
                 let dir = tempfile::tempdir().expect("config dir");
                 let path = dir.path().join("keywatch.toml");
-                // The lowest bcrypt cost keeps the tests fast; the format is the same.
-                let hash = |pw: &str| watch_server::auth::hash_password(pw, 4).expect("hash");
-                std::fs::write(
-                    &path,
-                    format!(
-                        r#"
-[auth.users.root]
-password_hash = "{}"
-roles = ["root"]
-
-[auth.users.alice]
-password_hash = "{}"
-roles = ["app"]
-
-[auth.users.bob]
-password_hash = "{}"
-roles = ["reader"]
-
-[auth.users.carol]
-password_hash = "{}"
-roles = ["writer"]
-
-[auth.roles.app]
-permissions = [
-  {{ type = "readwrite", prefix = "/app/" }},
-  {{ type = "read", key = "/shared" }},
-]
-
-[auth.roles.reader]
-permissions = [{{ type = "read", prefix = "/app/" }}]
-
-[auth.roles.writer]
-permissions = [{{ type = "write", prefix = "/w/" }}]
-"#,
-                        hash("rootpw"),
-                        hash("alicepw"),
-                        hash("bobpw"),
-                        hash("carolpw"),
-                    ),
-                )
-                .expect("write the config");
+                std::fs::write(&path, keywatch_auth_config()).expect("write the config");
                 let path = path.display().to_string();
                 let mut args = vec!["--config", path.as_str()];
                 args.extend_from_slice(flags);
@@ -98,47 +128,8 @@ permissions = [{{ type = "write", prefix = "/w/" }}]
             }
             Target::Etcd => {
                 let server = Server::start_with(target, name, flags);
-                for args in [
-                    &["user", "add", "root:rootpw"][..],
-                    &["role", "add", "root"],
-                    &["user", "grant-role", "root", "root"],
-                    &["role", "add", "app"],
-                    &[
-                        "role",
-                        "grant-permission",
-                        "app",
-                        "--prefix=true",
-                        "readwrite",
-                        "/app/",
-                    ],
-                    &["role", "grant-permission", "app", "read", "/shared"],
-                    &["role", "add", "reader"],
-                    &[
-                        "role",
-                        "grant-permission",
-                        "reader",
-                        "--prefix=true",
-                        "read",
-                        "/app/",
-                    ],
-                    &["role", "add", "writer"],
-                    &[
-                        "role",
-                        "grant-permission",
-                        "writer",
-                        "--prefix=true",
-                        "write",
-                        "/w/",
-                    ],
-                    &["user", "add", "alice:alicepw"],
-                    &["user", "grant-role", "alice", "app"],
-                    &["user", "add", "bob:bobpw"],
-                    &["user", "grant-role", "bob", "reader"],
-                    &["user", "add", "carol:carolpw"],
-                    &["user", "grant-role", "carol", "writer"],
-                    &["auth", "enable"],
-                ] {
-                    server.etcdctl(args);
+                for args in etcdctl_auth_setup() {
+                    server.etcdctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
                 }
                 Secured {
                     server,
@@ -151,7 +142,7 @@ permissions = [{{ type = "write", prefix = "/w/" }}]
     async fn client(&self, user: &str, password: &str) -> Client {
         let options = ConnectOptions::new()
             .with_user(user, password)
-            .with_connect_timeout(common::GUARD);
+            .with_connect_timeout(crate::common::GUARD);
         Client::connect([self.server.endpoint()], Some(options))
             .await
             .unwrap_or_else(|e| panic!("{}: connect as {user}: {e}", self.server.target))
@@ -213,8 +204,7 @@ where
     F: FnOnce(Secured) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    if target == Target::Etcd
-        && !common::tools_present(&format!("{name}::etcd"), &["etcd", "etcdctl"], "etcd")
+    if target == Target::Etcd && !crate::common::etcd_and_etcdctl_present(&format!("{name}::etcd"))
     {
         return;
     }
@@ -227,6 +217,67 @@ async fn value(client: &mut Client, key: &str) -> Option<String> {
     resp.kvs()
         .first()
         .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
+/// One request of a table of refusals.
+#[derive(Clone, Debug)]
+enum Req {
+    Get(&'static str, Option<GetOptions>),
+    Put(&'static str, &'static str, Option<PutOptions>),
+    Delete(&'static str, Option<DeleteOptions>),
+    Txn(Txn),
+    Compact(i64),
+    /// A 60 s lease.
+    LeaseGrant,
+    LeaseRevoke(i64),
+    Leases,
+    /// A lease's time-to-live, with its keys when `true`.
+    TimeToLive(i64, bool),
+    KeepAlive(i64),
+}
+
+impl Req {
+    async fn send(self, client: &mut Client) -> Result<(), etcd_client::Error> {
+        match self {
+            Req::Get(key, options) => client.get(key, options).await.map(drop),
+            Req::Put(key, value, options) => client.put(key, value, options).await.map(drop),
+            Req::Delete(key, options) => client.delete(key, options).await.map(drop),
+            Req::Txn(txn) => client.txn(txn).await.map(drop),
+            Req::Compact(revision) => client.compact(revision, None).await.map(drop),
+            Req::LeaseGrant => client.lease_grant(60, None).await.map(drop),
+            Req::LeaseRevoke(id) => client.lease_revoke(id).await.map(drop),
+            Req::Leases => client.leases().await.map(drop),
+            Req::TimeToLive(id, keys) => client
+                .lease_time_to_live(id, keys.then(|| LeaseTimeToLiveOptions::new().with_keys()))
+                .await
+                .map(drop),
+            Req::KeepAlive(id) => client.lease_keep_alive(id).await.map(drop),
+        }
+    }
+}
+
+/// A row refused with `PermissionDenied` / [`DENIED`].
+fn denied(req: Req) -> (Req, Code, &'static str) {
+    (req, Code::PermissionDenied, DENIED)
+}
+
+/// A row refused for want of a token: `InvalidArgument` / [`USER_EMPTY`].
+fn no_user(req: Req) -> (Req, Code, &'static str) {
+    (req, Code::InvalidArgument, USER_EMPTY)
+}
+
+/// Sends each row's request through `client`, in order: each must fail with exactly its code
+/// and message (the message is part of the contract, as in `assert_status`).
+async fn refusals(client: &mut Client, who: &str, rows: Vec<(Req, Code, &str)>) {
+    for (req, code, message) in rows {
+        let what = format!("{who}: {req:?}");
+        let status = crate::common::status(req.send(client).await);
+        assert_eq!(
+            (status.code(), status.message()),
+            (code, message),
+            "{what}: unexpected error status {status:?}"
+        );
+    }
 }
 
 // Range, Put and DeleteRange: each needs its kind of access on every key it touches; prev_kv
@@ -249,34 +300,19 @@ async fn kv_permissions(s: Secured) {
         .await
         .expect("alice reads the whole /app/ prefix");
     assert_eq!(prefix.kvs().len(), 2);
-    assert_status(
-        alice.put("/shared", "x", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice.get("/other/b", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    // A range reaching beyond the grant is refused whole, not filtered.
-    assert_status(
-        alice.get("/", Some(GetOptions::new().with_prefix())).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice
-            .get("/app/", Some(GetOptions::new().with_from_key()))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice.delete("/other/b", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut alice,
+        "alice",
+        vec![
+            denied(Req::Put("/shared", "x", None)),
+            denied(Req::Get("/other/b", None)),
+            // A range reaching beyond the grant is refused whole, not filtered.
+            denied(Req::Get("/", Some(GetOptions::new().with_prefix()))),
+            denied(Req::Get("/app/", Some(GetOptions::new().with_from_key()))),
+            denied(Req::Delete("/other/b", None)),
+        ],
+    )
+    .await;
     let deleted = alice
         .delete("/app/c", None)
         .await
@@ -285,41 +321,38 @@ async fn kv_permissions(s: Secured) {
 
     let mut bob = s.client("bob", "bobpw").await;
     assert_eq!(value(&mut bob, "/app/a").await.as_deref(), Some("1"));
-    assert_status(
-        bob.put("/app/a", "x", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        bob.delete("/app/a", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut bob,
+        "bob",
+        vec![
+            denied(Req::Put("/app/a", "x", None)),
+            denied(Req::Delete("/app/a", None)),
+        ],
+    )
+    .await;
 
     let mut carol = s.client("carol", "carolpw").await;
     carol
         .put("/w/x", "1", None)
         .await
         .expect("carol writes /w/");
-    assert_status(
-        carol.get("/w/x", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        carol
-            .put("/w/x", "2", Some(PutOptions::new().with_prev_key()))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        carol
-            .delete("/w/x", Some(DeleteOptions::new().with_prev_key()))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut carol,
+        "carol",
+        vec![
+            denied(Req::Get("/w/x", None)),
+            denied(Req::Put(
+                "/w/x",
+                "2",
+                Some(PutOptions::new().with_prev_key()),
+            )),
+            denied(Req::Delete(
+                "/w/x",
+                Some(DeleteOptions::new().with_prev_key()),
+            )),
+        ],
+    )
+    .await;
     assert_eq!(
         carol.delete("/w/x", None).await.expect("delete").deleted(),
         1
@@ -331,16 +364,15 @@ async fn kv_permissions(s: Secured) {
     assert_eq!(value(&mut root, "/app/a").await.as_deref(), Some("1"));
 
     let mut anonymous = s.anonymous().await;
-    assert_status(
-        anonymous.get("/app/a", None).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
-    assert_status(
-        anonymous.put("/app/a", "x", None).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
+    refusals(
+        &mut anonymous,
+        "anonymous",
+        vec![
+            no_user(Req::Get("/app/a", None)),
+            no_user(Req::Put("/app/a", "x", None)),
+        ],
+    )
+    .await;
 }
 auth_test!(kv_permissions);
 
@@ -365,58 +397,46 @@ async fn txn_permissions(s: Secured) {
         .expect("a txn inside alice's grants");
     assert!(ok.succeeded());
 
-    // The failure branch would not run, but its forbidden put still refuses the txn.
-    assert_status(
-        alice
-            .txn(
+    refusals(
+        &mut alice,
+        "alice",
+        vec![
+            // The failure branch would not run, but its forbidden put still refuses the txn.
+            denied(Req::Txn(
                 Txn::new()
                     .when([Compare::version("/app/a", CompareOp::Greater, 0)])
                     .and_then([TxnOp::put("/app/u", "yes", None)])
                     .or_else([TxnOp::put("/other/x", "no", None)]),
-            )
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    // A compare reads its key.
-    assert_status(
-        alice
-            .txn(
+            )),
+            // A compare reads its key.
+            denied(Req::Txn(
                 Txn::new()
                     .when([Compare::value("/other/b", CompareOp::Equal, "2")])
                     .and_then([TxnOp::put("/app/u", "yes", None)]),
-            )
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    // A read op outside the grant.
-    assert_status(
-        alice
-            .txn(Txn::new().and_then([TxnOp::get("/other/b", None)]))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    // A write op on a key alice may only read.
-    assert_status(
-        alice
-            .txn(Txn::new().and_then([TxnOp::put("/shared", "x", None)]))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+            )),
+            // A read op outside the grant.
+            denied(Req::Txn(
+                Txn::new().and_then([TxnOp::get("/other/b", None)]),
+            )),
+            // A write op on a key alice may only read.
+            denied(Req::Txn(
+                Txn::new().and_then([TxnOp::put("/shared", "x", None)]),
+            )),
+        ],
+    )
+    .await;
     assert_eq!(value(&mut root, "/app/u").await, None);
     assert_eq!(value(&mut root, "/app/t").await.as_deref(), Some("yes"));
 
     let mut anonymous = s.anonymous().await;
-    assert_status(
-        anonymous
-            .txn(Txn::new().and_then([TxnOp::get("/app/a", None)]))
-            .await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
+    refusals(
+        &mut anonymous,
+        "anonymous",
+        vec![no_user(Req::Txn(
+            Txn::new().and_then([TxnOp::get("/app/a", None)]),
+        ))],
+    )
+    .await;
 }
 auth_test!(txn_permissions);
 
@@ -427,56 +447,48 @@ async fn malformed_before_auth(s: Secured) {
     const EMPTY_KEY: &str = "etcdserver: key is not provided";
     let mut anon = s.anonymous().await;
     let mut bob = s.client("bob", "bobpw").await;
-    for client in [&mut anon, &mut bob] {
-        assert_status(
-            client.put("", "v", None).await,
-            Code::InvalidArgument,
-            EMPTY_KEY,
-        );
-        assert_status(client.get("", None).await, Code::InvalidArgument, EMPTY_KEY);
-        assert_status(
-            client.delete("", None).await,
-            Code::InvalidArgument,
-            EMPTY_KEY,
-        );
-        assert_status(
-            client
-                .put("/other/v", "x", Some(PutOptions::new().with_ignore_value()))
-                .await,
+    // Both servers' default limit is 128 operations.
+    let too_many: Vec<TxnOp> = (0..129)
+        .map(|i| TxnOp::put(format!("/other/{i}"), "x", None))
+        .collect();
+    let malformed = vec![
+        (Req::Put("", "v", None), Code::InvalidArgument, EMPTY_KEY),
+        (Req::Get("", None), Code::InvalidArgument, EMPTY_KEY),
+        (Req::Delete("", None), Code::InvalidArgument, EMPTY_KEY),
+        (
+            Req::Put("/other/v", "x", Some(PutOptions::new().with_ignore_value())),
             Code::InvalidArgument,
             "etcdserver: value is provided",
-        );
-        assert_status(
-            client
-                .txn(Txn::new().and_then([
-                    TxnOp::put("/other/d", "1", None),
-                    TxnOp::put("/other/d", "2", None),
-                ]))
-                .await,
+        ),
+        (
+            Req::Txn(Txn::new().and_then([
+                TxnOp::put("/other/d", "1", None),
+                TxnOp::put("/other/d", "2", None),
+            ])),
             Code::InvalidArgument,
             "etcdserver: duplicate key given in txn request",
-        );
-        // Both servers' default limit is 128 operations.
-        let ops: Vec<TxnOp> = (0..129)
-            .map(|i| TxnOp::put(format!("/other/{i}"), "x", None))
-            .collect();
-        assert_status(
-            client.txn(Txn::new().and_then(ops)).await,
+        ),
+        (
+            Req::Txn(Txn::new().and_then(too_many)),
             Code::InvalidArgument,
             "etcdserver: too many operations in txn request",
-        );
-    }
+        ),
+    ];
+    refusals(&mut anon, "anonymous", malformed.clone()).await;
+    refusals(&mut bob, "bob", malformed).await;
     // Well-formed, the same requests meet the auth errors.
-    assert_status(
-        anon.put("/other/v", "x", None).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
-    assert_status(
-        bob.put("/other/v", "x", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut anon,
+        "anonymous",
+        vec![no_user(Req::Put("/other/v", "x", None))],
+    )
+    .await;
+    refusals(
+        &mut bob,
+        "bob",
+        vec![denied(Req::Put("/other/v", "x", None))],
+    )
+    .await;
 }
 auth_test!(malformed_before_auth);
 
@@ -493,18 +505,19 @@ async fn lease_permissions(s: Secured) {
     .await
     .expect("leased put");
     let mut alice = s.client("alice", "alicepw").await;
-    assert_status(
-        alice.lease_revoke(secret).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice
-            .put("/app/l", "x", Some(PutOptions::new().with_lease(secret)))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut alice,
+        "alice",
+        vec![
+            denied(Req::LeaseRevoke(secret)),
+            denied(Req::Put(
+                "/app/l",
+                "x",
+                Some(PutOptions::new().with_lease(secret)),
+            )),
+        ],
+    )
+    .await;
     let own = alice.lease_grant(60, None).await.expect("grant").id();
     alice
         .put("/app/l", "x", Some(PutOptions::new().with_lease(own)))
@@ -516,24 +529,22 @@ async fn lease_permissions(s: Secured) {
         // Stricter than etcd 3.4.23, which checks nothing on these: a valid token for every
         // Lease RPC, and read on every key for a time-to-live that lists them.
         let mut anon = s.anonymous().await;
-        assert_status(
-            anon.lease_grant(60, None).await,
-            Code::InvalidArgument,
-            USER_EMPTY,
-        );
-        assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
-        assert_status(
-            anon.lease_revoke(secret).await,
-            Code::InvalidArgument,
-            USER_EMPTY,
-        );
-        assert_status(
-            alice
-                .lease_time_to_live(secret, Some(LeaseTimeToLiveOptions::new().with_keys()))
-                .await,
-            Code::PermissionDenied,
-            DENIED,
-        );
+        refusals(
+            &mut anon,
+            "anonymous",
+            vec![
+                no_user(Req::LeaseGrant),
+                no_user(Req::Leases),
+                no_user(Req::LeaseRevoke(secret)),
+            ],
+        )
+        .await;
+        refusals(
+            &mut alice,
+            "alice",
+            vec![denied(Req::TimeToLive(secret, true))],
+        )
+        .await;
     }
     root.lease_revoke(secret).await.expect("root revokes");
     assert_eq!(value(&mut root, "/other/secret").await, None);
@@ -669,21 +680,13 @@ async fn tokens(s: Secured) {
         name: name.to_owned(),
         password: password.to_owned(),
     };
-    assert_code(
-        auth.authenticate(login("alice", "wrong")).await,
-        Code::InvalidArgument,
-        AUTH_FAILED,
-    );
-    assert_code(
-        auth.authenticate(login("mallory", "alicepw")).await,
-        Code::InvalidArgument,
-        AUTH_FAILED,
-    );
-    assert_code(
-        auth.authenticate(login("", "")).await,
-        Code::InvalidArgument,
-        AUTH_FAILED,
-    );
+    for (name, password) in [("alice", "wrong"), ("mallory", "alicepw"), ("", "")] {
+        assert_code(
+            auth.authenticate(login(name, password)).await,
+            Code::InvalidArgument,
+            AUTH_FAILED,
+        );
+    }
     let token = auth
         .authenticate(login("alice", "alicepw"))
         .await
@@ -694,22 +697,23 @@ async fn tokens(s: Secured) {
     kv.range(with_token(range("/app/a"), Some(&token)))
         .await
         .expect("a fresh token is accepted");
-    assert_code(
-        kv.range(with_token(range("/other"), Some(&token))).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_code(
-        kv.range(with_token(range("/app/a"), Some("forged.1")))
-            .await,
-        Code::Unauthenticated,
-        INVALID_TOKEN,
-    );
-    assert_code(
-        kv.range(with_token(range("/app/a"), None)).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
+    for (key, token, code, message) in [
+        (
+            "/other",
+            Some(token.as_str()),
+            Code::PermissionDenied,
+            DENIED,
+        ),
+        (
+            "/app/a",
+            Some("forged.1"),
+            Code::Unauthenticated,
+            INVALID_TOKEN,
+        ),
+        ("/app/a", None, Code::InvalidArgument, USER_EMPTY),
+    ] {
+        assert_code(kv.range(with_token(range(key), token)).await, code, message);
+    }
 
     // A watch create with a forged token is refused in the watch stream.
     let mut watch = pb::watch_client::WatchClient::new(s.channel().await);
@@ -729,7 +733,7 @@ async fn tokens(s: Secured) {
         .await
         .expect("open the watch stream")
         .into_inner();
-    let first = tokio::time::timeout(common::GUARD, responses.message())
+    let first = tokio::time::timeout(crate::common::GUARD, responses.message())
         .await
         .expect("a response within the guard")
         .expect("a response")
@@ -743,7 +747,7 @@ async fn tokens(s: Secured) {
     // Expiry: the TTL is 1 s after the last use, and every use restarts it, so the token is
     // tried after ever longer idle gaps (0.5 s, 1 s, 2 s, ...) until one outlasts the TTL
     // (etcd also sweeps expired tokens only once a second); the guard bounds the whole wait.
-    let guard = tokio::time::Instant::now() + common::GUARD;
+    let guard = tokio::time::Instant::now() + crate::common::GUARD;
     let mut gap = std::time::Duration::from_millis(500);
     loop {
         tokio::time::sleep(gap).await;
@@ -791,16 +795,13 @@ async fn compaction_needs_root() {
         .revision();
     root.put("/app/a", "2", None).await.expect("put");
     let mut alice = s.client("alice", "alicepw").await;
-    assert_status(
-        alice.compact(rev, None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        s.anonymous().await.compact(rev, None).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
+    refusals(&mut alice, "alice", vec![denied(Req::Compact(rev))]).await;
+    refusals(
+        &mut s.anonymous().await,
+        "anonymous",
+        vec![no_user(Req::Compact(rev))],
+    )
+    .await;
     root.compact(rev, None).await.expect("root compacts");
 }
 
@@ -810,10 +811,10 @@ async fn compaction_needs_root() {
 async fn management_rpcs_point_to_the_config_file() {
     let s = tokio::task::block_in_place(|| Secured::start(Target::Keywatch, "management", &[]));
     let mut root = s.client("root", "rootpw").await;
-    let status = common::status(root.user_add("dave", "pw", None).await);
+    let status = crate::common::status(root.user_add("dave", "pw", None).await);
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert!(status.message().contains("[auth] section"), "{status:?}");
-    let status = common::status(root.auth_enable().await);
+    let status = crate::common::status(root.auth_enable().await);
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     let mut auth = pb::auth_client::AuthClient::new(s.channel().await);
     let st = auth
@@ -883,19 +884,16 @@ fn bad_auth_config_is_refused_before_binding() {
         let path = dir.path().join("keywatch.toml");
         std::fs::write(&path, &config).unwrap();
         let data = dir.path().join("data");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_watch-server"))
-            .args(["--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(&data)
+        let out = testkit::ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .data_dir(&data)
+            .args([std::ffi::OsStr::new("--config"), path.as_os_str()])
             .env("RUST_BACKTRACE", "0")
-            .stdin(std::process::Stdio::null())
-            .output()
+            .run_to_exit()
             .expect("run watch-server");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = &out.stderr;
         assert!(!out.status.success(), "{config}: must fail: {out:?}");
         assert!(
-            !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+            !out.stdout.contains("listening on"),
             "{config}: bound a socket"
         );
         assert!(stderr.contains(expected), "{config}: {stderr}");
@@ -1011,7 +1009,7 @@ auth_test!(etcdctl_with_users);
 /// served from the mirror or forwarded to etcd, so a refused write never reaches etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_mode_checks_before_forwarding() {
-    if !common::tools_present("mirror_mode_checks_before_forwarding", &["etcd"], "etcd") {
+    if !testkit::etcd_present("mirror_mode_checks_before_forwarding") {
         return;
     }
     let upstream = tokio::task::block_in_place(|| Server::start(Target::Etcd, "auth_upstream"));
@@ -1021,7 +1019,7 @@ async fn mirror_mode_checks_before_forwarding() {
             "auth_mirror",
             &[
                 "--upstream",
-                upstream.endpoint(),
+                &upstream.endpoint(),
                 "--upstream-prefix",
                 "/app/",
             ],
@@ -1033,29 +1031,25 @@ async fn mirror_mode_checks_before_forwarding() {
         .await
         .expect("alice's write is forwarded");
     assert_eq!(value(&mut alice, "/app/m").await.as_deref(), Some("1"));
-    assert_status(
-        alice.put("/other/m", "x", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice.get("/other/m", None).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice
-            .txn(Txn::new().and_then([TxnOp::put("/other/t", "x", None)]))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(alice.compact(1, None).await, Code::PermissionDenied, DENIED);
-    assert_status(
-        s.anonymous().await.get("/app/m", None).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
+    refusals(
+        &mut alice,
+        "alice",
+        vec![
+            denied(Req::Put("/other/m", "x", None)),
+            denied(Req::Get("/other/m", None)),
+            denied(Req::Txn(
+                Txn::new().and_then([TxnOp::put("/other/t", "x", None)]),
+            )),
+            denied(Req::Compact(1)),
+        ],
+    )
+    .await;
+    refusals(
+        &mut s.anonymous().await,
+        "anonymous",
+        vec![no_user(Req::Get("/app/m", None))],
+    )
+    .await;
     // The shape is checked before the caller, as by etcd.
     for (resp, what) in [
         (
@@ -1100,40 +1094,31 @@ async fn mirror_mode_checks_before_forwarding() {
         .await
         .expect("leased put on etcd");
     let with_keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
-    let mut anon = s.anonymous().await;
-    assert_status(
-        anon.lease_revoke(secret).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
-    assert_status(
-        anon.lease_time_to_live(secret, with_keys()).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
-    assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
-    assert_status(
-        anon.lease_grant(60, None).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
-    assert_status(
-        alice.lease_revoke(secret).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice.lease_time_to_live(secret, with_keys()).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
-    assert_status(
-        alice
-            .put("/app/l", "x", Some(PutOptions::new().with_lease(secret)))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut s.anonymous().await,
+        "anonymous",
+        vec![
+            no_user(Req::LeaseRevoke(secret)),
+            no_user(Req::TimeToLive(secret, true)),
+            no_user(Req::Leases),
+            no_user(Req::LeaseGrant),
+        ],
+    )
+    .await;
+    refusals(
+        &mut alice,
+        "alice",
+        vec![
+            denied(Req::LeaseRevoke(secret)),
+            denied(Req::TimeToLive(secret, true)),
+            denied(Req::Put(
+                "/app/l",
+                "x",
+                Some(PutOptions::new().with_lease(secret)),
+            )),
+        ],
+    )
+    .await;
     // Without keys the time-to-live names no key; lease ids are listed to any valid caller.
     let ttl = alice
         .lease_time_to_live(secret, None)
@@ -1197,16 +1182,13 @@ async fn revoke_and_attach(s: Secured) {
     let mut anon = s.anonymous().await;
 
     // Revoking deletes the lease's keys: anonymous and non-writers are refused, the key stays.
-    assert_status(
-        anon.lease_revoke(secret).await,
-        Code::InvalidArgument,
-        USER_EMPTY,
-    );
-    assert_status(
-        alice.lease_revoke(secret).await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut anon,
+        "anonymous",
+        vec![no_user(Req::LeaseRevoke(secret))],
+    )
+    .await;
+    refusals(&mut alice, "alice", vec![denied(Req::LeaseRevoke(secret))]).await;
     let mut bob = s.client("bob", "bobpw").await;
     let own = alice.lease_grant(60, None).await.expect("grant").id();
     alice
@@ -1214,7 +1196,7 @@ async fn revoke_and_attach(s: Secured) {
         .await
         .expect("alice attaches her own lease to her key");
     // Read on the key is not enough.
-    assert_status(bob.lease_revoke(own).await, Code::PermissionDenied, DENIED);
+    refusals(&mut bob, "bob", vec![denied(Req::LeaseRevoke(own))]).await;
     assert_eq!(
         value(&mut root, "/other/secret").await.as_deref(),
         Some("s")
@@ -1222,13 +1204,16 @@ async fn revoke_and_attach(s: Secured) {
     assert_eq!(value(&mut root, "/app/l").await.as_deref(), Some("x"));
 
     // Attaching a lease to a key she may write needs write on the keys it already holds.
-    assert_status(
-        alice
-            .put("/app/m", "x", Some(PutOptions::new().with_lease(secret)))
-            .await,
-        Code::PermissionDenied,
-        DENIED,
-    );
+    refusals(
+        &mut alice,
+        "alice",
+        vec![denied(Req::Put(
+            "/app/m",
+            "x",
+            Some(PutOptions::new().with_lease(secret)),
+        ))],
+    )
+    .await;
     assert_eq!(value(&mut root, "/app/m").await, None);
 
     // Write on every key: the revoke passes and deletes them.
@@ -1255,36 +1240,27 @@ async fn lease_stricter_than_etcd() {
             let with_keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
 
             // Every Lease RPC needs a valid caller.
-            let mut anon = s.anonymous().await;
-            assert_status(
-                anon.lease_grant(60, None).await,
-                Code::InvalidArgument,
-                USER_EMPTY,
-            );
-            assert_status(anon.leases().await, Code::InvalidArgument, USER_EMPTY);
-            assert_status(
-                anon.lease_time_to_live(secret, None).await,
-                Code::InvalidArgument,
-                USER_EMPTY,
-            );
-            assert_status(
-                anon.lease_time_to_live(secret, with_keys()).await,
-                Code::InvalidArgument,
-                USER_EMPTY,
-            );
-            assert_status(
-                anon.lease_keep_alive(secret).await,
-                Code::InvalidArgument,
-                USER_EMPTY,
-            );
+            refusals(
+                &mut s.anonymous().await,
+                "anonymous",
+                vec![
+                    no_user(Req::LeaseGrant),
+                    no_user(Req::Leases),
+                    no_user(Req::TimeToLive(secret, false)),
+                    no_user(Req::TimeToLive(secret, true)),
+                    no_user(Req::KeepAlive(secret)),
+                ],
+            )
+            .await;
 
             // TimeToLive{keys} names the keys: read on each; without keys any caller may ask.
             let mut alice = s.client("alice", "alicepw").await;
-            assert_status(
-                alice.lease_time_to_live(secret, with_keys()).await,
-                Code::PermissionDenied,
-                DENIED,
-            );
+            refusals(
+                &mut alice,
+                "alice",
+                vec![denied(Req::TimeToLive(secret, true))],
+            )
+            .await;
             let ttl = alice
                 .lease_time_to_live(secret, None)
                 .await
@@ -1324,20 +1300,18 @@ async fn lease_stricter_than_etcd() {
 
             // A put inside a txn attaching a lease gets the same check as a plain Put, in either
             // branch (etcd 3.4.23 lets this one through).
-            for txn in [
-                Txn::new().and_then([TxnOp::put(
-                    "/app/t",
-                    "x",
-                    Some(PutOptions::new().with_lease(secret)),
-                )]),
-                Txn::new().or_else([TxnOp::txn(Txn::new().and_then([TxnOp::put(
-                    "/app/t",
-                    "x",
-                    Some(PutOptions::new().with_lease(secret)),
-                )]))]),
-            ] {
-                assert_status(alice.txn(txn).await, Code::PermissionDenied, DENIED);
-            }
+            let leased = || TxnOp::put("/app/t", "x", Some(PutOptions::new().with_lease(secret)));
+            refusals(
+                &mut alice,
+                "alice",
+                vec![
+                    denied(Req::Txn(Txn::new().and_then([leased()]))),
+                    denied(Req::Txn(
+                        Txn::new().or_else([TxnOp::txn(Txn::new().and_then([leased()]))]),
+                    )),
+                ],
+            )
+            .await;
             assert_eq!(value(&mut root, "/app/t").await, None);
             alice
                 .txn(Txn::new().and_then([TxnOp::put(

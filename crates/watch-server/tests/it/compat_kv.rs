@@ -3,9 +3,7 @@
 //! `etcd-client` crate against keywatch and against a real etcd. Each case starts from a fresh
 //! store (revision 1).
 
-mod common;
-
-use common::{Kv, Server, assert_status, kv};
+use crate::common::{Kv, Server, assert_status, compat_test, kv};
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, PutOptions, SortOrder,
     SortTarget, Txn, TxnOp, TxnOpResponse,

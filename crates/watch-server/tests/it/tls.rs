@@ -2,16 +2,15 @@
 //! `watch-server` binary configured by flags, environment variables and the config file, and
 //! clients that must be accepted or refused: watch-proto's tonic clients and etcdctl.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Server, Target};
+use crate::common::{Server, Target};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 use tempfile::TempDir;
+use testkit::ServerProcess;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use watch_proto::etcdserverpb as pb;
 
@@ -112,7 +111,7 @@ async fn put_get(
         .map_err(|e| e.to_string())?
         .tls_config(tls)
         .map_err(|e| e.to_string())?
-        .connect_timeout(common::GUARD)
+        .connect_timeout(crate::common::GUARD)
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
@@ -144,7 +143,7 @@ async fn round_trip(channel: Channel) -> Result<(), String> {
 async fn plaintext(addr: &str) -> Result<(), String> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
-        .connect_timeout(common::GUARD)
+        .connect_timeout(crate::common::GUARD)
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
@@ -249,7 +248,7 @@ fn etcdctl_over_mtls(target: Target) {
         Target::Keywatch => &["etcdctl"],
         Target::Etcd => &["etcd", "etcdctl"],
     };
-    if !common::tools_present(&name, tools, "etcd/etcdctl") {
+    if !testkit::tools_present(&name, tools, "etcd/etcdctl") {
         return;
     }
     let pki = Pki::new();
@@ -330,18 +329,16 @@ mod etcdctl_over_mtls {
 /// Runs the binary with `args`; it must exit non-zero before binding, saying `expected`.
 fn refuses_to_start(args: &[&str], expected: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_watch-server"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+    let out = ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+        .data_dir(dir.path())
         .args(args)
         .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .output()
+        .run_to_exit()
         .expect("run watch-server");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(!out.status.success(), "{args:?} must fail: {out:?}");
     assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        !out.stdout.contains("listening on"),
         "{args:?} bound a socket: {out:?}"
     );
     assert!(stderr.contains(expected), "{args:?}: {stderr}");
@@ -437,7 +434,7 @@ async fn a_stalled_handshake_is_closed() {
         .await
         .expect("TCP connect");
     let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(common::GUARD, stalled.read(&mut buf))
+    let read = tokio::time::timeout(crate::common::GUARD, stalled.read(&mut buf))
         .await
         .expect("the server closes a stalled handshake (failure guard, not a threshold)");
     assert!(

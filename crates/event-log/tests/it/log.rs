@@ -1,11 +1,9 @@
 //! Append, query, compaction, recovery, backpressure and the History impl.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ScriptedStore, puts, revs};
+use crate::common::{ScriptedStore, puts, revs};
 use event_log::{
     Durability, EventLog, LogConfig, LogError, RedbOptions, RedbStore, RetentionPolicy, STORE_FILE,
 };

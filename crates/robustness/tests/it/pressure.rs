@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keywatch_robustness::server::ServerProcess;
+use keywatch_robustness::server;
 use keywatch_robustness::stalled::{self, StalledArgs};
 use keywatch_robustness::validate::validate;
 use keywatch_robustness::workload::{self, RunConfig};
@@ -64,15 +64,12 @@ async fn put(kv: &mut KvClient<tonic::transport::Channel>, key: &str, value: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_kill_gets_exactly_the_missed_events() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (bin, path) = (server_bin(), dir.path().to_path_buf());
-    let mut server = tokio::task::spawn_blocking(move || ServerProcess::start(&bin, &path, &[]))
+    let bin = server_bin();
+    let mut server = tokio::task::spawn_blocking(move || server::start(&bin, "pressure-", &[]))
         .await
         .expect("join")
         .expect("start");
-    let mut kv = KvClient::connect(server.endpoint().to_owned())
-        .await
-        .expect("connect");
+    let mut kv = KvClient::connect(server.endpoint()).await.expect("connect");
     let mut last_seen = 0;
     for i in 0..10 {
         last_seen = put(&mut kv, &format!("k{}", i % 3), &format!("before-{i}")).await;
@@ -84,9 +81,7 @@ async fn resume_after_kill_gets_exactly_the_missed_events() {
     })
     .await
     .expect("join");
-    let mut kv = KvClient::connect(server.endpoint().to_owned())
-        .await
-        .expect("connect");
+    let mut kv = KvClient::connect(server.endpoint()).await.expect("connect");
     let mut missed = Vec::new();
     for i in 0..10 {
         let rev = put(&mut kv, &format!("k{}", i % 3), &format!("after-{i}")).await;
@@ -98,7 +93,7 @@ async fn resume_after_kill_gets_exactly_the_missed_events() {
         "acknowledged revisions survived the kill"
     );
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut client = WatchClient::connect(server.endpoint().to_owned())
+    let mut client = WatchClient::connect(server.endpoint())
         .await
         .expect("connect");
     let mut stream = client

@@ -3,13 +3,12 @@
 //! graceful SIGTERM that keeps every acknowledged write across a restart.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
+use std::process::Command;
 
 use kv_store::{Durability, Store, StoreConfig, StoreError};
+use testkit::{ServerProcess, Signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
@@ -471,106 +470,25 @@ fn help_lists_every_flag_with_its_default() {
     }
 }
 
-/// A running binary: its child, the address from its "listening on" line, the metrics
-/// address if it printed one, and its stderr.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    metrics: Option<SocketAddr>,
-    stderr: std_mpsc::Receiver<String>,
-}
-
-/// A failed assertion must not leave a live server behind.
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// Waits for the process to exit; returns its status and stderr. The stderr reader
-    /// finishes when the process exits; the 60 s bound is a hang guard (a shutdown that never
-    /// ends fails the test instead of hanging it), not a timing assertion.
-    fn exit(&mut self) -> (std::process::ExitStatus, String) {
-        let stderr = match self.stderr.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(s) => s,
-            Err(_) => panic!("watch-server did not exit"),
-        };
-        (self.child.wait().unwrap(), stderr)
-    }
-}
-
-fn spawn(data: &Path, extra: &[&str]) -> Proc {
+/// The binary on `data` with `extra` flags, started on port 0 and ready (testkit's process,
+/// killed on drop so a failed assertion leaves no live server behind).
+fn spawn(data: &Path, extra: &[&str]) -> ServerProcess {
     spawn_env(data, extra, &[])
 }
 
-fn spawn_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .env_remove("KEYWATCH_CONFIG")
-        .env_remove("KEYWATCH_METRICS_LISTEN")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            // The metrics line, if any, comes before the ready line.
-            if let Some(a) = line
-                .strip_prefix("watch-server metrics on http://")
-                .and_then(|a| a.strip_suffix("/metrics"))
-            {
-                let _ = tx.send(format!("metrics {a}"));
-            }
-            if let Some(a) = line.strip_prefix("watch-server listening on ") {
-                let _ = tx.send(a.to_owned());
-            }
-        }
-    });
-    let mut stderr = child.stderr.take().unwrap();
-    let (etx, erx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        let _ = etx.send(s);
-    });
-    let mut metrics = None;
-    let addr = loop {
-        match rx.recv() {
-            Ok(a) => match a.strip_prefix("metrics ") {
-                Some(m) => metrics = Some(m.parse().unwrap()),
-                None => break a.parse().unwrap(),
-            },
-            Err(_) => {
-                let status = child.wait().unwrap();
-                panic!(
-                    "watch-server exited ({status}) before listening:\n{}",
-                    erx.recv().unwrap_or_default()
-                );
-            }
-        }
-    };
-    Proc {
-        child,
-        addr,
-        metrics,
-        stderr: erx,
+fn spawn_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    let mut builder = ServerProcess::builder(BIN).data_dir(data).args(extra);
+    for (k, v) in env {
+        builder = builder.env(k, v);
     }
+    builder.start().unwrap()
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
+/// Waits for the process to exit; returns its status and stderr. The testkit's guard makes a
+/// shutdown that never ends fail the test instead of hanging it; it is not a timing assertion.
+fn wait_exit(p: &mut ServerProcess) -> (std::process::ExitStatus, String) {
+    let exit = tokio::task::block_in_place(|| p.wait_exit()).unwrap();
+    (exit.status, exit.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,7 +496,7 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut p = spawn(&data, &["--durability", "fsync"]);
-    let ch = channel(p.addr).await;
+    let ch = channel(p.addr()).await;
     let mut health = HealthClient::new(ch.clone());
     assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
     let mut kv = KvClient::new(ch.clone());
@@ -602,11 +520,10 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
     wtx.send(create(1, "/k/", b"/k0")).await.unwrap();
     assert!(stream.message().await.unwrap().unwrap().created);
 
-    signal(&p.child, "-TERM");
+    p.signal(Signal::Term).unwrap();
     let status = stream.message().await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
-    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
-    let stderr = p.stderr.recv().unwrap();
+    let (exit, stderr) = wait_exit(&mut p);
     assert!(exit.success(), "{exit}: {stderr}");
     assert!(stderr.contains("store closed"), "{stderr}");
     drop((kv, health, stream, ch));
@@ -618,7 +535,7 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
         &["--log-format", "json"],
         &[("KEYWATCH_METRICS_LISTEN", "127.0.0.1:0")],
     );
-    let mut kv = KvClient::new(channel(p.addr).await);
+    let mut kv = KvClient::new(channel(p.addr()).await);
     let r = kv
         .range(pb::RangeRequest {
             key: b"/k/".to_vec().into(),
@@ -635,13 +552,12 @@ async fn sigterm_flushes_and_a_restart_keeps_acknowledged_writes() {
             .iter()
             .any(|kv| &kv.key[..] == b"/k/19" && &kv.value[..] == b"v19")
     );
-    let m = samples(&scrape(p.metrics.expect("a metrics line")).await);
+    let m = samples(&scrape(p.metrics_addr().expect("a metrics line")).await);
     assert_eq!(sample(&m, "keywatch_revision"), last as f64);
     assert_eq!(sample(&m, "keywatch_keys"), 20.0);
     assert_eq!(sample(&m, &handled("etcdserverpb.KV", "Range", "OK")), 1.0);
-    signal(&p.child, "-INT");
-    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
-    let stderr = p.stderr.recv().unwrap();
+    p.signal(Signal::Int).unwrap();
+    let (exit, stderr) = wait_exit(&mut p);
     assert!(exit.success(), "{exit}: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(!lines.is_empty());
@@ -666,7 +582,7 @@ async fn a_second_signal_cuts_a_stuck_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     // A graceful shutdown that would wait an hour for the open call below.
     let mut p = spawn(&dir.path().join("data"), &["--shutdown-timeout", "1h"]);
-    let ch = channel(p.addr).await;
+    let ch = channel(p.addr()).await;
     let mut updates = HealthClient::new(ch.clone())
         .watch(HealthCheckRequest { service: "".into() })
         .await
@@ -688,12 +604,11 @@ async fn a_second_signal_cuts_a_stuck_shutdown() {
         .into_inner();
     assert!(open.message().await.unwrap().is_some());
 
-    signal(&p.child, "-TERM");
+    p.signal(Signal::Term).unwrap();
     // The shutdown has begun (health said so) and now waits for the open call.
     assert_eq!(next_status(&mut updates).await, ServingStatus::NotServing);
-    signal(&p.child, "-TERM");
-    let exit = tokio::task::block_in_place(|| p.child.wait()).unwrap();
-    let stderr = p.stderr.recv().unwrap();
+    p.signal(Signal::Term).unwrap();
+    let (exit, stderr) = wait_exit(&mut p);
     assert_eq!(exit.code(), Some(130), "{stderr}");
     assert!(stderr.contains("second signal"), "{stderr}");
     drop(tx);
@@ -739,7 +654,7 @@ async fn a_stalled_metrics_connection_does_not_hold_up_shutdown() {
             "1s",
         ],
     );
-    let maddr = p.metrics.expect("a metrics line");
+    let maddr = p.metrics_addr().expect("a metrics line");
     // A request whose headers never end.
     let mut stalled = tokio::net::TcpStream::connect(maddr).await.unwrap();
     stalled
@@ -750,8 +665,8 @@ async fn a_stalled_metrics_connection_does_not_hold_up_shutdown() {
     // queue is FIFO): the stalled connection is being served by now.
     scrape(maddr).await;
 
-    signal(&p.child, "-TERM");
-    let (exit, stderr) = p.exit();
+    p.signal(Signal::Term).unwrap();
+    let (exit, stderr) = wait_exit(&mut p);
     assert!(exit.success(), "{exit}: {stderr}");
     assert!(stderr.contains("store closed"), "{stderr}");
     drop(stalled);
@@ -761,10 +676,10 @@ async fn a_stalled_metrics_connection_does_not_hold_up_shutdown() {
 async fn the_shutdown_timeout_cuts_calls_that_do_not_end() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = spawn(&dir.path().join("data"), &["--shutdown-timeout", "1s"]);
-    let ch = channel(p.addr).await;
+    let ch = channel(p.addr()).await;
     let (tx, _open) = open_reflection_call(ch.clone()).await;
-    signal(&p.child, "-TERM");
-    let (exit, stderr) = p.exit();
+    p.signal(Signal::Term).unwrap();
+    let (exit, stderr) = wait_exit(&mut p);
     assert!(exit.success(), "{exit}: {stderr}");
     assert!(stderr.contains("cutting remaining calls"), "{stderr}");
     assert!(stderr.contains("store closed"), "{stderr}");

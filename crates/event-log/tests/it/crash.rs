@@ -3,13 +3,11 @@
 //! reopens the log and checks that every acknowledged change set survived intact, that the
 //! log is gap-free, and that appends continue from `last_revision + 1`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::crash_payload::change_set;
+use crate::common::crash_payload::change_set;
 use event_log::{Durability, EventLog, LogConfig};
 
 const KILLS: usize = 32;

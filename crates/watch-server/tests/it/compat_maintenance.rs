@@ -5,9 +5,7 @@
 //! restore` → serve round trip: etcd's snapshot is a bbolt file that keywatch does not read or
 //! write, so only the stream framing is shared.
 
-mod common;
-
-use common::{Server, assert_status};
+use crate::common::{Server, assert_status, compat_test};
 use etcd_client::{
     AlarmAction, AlarmType, Client, CompactionOptions, DeleteOptions, GetOptions, PutOptions,
 };
@@ -31,8 +29,9 @@ async fn member_id(client: &mut Client) -> u64 {
 /// `:authority` is the whole URL, which the HTTP/2 library under tonic rejects as malformed
 /// (RST_STREAM PROTOCOL_ERROR); grpc-go accepts it. So these commands get `host:port`, as
 /// docs/operations.md tells operators.
-fn endpoint(server: &Server) -> &str {
-    server.endpoint().trim_start_matches("http://")
+fn endpoint(server: &Server) -> String {
+    let url = server.endpoint();
+    url.trim_start_matches("http://").to_owned()
 }
 
 /// `etcdctl --endpoints host:port <args>`: stdout on success, else the exit code and stderr.
@@ -300,7 +299,7 @@ async fn alarms_and_defrag(server: Server) {
 compat_test!(alarms_and_defrag);
 
 /// A 4 MiB quota: 256 KiB puts soon exceed it on both servers, whatever their files' layout.
-fn quota(_target: common::Target) -> Vec<&'static str> {
+fn quota(_target: crate::common::Target) -> Vec<&'static str> {
     vec!["--quota-backend-bytes", "4194304"]
 }
 
@@ -470,14 +469,14 @@ async fn restore_round_trip(server: Server) {
         String::from_utf8_lossy(&out.stderr).contains("SHA-256"),
         "{out:?}"
     );
-    // A data directory that holds a store is refused.
-    let out = restore(server.data_dir(), &file);
-    assert!(!out.status.success(), "{out:?}");
-
     let data = tempfile::tempdir().expect("data dir");
     let out = restore(data.path(), &file);
     assert!(out.status.success(), "{out:?}");
-    let restored = Server::start_keywatch_in("restore_round_trip_restored", data);
+    // A data directory that holds a store is refused.
+    let again = restore(data.path(), &file);
+    assert!(!again.status.success(), "{again:?}");
+    // Declared after `data`, so dropped (killed) before the directory is removed.
+    let restored = Server::start_keywatch_in("restore_round_trip_restored", data.path());
     let mut copy = restored.client().await;
 
     let all = |c: &mut Client| {

@@ -7,9 +7,7 @@
 //! Waiting for an expiry is event driven: the case waits for the DELETE on a watch, with the
 //! harness's failure guard as the only timeout.
 
-mod common;
-
-use common::{Ev, Kv, Server, Watch, assert_status, del};
+use crate::common::{Ev, Kv, Server, Watch, assert_status, compat_test, del};
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions,
     TxnOp, WatchOptions,
@@ -28,7 +26,7 @@ async fn raw_lease(server: &Server) -> pb::lease_client::LeaseClient<tonic::tran
 fn leased(key: &str, value: &str, create: i64, modified: i64, version: i64, lease: i64) -> Kv {
     Kv {
         lease,
-        ..common::kv(key, value, create, modified, version)
+        ..crate::common::kv(key, value, create, modified, version)
     }
 }
 
@@ -205,14 +203,14 @@ fn prefix_watch() -> Option<WatchOptions> {
 /// key map, which is unordered).
 async fn one_revision_of_deletes(w: &mut Watch, n: usize) -> (i64, Vec<Ev>) {
     let resp = w.next().await;
-    let mut evs = common::events(&resp);
+    let mut evs = crate::common::events(&resp);
     assert_eq!(
         evs.len(),
         n,
         "all of the lease's keys in one response: {evs:?}"
     );
     evs.sort_by(|a, b| a.kv.key.cmp(&b.kv.key));
-    (common::rev(&resp), evs)
+    (crate::common::rev(&resp), evs)
 }
 
 // [lease/lessor.go Revoke] revoke deletes every attached key in ONE revision; watchers get the
@@ -244,7 +242,7 @@ async fn revoke_deletes_in_one_revision(server: Server) {
         .await
         .expect("get");
     let keys: Vec<Kv> = r.kvs().iter().map(Kv::from).collect();
-    assert_eq!(keys, vec![common::kv("/svc/c", "1", 4, 4, 1)]);
+    assert_eq!(keys, vec![crate::common::kv("/svc/c", "1", 4, 4, 1)]);
 
     let mut raw = raw_lease(&server).await;
     let t = raw
@@ -274,7 +272,7 @@ async fn revoke_deletes_in_one_revision(server: Server) {
                 .await
                 .expect("send");
         }
-        let resp = tokio::time::timeout(common::GUARD, responses.message())
+        let resp = tokio::time::timeout(crate::common::GUARD, responses.message())
             .await
             .expect("keep-alive response in time")
             .expect("keep-alive response")
@@ -327,7 +325,7 @@ async fn keep_alive_renews(server: Server) {
     let id = c.lease_grant(20, None).await.expect("grant").id();
     let (mut keeper, mut stream) = c.lease_keep_alive(id).await.expect("keep alive");
     keeper.keep_alive().await.expect("send keep-alive");
-    let resp = tokio::time::timeout(common::GUARD, stream.message())
+    let resp = tokio::time::timeout(crate::common::GUARD, stream.message())
         .await
         .expect("keep-alive response in time")
         .expect("keep-alive response")
@@ -455,7 +453,7 @@ async fn restart_with_live_leases(mut server: Server) {
     assert_eq!((granted, keys), (300, vec!["/r/kept".to_owned()]));
     let (mut keeper, mut stream) = c.lease_keep_alive(kept).await.expect("keep alive");
     keeper.keep_alive().await.expect("send");
-    let resp = tokio::time::timeout(common::GUARD, stream.message())
+    let resp = tokio::time::timeout(crate::common::GUARD, stream.message())
         .await
         .expect("in time")
         .expect("response")
@@ -494,7 +492,7 @@ async fn keep_alive_then_revoke(server: Server) {
         let (mut keeper, mut stream) = c.lease_keep_alive(id).await.expect("keep alive");
         keeper.keep_alive().await.expect("send keep-alive");
         c.lease_revoke(id).await.expect("revoke");
-        let resp = tokio::time::timeout(common::GUARD, stream.message())
+        let resp = tokio::time::timeout(crate::common::GUARD, stream.message())
             .await
             .expect("in time")
             .expect("response")

@@ -2,11 +2,9 @@
 //! (reference `etcd-watch.md` §4), driven through the `etcd-client` crate against keywatch and
 //! against a real etcd. Each case starts from a fresh store (revision 1).
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::{Ev, Server, Watch, del, events, kv, put, rev};
+use crate::common::{Ev, Server, Watch, compat_test, del, events, kv, put, rev};
 use etcd_client::{Client, CompactionOptions, Txn, TxnOp, WatchFilterType, WatchOptions};
 
 /// Put `key` and return the revision it was written at.
@@ -64,7 +62,10 @@ async fn watch_create_and_put_revisions(server: Server) {
     let got = c.get("foo", None).await.expect("get");
     assert_eq!(got.header().expect("header").revision(), 6);
     assert_eq!(
-        got.kvs().iter().map(common::Kv::from).collect::<Vec<_>>(),
+        got.kvs()
+            .iter()
+            .map(crate::common::Kv::from)
+            .collect::<Vec<_>>(),
         [kv("foo", "", 2, 6, 5)]
     );
 }
@@ -347,27 +348,30 @@ async fn compaction(server: Server) {
         .await
         .expect("get at the compaction revision");
     assert_eq!(
-        at4.kvs().iter().map(common::Kv::from).collect::<Vec<_>>(),
+        at4.kvs()
+            .iter()
+            .map(crate::common::Kv::from)
+            .collect::<Vec<_>>(),
         [kv("foo", "v4", 2, 4, 3)]
     );
-    common::assert_status(
+    crate::common::assert_status(
         c.get("foo", Some(etcd_client::GetOptions::new().with_revision(3)))
             .await,
         tonic::Code::OutOfRange,
         "etcdserver: mvcc: required revision has been compacted",
     );
-    common::assert_status(
+    crate::common::assert_status(
         c.get("foo", Some(etcd_client::GetOptions::new().with_revision(7)))
             .await,
         tonic::Code::OutOfRange,
         "etcdserver: mvcc: required revision is a future revision",
     );
-    common::assert_status(
+    crate::common::assert_status(
         c.compact(4, None).await,
         tonic::Code::OutOfRange,
         "etcdserver: mvcc: required revision has been compacted",
     );
-    common::assert_status(
+    crate::common::assert_status(
         c.compact(7, None).await,
         tonic::Code::OutOfRange,
         "etcdserver: mvcc: required revision is a future revision",
@@ -708,7 +712,10 @@ async fn restart_keeps_data_and_revisions(mut server: Server) {
         .expect("get");
     assert_eq!(got.header().expect("header").revision(), 5);
     assert_eq!(
-        got.kvs().iter().map(common::Kv::from).collect::<Vec<_>>(),
+        got.kvs()
+            .iter()
+            .map(crate::common::Kv::from)
+            .collect::<Vec<_>>(),
         [kv("a", "2", 2, 4, 2)]
     );
     let status = c.status().await.expect("status");
@@ -742,7 +749,7 @@ async fn restart_keeps_data_and_revisions(mut server: Server) {
     drop(c);
     server.restart();
     let mut c = server.client().await;
-    common::assert_status(
+    crate::common::assert_status(
         c.get("a", Some(etcd_client::GetOptions::new().with_revision(3)))
             .await,
         tonic::Code::OutOfRange,
@@ -776,10 +783,12 @@ async fn restart_keeps_data_and_revisions(mut server: Server) {
 compat_test!(restart_keeps_data_and_revisions);
 
 /// Server flags for a short periodic progress interval.
-fn fast_progress(target: common::Target) -> Vec<&'static str> {
+fn fast_progress(target: crate::common::Target) -> Vec<&'static str> {
     match target {
-        common::Target::Etcd => vec!["--experimental-watch-progress-notify-interval", "300ms"],
-        common::Target::Keywatch => vec!["--progress-interval", "300ms"],
+        crate::common::Target::Etcd => {
+            vec!["--experimental-watch-progress-notify-interval", "300ms"]
+        }
+        crate::common::Target::Keywatch => vec!["--progress-interval", "300ms"],
     }
 }
 

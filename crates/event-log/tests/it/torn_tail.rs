@@ -2,14 +2,12 @@
 //! offsets and check that opening it either recovers a consistent committed state or fails
 //! with a typed error, and that no read ever returns data that differs from what was written.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use common::crash_payload::change_set;
+use crate::common::crash_payload::change_set;
 use event_log::{Durability, EventLog, LogConfig, LogError, STORE_FILE};
 
 const EVENTS: u64 = 300;
