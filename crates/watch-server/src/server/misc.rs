@@ -288,8 +288,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
     ) -> Result<Response<pb::HashKvResponse>, Status> {
         self.check_admin(&request)?;
         let revision = request.into_inner().revision;
-        // A negative revision reads as etcd's: below every compaction, so "compacted" once
-        // there is one; else the current state, as 0.
+        // A negative revision is taken as 0, the current state (etcd hashes no key for it).
         let h = self
             .store
             .hash_kv(u64::try_from(revision).unwrap_or(0))
