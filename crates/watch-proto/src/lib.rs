@@ -74,6 +74,18 @@ pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
 }
 
+/// etcd's `v3lockpb` package: the Lock service (Lock, Unlock), generated from
+/// `proto/v3lockpb/v3lock.proto`.
+pub mod v3lockpb {
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+}
+
+/// etcd's `v3electionpb` package: the Election service (Campaign, Proclaim, Leader, Observe,
+/// Resign), generated from `proto/v3electionpb/v3election.proto`.
+pub mod v3electionpb {
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+}
+
 /// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source
 /// info), as a gRPC reflection service expects it.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

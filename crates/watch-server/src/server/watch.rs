@@ -144,7 +144,9 @@ impl pb::watch_server::Watch for WatchService {
         };
         // etcd reads the stream's token at every create, so a token that expires while the
         // stream is open refuses later creates; keep it, not the caller.
-        let token = match self.gate.auth() {
+        // Kept whether authentication is on or not: it can be turned on while the stream is
+        // open, and each create is checked as things stand then.
+        let token = match self.gate.manager() {
             Some(_) => token_of(request.metadata()).map(str::to_owned),
             None => None,
         };
@@ -393,10 +395,11 @@ impl WatchStream {
     /// etcd's `isWatchPermitted`: a watch needs a valid token and read on every key it
     /// could report.
     fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<(), EtcdError> {
-        let Some(auth) = self.gate.auth() else {
+        // Resolved at each create: a token invalidated, or a permission revoked, since the
+        // stream opened refuses the next create.
+        let Some(caller) = self.gate.caller_for(self.token.as_deref())? else {
             return Ok(());
         };
-        let caller = auth.caller(self.token.as_deref())?;
         // An empty key means "\0" for a watch, as in etcd.
         let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
         caller.check(Perm::Read, key, &c.range_end)
