@@ -10,12 +10,15 @@
 //! lease count u64 | (id i64, granted TTL i64) per lease
 //! state length u64 | the state at `revision`: one event-log record, a put per key
 //! history count u64 | (length u64, event-log record) per change set after the compaction
+//! extras count u64 | (name length u64, name, data length u64, data) per extra
 //! zero bytes up to the end (a server pads the file for etcdctl's framing)
 //! ```
 //!
 //! Records use event-log's versioned, CRC-checked codec. The history is every change set the
 //! event log still holds (from the compaction revision to `revision`), so a restored store
-//! serves reads and watches at past revisions exactly as the original did.
+//! serves reads and watches at past revisions exactly as the original did. Extras are named
+//! byte strings the embedder adds (watch-server: its users and roles); the store does not
+//! read them, [`restore`] hands them back.
 //!
 //! # Quota
 //!
@@ -80,7 +83,7 @@ pub struct BackupInfo {
 }
 
 /// What [`restore`] installed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RestoreInfo {
     /// The revision of the restored state.
@@ -93,6 +96,8 @@ pub struct RestoreInfo {
     pub leases: usize,
     /// Change sets of history restored.
     pub history: usize,
+    /// The backup's extras (name, data), as [`Store::backup`] was given them.
+    pub extras: Vec<(String, Vec<u8>)>,
 }
 
 /// A hash of the key-value state at one revision ([`Store::hash_kv`]).
@@ -317,7 +322,13 @@ impl Store {
     /// revision and the history the event log holds. Writes are held only while the state
     /// and the lease table are copied (in memory, sharing the values); compactions wait until
     /// the history is written.
-    pub async fn backup(&self, out: &Path) -> Result<BackupInfo, StoreError> {
+    ///
+    /// `extras` are stored as given (see the module docs) and returned by [`restore`].
+    pub async fn backup(
+        &self,
+        out: &Path,
+        extras: Vec<(String, Vec<u8>)>,
+    ) -> Result<BackupInfo, StoreError> {
         self.check_open()?;
         // Compactions would drop the history this is about to read.
         let _c = self.inner.compact_lock.lock().await;
@@ -375,6 +386,13 @@ impl Store {
                 put(&mut w, &(rec.len() as u64).to_le_bytes())?;
                 put(&mut w, rec)?;
             }
+            put(&mut w, &(extras.len() as u64).to_le_bytes())?;
+            for (name, data) in &extras {
+                put(&mut w, &(name.len() as u64).to_le_bytes())?;
+                put(&mut w, name.as_bytes())?;
+                put(&mut w, &(data.len() as u64).to_le_bytes())?;
+                put(&mut w, data)?;
+            }
             let file = w.into_inner().map_err(|e| io_err(&path, e.error()))?;
             file.sync_all().map_err(|e| io_err(&path, e))?;
             Ok(BackupInfo {
@@ -414,9 +432,9 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
             .map_err(|e| io_err(Path::new("<backup>"), e))?;
         Ok(u64::from_le_bytes(b))
     }
-    // Bounded by the input itself: a corrupt length must not allocate first, so a record is
+    // Bounded by the input itself: a corrupt length must not allocate first, so a field is
     // read through `take` and its length checked after.
-    fn record(r: &mut impl Read) -> Result<ChangeSet, StoreError> {
+    fn bytes(r: &mut impl Read) -> Result<Vec<u8>, StoreError> {
         let src = Path::new("<backup>");
         let len = u64_of(r)?;
         let mut buf = Vec::new();
@@ -426,7 +444,11 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
         if buf.len() as u64 != len {
             return Err(io_err(src, "truncated backup"));
         }
-        event_log::codec::decode_standalone(&buf).map_err(|e| io_err(src, e))
+        Ok(buf)
+    }
+    fn record(r: &mut impl Read) -> Result<ChangeSet, StoreError> {
+        let buf = bytes(r)?;
+        event_log::codec::decode_standalone(&buf).map_err(|e| io_err(Path::new("<backup>"), e))
     }
     let mut r = BufReader::new(backup);
     let mut magic = [0u8; 8];
@@ -467,6 +489,13 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
         last = cs.revision;
         history.push(event_log::codec::encode(&cs, 0));
     }
+    let extras_count = u64_of(&mut r)?;
+    let mut extras = Vec::new();
+    for _ in 0..extras_count {
+        let name = String::from_utf8(bytes(&mut r)?)
+            .map_err(|_| io_err(src, "an extra's name is not UTF-8"))?;
+        extras.push((name, bytes(&mut r)?));
+    }
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).map_err(|e| io_err(src, e))?;
     if rest.iter().any(|&b| b != 0) {
@@ -500,6 +529,7 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
         keys,
         leases: leases.len(),
         history: n_history,
+        extras,
     })
 }
 
@@ -553,7 +583,8 @@ mod tests {
             .unwrap(); // 4
         store.compact(3).await.unwrap();
         let file = dir.path().join("backup");
-        let info = store.backup(&file).await.unwrap();
+        let extra = ("users".to_owned(), b"alice".to_vec());
+        let info = store.backup(&file, vec![extra.clone()]).await.unwrap();
         assert_eq!((info.revision, info.compacted), (4, 3));
         let hash = store.hash_kv(0).await.unwrap().hash;
 

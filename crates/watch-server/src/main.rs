@@ -94,9 +94,14 @@ fn hash_password(cost: u32) -> anyhow::Result<()> {
 fn restore(file: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<()> {
     let info = watch_server::server::restore_snapshot(file, data_dir)
         .with_context(|| format!("restoring {} into {}", file.display(), data_dir.display()))?;
+    let auth = if info.extras.is_empty() {
+        ""
+    } else {
+        ", users and roles"
+    };
     println!(
         "restored revision {} ({} keys, {} leases, {} change sets of history, compaction \
-         revision {}) into {}",
+         revision {}{auth}) into {}",
         info.revision,
         info.keys,
         info.leases,

@@ -286,6 +286,14 @@ impl Auth {
         Ok(Auth::with_records(settings, data, Some(db)))
     }
 
+    /// Every user and role and the enabled flag, encoded as the records file holds them (a
+    /// backup's extra; [`import_records`] installs it).
+    pub async fn export(&self) -> Vec<u8> {
+        let records = self.records.lock().await;
+        // Serializing plain maps and strings cannot fail.
+        serde_json::to_vec(&records.data).unwrap_or_default()
+    }
+
     fn with_records(settings: &AuthSettings, data: AuthData, db: Option<persist::AuthDb>) -> Auth {
         let costs: std::collections::BTreeSet<u32> = data
             .users
@@ -546,6 +554,12 @@ fn compile(data: &AuthData, incarnations: &HashMap<String, u64>) -> View {
 /// The token an etcd client sent, if any.
 pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
     metadata.get(TOKEN_METADATA).and_then(|v| v.to_str().ok())
+}
+
+/// Installs `raw` ([`Auth::export`]'s bytes) as the records file of the fresh data directory
+/// `dir` (a restore).
+pub fn import_records(dir: &Path, raw: &[u8]) -> Result<(), AuthStoreError> {
+    persist::write_record(dir, raw)
 }
 
 /// Authentication as seen by a service: off, or the server's [`Auth`].

@@ -124,6 +124,9 @@ pub enum RestoreError {
     /// The backup inside could not be installed.
     #[error(transparent)]
     Store(#[from] kv_store::StoreError),
+    /// The users and roles inside could not be installed.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthStoreError),
 }
 
 /// Installs a snapshot as Maintenance.Snapshot streamed it (the backup, zero padding, then
@@ -159,7 +162,17 @@ pub fn restore_snapshot(
         });
     }
     f.seek(SeekFrom::Start(0)).map_err(read_err)?;
-    Ok(kv_store::restore(f.take(body), data_dir)?)
+    let info = kv_store::restore(f.take(body), data_dir)?;
+    for (name, data) in &info.extras {
+        match name.as_str() {
+            AUTH_EXTRA => crate::auth::import_records(data_dir, data)?,
+            other => tracing::warn!(
+                extra = other,
+                "backup extra unknown to this version; skipped"
+            ),
+        }
+    }
+    Ok(info)
 }
 
 /// A backup file being streamed; removed when dropped.
@@ -170,6 +183,9 @@ impl Drop for TempBackup {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// The backup extra holding the users and roles (the records file's content).
+const AUTH_EXTRA: &str = "auth";
 
 /// Name prefix of the temporary backup files in the data directory.
 const SNAPSHOT_TMP_PREFIX: &str = "snapshot-";
@@ -326,9 +342,14 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             std::process::id()
         ));
         let file = TempBackup(path);
+        // The users and roles travel with the store (etcd's snapshot holds them too).
+        let mut extras = Vec::new();
+        if let Some(auth) = self.gate.manager() {
+            extras.push((AUTH_EXTRA.to_owned(), auth.export().await));
+        }
         let info = self
             .store
-            .backup(&file.0)
+            .backup(&file.0, extras)
             .await
             .map_err(|e| store_status(&e))?;
         let total = info.bytes.div_ceil(SNAPSHOT_ALIGN) * SNAPSHOT_ALIGN;

@@ -422,8 +422,8 @@ async fn quota_nospace(server: Server) {
 compat_test!(quota_nospace, flags = quota);
 
 // Backup → `watch-server restore` → serve: every key with its revisions, versions and lease,
-// the revision counter, the compaction revision, history at past revisions and the leases
-// come back (keywatch only: its backup is its own format; etcd's is a bbolt file).
+// the revision counter, the compaction revision, history at past revisions, the leases, and
+// the users and roles come back (keywatch only: its backup is its own format; etcd's is a bbolt file).
 async fn restore_round_trip(server: Server) {
     if !server.has_etcdctl() {
         return;
@@ -441,6 +441,13 @@ async fn restore_round_trip(server: Server) {
         .compact(4, Some(CompactionOptions::new().with_physical()))
         .await
         .expect("compact");
+    // Users and roles travel with the backup, as in etcd's snapshot.
+    client
+        .user_add("dave", "davepw", None)
+        .await
+        .expect("user add");
+    client.role_add("ops").await.expect("role add");
+    client.user_grant_role("dave", "ops").await.expect("grant");
 
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("backup.db");
@@ -531,6 +538,8 @@ async fn restore_round_trip(server: Server) {
     );
     copy.lease_revoke(lease).await.expect("revoke");
     assert_eq!(copy.get("leased", None).await.unwrap().count(), 0);
+    assert_eq!(copy.user_list().await.expect("users").users(), ["dave"]);
+    assert_eq!(copy.user_get("dave").await.expect("dave").roles(), ["ops"]);
     // Writes continue from the restored revision.
     let put = copy.put("d", "1", None).await.expect("put");
     assert_eq!(put.header().unwrap().revision(), 10);
