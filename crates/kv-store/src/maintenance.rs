@@ -232,10 +232,7 @@ impl Store {
     /// [`StoreError::Compacted`] at or below the compaction revision, as etcd's HashKV.
     pub async fn hash_kv(&self, revision: Revision) -> Result<KvHash, StoreError> {
         self.check_closed()?;
-        let (current, kvs) = {
-            let st = self.inner.state.read();
-            (st.revision, st.range(&KeyRange::all()))
-        };
+        let current = self.current_revision();
         if revision > current {
             return Err(StoreError::FutureRevision {
                 requested: revision,
@@ -249,13 +246,9 @@ impl Store {
                 compacted,
             });
         }
-        self.wait_durable(current).await?;
-        let kvs = if revision != 0 && revision < current {
-            self.rewind(&KeyRange::all(), kvs, revision, current)
-                .await?
-        } else {
-            kvs
-        };
+        // The state at `revision` (the current one for 0), durable; `current` is the revision
+        // it was read against.
+        let (current, kvs) = self.range_at(&KeyRange::all(), revision).await?;
         let mut h = crc32fast::Hasher::new();
         for kv in &kvs {
             hash_kv(&mut h, kv);

@@ -11,10 +11,13 @@
 //! - [`client`]: connections, watch streams carrying many watchers, writers.
 //! - [`scenarios`]: fan-out, spread, history, register, stalled.
 //! - [`lease`]: lease grant, keep-alive and expiry measurements (`keywatch-lease-bench`).
+//! - [`fsync`]: the disk's fsync latency, probed before and after the runs, so put latency is
+//!   compared with the durable-write floor of the same run.
 //! - [`report`]: JSON, the markdown section of `docs/benchmarks.md`, SVG charts.
 
 pub mod check;
 pub mod client;
+pub mod fsync;
 pub mod lease;
 pub mod report;
 pub mod scenarios;
