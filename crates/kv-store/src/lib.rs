@@ -865,6 +865,38 @@ impl Store {
         selector: KeySelector,
         options: WatchOptions,
     ) -> Result<WatchHandle, StoreError> {
+        self.register(selector, options, |selector, options| {
+            let h = self.inner.engine.watch(selector, options)?;
+            let created = h.created_revision();
+            Ok((h, created))
+        })
+        .map(|(h, _)| h)
+    }
+
+    /// Registers a watch delivering into `outbox` with `tag` (see watch-core's
+    /// [`watch_core::Outbox::watch`]), with the same checks as [`Store::watch`]; returns the
+    /// registration and its created revision.
+    pub fn watch_into(
+        &self,
+        outbox: &watch_core::Outbox,
+        tag: u64,
+        selector: KeySelector,
+        options: WatchOptions,
+    ) -> Result<(watch_core::Registration, Revision), StoreError> {
+        self.register(selector, options, |selector, options| {
+            outbox.watch(tag, selector, options)
+        })
+    }
+
+    fn register<T>(
+        &self,
+        selector: KeySelector,
+        options: WatchOptions,
+        register: impl FnOnce(
+            KeySelector,
+            WatchOptions,
+        ) -> Result<(T, Revision), watch_core::WatchError>,
+    ) -> Result<(T, Revision), StoreError> {
         self.check_closed()?;
         self.check_mirror_watch(&selector)?;
         let compacted = self.compacted_revision();
@@ -875,8 +907,8 @@ impl Store {
             });
         }
         let start = options.start_revision;
-        match self.inner.engine.watch(selector, options) {
-            Ok(h) => {
+        match register(selector, options) {
+            Ok((h, created)) => {
                 // A mirror reset racing this registration: the reset raises the floor, then
                 // cancels every registered watcher, then publishes its revision. A watcher
                 // registered after the cancel but before that publish would start below the
@@ -884,18 +916,14 @@ impl Store {
                 // it reads the floor after registering, so it sees the new one and is refused
                 // as etcd refuses a watch below the compaction.
                 let floor = self.inner.mirror_floor.load(Ordering::Acquire);
-                let first = if start == 0 {
-                    h.created_revision() + 1
-                } else {
-                    start
-                };
+                let first = if start == 0 { created + 1 } else { start };
                 if first < floor {
                     return Err(StoreError::Compacted {
                         requested: first,
                         compacted: floor,
                     });
                 }
-                Ok(h)
+                Ok((h, created))
             }
             Err(watch_core::WatchError::Compacted {
                 requested,

@@ -5,6 +5,7 @@
 //!   the values the cases compare; processes come from `testkit`.
 //! - `compat*`: black-box compatibility with etcd 3.4 (KV, watch, leases, auth and its
 //!   runtime management, Lock and Election, maintenance and the space quota, etcdctl).
+//! - `gateway`: the HTTP/JSON gateway, differentially against etcd, and the `etcd3gw` client.
 //! - `mirror`: mirror mode against a real 3-member etcd cluster.
 //! - `ops`: metrics, health, reflection, signals and shutdown of the binary.
 //! - `store`, `lease_store`, `watch_stream`: the in-process store and watch stream.
@@ -24,6 +25,7 @@ mod compat_etcdctl;
 mod compat_kv;
 mod compat_lease;
 mod compat_maintenance;
+mod gateway;
 mod lease_store;
 mod mirror;
 mod ops;
