@@ -266,8 +266,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             // transaction; Defragment returns them to the file system.
             db_size_in_use: size,
             is_learner: false,
-            // etcd 3.6's field; 3.4 clients ignore it.
-            db_size_quota: i64::try_from(self.store.config().quota_bytes).unwrap_or(i64::MAX),
+            // `dbSizeQuota` (3.6) stays unset, as etcd 3.4 leaves it.
             ..Default::default()
         }))
     }
