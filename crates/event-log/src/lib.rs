@@ -76,7 +76,9 @@ mod log;
 mod observer;
 mod store;
 
-pub use config::{DEFAULT_CACHE_BYTES, Durability, LogConfig, RetentionPolicy};
+pub use config::{
+    DEFAULT_CACHE_BYTES, Durability, LogConfig, ParseDurabilityError, RetentionPolicy,
+};
 pub use error::LogError;
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
 pub use observer::LogObserver;

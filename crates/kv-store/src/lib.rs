@@ -13,7 +13,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let rt = tokio::runtime::Runtime::new()?;
 //! rt.block_on(async {
-//!     // Immediate (fsync before ack) is the default; tests may skip it.
+//!     // Fsync (fsync before ack) is the default; tests may skip it.
 //!     let store = Store::open(dir.path(), StoreConfig::default().durability(Durability::NoSync)).await?;
 //!     assert_eq!(store.current_revision(), 1); // a fresh store is at revision 1, as etcd
 //!
