@@ -1,6 +1,7 @@
-//! Admission: the checks every KV and Lease request passes before its [`Backend`] (the local
-//! store, or forwarding to the upstream etcd in mirror mode) sees it. Each check is written
-//! once here, whichever backend serves the request.
+//! Admission: the checks every KV, Lease, Lock and Election request passes before its
+//! [`Backend`] (the local store, or forwarding to the upstream etcd in mirror mode) or the
+//! recipe ([`super::concurrency`]) sees it. Each check is written once here, whichever
+//! backend serves the request.
 //!
 //! The order is etcd's: **size, then shape** (conversion, empty key, the store's structural
 //! validation), **then authorization** (the caller's token, its permissions on the request's
@@ -211,6 +212,22 @@ impl Admission {
             }
         }
         Ok((r, req))
+    }
+
+    /// Lock and Election, which etcd runs as in-process clientv3 recipes: size, then the
+    /// permissions the recipe's KV calls need, each `(perm, key, range_end)`.
+    pub(crate) fn recipe<T: Message>(
+        &self,
+        request: &Request<T>,
+        checks: &[(Perm, &[u8], &[u8])],
+    ) -> Result<(), Status> {
+        self.check_size(request.get_ref())?;
+        if let Some(caller) = self.gate.caller(request)? {
+            for (perm, key, end) in checks {
+                caller.check(*perm, key, end).map_err(EtcdError::status)?;
+            }
+        }
+        Ok(())
     }
 
     /// Compact: root only. Stricter than etcd 3.4, which checks nothing here: compaction

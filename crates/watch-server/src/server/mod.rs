@@ -268,14 +268,21 @@ impl Server {
                     ),
                     None => {
                         // Lock and Election write under their names: local stores only.
-                        lock.fill(v3lockpb::lock_server::LockServer::new(
-                            LockService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
-                        election.fill(v3electionpb::election_server::ElectionServer::new(
-                            ElectionService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
+                        let limit = config.max_request_bytes;
+                        lock.fill(
+                            v3lockpb::lock_server::LockServer::new(
+                                LockService::new(store.clone(), limit, stop_rx.clone())
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit),
+                        );
+                        election.fill(
+                            v3electionpb::election_server::ElectionServer::new(
+                                ElectionService::new(store.clone(), limit, stop_rx.clone())
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit),
+                        );
                         (
                             KvService::new(store.clone(), config.max_request_bytes),
                             LeaseService::new(store.clone(), stop_rx.clone()),
@@ -287,9 +294,10 @@ impl Server {
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
-                lease.fill(pb::lease_server::LeaseServer::new(
-                    lease_service.with_gate(gate.clone()),
-                ));
+                lease.fill(
+                    pb::lease_server::LeaseServer::new(lease_service.with_gate(gate.clone()))
+                        .max_decoding_message_size(recv_limit),
+                );
                 let mut watch_service = WatchService::new(
                     store.clone(),
                     WatchSettings {
@@ -309,17 +317,23 @@ impl Server {
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
-                maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
-                    MaintenanceService::new(store.clone()),
-                ));
-                cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
-                    store.clone(),
-                    format!("{scheme}://{addr}"),
-                )));
-                auth.fill(pb::auth_server::AuthServer::new(AuthService::new(
-                    store.clone(),
-                    gate.clone(),
-                )));
+                maintenance.fill(
+                    pb::maintenance_server::MaintenanceServer::new(MaintenanceService::new(
+                        store.clone(),
+                    ))
+                    .max_decoding_message_size(recv_limit),
+                );
+                cluster.fill(
+                    pb::cluster_server::ClusterServer::new(ClusterService::new(
+                        store.clone(),
+                        format!("{scheme}://{addr}"),
+                    ))
+                    .max_decoding_message_size(recv_limit),
+                );
+                auth.fill(
+                    pb::auth_server::AuthServer::new(AuthService::new(store.clone(), gate.clone()))
+                        .max_decoding_message_size(recv_limit),
+                );
             }
         };
         let health_service = health.service();
