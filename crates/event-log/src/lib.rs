@@ -79,7 +79,7 @@ mod store;
 pub use config::{
     DEFAULT_CACHE_BYTES, Durability, LogConfig, ParseDurabilityError, RetentionPolicy,
 };
-pub use error::LogError;
+pub use error::{ErrorKind, LogError};
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
 pub use observer::LogObserver;
 pub use store::{LogStore, RedbOptions, RedbStore};

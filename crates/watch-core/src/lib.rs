@@ -95,7 +95,7 @@ pub mod types;
 pub mod watcher;
 
 pub use engine::{Dispatcher, EngineConfig, WatchEngine, WatchHandle};
-pub use error::{HistoryError, PublishError, WatchError};
+pub use error::{ErrorKind, HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
 pub use selector::{KeySelector, prefix_end};
