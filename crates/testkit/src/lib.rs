@@ -45,8 +45,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use env::{
-    REQUIRE_ETCD, etcd_present, etcd_required, find_on_path, free_ports, rss_kib, tools_present,
-    watch_server_bin,
+    REQUIRE_ETCD, etcd_present, etcd_required, find_on_path, find_watch_server, free_ports,
+    rss_kib, tools_present, watch_server_bin,
 };
 pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, SingleEtcdBuilder};
 pub use output::Output;
