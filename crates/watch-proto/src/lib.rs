@@ -8,6 +8,7 @@
 //! - [`from_proto`]: wire messages to core values (fallible, [`ConvertError`]).
 //! - [`status`]: the one mapping from core and conversion errors to `tonic::Status`, with
 //!   etcd's codes and messages.
+//! - [`wire`]: the Watch service's encode-once responses, codec and service definition.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection.
 //!
 //! Invariant: this is the only crate that generates or includes protobuf code. Every other
@@ -53,6 +54,7 @@ pub mod error;
 pub mod from_proto;
 pub mod status;
 pub mod to_proto;
+pub mod wire;
 
 pub use error::ConvertError;
 

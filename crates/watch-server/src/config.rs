@@ -73,6 +73,10 @@ pub struct Cli {
     /// Revisions queued per watcher before it is caught up from the log (default 64).
     #[arg(long, env = "KEYWATCH_WATCH_BUFFER")]
     pub watch_buffer: Option<u32>,
+    /// Bytes queued per watch stream (messages counted with the memory of the events they
+    /// hold) before its watchers are caught up from the log (default 16777216).
+    #[arg(long, env = "KEYWATCH_WATCH_STREAM_BYTES")]
+    pub watch_stream_bytes: Option<usize>,
     /// Most leases alive at once; a grant beyond it fails with RESOURCE_EXHAUSTED
     /// (default 1000000).
     #[arg(long, env = "KEYWATCH_MAX_LEASES")]
@@ -194,6 +198,7 @@ pub struct FileConfig {
     pub progress_interval: Option<String>,
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
+    pub watch_stream_bytes: Option<usize>,
     pub log_filter: Option<String>,
     pub upstream: Option<String>,
     pub upstream_prefix: Option<Vec<String>>,
@@ -240,6 +245,8 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     /// Engine queue size per watcher, in revisions.
     pub watch_buffer: u32,
+    /// Bytes queued per watch stream before its watchers are caught up from the log.
+    pub watch_stream_bytes: usize,
     /// Log filter (used by the binary only).
     pub log_filter: String,
     /// Mirror mode's upstream etcd endpoints (empty: standalone).
@@ -283,6 +290,7 @@ impl Default for ServerConfig {
             progress_interval: Duration::from_secs(600),
             max_txn_ops: 128,
             watch_buffer: 64,
+            watch_stream_bytes: 16 << 20,
             log_filter: "info".to_owned(),
             upstream: Vec::new(),
             upstream_prefixes: Vec::new(),
@@ -422,6 +430,10 @@ impl ServerConfig {
                 .watch_buffer
                 .or(file.watch_buffer)
                 .unwrap_or(d.watch_buffer),
+            watch_stream_bytes: cli
+                .watch_stream_bytes
+                .or(file.watch_stream_bytes)
+                .unwrap_or(d.watch_stream_bytes),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
             upstream: cli
                 .upstream
@@ -549,6 +561,7 @@ impl ServerConfig {
         positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
+        positive("watch_stream_bytes", c.watch_stream_bytes)?;
         positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
         positive("upstream_max_response_bytes", c.upstream_max_response_bytes)?;
         if c.upstream_barrier_timeout.is_zero() {

@@ -230,7 +230,7 @@ impl Server {
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
-        let watch = Gated::<pb::watch_server::WatchServer<WatchService>>::new();
+        let watch = Gated::<watch_proto::wire::watch_server::WatchServer<WatchService>>::new();
         let maintenance =
             Gated::<pb::maintenance_server::MaintenanceServer<MaintenanceService>>::new();
         let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
@@ -303,6 +303,7 @@ impl Server {
                     WatchSettings {
                         max_watchers_per_stream: config.max_watchers_per_stream,
                         watch_buffer: config.watch_buffer,
+                        watch_stream_bytes: config.watch_stream_bytes,
                         max_request_bytes: config.max_request_bytes,
                     },
                     stop_rx.clone(),
@@ -313,7 +314,7 @@ impl Server {
                     watch_service = watch_service.with_mirror_status(m.status());
                 }
                 watch.fill(
-                    pb::watch_server::WatchServer::new(watch_service)
+                    watch_proto::wire::watch_server::WatchServer::new(watch_service)
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
