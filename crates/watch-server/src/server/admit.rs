@@ -14,6 +14,24 @@
 //! The wire-walking permission checks (which keys a Range, Put, DeleteRange or Txn reads and
 //! writes) live here too, so [`crate::auth`] knows only etcd's `(key, range_end)` model and
 //! no wire type.
+//!
+//! # The gate invariant
+//!
+//! - **Every request that touches keys passes the gate before the store sees it.** A service
+//!   holds a `Gate` (set with `with_gate`: `KvService` and `LeaseService` through their
+//!   `Admission`, local or mirror alike, and `WatchService`) and, before `into_inner()` (the token is request
+//!   metadata), calls `gate.caller(&request)?` → `Option<Caller>`; `None` means auth is off (the
+//!   only cost: one branch, the metadata is not read). With a caller it calls the check for the
+//!   request: `server/admit.rs`'s `check_range`/`check_put`/`check_delete`/`check_txn` for KV
+//!   shapes (auth itself knows only `(key, range_end)`), or
+//!   `check(Perm::Read | Perm::Write, key, range_end)` with etcd's `(key, range_end)` for anything
+//!   else, and `check_admin()` for root-only operations; each returns an `EtcdError` that `?` turns
+//!   into etcd's status. A stream keeps the token (`auth::token_of`) and checks each new item with
+//!   `Auth::caller(token)`, as etcd re-reads the stream's token per watch create. Structural
+//!   validation (`Store::validate`, empty key, size) runs before the gate, as in etcd.
+//!   `LeaseService` passes the same admission: a valid caller for every Lease RPC, and
+//!   `Caller::check_keys` over the lease's keys (from the store, or upstream in mirror mode) for LeaseRevoke, TimeToLive{keys}
+//!   and a Put naming a lease (etcd's `checkLeasePuts`). A service added later must do the same.
 
 use bytes::Bytes;
 use prost::Message;

@@ -3,8 +3,8 @@
 //! `tonic::Status`.
 //!
 //! watch-proto owns the watch and event conversions and the etcd error table
-//! ([`EtcdError`]); the KV request types are the store's own (they live in this crate), so
-//! their translation lives here, next to the services that use it.
+//! ([`EtcdError`]); the KV request types are kv-store's, which watch-proto does not depend
+//! on, so their translation lives here, next to the services that use it.
 
 use tonic::{Code, Status};
 use watch_core::Revision;

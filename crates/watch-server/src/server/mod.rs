@@ -18,6 +18,20 @@
 //!    metrics endpoint is waited for after that, bounded the same way.
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
+//!
+//! # Lifecycle and connections
+//!
+//! - `server/mod.rs` (`Server`): lifecycle. `start`/`with_store`/`with_store_future` bind first;
+//!   `run` serves at once and opens the store meanwhile: health NOT_SERVING, etcd services behind
+//!   `health::Gated` (UNAVAILABLE "starting" until filled), then the services are installed and
+//!   health turns SERVING. Shutdown: health NOT_SERVING (health watch streams end), stop
+//!   accepting, watch streams end with UNAVAILABLE "etcdserver: server stopped", in-flight calls
+//!   get `--shutdown-timeout` (then their connections are cut, so `run` returns with no
+//!   connection task left holding the store), the store closes (log flushed), then the metrics
+//!   endpoint is waited for (bounded by the same grace, then cut, then aborted).
+//! - `server/cut.rs`: `CutIo` wraps every accepted socket (gRPC and metrics) so its reads and
+//!   writes fail once the grace expired: tonic and axum run each connection as a task of its
+//!   own, which dropping the serve future would not stop.
 
 mod admit;
 pub mod auth;
