@@ -237,19 +237,7 @@ impl From<EtcdError> for Status {
     }
 }
 
-/// The status for a watch-core [`WatchError`], by its exhaustive [`ErrorKind`] (see
-/// [`from_watch_kind`]).
-pub fn from_watch_error(e: &WatchError) -> Status {
-    from_watch_kind(e.kind(), &e.to_string())
-}
-
-/// The status for a watch-core [`HistoryError`], by its exhaustive [`ErrorKind`] (see
-/// [`from_watch_kind`]): a failing history store is Unavailable, so clients retry.
-pub fn from_history_error(e: &HistoryError) -> Status {
-    from_watch_kind(e.kind(), &e.to_string())
-}
-
-/// The status for a watch-core error of class `kind` whose text is `text`.
+/// The status for a watch-core [`WatchError`], by its exhaustive [`ErrorKind`]:
 ///
 /// | kind | code | message |
 /// |---|---|---|
@@ -260,6 +248,18 @@ pub fn from_history_error(e: &HistoryError) -> Status {
 /// | `LimitReached` | ResourceExhausted | the error's text (etcd has no watcher limit) |
 /// | `Unavailable` | Unavailable | the error's text |
 /// | `Misconfigured` | Internal | the error's text: the server configured it, not the client |
+pub fn from_watch_error(e: &WatchError) -> Status {
+    from_watch_kind(e.kind(), &e.to_string())
+}
+
+/// The status for a watch-core [`HistoryError`], by its [`ErrorKind`] as in
+/// [`from_watch_error`]: a failing history store is Unavailable, so clients retry.
+pub fn from_history_error(e: &HistoryError) -> Status {
+    from_watch_kind(e.kind(), &e.to_string())
+}
+
+/// The status for a watch-core error of class `kind` whose text is `text` (the table of
+/// [`from_watch_error`]).
 fn from_watch_kind(kind: ErrorKind, text: &str) -> Status {
     match kind {
         ErrorKind::EmptyKey => EtcdError::EmptyKey.status(),
