@@ -257,6 +257,17 @@ pub fn txn_request(t: &pb::TxnRequest) -> Result<TxnRequest, Status> {
     })
 }
 
+/// etcd fills only `revision` in the headers of a txn's nested responses (its apply layer
+/// builds them bare; the server fills only the outer header's ids).
+fn nested_header(header: &mut Option<pb::ResponseHeader>) {
+    if let Some(h) = header {
+        *h = pb::ResponseHeader {
+            revision: h.revision,
+            ..Default::default()
+        };
+    }
+}
+
 /// A store txn result as the wire response.
 pub fn txn_response(t: TxnResult) -> pb::TxnResponse {
     use pb::response_op::Response;
@@ -268,10 +279,26 @@ pub fn txn_response(t: TxnResult) -> pb::TxnResponse {
             .into_iter()
             .map(|r| pb::ResponseOp {
                 response: Some(match r {
-                    TxnOpResult::Range(r) => Response::ResponseRange(range_response(r)),
-                    TxnOpResult::Put(r) => Response::ResponsePut(put_response(r)),
-                    TxnOpResult::Delete(r) => Response::ResponseDeleteRange(delete_response(r)),
-                    TxnOpResult::Txn(t) => Response::ResponseTxn(txn_response(t)),
+                    TxnOpResult::Range(r) => {
+                        let mut r = range_response(r);
+                        nested_header(&mut r.header);
+                        Response::ResponseRange(r)
+                    }
+                    TxnOpResult::Put(r) => {
+                        let mut r = put_response(r);
+                        nested_header(&mut r.header);
+                        Response::ResponsePut(r)
+                    }
+                    TxnOpResult::Delete(r) => {
+                        let mut r = delete_response(r);
+                        nested_header(&mut r.header);
+                        Response::ResponseDeleteRange(r)
+                    }
+                    TxnOpResult::Txn(t) => {
+                        let mut t = txn_response(t);
+                        nested_header(&mut t.header);
+                        Response::ResponseTxn(t)
+                    }
                 }),
             })
             .collect(),

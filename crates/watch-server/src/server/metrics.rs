@@ -46,7 +46,7 @@ use tokio::net::TcpListener;
 use kv_store::Store;
 
 /// OpenMetrics text, which Prometheus scrapes natively.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {

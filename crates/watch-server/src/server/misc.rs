@@ -68,8 +68,14 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         _request: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
+        // etcd's cluster service fills no revision in its header (its cluster server builds
+        // the header from the cluster, not from the KV store).
+        let header = pb::ResponseHeader {
+            revision: 0,
+            ..convert::header(self.store.durable_revision())
+        };
         Ok(Response::new(pb::MemberListResponse {
-            header: Some(convert::header(self.store.durable_revision())),
+            header: Some(header),
             members: vec![pb::Member {
                 id: MEMBER_ID,
                 name: "keywatch".to_owned(),

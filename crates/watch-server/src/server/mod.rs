@@ -1,6 +1,8 @@
 //! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease,
 //! Auth, Lock and Election services over one [`Store`], plus the standard gRPC health and
-//! reflection services and an optional Prometheus endpoint.
+//! reflection services and an optional Prometheus endpoint. The same port also serves etcd's
+//! HTTP/JSON gateway and `/health`, `/version`, `/metrics` over HTTP/1.1 and HTTP/2 (see
+//! [`gateway`]).
 //!
 //! # Lifecycle
 //!
@@ -39,6 +41,7 @@ pub mod concurrency;
 pub mod convert;
 mod cut;
 mod forward;
+pub mod gateway;
 mod health;
 pub mod kv;
 pub mod lease;
@@ -52,6 +55,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 use watch_proto::etcdserverpb as pb;
 use watch_proto::{v3electionpb, v3lockpb};
 
@@ -62,6 +66,7 @@ use kv_store::{Store, StoreError};
 
 pub use auth::AuthService;
 pub use concurrency::{ElectionService, LockService};
+use cut::Conn;
 use health::Gated;
 pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
@@ -100,6 +105,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS configuration could not be built (checked at load, so not expected here).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The reflection service could not be built from the descriptor sets.
     #[error("building the gRPC reflection service: {0}")]
     Reflection(String),
@@ -494,20 +502,41 @@ impl Server {
             "serving; opening the store"
         );
         let grace = config.shutdown_timeout;
-        let incoming = {
-            let cut_rx = cut_rx.clone();
-            tokio_stream::StreamExt::map(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone())),
-            )
+        let incoming = tokio_stream::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            {
+                let cut_rx = cut_rx.clone();
+                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone()))
+            },
+        );
+        // TLS is ours, not tonic's, so it can offer ALPN http/1.1 beside h2 (see `crate::tls`).
+        let incoming: Pin<Box<dyn Stream<Item = _> + Send>> = match &config.tls {
+            Some(tls) => {
+                let rustls = tls
+                    .rustls_config()
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+                Box::pin(tokio_stream::StreamExt::map(
+                    crate::tls::accept(incoming, rustls, tls.handshake_timeout()),
+                    |conn| conn.map(|io| Conn::Tls(Box::new(io))),
+                ))
+            }
+            None => Box::pin(tokio_stream::StreamExt::map(incoming, |conn| {
+                conn.map(Conn::Plain)
+            })),
         };
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &config.tls {
-            builder = builder.tls_config(tls.server_config())?;
-        }
+        let builder = tonic::transport::Server::builder();
         let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+            // etcd's gateway clients speak HTTP/1.1 on the client port.
+            .accept_http1(true)
+            // Outermost: HTTP/JSON requests are answered by the gateway, whose own gRPC calls
+            // then pass the RPC metrics layer like any client's (see `gateway`).
+            .layer(gateway::GatewayLayer::new(gateway::GatewaySettings {
+                max_json_bytes: gateway::max_json_bytes(config.max_request_bytes),
+                health: health.clone(),
+                metrics: metrics.clone(),
+            }))
             .layer(metrics.rpc_layer())
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -102,14 +102,15 @@ fn etcdctl_auth_setup() -> Vec<Vec<String>> {
     cmds
 }
 
-/// A server with the users above, and the config dir keywatch reads them from.
-struct Secured {
-    server: Server,
-    _config: Option<TempDir>,
+/// A server with the users above, and the config dir keywatch reads them from (also used
+/// by the gateway's auth case).
+pub(crate) struct Secured {
+    pub(crate) server: Server,
+    pub(crate) _config: Option<TempDir>,
 }
 
 impl Secured {
-    fn start(target: Target, name: &str, flags: &[&str]) -> Secured {
+    pub(crate) fn start(target: Target, name: &str, flags: &[&str]) -> Secured {
         match target {
             Target::Keywatch => {
                 let dir = tempfile::tempdir().expect("config dir");

@@ -5,6 +5,7 @@
 //!   the values the cases compare; processes come from `testkit`.
 //! - `compat*`: black-box compatibility with etcd 3.4 (KV, watch, leases, auth and its
 //!   runtime management, Lock and Election, etcdctl).
+//! - `gateway`: the HTTP/JSON gateway, differentially against etcd, and the `etcd3gw` client.
 //! - `mirror`: mirror mode against a real 3-member etcd cluster.
 //! - `ops`: metrics, health, reflection, signals and shutdown of the binary.
 //! - `watch_stream`: the in-process watch stream (the store's own tests are kv-store's).
@@ -23,6 +24,7 @@ mod compat_concurrency;
 mod compat_etcdctl;
 mod compat_kv;
 mod compat_lease;
+mod gateway;
 mod mirror;
 mod ops;
 mod tls;
