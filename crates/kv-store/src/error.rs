@@ -277,32 +277,30 @@ impl StoreError {
     }
 }
 
-/// The class of an event-log error (the `Display` text of [`StoreError::Log`] is the log
-/// error's own).
+/// The class of an event-log error, from its exhaustive [`event_log::ErrorKind`] (the
+/// `Display` text of [`StoreError::Log`] is the log error's own).
 ///
-/// | error | class |
+/// | kind (variants) | class |
 /// |---|---|
-/// | `Compacted`, `AlreadyCompacted` | etcd's compacted (etcd answers a compaction at or below the last one the same way) |
+/// | `Compacted` (`Compacted`, `AlreadyCompacted`) | etcd's compacted (etcd answers a compaction at or below the last one the same way) |
 /// | `FutureRevision` | etcd's future revision |
-/// | `QueueFull` | etcd's "too many requests" |
+/// | `Busy` (`QueueFull`) | etcd's "too many requests" |
 /// | `Closed` | etcd's "server stopped" |
 /// | `Corrupt` | etcd's "corrupt cluster" (the detail is for the server's log) |
-/// | `Io`, `Storage`, `Poisoned` | Unavailable |
-/// | `NotIncreasing`, `UnsupportedFormat` | Internal: server bugs or setup, not the request |
+/// | `Unavailable` (`Io`, `Storage`, `Poisoned`) | Unavailable |
+/// | `Internal` (`NotIncreasing`, `UnsupportedFormat`) | Internal: server bugs or setup, not the request |
 fn log_class(e: &LogError) -> ErrorClass<'static> {
     use CodeClass::*;
     use ErrorClass::{Etcd, Own};
-    match e {
-        LogError::Compacted { .. } | LogError::AlreadyCompacted { .. } => Etcd(EtcdKind::Compacted),
-        LogError::FutureRevision { .. } => Etcd(EtcdKind::FutureRevision),
-        LogError::QueueFull => Etcd(EtcdKind::TooManyRequests),
-        LogError::Closed => Etcd(EtcdKind::Stopped),
-        LogError::Corrupt { .. } => Etcd(EtcdKind::Corrupt),
-        LogError::Io(_) | LogError::Storage(_) | LogError::Poisoned { .. } => Own(Unavailable),
-        LogError::NotIncreasing { .. } | LogError::UnsupportedFormat { .. } => Own(Internal),
-        // `LogError` is #[non_exhaustive] in event-log, so a match outside it needs this arm: a
-        // variant added there is Internal with its text until it is classified here.
-        _ => Own(Internal),
+    use event_log::ErrorKind;
+    match e.kind() {
+        ErrorKind::Compacted => Etcd(EtcdKind::Compacted),
+        ErrorKind::FutureRevision => Etcd(EtcdKind::FutureRevision),
+        ErrorKind::Busy => Etcd(EtcdKind::TooManyRequests),
+        ErrorKind::Closed => Etcd(EtcdKind::Stopped),
+        ErrorKind::Corrupt => Etcd(EtcdKind::Corrupt),
+        ErrorKind::Unavailable => Own(Unavailable),
+        ErrorKind::Internal => Own(Internal),
     }
 }
 

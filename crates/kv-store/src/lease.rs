@@ -50,6 +50,24 @@
 //! [`EXPIRY_BATCH`] under the write lock (writers wait behind each batch). A lease nobody
 //! keeps alive still expires; a process that restarts more often than a TTL keeps unrenewed
 //! leases alive (as in etcd 3.4).
+//!
+//! # Invariants
+//!
+//! - **One revision per revoked lease**, through the write path; a lease with no keys creates no
+//!   revision (as etcd 3.4, measured). Puts check their lease under the write lock, so a put cannot
+//!   attach a key to a lease being revoked.
+//! - **Grants are durable before acknowledged** in `leases.redb`, a small redb file of its own
+//!   (a grant creates no revision, so it is no change set; and a grant then never waits behind a
+//!   large change-set batch). A failed commit is fail-stop for the whole store.
+//! - **No key outlives its lease**: a revoke makes the record removal durable before deleting the
+//!   keys; keys left by a crash in between are deleted at open (not in a mirror's data directory,
+//!   whose keys carry the upstream's lease IDs).
+//! - **Restart rule**: deadlines are not persisted; every recovered lease gets its full TTL from
+//!   the open (etcd 3.4 also refreshes, and spreads expiries; keywatch does not).
+//! - Mirrors hold no local lease (grants and revokes fail `MirrorReadOnly`).
+//! - Limits: TTL below `StoreConfig::min_lease_ttl` (2 s, as etcd) is raised to it; above etcd's
+//!   9,000,000,000 s is `OUT_OF_RANGE`; at most `StoreConfig::max_leases` (1,000,000) live
+//!   leases, beyond that `RESOURCE_EXHAUSTED`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;

@@ -13,7 +13,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let rt = tokio::runtime::Runtime::new()?;
 //! rt.block_on(async {
-//!     // Immediate (fsync before ack) is the default; tests may skip it.
+//!     // Fsync (fsync before ack) is the default; tests may skip it.
 //!     let store = Store::open(dir.path(), StoreConfig::default().durability(Durability::NoSync)).await?;
 //!     assert_eq!(store.current_revision(), 1); // a fresh store is at revision 1, as etcd
 //!
@@ -98,6 +98,37 @@
 //! [`Store::hash_kv`] hashes the state at a revision; [`Store::defragment`] returns the files'
 //! free space to the file system; [`StoreConfig::quota_bytes`] is etcd's space quota, with its
 //! NOSPACE [`Alarm`]. See `maintenance.rs` for the backup format and the quota rules.
+//!
+//! # Invariants
+//!
+//! - **Log order = revision order, publish in order, ack after publish.** A write holds the write
+//!   lock (tokio mutex; readers never take it) while it computes its change set and passes it to
+//!   `Store::commit`, the one write path (txn, lease revoke and expiry, mirror apply and reset):
+//!   queue on the event log, apply to the state, hand the log's ack to the publisher task, with
+//!   no await between the log append and the hand-off. The publisher awaits acks in revision
+//!   order, publishes each durable change set to the engine, then advances the *durable revision*; the write returns only once its revision is published
+//!   (read-your-writes through watch). The pipeline slot is reserved before the log append, so a
+//!   dropped request can never leave a durable revision unpublished.
+//! - **No read returns non-durable data**: a read takes the state at revision N under the state
+//!   lock, then waits until the durable revision reaches N.
+//! - **Change sets always carry `prev_kv`** for every event with a previous value: watch
+//!   `prev_kv` comes straight from the log, and a range at a past revision R is the current range
+//!   with each key changed after R restored to the `prev_kv` of its first change after R.
+//! - **A read at a past revision costs O(log n) per key, never a replay**: the first change
+//!   after R of each key of the range comes from the event log's `(key, revision)` index, one
+//!   seek per distinct indexed key (`LogStore::first_changes`; keys deleted since R are found the
+//!   same way). Bound: O((K + 1) · log n + result), K = keys of the range changed at any retained
+//!   revision (etcd's tree index holds the same keys). A txn fetches its historical reads
+//!   before taking the write lock, so a slow one stalls no writer.
+//! - **Mirror mode revisions are etcd's**: `mirror_apply` accepts any increasing revision (gaps
+//!   are other keys' revisions), never a repeated or lower one; a snapshot install raises the
+//!   persisted floor (`mirror.floor`) that acts as the compaction revision, so nothing below it
+//!   is ever served with a gap; local writes fail `MirrorReadOnly`.
+//! - **Fail-stop**: a failed log commit marks the store failed; that write and every later one
+//!   fail, reads beyond the durable revision fail, and `Store::failed` resolves (the server then exits non-zero).
+//! - **Compaction keeps restart possible**: the snapshot at a durable revision S >= C-1 is written
+//!   (tmp + fsync + rename + dir fsync) before the log drops revisions below C. Watches and reads
+//!   below C fail with etcd's compacted error even while the engine's memory window still has them.
 
 mod clock;
 mod error;

@@ -13,7 +13,7 @@
 //! empty" for an empty range).
 
 use tonic::{Code, Status};
-use watch_core::{HistoryError, WatchError};
+use watch_core::{ErrorKind, HistoryError, WatchError};
 
 use crate::error::ConvertError;
 
@@ -250,39 +250,38 @@ impl From<EtcdError> for Status {
     }
 }
 
-/// The status for a watch-core [`WatchError`].
+/// The status for a watch-core [`WatchError`], by its exhaustive [`ErrorKind`]:
 ///
-/// | error | code | message |
+/// | kind | code | message |
 /// |---|---|---|
 /// | `EmptyKey` | InvalidArgument | etcd's empty key |
 /// | `EmptyRange` | InvalidArgument | "mvcc: watcher range is empty" |
 /// | `Compacted` | OutOfRange | etcd's compacted |
 /// | `Shutdown` | Unavailable | "etcdserver: server stopped" |
-/// | `TooManyWatchers` | ResourceExhausted | the error's text (etcd has no limit) |
-/// | `ZeroBuffer` | Internal | the error's text: the server configured the buffer, not the client |
+/// | `LimitReached` | ResourceExhausted | the error's text (etcd has no watcher limit) |
+/// | `Unavailable` | Unavailable | the error's text |
+/// | `Misconfigured` | Internal | the error's text: the server configured it, not the client |
 pub fn from_watch_error(e: &WatchError) -> Status {
-    match e {
-        WatchError::EmptyKey => EtcdError::EmptyKey.status(),
-        WatchError::EmptyRange { .. } => EtcdError::WatcherRangeEmpty.status(),
-        WatchError::Compacted { .. } => EtcdError::Compacted.status(),
-        WatchError::Shutdown => EtcdError::Stopped.status(),
-        WatchError::TooManyWatchers { .. } => Status::resource_exhausted(e.to_string()),
-        WatchError::ZeroBuffer => Status::internal(e.to_string()),
-        // `WatchError` is #[non_exhaustive] in watch-core: a variant added there reaches
-        // clients as Internal with its text until it is given a mapping here.
-        _ => Status::internal(e.to_string()),
-    }
+    from_watch_kind(e.kind(), &e.to_string())
 }
 
-/// The status for a watch-core [`HistoryError`]: `Compacted` is etcd's compacted error;
-/// `Unavailable` (a failing history store) is Unavailable with the error's text, so clients
-/// retry.
+/// The status for a watch-core [`HistoryError`], by its [`ErrorKind`] as in
+/// [`from_watch_error`]: a failing history store is Unavailable, so clients retry.
 pub fn from_history_error(e: &HistoryError) -> Status {
-    match e {
-        HistoryError::Compacted { .. } => EtcdError::Compacted.status(),
-        HistoryError::Unavailable(_) => Status::unavailable(e.to_string()),
-        // `HistoryError` is #[non_exhaustive] in watch-core: see `from_watch_error`.
-        _ => Status::internal(e.to_string()),
+    from_watch_kind(e.kind(), &e.to_string())
+}
+
+/// The status for a watch-core error of class `kind` whose text is `text` (the table of
+/// [`from_watch_error`]).
+fn from_watch_kind(kind: ErrorKind, text: &str) -> Status {
+    match kind {
+        ErrorKind::EmptyKey => EtcdError::EmptyKey.status(),
+        ErrorKind::EmptyRange => EtcdError::WatcherRangeEmpty.status(),
+        ErrorKind::Compacted => EtcdError::Compacted.status(),
+        ErrorKind::Shutdown => EtcdError::Stopped.status(),
+        ErrorKind::LimitReached => Status::resource_exhausted(text),
+        ErrorKind::Unavailable => Status::unavailable(text),
+        ErrorKind::Misconfigured => Status::internal(text),
     }
 }
 

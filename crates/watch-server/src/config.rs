@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,16 +18,6 @@ use kv_store::Durability;
 
 /// etcd's default `--max-request-bytes` (1.5 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
-
-/// Commit durability as written in flags and files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DurabilityArg {
-    /// fsync every group commit (default).
-    Fsync,
-    /// No fsync; for tests and benchmarks.
-    NoSync,
-}
 
 /// Format of the log lines the binary writes to stderr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -59,9 +50,9 @@ pub struct Cli {
     /// Data directory (default ./data).
     #[arg(long, env = "KEYWATCH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Commit durability (default fsync).
-    #[arg(long, env = "KEYWATCH_DURABILITY", value_enum)]
-    pub durability: Option<DurabilityArg>,
+    /// Commit durability: fsync (default) or no-sync (tests and benchmarks only).
+    #[arg(long, env = "KEYWATCH_DURABILITY", value_parser = Durability::from_str)]
+    pub durability: Option<Durability>,
     /// Largest request in bytes (default 1572864, etcd's); the gRPC receive limit is this plus
     /// 512 KiB.
     #[arg(long, env = "KEYWATCH_MAX_REQUEST_BYTES")]
@@ -214,7 +205,8 @@ pub enum Command {
 pub struct FileConfig {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
-    pub durability: Option<DurabilityArg>,
+    #[serde(default, deserialize_with = "durability_from_str")]
+    pub durability: Option<Durability>,
     pub max_request_bytes: Option<usize>,
     pub max_watchers: Option<usize>,
     pub max_watchers_per_stream: Option<usize>,
@@ -348,6 +340,14 @@ impl Default for ServerConfig {
     }
 }
 
+/// Reads the file's `durability` with the spellings of the flag ([`Durability`]'s `FromStr`).
+fn durability_from_str<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Durability>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
 /// Parses `10m`, `5s`, `500ms`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -427,10 +427,7 @@ impl ServerConfig {
     /// Merges flags over a file over defaults.
     pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let d = Self::default();
-        let durability = match cli.durability.or(file.durability) {
-            Some(DurabilityArg::NoSync) => Durability::NoSync,
-            Some(DurabilityArg::Fsync) | None => Durability::Fsync,
-        };
+        let durability = cli.durability.or(file.durability).unwrap_or(d.durability);
         let progress_interval = match cli.progress_interval.or(file.progress_interval) {
             Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
                 field: "progress_interval",
@@ -670,6 +667,18 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durability_flag_and_file_use_one_spelling() {
+        let cli = Cli::try_parse_from(["watch-server", "--durability", "no-sync"]).unwrap();
+        assert_eq!(cli.durability, Some(Durability::NoSync));
+        let err = Cli::try_parse_from(["watch-server", "--durability", "NoSync"]).unwrap_err();
+        assert!(err.to_string().contains("`fsync` or `no-sync`"), "{err}");
+        let err = toml::from_str::<FileConfig>("durability = \"immediate\"").unwrap_err();
+        assert!(err.to_string().contains("`fsync` or `no-sync`"), "{err}");
+        let file: FileConfig = toml::from_str("durability = \"fsync\"").unwrap();
+        assert_eq!(file.durability, Some(Durability::Fsync));
+    }
 
     #[test]
     fn precedence_flags_over_file_over_defaults() {

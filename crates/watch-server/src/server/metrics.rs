@@ -11,6 +11,18 @@
 //! - nothing else: watch-core and event-log do not depend on a metrics crate.
 //!
 //! `docs/operations.md` lists every metric.
+//!
+//! # Parts
+//!
+//! - `server/metrics.rs`: one `prometheus_client::Registry` per server (no global state): a tower
+//!   layer (`RpcMetricsLayer`) records each call's start, duration and gRPC status (from the
+//!   trailers-only headers or the body's trailers, so stream statuses and errors are right;
+//!   dropped calls count as CANCELLED; method labels come from the served descriptors, unknown
+//!   paths are `unknown`) and opens the `grpc` span (method, peer); `WatchMetrics` (streams,
+//!   events, cancels by reason, publish→send latency from the store's `PublishClock` ring);
+//!   `LogMetrics` (the `LogObserver`); a scrape-time collector (revision, compacted revision,
+//!   keys, db size, `EngineStats`, RSS from `/proc/self/statm`); `GET /metrics` via axum on
+//!   `--metrics-listen` (off by default). Metrics list: `docs/operations.md`.
 
 use std::collections::HashMap;
 use std::future::Future;

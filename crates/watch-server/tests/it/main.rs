@@ -8,7 +8,7 @@
 //! - `gateway`: the HTTP/JSON gateway, differentially against etcd, and the `etcd3gw` client.
 //! - `mirror`: mirror mode against a real 3-member etcd cluster.
 //! - `ops`: metrics, health, reflection, signals and shutdown of the binary.
-//! - `store`, `lease_store`, `watch_stream`: the in-process store and watch stream.
+//! - `watch_stream`: the in-process watch stream (the store's own tests are kv-store's).
 //! - `tls`: TLS and mutual TLS end to end.
 //!
 //! `cargo test -p watch-server --test it compat::` runs one area; `::etcd` one side of every
@@ -26,9 +26,7 @@ mod compat_kv;
 mod compat_lease;
 mod compat_maintenance;
 mod gateway;
-mod lease_store;
 mod mirror;
 mod ops;
-mod store;
 mod tls;
 mod watch_stream;

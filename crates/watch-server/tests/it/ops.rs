@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use kv_store::{Durability, Store, StoreConfig, StoreError};
 use testkit::{ServerProcess, Signal};
@@ -389,19 +388,15 @@ async fn reflection_lists_and_describes_services() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_watch-server");
 
-/// Runs the binary to completion; returns (exit code, stdout, stderr).
+/// Runs the binary with exactly `args` to its exit (hang-guarded, inherited `KEYWATCH_*`
+/// variables removed); returns (exit code, stdout, stderr).
 fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
+    let out = ServerProcess::builder(BIN)
+        .bare()
         .args(args)
-        .env_remove("KEYWATCH_CONFIG")
-        .env_remove("KEYWATCH_METRICS_LISTEN")
-        .output()
+        .run_to_exit()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code(), out.stdout, out.stderr)
 }
 
 #[test]
