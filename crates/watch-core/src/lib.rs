@@ -104,6 +104,12 @@
 //!   `(key, range_end)` convention in `from_etcd_range`; normalisation and typed validation.
 //! - `history`: the `History` trait (async range reads by selector, `first_available`) and
 //!   `MemoryHistory`, a bounded ring of recent change sets.
+//! - `engine` holds the delivery core, nested because its parts name each other: the engine
+//!   registers watchers into outboxes and outboxes call back into the engine, a watcher points
+//!   at its outbox and an outbox holds watchers. So `engine::watcher` contains
+//!   `engine::watcher::outbox`, and `engine::{registry, interval, stats}` sit beside
+//!   `watcher`; no two sibling modules import each other (boundary rule 8). Paths below are
+//!   relative to `engine`.
 //! - `registry` (private): exact keys in 64 sharded `hashbrown` tables whose slots hold only the
 //!   watchers (the key is read from the watcher, so it is stored once; O(1)); prefixes in a dashmap
 //!   probed once per *distinct registered prefix length* (cost independent of how many prefixes
@@ -176,21 +182,16 @@
 pub mod engine;
 pub mod error;
 pub mod history;
-mod interval;
 pub mod options;
-pub mod outbox;
-mod registry;
 pub mod selector;
-pub mod stats;
 pub mod types;
-pub mod watcher;
 
+pub use engine::stats::EngineStats;
+pub use engine::watcher::outbox::{Outbox, OutboxItem, OutboxLimits, Registration};
+pub use engine::watcher::{CancelReason, EventBatch, WatchEvent, WatchId, WatchMessage};
 pub use engine::{Dispatcher, EngineConfig, WatchEngine, WatchHandle};
 pub use error::{ErrorKind, HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
-pub use outbox::{Outbox, OutboxItem, OutboxLimits, Registration};
 pub use selector::{KeySelector, prefix_end};
-pub use stats::EngineStats;
 pub use types::{ChangeSet, Event, EventKind, KeyValue, Revision};
-pub use watcher::{CancelReason, EventBatch, WatchEvent, WatchId, WatchMessage};
