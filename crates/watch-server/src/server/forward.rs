@@ -84,8 +84,8 @@ impl Forward {
     /// The keys attached to lease `id` upstream (none for an unknown or expired lease), for
     /// etcd's per-key lease checks.
     pub(crate) async fn lease_keys(&self, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
-        let resp = LeaseClient::new(self.mirror.channel())
-            .max_decoding_message_size(usize::MAX)
+        let resp = self
+            .lease()
             .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
             .await?;
         Ok(resp.into_inner().keys)

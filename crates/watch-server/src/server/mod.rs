@@ -20,6 +20,20 @@
 //!    metrics endpoint is waited for after that, bounded the same way.
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
+//!
+//! # Lifecycle and connections
+//!
+//! - `server/mod.rs` (`Server`): lifecycle. `start`/`with_store`/`with_store_future` bind first;
+//!   `run` serves at once and opens the store meanwhile: health NOT_SERVING, etcd services behind
+//!   `health::Gated` (UNAVAILABLE "starting" until filled), then the services are installed and
+//!   health turns SERVING. Shutdown: health NOT_SERVING (health watch streams end), stop
+//!   accepting, watch streams end with UNAVAILABLE "etcdserver: server stopped", in-flight calls
+//!   get `--shutdown-timeout` (then their connections are cut, so `run` returns with no
+//!   connection task left holding the store), the store closes (log flushed), then the metrics
+//!   endpoint is waited for (bounded by the same grace, then cut, then aborted).
+//! - `server/cut.rs`: `CutIo` wraps every accepted socket (gRPC and metrics) so its reads and
+//!   writes fail once the grace expired: tonic and axum run each connection as a task of its
+//!   own, which dropping the serve future would not stop.
 
 mod admit;
 pub mod auth;
@@ -59,7 +73,7 @@ pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
 pub use lease::LeaseService;
-pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService};
+pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService, RestoreError, restore_snapshot};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// HTTP/2 connection flow-control window, bytes (see where the server is built).
@@ -144,7 +158,8 @@ impl Server {
     /// `config.data_dir` while already answering health checks.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = config.data_dir.clone();
-        let store_config = config.store_config();
+        // The store raises its own alarms (NOSPACE) for this member.
+        let store_config = config.store_config().member_id(convert::MEMBER_ID);
         Self::with_store_future(config, async move { Store::open(dir, store_config).await }).await
     }
 
@@ -281,14 +296,21 @@ impl Server {
                     ),
                     None => {
                         // Lock and Election write under their names: local stores only.
-                        lock.fill(v3lockpb::lock_server::LockServer::new(
-                            LockService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
-                        election.fill(v3electionpb::election_server::ElectionServer::new(
-                            ElectionService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
+                        let limit = config.max_request_bytes;
+                        lock.fill(
+                            v3lockpb::lock_server::LockServer::new(
+                                LockService::new(store.clone(), limit, stop_rx.clone())
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit),
+                        );
+                        election.fill(
+                            v3electionpb::election_server::ElectionServer::new(
+                                ElectionService::new(store.clone(), limit, stop_rx.clone())
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit),
+                        );
                         (
                             KvService::new(store.clone(), config.max_request_bytes),
                             LeaseService::new(store.clone(), stop_rx.clone()),
@@ -300,9 +322,10 @@ impl Server {
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
-                lease.fill(pb::lease_server::LeaseServer::new(
-                    lease_service.with_gate(gate.clone()),
-                ));
+                lease.fill(
+                    pb::lease_server::LeaseServer::new(lease_service.with_gate(gate.clone()))
+                        .max_decoding_message_size(recv_limit),
+                );
                 let mut watch_service = WatchService::new(
                     store.clone(),
                     WatchSettings {
@@ -323,17 +346,23 @@ impl Server {
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
-                maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
-                    MaintenanceService::new(store.clone()),
-                ));
-                cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
-                    store.clone(),
-                    format!("{scheme}://{addr}"),
-                )));
-                auth.fill(pb::auth_server::AuthServer::new(AuthService::new(
-                    store.clone(),
-                    gate.clone(),
-                )));
+                maintenance.fill(
+                    pb::maintenance_server::MaintenanceServer::new(
+                        MaintenanceService::new(store.clone()).with_gate(gate.clone()),
+                    )
+                    .max_decoding_message_size(recv_limit),
+                );
+                cluster.fill(
+                    pb::cluster_server::ClusterServer::new(ClusterService::new(
+                        store.clone(),
+                        format!("{scheme}://{addr}"),
+                    ))
+                    .max_decoding_message_size(recv_limit),
+                );
+                auth.fill(
+                    pb::auth_server::AuthServer::new(AuthService::new(store.clone(), gate.clone()))
+                        .max_decoding_message_size(recv_limit),
+                );
             }
         };
         let health_service = health.service();

@@ -3,7 +3,7 @@
 //! clients that must be accepted or refused: watch-proto's tonic clients and etcdctl.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::common::{Server, Target};
 use rcgen::{
@@ -233,16 +233,14 @@ async fn mtls_from_config_file_requires_a_trusted_client_certificate() {
 }
 
 fn etcdctl(endpoint: &str, tls: &[String], args: &[&str]) -> std::process::Output {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(endpoint)
         .args(["--dial-timeout", "5s"])
         .args(tls)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run etcdctl")
+        .args(args);
+    crate::common::run_guarded(cmd, "", &format!("etcdctl {args:?} on {endpoint}"))
 }
 
 /// etcdctl against a server with mutual TLS: the same transcript from keywatch (configured by

@@ -167,6 +167,41 @@ fn table() -> Vec<(&'static str, Route)> {
             rpc::<pb::StatusRequest, pb::StatusResponse>("/etcdserverpb.Maintenance/Status", Unary),
         ),
         (
+            "/v3/maintenance/alarm",
+            rpc::<pb::AlarmRequest, pb::AlarmResponse>("/etcdserverpb.Maintenance/Alarm", Unary),
+        ),
+        (
+            "/v3/maintenance/defragment",
+            rpc::<pb::DefragmentRequest, pb::DefragmentResponse>(
+                "/etcdserverpb.Maintenance/Defragment",
+                Unary,
+            ),
+        ),
+        // etcd 3.4 maps HashKV to this path too, and answers it with Hash (measured): HashKV
+        // has its own path only from 3.5 on, below.
+        (
+            "/v3/maintenance/hash",
+            rpc::<pb::HashRequest, pb::HashResponse>("/etcdserverpb.Maintenance/Hash", Unary),
+        ),
+        (
+            "/v3/maintenance/hashkv",
+            rpc::<pb::HashKvRequest, pb::HashKvResponse>("/etcdserverpb.Maintenance/HashKV", Unary),
+        ),
+        (
+            "/v3/maintenance/snapshot",
+            rpc::<pb::SnapshotRequest, pb::SnapshotResponse>(
+                "/etcdserverpb.Maintenance/Snapshot",
+                ServerStream,
+            ),
+        ),
+        (
+            "/v3/maintenance/transfer-leadership",
+            rpc::<pb::MoveLeaderRequest, pb::MoveLeaderResponse>(
+                "/etcdserverpb.Maintenance/MoveLeader",
+                Unary,
+            ),
+        ),
+        (
             "/v3/auth/enable",
             rpc::<pb::AuthEnableRequest, pb::AuthEnableResponse>(
                 "/etcdserverpb.Auth/AuthEnable",
