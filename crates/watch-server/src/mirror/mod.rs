@@ -31,6 +31,9 @@
 //! endpoint) for health checks and metrics.
 
 mod sync;
+mod upstream;
+
+pub use upstream::{TOKEN_REFRESH, TokenInterceptor, UpstreamAuth, UpstreamChannel, UpstreamTls};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -40,7 +43,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use watch_core::Revision;
 
 use kv_store::StoreError;
@@ -57,8 +60,14 @@ pub const MIRROR_META_FILE: &str = "mirror.toml";
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MirrorConfig {
-    /// Upstream etcd client URLs (`http://host:port`; a bare `host:port` gets `http://`).
+    /// Upstream etcd client URLs (`http://host:port` or `https://host:port`; a bare
+    /// `host:port` gets `http://`, or `https://` when [`tls`](Self::tls) is set).
     pub endpoints: Vec<String>,
+    /// TLS towards the upstream; required by https endpoints.
+    pub tls: Option<UpstreamTls>,
+    /// etcd credentials (`None`: etcd without authentication, or one that authenticates by
+    /// the client certificate's common name).
+    pub auth: Option<UpstreamAuth>,
     /// Mirrored key prefixes; none (or an empty one) mirrors the whole keyspace.
     pub prefixes: Vec<Bytes>,
     /// Keys per page of the snapshot `Range` (default 1000).
@@ -82,6 +91,8 @@ impl MirrorConfig {
     pub fn new(endpoints: Vec<String>, prefixes: Vec<Bytes>) -> Self {
         Self {
             endpoints,
+            tls: None,
+            auth: None,
             prefixes,
             snapshot_page: 1000,
             barrier_timeout: Duration::from_secs(5),
@@ -139,6 +150,13 @@ pub enum MirrorError {
         /// The endpoint as given.
         endpoint: String,
         /// The parser's message.
+        message: String,
+    },
+    /// The upstream TLS settings or credentials are unusable (a token that is not ASCII, TLS
+    /// without a CA bundle).
+    #[error("upstream credentials: {message}")]
+    Credentials {
+        /// What is wrong.
         message: String,
     },
     /// The data directory holds a store that is not a mirror, or mirrors other prefixes.
@@ -278,8 +296,13 @@ pub(crate) struct Inner {
     store: Store,
     config: MirrorConfig,
     scope: MirrorScope,
-    /// One lazily connected channel per endpoint, in `config.endpoints` order.
+    /// One lazily connected channel per endpoint, in `config.endpoints` order (without the
+    /// token: [`Inner::upstream`] adds it).
     channels: Vec<(String, Channel)>,
+    /// The etcd credentials and the token in use.
+    credentials: upstream::Credentials,
+    /// The task renewing a password's token every [`TOKEN_REFRESH`].
+    refresh: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The endpoint the upstream watch uses; forwarded requests go to it too.
     current: AtomicUsize,
     /// True when the upstream's requested progress notifications are ordered (see the module
@@ -296,6 +319,25 @@ pub(crate) struct Inner {
     /// The last retention compaction task, awaited by [`Mirror::stop`] so none runs on into
     /// the store's close.
     retention: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Acquire) % self.channels.len()
+    }
+
+    /// A channel to endpoint `idx` carrying the token.
+    fn upstream(&self, idx: usize) -> UpstreamChannel {
+        self.credentials.wrap(self.channels[idx].1.clone())
+    }
+
+    /// Fetches a fresh token from the endpoint in use (no-op without a password).
+    async fn reauthenticate(&self) -> Result<(), tonic::Status> {
+        let idx = self.current_index();
+        self.credentials
+            .authenticate(self.channels[idx].1.clone())
+            .await
+    }
 }
 
 /// A running mirror. Cheap to clone; every clone is the same mirror.
@@ -322,27 +364,55 @@ impl Mirror {
         if config.endpoints.is_empty() {
             return Err(MirrorError::NoEndpoints);
         }
+        let credentials = upstream::Credentials::new(config.auth.clone())
+            .map_err(|message| MirrorError::Credentials { message })?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => {
+                let ca = t.ca_pem.as_ref().ok_or_else(|| MirrorError::Credentials {
+                    message: "upstream TLS needs a CA bundle (--upstream-cacert): the \
+                              system's roots are not loaded"
+                        .to_owned(),
+                })?;
+                let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some((cert, key)) = &t.identity {
+                    c = c.identity(Identity::from_pem(cert, key));
+                }
+                Some(c)
+            }
+        };
         let mut channels = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let url = if e.contains("://") {
                 e.clone()
+            } else if tls.is_some() {
+                format!("https://{e}")
             } else {
                 format!("http://{e}")
             };
-            if !url.starts_with("http://") {
-                // tonic would accept an https:// URL and then fail every connect (no TLS
-                // configured), retrying forever: refuse it here with the reason.
-                return Err(MirrorError::Endpoint {
-                    endpoint: e.clone(),
-                    message: "only http:// endpoints are supported (upstream TLS is not)"
-                        .to_owned(),
-                });
+            let endpoint_error = |message: String| MirrorError::Endpoint {
+                endpoint: e.clone(),
+                message,
+            };
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|err| endpoint_error(err.to_string()))?;
+            if url.starts_with("https://") {
+                // tonic would accept an https:// URL without TLS settings and then fail every
+                // connect, retrying forever: refuse it here with the reason.
+                let Some(tls) = &tls else {
+                    return Err(endpoint_error(
+                        "an https:// endpoint needs upstream TLS settings (--upstream-cacert)"
+                            .to_owned(),
+                    ));
+                };
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|err| endpoint_error(err.to_string()))?;
+            } else if !url.starts_with("http://") {
+                return Err(endpoint_error(
+                    "the scheme must be http:// or https://".to_owned(),
+                ));
             }
-            let endpoint =
-                Endpoint::from_shared(url.clone()).map_err(|err| MirrorError::Endpoint {
-                    endpoint: e.clone(),
-                    message: err.to_string(),
-                })?;
             let channel = endpoint
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
@@ -392,6 +462,8 @@ impl Mirror {
             config,
             scope,
             channels,
+            credentials,
+            refresh: parking_lot::Mutex::new(None),
             current: AtomicUsize::new(0),
             progress_trusted: AtomicBool::new(false),
             progress_wanted: Notify::new(),
@@ -403,6 +475,21 @@ impl Mirror {
         });
         let task = tokio::spawn(sync::run(inner.clone()));
         *inner.task.lock() = Some(task);
+        if inner.credentials.renewable() {
+            let weak = Arc::downgrade(&inner);
+            let refresh = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TOKEN_REFRESH);
+                tick.tick().await; // the first tick is immediate: the session authenticates
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(e) = inner.reauthenticate().await {
+                        tracing::warn!(error = %e.message(), "renewing the upstream token failed");
+                    }
+                }
+            });
+            *inner.refresh.lock() = Some(refresh);
+        }
         Ok(Mirror { inner })
     }
 
@@ -437,6 +524,10 @@ impl Mirror {
     /// not aborted halfway: its snapshot write runs on a blocking thread anyway). The store
     /// stays open; close it separately, after this.
     pub async fn stop(&self) {
+        let refresh = self.inner.refresh.lock().take();
+        if let Some(r) = refresh {
+            r.abort();
+        }
         let task = self.inner.task.lock().take();
         if let Some(task) = task {
             task.abort();
@@ -456,9 +547,25 @@ impl Mirror {
     }
 
     /// A channel to the endpoint in use, for forwarded requests.
-    pub(crate) fn channel(&self) -> Channel {
-        let i = self.inner.current.load(Ordering::Acquire) % self.inner.channels.len();
-        self.inner.channels[i].1.clone()
+    pub(crate) fn channel(&self) -> UpstreamChannel {
+        self.inner.upstream(self.inner.current_index())
+    }
+
+    /// Sends one upstream call (`call` builds it on a channel) and, when etcd refuses the
+    /// mirror's token as expired and the token is renewable, fetches a fresh one and sends
+    /// the call once more.
+    pub(crate) async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(UpstreamChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        match call(self.channel()).await {
+            Err(s) if upstream::is_invalid_token(&s) && self.inner.credentials.renewable() => {
+                self.inner.reauthenticate().await?;
+                call(self.channel()).await
+            }
+            other => other,
+        }
     }
 
     /// Largest response accepted from the upstream ([`MirrorConfig::max_response_bytes`]).

@@ -17,6 +17,7 @@
 //!   `prev_kvs` the client did not ask for are dropped from the response.
 //!   `Compact` compacts etcd only: the mirror keeps its own history.
 
+use std::future::Future;
 use std::pin::Pin;
 
 use tonic::{Response, Status, Streaming};
@@ -25,7 +26,7 @@ use watch_proto::etcdserverpb::kv_client::KvClient;
 use watch_proto::etcdserverpb::lease_client::LeaseClient;
 
 use super::convert::{self, barrier_status, store_status};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, UpstreamChannel};
 use kv_store::{KeyRange, RangeRequest, Store};
 
 /// The revision of an upstream answer's header, the target of a barrier. A missing header (or
@@ -71,22 +72,41 @@ impl Forward {
         self.mirror.store()
     }
 
-    fn kv(&self) -> KvClient<tonic::transport::Channel> {
-        KvClient::new(self.mirror.channel())
-            .max_decoding_message_size(self.mirror.max_response_bytes())
+    /// One KV call upstream through [`Mirror::call`] (renewing an expired token once).
+    async fn kv<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(KvClient<UpstreamChannel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let max = self.mirror.max_response_bytes();
+        self.mirror
+            .call(|ch| call(KvClient::new(ch).max_decoding_message_size(max)))
+            .await
     }
 
-    fn lease(&self) -> LeaseClient<tonic::transport::Channel> {
-        LeaseClient::new(self.mirror.channel())
-            .max_decoding_message_size(self.mirror.max_response_bytes())
+    /// One Lease call upstream, as [`Self::kv`].
+    async fn lease<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(LeaseClient<UpstreamChannel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let max = self.mirror.max_response_bytes();
+        self.mirror
+            .call(|ch| call(LeaseClient::new(ch).max_decoding_message_size(max)))
+            .await
     }
 
     /// The keys attached to lease `id` upstream (none for an unknown or expired lease), for
     /// etcd's per-key lease checks.
     pub(crate) async fn lease_keys(&self, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
-        let resp = LeaseClient::new(self.mirror.channel())
-            .max_decoding_message_size(usize::MAX)
-            .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+        let resp = self
+            .mirror
+            .call(|ch| async move {
+                LeaseClient::new(ch)
+                    .max_decoding_message_size(usize::MAX)
+                    .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+                    .await
+            })
             .await?;
         Ok(resp.into_inner().keys)
     }
@@ -214,7 +234,12 @@ impl Forward {
         req: RangeRequest,
     ) -> Result<Response<pb::RangeResponse>, Status> {
         if !self.mirror.scope().covers_range(&req.range) {
-            return self.kv().range(r).await;
+            return self
+                .kv(|mut c| {
+                    let r = r.clone();
+                    async move { c.range(r).await }
+                })
+                .await;
         }
         // A past revision the mirror already holds is immutable: no barrier needed.
         let held = req.revision != 0 && req.revision <= self.store().current_revision();
@@ -224,7 +249,13 @@ impl Forward {
                 count_only: true,
                 ..Default::default()
             };
-            let current = self.kv().range(probe).await?.into_inner();
+            let current = self
+                .kv(|mut c| {
+                    let r = probe.clone();
+                    async move { c.range(r).await }
+                })
+                .await?
+                .into_inner();
             let target = header_revision(current.header.as_ref())?;
             self.mirror
                 .wait_for(target)
@@ -242,7 +273,12 @@ impl Forward {
     /// Put: forwarded; returns once the mirror applied it (see [`Self::after_write`]).
     pub(crate) async fn put(&self, r: pb::PutRequest) -> Result<Response<pb::PutResponse>, Status> {
         let changed = self.changed_put(&r.key);
-        let resp = self.kv().put(r).await?;
+        let resp = self
+            .kv(|mut c| {
+                let r = r.clone();
+                async move { c.put(r).await }
+            })
+            .await?;
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
         Ok(resp)
@@ -256,7 +292,12 @@ impl Forward {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let mut fwd = r.clone();
         self.prepare_delete(&mut fwd);
-        let mut resp = self.kv().delete_range(fwd).await?;
+        let mut resp = self
+            .kv(|mut c| {
+                let r = fwd.clone();
+                async move { c.delete_range(r).await }
+            })
+            .await?;
         let changed = self.finish_delete(&r, resp.get_mut());
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
@@ -268,7 +309,12 @@ impl Forward {
     pub(crate) async fn txn(&self, r: pb::TxnRequest) -> Result<Response<pb::TxnResponse>, Status> {
         let mut fwd = r.clone();
         self.prepare_txn(&mut fwd);
-        let mut resp = self.kv().txn(fwd).await?;
+        let mut resp = self
+            .kv(|mut c| {
+                let r = fwd.clone();
+                async move { c.txn(r).await }
+            })
+            .await?;
         let changed = self.finish_txn(&r, resp.get_mut());
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
@@ -280,7 +326,11 @@ impl Forward {
         &self,
         r: pb::CompactionRequest,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        self.kv().compact(r).await
+        self.kv(|mut c| {
+            let r = r.clone();
+            async move { c.compact(r).await }
+        })
+        .await
     }
 
     /// LeaseGrant, forwarded: a mirror holds no local lease; the upstream's lease expiry
@@ -289,7 +339,11 @@ impl Forward {
         &self,
         r: pb::LeaseGrantRequest,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        self.lease().lease_grant(r).await
+        self.lease(|mut c| {
+            let r = r.clone();
+            async move { c.lease_grant(r).await }
+        })
+        .await
     }
 
     /// LeaseRevoke, forwarded.
@@ -297,7 +351,11 @@ impl Forward {
         &self,
         r: pb::LeaseRevokeRequest,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        self.lease().lease_revoke(r).await
+        self.lease(|mut c| {
+            let r = r.clone();
+            async move { c.lease_revoke(r).await }
+        })
+        .await
     }
 
     /// LeaseKeepAlive, forwarded as one upstream stream; the client's stream ends the
@@ -307,8 +365,9 @@ impl Forward {
         inbound: Streaming<pb::LeaseKeepAliveRequest>,
     ) -> Result<KeepAliveStream, Status> {
         use tokio_stream::StreamExt;
-        let upstream = self
-            .lease()
+        // A stream is sent once: its requests are consumed, so no token retry.
+        let upstream = LeaseClient::new(self.mirror.channel())
+            .max_decoding_message_size(self.mirror.max_response_bytes())
             .lease_keep_alive(inbound.map_while(Result::ok))
             .await?;
         Ok(Box::pin(upstream.into_inner()))
@@ -319,7 +378,11 @@ impl Forward {
         &self,
         r: pb::LeaseTimeToLiveRequest,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        self.lease().lease_time_to_live(r).await
+        self.lease(|mut c| {
+            let r = r.clone();
+            async move { c.lease_time_to_live(r).await }
+        })
+        .await
     }
 
     /// LeaseLeases, forwarded.
@@ -327,7 +390,11 @@ impl Forward {
         &self,
         r: pb::LeaseLeasesRequest,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        self.lease().lease_leases(r).await
+        self.lease(|mut c| {
+            let r = r.clone();
+            async move { c.lease_leases(r).await }
+        })
+        .await
     }
 }
 

@@ -1,0 +1,158 @@
+//! The mirror's connection to etcd: TLS (a CA bundle, a client certificate) and etcd
+//! authentication (a user's password, exchanged for a token, or a token given as is).
+//!
+//! etcd reads the token from the `token` request metadata; [`TokenInterceptor`] adds the
+//! current one to every upstream request. A password's token is fetched at the start of each
+//! upstream session, renewed every [`TOKEN_REFRESH`] (etcd's simple tokens expire
+//! `--auth-token-ttl`, default 300 s, after their last use; JWT ones at their `exp`), and
+//! fetched again when etcd answers `invalid auth token` (the failed call is retried once with
+//! it, [`is_invalid_token`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use watch_proto::etcdserverpb as pb;
+use watch_proto::etcdserverpb::auth_client::AuthClient;
+
+/// How often a password's token is renewed while the mirror runs: below etcd's default
+/// token TTL (300 s) with room for a slow `Authenticate` (bcrypt on etcd's side). A shorter
+/// upstream TTL is covered by the renewal on `invalid auth token`.
+pub const TOKEN_REFRESH: Duration = Duration::from_secs(60);
+
+/// TLS towards the upstream (https endpoints).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct UpstreamTls {
+    /// CA bundle (PEM) the upstream's server certificates must chain to. Required for an
+    /// https endpoint: the system's roots are not loaded.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and its private key (PEM), for an etcd with `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl UpstreamTls {
+    /// TLS trusting `ca_pem`, without a client certificate.
+    pub fn new(ca_pem: Vec<u8>) -> Self {
+        Self {
+            ca_pem: Some(ca_pem),
+            identity: None,
+        }
+    }
+
+    /// Adds a client certificate and key (PEM).
+    pub fn with_identity(mut self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
+        self.identity = Some((cert_pem, key_pem));
+        self
+    }
+}
+
+/// etcd credentials of the mirror.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum UpstreamAuth {
+    /// A user and password, exchanged for a token (`Auth.Authenticate`) and renewed.
+    Password {
+        /// The etcd user.
+        user: String,
+        /// Its password.
+        password: String,
+    },
+    /// A token used as is (never renewed: once etcd refuses it, calls fail with etcd's
+    /// `invalid auth token` until the mirror restarts with a new one).
+    Token(String),
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    // The password and token stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAuth::Password { user, .. } => f
+                .debug_struct("Password")
+                .field("user", user)
+                .finish_non_exhaustive(),
+            UpstreamAuth::Token(_) => f.write_str("Token(..)"),
+        }
+    }
+}
+
+/// The token in use, shared by every upstream client; `None` without credentials (or before
+/// the first `Authenticate`).
+#[derive(Debug, Clone, Default)]
+pub struct TokenInterceptor(Arc<parking_lot::RwLock<Option<MetadataValue<Ascii>>>>);
+
+impl TokenInterceptor {
+    fn set(&self, token: &str) -> Result<(), String> {
+        let value = MetadataValue::try_from(token)
+            .map_err(|_| "the upstream token is not printable ASCII".to_owned())?;
+        *self.0.write() = Some(value);
+        Ok(())
+    }
+}
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = self.0.read().clone() {
+            req.metadata_mut().insert("token", token);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to one upstream endpoint carrying the mirror's token.
+pub type UpstreamChannel = InterceptedService<Channel, TokenInterceptor>;
+
+/// The mirror's credentials and current token.
+#[derive(Debug, Default)]
+pub(crate) struct Credentials {
+    auth: Option<UpstreamAuth>,
+    token: TokenInterceptor,
+}
+
+impl Credentials {
+    /// Credentials for `auth`; a given token is installed at once.
+    pub(crate) fn new(auth: Option<UpstreamAuth>) -> Result<Self, String> {
+        let token = TokenInterceptor::default();
+        if let Some(UpstreamAuth::Token(t)) = &auth {
+            token.set(t)?;
+        }
+        Ok(Self { auth, token })
+    }
+
+    /// `channel` with the token added to every request.
+    pub(crate) fn wrap(&self, channel: Channel) -> UpstreamChannel {
+        InterceptedService::new(channel, self.token.clone())
+    }
+
+    /// True when a password's token can be fetched again.
+    pub(crate) fn renewable(&self) -> bool {
+        matches!(self.auth, Some(UpstreamAuth::Password { .. }))
+    }
+
+    /// Fetches a fresh token over `channel` (no-op without a password).
+    pub(crate) async fn authenticate(&self, channel: Channel) -> Result<(), tonic::Status> {
+        let Some(UpstreamAuth::Password { user, password }) = &self.auth else {
+            return Ok(());
+        };
+        let resp = AuthClient::new(channel)
+            .authenticate(pb::AuthenticateRequest {
+                name: user.clone(),
+                password: password.clone(),
+            })
+            .await?
+            .into_inner();
+        self.token
+            .set(&resp.token)
+            .map_err(tonic::Status::unauthenticated)
+    }
+}
+
+/// True when etcd refused the request's token (expired, or from before an auth change), so a
+/// fresh token may make it pass: etcd's `ErrInvalidAuthToken` and `ErrAuthOldRevision`.
+pub(crate) fn is_invalid_token(status: &tonic::Status) -> bool {
+    let m = status.message();
+    m.contains("invalid auth token") || m.contains("revision of auth store is old")
+}
