@@ -553,14 +553,19 @@ impl Mirror {
 
     /// Sends one upstream call (`call` builds it on a channel) and, when etcd refuses the
     /// mirror's token as expired and the token is renewable, fetches a fresh one and sends
-    /// the call once more.
+    /// the call once more. A call before the first token (the sync task fetches it at its
+    /// session's start) fetches it first: without one etcd refuses with `user name is empty`.
     pub(crate) async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
     where
         F: Fn(UpstreamChannel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
+        if self.inner.credentials.needs_token() {
+            self.inner.reauthenticate().await?;
+        }
         match call(self.channel()).await {
             Err(s) if upstream::is_invalid_token(&s) && self.inner.credentials.renewable() => {
+                tracing::info!(error = %s.message(), "upstream token refused; renewing it and retrying once");
                 self.inner.reauthenticate().await?;
                 call(self.channel()).await
             }

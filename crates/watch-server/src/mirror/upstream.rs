@@ -127,6 +127,11 @@ impl Credentials {
         InterceptedService::new(channel, self.token.clone())
     }
 
+    /// True when a password is configured and no token was fetched yet.
+    pub(crate) fn needs_token(&self) -> bool {
+        self.renewable() && self.token.0.read().is_none()
+    }
+
     /// True when a password's token can be fetched again.
     pub(crate) fn renewable(&self) -> bool {
         matches!(self.auth, Some(UpstreamAuth::Password { .. }))

@@ -1547,3 +1547,153 @@ async fn https_upstream_is_refused() {
     assert!(!ok, "an https upstream was accepted:\n{out}");
     assert!(out.contains("only http:// endpoints"), "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Secure upstreams.
+
+/// A linearizable read of `key` through `url` (the replica waits until it mirrored etcd's
+/// current revision), its value if any.
+async fn value_of(url: &str, key: &str) -> Option<String> {
+    let resp = with_kv(url, async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: key.as_bytes().to_vec().into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("read {key} through {url}: {e}"))
+    .into_inner();
+    resp.kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// A replica of a 3-member etcd cluster serving TLS and requiring client certificates: it
+/// snapshots, follows (a put made on etcd is read back through it) and forwards (a put made
+/// through it lands on etcd), over one upstream watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstream_with_client_certificates() {
+    if !etcd_present("mirror::tls_upstream_with_client_certificates") {
+        return;
+    }
+    let pki = crate::tls::Pki::new();
+    let cluster = tokio::task::block_in_place(|| {
+        EtcdCluster::builder()
+            .temp_prefix("mirror-tls-etcd-")
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .tls(
+                testkit::EtcdTls::new(
+                    pki.path("ca.pem"),
+                    pki.path("server.pem"),
+                    pki.path("server.key"),
+                )
+                .client_cert_auth(pki.path("client.pem"), pki.path("client.key")),
+            )
+            .start_cluster()
+            .unwrap_or_else(|e| panic!("the TLS etcd cluster did not start: {e}"))
+    });
+    assert!(cluster.endpoints(0).starts_with("https://"));
+    tokio::task::block_in_place(|| cluster.etcdctl(["put", "/a/before", "1"]))
+        .expect("etcdctl put over TLS");
+    let args = vec![
+        "--upstream".to_owned(),
+        cluster.endpoints(0),
+        "--upstream-prefix".to_owned(),
+        "/a/".to_owned(),
+        "--upstream-cacert".to_owned(),
+        pki.arg("ca.pem"),
+        "--upstream-cert".to_owned(),
+        pki.arg("client.pem"),
+        "--upstream-key".to_owned(),
+        pki.arg("client.key"),
+    ];
+    let r = tokio::task::block_in_place(|| Replica::with_args("tls", args));
+    r.await_upstream_watch().await;
+    assert_eq!(value_of(&r.url(), "/a/before").await.as_deref(), Some("1"));
+    tokio::task::block_in_place(|| cluster.etcdctl(["put", "/a/after", "2"]))
+        .expect("etcdctl put over TLS");
+    assert_eq!(value_of(&r.url(), "/a/after").await.as_deref(), Some("2"));
+    put_rev(&r.url(), "/a/through", "3").await;
+    let out = tokio::task::block_in_place(|| cluster.etcdctl(["get", "/a/through"]))
+        .expect("etcdctl get over TLS");
+    assert!(out.contains("/a/through\n3"), "{out}");
+    assert_eq!(
+        cluster.metric_sum("etcd_debugging_mvcc_watcher_total").ok(),
+        Some(1.0)
+    );
+}
+
+/// A replica of a 3-member etcd cluster with authentication on, as root by password (given in
+/// the environment): it syncs and forwards; once etcd expired its token (a 1 s TTL and no use
+/// for 4 s), a forwarded put is refused with `invalid auth token`, and the replica renews the
+/// token and retries it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_upstream_renews_its_token() {
+    if !etcd_present("mirror::auth_upstream_renews_its_token") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| {
+        EtcdCluster::builder()
+            .temp_prefix("mirror-auth-etcd-")
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--auth-token-ttl", "1"])
+            .root_password("s3cret")
+            .start_cluster()
+            .unwrap_or_else(|e| panic!("the auth etcd cluster did not start: {e}"))
+    });
+    tokio::task::block_in_place(|| cluster.etcdctl(["put", "/a/before", "1"]))
+        .expect("etcdctl put as root");
+    let process = tokio::task::block_in_place(|| {
+        ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .temp_prefix("mirror-auth-")
+            .args([
+                "--upstream",
+                &cluster.endpoints(0),
+                "--upstream-user",
+                "root",
+            ])
+            .env("KEYWATCH_UPSTREAM_PASSWORD", "s3cret")
+            .env("KEYWATCH_LOG", "info")
+            .start()
+            .unwrap_or_else(|e| panic!("replica did not start: {e}"))
+    });
+    let url = process.endpoint();
+    assert_eq!(value_of(&url, "/a/before").await.as_deref(), Some("1"));
+    put_rev(&url, "/a/through", "2").await;
+    // etcd drops a simple token TTL (1 s) after its last use, checked every second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    put_rev(&url, "/a/later", "3").await;
+    assert_eq!(value_of(&url, "/a/later").await.as_deref(), Some("3"));
+    let log = process.output().tail();
+    assert!(log.contains("upstream token refused; renewing it"), "{log}");
+    let out = tokio::task::block_in_place(|| cluster.etcdctl(["get", "/a/later"]))
+        .expect("etcdctl get as root");
+    assert!(out.contains("/a/later\n3"), "{out}");
+
+    // A wrong password: the replica never opens its watch and says why.
+    let wrong = tokio::task::block_in_place(|| {
+        ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .temp_prefix("mirror-auth-wrong-")
+            .args([
+                "--upstream",
+                &cluster.endpoints(0),
+                "--upstream-user",
+                "root:nope",
+            ])
+            .env("KEYWATCH_LOG", "info")
+            .count_lines("authentication failed")
+            .start()
+            .unwrap_or_else(|e| panic!("replica did not start: {e}"))
+    });
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while wrong.output().count("authentication failed") == Some(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no authentication failure logged:\n{}",
+            wrong.output().tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!wrong.output().tail().contains(OPEN));
+}
