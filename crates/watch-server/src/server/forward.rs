@@ -326,11 +326,7 @@ impl Forward {
         &self,
         r: pb::CompactionRequest,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        self.kv(|mut c| {
-            let r = r.clone();
-            async move { c.compact(r).await }
-        })
-        .await
+        self.kv(|mut c| async move { c.compact(r).await }).await
     }
 
     /// LeaseGrant, forwarded: a mirror holds no local lease; the upstream's lease expiry
@@ -339,11 +335,8 @@ impl Forward {
         &self,
         r: pb::LeaseGrantRequest,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        self.lease(|mut c| {
-            let r = r.clone();
-            async move { c.lease_grant(r).await }
-        })
-        .await
+        self.lease(|mut c| async move { c.lease_grant(r).await })
+            .await
     }
 
     /// LeaseRevoke, forwarded.
@@ -351,11 +344,8 @@ impl Forward {
         &self,
         r: pb::LeaseRevokeRequest,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        self.lease(|mut c| {
-            let r = r.clone();
-            async move { c.lease_revoke(r).await }
-        })
-        .await
+        self.lease(|mut c| async move { c.lease_revoke(r).await })
+            .await
     }
 
     /// LeaseKeepAlive, forwarded as one upstream stream; the client's stream ends the
@@ -378,11 +368,8 @@ impl Forward {
         &self,
         r: pb::LeaseTimeToLiveRequest,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        self.lease(|mut c| {
-            let r = r.clone();
-            async move { c.lease_time_to_live(r).await }
-        })
-        .await
+        self.lease(|mut c| async move { c.lease_time_to_live(r).await })
+            .await
     }
 
     /// LeaseLeases, forwarded.
@@ -390,11 +377,8 @@ impl Forward {
         &self,
         r: pb::LeaseLeasesRequest,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        self.lease(|mut c| {
-            let r = r.clone();
-            async move { c.lease_leases(r).await }
-        })
-        .await
+        self.lease(|mut c| async move { c.lease_leases(r).await })
+            .await
     }
 }
 
