@@ -128,6 +128,11 @@ pub struct Cli {
     /// answers, watch responses) (default 2147483647, etcd clientv3's receive limit).
     #[arg(long, env = "KEYWATCH_UPSTREAM_MAX_RESPONSE_BYTES")]
     pub upstream_max_response_bytes: Option<usize>,
+    /// Mirror mode: how often to ask etcd whether it was compacted (a compaction made on etcd
+    /// directly, or through another replica, then applies here), e.g. 10s; "off": never
+    /// (default 10s).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_COMPACTION_CHECK")]
+    pub upstream_compaction_check: Option<String>,
     /// Mirror mode: CA bundle (PEM) verifying etcd's server certificates; needed by https://
     /// endpoints (grpc-proxy's --cacert) (default none).
     #[arg(long, env = "KEYWATCH_UPSTREAM_CACERT")]
@@ -232,6 +237,7 @@ pub struct FileConfig {
     pub upstream_snapshot_page: Option<usize>,
     pub upstream_retain_revisions: Option<u64>,
     pub upstream_max_response_bytes: Option<usize>,
+    pub upstream_compaction_check: Option<String>,
     pub upstream_cacert: Option<PathBuf>,
     pub upstream_cert: Option<PathBuf>,
     pub upstream_key: Option<PathBuf>,
@@ -291,6 +297,8 @@ pub struct ServerConfig {
     pub upstream_retain_revisions: Option<u64>,
     /// Mirror mode: largest response accepted from etcd, in bytes.
     pub upstream_max_response_bytes: usize,
+    /// Mirror mode: interval of the upstream compaction check (`None`: off).
+    pub upstream_compaction_check: Option<Duration>,
     /// Mirror mode: TLS towards etcd (`None`: http endpoints only).
     pub upstream_tls: Option<crate::mirror::UpstreamTls>,
     /// Mirror mode: etcd credentials (`None`: none sent).
@@ -330,6 +338,7 @@ impl Default for ServerConfig {
             upstream_snapshot_page: 1000,
             upstream_retain_revisions: None,
             upstream_max_response_bytes: crate::mirror::DEFAULT_MAX_RESPONSE_BYTES,
+            upstream_compaction_check: Some(Duration::from_secs(10)),
             upstream_tls: None,
             upstream_auth: None,
             log_format: LogFormat::Text,
@@ -556,6 +565,28 @@ impl ServerConfig {
                 None => d.metrics_listen,
             },
             shutdown_timeout: d.shutdown_timeout,
+            upstream_compaction_check: match cli
+                .upstream_compaction_check
+                .or(file.upstream_compaction_check)
+            {
+                Some(v) if v == "off" => None,
+                Some(v) => match parse_duration(&v) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    Ok(_) => {
+                        return Err(ConfigError::Invalid {
+                            field: "upstream_compaction_check",
+                            message: "must be above 0 (or \"off\")".to_owned(),
+                        });
+                    }
+                    Err(message) => {
+                        return Err(ConfigError::Invalid {
+                            field: "upstream_compaction_check",
+                            message,
+                        });
+                    }
+                },
+                None => d.upstream_compaction_check,
+            },
             upstream_tls: crate::tls::load_upstream(
                 cli.upstream_cacert
                     .as_ref()
@@ -708,6 +739,7 @@ impl ServerConfig {
         m.snapshot_page = self.upstream_snapshot_page;
         m.retain_revisions = self.upstream_retain_revisions;
         m.max_response_bytes = self.upstream_max_response_bytes;
+        m.compaction_check = self.upstream_compaction_check;
         m.tls = self.upstream_tls.clone();
         m.auth = self.upstream_auth.clone();
         Some(m)

@@ -80,6 +80,12 @@ pub struct MirrorConfig {
     /// The mirror's own retention: keep the history of the last this many upstream revisions
     /// and compact the rest (the state is kept whole). `None` (default): keep everything.
     pub retain_revisions: Option<u64>,
+    /// How often the mirror asks etcd whether it was compacted past the mirror's own
+    /// compaction (one serializable `count_only` range at the mirror's compaction revision;
+    /// a binary search only when it was), so a compaction made directly on etcd, or through
+    /// another replica, reaches this one within about this long (default 10 s). `None`:
+    /// never (only compactions sent through this replica are applied).
+    pub compaction_check: Option<Duration>,
     /// Largest response accepted from the upstream, in bytes (snapshot pages, forwarded
     /// answers, watch responses; default [`DEFAULT_MAX_RESPONSE_BYTES`]). A larger one fails
     /// that call (a snapshot is retried; lower `snapshot_page` if pages are too large).
@@ -98,6 +104,7 @@ impl MirrorConfig {
             barrier_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             retain_revisions: None,
+            compaction_check: Some(Duration::from_secs(10)),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
@@ -301,8 +308,9 @@ pub(crate) struct Inner {
     channels: Vec<(String, Channel)>,
     /// The etcd credentials and the token in use.
     credentials: upstream::Credentials,
-    /// The task renewing a password's token every [`TOKEN_REFRESH`].
-    refresh: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Background tasks (renewing a password's token every [`TOKEN_REFRESH`], checking
+    /// etcd's compaction every `config.compaction_check`), aborted by [`Mirror::stop`].
+    background: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The endpoint the upstream watch uses; forwarded requests go to it too.
     current: AtomicUsize,
     /// True when the upstream's requested progress notifications are ordered (see the module
@@ -463,7 +471,7 @@ impl Mirror {
             scope,
             channels,
             credentials,
-            refresh: parking_lot::Mutex::new(None),
+            background: parking_lot::Mutex::new(Vec::new()),
             current: AtomicUsize::new(0),
             progress_trusted: AtomicBool::new(false),
             progress_wanted: Notify::new(),
@@ -488,7 +496,23 @@ impl Mirror {
                     }
                 }
             });
-            *inner.refresh.lock() = Some(refresh);
+            inner.background.lock().push(refresh);
+        }
+        if let Some(every) = inner.config.compaction_check {
+            let weak = Arc::downgrade(&inner);
+            let check = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let mirror = Mirror { inner };
+                    if let Err(e) = mirror.check_compaction().await {
+                        tracing::debug!(error = %e, "upstream compaction check failed");
+                    }
+                }
+            });
+            inner.background.lock().push(check);
         }
         Ok(Mirror { inner })
     }
@@ -524,9 +548,10 @@ impl Mirror {
     /// not aborted halfway: its snapshot write runs on a blocking thread anyway). The store
     /// stays open; close it separately, after this.
     pub async fn stop(&self) {
-        let refresh = self.inner.refresh.lock().take();
-        if let Some(r) = refresh {
-            r.abort();
+        let background = std::mem::take(&mut *self.inner.background.lock());
+        for b in background {
+            b.abort();
+            let _ = b.await;
         }
         let task = self.inner.task.lock().take();
         if let Some(task) = task {
@@ -571,6 +596,101 @@ impl Mirror {
             }
             other => other,
         }
+    }
+
+    /// Applies an upstream compaction at `revision` to the mirror: once the mirror holds
+    /// `revision`, its history below it goes, so reads and watches below it fail as etcd's
+    /// do. A revision at or below the mirror's own compaction is already in force.
+    pub(crate) async fn upstream_compacted(&self, revision: Revision) -> Result<(), BarrierError> {
+        if revision <= self.inner.store.compacted_revision() {
+            return Ok(());
+        }
+        self.wait_for(revision).await?;
+        match self.inner.store.mirror_compact(revision).await {
+            Ok(_) => {
+                tracing::info!(revision, "upstream compaction applied to the mirror");
+                Ok(())
+            }
+            // Retention (or a concurrent check) compacted at least as far meanwhile.
+            Err(StoreError::Compacted { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One compaction check ([`MirrorConfig::compaction_check`]): a serializable
+    /// `count_only` range at the mirror's compaction revision; when etcd answers that it is
+    /// compacted, a binary search (same probe) up to etcd's revision finds etcd's compaction
+    /// revision (the lowest readable one), which is then applied when the mirror holds it
+    /// (a lagging mirror applies it at a later check).
+    async fn check_compaction(&self) -> Result<(), tonic::Status> {
+        let key: Bytes = self
+            .inner
+            .scope
+            .prefixes()
+            .iter()
+            .find(|p| !p.is_empty())
+            .cloned()
+            .unwrap_or_else(|| Bytes::from_static(b"\0"));
+        let max = self.inner.config.max_response_bytes;
+        // Ok(Some(etcd revision)): readable; Ok(None): compacted.
+        let probe = |revision: u64| {
+            let key = key.clone();
+            async move {
+                let r = self
+                    .call(|ch| {
+                        let key = key.clone();
+                        async move {
+                            watch_proto::etcdserverpb::kv_client::KvClient::new(ch)
+                                .max_decoding_message_size(max)
+                                .range(watch_proto::etcdserverpb::RangeRequest {
+                                    key,
+                                    revision: i64::try_from(revision).unwrap_or(i64::MAX),
+                                    serializable: true,
+                                    count_only: true,
+                                    ..Default::default()
+                                })
+                                .await
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(resp) => Ok(Some(
+                        resp.into_inner()
+                            .header
+                            .and_then(|h| u64::try_from(h.revision).ok())
+                            .unwrap_or(0),
+                    )),
+                    Err(s) if s.message().contains("required revision has been compacted") => {
+                        Ok(None)
+                    }
+                    Err(s) => Err(s),
+                }
+            }
+        };
+        let floor = self.inner.store.compacted_revision().max(1);
+        if probe(floor).await?.is_some() {
+            return Ok(());
+        }
+        // etcd's compaction C is in (floor, etcd's revision]: revisions below C are compacted,
+        // C is readable. `lo` compacted, `hi` readable.
+        let mut hi = match probe(0).await? {
+            Some(current) if current > floor => current,
+            _ => return Ok(()),
+        };
+        let mut lo = floor;
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match probe(mid).await? {
+                Some(_) => hi = mid,
+                None => lo = mid,
+            }
+        }
+        if hi <= self.inner.store.current_revision() {
+            self.upstream_compacted(hi)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Largest response accepted from the upstream ([`MirrorConfig::max_response_bytes`]).

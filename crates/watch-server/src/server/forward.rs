@@ -15,7 +15,7 @@
 //!   `prev_kv` (etcd names the removed keys only there), so a delete that removed only keys
 //!   outside the prefixes does not wait for a mirrored revision that never comes; the
 //!   `prev_kvs` the client did not ask for are dropped from the response.
-//!   `Compact` compacts etcd only: the mirror keeps its own history.
+//!   `Compact` compacts etcd, then the mirror at the same revision (see [`Forward::compact`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -321,12 +321,21 @@ impl Forward {
         Ok(resp)
     }
 
-    /// Compact: compacts etcd only; the mirror keeps its own history.
+    /// Compact: forwarded; once etcd acknowledged it, the mirror drops its own history below
+    /// the revision (after applying up to it), so reads and watches below it fail on this
+    /// replica as on etcd before the answer returns.
     pub(crate) async fn compact(
         &self,
         r: pb::CompactionRequest,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        self.kv(|mut c| async move { c.compact(r).await }).await
+        let resp = self.kv(|mut c| async move { c.compact(r).await }).await?;
+        if let Ok(revision) = u64::try_from(r.revision) {
+            self.mirror
+                .upstream_compacted(revision)
+                .await
+                .map_err(|e| barrier_status(&e))?;
+        }
+        Ok(resp)
     }
 
     /// LeaseGrant, forwarded: a mirror holds no local lease; the upstream's lease expiry

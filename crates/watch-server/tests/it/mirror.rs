@@ -1697,3 +1697,136 @@ async fn auth_upstream_renews_its_token() {
     }
     assert!(!wrong.output().tail().contains(OPEN));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Compaction.
+
+/// What `url` does below a compaction: a watch of `/m/` from `from` (its cancel's
+/// `compact_revision`, or 0 when it opened and stayed open) and a range at `from` (its status
+/// code and message, or OK).
+async fn below_compaction(url: &str, from: i64) -> (i64, String) {
+    let ch = channel(url).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(from))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut canceled = 0;
+    // etcd answers a compacted start with a created response then a cancel (or both in one).
+    for _ in 0..2 {
+        let m = tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("a watch answer in time")
+            .expect("stream")
+            .expect("open");
+        if m.canceled {
+            canceled = m.compact_revision;
+            break;
+        }
+        if !m.events.is_empty() {
+            break;
+        }
+    }
+    drop(tx);
+    let read = with_kv(url, async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/k1".into(),
+            revision: from,
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+    })
+    .await;
+    let read = match read {
+        Ok(_) => "OK".to_owned(),
+        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+    };
+    (canceled, read)
+}
+
+/// A Compact through a replica, once acknowledged, makes that replica refuse a watch and a
+/// read below the revision exactly as etcd does (the same answers, asked of both); another
+/// replica learns it from its compaction check, and so does a replica after a compaction made
+/// on etcd directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_through_a_replica_is_honoured() {
+    if !etcd_present("mirror::compaction_through_a_replica_is_honoured") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| Cluster::start(3));
+    let start = |name| {
+        Replica::with_args(
+            name,
+            vec![
+                "--upstream".to_owned(),
+                cluster.endpoints(0),
+                "--upstream-prefix".to_owned(),
+                "/m/".to_owned(),
+                "--upstream-compaction-check".to_owned(),
+                "100ms".to_owned(),
+            ],
+        )
+    };
+    let (a, b) = tokio::task::block_in_place(|| (start("compact-a"), start("compact-b")));
+    a.await_upstream_watch().await;
+    b.await_upstream_watch().await;
+    let mut revs = Vec::new();
+    for i in 0..6 {
+        revs.push(put_rev(&a.url(), "/m/k1", format!("v{i}")).await);
+    }
+    let at = revs[3];
+    // Before: everything from revs[0] is served.
+    assert_eq!(below_compaction(&a.url(), revs[1]).await, (0, "OK".into()));
+    with_kv(&a.url(), async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: at,
+            physical: false,
+        })
+        .await
+    })
+    .await
+    .expect("compact through the replica");
+    let etcd = below_compaction(&cluster.url(0), revs[1]).await;
+    assert_eq!(etcd.0, at, "etcd's cancel: {etcd:?}");
+    assert!(etcd.1.contains("compacted"), "{etcd:?}");
+    assert_eq!(below_compaction(&a.url(), revs[1]).await, etcd);
+    // At the compaction revision itself both still serve.
+    assert_eq!(below_compaction(&a.url(), at).await, (0, "OK".into()));
+    // The other replica, from its compaction check.
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while below_compaction(&b.url(), revs[1]).await != etcd {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never applied the compaction"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A compaction made on etcd directly reaches both.
+    let direct = revs[5];
+    with_kv(&cluster.url(1), async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: direct,
+            physical: false,
+        })
+        .await
+    })
+    .await
+    .expect("compact etcd");
+    let etcd = below_compaction(&cluster.url(0), revs[4]).await;
+    assert_eq!(etcd.0, direct, "etcd's cancel: {etcd:?}");
+    for r in [&a, &b] {
+        while below_compaction(&r.url(), revs[4]).await != etcd {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never applied it",
+                r.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
