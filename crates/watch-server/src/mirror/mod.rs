@@ -33,6 +33,7 @@
 mod sync;
 mod upstream;
 
+pub(crate) use upstream::Resend;
 pub use upstream::{TOKEN_REFRESH, TokenInterceptor, UpstreamAuth, UpstreamChannel, UpstreamTls};
 
 use std::path::Path;
@@ -339,9 +340,8 @@ impl Inner {
         self.credentials.wrap(self.channels[idx].1.clone())
     }
 
-    /// Fetches a fresh token from the endpoint in use (no-op without a password).
-    async fn reauthenticate(&self) -> Result<(), tonic::Status> {
-        let idx = self.current_index();
+    /// Fetches a fresh token from endpoint `idx` (no-op without a password).
+    async fn reauthenticate(&self, idx: usize) -> Result<(), tonic::Status> {
         self.credentials
             .authenticate(self.channels[idx].1.clone())
             .await
@@ -491,7 +491,7 @@ impl Mirror {
                 loop {
                     tick.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
-                    if let Err(e) = inner.reauthenticate().await {
+                    if let Err(e) = inner.reauthenticate(inner.current_index()).await {
                         tracing::warn!(error = %e.message(), "renewing the upstream token failed");
                     }
                 }
@@ -576,23 +576,49 @@ impl Mirror {
         self.inner.upstream(self.inner.current_index())
     }
 
-    /// Sends one upstream call (`call` builds it on a channel) and, when etcd refuses the
-    /// mirror's token as expired and the token is renewable, fetches a fresh one and sends
-    /// the call once more. A call before the first token (the sync task fetches it at its
-    /// session's start) fetches it first: without one etcd refuses with `user name is empty`.
-    pub(crate) async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    /// Sends one upstream call (`call` builds it on a channel) to the endpoint in use; on a
+    /// transport error that `resend` allows ([`Resend`]), to the next endpoints in turn (each
+    /// at most once). On each endpoint, when etcd refuses the mirror's token as expired and
+    /// the token is renewable, a fresh one is fetched and the call sent once more. A call
+    /// before the first token (the sync task fetches it at its session's start) fetches it
+    /// first: without one etcd refuses with `user name is empty`.
+    pub(crate) async fn call<T, F, Fut>(&self, resend: Resend, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(UpstreamChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let n = self.inner.channels.len();
+        let first = self.inner.current_index();
+        let mut attempt = 0;
+        loop {
+            let idx = (first + attempt) % n;
+            match self.call_on(idx, &call).await {
+                Err(s) if attempt + 1 < n && resend.allows(&s) => {
+                    tracing::debug!(
+                        endpoint = %self.inner.channels[idx].0,
+                        error = %s.message(),
+                        "forwarded call failed in transport; sending it to the next endpoint"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_on<T, F, Fut>(&self, idx: usize, call: &F) -> Result<T, tonic::Status>
     where
         F: Fn(UpstreamChannel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         if self.inner.credentials.needs_token() {
-            self.inner.reauthenticate().await?;
+            self.inner.reauthenticate(idx).await?;
         }
-        match call(self.channel()).await {
+        match call(self.inner.upstream(idx)).await {
             Err(s) if upstream::is_invalid_token(&s) && self.inner.credentials.renewable() => {
                 tracing::info!(error = %s.message(), "upstream token refused; renewing it and retrying once");
-                self.inner.reauthenticate().await?;
-                call(self.channel()).await
+                self.inner.reauthenticate(idx).await?;
+                call(self.inner.upstream(idx)).await
             }
             other => other,
         }
@@ -637,7 +663,7 @@ impl Mirror {
             let key = key.clone();
             async move {
                 let r = self
-                    .call(|ch| {
+                    .call(Resend::Read, |ch| {
                         let key = key.clone();
                         async move {
                             watch_proto::etcdserverpb::kv_client::KvClient::new(ch)

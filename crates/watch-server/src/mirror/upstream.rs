@@ -161,3 +161,73 @@ pub(crate) fn is_invalid_token(status: &tonic::Status) -> bool {
     let m = status.message();
     m.contains("invalid auth token") || m.contains("revision of auth store is old")
 }
+
+/// Which transport errors let a forwarded call go to the next endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// A read (or the barrier's probe): sending it again changes nothing, so any
+    /// `Unavailable` (connect failure, connection lost, etcd's `no leader` or `leader
+    /// changed`) sends it to the next endpoint.
+    Read,
+    /// A write: sent again only when it never left (the connection to the endpoint could not
+    /// be made), since a write lost with its connection may have been applied; an etcd that
+    /// got it answers, and its answer (error or not) is returned.
+    Write,
+}
+
+impl Resend {
+    /// True when `status` lets the call go to the next endpoint.
+    pub(crate) fn allows(self, status: &tonic::Status) -> bool {
+        match self {
+            Resend::Read => status.code() == tonic::Code::Unavailable,
+            Resend::Write => is_unsent(status),
+        }
+    }
+}
+
+/// True when the request never reached an endpoint: the channel could not connect (tonic
+/// reports it as `Unavailable` from a `ConnectError`, "tcp connect error" and the OS error).
+pub(crate) fn is_unsent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut chain: Vec<String> = vec![status.message().to_owned()];
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    chain.iter().any(|m| {
+        m.contains("tcp connect error")
+            || m.contains("error trying to connect")
+            || m.contains("Connection refused")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call to a port nobody listens on never left: both kinds may be resent. An answer
+    /// from etcd is never resent as a write.
+    #[tokio::test]
+    async fn refused_connections_are_unsent() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        }; // closed again here: connecting is refused
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("url")
+            .connect_lazy();
+        let err = watch_proto::etcdserverpb::kv_client::KvClient::new(ch)
+            .put(pb::PutRequest::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(is_unsent(&err), "{err:?}");
+        assert!(Resend::Write.allows(&err) && Resend::Read.allows(&err));
+        let answered = tonic::Status::unavailable("etcdserver: request timed out");
+        assert!(!Resend::Write.allows(&answered));
+        assert!(Resend::Read.allows(&answered));
+        assert!(!Resend::Read.allows(&tonic::Status::invalid_argument("x")));
+    }
+}

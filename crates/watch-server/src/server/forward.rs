@@ -26,7 +26,7 @@ use watch_proto::etcdserverpb::kv_client::KvClient;
 use watch_proto::etcdserverpb::lease_client::LeaseClient;
 
 use super::convert::{self, barrier_status, store_status};
-use crate::mirror::{Mirror, UpstreamChannel};
+use crate::mirror::{Mirror, Resend, UpstreamChannel};
 use kv_store::{KeyRange, RangeRequest, Store};
 
 /// The revision of an upstream answer's header, the target of a barrier. A missing header (or
@@ -72,27 +72,32 @@ impl Forward {
         self.mirror.store()
     }
 
-    /// One KV call upstream through [`Mirror::call`] (renewing an expired token once).
-    async fn kv<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    /// One KV call upstream through [`Mirror::call`] (renewing an expired token once; sent to
+    /// the next endpoint on the transport errors `resend` allows).
+    async fn kv<T, F, Fut>(&self, resend: Resend, call: F) -> Result<T, Status>
     where
         F: Fn(KvClient<UpstreamChannel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let max = self.mirror.max_response_bytes();
         self.mirror
-            .call(|ch| call(KvClient::new(ch).max_decoding_message_size(max)))
+            .call(resend, |ch| {
+                call(KvClient::new(ch).max_decoding_message_size(max))
+            })
             .await
     }
 
     /// One Lease call upstream, as [`Self::kv`].
-    async fn lease<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    async fn lease<T, F, Fut>(&self, resend: Resend, call: F) -> Result<T, Status>
     where
         F: Fn(LeaseClient<UpstreamChannel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let max = self.mirror.max_response_bytes();
         self.mirror
-            .call(|ch| call(LeaseClient::new(ch).max_decoding_message_size(max)))
+            .call(resend, |ch| {
+                call(LeaseClient::new(ch).max_decoding_message_size(max))
+            })
             .await
     }
 
@@ -101,7 +106,7 @@ impl Forward {
     pub(crate) async fn lease_keys(&self, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
         let resp = self
             .mirror
-            .call(|ch| async move {
+            .call(Resend::Read, |ch| async move {
                 LeaseClient::new(ch)
                     .max_decoding_message_size(usize::MAX)
                     .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
@@ -235,7 +240,7 @@ impl Forward {
     ) -> Result<Response<pb::RangeResponse>, Status> {
         if !self.mirror.scope().covers_range(&req.range) {
             return self
-                .kv(|mut c| {
+                .kv(Resend::Read, |mut c| {
                     let r = r.clone();
                     async move { c.range(r).await }
                 })
@@ -250,7 +255,7 @@ impl Forward {
                 ..Default::default()
             };
             let current = self
-                .kv(|mut c| {
+                .kv(Resend::Read, |mut c| {
                     let r = probe.clone();
                     async move { c.range(r).await }
                 })
@@ -274,7 +279,7 @@ impl Forward {
     pub(crate) async fn put(&self, r: pb::PutRequest) -> Result<Response<pb::PutResponse>, Status> {
         let changed = self.changed_put(&r.key);
         let resp = self
-            .kv(|mut c| {
+            .kv(Resend::Write, |mut c| {
                 let r = r.clone();
                 async move { c.put(r).await }
             })
@@ -293,7 +298,7 @@ impl Forward {
         let mut fwd = r.clone();
         self.prepare_delete(&mut fwd);
         let mut resp = self
-            .kv(|mut c| {
+            .kv(Resend::Write, |mut c| {
                 let r = fwd.clone();
                 async move { c.delete_range(r).await }
             })
@@ -310,7 +315,7 @@ impl Forward {
         let mut fwd = r.clone();
         self.prepare_txn(&mut fwd);
         let mut resp = self
-            .kv(|mut c| {
+            .kv(Resend::Write, |mut c| {
                 let r = fwd.clone();
                 async move { c.txn(r).await }
             })
@@ -328,7 +333,9 @@ impl Forward {
         &self,
         r: pb::CompactionRequest,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        let resp = self.kv(|mut c| async move { c.compact(r).await }).await?;
+        let resp = self
+            .kv(Resend::Write, |mut c| async move { c.compact(r).await })
+            .await?;
         if let Ok(revision) = u64::try_from(r.revision) {
             self.mirror
                 .upstream_compacted(revision)
@@ -344,17 +351,29 @@ impl Forward {
         &self,
         r: pb::LeaseGrantRequest,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        self.lease(|mut c| async move { c.lease_grant(r).await })
+        self.lease(Resend::Write, |mut c| async move { c.lease_grant(r).await })
             .await
     }
 
-    /// LeaseRevoke, forwarded.
+    /// LeaseRevoke, forwarded; returns once the mirror applied the deletes of the lease's
+    /// mirrored keys (as a forwarded write does, [`Self::after_write`]): the keys are read
+    /// first (`LeaseTimeToLive` with keys), since etcd's answer names none. A key attached
+    /// between that read and the revoke is deleted all the same, only not awaited.
     pub(crate) async fn lease_revoke(
         &self,
         r: pb::LeaseRevokeRequest,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        self.lease(|mut c| async move { c.lease_revoke(r).await })
-            .await
+        let keys = self.lease_keys(r.id).await?;
+        let changed = keys.iter().any(|k| self.changed_put(k));
+        let resp = self
+            .lease(
+                Resend::Write,
+                |mut c| async move { c.lease_revoke(r).await },
+            )
+            .await?;
+        self.after_write(resp.get_ref().header.as_ref(), changed)
+            .await?;
+        Ok(resp)
     }
 
     /// LeaseKeepAlive, forwarded as one upstream stream; the client's stream ends the
@@ -377,8 +396,10 @@ impl Forward {
         &self,
         r: pb::LeaseTimeToLiveRequest,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        self.lease(|mut c| async move { c.lease_time_to_live(r).await })
-            .await
+        self.lease(Resend::Read, |mut c| async move {
+            c.lease_time_to_live(r).await
+        })
+        .await
     }
 
     /// LeaseLeases, forwarded.
@@ -386,7 +407,7 @@ impl Forward {
         &self,
         r: pb::LeaseLeasesRequest,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        self.lease(|mut c| async move { c.lease_leases(r).await })
+        self.lease(Resend::Read, |mut c| async move { c.lease_leases(r).await })
             .await
     }
 }

@@ -914,10 +914,30 @@ async fn leases_are_forwarded() {
         .expect("time to live")
         .into_inner();
     assert_eq!(ttl.keys, vec![bytes::Bytes::from_static(b"/m/l")]);
-    lease
+    let revoked = lease
         .lease_revoke(pb::LeaseRevokeRequest { id })
         .await
-        .expect("revoke through the replica");
+        .expect("revoke through the replica")
+        .into_inner();
+    // The revoke returned once the replica applied its delete: a serializable read (served
+    // locally, no barrier) at once sees the key gone, at the revoke's revision.
+    let local = KvClient::new(ch.clone())
+        .range(pb::RangeRequest {
+            key: "/m/l".into(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .expect("serializable read")
+        .into_inner();
+    assert!(
+        local.kvs.is_empty(),
+        "the revoked lease's key is still there: {local:?}"
+    );
+    assert!(
+        local.header.map(|h| h.revision) >= revoked.header.map(|h| h.revision),
+        "the replica is behind the revoke"
+    );
     // An unknown lease: etcd's own status comes back unchanged.
     let err = lease
         .lease_revoke(pb::LeaseRevokeRequest { id })
@@ -1533,10 +1553,11 @@ async fn hasleader_watches_follow_the_upstream() {
     assert!(created.created && !created.canceled, "{created:?}");
 }
 
-/// An `https://` upstream is refused at start with the reason (upstream TLS is not
-/// supported), not accepted and then retried forever. Needs no etcd.
+/// An `https://` upstream without TLS settings (no CA bundle) is refused at start with the
+/// reason, not accepted and then retried forever; so is a client certificate without its key.
+/// Needs no etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_upstream_is_refused() {
+async fn https_upstream_without_tls_settings_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (ok, out) = tokio::task::block_in_place(|| {
         run_to_exit(
@@ -1545,7 +1566,26 @@ async fn https_upstream_is_refused() {
         )
     });
     assert!(!ok, "an https upstream was accepted:\n{out}");
-    assert!(out.contains("only http:// endpoints"), "{out}");
+    assert!(out.contains("--upstream-cacert"), "{out}");
+    let pki = crate::tls::Pki::new();
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run_to_exit(
+            dir.path(),
+            &[
+                "--upstream".to_owned(),
+                "127.0.0.1:2379".to_owned(),
+                "--upstream-cacert".to_owned(),
+                pki.arg("ca.pem"),
+                "--upstream-cert".to_owned(),
+                pki.arg("client.pem"),
+            ],
+        )
+    });
+    assert!(!ok, "a certificate without a key was accepted:\n{out}");
+    assert!(
+        out.contains("--upstream-cert needs --upstream-key"),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
