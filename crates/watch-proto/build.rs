@@ -9,10 +9,12 @@ use std::error::Error;
 use std::path::PathBuf;
 
 /// The proto files compiled, relative to the proto root. Imports are resolved from the root.
-const PROTOS: [&str; 3] = [
+const PROTOS: [&str; 5] = [
     "etcdserverpb/rpc.proto",
     "mvccpb/kv.proto",
     "authpb/auth.proto",
+    "v3lockpb/v3lock.proto",
+    "v3electionpb/v3election.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

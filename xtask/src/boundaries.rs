@@ -84,7 +84,8 @@ const RULES: &[Rule] = &[
         check: Check::Codegen,
     },
     Rule {
-        text: "Generated wire types (`etcdserverpb`, `mvccpb`, `authpb`) are named only in \
+        text: "Generated wire types (`etcdserverpb`, `mvccpb`, `authpb`, `v3lockpb`, \
+               `v3electionpb`) are named only in \
                watch-proto, in watch-server's `server/` (the gRPC services) and `mirror/` \
                (mirror mode's etcd client) modules, and in the wire clients (loadgen, \
                robustness, benches).",
@@ -127,7 +128,13 @@ const GENERATED_NAMES_ALLOWED: &[&str] = &[
 ];
 
 /// The generated protobuf packages.
-const GENERATED_PACKAGES: &[&str] = &["etcdserverpb", "mvccpb", "authpb"];
+const GENERATED_PACKAGES: &[&str] = &[
+    "etcdserverpb",
+    "mvccpb",
+    "authpb",
+    "v3lockpb",
+    "v3electionpb",
+];
 
 /// Protobuf compilers: only watch-proto may depend on one.
 const PROTO_COMPILERS: &[&str] = &["prost-build", "tonic-build", "tonic-prost-build", "protox"];

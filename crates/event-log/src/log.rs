@@ -206,7 +206,9 @@ impl EventLog {
     ///
     /// Fails with [`LogError::AlreadyCompacted`] when `revision` is at or below the current
     /// compaction revision (nothing changes) and with [`LogError::FutureRevision`] when it is
-    /// above the last acknowledged revision. Runs on the writer thread, between batches.
+    /// above the last acknowledged revision. Runs on the writer thread in steps
+    /// ([`LogStore::compact_step`]: at most 8,192 revisions each) alternating with append
+    /// batches, so appends keep being committed while a large compaction runs.
     pub async fn compact(&self, revision: Revision) -> Result<(), LogError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Compact { revision, reply })?;
@@ -269,6 +271,19 @@ impl EventLog {
         limit: usize,
     ) -> Result<Vec<ChangeSet>, LogError> {
         self.state.store.read(selector, after, until, limit)
+    }
+
+    /// For every key `selector` selects that changed in `(after, until]`, its first event in
+    /// that window, in key order: the `prev_kv` of each is the key's value at `after` (see
+    /// [`LogStore::first_changes`]). With [`RedbStore`], from the key index: no scan of the
+    /// history after `after`. Blocking (a store read).
+    pub fn first_changes(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+    ) -> Result<Vec<watch_core::Event>, LogError> {
+        self.state.store.first_changes(selector, after, until)
     }
 
     /// Up to `limit` change sets after revision `after`.
@@ -434,6 +449,9 @@ struct Writer {
     /// Last revision accepted into a batch (equals the durable last between batches).
     last: Revision,
     last_retention: Option<Instant>,
+    /// A [`EventLog::compact`] in progress: its target and reply. Advanced one store step
+    /// ([`LogStore::compact_step`]) after each batch, or whenever the queue is empty.
+    compacting: Option<(Revision, oneshot::Sender<Result<(), LogError>>)>,
 }
 
 struct Pending {
@@ -448,6 +466,7 @@ impl Writer {
             state,
             last,
             last_retention: None,
+            compacting: None,
         }
     }
 
@@ -458,6 +477,18 @@ impl Writer {
         loop {
             let first = match carried.take() {
                 Some(c) => c,
+                // A compaction in progress advances whenever nothing is queued.
+                None if self.compacting.is_some() => match rx.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => {
+                        self.compact_step();
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        self.finish_compaction();
+                        return;
+                    }
+                },
                 None => match rx.recv() {
                     Ok(c) => c,
                     // Every sender is gone and the queue is drained: the log is closed.
@@ -468,7 +499,14 @@ impl Writer {
             let mut bytes = 0usize;
             match first {
                 Command::Compact { revision, reply } => {
-                    let _ = reply.send(self.compact(revision));
+                    // One compaction at a time: a second one waits for the first to finish.
+                    self.finish_compaction();
+                    match self.check_compact(revision) {
+                        Ok(()) => self.compacting = Some((revision, reply)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
                     continue;
                 }
                 Command::Retain { reply } => {
@@ -516,6 +554,11 @@ impl Writer {
                 }
             }
             self.commit(batch);
+            // Batches and compaction steps alternate: a long compaction delays a commit by at
+            // most one step (at most `COMPACT_CHUNK` revisions deleted in one commit).
+            if self.compacting.is_some() {
+                self.compact_step();
+            }
             self.apply_retention();
         }
     }
@@ -579,7 +622,8 @@ impl Writer {
         let _ = self.state.poison.set(e.to_string());
     }
 
-    fn compact(&mut self, revision: Revision) -> Result<(), LogError> {
+    /// Whether compacting to `revision` is allowed now.
+    fn check_compact(&self, revision: Revision) -> Result<(), LogError> {
         self.state.poisoned()?;
         let compacted = self.state.compacted.load(Ordering::Acquire);
         if revision <= compacted {
@@ -594,9 +638,52 @@ impl Writer {
                 last: self.last,
             });
         }
-        match self.state.store.compact(revision) {
+        Ok(())
+    }
+
+    /// Compacts to `revision` at once (retention).
+    fn compact(&mut self, revision: Revision) -> Result<(), LogError> {
+        self.check_compact(revision)?;
+        let result = self.state.store.compact(revision);
+        self.compacted(revision, result)
+    }
+
+    /// Advances the compaction in progress by one store step; answers it when done or failed.
+    fn compact_step(&mut self) {
+        let Some((revision, _)) = &self.compacting else {
+            return;
+        };
+        let revision = *revision;
+        let result = match self.state.poisoned() {
+            Ok(()) => self.state.store.compact_step(revision),
+            Err(e) => Err(e),
+        };
+        if let Ok(false) = result {
+            return;
+        }
+        let outcome = self.compacted(revision, result.map(|_| ()));
+        if let Some((_, reply)) = self.compacting.take() {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// Runs the compaction in progress, if any, to its end.
+    fn finish_compaction(&mut self) {
+        while self.compacting.is_some() {
+            self.compact_step();
+        }
+    }
+
+    /// Records the outcome of a compaction to `revision` that ran on the store.
+    fn compacted(
+        &mut self,
+        revision: Revision,
+        result: Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        match result {
             Ok(()) => {
-                self.state.compacted.store(revision, Ordering::Release);
+                // `fetch_max`: a retention compaction may have gone further meanwhile.
+                self.state.compacted.fetch_max(revision, Ordering::AcqRel);
                 Ok(())
             }
             Err(e) => {
@@ -604,7 +691,9 @@ impl Writer {
                 if let Ok(c) = self.state.store.compacted_revision() {
                     self.state.compacted.fetch_max(c, Ordering::AcqRel);
                 }
-                self.poison(&e);
+                if self.state.poison.get().is_none() {
+                    self.poison(&e);
+                }
                 Err(e)
             }
         }

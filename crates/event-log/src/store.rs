@@ -4,13 +4,13 @@
 //! [`crate::EventLog`], so every backend gets them. A store only has to make one batch durable
 //! atomically and answer reads from committed data.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use watch_core::{ChangeSet, KeySelector, Revision};
+use watch_core::{ChangeSet, Event, KeySelector, Revision};
 
 use crate::codec::{self, EncodedChange};
 use crate::config::{DEFAULT_CACHE_BYTES, Durability, RetentionPolicy};
@@ -46,10 +46,54 @@ pub trait LogStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ChangeSet>, LogError>;
 
+    /// For every key `selector` selects that changed in `(after, until]`, the **first** event of
+    /// that key in the window (its `prev_kv` is the key's value at `after`, `None` when the key
+    /// did not exist then), in key order. What a read at a past revision `after` needs: the
+    /// current state with each of these keys restored to its `prev_kv`. Fails with
+    /// [`LogError::Compacted`] when `after + 1` is below the compaction revision.
+    ///
+    /// The default reads every selected change set of the window through [`Self::read`]
+    /// (cost grows with the history after `after`); [`RedbStore`] answers from its key index.
+    fn first_changes(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+    ) -> Result<Vec<Event>, LogError> {
+        const CHUNK: usize = 1024;
+        let mut first: BTreeMap<bytes::Bytes, Event> = BTreeMap::new();
+        let mut from = after;
+        loop {
+            let chunk = self.read(selector, from, until, CHUNK)?;
+            let n = chunk.len();
+            for cs in chunk {
+                from = cs.revision;
+                for e in cs.events {
+                    if selector.matches(e.key()) && !first.contains_key(e.key()) {
+                        first.insert(e.kv.key.clone(), e);
+                    }
+                }
+            }
+            if n < CHUNK {
+                return Ok(first.into_values().collect());
+            }
+        }
+    }
+
     /// Drops every revision below `revision` and records `revision` as the compaction revision.
     /// May commit in several steps; every step leaves a consistent store whose compaction
     /// revision only grew. The caller checks `compacted < revision <= last`.
     fn compact(&self, revision: Revision) -> Result<(), LogError>;
+
+    /// One bounded step of [`Self::compact`]: drops some revisions below `revision` in one
+    /// commit, raising the persisted compaction revision to just past them (never beyond
+    /// `revision`), and returns `true` once every revision below `revision` is gone and the
+    /// compaction revision is at least `revision`. The writer thread interleaves steps with
+    /// append batches, so a large compaction never holds appends for longer than one step.
+    /// The default does the whole compaction in one call.
+    fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
+        self.compact(revision).map(|()| true)
+    }
 
     /// The revision retention should compact to under `policy` at `now_ms` (milliseconds since
     /// the Unix epoch), or `None` when nothing is due. The newest change set is always kept.
@@ -197,6 +241,18 @@ impl RedbStore {
         Ok(meta.get(name)?.map_or(0, |g| g.value()))
     }
 
+    /// A read transaction for history after `after`, failing with [`LogError::Compacted`]
+    /// when `after + 1` is compacted away. One transaction: the compaction check and the data
+    /// read in it come from the same snapshot.
+    fn begin_history_read(&self, after: Revision) -> Result<redb::ReadTransaction, LogError> {
+        let txn = self.db.begin_read()?;
+        let compacted = Self::meta_get(&txn.open_table(META)?, META_COMPACTED)?;
+        if after.saturating_add(1) < compacted {
+            return Err(LogError::Compacted { compacted });
+        }
+        Ok(txn)
+    }
+
     fn read_meta(&self, name: &str) -> Result<u64, LogError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
@@ -247,13 +303,7 @@ impl LogStore for RedbStore {
         until: Revision,
         limit: usize,
     ) -> Result<Vec<ChangeSet>, LogError> {
-        // One read transaction: the compaction check and the data come from the same snapshot.
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let compacted = Self::meta_get(&meta, META_COMPACTED)?;
-        if after.saturating_add(1) < compacted {
-            return Err(LogError::Compacted { compacted });
-        }
+        let txn = self.begin_history_read(after)?;
         let changes = txn.open_table(CHANGES)?;
         if limit == 0 || after >= until {
             return Ok(Vec::new());
@@ -313,48 +363,119 @@ impl LogStore for RedbStore {
         Ok(out)
     }
 
-    fn compact(&self, revision: Revision) -> Result<(), LogError> {
-        loop {
-            let txn = self.begin_write()?;
-            let done;
-            {
-                let mut changes = txn.open_table(CHANGES)?;
-                let mut index = txn.open_table(KEY_INDEX)?;
-                let mut meta = txn.open_table(META)?;
-                let mut doomed = Vec::new();
-                for entry in changes.range(..revision)?.take(COMPACT_CHUNK) {
-                    let (k, v) = entry?;
-                    let rev = k.value();
-                    let cs = codec::decode(v.value(), rev)?;
-                    doomed.push((rev, v.value().len() as u64, cs));
-                }
-                done = doomed.len() < COMPACT_CHUNK;
-                let mut bytes = 0;
-                for (rev, len, cs) in &doomed {
-                    changes.remove(*rev)?;
-                    for e in &cs.events {
-                        index.remove((e.key(), *rev))?;
-                    }
-                    bytes += len;
-                }
-                let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
-                let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
-                // An intermediate step compacts to just past what it deleted, never beyond the
-                // requested revision, so the persisted value only grows.
-                let reached = match doomed.last() {
-                    Some((rev, _, _)) if !done => (rev + 1).min(revision),
-                    _ => revision,
-                };
-                let previous = Self::meta_get(&meta, META_COMPACTED)?;
-                meta.insert(META_COMPACTED, reached.max(previous))?;
-                meta.insert(META_COUNT, count)?;
-                meta.insert(META_BYTES, total)?;
-            }
-            txn.commit()?;
-            if done {
-                return Ok(());
-            }
+    /// One index seek per distinct key of the selection that has an index entry: O((K + 1) ·
+    /// log n) index work plus decoding each change set named (each once), where K counts the
+    /// keys of the selection changed at any retained revision (the index holds no key whose
+    /// history was all compacted away). The change sets after `after` are never scanned.
+    fn first_changes(
+        &self,
+        selector: &KeySelector,
+        after: Revision,
+        until: Revision,
+    ) -> Result<Vec<Event>, LogError> {
+        let txn = self.begin_history_read(after)?;
+        if after >= until {
+            return Ok(Vec::new());
         }
+        let index = txn.open_table(KEY_INDEX)?;
+        let changes = txn.open_table(CHANGES)?;
+        let mut found = FirstChanges {
+            changes: &changes,
+            decoded: HashMap::new(),
+            out: Vec::new(),
+        };
+        // The first revision of `key` in the window, by one seek.
+        let first_in_window = |key: &[u8]| -> Result<Option<Revision>, LogError> {
+            let lo = (key, after + 1);
+            match index.range(lo..=(key, until))?.next() {
+                Some(entry) => Ok(Some(entry?.0.value().1)),
+                None => Ok(None),
+            }
+        };
+        if let KeySelector::Key(key) = selector {
+            if let Some(rev) = first_in_window(key)? {
+                found.push(key, rev)?;
+            }
+            return Ok(found.out);
+        }
+        let (start, end) = selector.bounds();
+        let hi = |end: &Option<bytes::Bytes>| match end {
+            Some(end) => Bound::Excluded((end.to_vec(), 0u64)),
+            None => Bound::Unbounded,
+        };
+        let hi = hi(&end);
+        let mut lo: Bound<(Vec<u8>, u64)> = Bound::Included((start.to_vec(), 0));
+        loop {
+            // The next distinct key at or after `lo`: one seek.
+            let (key, rev) = {
+                let mut it = index.range::<(&[u8], u64)>((borrowed(&lo), borrowed(&hi)))?;
+                match it.next() {
+                    Some(entry) => {
+                        let entry = entry?.0;
+                        let (k, rev) = entry.value();
+                        (k.to_vec(), rev)
+                    }
+                    None => break,
+                }
+            };
+            // Its entries are contiguous and ascending: the first may already be in the window.
+            let first = if rev > after {
+                (rev <= until).then_some(rev)
+            } else {
+                first_in_window(&key)?
+            };
+            if let Some(rev) = first {
+                found.push(&key, rev)?;
+            }
+            lo = Bound::Excluded((key, u64::MAX));
+        }
+        Ok(found.out)
+    }
+
+    fn compact(&self, revision: Revision) -> Result<(), LogError> {
+        while !self.compact_step(revision)? {}
+        Ok(())
+    }
+
+    /// Deletes at most [`COMPACT_CHUNK`] revisions (and their key-index entries) per commit.
+    fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
+        let txn = self.begin_write()?;
+        let done;
+        {
+            let mut changes = txn.open_table(CHANGES)?;
+            let mut index = txn.open_table(KEY_INDEX)?;
+            let mut meta = txn.open_table(META)?;
+            let mut doomed = Vec::new();
+            for entry in changes.range(..revision)?.take(COMPACT_CHUNK) {
+                let (k, v) = entry?;
+                let rev = k.value();
+                let cs = codec::decode(v.value(), rev)?;
+                doomed.push((rev, v.value().len() as u64, cs));
+            }
+            done = doomed.len() < COMPACT_CHUNK;
+            let mut bytes = 0;
+            for (rev, len, cs) in &doomed {
+                changes.remove(*rev)?;
+                for e in &cs.events {
+                    index.remove((e.key(), *rev))?;
+                }
+                bytes += len;
+            }
+            let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
+            let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
+            // An intermediate step compacts to just past what it deleted, never beyond the
+            // requested revision, so the persisted value only grows.
+            let reached = match doomed.last() {
+                Some((rev, _, _)) if !done => (rev + 1).min(revision),
+                _ => revision,
+            };
+            let previous = Self::meta_get(&meta, META_COMPACTED)?;
+            meta.insert(META_COMPACTED, reached.max(previous))?;
+            meta.insert(META_COUNT, count)?;
+            meta.insert(META_BYTES, total)?;
+        }
+        txn.commit()?;
+        Ok(done)
     }
 
     fn retention_target(
@@ -392,6 +513,52 @@ impl LogStore for RedbStore {
             bytes = bytes.saturating_sub(v.value().len() as u64);
         }
         Ok(None)
+    }
+}
+
+/// A key-index bound over an owned key, borrowed for one range call.
+fn borrowed(b: &Bound<(Vec<u8>, u64)>) -> Bound<(&[u8], u64)> {
+    match b {
+        Bound::Included((k, r)) => Bound::Included((k.as_slice(), *r)),
+        Bound::Excluded((k, r)) => Bound::Excluded((k.as_slice(), *r)),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The output of [`RedbStore::first_changes`], with the change sets it decoded: a txn that
+/// touched many keys of the selection is decoded once (the cache is cleared past 1024 entries,
+/// bounding memory).
+struct FirstChanges<'a> {
+    changes: &'a redb::ReadOnlyTable<u64, &'static [u8]>,
+    decoded: HashMap<Revision, ChangeSet>,
+    out: Vec<Event>,
+}
+
+impl FirstChanges<'_> {
+    /// Appends the event of `key` in the change set at `rev`, which the key index names.
+    fn push(&mut self, key: &[u8], rev: Revision) -> Result<(), LogError> {
+        if !self.decoded.contains_key(&rev) {
+            let Some(bytes) = self.changes.get(rev)? else {
+                return Err(LogError::Corrupt {
+                    revision: Some(rev),
+                    reason: "key index names a revision with no change set".into(),
+                });
+            };
+            if self.decoded.len() >= 1024 {
+                self.decoded.clear();
+            }
+            self.decoded.insert(rev, codec::decode(bytes.value(), rev)?);
+        }
+        let event = self.decoded[&rev]
+            .events
+            .iter()
+            .find(|e| e.key() == key)
+            .ok_or_else(|| LogError::Corrupt {
+                revision: Some(rev),
+                reason: "key index names a change set without the key".into(),
+            })?;
+        self.out.push(event.clone());
+        Ok(())
     }
 }
 

@@ -68,7 +68,10 @@
 //! # Reads
 //!
 //! A read serves the in-memory state at its revision N but returns only once the durable
-//! revision reaches N: no read ever returns data a crash could still lose.
+//! revision reaches N: no read ever returns data a crash could still lose. A read at a past
+//! revision R is that state with each key changed after R restored to its value at R, found
+//! through the event log's key index (one seek per key of the range, never a replay of the
+//! history after R); a txn fetches such reads before it takes the write lock.
 //!
 //! # Failure
 //!
@@ -207,9 +210,6 @@ type Pending = (ChangeSet, event_log::AppendAck);
 /// Room between writers and the publisher (change sets awaiting durability). Writers wait for
 /// room, so it bounds memory; the log's own queue bounds it as well.
 const PIPELINE_DEPTH: usize = 4096;
-
-/// Change sets fetched per history read when serving a range at a past revision.
-const HISTORY_CHUNK: usize = 1024;
 
 struct Inner {
     dir: PathBuf,
@@ -591,17 +591,7 @@ impl Store {
         if req.range.key.is_empty() {
             return Err(StoreError::EmptyKey);
         }
-        let (current, kvs) = {
-            let st = self.inner.state.read();
-            self.check_readable(req.revision, st.revision)?;
-            (st.revision, st.range(&req.range))
-        };
-        self.wait_durable(current).await?;
-        let kvs = if req.revision != 0 && req.revision < current {
-            self.rewind(&req.range, kvs, req.revision, current).await?
-        } else {
-            kvs
-        };
+        let (current, kvs) = self.range_at(&req.range, req.revision).await?;
         Ok(state::finish_range(&req, kvs, current))
     }
 
@@ -629,62 +619,57 @@ impl Store {
         Ok(())
     }
 
-    /// The key-values of `range` at revision `at`, given `kvs`, the range at `current` (which
-    /// must be durable): each key changed after `at` is restored to the `prev_kv` of its first
-    /// change after `at` (absent when that change created it).
-    async fn rewind(
+    /// The key-values of `range` at revision `at` (0: the current one), in key order, and the
+    /// revision they were read against (the current one, durable when this returns).
+    ///
+    /// A past revision is read from the event log's key index, not by replaying history: the
+    /// current range, with every key changed after `at` restored to the `prev_kv` of its first
+    /// change after `at` (removed when that change created it; keys deleted since come back
+    /// the same way). Cost: O(log n) per key of the range that changed at any retained
+    /// revision, plus the result; see [`event_log::LogStore::first_changes`]. Takes no write
+    /// lock: a past revision's state never changes.
+    async fn range_at(
         &self,
         range: &KeyRange,
-        kvs: Vec<KeyValue>,
         at: Revision,
-        current: Revision,
-    ) -> Result<Vec<KeyValue>, StoreError> {
+    ) -> Result<(Revision, Vec<KeyValue>), StoreError> {
+        let (current, kvs) = {
+            let st = self.inner.state.read();
+            self.check_readable(at, st.revision)?;
+            (st.revision, st.range(range))
+        };
+        // No read returns state a crash could still lose, and the log must hold every change
+        // up to `current` for the index read below.
+        self.wait_durable(current).await?;
+        if at == 0 || at >= current {
+            return Ok((current, kvs));
+        }
         let Some(selector) = range.selector() else {
-            return Ok(kvs);
+            return Ok((current, kvs));
         };
         let log = self.inner.log.clone();
-        let range2 = range.clone();
-        let first_changes = tokio::task::spawn_blocking(move || {
-            let mut first: std::collections::BTreeMap<bytes::Bytes, Option<KeyValue>> =
-                Default::default();
-            let mut after = at;
-            loop {
-                let chunk = log.read(&selector, after, current, HISTORY_CHUNK)?;
-                let n = chunk.len();
-                for cs in chunk {
-                    after = cs.revision;
-                    for e in cs.events {
-                        if range2.contains(&e.kv.key) && !first.contains_key(&e.kv.key) {
-                            first.insert(e.kv.key.clone(), e.prev_kv);
-                        }
-                    }
-                }
-                if n < HISTORY_CHUNK {
-                    return Ok::<_, LogError>(first);
-                }
-            }
-        })
-        .await
-        .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
-        .map_err(|e| match e {
-            LogError::Compacted { compacted } => StoreError::Compacted {
-                requested: at,
-                compacted,
-            },
-            other => log_err(other),
-        })?;
-        if first_changes.is_empty() {
-            return Ok(kvs);
+        let firsts = tokio::task::spawn_blocking(move || log.first_changes(&selector, at, current))
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
+            .map_err(|e| match e {
+                LogError::Compacted { compacted } => StoreError::Compacted {
+                    requested: at,
+                    compacted,
+                },
+                other => log_err(other),
+            })?;
+        if firsts.is_empty() {
+            return Ok((current, kvs));
         }
         let mut map: std::collections::BTreeMap<bytes::Bytes, KeyValue> =
             kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-        for (key, prev) in first_changes {
-            match prev {
-                Some(kv) => map.insert(key, kv),
-                None => map.remove(&key),
+        for e in firsts {
+            match e.prev_kv {
+                Some(kv) => map.insert(e.kv.key, kv),
+                None => map.remove(&e.kv.key),
             };
         }
-        Ok(map.into_values().collect())
+        Ok((current, map.into_values().collect()))
     }
 
     /// The request checks etcd makes before authorization (op count, empty keys, put flags,
@@ -700,22 +685,33 @@ impl Store {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {
         state::validate_txn(&req, self.inner.config.max_txn_ops)?;
         self.check_writable()?;
-        let guard = self.inner.write_lock.lock().await;
-        self.check_open()?;
-        // State cannot change while `write_lock` is held, so this revision stays current.
-        let current = self.current_revision();
-        let mut wanted = Vec::new();
-        state::historic_reads(&req, current, &mut wanted);
+        // Reads at past revisions run before the write lock is taken (a past revision's state
+        // never changes), so a slow history read stalls no writer. Under the lock the txn
+        // needs every read below the then-current revision; one that became historic while
+        // the lock was awaited is fetched in another round (each round fetches at least one
+        // more, so this ends).
         let mut history = HistoricReads::new();
-        if !wanted.is_empty() {
-            self.wait_durable(current).await?;
+        let guard = loop {
+            let mut wanted = Vec::new();
+            state::historic_reads(&req, self.current_revision().saturating_add(1), &mut wanted);
             for r in wanted {
-                self.check_readable(r.revision, current)?;
-                let kvs = self.inner.state.read().range(&r.range);
-                let at = self.rewind(&r.range, kvs, r.revision, current).await?;
-                history.insert((r.range.clone(), r.revision), at);
+                let key = (r.range.clone(), r.revision);
+                if let std::collections::hash_map::Entry::Vacant(slot) = history.entry(key) {
+                    slot.insert(self.range_at(&r.range, r.revision).await?.1);
+                }
             }
-        }
+            let guard = self.inner.write_lock.lock().await;
+            self.check_open()?;
+            // State cannot change while `write_lock` is held, so this revision stays current.
+            let mut wanted = Vec::new();
+            state::historic_reads(&req, self.current_revision(), &mut wanted);
+            if wanted
+                .iter()
+                .all(|r| history.contains_key(&(r.range.clone(), r.revision)))
+            {
+                break guard;
+            }
+        };
         let (result, changes) = {
             let st = self.inner.state.read();
             let leases = &self.inner.leases;
@@ -831,6 +827,38 @@ impl Store {
         selector: KeySelector,
         options: WatchOptions,
     ) -> Result<WatchHandle, StoreError> {
+        self.register(selector, options, |selector, options| {
+            let h = self.inner.engine.watch(selector, options)?;
+            let created = h.created_revision();
+            Ok((h, created))
+        })
+        .map(|(h, _)| h)
+    }
+
+    /// Registers a watch delivering into `outbox` with `tag` (see watch-core's
+    /// [`watch_core::Outbox::watch`]), with the same checks as [`Store::watch`]; returns the
+    /// registration and its created revision.
+    pub fn watch_into(
+        &self,
+        outbox: &watch_core::Outbox,
+        tag: u64,
+        selector: KeySelector,
+        options: WatchOptions,
+    ) -> Result<(watch_core::Registration, Revision), StoreError> {
+        self.register(selector, options, |selector, options| {
+            outbox.watch(tag, selector, options)
+        })
+    }
+
+    fn register<T>(
+        &self,
+        selector: KeySelector,
+        options: WatchOptions,
+        register: impl FnOnce(
+            KeySelector,
+            WatchOptions,
+        ) -> Result<(T, Revision), watch_core::WatchError>,
+    ) -> Result<(T, Revision), StoreError> {
         self.check_closed()?;
         self.check_mirror_watch(&selector)?;
         let compacted = self.compacted_revision();
@@ -841,8 +869,8 @@ impl Store {
             });
         }
         let start = options.start_revision;
-        match self.inner.engine.watch(selector, options) {
-            Ok(h) => {
+        match register(selector, options) {
+            Ok((h, created)) => {
                 // A mirror reset racing this registration: the reset raises the floor, then
                 // cancels every registered watcher, then publishes its revision. A watcher
                 // registered after the cancel but before that publish would start below the
@@ -850,18 +878,14 @@ impl Store {
                 // it reads the floor after registering, so it sees the new one and is refused
                 // as etcd refuses a watch below the compaction.
                 let floor = self.inner.mirror_floor.load(Ordering::Acquire);
-                let first = if start == 0 {
-                    h.created_revision() + 1
-                } else {
-                    start
-                };
+                let first = if start == 0 { created + 1 } else { start };
                 if first < floor {
                     return Err(StoreError::Compacted {
                         requested: first,
                         compacted: floor,
                     });
                 }
-                Ok(h)
+                Ok((h, created))
             }
             Err(watch_core::WatchError::Compacted {
                 requested,

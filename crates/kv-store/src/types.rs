@@ -75,7 +75,7 @@ impl KeyRange {
         (self.key < self.range_end).then(|| (self.key.clone(), Some(self.range_end.clone())))
     }
 
-    /// True if `key` is in the range. Allocation-free: it runs per event during history rewinds.
+    /// True if `key` is in the range. Allocation-free.
     pub fn contains(&self, key: &[u8]) -> bool {
         let (start, end) = (self.key.as_ref(), self.range_end.as_ref());
         match end {

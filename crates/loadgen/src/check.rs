@@ -44,12 +44,36 @@ pub struct Seen {
     duplicates: u64,
     out_of_order: u64,
     foreign: u64,
+    /// Revisions whose events came in two responses without `fragment`.
+    splits: u64,
+    /// The next event is the first of a response.
+    first_of_response: bool,
+    /// The previous response had `fragment = true` (the revision may continue).
+    continued: bool,
+    /// The current response has `fragment = true`.
+    fragment: bool,
 }
 
 impl Seen {
+    /// Starts a response (call before its events); `fragment`: more of its last revision
+    /// follows in the next response, as etcd's fragmentation allows.
+    pub fn begin_response(&mut self, fragment: bool) {
+        self.first_of_response = true;
+        self.continued = std::mem::replace(&mut self.fragment, fragment);
+    }
+
     /// Records one received event of revision `rev`; `ours` is false for an event on a key the
     /// watcher did not ask for.
     pub fn event(&mut self, rev: i64, ours: bool) {
+        // The previous response ended with this revision and did not say it continues: one
+        // revision was split over two responses.
+        if std::mem::take(&mut self.first_of_response)
+            && rev == self.last
+            && rev != 0
+            && !self.continued
+        {
+            self.splits += 1;
+        }
         if !ours {
             self.foreign += 1;
         } else if rev == self.last {
@@ -81,6 +105,8 @@ pub struct Verdict {
     pub duplicates: u64,
     /// Events received after a later revision.
     pub out_of_order: u64,
+    /// Revisions split over two responses without `fragment`.
+    pub split_revisions: u64,
     /// Events on keys the watcher did not ask for, or more events than were written.
     pub unexpected: u64,
     /// Watchers whose set of revisions differs from what was written.
@@ -95,6 +121,7 @@ impl Verdict {
         self.missing == 0
             && self.duplicates == 0
             && self.out_of_order == 0
+            && self.split_revisions == 0
             && self.unexpected == 0
             && self.wrong_watchers == 0
             && self.errors.is_empty()
@@ -108,6 +135,7 @@ impl Verdict {
         self.unexpected += seen.digest.count.saturating_sub(expected.count) + seen.foreign;
         self.duplicates += seen.duplicates;
         self.out_of_order += seen.out_of_order;
+        self.split_revisions += seen.splits;
         if seen.digest != *expected {
             self.wrong_watchers += 1;
         }
@@ -127,6 +155,7 @@ impl Verdict {
         self.missing += o.missing;
         self.duplicates += o.duplicates;
         self.out_of_order += o.out_of_order;
+        self.split_revisions += o.split_revisions;
         self.unexpected += o.unexpected;
         self.wrong_watchers += o.wrong_watchers;
         for e in o.errors {
@@ -140,8 +169,13 @@ impl Verdict {
             return format!("ok ({} events checked)", self.received);
         }
         let mut s = format!(
-            "WRONG: {} missing, {} duplicate, {} out of order, {} unexpected, {} wrong watchers",
-            self.missing, self.duplicates, self.out_of_order, self.unexpected, self.wrong_watchers
+            "WRONG: {} missing, {} duplicate, {} out of order, {} split revisions, {} unexpected, {} wrong watchers",
+            self.missing,
+            self.duplicates,
+            self.out_of_order,
+            self.split_revisions,
+            self.unexpected,
+            self.wrong_watchers
         );
         if let Some(e) = self.errors.first() {
             s.push_str(&format!("; {e}"));
@@ -184,5 +218,21 @@ mod tests {
         // Same count, a foreign revision in place of a missing one.
         let v = verdict(&[2, 4, 5], &[2, 3, 5]);
         assert_eq!((v.wrong_watchers, v.ok()), (1, false));
+    }
+
+    #[test]
+    fn a_revision_split_over_responses_is_named_unless_fragmented() {
+        // Revision 3 has two events; they arrive in two responses.
+        let run = |fragment: bool| {
+            let mut seen = Seen::default();
+            seen.begin_response(fragment);
+            seen.event(2, true);
+            seen.event(3, true);
+            seen.begin_response(false);
+            seen.event(3, true);
+            seen.splits
+        };
+        assert_eq!(run(false), 1);
+        assert_eq!(run(true), 0);
     }
 }

@@ -302,6 +302,7 @@ pub async fn watch_stream(
         };
         let now = now_nanos();
         let seen = &mut out.seen[i];
+        seen.begin_response(resp.fragment);
         for ev in &resp.events {
             let Some(kv) = ev.kv.as_ref() else {
                 out.errors.push("event without kv".into());

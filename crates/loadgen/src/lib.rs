@@ -11,10 +11,13 @@
 //! - [`client`]: connections, watch streams carrying many watchers, writers.
 //! - [`scenarios`]: fan-out, spread, history, register, stalled.
 //! - [`lease`]: lease grant, keep-alive and expiry measurements (`keywatch-lease-bench`).
+//! - [`fsync`]: the disk's fsync latency, probed before and after the runs, so put latency is
+//!   compared with the durable-write floor of the same run.
 //! - [`report`]: JSON, the markdown section of `docs/benchmarks.md`, SVG charts.
 
 pub mod check;
 pub mod client;
+pub mod fsync;
 pub mod lease;
 pub mod report;
 pub mod scenarios;
@@ -41,6 +44,9 @@ pub enum Error {
     /// A connection or RPC failure outside a measured run.
     #[error("{0}")]
     Rpc(String),
+    /// A local process of the load generator (a CPU burner of a busy case) failed to start.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
     /// Drawing a chart failed.
     #[error("chart: {0}")]
     Chart(String),
@@ -57,7 +63,8 @@ pub struct Sizes {
     pub fanout_events: usize,
     /// Fan-out: fewest and most puts per case.
     pub fanout_puts: (usize, usize),
-    /// Paced fan-out: watchers, puts, puts/s.
+    /// Paced fan-out: watchers, puts, puts/s. Run twice: on a quiet machine and while
+    /// another process loads every core.
     pub paced: (usize, usize, f64),
     /// Spread: watchers, puts, writers.
     pub spread: (usize, usize, usize),
@@ -77,6 +84,11 @@ pub struct Sizes {
     pub writers: usize,
     /// Value size of every other put (8 bytes of it are the put time).
     pub value_size: usize,
+    /// Runs of each case per server; the report keeps each metric's median over them (runs of
+    /// the two servers alternate, so drift on a shared machine hits both alike).
+    pub repeat: usize,
+    /// Scenarios to run (names as [`Case::scenario`] prints them); `None` runs every one.
+    pub scenarios: Option<Vec<String>>,
 }
 
 impl Sizes {
@@ -87,7 +99,7 @@ impl Sizes {
             fanout_connections: 8,
             fanout_events: 500_000,
             fanout_puts: (50, 2_000),
-            paced: (1_000, 500, 100.0),
+            paced: (1_000, 2_500, 500.0),
             spread: (1_000, 20_000, 64),
             history: (100, 10_000),
             register: (50_000, 4),
@@ -97,6 +109,8 @@ impl Sizes {
             connections: 4,
             writers: 4,
             value_size: 64,
+            repeat: 3,
+            scenarios: None,
         }
     }
 
@@ -117,6 +131,8 @@ impl Sizes {
             connections: 2,
             writers: 4,
             value_size: 64,
+            repeat: 1,
+            scenarios: None,
         }
     }
 
@@ -130,16 +146,18 @@ impl Sizes {
                 connections: self.fanout_connections.min(w),
                 puts: (self.fanout_events / w.max(1)).clamp(self.fanout_puts.0, self.fanout_puts.1),
                 rate: None,
+                busy: false,
             })
-            .chain(std::iter::once(Case::Fanout {
+            .chain([false, true].map(|busy| Case::Fanout {
                 watchers: self.paced.0,
                 connections: self.fanout_connections.min(self.paced.0),
                 puts: self.paced.1,
                 rate: Some(self.paced.2),
+                busy,
             }))
             .collect();
         let (h, s, p, r) = self.stalled;
-        vec![
+        let groups = vec![
             fanout,
             vec![Case::Spread {
                 watchers: self.spread.0,
@@ -163,7 +181,16 @@ impl Sizes {
                     rate: r,
                 })
                 .collect(),
-        ]
+        ];
+        groups
+            .into_iter()
+            .filter(|g: &Vec<Case>| {
+                self.scenarios.as_ref().is_none_or(|only| {
+                    g.first()
+                        .is_some_and(|c| only.iter().any(|n| n == c.scenario()))
+                })
+            })
+            .collect()
     }
 }
 
@@ -179,7 +206,7 @@ pub async fn run_all(bins: &Binaries, sizes: &Sizes, progress: bool) -> Vec<RunR
     let mut flip = false;
     for group in sizes.cases() {
         let bar = if progress {
-            ProgressBar::new((group.len() * targets.len()) as u64)
+            ProgressBar::new((group.len() * targets.len() * sizes.repeat.max(1)) as u64)
         } else {
             ProgressBar::hidden()
         };
@@ -193,35 +220,110 @@ pub async fn run_all(bins: &Binaries, sizes: &Sizes, progress: bool) -> Vec<RunR
         bar.set_prefix(group[0].scenario());
         bar.enable_steady_tick(Duration::from_millis(200));
         for case in &group {
-            let mut order = targets.clone();
-            if flip {
-                order.reverse();
-            }
-            flip = !flip;
-            for target in order {
-                bar.set_message(format!("{case} on {target}"));
-                let r = run_one(case, target, bins, sizes).await;
-                let line = format!(
-                    "{:>9} {:<32} {:<8} {}  {}",
-                    case.scenario(),
-                    case.to_string(),
-                    target.to_string(),
-                    report::headline(&r),
-                    r.verdict.summary()
-                );
-                // A bar drawn nowhere (not a terminal) would swallow the line.
-                if !bar.is_hidden() {
-                    bar.println(line);
-                } else {
-                    eprintln!("{line}");
+            let mut per_target: Vec<(Target, Vec<RunResult>)> =
+                targets.iter().map(|&t| (t, Vec::new())).collect();
+            for rep in 0..sizes.repeat.max(1) {
+                let mut order = targets.clone();
+                if flip {
+                    order.reverse();
                 }
-                results.push(r);
-                bar.inc(1);
+                flip = !flip;
+                for target in order {
+                    bar.set_message(format!("{case} on {target} (run {})", rep + 1));
+                    let r = run_one(case, target, bins, sizes).await;
+                    let line = format!(
+                        "{:>9} {:<32} {:<8} {}  {}",
+                        case.scenario(),
+                        case.to_string(),
+                        target.to_string(),
+                        report::headline(&r),
+                        r.verdict.summary()
+                    );
+                    // A bar drawn nowhere (not a terminal) would swallow the line.
+                    if !bar.is_hidden() {
+                        bar.println(line);
+                    } else {
+                        eprintln!("{line}");
+                    }
+                    if let Some((_, runs)) = per_target.iter_mut().find(|(t, _)| *t == target) {
+                        runs.push(r);
+                    }
+                    bar.inc(1);
+                }
             }
+            results.extend(
+                per_target
+                    .into_iter()
+                    .filter_map(|(_, runs)| median_run(runs)),
+            );
         }
         bar.finish_with_message("done");
     }
     results
+}
+
+/// One result standing for several runs of the same case on the same server: every metric and
+/// latency figure is the median over the runs (the upper one of an even count), the verdicts are
+/// summed (a wrong run makes the result wrong), the wall times added, and the latency curve is
+/// the one of the run whose p99 is the median.
+fn median_run(mut runs: Vec<RunResult>) -> Option<RunResult> {
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+    if runs.len() <= 1 {
+        return runs.pop();
+    }
+    let n = runs.len();
+    let mut metrics = std::collections::BTreeMap::new();
+    let names: std::collections::BTreeSet<String> = runs
+        .iter()
+        .flat_map(|r| r.metrics.keys().cloned())
+        .collect();
+    for name in names {
+        let vals: Vec<f64> = runs.iter().filter_map(|r| r.metric(&name)).collect();
+        if !vals.is_empty() {
+            metrics.insert(name, median(vals));
+        }
+    }
+    let latency = |get: fn(&RunResult) -> Option<&scenarios::Latency>| {
+        let all: Vec<&scenarios::Latency> = runs.iter().filter_map(get).collect();
+        if all.is_empty() {
+            return None;
+        }
+        let mut by_p99 = all.clone();
+        by_p99.sort_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));
+        let mid = by_p99[by_p99.len() / 2];
+        Some(scenarios::Latency {
+            count: all.iter().map(|l| l.count).sum(),
+            p50_ms: median(all.iter().map(|l| l.p50_ms).collect()),
+            p99_ms: mid.p99_ms,
+            p999_ms: median(all.iter().map(|l| l.p999_ms).collect()),
+            max_ms: median(all.iter().map(|l| l.max_ms).collect()),
+            curve: mid.curve.clone(),
+        })
+    };
+    let event_latency = latency(|r| r.event_latency.as_ref());
+    let put_latency = latency(|r| r.put_latency.as_ref());
+    let mut verdict = check::Verdict::default();
+    let mut wall_s = 0.0;
+    let first = runs.swap_remove(0);
+    wall_s += first.wall_s;
+    verdict.merge(first.verdict.clone());
+    for r in runs {
+        wall_s += r.wall_s;
+        verdict.merge(r.verdict);
+    }
+    metrics.insert("runs".to_string(), n as f64);
+    Some(RunResult {
+        case: first.case,
+        target: first.target,
+        metrics,
+        event_latency,
+        put_latency,
+        verdict,
+        wall_s,
+    })
 }
 
 async fn run_one(case: &Case, target: Target, bins: &Binaries, sizes: &Sizes) -> RunResult {

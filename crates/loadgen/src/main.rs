@@ -43,10 +43,25 @@ struct Args {
     /// Register scenario watchers (overrides the mode's default).
     #[arg(long)]
     register_watchers: Option<usize>,
+    /// Runs of each case per server, alternating the servers; the report keeps the medians
+    /// (default: 3, or 1 with --quick).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Only these scenarios, comma-separated: fan-out, spread, history, register, stalled.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    // A CPU burner of a busy case (see `server::Burners`), not a run.
+    if let Some(secs) = std::env::var(loadgen::server::BURN_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        loadgen::server::burn(secs);
+        return Ok(());
+    }
     let args = Args::parse();
     let keywatch = Binaries::find_keywatch(args.server_bin.clone())?;
     let etcd = if args.no_etcd {
@@ -71,6 +86,19 @@ async fn main() -> Result<()> {
     }
     if let Some(w) = args.register_watchers {
         sizes.register.0 = w;
+    }
+    if let Some(n) = args.repeat {
+        sizes.repeat = n.max(1);
+    }
+    if let Some(only) = args.scenarios.clone() {
+        const NAMES: [&str; 5] = ["fan-out", "spread", "history", "register", "stalled"];
+        if let Some(bad) = only.iter().find(|n| !NAMES.contains(&n.as_str())) {
+            bail!(
+                "unknown scenario {bad:?}: expected one of {}",
+                NAMES.join(", ")
+            );
+        }
+        sizes.scenarios = Some(only);
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut meta = Meta::collect(bins.etcd.as_deref(), command, args.quick);

@@ -32,6 +32,8 @@ pub enum Case {
         puts: usize,
         /// Puts per second, or `None` for as fast as acknowledged.
         rate: Option<f64>,
+        /// Another process keeps every core busy during the case.
+        busy: bool,
     },
     /// W watchers on W keys; P puts to random keys from K writers.
     Spread {
@@ -90,12 +92,17 @@ impl fmt::Display for Case {
                 connections,
                 puts,
                 rate,
+                busy,
             } => {
                 write!(f, "W={watchers} C={connections} P={puts} ")?;
                 match rate {
-                    Some(r) => write!(f, "paced {r}/s"),
-                    None => f.write_str("unpaced"),
+                    Some(r) => write!(f, "paced {r}/s")?,
+                    None => f.write_str("unpaced")?,
                 }
+                if *busy {
+                    f.write_str(" busy")?;
+                }
+                Ok(())
             }
             Case::Spread {
                 watchers,
@@ -116,6 +123,9 @@ impl fmt::Display for Case {
         }
     }
 }
+
+/// Longest a CPU burner of a busy case runs, in seconds.
+const BURN_LIMIT_S: u64 = 600;
 
 /// Latency summary in milliseconds, with the quantile curve for the charts.
 #[derive(Clone, Debug, Serialize)]
@@ -204,6 +214,17 @@ impl Collected {
         self.metrics.insert(name.to_owned(), v);
     }
 
+    /// Server CPU seconds between two readings, and per million `events` delivered.
+    fn server_cpu(&mut self, before: Option<f64>, after: Option<f64>, events: u64) {
+        if let (Some(a), Some(b)) = (before, after) {
+            let cpu = (b - a).max(0.0);
+            self.metric("server_cpu_s", cpu);
+            if events > 0 {
+                self.metric("server_cpu_s_per_m_events", cpu * 1e6 / events as f64);
+            }
+        }
+    }
+
     /// Checks every watcher of `outcomes` (grouped as `streams.specs`) against `expected(spec
     /// group, index within group)`, merges latency, and returns the last event time.
     fn outcomes(
@@ -277,7 +298,8 @@ pub async fn run(case: &Case, server: &Server, sizes: &Sizes) -> Result<RunResul
             connections,
             puts,
             rate,
-        } => fanout(server, sizes, watchers, connections, puts, rate).await?,
+            busy,
+        } => fanout(server, sizes, watchers, connections, puts, rate, busy).await?,
         Case::Spread {
             watchers,
             puts,
@@ -324,6 +346,7 @@ async fn fanout(
     connections: usize,
     puts: usize,
     rate: Option<f64>,
+    busy: bool,
 ) -> Result<Collected, Error> {
     let mut c = Collected::new();
     let prefix = Bytes::from_static(b"fan/");
@@ -350,6 +373,14 @@ async fn fanout(
     let channels = writer_channels(&server.endpoint, 2).await?;
     let want = (watchers * puts) as u64;
     streams.counters.expect_events(want);
+    // The load starts before the clock and outlasts the case; bounded so no burner outlives
+    // a run that failed.
+    let burners = if busy {
+        Some(crate::server::Burners::start(BURN_LIMIT_S)?)
+    } else {
+        None
+    };
+    let cpu0 = server.cpu_seconds();
     let t0 = Instant::now();
     let written = match rate {
         None => {
@@ -367,7 +398,10 @@ async fn fanout(
     };
     let write_s = t0.elapsed().as_secs_f64();
     streams.counters.wait_events(want, IDLE_GUARD).await;
+    let cpu1 = server.cpu_seconds();
+    drop(burners);
     let received = streams.counters.events();
+    c.server_cpu(cpu0, cpu1, received);
     let outcomes = streams.finish().await;
     c.written(&written);
     let all = digest_of(&written.puts, |_| true);

@@ -79,13 +79,13 @@ impl StalledArgs {
     /// the engine's in-memory window (at most 64 MiB of payload; here far less, as 65,536
     /// small change sets at ≤ 512 B each = 32 MiB), per stalled watcher `watch_buffer` queued
     /// batches (≤ 256 B each: an `Arc` and the selected indices), per stream the outbound
-    /// channel (32 responses of ≤ 4 KiB) plus HTTP/2 buffers (≤ 1 MiB), and 64 MiB for the
-    /// allocator, redb's page cache and tokio.
+    /// queue (≤ 1 MiB of encoded responses, watch-server's `OUTBOUND_BYTES`) plus HTTP/2
+    /// buffers (≤ 1 MiB), and 64 MiB for the allocator, redb's page cache and tokio.
     pub fn rss_bound_kib(&self) -> u64 {
         let streams = self.stalled.div_ceil(self.per_stream.max(1)) + self.healthy;
         let window = 32 * 1024;
         let queues = (self.stalled as u64 * self.watch_buffer as u64 * 256) / 1024;
-        let per_stream = streams as u64 * (32 * 4 + 1024);
+        let per_stream = streams as u64 * (1024 + 1024);
         window + queues + per_stream + 64 * 1024
     }
 }

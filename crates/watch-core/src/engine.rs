@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::error::{HistoryError, PublishError, WatchError};
 use crate::history::{History, MemoryHistory, MemoryHistoryLimits};
 use crate::options::WatchOptions;
+use crate::outbox::{ITEM_BYTES, OnFull, Outbox, OutboxLimits, OutboxShared, Registration};
 use crate::registry::Registry;
 use crate::selector::KeySelector;
 use crate::stats::{Counters, EngineStats};
@@ -94,14 +95,21 @@ impl EngineConfig {
     }
 }
 
-enum Control {
+/// Work for the dispatcher from other tasks. Bounded by construction, though the channel is
+/// not: each kind is sent at most once per watcher or outbox until the dispatcher took it
+/// (`Lagging { signaled }`, `State::progress_asked`, the outbox's `progress_queued`), so
+/// repeated requests coalesce and the queue never holds more than two entries per watcher plus
+/// one per outbox.
+pub(crate) enum Control {
     /// The watcher is lagging and has room: catch it up.
     CatchUp(Arc<Watcher>),
-    /// A manual progress request.
+    /// A manual progress request for one watcher.
     Progress(Arc<Watcher>),
+    /// Stream-wide progress requests of one outbox (the count is in the outbox).
+    StreamProgress(Arc<OutboxShared>),
 }
 
-struct Shared {
+pub(crate) struct Shared {
     config: EngineConfig,
     registry: Registry,
     recent: MemoryHistory,
@@ -109,6 +117,10 @@ struct Shared {
     /// Wakes the dispatcher after a publish or shutdown; `notify_one` keeps a permit, so a
     /// wake-up is never lost.
     wake: Notify,
+    /// The dispatcher is (about to be) waiting for a wake-up: set by it before its last look
+    /// at the window, cleared by the first publisher that then wakes it. Publishers that find
+    /// it clear skip the `Notify`, so a busy dispatcher costs the writer one atomic load.
+    idle: AtomicBool,
     control: mpsc::UnboundedSender<Control>,
     next_id: AtomicU64,
     watchers: AtomicUsize,
@@ -121,6 +133,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// Queues work for the dispatcher (see [`Control`] for why this stays bounded).
+    pub(crate) fn control(&self, c: Control) {
+        let _ = self.control.send(c);
+    }
+
     /// Removes `w` from every index, once; returns false if it was already gone.
     fn unregister(&self, w: &Watcher) -> bool {
         {
@@ -139,19 +156,18 @@ impl Shared {
         }
         self.watchers.fetch_sub(1, Ordering::Relaxed);
         self.stats.unregistered(&w.selector);
+        w.outbox.forget(w);
         true
     }
 
-    /// Ends `w` with its terminal message (the reserved slot makes room for it).
-    fn cancel(&self, w: &Watcher, reason: CancelReason) {
+    /// Ends `w` with its terminal message (pushed past the outbox's bounds: one per watcher).
+    fn cancel(&self, w: &Arc<Watcher>, reason: CancelReason) {
         {
             let mut st = w.state.lock();
-            if st.mode == Mode::Closed {
+            if !close_locked(self, w, &mut st) {
                 return;
             }
-            self.stats.left(st.mode);
-            st.mode = Mode::Closed;
-            st.push(WatchMessage::Canceled(reason));
+            w.outbox.force_push(w, WatchMessage::Canceled(reason));
         }
         self.unregister(w);
     }
@@ -204,6 +220,7 @@ impl WatchEngine {
             registry: Registry::default(),
             history,
             wake: Notify::new(),
+            idle: AtomicBool::new(false),
             control: tx,
             next_id: AtomicU64::new(0),
             watchers: AtomicUsize::new(0),
@@ -221,6 +238,7 @@ impl WatchEngine {
             pending: VecDeque::new(),
             reads: FuturesUnordered::new(),
             groups: HashMap::new(),
+            progress_waiting: Vec::new(),
             next_tick,
         };
         (Self { shared }, dispatcher)
@@ -234,7 +252,14 @@ impl WatchEngine {
     /// one is refused with [`PublishError::NotIncreasing`] (and not delivered).
     pub fn publish(&self, changes: ChangeSet) -> Result<(), PublishError> {
         self.shared.recent.append(Arc::new(changes))?;
-        self.shared.wake.notify_one();
+        // Pairs with the fence in `Dispatcher::run`: either the dispatcher's last look at the
+        // window sees this change set, or this load sees `idle` set and wakes it.
+        fence(Ordering::SeqCst);
+        if self.shared.idle.load(Ordering::Relaxed)
+            && self.shared.idle.swap(false, Ordering::AcqRel)
+        {
+            self.shared.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -275,84 +300,32 @@ impl WatchEngine {
 
     /// Registers a watcher. Its first message is for a revision above
     /// [`WatchHandle::created_revision`] (or at `options.start_revision` when that is set).
+    /// The handle has its own queue of `options.buffer` messages; a server multiplexing many
+    /// watchers on one consumer registers them into a shared [`Outbox`] instead.
     pub fn watch(
         &self,
         selector: KeySelector,
         options: WatchOptions,
     ) -> Result<WatchHandle, WatchError> {
-        let shared = &self.shared;
-        if shared.closed.load(Ordering::Acquire) {
-            return Err(WatchError::Shutdown);
+        let outbox = self.outbox(OutboxLimits {
+            max_bytes: usize::MAX,
+            max_messages: usize::MAX,
+        });
+        let (registration, created) = outbox.watch(0, selector, options)?;
+        Ok(WatchHandle {
+            registration,
+            outbox,
+            created,
+        })
+    }
+
+    /// A new outbox: one bounded queue that every watcher registered into it delivers to,
+    /// drained by one consumer (see [`Outbox`]).
+    pub fn outbox(&self, limits: OutboxLimits) -> Outbox {
+        Outbox {
+            ob: Arc::new(OutboxShared::new(limits)),
+            shared: self.shared.clone(),
         }
-        if options.buffer == 0 {
-            return Err(WatchError::ZeroBuffer);
-        }
-        let selector = match selector.normalize()? {
-            // An exact-size private copy of the key: a caller's `Bytes` may carry slack
-            // capacity or need a shared header when cloned, which idle watchers would pay for.
-            KeySelector::Key(k) => KeySelector::Key(bytes::Bytes::copy_from_slice(&k)),
-            other => other,
-        };
-        let start = options.start_revision;
-        if start != 0 {
-            let first = shared.first_available();
-            if start < first {
-                return Err(WatchError::Compacted {
-                    requested: start,
-                    compact_revision: first,
-                });
-            }
-        }
-        // Reserve the slot before checking, so racing registrations cannot overshoot.
-        let limit = shared.config.max_watchers;
-        if shared.watchers.fetch_add(1, Ordering::Relaxed) >= limit {
-            shared.watchers.fetch_sub(1, Ordering::Relaxed);
-            return Err(WatchError::TooManyWatchers { limit });
-        }
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        // Registered before the current revision is read: any revision the dispatcher walks
-        // after that read finds the watcher in the registry (the window's lock orders the
-        // two), and revisions up to the read are excluded through `seen`.
-        let w = Arc::new(Watcher::new(
-            id,
-            selector,
-            &options,
-            Revision::MAX,
-            Mode::Live,
-        ));
-        if w.wants_prev_kv() {
-            shared.prev_kv_watchers.fetch_add(1, Ordering::Relaxed);
-        }
-        // Counted before it is reachable: once in the registry the dispatcher may close it
-        // and count it out, which must not run before this (the gauge is unsigned).
-        shared.stats.registered(&w.selector);
-        shared.registry.insert(w.clone());
-        if w.wants_progress() {
-            shared.progress.insert(id, w.clone());
-        }
-        // Read under the watcher's lock: a revision the dispatcher offers before this block
-        // was published before the read (so `seen` excludes it); one offered after sees the
-        // final `seen`.
-        let (current, past) = {
-            let mut st = w.state.lock();
-            let current = shared.recent.last_revision();
-            let past = start != 0 && start <= current;
-            st.seen = if start == 0 { current } else { start - 1 };
-            if past {
-                st.mode = Mode::Lagging { signaled: true };
-                shared.stats.catch_up_started();
-            }
-            (current, past)
-        };
-        let handle = WatchHandle {
-            watcher: w.clone(),
-            shared: shared.clone(),
-            created: current,
-        };
-        if past && shared.control.send(Control::CatchUp(w)).is_err() {
-            return Err(WatchError::Shutdown);
-        }
-        Ok(handle)
     }
 
     /// Ends every registered watcher now with `reason` (pushed into the slot each queue keeps
@@ -377,6 +350,120 @@ impl WatchEngine {
     }
 }
 
+/// Registers a watcher delivering into `ob` (see [`WatchEngine::watch`]).
+pub(crate) fn register(
+    shared: &Arc<Shared>,
+    ob: &Arc<OutboxShared>,
+    tag: u64,
+    selector: KeySelector,
+    options: WatchOptions,
+) -> Result<(Registration, Revision), WatchError> {
+    if shared.closed.load(Ordering::Acquire) {
+        return Err(WatchError::Shutdown);
+    }
+    if options.buffer == 0 {
+        return Err(WatchError::ZeroBuffer);
+    }
+    let selector = match selector.normalize()? {
+        // An exact-size private copy of the key: a caller's `Bytes` may carry slack
+        // capacity or need a shared header when cloned, which idle watchers would pay for.
+        KeySelector::Key(k) => KeySelector::Key(bytes::Bytes::copy_from_slice(&k)),
+        other => other,
+    };
+    let start = options.start_revision;
+    if start != 0 {
+        let first = shared.first_available();
+        if start < first {
+            return Err(WatchError::Compacted {
+                requested: start,
+                compact_revision: first,
+            });
+        }
+    }
+    // Reserve the slot before checking, so racing registrations cannot overshoot.
+    let limit = shared.config.max_watchers;
+    if shared.watchers.fetch_add(1, Ordering::Relaxed) >= limit {
+        shared.watchers.fetch_sub(1, Ordering::Relaxed);
+        return Err(WatchError::TooManyWatchers { limit });
+    }
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    // Registered before the current revision is read: any revision the dispatcher walks
+    // after that read finds the watcher in the registry (the window's lock orders the
+    // two), and revisions up to the read are excluded through `seen`.
+    let w = Arc::new(Watcher::new(id, tag, selector, &options, ob.clone()));
+    if w.wants_prev_kv() {
+        shared.prev_kv_watchers.fetch_add(1, Ordering::Relaxed);
+    }
+    // Counted before it is reachable: once in the registry the dispatcher may close it
+    // and count it out, which must not run before this (the gauge is unsigned).
+    shared.stats.registered(&w.selector);
+    shared.registry.insert(w.clone());
+    if w.wants_progress() {
+        shared.progress.insert(id, w.clone());
+    }
+    // Read under the watcher's lock: a revision the dispatcher offers before this block
+    // was published before the read (so `seen` excludes it); one offered after sees the
+    // final `seen`.
+    let (current, past) = {
+        let mut st = w.state.lock();
+        let current = shared.recent.last_revision();
+        let past = start != 0 && start <= current;
+        st.seen = if start == 0 { current } else { start - 1 };
+        if past {
+            st.mode = Mode::Lagging { signaled: true };
+            shared.stats.catch_up_started();
+            ob.unsynced(1);
+        } else if start > current + 1 {
+            // Stream-wide progress waits until the dispatcher reaches the start (etcd #20221).
+            ob.inner.lock().future.push((id, start - 1));
+        }
+        (current, past)
+    };
+    let registration = Registration {
+        watcher: w.clone(),
+        shared: shared.clone(),
+    };
+    if past {
+        shared.control(Control::CatchUp(w));
+    }
+    Ok((registration, current))
+}
+
+/// Turns `w` closed under its lock; false if it already was. Counts it out of its outbox's
+/// unsynced watchers when it was catching up.
+fn close_locked(shared: &Shared, w: &Watcher, st: &mut crate::watcher::State) -> bool {
+    if st.mode == Mode::Closed {
+        return false;
+    }
+    shared.stats.left(st.mode);
+    if st.mode != Mode::Live {
+        w.outbox.unsynced(-1);
+    }
+    st.mode = Mode::Closed;
+    true
+}
+
+/// Ends a watcher whose registration was dropped: no message, nothing more is queued.
+pub(crate) fn close(shared: &Shared, w: &Watcher) {
+    {
+        let mut st = w.state.lock();
+        close_locked(shared, w, &mut st);
+    }
+    shared.unregister(w);
+}
+
+/// A per-watcher progress request, coalesced while one is queued.
+pub(crate) fn request_progress(shared: &Shared, w: &Arc<Watcher>) {
+    {
+        let mut st = w.state.lock();
+        if st.progress_asked || st.mode == Mode::Closed {
+            return;
+        }
+        st.progress_asked = true;
+    }
+    shared.control(Control::Progress(w.clone()));
+}
+
 fn jittered(base: Duration) -> Duration {
     base + base.mul_f64(fastrand::f64() * 0.1)
 }
@@ -384,16 +471,19 @@ fn jittered(base: Duration) -> Duration {
 /// A registered watcher: receive its messages with [`WatchHandle::recv`] or as a
 /// [`futures_core::Stream`]. Dropping the handle unregisters the watcher.
 pub struct WatchHandle {
-    watcher: Arc<Watcher>,
-    shared: Arc<Shared>,
+    registration: Registration,
+    outbox: Outbox,
     created: Revision,
 }
 
 impl std::fmt::Debug for WatchHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WatchHandle")
-            .field("id", &self.watcher.id)
-            .field("selector", &self.watcher.selector.to_selector())
+            .field("id", &self.registration.watcher.id)
+            .field(
+                "selector",
+                &self.registration.watcher.selector.to_selector(),
+            )
             .finish()
     }
 }
@@ -401,7 +491,7 @@ impl std::fmt::Debug for WatchHandle {
 impl WatchHandle {
     /// The watcher's id, unique within the engine.
     pub fn id(&self) -> WatchId {
-        self.watcher.id
+        self.registration.watcher.id
     }
 
     /// The store revision when the watcher was registered (etcd's `created` header revision).
@@ -411,16 +501,14 @@ impl WatchHandle {
 
     /// The watcher's normalised selector.
     pub fn selector(&self) -> KeySelector {
-        self.watcher.selector.to_selector()
+        self.registration.watcher.selector.to_selector()
     }
 
     /// Asks for a [`WatchMessage::Progress`], delivered in order after every event up to its
-    /// revision; a watcher still catching up gets it once it is up to date.
+    /// revision; a watcher still catching up gets it once it is up to date. Requests made
+    /// before the first is served are answered once.
     pub fn request_progress(&self) {
-        let _ = self
-            .shared
-            .control
-            .send(Control::Progress(self.watcher.clone()));
+        self.registration.request_progress();
     }
 
     /// The next message; `None` after the terminal message was received.
@@ -430,40 +518,37 @@ impl WatchHandle {
 
     /// The next message if one is queued, without waiting.
     pub fn try_recv(&mut self) -> Option<WatchMessage> {
-        let mut st = self.watcher.state.lock();
-        let msg = st.queue.pop_front();
-        if msg.is_some() {
-            self.after_pop(&mut st);
-        }
+        self.pop()
+    }
+
+    fn pop(&self) -> Option<WatchMessage> {
+        let mut msg = None;
+        self.outbox.ob.drain(
+            &self.outbox.shared,
+            |item| {
+                if let crate::outbox::OutboxItem::Message { message, .. } = item {
+                    msg = Some(message);
+                }
+            },
+            1,
+        );
         msg
     }
 
     /// Polls for the next message.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<WatchMessage>> {
-        let mut st = self.watcher.state.lock();
-        if let Some(msg) = st.queue.pop_front() {
-            self.after_pop(&mut st);
+        // Closed is read before the queue: the terminal message is queued before the watcher
+        // turns closed (under its lock), so a closed watcher's queue already holds it.
+        let closed = self.registration.watcher.state.lock().mode == Mode::Closed;
+        if let Some(msg) = self.pop() {
             return Poll::Ready(Some(msg));
         }
-        if st.mode == Mode::Closed {
+        if closed {
             return Poll::Ready(None);
         }
-        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            st.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-
-    /// Asks for a catch-up once a lagging watcher's queue is half drained. Caller holds the lock.
-    fn after_pop(&self, st: &mut crate::watcher::State) {
-        if st.mode == (Mode::Lagging { signaled: false })
-            && st.queue.len() <= self.watcher.buffer as usize / 2
-        {
-            st.mode = Mode::Lagging { signaled: true };
-            let _ = self
-                .shared
-                .control
-                .send(Control::CatchUp(self.watcher.clone()));
+        match self.outbox.ob.poll_ready(cx) {
+            Poll::Ready(()) => Poll::Ready(self.pop()),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -473,19 +558,6 @@ impl futures_core::Stream for WatchHandle {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchMessage>> {
         self.get_mut().poll_recv(cx)
-    }
-}
-
-impl Drop for WatchHandle {
-    fn drop(&mut self) {
-        {
-            let mut st = self.watcher.state.lock();
-            self.shared.stats.left(st.mode);
-            st.mode = Mode::Closed;
-            st.queue.clear();
-            st.waker = None;
-        }
-        self.shared.unregister(&self.watcher);
     }
 }
 
@@ -511,6 +583,8 @@ pub struct Dispatcher {
     reads: FuturesUnordered<Pin<Box<dyn std::future::Future<Output = ReadResult> + Send>>>,
     /// Scratch for multi-event change sets: watcher id -> (watcher, selected event indices).
     groups: HashMap<WatchId, (Arc<Watcher>, SmallVec<[u32; 2]>)>,
+    /// Outboxes whose stream progress waits for a watcher to catch up or reach its start.
+    progress_waiting: Vec<Arc<OutboxShared>>,
     next_tick: Instant,
 }
 
@@ -547,11 +621,22 @@ impl Dispatcher {
                 };
                 self.catch_up(&w);
             }
+            if !self.progress_waiting.is_empty() {
+                self.retry_progress();
+            }
             if Instant::now() >= self.next_tick {
                 self.progress_tick();
             }
             if !self.pending.is_empty() {
                 tokio::task::yield_now().await;
+                continue;
+            }
+            // Announce the wait, then look at the window once more (see `publish`): a change
+            // set appended before the announcement is seen here, one appended after wakes us.
+            self.shared.idle.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if self.shared.recent.last_revision() > self.position {
+                self.shared.idle.store(false, Ordering::Relaxed);
                 continue;
             }
             let tick = tokio::time::sleep_until(self.next_tick);
@@ -561,6 +646,7 @@ impl Dispatcher {
                 Some(r) = self.reads.next(), if !self.reads.is_empty() => self.on_read(r),
                 _ = tick => {}
             }
+            self.shared.idle.store(false, Ordering::Relaxed);
         }
         self.shutdown_all();
     }
@@ -624,6 +710,7 @@ impl Dispatcher {
             if st.mode == Mode::Live && st.seen < new_position {
                 st.seen = st.seen.max(self.position);
                 st.mode = Mode::Lagging { signaled: true };
+                w.outbox.unsynced(1);
                 self.shared.stats.catch_up_started();
                 drop(st);
                 self.pending.push_back(w);
@@ -637,11 +724,12 @@ impl Dispatcher {
         let prev = self.position;
         let registry = &self.shared.registry;
         let stats = &self.shared.stats;
+        let bytes = ITEM_BYTES + cs.mem_size();
         if let [only] = cs.events.as_slice() {
             let kind = only.kind;
             registry.for_each_match(only.key(), |w| {
                 if w.accepts(kind) {
-                    offer(w, &cs, Picks::All, prev, stats);
+                    offer(w, &cs, Picks::All, prev, bytes, stats);
                 }
             });
         } else {
@@ -657,7 +745,7 @@ impl Dispatcher {
             }
             for (_, (w, idx)) in self.groups.drain() {
                 if let Some(picks) = w.filter_picks(&cs, &idx) {
-                    offer(&w, &cs, picks, prev, stats);
+                    offer(&w, &cs, picks, prev, bytes, stats);
                 }
             }
         }
@@ -671,12 +759,22 @@ impl Dispatcher {
         self.walk();
         match c {
             Control::CatchUp(w) => self.catch_up(&w),
+            Control::StreamProgress(ob) => {
+                if !self.answer_progress(&ob) {
+                    self.progress_waiting.push(ob);
+                }
+            }
             Control::Progress(w) => {
                 let mut st = w.state.lock();
+                st.progress_asked = false;
                 match st.mode {
-                    Mode::Live if st.seen <= self.position => st.push(WatchMessage::Progress {
-                        revision: self.position,
-                    }),
+                    // Pushed past the bounds: requests coalesce, so at most one per watcher.
+                    Mode::Live if st.seen <= self.position => w.outbox.force_push(
+                        &w,
+                        WatchMessage::Progress {
+                            revision: self.position,
+                        },
+                    ),
                     // A watcher waiting for a future start revision gets no progress until it
                     // reaches it (etcd #20221); the client asks again, as etcd clients do.
                     Mode::Live | Mode::Closed => {}
@@ -696,13 +794,14 @@ impl Dispatcher {
                     Mode::Lagging { .. } => {}
                     Mode::Live | Mode::Fetching | Mode::Closed => return,
                 }
-                (st.seen, (w.buffer as usize).saturating_sub(st.queue.len()))
+                let queued = w.queued.load(Ordering::Relaxed) as usize;
+                (st.seen, (w.buffer as usize).saturating_sub(queued))
             };
             if seen >= self.position {
                 self.go_live(w);
                 return;
             }
-            if room == 0 {
+            if !w.outbox.has_room(w) {
                 self.park(w);
                 return;
             }
@@ -802,30 +901,24 @@ impl Dispatcher {
         if st.seen != after || !matches!(st.mode, Mode::Lagging { .. }) {
             return false;
         }
-        let buffer = w.buffer as usize;
-        let mut full = false;
         for cs in chunk {
             if cs.revision <= st.seen || cs.revision > until {
                 continue;
             }
             if let Some(picks) = w.pick(cs) {
-                if st.queue.len() >= buffer {
-                    full = true;
-                    break;
+                let bytes = ITEM_BYTES + cs.mem_size();
+                let msg = w.batch(cs.clone(), picks, true);
+                if !w.outbox.try_push(w, msg, bytes, OnFull::Park) {
+                    // Parked by the outbox in the same lock hold as the failed check.
+                    st.mode = Mode::Lagging { signaled: false };
+                    return false;
                 }
-                st.push(w.batch(cs.clone(), picks, true));
                 st.had_events = true;
             }
             st.seen = cs.revision;
         }
-        if !full && complete {
+        if complete {
             st.seen = until;
-        }
-        let room = st.queue.len() < buffer;
-        drop(st);
-        if !room {
-            self.park(w);
-            return false;
         }
         true
     }
@@ -837,12 +930,12 @@ impl Dispatcher {
         if st.mode == Mode::Closed {
             return;
         }
-        if st.queue.len() <= w.buffer as usize / 2 {
+        if w.outbox.park_if_full(w) {
+            st.mode = Mode::Lagging { signaled: false };
+        } else {
             st.mode = Mode::Lagging { signaled: true };
             drop(st);
             self.pending.push_back(w.clone());
-        } else {
-            st.mode = Mode::Lagging { signaled: false };
         }
     }
 
@@ -853,11 +946,39 @@ impl Dispatcher {
         }
         self.shared.stats.left(st.mode);
         st.mode = Mode::Live;
+        w.outbox.unsynced(-1);
         if st.progress_pending && st.seen <= self.position {
             st.progress_pending = false;
-            st.push(WatchMessage::Progress {
-                revision: self.position,
-            });
+            w.outbox.force_push(
+                w,
+                WatchMessage::Progress {
+                    revision: self.position,
+                },
+            );
+        }
+    }
+
+    /// Answers an outbox's stream progress requests if every watcher of it is synced: none
+    /// catching up, none waiting for a future start revision. Returns false if it must wait.
+    fn answer_progress(&mut self, ob: &Arc<OutboxShared>) -> bool {
+        let position = self.position;
+        let mut inner = ob.inner.lock();
+        inner.future.retain(|&(_, seen)| seen > position);
+        if inner.unsynced > 0 || !inner.future.is_empty() {
+            return false;
+        }
+        let count = std::mem::take(&mut inner.progress);
+        inner.progress_queued = false;
+        ob.push_progress(&mut inner, position, count);
+        true
+    }
+
+    fn retry_progress(&mut self) {
+        let waiting = std::mem::take(&mut self.progress_waiting);
+        for ob in waiting {
+            if !self.answer_progress(&ob) {
+                self.progress_waiting.push(ob);
+            }
         }
     }
 
@@ -867,12 +988,14 @@ impl Dispatcher {
             let w = entry.value();
             let mut st = w.state.lock();
             let idle = !std::mem::take(&mut st.had_events);
-            if idle
-                && st.mode == Mode::Live
-                && st.seen <= position
-                && st.queue.len() < w.buffer as usize
-            {
-                st.push(WatchMessage::Progress { revision: position });
+            if idle && st.mode == Mode::Live && st.seen <= position {
+                // Only with room: a periodic notification is never worth a catch-up.
+                w.outbox.try_push(
+                    w,
+                    WatchMessage::Progress { revision: position },
+                    ITEM_BYTES,
+                    OnFull::Skip,
+                );
             }
         }
         self.next_tick = Instant::now() + jittered(self.shared.config.progress_interval);
@@ -880,19 +1003,28 @@ impl Dispatcher {
 }
 
 /// Live delivery of revision `cs.revision` to `w`; `prev` is the dispatcher's position before
-/// this revision. A full queue turns the watcher lagging at `prev` instead of dropping.
-fn offer(w: &Watcher, cs: &Arc<ChangeSet>, picks: Picks, prev: Revision, stats: &Counters) {
+/// this revision. A full outbox turns the watcher lagging at `prev` instead of dropping.
+/// `bytes`: what the message costs its outbox (see [`OutboxLimits`]).
+fn offer(
+    w: &Arc<Watcher>,
+    cs: &Arc<ChangeSet>,
+    picks: Picks,
+    prev: Revision,
+    bytes: usize,
+    stats: &Counters,
+) {
     let mut st = w.state.lock();
     if st.mode != Mode::Live || cs.revision <= st.seen {
         return;
     }
-    if st.queue.len() >= w.buffer as usize {
+    let msg = w.batch(cs.clone(), picks, false);
+    if !w.outbox.try_push(w, msg, bytes, OnFull::ParkLive) {
+        // Parked (and counted unsynced) by the outbox under the same lock hold.
         st.seen = st.seen.max(prev);
         st.mode = Mode::Lagging { signaled: false };
         stats.catch_up_started();
         return;
     }
-    st.push(w.batch(cs.clone(), picks, false));
     st.seen = cs.revision;
     st.had_events = true;
 }

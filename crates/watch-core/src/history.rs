@@ -60,6 +60,11 @@ impl Default for MemoryHistoryLimits {
     }
 }
 
+/// Most evicted change sets left for a reader to free (see `Ring::dead`).
+const DEAD_MAX: usize = 4096;
+/// Most payload bytes of evicted change sets left for a reader to free.
+const DEAD_BYTES: usize = 1 << 20;
+
 /// A bounded in-memory window of the most recent change sets.
 ///
 /// The engine keeps one as its publish queue: [`crate::WatchEngine::publish`] appends here and
@@ -75,7 +80,14 @@ pub struct MemoryHistory {
 
 #[derive(Debug)]
 struct Ring {
-    changes: VecDeque<Arc<ChangeSet>>,
+    /// Change sets with the bytes each was counted as (so eviction need not recount).
+    changes: VecDeque<(Arc<ChangeSet>, usize)>,
+    /// Evicted change sets not freed yet: the publisher only moves them here and the next
+    /// reader (the dispatcher, walking) frees them outside the lock, so freeing a change set's
+    /// events is not on the writer's path. At most [`DEAD_MAX`] of them and [`DEAD_BYTES`];
+    /// beyond that the publisher frees.
+    dead: Vec<Arc<ChangeSet>>,
+    dead_bytes: usize,
     bytes: usize,
     /// Every revision `<= evicted_through` is gone (or predates this history).
     evicted_through: Revision,
@@ -91,6 +103,8 @@ impl MemoryHistory {
             limits,
             ring: Mutex::new(Ring {
                 changes: VecDeque::new(),
+                dead: Vec::new(),
+                dead_bytes: 0,
                 bytes: 0,
                 evicted_through: revision,
                 last: revision,
@@ -110,15 +124,25 @@ impl MemoryHistory {
         }
         ring.last = changes.revision;
         ring.bytes += bytes;
-        ring.changes.push_back(changes);
+        ring.changes.push_back((changes, bytes));
+        let mut free = Vec::new();
         while ring.changes.len() > 1
             && (ring.changes.len() > self.limits.max_changes || ring.bytes > self.limits.max_bytes)
         {
-            if let Some(old) = ring.changes.pop_front() {
-                ring.bytes -= old.payload_len();
+            if let Some((old, old_bytes)) = ring.changes.pop_front() {
+                ring.bytes -= old_bytes;
                 ring.evicted_through = old.revision;
+                if ring.dead.len() < DEAD_MAX && ring.dead_bytes + old_bytes <= DEAD_BYTES {
+                    ring.dead_bytes += old_bytes;
+                    ring.dead.push(old);
+                } else {
+                    free.push(old);
+                }
             }
         }
+        drop(ring);
+        // Nobody read the window for a while (no dispatcher): free here, outside the lock.
+        drop(free);
         Ok(())
     }
 
@@ -134,19 +158,33 @@ impl MemoryHistory {
         until: Revision,
         limit: usize,
     ) -> Result<Vec<Arc<ChangeSet>>, HistoryError> {
-        let ring = self.ring.lock();
+        let mut ring = self.ring.lock();
+        let dead = std::mem::take(&mut ring.dead);
+        ring.dead_bytes = 0;
+        let out = Self::chunk_locked(&ring, after, until, limit);
+        drop(ring);
+        drop(dead);
+        out
+    }
+
+    fn chunk_locked(
+        ring: &Ring,
+        after: Revision,
+        until: Revision,
+        limit: usize,
+    ) -> Result<Vec<Arc<ChangeSet>>, HistoryError> {
         if after < ring.evicted_through {
             return Err(HistoryError::Compacted {
                 compact_revision: ring.evicted_through + 1,
             });
         }
-        let start = ring.changes.partition_point(|c| c.revision <= after);
+        let start = ring.changes.partition_point(|(c, _)| c.revision <= after);
         Ok(ring
             .changes
             .range(start..)
-            .take_while(|c| c.revision <= until)
+            .take_while(|(c, _)| c.revision <= until)
             .take(limit)
-            .cloned()
+            .map(|(c, _)| c.clone())
             .collect())
     }
 

@@ -75,6 +75,11 @@
 //! # }
 //! ```
 //!
+//! A consumer that multiplexes many watchers (a server's watch stream) registers them into
+//! one [`Outbox`] ([`WatchEngine::outbox`]) instead: one bounded queue and one waker for all of
+//! them, drained in batches, with stream-wide progress answered once per request
+//! ([`Outbox::request_progress`]).
+//!
 //! # Delivery contract
 //!
 //! Per watcher: events arrive in revision order, each once, a revision's selected events in one
@@ -83,11 +88,14 @@
 //! no history covers the gap, ended by [`WatchMessage::Canceled`] with
 //! [`CancelReason::Compacted`] naming the oldest revision it can resume from. A
 //! [`WatchMessage::Progress`] at revision R means every selected event up to R was delivered.
+//! In an [`Outbox`], each watcher's items keep this order, and an [`OutboxItem::Progress`] at R
+//! follows every item it covers.
 pub mod engine;
 pub mod error;
 pub mod history;
 mod interval;
 pub mod options;
+pub mod outbox;
 mod registry;
 pub mod selector;
 pub mod stats;
@@ -98,6 +106,7 @@ pub use engine::{Dispatcher, EngineConfig, WatchEngine, WatchHandle};
 pub use error::{HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
+pub use outbox::{Outbox, OutboxItem, OutboxLimits, Registration};
 pub use selector::{KeySelector, prefix_end};
 pub use stats::EngineStats;
 pub use types::{ChangeSet, Event, EventKind, KeyValue, Revision};

@@ -100,16 +100,78 @@ pub struct ChangeSet {
     pub revision: Revision,
     /// The events in the order the write applied them (a key appears at most once).
     pub events: Vec<Event>,
+    /// A consumer's derived form of these events (wire bytes), built once and shared.
+    attachment: Attachment,
 }
 
 impl ChangeSet {
     /// A change set at `revision`.
     pub fn new(revision: Revision, events: Vec<Event>) -> Self {
-        Self { revision, events }
+        Self {
+            revision,
+            events,
+            attachment: Attachment::default(),
+        }
     }
 
     /// Approximate payload bytes, used by byte-bounded buffers.
     pub fn payload_len(&self) -> usize {
         self.events.iter().map(Event::payload_len).sum()
+    }
+
+    /// Bytes of memory this change set holds: the struct, its event vector and every key and
+    /// value it references (an upper bound where payloads share a buffer). What byte-bounded
+    /// queues count, so tiny events are not counted as free.
+    pub fn mem_size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.events.capacity() * std::mem::size_of::<Event>()
+            + self.payload_len()
+    }
+
+    /// The value attached to this change set by the first caller for type `T`, built by `init`
+    /// at most once however many threads ask, and shared by reference afterwards.
+    ///
+    /// A consumer that serves one change set to many watchers (a server encoding each
+    /// revision's events to wire bytes once for all of them) keeps its derived form here, so it
+    /// lives exactly as long as the change set and needs no cache keyed by revision. Exactly one
+    /// type can be attached: `None` when another type already is (the caller then computes
+    /// without caching). The engine itself never reads it.
+    pub fn attachment<T: std::any::Any + Send + Sync>(
+        &self,
+        init: impl FnOnce(&Self) -> T,
+    ) -> Option<&T> {
+        self.attachment
+            .0
+            .get_or_init(|| Box::new(init(self)))
+            .downcast_ref()
+    }
+}
+
+/// A lazily set, type-erased slot on a [`ChangeSet`]. Not part of the change set's value: a
+/// clone starts empty and equality ignores it.
+#[derive(Default)]
+struct Attachment(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl Clone for Attachment {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Attachment {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Attachment {}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "set"
+        } else {
+            "empty"
+        })
     }
 }

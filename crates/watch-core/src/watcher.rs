@@ -1,14 +1,14 @@
 //! One watcher: its selector, options and bounded message queue, and the messages it receives.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::task::Waker;
+use std::sync::atomic::AtomicU32;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use crate::options::WatchOptions;
+use crate::outbox::OutboxShared;
 use crate::selector::KeySelector;
 use crate::types::{ChangeSet, Event, EventKind, KeyValue, Revision};
 
@@ -137,6 +137,26 @@ impl EventBatch {
             .sum()
     }
 
+    /// The shared change set the batch's events come from (also carries events this watcher
+    /// does not receive; see [`EventBatch::picked`]).
+    pub fn change_set(&self) -> &Arc<ChangeSet> {
+        &self.changes
+    }
+
+    /// Indices into [`ChangeSet::events`] of the delivered events, in order; `None` when every
+    /// event of the change set is delivered.
+    pub fn picked(&self) -> Option<&[u32]> {
+        match &self.picks {
+            Picks::All => None,
+            Picks::Some(idx) => Some(idx),
+        }
+    }
+
+    /// True when the watcher asked for previous values.
+    pub fn with_prev_kv(&self) -> bool {
+        self.prev_kv
+    }
+
     /// The revision of every event in the batch.
     pub fn revision(&self) -> Revision {
         self.changes.revision
@@ -193,31 +213,7 @@ pub(crate) enum Mode {
     Closed,
 }
 
-/// A message queue that costs one pointer until the first message arrives: idle watchers
-/// dominate memory at scale, and a bare `VecDeque` is four words even when empty.
-#[derive(Default)]
-#[allow(clippy::box_collection)] // the box is the point: one word while empty
-pub(crate) struct Queue(Option<Box<VecDeque<WatchMessage>>>);
-
-impl Queue {
-    pub(crate) fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |q| q.len())
-    }
-    pub(crate) fn pop_front(&mut self) -> Option<WatchMessage> {
-        self.0.as_mut()?.pop_front()
-    }
-    pub(crate) fn push_back(&mut self, msg: WatchMessage) {
-        self.0.get_or_insert_with(Box::default).push_back(msg);
-    }
-    /// Drops the messages and the buffer.
-    pub(crate) fn clear(&mut self) {
-        self.0 = None;
-    }
-}
-
 pub(crate) struct State {
-    pub(crate) queue: Queue,
-    pub(crate) waker: Option<Waker>,
     /// Every revision `<= seen` has been dealt with for this watcher: delivered if selected.
     pub(crate) seen: Revision,
     pub(crate) mode: Mode,
@@ -227,6 +223,9 @@ pub(crate) struct State {
     pub(crate) had_events: bool,
     /// A manual progress request waits for the watcher to become live.
     pub(crate) progress_pending: bool,
+    /// A `Control::Progress` for this watcher is queued: further requests are coalesced into
+    /// it, so the control queue holds at most one per watcher.
+    pub(crate) progress_asked: bool,
 }
 
 const PREV_KV: u8 = 1;
@@ -281,19 +280,28 @@ impl Sel {
 
 pub(crate) struct Watcher {
     pub(crate) id: WatchId,
+    /// The consumer's own name for the watcher (a gRPC stream's client watch ID), carried in
+    /// every outbox item so the consumer needs no id map.
+    pub(crate) tag: u64,
     pub(crate) selector: Sel,
     flags: u8,
+    /// Most of this watcher's messages queued in its outbox at once.
     pub(crate) buffer: u32,
+    /// This watcher's messages now in its outbox: incremented by the dispatcher under the
+    /// outbox lock, decremented by the consumer as it takes them.
+    pub(crate) queued: AtomicU32,
+    /// Where its messages go; shared by every watcher of one consumer (one gRPC stream).
+    pub(crate) outbox: Arc<OutboxShared>,
     pub(crate) state: Mutex<State>,
 }
 
 impl Watcher {
     pub(crate) fn new(
         id: WatchId,
+        tag: u64,
         selector: KeySelector,
         opts: &WatchOptions,
-        seen: Revision,
-        mode: Mode,
+        outbox: Arc<OutboxShared>,
     ) -> Self {
         let flags = (opts.prev_kv as u8 * PREV_KV)
             | (opts.no_put as u8 * NO_PUT)
@@ -301,17 +309,19 @@ impl Watcher {
             | (opts.progress_notify as u8 * PROGRESS);
         Self {
             id,
+            tag,
             selector: Sel::new(selector),
             flags,
             buffer: opts.buffer,
+            queued: AtomicU32::new(0),
+            outbox,
             state: Mutex::new(State {
-                queue: Queue::default(),
-                waker: None,
-                seen,
-                mode,
+                seen: Revision::MAX,
+                mode: Mode::Live,
                 registered: true,
                 had_events: false,
                 progress_pending: false,
+                progress_asked: false,
             }),
         }
     }
@@ -391,15 +401,5 @@ impl Watcher {
             picks,
             prev_kv: self.wants_prev_kv(),
         })
-    }
-}
-
-impl State {
-    /// Pushes and wakes the consumer. The caller holds the watcher lock and has checked room.
-    pub(crate) fn push(&mut self, msg: WatchMessage) {
-        self.queue.push_back(msg);
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
     }
 }

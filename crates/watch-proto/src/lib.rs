@@ -8,6 +8,7 @@
 //! - [`from_proto`]: wire messages to core values (fallible, [`ConvertError`]).
 //! - [`status`]: the one mapping from core and conversion errors to `tonic::Status`, with
 //!   etcd's codes and messages.
+//! - [`wire`]: the Watch service's encode-once responses, codec and service definition.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection.
 //!
 //! Invariant: this is the only crate that generates or includes protobuf code. Every other
@@ -53,6 +54,7 @@ pub mod error;
 pub mod from_proto;
 pub mod status;
 pub mod to_proto;
+pub mod wire;
 
 pub use error::ConvertError;
 
@@ -72,6 +74,18 @@ pub mod authpb {
 /// (generated from `proto/etcdserverpb/rpc.proto`).
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+}
+
+/// etcd's `v3lockpb` package: the Lock service (Lock, Unlock), generated from
+/// `proto/v3lockpb/v3lock.proto`.
+pub mod v3lockpb {
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+}
+
+/// etcd's `v3electionpb` package: the Election service (Campaign, Proclaim, Leader, Observe,
+/// Resign), generated from `proto/v3electionpb/v3election.proto`.
+pub mod v3electionpb {
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
 }
 
 /// The encoded `google.protobuf.FileDescriptorSet` of `proto/` (every package, with source

@@ -79,6 +79,38 @@ pub enum EtcdError {
     /// keywatch's own: the operating system's random source failed while issuing an auth
     /// token (etcd panics); UNAVAILABLE, so clients retry.
     TokenSource,
+    /// UserAdd of a name already taken.
+    UserAlreadyExist,
+    /// A user management request names an unknown user.
+    UserNotFound,
+    /// RoleAdd of a name already taken.
+    RoleAlreadyExist,
+    /// A request names an unknown role.
+    RoleNotFound,
+    /// RoleAdd with an empty name.
+    RoleEmpty,
+    /// AuthEnable without a user named `root`.
+    RootUserNotExist,
+    /// AuthEnable while the `root` user lacks the `root` role.
+    RootRoleNotExist,
+    /// UserRevokeRole of a role the user does not have.
+    RoleNotGranted,
+    /// RoleRevokePermission of a permission the role does not have.
+    PermissionNotGranted,
+    /// RoleGrantPermission without a permission.
+    PermissionNotGiven,
+    /// With authentication on: deleting the root user or role, or revoking the root role from
+    /// the root user.
+    InvalidAuthMgmt,
+    /// Authenticate with a password for a user added with `no_password` (etcd answers it with
+    /// code Unknown and this text, without the `etcdserver:` prefix).
+    NoPasswordUser,
+    /// keywatch's own: UserAdd or UserChangePassword with a password over 72 bytes, which bcrypt
+    /// cannot hash in full (keywatch refuses it rather than truncate it silently).
+    PasswordTooLong,
+    /// keywatch's own: the auth records file failed a commit; the server stops (fail-stop) and
+    /// the change was not applied.
+    AuthStoreFailed,
 }
 
 impl EtcdError {
@@ -97,7 +129,21 @@ impl EtcdError {
             | Self::WatcherRangeEmpty
             | Self::DuplicateWatchId
             | Self::UserEmpty
-            | Self::AuthFailed => Code::InvalidArgument,
+            | Self::AuthFailed
+            | Self::RoleEmpty
+            | Self::PermissionNotGiven
+            | Self::InvalidAuthMgmt
+            | Self::PasswordTooLong => Code::InvalidArgument,
+            Self::UserAlreadyExist
+            | Self::UserNotFound
+            | Self::RoleAlreadyExist
+            | Self::RoleNotFound
+            | Self::RootUserNotExist
+            | Self::RootRoleNotExist
+            | Self::RoleNotGranted
+            | Self::PermissionNotGranted => Code::FailedPrecondition,
+            Self::NoPasswordUser => Code::Unknown,
+            Self::AuthStoreFailed => Code::Unavailable,
             Self::InvalidAuthToken => Code::Unauthenticated,
             Self::PermissionDenied => Code::PermissionDenied,
             Self::TooManyRequests => Code::ResourceExhausted,
@@ -144,6 +190,26 @@ impl EtcdError {
                  retry shortly"
             }
             Self::TokenSource => "keywatch: no random source to issue an auth token; retry",
+            Self::UserAlreadyExist => "etcdserver: user name already exists",
+            Self::UserNotFound => "etcdserver: user name not found",
+            Self::RoleAlreadyExist => "etcdserver: role name already exists",
+            Self::RoleNotFound => "etcdserver: role name not found",
+            Self::RoleEmpty => "etcdserver: role name is empty",
+            Self::RootUserNotExist => "etcdserver: root user does not exist",
+            Self::RootRoleNotExist => "etcdserver: root user does not have root role",
+            Self::RoleNotGranted => "etcdserver: role is not granted to the user",
+            Self::PermissionNotGranted => "etcdserver: permission is not granted to the role",
+            Self::PermissionNotGiven => "etcdserver: permission not given",
+            Self::InvalidAuthMgmt => "etcdserver: invalid auth management",
+            Self::NoPasswordUser => {
+                "auth: authentication failed, password was given for no password user"
+            }
+            Self::PasswordTooLong => {
+                "keywatch: password is longer than 72 bytes, which bcrypt cannot hash in full"
+            }
+            Self::AuthStoreFailed => {
+                "keywatch: the auth records file failed a commit; the server is stopping"
+            }
         }
     }
 

@@ -82,6 +82,10 @@ pub struct Cli {
     /// Revisions queued per watcher before it is caught up from the log (default 64).
     #[arg(long, env = "KEYWATCH_WATCH_BUFFER")]
     pub watch_buffer: Option<u32>,
+    /// Bytes queued per watch stream (messages counted with the memory of the events they
+    /// hold) before its watchers are caught up from the log (default 16777216).
+    #[arg(long, env = "KEYWATCH_WATCH_STREAM_BYTES")]
+    pub watch_stream_bytes: Option<usize>,
     /// Most leases alive at once; a grant beyond it fails with RESOURCE_EXHAUSTED
     /// (default 1000000).
     #[arg(long, env = "KEYWATCH_MAX_LEASES")]
@@ -189,7 +193,8 @@ pub struct Cli {
     #[arg(long, env = "KEYWATCH_TLS_HANDSHAKE_TIMEOUT")]
     pub tls_handshake_timeout: Option<String>,
     /// Auth: how long a token stays valid after its last use, e.g. 300 or 5m (default 300 s,
-    /// etcd's). Users and roles come from the config file's `[auth]` section.
+    /// etcd's). Users and roles are managed with the Auth RPCs (etcdctl user/role); the config
+    /// file's `[auth]` section seeds a new data directory.
     #[arg(long, env = "KEYWATCH_AUTH_TOKEN_TTL")]
     pub auth_token_ttl: Option<String>,
     /// Auth: password checks (bcrypt, CPU-bound) running at once (default: the CPUs).
@@ -230,6 +235,7 @@ pub struct FileConfig {
     pub progress_interval: Option<String>,
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
+    pub watch_stream_bytes: Option<usize>,
     pub log_filter: Option<String>,
     pub upstream: Option<String>,
     pub upstream_prefix: Option<Vec<String>>,
@@ -255,7 +261,7 @@ pub struct FileConfig {
     pub auth_token_ttl: Option<String>,
     pub auth_max_concurrent_hashes: Option<usize>,
     pub auth_max_queued_logins: Option<usize>,
-    /// Users and roles; its presence turns authentication on.
+    /// Users and roles that seed a new data directory (with authentication on).
     pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
     pub min_lease_ttl: Option<i64>,
@@ -283,6 +289,8 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     /// Engine queue size per watcher, in revisions.
     pub watch_buffer: u32,
+    /// Bytes queued per watch stream before its watchers are caught up from the log.
+    pub watch_stream_bytes: usize,
     /// Log filter (used by the binary only).
     pub log_filter: String,
     /// Mirror mode's upstream etcd endpoints (empty: standalone).
@@ -311,8 +319,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// TLS for the listener; `None`: plain TCP.
     pub tls: Option<crate::tls::TlsSettings>,
-    /// Users and roles; `None`: authentication off.
-    pub auth: Option<crate::auth::AuthSettings>,
+    /// Login limits, and the `[auth]` section's users and roles that seed a new data
+    /// directory (see [`crate::auth::Auth::open`]).
+    pub auth: crate::auth::AuthSettings,
     /// Most leases alive at once.
     pub max_leases: usize,
     /// Smallest lease TTL in seconds (at least 1).
@@ -331,6 +340,7 @@ impl Default for ServerConfig {
             progress_interval: Duration::from_secs(600),
             max_txn_ops: 128,
             watch_buffer: 64,
+            watch_stream_bytes: 16 << 20,
             log_filter: "info".to_owned(),
             upstream: Vec::new(),
             upstream_prefixes: Vec::new(),
@@ -345,7 +355,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(10),
             tls: None,
-            auth: None,
+            auth: crate::auth::AuthSettings::default(),
             max_leases: 1_000_000,
             min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
         }
@@ -519,6 +529,10 @@ impl ServerConfig {
                 .watch_buffer
                 .or(file.watch_buffer)
                 .unwrap_or(d.watch_buffer),
+            watch_stream_bytes: cli
+                .watch_stream_bytes
+                .or(file.watch_stream_bytes)
+                .unwrap_or(d.watch_stream_bytes),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
             upstream: cli
                 .upstream
@@ -616,43 +630,35 @@ impl ServerConfig {
                     None => crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
                 },
             )?,
-            auth: match &file.auth {
-                Some(auth) => {
-                    let ttl = match cli.auth_token_ttl.or(file.auth_token_ttl) {
-                        Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
-                            field: "auth_token_ttl",
-                            message,
-                        })?,
-                        None => crate::auth::DEFAULT_TOKEN_TTL,
-                    };
-                    let mut settings = crate::auth::AuthSettings::from_file(auth, ttl)?;
-                    match cli
-                        .auth_max_concurrent_hashes
-                        .or(file.auth_max_concurrent_hashes)
-                    {
-                        Some(0) => {
-                            return Err(ConfigError::Invalid {
-                                field: "auth_max_concurrent_hashes",
-                                message: "must be at least 1".to_owned(),
-                            });
-                        }
-                        Some(n) => settings.max_concurrent_hashes = n,
-                        None => {}
-                    }
-                    if let Some(n) = cli.auth_max_queued_logins.or(file.auth_max_queued_logins) {
-                        settings.max_queued_logins = n;
-                    }
-                    Some(settings)
-                }
-                None => {
-                    if cli.auth_token_ttl.is_some() || file.auth_token_ttl.is_some() {
+            auth: {
+                let ttl = match cli.auth_token_ttl.or(file.auth_token_ttl) {
+                    Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
+                        field: "auth_token_ttl",
+                        message,
+                    })?,
+                    None => crate::auth::DEFAULT_TOKEN_TTL,
+                };
+                let mut settings = match &file.auth {
+                    Some(auth) => crate::auth::AuthSettings::from_file(auth, ttl)?,
+                    None => crate::auth::AuthSettings::default().with_token_ttl(ttl)?,
+                };
+                match cli
+                    .auth_max_concurrent_hashes
+                    .or(file.auth_max_concurrent_hashes)
+                {
+                    Some(0) => {
                         return Err(ConfigError::Invalid {
-                            field: "auth_token_ttl",
-                            message: "is set but authentication is off (the config file has no [auth] section)".to_owned(),
+                            field: "auth_max_concurrent_hashes",
+                            message: "must be at least 1".to_owned(),
                         });
                     }
-                    None
+                    Some(n) => settings.max_concurrent_hashes = n,
+                    None => {}
                 }
+                if let Some(n) = cli.auth_max_queued_logins.or(file.auth_max_queued_logins) {
+                    settings.max_queued_logins = n;
+                }
+                settings
             },
             max_leases: cli.max_leases.or(file.max_leases).unwrap_or(d.max_leases),
             min_lease_ttl: cli
@@ -688,6 +694,7 @@ impl ServerConfig {
         positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
+        positive("watch_stream_bytes", c.watch_stream_bytes)?;
         positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
         positive("upstream_max_response_bytes", c.upstream_max_response_bytes)?;
         if c.upstream_barrier_timeout.is_zero() {
@@ -880,13 +887,13 @@ mod tests {
         let hash = crate::auth::hash_password("pw", 4).unwrap();
         let text = format!("auth_token_ttl = \"2m\"\n[auth.users.a]\npassword_hash = \"{hash}\"\n");
         let c = ServerConfig::merge(Cli::default(), toml::from_str(&text).unwrap()).unwrap();
-        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(120));
         let cli = Cli {
             auth_token_ttl: Some("7".into()),
             ..Cli::default()
         };
         let c = ServerConfig::merge(cli, toml::from_str(&text).unwrap()).unwrap();
-        assert_eq!(c.auth.unwrap().token_ttl, Duration::from_secs(7));
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(7));
         // A TTL that would overflow, or above the cap: clear config errors, no panic.
         for ttl in ["18446744073709551615h", "400000000000000000m", "9999999h"] {
             let cli = Cli {
@@ -905,21 +912,21 @@ mod tests {
         };
         let a = ServerConfig::merge(cli, toml::from_str(&limits).unwrap())
             .unwrap()
-            .auth
-            .unwrap();
+            .auth;
         assert_eq!((a.max_concurrent_hashes, a.max_queued_logins), (5, 3));
         let cli = Cli {
             auth_max_concurrent_hashes: Some(0),
             ..Cli::default()
         };
         assert!(ServerConfig::merge(cli, toml::from_str(&text).unwrap()).is_err());
-        // No [auth]: authentication off.
-        assert!(
-            ServerConfig::merge(Cli::default(), FileConfig::default())
-                .unwrap()
-                .auth
-                .is_none()
-        );
+        // No [auth]: nothing to seed (authentication starts off), the TTL still applies.
+        let c = ServerConfig::merge(
+            Cli::default(),
+            toml::from_str("auth_token_ttl = \"9s\"").unwrap(),
+        )
+        .unwrap();
+        assert!(!c.auth.has_seed());
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(9));
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! embed without this crate, its gRPC stack or its configuration).
 //!
 //! - [`server`]: the gRPC services (KV, Watch, Lease, Maintenance.Status, Cluster.MemberList,
-//!   Auth's Authenticate and AuthStatus), a thin translation over the store, plus gRPC health
+//!   every Auth RPC, and etcd's Lock and Election services), a thin translation over the
+//!   store, plus gRPC health
 //!   ([`server::HealthHandle`]) and reflection, Prometheus metrics ([`server::metrics`]) and
 //!   the startup/shutdown lifecycle ([`server::Server`]).
-//! - [`auth`]: users and roles from the config file, tokens, and the key-range permission
-//!   check every KV request and watch create passes ([`auth::Gate`]).
+//! - [`auth`]: users and roles (durable in the data directory, seeded from the config file's
+//!   `[auth]`), tokens, and the key-range permission check every KV request and watch create
+//!   passes ([`auth::Gate`]).
 //! - [`tls`]: TLS and mutual TLS for the listener (rustls through tonic).
 //! - [`config`]: the binary's flags, environment variables and TOML file.
 //! - [`mirror`]: mirror mode (`--upstream`): the store follows an etcd cluster through one

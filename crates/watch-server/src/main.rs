@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting watch-server")?;
     let addr = server.local_addr();
-    if config.auth.is_some() && config.tls.is_none() && !addr.ip().is_loopback() {
+    if config.auth.has_seed() && config.tls.is_none() && !addr.ip().is_loopback() {
         // Passwords (Authenticate) and tokens (every request) would cross the network in
         // clear text.
         tracing::warn!(

@@ -348,3 +348,166 @@ async fn concurrent_submitters_batch_together() {
     assert_eq!(all, (1..=800).collect::<Vec<_>>());
     assert_eq!(log.replay(0).count(), 800);
 }
+
+/// A store whose compaction steps wait for the test: step 1 reports "not done" (after doing
+/// the real work), step 2 finishes.
+struct GatedCompaction {
+    inner: RedbStore,
+    steps: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl event_log::LogStore for GatedCompaction {
+    fn append_batch(&self, batch: &[event_log::codec::EncodedChange]) -> Result<(), LogError> {
+        self.inner.append_batch(batch)
+    }
+    fn last_revision(&self) -> Result<u64, LogError> {
+        self.inner.last_revision()
+    }
+    fn compacted_revision(&self) -> Result<u64, LogError> {
+        self.inner.compacted_revision()
+    }
+    fn read(
+        &self,
+        selector: &KeySelector,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<watch_core::ChangeSet>, LogError> {
+        self.inner.read(selector, after, until, limit)
+    }
+    fn compact(&self, revision: u64) -> Result<(), LogError> {
+        self.inner.compact(revision)
+    }
+    fn compact_step(&self, revision: u64) -> Result<bool, LogError> {
+        let _ = self.entered.lock().unwrap().send(());
+        self.steps.lock().unwrap().recv().unwrap();
+        let done = self.inner.compact_step(revision)?;
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(done && call > 0)
+    }
+    fn retention_target(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: u64,
+    ) -> Result<Option<u64>, LogError> {
+        self.inner.retention_target(policy, now_ms)
+    }
+}
+
+/// A compaction in progress does not hold appends: an append queued during its first step is
+/// committed and acknowledged before the compaction's next step, and the compaction then ends.
+#[tokio::test]
+async fn appends_are_committed_between_compaction_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = RedbStore::open(
+        dir.path().join(STORE_FILE),
+        RedbOptions {
+            durability: Durability::NoSync,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap();
+    let (step_tx, step_rx) = std::sync::mpsc::channel();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let store = GatedCompaction {
+        inner,
+        steps: std::sync::Mutex::new(step_rx),
+        entered: std::sync::Mutex::new(entered_tx),
+        calls: std::sync::atomic::AtomicUsize::new(0),
+    };
+    let log = Arc::new(EventLog::with_store(Arc::new(store), fast()).unwrap());
+    for rev in 1..=3 {
+        log.append(puts(rev, &["/a"])).await.unwrap();
+    }
+    let compaction = tokio::spawn({
+        let log = log.clone();
+        async move { log.compact(3).await }
+    });
+    // The writer is inside step 1; queue an append behind it, then let the step finish.
+    tokio::task::spawn_blocking({
+        let entered = std::sync::Mutex::new(entered_rx);
+        move || {
+            entered.lock().unwrap().recv().unwrap();
+            entered
+        }
+    })
+    .await
+    .unwrap();
+    let ack = log.submit(&puts(4, &["/b"])).await.unwrap();
+    step_tx.send(()).unwrap();
+    // Step 2 is gated until after the append's acknowledgement: it cannot have run first.
+    assert_eq!(ack.await.unwrap(), 4);
+    assert!(!compaction.is_finished());
+    step_tx.send(()).unwrap();
+    compaction.await.unwrap().unwrap();
+    assert_eq!(log.compacted_revision(), 3);
+    assert_eq!(revs(&log.read_range(2, 10).unwrap()), [3, 4]);
+    assert!(matches!(
+        log.read_range(0, 10),
+        Err(LogError::Compacted { compacted: 3 })
+    ));
+}
+
+/// `RedbStore::first_changes` (key-index seeks) answers as the trait's default (reading every
+/// selected change set of the window, here through `ScriptedStore`), for every window start,
+/// key, prefix, range, from-key and all, including keys changed in several change sets of one
+/// window, keys changed only before it, and after a compaction.
+#[test]
+fn first_changes_by_index_match_the_replay() {
+    use event_log::LogStore;
+    let dir = tempfile::tempdir().unwrap();
+    let inner = RedbStore::open(
+        dir.path().join(STORE_FILE),
+        RedbOptions {
+            durability: Durability::NoSync,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap();
+    let store = ScriptedStore::new(inner);
+    let history: [&[&str]; 8] = [
+        &["/a/1", "/b"],
+        &["/a/2"],
+        &["/a/1"],
+        &["/c", "/a/2", "/b/x"],
+        &["/b"],
+        &["/a/1", "/a/3"],
+        &["/d"],
+        &["/b/x"],
+    ];
+    let batch: Vec<_> = history
+        .iter()
+        .zip(1u64..)
+        .map(|(keys, rev)| event_log::codec::encode(&puts(rev, keys), 0))
+        .collect();
+    store.append_batch(&batch).unwrap();
+    let selectors = [
+        KeySelector::key("/a/1"),
+        KeySelector::key("/zz"),
+        KeySelector::prefix("/a/"),
+        KeySelector::prefix("/b"),
+        KeySelector::range("/a/2", "/c"),
+        KeySelector::from_key("/b"),
+        KeySelector::All,
+    ];
+    let check = |from: u64| {
+        for sel in &selectors {
+            for after in from..=8 {
+                for until in after..=8 {
+                    let by_index = store.inner.first_changes(sel, after, until).unwrap();
+                    let replayed = store.first_changes(sel, after, until).unwrap();
+                    assert_eq!(by_index, replayed, "{sel:?} ({after}, {until}]");
+                }
+            }
+        }
+    };
+    check(0);
+    store.compact(4).unwrap();
+    check(3);
+    assert!(matches!(
+        store.inner.first_changes(&KeySelector::All, 2, 8),
+        Err(LogError::Compacted { compacted: 4 })
+    ));
+}

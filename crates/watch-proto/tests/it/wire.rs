@@ -74,6 +74,47 @@ fn service_names_match_etcd() {
     assert_eq!(cluster_server::SERVICE_NAME, "etcdserverpb.Cluster");
     assert_eq!(maintenance_server::SERVICE_NAME, "etcdserverpb.Maintenance");
     assert_eq!(auth_server::SERVICE_NAME, "etcdserverpb.Auth");
+    assert_eq!(
+        watch_proto::v3lockpb::lock_server::SERVICE_NAME,
+        "v3lockpb.Lock"
+    );
+    assert_eq!(
+        watch_proto::v3electionpb::election_server::SERVICE_NAME,
+        "v3electionpb.Election"
+    );
+}
+
+#[test]
+fn lock_and_election_field_numbers_match_etcd() {
+    use watch_proto::v3electionpb::{CampaignRequest, LeaderKey};
+    use watch_proto::v3lockpb::LockRequest;
+    // LockRequest{name=1 bytes, lease=2 int64}.
+    let req = LockRequest {
+        name: "n".into(),
+        lease: 1,
+    };
+    assert_eq!(req.encode_to_vec(), [0x0a, 0x01, b'n', 0x10, 0x01]);
+    // CampaignRequest{name=1, lease=2, value=3}.
+    let req = CampaignRequest {
+        name: "n".into(),
+        lease: 2,
+        value: "v".into(),
+    };
+    assert_eq!(
+        req.encode_to_vec(),
+        [0x0a, 0x01, b'n', 0x10, 0x02, 0x1a, 0x01, b'v']
+    );
+    // LeaderKey{name=1, key=2, rev=3, lease=4}.
+    let key = LeaderKey {
+        name: "n".into(),
+        key: "k".into(),
+        rev: 3,
+        lease: 4,
+    };
+    assert_eq!(
+        key.encode_to_vec(),
+        [0x0a, 0x01, b'n', 0x12, 0x01, b'k', 0x18, 0x03, 0x20, 0x04]
+    );
 }
 
 #[test]
@@ -86,7 +127,9 @@ fn descriptor_set_describes_every_package() {
         [
             ("authpb/auth.proto", "authpb"),
             ("etcdserverpb/rpc.proto", "etcdserverpb"),
-            ("mvccpb/kv.proto", "mvccpb")
+            ("mvccpb/kv.proto", "mvccpb"),
+            ("v3electionpb/v3election.proto", "v3electionpb"),
+            ("v3lockpb/v3lock.proto", "v3lockpb"),
         ]
     );
 }

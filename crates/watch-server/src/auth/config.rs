@@ -23,10 +23,7 @@ use serde::Deserialize;
 
 use crate::config_error::ConfigError;
 
-use super::range::Interval;
-
-/// etcd's role that grants every permission and the admin operations.
-pub const ROOT_ROLE: &str = "root";
+use super::data::{AuthData, PermKind, Permission, ROOT_ROLE, UserRecord};
 
 /// etcd's default `--auth-token-ttl`: 300 s.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -51,7 +48,7 @@ pub const MAX_PASSWORD_BYTES: usize = 72;
 /// ones are refused with "etcdserver: too many requests".
 pub const DEFAULT_LOGIN_QUEUE: usize = 64;
 
-/// `[auth]`: users and roles. Its presence turns authentication on.
+/// `[auth]`: users and roles that seed a new data directory, with authentication on.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFileConfig {
@@ -120,37 +117,55 @@ pub struct PermissionFileConfig {
     pub prefix: Option<String>,
 }
 
-/// A user as validated: the password hash and the key ranges it may read and write.
-#[derive(Clone)]
-pub(crate) struct UserSettings {
-    pub(crate) password_hash: String,
-    pub(crate) root: bool,
-    pub(crate) read: Vec<Interval>,
-    pub(crate) write: Vec<Interval>,
-}
-
-/// Validated authentication settings: turns authentication on when present in
-/// [`ServerConfig`](crate::config::ServerConfig).
+/// Authentication settings: the login limits, and the users and roles of the config file's
+/// `[auth]` section, which seed the auth records file on first start (see
+/// [`super::Auth::open`] and docs/security.md).
 #[derive(Clone)]
 pub struct AuthSettings {
-    pub(crate) users: BTreeMap<String, UserSettings>,
+    /// `[auth]` as records (authentication on), when the config file has the section.
+    pub(crate) seed: Option<AuthData>,
     /// How long a token stays valid after its last use (at most [`MAX_TOKEN_TTL`]).
     pub token_ttl: Duration,
-    /// Password checks (CPU-bound bcrypt, on blocking threads) running at once; default: the
-    /// CPUs (`--auth-max-concurrent-hashes`).
+    /// Password checks and hashes (CPU-bound bcrypt, on blocking threads) running at once;
+    /// default: the CPUs (`--auth-max-concurrent-hashes`).
     pub max_concurrent_hashes: usize,
     /// Logins waiting for a password check beyond those running; more are refused with
     /// "etcdserver: too many requests" (`--auth-max-queued-logins`, default
     /// [`DEFAULT_LOGIN_QUEUE`]).
     pub max_queued_logins: usize,
+    /// bcrypt cost of passwords set by UserAdd and UserChangePassword (etcd's
+    /// `--bcrypt-cost`, default [`DEFAULT_BCRYPT_COST`]; 4 to [`MAX_BCRYPT_COST`]).
+    pub bcrypt_cost: u32,
+}
+
+/// etcd's default `--bcrypt-cost`.
+pub const DEFAULT_BCRYPT_COST: u32 = 10;
+
+impl Default for AuthSettings {
+    /// No `[auth]` section: authentication off until enabled at run time, etcd's defaults.
+    fn default() -> Self {
+        AuthSettings {
+            seed: None,
+            token_ttl: DEFAULT_TOKEN_TTL,
+            max_concurrent_hashes: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_queued_logins: DEFAULT_LOGIN_QUEUE,
+            bcrypt_cost: DEFAULT_BCRYPT_COST,
+        }
+    }
 }
 
 impl fmt::Debug for AuthSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthSettings")
-            .field("users", &self.users.keys().collect::<Vec<_>>())
+            .field(
+                "seed_users",
+                &self
+                    .seed
+                    .as_ref()
+                    .map(|d| d.users.keys().collect::<Vec<_>>()),
+            )
             .field("token_ttl", &self.token_ttl)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -162,8 +177,36 @@ fn invalid(message: String) -> ConfigError {
 }
 
 impl AuthSettings {
-    /// Validates the file's `[auth]` section: every hash is a bcrypt hash, every role a user
-    /// names exists, every permission names exactly one key, range or prefix.
+    /// True when the config file has an `[auth]` section (it seeds the records file).
+    pub fn has_seed(&self) -> bool {
+        self.seed.is_some()
+    }
+
+    /// Checks and sets the token TTL (1 s to [`MAX_TOKEN_TTL`]).
+    pub fn with_token_ttl(mut self, token_ttl: Duration) -> Result<Self, ConfigError> {
+        if token_ttl.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "auth_token_ttl",
+                message: "must be at least 1s".to_owned(),
+            });
+        }
+        if token_ttl > MAX_TOKEN_TTL {
+            return Err(ConfigError::Invalid {
+                field: "auth_token_ttl",
+                message: format!(
+                    "{token_ttl:?} is above the maximum of one year ({}s)",
+                    MAX_TOKEN_TTL.as_secs()
+                ),
+            });
+        }
+        self.token_ttl = token_ttl;
+        Ok(self)
+    }
+
+    /// Validates the file's `[auth]` section into seed records: every hash is a bcrypt hash,
+    /// every role a user names exists, every permission names exactly one key, range or
+    /// prefix. A user given the `root` role gets the `root` role record too, and the seed has
+    /// authentication on (the section's presence turns it on).
     pub fn from_file(file: &AuthFileConfig, token_ttl: Duration) -> Result<Self, ConfigError> {
         if file.users.is_empty() {
             return Err(invalid(
@@ -175,23 +218,24 @@ impl AuthSettings {
                 "role {ROOT_ROLE:?} is built in (every permission and the admin operations) and cannot be defined"
             )));
         }
-        let mut roles = BTreeMap::new();
+        let mut data = AuthData {
+            enabled: true,
+            ..AuthData::default()
+        };
         for (name, role) in &file.roles {
-            let mut read = Vec::new();
-            let mut write = Vec::new();
+            let mut perms = Vec::new();
             for (i, p) in role.permissions.iter().enumerate() {
-                let interval = permission_interval(p)
-                    .map_err(|m| invalid(format!("roles.{name}.permissions[{i}]: {m}")))?;
-                if matches!(p.kind, PermissionType::Read | PermissionType::Readwrite) {
-                    read.push(interval.clone());
-                }
-                if matches!(p.kind, PermissionType::Write | PermissionType::Readwrite) {
-                    write.push(interval);
-                }
+                perms.push(
+                    permission_record(p)
+                        .map_err(|m| invalid(format!("roles.{name}.permissions[{i}]: {m}")))?,
+                );
             }
-            roles.insert(name.as_str(), (read, write));
+            data.roles.insert(name.clone(), Vec::new());
+            for p in perms {
+                data.role_grant_permission(name, p)
+                    .map_err(|e| invalid(format!("roles.{name}: {}", e.message())))?;
+            }
         }
-        let mut users = BTreeMap::new();
         for (name, user) in &file.users {
             if name.is_empty() {
                 return Err(invalid("a user name is empty".to_owned()));
@@ -216,53 +260,42 @@ impl AuthSettings {
                 }
                 Ok(_) => {}
             }
-            let mut settings = UserSettings {
-                password_hash: user.password_hash.clone(),
-                root: false,
-                read: Vec::new(),
-                write: Vec::new(),
-            };
             for role in &user.roles {
-                if role == ROOT_ROLE {
-                    settings.root = true;
-                    continue;
-                }
-                let Some((read, write)) = roles.get(role.as_str()) else {
+                if role != ROOT_ROLE && !data.roles.contains_key(role) {
                     return Err(invalid(format!(
                         "users.{name}.roles names the undefined role {role:?}"
                     )));
-                };
-                settings.read.extend(read.iter().cloned());
-                settings.write.extend(write.iter().cloned());
+                }
             }
-            users.insert(name.clone(), settings);
+            data.users.insert(
+                name.clone(),
+                UserRecord {
+                    password_hash: Some(user.password_hash.clone()),
+                    roles: user.roles.iter().cloned().collect(),
+                },
+            );
         }
-        if token_ttl.is_zero() {
-            return Err(ConfigError::Invalid {
-                field: "auth_token_ttl",
-                message: "must be at least 1s".to_owned(),
-            });
+        if data.users.values().any(|u| u.roles.contains(ROOT_ROLE)) {
+            data.roles.insert(ROOT_ROLE.to_owned(), Vec::new());
         }
-        if token_ttl > MAX_TOKEN_TTL {
-            return Err(ConfigError::Invalid {
-                field: "auth_token_ttl",
-                message: format!(
-                    "{token_ttl:?} is above the maximum of one year ({}s)",
-                    MAX_TOKEN_TTL.as_secs()
-                ),
-            });
-        }
-        Ok(AuthSettings {
-            users,
-            token_ttl,
-            max_concurrent_hashes: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            max_queued_logins: DEFAULT_LOGIN_QUEUE,
-        })
+        data.revision = 1;
+        let settings = AuthSettings {
+            seed: Some(data),
+            ..AuthSettings::default()
+        };
+        settings.with_token_ttl(token_ttl)
     }
 }
 
-fn permission_interval(p: &PermissionFileConfig) -> Result<Interval, String> {
-    match (&p.key, &p.range_end, &p.prefix) {
+/// A config permission in etcd's `(key, range_end)` form (a prefix becomes `[p, p+1)`, or
+/// every key from `p` on when no key is above all of them, as etcdctl's `--prefix` does).
+fn permission_record(p: &PermissionFileConfig) -> Result<Permission, String> {
+    let kind = match p.kind {
+        PermissionType::Read => PermKind::Read,
+        PermissionType::Write => PermKind::Write,
+        PermissionType::Readwrite => PermKind::ReadWrite,
+    };
+    let (key, range_end) = match (&p.key, &p.range_end, &p.prefix) {
         (Some(key), range_end, None) => {
             let end = range_end.as_deref().unwrap_or("");
             if key.is_empty() && end != "\0" {
@@ -273,14 +306,26 @@ fn permission_interval(p: &PermissionFileConfig) -> Result<Interval, String> {
                     "range_end {end:?} is not after key {key:?}, so the range holds no key"
                 ));
             }
-            Ok(Interval::from_etcd(key.as_bytes(), end.as_bytes()))
+            (key.as_bytes().to_vec(), end.as_bytes().to_vec())
         }
-        (None, None, Some(prefix)) => Ok(Interval::prefix(prefix.as_bytes())),
+        (None, None, Some(prefix)) => (
+            prefix.as_bytes().to_vec(),
+            watch_core::prefix_end(prefix.as_bytes()).unwrap_or_else(|| vec![0]),
+        ),
         (None, Some(_), Some(_)) | (Some(_), _, Some(_)) => {
-            Err("give either key (with an optional range_end) or prefix, not both".to_owned())
+            return Err(
+                "give either key (with an optional range_end) or prefix, not both".to_owned(),
+            );
         }
-        (None, _, None) => Err("needs key (with an optional range_end) or prefix".to_owned()),
-    }
+        (None, _, None) => {
+            return Err("needs key (with an optional range_end) or prefix".to_owned());
+        }
+    };
+    Ok(Permission {
+        kind,
+        key,
+        range_end,
+    })
 }
 
 /// A bcrypt hash of `password` at `cost` (etcd's default cost is 10; 4 to

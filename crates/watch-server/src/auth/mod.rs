@@ -1,12 +1,15 @@
 //! Authentication (etcd's simple tokens) and key-range authorization (etcd's permission
-//! model), for users and roles read from the config file's `[auth]` section.
+//! model), for users and roles managed at run time with etcd's Auth RPCs and kept in the data
+//! directory (`auth.redb`); the config file's `[auth]` section seeds a new data directory.
 //!
-//! - [`Auth`]: the users, their bcrypt password hashes and the token map. `Authenticate`
-//!   exchanges a name and password for a token; clients send it in the `token` gRPC metadata
-//!   (what etcdctl `--user` and etcd client libraries do).
-//! - [`Gate`]: what every service holds. Off (no `[auth]`), every check is one branch on an
-//!   `Option` and nothing else. On, [`Gate::caller`] resolves the request's token to a
-//!   [`Caller`], whose [`Caller::check`] tests one access to one etcd `(key, range_end)`.
+//! - [`Auth`]: the users and roles (durable records plus a published view the checks read),
+//!   whether authentication is on, and the token map. `Authenticate` exchanges a name and
+//!   password for a token; clients send it in the `token` gRPC metadata (what etcdctl `--user`
+//!   and etcd client libraries do). A change applies to the next request.
+//! - [`Gate`]: what every service holds. Authentication off: one atomic load (and a request
+//!   that still carries a token is refused, as etcd does). On, [`Gate::caller`] resolves the
+//!   request's token to a [`Caller`] with its current permissions, whose [`Caller::check`]
+//!   tests one access to one etcd `(key, range_end)`.
 //!
 //! **How a service checks a request** (every KV, Lease and Watch method does this; a new
 //! service that touches keys must too). The KV and Lease services do it in one place, the
@@ -37,12 +40,18 @@
 //! permission → "etcdserver: permission denied" (PermissionDenied).
 
 mod config;
+mod data;
+mod persist;
 mod range;
 mod token;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
+
+use parking_lot::RwLock;
 
 use tokio::sync::Semaphore;
 use tonic::metadata::MetadataMap;
@@ -50,10 +59,13 @@ use tonic::{Request, Status};
 use watch_proto::status::EtcdError;
 
 pub use config::{
-    AuthFileConfig, AuthSettings, DEFAULT_LOGIN_QUEUE, DEFAULT_TOKEN_TTL, MAX_BCRYPT_COST,
-    MAX_PASSWORD_BYTES, MAX_TOKEN_TTL, MAX_USER_NAME_BYTES, PermissionFileConfig, PermissionType,
-    ROOT_ROLE, RoleFileConfig, UserFileConfig, hash_password,
+    AuthFileConfig, AuthSettings, DEFAULT_BCRYPT_COST, DEFAULT_LOGIN_QUEUE, DEFAULT_TOKEN_TTL,
+    MAX_BCRYPT_COST, MAX_PASSWORD_BYTES, MAX_TOKEN_TTL, MAX_USER_NAME_BYTES, PermissionFileConfig,
+    PermissionType, RoleFileConfig, UserFileConfig, hash_password,
 };
+pub(crate) use data::AuthData;
+pub use data::{PermKind, Permission, ROOT_ROLE, ROOT_USER};
+pub use persist::{AUTH_FILE, AuthStoreError};
 use range::{Interval, RangeSet};
 use token::Tokens;
 
@@ -73,8 +85,14 @@ pub enum Perm {
 #[derive(Debug)]
 pub(crate) struct User {
     name: String,
+    /// Tokens resolve to the user only while this matches (see [`Records::incarnations`]).
+    incarnation: u64,
+    /// `None`: a `no_password` user.
+    password_hash: Option<String>,
     /// The `root` role: every key, and the admin operations.
     root: bool,
+    /// Role names, sorted.
+    roles: Vec<String>,
     read: RangeSet,
     write: RangeSet,
 }
@@ -84,7 +102,10 @@ impl User {
     pub(crate) fn for_tests(name: &str) -> User {
         User {
             name: name.to_owned(),
+            incarnation: 0,
+            password_hash: None,
             root: false,
+            roles: Vec::new(),
             read: RangeSet::default(),
             write: RangeSet::default(),
         }
@@ -132,6 +153,11 @@ impl Caller {
         self.0.root
     }
 
+    /// True if the user holds `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.0.roles.iter().any(|r| r == role)
+    }
+
     /// etcd's `checkLeasePuts` / `checkLeaseTimeToLive`: `perm` on every key attached to a
     /// lease (revoking a lease deletes its keys; its time-to-live with `keys` names them).
     pub fn check_keys<'a>(
@@ -146,135 +172,374 @@ impl Caller {
     }
 }
 
-/// A configured user: its bcrypt hash and permissions.
-struct Account {
-    password_hash: String,
-    user: Arc<User>,
+/// The published view of the records: what request checks read, swapped whole on a change.
+#[derive(Debug, Default)]
+struct View {
+    enabled: bool,
+    revision: u64,
+    /// Every user, with its roles' permissions compiled.
+    users: HashMap<String, Arc<User>>,
 }
 
-/// The users and live tokens of a server with authentication on.
+/// The users, roles and live tokens of a server, and whether authentication is on. Changes
+/// (the Auth management RPCs) are durable in the records file before they are acknowledged,
+/// and apply to the next request: a token names a user, whose permissions are looked up at
+/// each request.
 pub struct Auth {
-    users: HashMap<String, Account>,
+    /// Read by every request check (a read lock and an `Arc` clone); replaced by changes.
+    view: RwLock<Arc<View>>,
+    /// Mirrors `view.enabled`, so a server with authentication off pays one atomic load.
+    enabled: AtomicBool,
+    /// The authoritative records and the file they are committed to. Held across a commit,
+    /// so changes apply one at a time, in commit order.
+    records: tokio::sync::Mutex<Records>,
     tokens: Tokens,
-    /// A hash checked when the user is unknown, so a wrong name costs as long as a wrong
-    /// password and timing does not reveal which users exist.
-    decoy_hash: String,
-    /// Bounds concurrent bcrypt checks (CPU-bound, run on blocking threads). A permit moves
+    /// A bcrypt hash at the default cost, checked when the user is unknown (or has no
+    /// password), so a wrong name costs about as long as a wrong password.
+    decoy_hash: &'static str,
+    /// Bounds concurrent bcrypt work (CPU-bound, run on blocking threads). A permit moves
     /// into the blocking task, so a canceled login keeps it until its hash is done.
     hashing: Arc<Semaphore>,
     /// Bounds logins admitted to wait for or run a check (`hashing` + queue permits); held
     /// like a `hashing` permit.
     admitted: Arc<Semaphore>,
+    bcrypt_cost: u32,
+    /// Set (once) when a commit failed: the server stops (fail-stop).
+    failure: tokio::sync::watch::Sender<Option<String>>,
+    /// Source of [`User::incarnation`].
+    incarnations: AtomicU64,
+}
+
+struct Records {
+    data: AuthData,
+    /// `None`: in memory only ([`Auth::new`], for embedders and tests).
+    db: Option<persist::AuthDb>,
+    /// Incarnation of each user: new on add and on a password change, so the tokens of a
+    /// deleted or re-passworded user stop resolving.
+    incarnations: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let view = self.view.read();
         f.debug_struct("Auth")
-            .field("users", &self.users.len())
+            .field("enabled", &view.enabled)
+            .field("users", &view.users.len())
             .finish_non_exhaustive()
     }
 }
 
+/// A bcrypt hash (cost [`DEFAULT_BCRYPT_COST`]) of a random password nobody knows.
+const DECOY_HASH: &str = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+
 impl Auth {
-    /// The users of `settings`, with no token issued yet.
+    /// In-memory auth (nothing persisted) with `settings`' seed users and roles, if any; off
+    /// without a seed.
     pub fn new(settings: &AuthSettings) -> Auth {
-        let mut users = HashMap::new();
-        let mut decoy_hash = String::new();
-        let mut costs = std::collections::BTreeSet::new();
-        for (name, u) in &settings.users {
-            let user = Arc::new(User {
-                name: name.clone(),
-                root: u.root,
-                read: RangeSet::new(u.read.clone()),
-                write: RangeSet::new(u.write.clone()),
-            });
-            // Any configured hash has a realistic cost; for an unknown name its result is
-            // ignored.
-            if decoy_hash.is_empty() {
-                decoy_hash = u.password_hash.clone();
+        let data = settings.seed.clone().unwrap_or_default();
+        Auth::with_records(settings, data, None)
+    }
+
+    /// Opens the records file in `dir` (creating it). On first start (no records yet) it is
+    /// seeded from `settings`' `[auth]` section, or left empty with authentication off; once
+    /// it holds records, they are the truth and the `[auth]` section is not read again (a
+    /// warning says so when the section differs).
+    pub async fn open(
+        dir: &Path,
+        settings: &AuthSettings,
+        durable: bool,
+    ) -> Result<Auth, AuthStoreError> {
+        let dir = dir.to_owned();
+        let (db, stored) =
+            tokio::task::spawn_blocking(move || persist::AuthDb::open(&dir, durable))
+                .await
+                .map_err(|e| AuthStoreError::Storage {
+                    path: persist::AUTH_FILE.to_owned(),
+                    message: format!("open task failed: {e}"),
+                })??;
+        let data = match stored {
+            Some(data) => {
+                if let Some(seed) = &settings.seed
+                    && (seed.users != data.users || seed.roles != data.roles)
+                {
+                    tracing::warn!(
+                        "auth: the config file's [auth] section differs from the users and roles \
+                         in the data directory; it only seeds a new data directory, so the \
+                         stored ones apply (manage them with the Auth RPCs, e.g. etcdctl user/role)"
+                    );
+                }
+                data
             }
-            if let Ok(parts) = u.password_hash.parse::<bcrypt::HashParts>() {
-                costs.insert(parts.get_cost());
+            None => {
+                let data = settings.seed.clone().unwrap_or_default();
+                db.commit(&data).await?;
+                if settings.seed.is_some() {
+                    tracing::info!(
+                        users = data.users.len(),
+                        roles = data.roles.len(),
+                        "auth: records seeded from the config file's [auth] section"
+                    );
+                }
+                data
             }
-            users.insert(
-                name.clone(),
-                Account {
-                    password_hash: u.password_hash.clone(),
-                    user,
-                },
-            );
-        }
-        if costs.len() > 1 {
-            // The decoy costs as much as one user's hash: with other costs, the time of a
+        };
+        Ok(Auth::with_records(settings, data, Some(db)))
+    }
+
+    fn with_records(settings: &AuthSettings, data: AuthData, db: Option<persist::AuthDb>) -> Auth {
+        let costs: std::collections::BTreeSet<u32> = data
+            .users
+            .values()
+            .filter_map(|u| u.password_hash.as_ref()?.parse::<bcrypt::HashParts>().ok())
+            .map(|p| p.get_cost())
+            .collect();
+        if costs.iter().any(|c| *c != DEFAULT_BCRYPT_COST) {
+            // The decoy costs as much as a default-cost hash: with other costs, the time of a
             // failed login tells apart unknown names from users of another cost.
             tracing::warn!(
                 ?costs,
-                "auth: password hashes have different bcrypt costs; the time of a failed login \
-                 can then reveal which user names exist (re-hash all at one cost)"
+                "auth: some password hashes have a bcrypt cost other than {DEFAULT_BCRYPT_COST}; \
+                 the time of a failed login can then reveal which user names exist"
             );
         }
         let running = settings.max_concurrent_hashes.max(1);
+        let incarnations = AtomicU64::new(1);
+        let user_incarnations = data
+            .users
+            .keys()
+            .map(|n| (n.clone(), incarnations.fetch_add(1, Ordering::Relaxed)))
+            .collect();
+        let view = compile(&data, &user_incarnations);
         Auth {
-            users,
+            enabled: AtomicBool::new(view.enabled),
+            view: RwLock::new(Arc::new(view)),
+            records: tokio::sync::Mutex::new(Records {
+                data,
+                db,
+                incarnations: user_incarnations,
+            }),
             tokens: Tokens::new(settings.token_ttl),
-            decoy_hash,
+            decoy_hash: DECOY_HASH,
             hashing: Arc::new(Semaphore::new(running)),
             admitted: Arc::new(Semaphore::new(
                 running.saturating_add(settings.max_queued_logins),
             )),
+            bcrypt_cost: settings.bcrypt_cost.clamp(4, MAX_BCRYPT_COST),
+            failure: tokio::sync::watch::channel(None).0,
+            incarnations,
         }
     }
 
-    /// etcd's Authenticate: a new token when `password` is `name`'s password, else
-    /// [`EtcdError::AuthFailed`] (same error for an unknown user). A name over
-    /// [`MAX_USER_NAME_BYTES`] or a password over [`MAX_PASSWORD_BYTES`] (neither can match
-    /// a configured user) fails at once, before any hashing. More logins than
-    /// `max_concurrent_hashes + max_queued_logins` at once: [`EtcdError::TooManyRequests`].
-    pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, Status> {
-        if name.len() > MAX_USER_NAME_BYTES || password.len() > MAX_PASSWORD_BYTES {
-            return Err(EtcdError::AuthFailed.status());
+    /// Whether authentication is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// etcd's auth revision: incremented by every change.
+    pub fn revision(&self) -> u64 {
+        self.view.read().revision
+    }
+
+    /// Resolves when a commit of the records file failed (fail-stop), with the error.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        // The guard (not `Send`) is dropped before any other await.
+        let failed = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match failed {
+            Ok(message) => message.unwrap_or_default(),
+            // The sender lives in `self`, which outlives this borrow.
+            Err(_) => std::future::pending().await,
         }
-        let known = self.users.get(name);
-        let hash = known.map_or(&self.decoy_hash, |k| &k.password_hash).clone();
-        let password = password.to_owned();
+    }
+
+    /// Runs bcrypt work on a blocking thread under the login bounds (see
+    /// [`Auth::authenticate`]).
+    async fn hash_work<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, EtcdError> {
         let admitted = self
             .admitted
             .clone()
             .try_acquire_owned()
             .map_err(|e| match e {
-                tokio::sync::TryAcquireError::NoPermits => EtcdError::TooManyRequests.status(),
-                tokio::sync::TryAcquireError::Closed => EtcdError::Stopped.status(),
+                tokio::sync::TryAcquireError::NoPermits => EtcdError::TooManyRequests,
+                tokio::sync::TryAcquireError::Closed => EtcdError::Stopped,
             })?;
         let running = self
             .hashing
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| EtcdError::Stopped.status())?;
-        let matched = tokio::task::spawn_blocking(move || {
+            .map_err(|_| EtcdError::Stopped)?;
+        tokio::task::spawn_blocking(move || {
             let _permits = (admitted, running);
-            config::verify_password(password.as_bytes(), &hash)
+            work()
         })
         .await
         // The blocking task panicked or the runtime is shutting down.
-        .map_err(|_| EtcdError::Stopped.status())?;
+        .map_err(|_| EtcdError::Stopped)
+    }
+
+    /// etcd's Authenticate: a new token when `password` is `name`'s password, else
+    /// [`EtcdError::AuthFailed`] (same error for an unknown user). Authentication off:
+    /// [`EtcdError::AuthNotEnabled`]. A name over [`MAX_USER_NAME_BYTES`] or a password over
+    /// [`MAX_PASSWORD_BYTES`] (neither can match a user) fails at once, before any hashing.
+    /// More logins than `max_concurrent_hashes + max_queued_logins` at once:
+    /// [`EtcdError::TooManyRequests`].
+    pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, EtcdError> {
+        if !self.enabled() {
+            return Err(EtcdError::AuthNotEnabled);
+        }
+        if name.len() > MAX_USER_NAME_BYTES || password.len() > MAX_PASSWORD_BYTES {
+            return Err(EtcdError::AuthFailed);
+        }
+        let known = self.view.read().users.get(name).cloned();
+        if let Some(user) = &known
+            && user.password_hash.is_none()
+        {
+            return Err(EtcdError::NoPasswordUser);
+        }
+        let hash = known
+            .as_ref()
+            .and_then(|u| u.password_hash.clone())
+            .unwrap_or_else(|| self.decoy_hash.to_owned());
+        let password = password.to_owned();
+        let matched = self
+            .hash_work(move || config::verify_password(password.as_bytes(), &hash))
+            .await?;
         match known {
-            Some(k) if matched => self
+            Some(user) if matched => self
                 .tokens
-                .issue(k.user.clone(), Instant::now())
-                .map_err(|_| EtcdError::TokenSource.status()),
-            _ => Err(EtcdError::AuthFailed.status()),
+                .issue(user, Instant::now())
+                .map_err(|_| EtcdError::TokenSource),
+            _ => Err(EtcdError::AuthFailed),
         }
     }
 
-    /// The caller a token belongs to. No token: "user name is empty"; unknown or expired:
-    /// "invalid auth token".
+    /// The caller a token belongs to, with its current permissions. No token: "user name is
+    /// empty"; unknown, expired, or of a user since deleted or given a new password: "invalid
+    /// auth token".
     pub fn caller(&self, token: Option<&str>) -> Result<Caller, EtcdError> {
         let token = token.ok_or(EtcdError::UserEmpty)?;
-        self.tokens
+        let issued = self
+            .tokens
             .user(token, Instant::now())
-            .map(Caller)
-            .ok_or(EtcdError::InvalidAuthToken)
+            .ok_or(EtcdError::InvalidAuthToken)?;
+        match self.view.read().users.get(&issued.name) {
+            Some(now) if now.incarnation == issued.incarnation => Ok(Caller(now.clone())),
+            _ => Err(EtcdError::InvalidAuthToken),
+        }
+    }
+
+    /// A bcrypt hash of `password` at the configured cost, under the login bounds.
+    pub(crate) async fn hash(&self, password: &str) -> Result<String, EtcdError> {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(EtcdError::PasswordTooLong);
+        }
+        let (password, cost) = (password.to_owned(), self.bcrypt_cost);
+        self.hash_work(move || hash_password(&password, cost))
+            .await?
+            .map_err(|_| EtcdError::PasswordTooLong)
+    }
+
+    /// Applies `change` to the records, commits them (fsynced) and publishes them. Nothing
+    /// changes when `change` refuses; a failed commit is fail-stop.
+    pub(crate) async fn change(
+        &self,
+        change: impl FnOnce(&mut AuthData) -> Result<Effect, EtcdError>,
+    ) -> Result<(), EtcdError> {
+        let mut records = self.records.lock().await;
+        if self.failure.borrow().is_some() {
+            return Err(EtcdError::AuthStoreFailed);
+        }
+        let mut next = records.data.clone();
+        let effect = change(&mut next)?;
+        next.revision = next.revision.wrapping_add(1);
+        if let Some(db) = &records.db
+            && let Err(e) = db.commit(&next).await
+        {
+            tracing::error!(error = %e, "auth records commit failed; stopping (fail-stop)");
+            self.failure.send_replace(Some(e.to_string()));
+            return Err(EtcdError::AuthStoreFailed);
+        }
+        match &effect {
+            Effect::None => {}
+            Effect::NewIncarnation(name) => {
+                let n = self.incarnations.fetch_add(1, Ordering::Relaxed);
+                records.incarnations.insert(name.clone(), n);
+            }
+        }
+        records
+            .incarnations
+            .retain(|n, _| next.users.contains_key(n));
+        for name in next.users.keys() {
+            if !records.incarnations.contains_key(name) {
+                let n = self.incarnations.fetch_add(1, Ordering::Relaxed);
+                records.incarnations.insert(name.clone(), n);
+            }
+        }
+        let view = compile(&next, &records.incarnations);
+        let was_enabled = records.data.enabled;
+        records.data = next;
+        if was_enabled && !view.enabled {
+            // etcd drops every token when authentication is turned off.
+            self.tokens.clear();
+        }
+        self.enabled.store(view.enabled, Ordering::Release);
+        *self.view.write() = Arc::new(view);
+        Ok(())
+    }
+
+    /// A read of the records (the management Get and List calls).
+    pub(crate) async fn read<R>(&self, f: impl FnOnce(&AuthData) -> R) -> R {
+        f(&self.records.lock().await.data)
+    }
+}
+
+/// What a change does to existing tokens besides what [`compile`] sees.
+pub(crate) enum Effect {
+    /// Nothing.
+    None,
+    /// The user's existing tokens stop resolving (a password change).
+    NewIncarnation(String),
+}
+
+/// The view of `data`: each user with the union of its roles' permissions.
+fn compile(data: &AuthData, incarnations: &HashMap<String, u64>) -> View {
+    let users = data
+        .users
+        .iter()
+        .map(|(name, u)| {
+            let mut read = Vec::new();
+            let mut write = Vec::new();
+            for role in &u.roles {
+                for p in data.roles.get(role).into_iter().flatten() {
+                    let interval = Interval::from_etcd(&p.key, &p.range_end);
+                    if p.kind.reads() {
+                        read.push(interval.clone());
+                    }
+                    if p.kind.writes() {
+                        write.push(interval);
+                    }
+                }
+            }
+            let user = User {
+                name: name.clone(),
+                incarnation: incarnations.get(name).copied().unwrap_or(0),
+                password_hash: u.password_hash.clone(),
+                root: u.roles.contains(ROOT_ROLE),
+                roles: u.roles.iter().cloned().collect(),
+                read: RangeSet::new(read),
+                write: RangeSet::new(write),
+            };
+            (name.clone(), Arc::new(user))
+        })
+        .collect();
+    View {
+        enabled: data.enabled,
+        revision: data.revision,
+        users,
     }
 }
 
@@ -288,30 +553,43 @@ pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
 pub struct Gate(Option<Arc<Auth>>);
 
 impl Gate {
-    /// Authentication off: every request is allowed.
+    /// No auth at all (an embedder's services without users): every request is allowed.
     pub fn off() -> Gate {
         Gate(None)
     }
 
-    /// Authentication on with `auth`'s users.
+    /// Checks against `auth`'s users and roles while its authentication is on.
     pub fn on(auth: Arc<Auth>) -> Gate {
         Gate(Some(auth))
     }
 
-    /// The server's [`Auth`], when on.
+    /// The server's [`Auth`], when authentication is on.
     pub fn auth(&self) -> Option<&Arc<Auth>> {
+        self.0.as_ref().filter(|a| a.enabled())
+    }
+
+    /// The server's [`Auth`], on or off (the Auth service manages it either way).
+    pub fn manager(&self) -> Option<&Arc<Auth>> {
         self.0.as_ref()
     }
 
     /// `None` when authentication is off, else the request's caller or etcd's error.
     pub fn caller<T>(&self, request: &Request<T>) -> Result<Option<Caller>, Status> {
+        self.caller_for(token_of(request.metadata()))
+            .map_err(EtcdError::status)
+    }
+
+    /// [`Gate::caller`] for a token kept from a stream's metadata. With authentication off, a
+    /// request that still carries a token is refused as etcd refuses it (every token was
+    /// dropped when authentication was turned off): "invalid auth token".
+    pub fn caller_for(&self, token: Option<&str>) -> Result<Option<Caller>, EtcdError> {
         match &self.0 {
-            // Off: the metadata is not even looked at.
             None => Ok(None),
-            Some(auth) => auth
-                .caller(token_of(request.metadata()))
-                .map(Some)
-                .map_err(EtcdError::status),
+            Some(auth) if !auth.enabled() => match token {
+                None => Ok(None),
+                Some(_) => Err(EtcdError::InvalidAuthToken),
+            },
+            Some(auth) => auth.caller(token).map(Some),
         }
     }
 
@@ -363,6 +641,62 @@ pub(crate) fn test_settings() -> AuthSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoy_hash_costs_as_much_as_a_default_hash() {
+        let parts: bcrypt::HashParts = DECOY_HASH.parse().unwrap();
+        assert_eq!(parts.get_cost(), DEFAULT_BCRYPT_COST);
+    }
+
+    #[tokio::test]
+    async fn changes_are_durable_and_seed_only_a_new_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let seeded = test_settings();
+        let auth = Auth::open(dir.path(), &seeded, true).await.unwrap();
+        assert!(auth.enabled());
+        let token = auth.authenticate("alice", "pw").await.unwrap();
+        auth.change(|d| d.user_revoke_role("alice", "app").map(|()| Effect::None))
+            .await
+            .unwrap();
+        // The same token, the new permissions.
+        let alice = auth.caller(Some(&token)).unwrap();
+        assert_eq!(
+            alice.check(Perm::Read, b"/app/x", b""),
+            Err(EtcdError::PermissionDenied)
+        );
+        auth.change(|d| {
+            d.user_change_password("alice", hash_password("new", 4).unwrap())?;
+            Ok(Effect::NewIncarnation("alice".into()))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            auth.caller(Some(&token)).unwrap_err(),
+            EtcdError::InvalidAuthToken
+        );
+        drop(auth);
+        // Reopened with the seed: the stored records win.
+        let auth = Auth::open(dir.path(), &seeded, true).await.unwrap();
+        assert!(auth.authenticate("alice", "pw").await.is_err());
+        let token = auth.authenticate("alice", "new").await.unwrap();
+        let alice = auth.caller(Some(&token)).unwrap();
+        assert!(!alice.has_role("app") && alice.has_role("other"));
+        auth.change(|d| {
+            d.disable();
+            Ok(Effect::None)
+        })
+        .await
+        .unwrap();
+        drop(auth);
+        let auth = Auth::open(dir.path(), &AuthSettings::default(), true)
+            .await
+            .unwrap();
+        assert!(!auth.enabled());
+        assert_eq!(
+            auth.authenticate("alice", "new").await.unwrap_err(),
+            EtcdError::AuthNotEnabled
+        );
+    }
 
     #[tokio::test]
     async fn authenticate_and_check() {
@@ -449,7 +783,7 @@ mod tests {
                         );
                         tokio::task::yield_now().await;
                     }
-                    Err(e) => panic!("{e}"),
+                    Err(e) => panic!("{e:?}"),
                 }
             }
         });

@@ -39,6 +39,7 @@ impl Interval {
     }
 
     /// Every key starting with `prefix` (every key at all for the empty prefix).
+    #[cfg(test)]
     pub(crate) fn prefix(prefix: &[u8]) -> Interval {
         let mut end = prefix.to_vec();
         while end.last() == Some(&0xff) {

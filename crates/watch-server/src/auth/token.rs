@@ -82,6 +82,11 @@ impl Tokens {
         Some(entry.user.clone())
     }
 
+    /// Drops every token (authentication turned off).
+    pub(crate) fn clear(&self) {
+        self.map.lock().entries.clear();
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.map.lock().entries.len()

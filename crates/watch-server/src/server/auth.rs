@@ -1,17 +1,22 @@
-//! etcd's `Auth` service. Users and roles come from the config file, so only the token
-//! exchange (`Authenticate`) and `AuthStatus` are served; every management method answers
-//! UNIMPLEMENTED with a message pointing to the config file.
+//! etcd's `Auth` service: Authenticate, AuthStatus, and the user and role management
+//! methods with etcd's rules (`auth/store.go`, `apply_auth.go`): while authentication is on,
+//! every management method needs the root role, except UserGet of one's own user and RoleGet
+//! of one's own roles. Changes are durable before they are acknowledged and apply to the
+//! next request (see [`crate::auth::Auth`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
+use watch_proto::authpb;
 use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 use super::convert;
-use crate::auth::Gate;
+use crate::auth::{
+    Auth, AuthData, Effect, Gate, MAX_BCRYPT_COST, MAX_USER_NAME_BYTES, PermKind, Permission,
+};
 use kv_store::Store;
 
 /// etcd's `Auth` service over the server's [`Gate`].
@@ -82,12 +87,86 @@ fn shown_name(name: &str) -> String {
     format!("{}...({} bytes)", &name[..end], name.len())
 }
 
-/// The answer to every user and role management method.
-fn managed_in_config(method: &str) -> Status {
-    Status::unimplemented(format!(
-        "keywatch: {method} is not supported: users, roles and whether authentication is on are \
-         set in the config file's [auth] section (see docs/security.md); restart to apply changes"
-    ))
+/// A permission from the wire.
+fn permission(p: &authpb::Permission) -> Result<Permission, Status> {
+    let kind = match authpb::permission::Type::try_from(p.perm_type) {
+        Ok(authpb::permission::Type::Read) => PermKind::Read,
+        Ok(authpb::permission::Type::Write) => PermKind::Write,
+        Ok(authpb::permission::Type::Readwrite) => PermKind::ReadWrite,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "keywatch: unknown permission type {}",
+                p.perm_type
+            )));
+        }
+    };
+    Ok(Permission {
+        kind,
+        key: p.key.to_vec(),
+        range_end: p.range_end.to_vec(),
+    })
+}
+
+/// A permission for the wire.
+fn wire_permission(p: &Permission) -> authpb::Permission {
+    let t = match p.kind {
+        PermKind::Read => authpb::permission::Type::Read,
+        PermKind::Write => authpb::permission::Type::Write,
+        PermKind::ReadWrite => authpb::permission::Type::Readwrite,
+    };
+    authpb::Permission {
+        perm_type: t as i32,
+        key: p.key.clone().into(),
+        range_end: p.range_end.clone().into(),
+    }
+}
+
+impl AuthService {
+    /// The server's auth; a service built on [`Gate::off`] manages nothing.
+    fn manager(&self) -> Result<&Arc<Auth>, Status> {
+        self.gate
+            .manager()
+            .ok_or_else(|| Status::unimplemented("keywatch: this server has no auth store"))
+    }
+
+    /// etcd's `IsAdminPermitted`: with authentication on, the caller needs the root role.
+    fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match self.gate.caller(request)? {
+            Some(c) if !c.is_root() => Err(EtcdError::PermissionDenied.status()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs an admin change and answers with a header.
+    async fn change<T>(
+        &self,
+        request: &Request<T>,
+        change: impl FnOnce(&mut AuthData) -> Result<Effect, EtcdError>,
+    ) -> Result<Option<pb::ResponseHeader>, Status> {
+        self.admin(request)?;
+        self.manager()?
+            .change(change)
+            .await
+            .map_err(EtcdError::status)?;
+        Ok(self.header())
+    }
+
+    /// The password hash for UserAdd and UserChangePassword: etcd 3.5's `hashedPassword`
+    /// when given (a bcrypt hash of an accepted cost), else a hash of `password`.
+    async fn password_hash(&self, password: &str, hashed: &str) -> Result<String, Status> {
+        if !hashed.is_empty() {
+            return match hashed.parse::<bcrypt::HashParts>() {
+                Ok(parts) if parts.get_cost() <= MAX_BCRYPT_COST => Ok(hashed.to_owned()),
+                _ => Err(Status::invalid_argument(format!(
+                    "keywatch: hashedPassword is not a bcrypt hash of cost at most {MAX_BCRYPT_COST}"
+                ))),
+            };
+        }
+        self.manager()?
+            .hash(password)
+            .await
+            .map_err(EtcdError::status)
+    }
 }
 
 #[tonic::async_trait]
@@ -96,16 +175,17 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         request: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        let Some(auth) = self.gate.auth() else {
+        let Some(auth) = self.gate.manager() else {
             return Err(EtcdError::AuthNotEnabled.status());
         };
         let peer = request.remote_addr();
         let r = request.into_inner();
         let token = match auth.authenticate(&r.name, &r.password).await {
             Ok(token) => token,
-            Err(status) => {
+            Err(e) => {
                 // Operators watch these for password guessing; the password is never logged.
                 let user = shown_name(&r.name);
+                let status = e.status();
                 let code = status.code();
                 match self.failures.admit(Instant::now()) {
                     Some(demoted) => tracing::info!(
@@ -131,118 +211,265 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         _request: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
-        let enabled = self.gate.auth().is_some();
+        let (enabled, auth_revision) = self
+            .gate
+            .manager()
+            .map_or((false, 0), |a| (a.enabled(), a.revision()));
         Ok(Response::new(pb::AuthStatusResponse {
             header: self.header(),
             enabled,
-            // Users and roles never change while the server runs: one revision when on.
-            auth_revision: u64::from(enabled),
+            auth_revision,
         }))
     }
 
     async fn auth_enable(
         &self,
-        _request: Request<pb::AuthEnableRequest>,
+        request: Request<pb::AuthEnableRequest>,
     ) -> Result<Response<pb::AuthEnableResponse>, Status> {
-        Err(managed_in_config("AuthEnable"))
+        let header = self
+            .change(&request, |d| d.enable().map(|()| Effect::None))
+            .await?;
+        tracing::info!("authentication enabled");
+        Ok(Response::new(pb::AuthEnableResponse { header }))
     }
 
     async fn auth_disable(
         &self,
-        _request: Request<pb::AuthDisableRequest>,
+        request: Request<pb::AuthDisableRequest>,
     ) -> Result<Response<pb::AuthDisableResponse>, Status> {
-        Err(managed_in_config("AuthDisable"))
+        let header = self
+            .change(&request, |d| {
+                d.disable();
+                Ok(Effect::None)
+            })
+            .await?;
+        tracing::info!("authentication disabled");
+        Ok(Response::new(pb::AuthDisableResponse { header }))
     }
 
     async fn user_add(
         &self,
-        _request: Request<pb::AuthUserAddRequest>,
+        request: Request<pb::AuthUserAddRequest>,
     ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
-        Err(managed_in_config("UserAdd"))
+        // The admin check comes before any hashing, so only root spends bcrypt time here.
+        self.admin(&request)?;
+        let r = request.get_ref();
+        if r.name.len() > MAX_USER_NAME_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "keywatch: user name is longer than {MAX_USER_NAME_BYTES} bytes"
+            )));
+        }
+        if r.name.is_empty() {
+            return Err(EtcdError::UserEmpty.status());
+        }
+        let no_password = r.options.as_ref().is_some_and(|o| o.no_password);
+        let hash = if no_password {
+            None
+        } else {
+            Some(self.password_hash(&r.password, &r.hashed_password).await?)
+        };
+        let name = r.name.clone();
+        let header = self
+            .change(&request, move |d| {
+                d.user_add(&name, hash).map(|()| Effect::None)
+            })
+            .await?;
+        Ok(Response::new(pb::AuthUserAddResponse { header }))
     }
 
     async fn user_get(
         &self,
-        _request: Request<pb::AuthUserGetRequest>,
+        request: Request<pb::AuthUserGetRequest>,
     ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
-        Err(managed_in_config("UserGet"))
+        // A user may read its own record.
+        if let Some(c) = self.gate.caller(&request)?
+            && !c.is_root()
+            && c.name() != request.get_ref().name
+        {
+            return Err(EtcdError::PermissionDenied.status());
+        }
+        let name = &request.get_ref().name;
+        let roles = self
+            .manager()?
+            .read(|d| d.users.get(name).map(|u| u.roles.iter().cloned().collect()))
+            .await
+            .ok_or_else(|| EtcdError::UserNotFound.status())?;
+        Ok(Response::new(pb::AuthUserGetResponse {
+            header: self.header(),
+            roles,
+        }))
     }
 
     async fn user_list(
         &self,
-        _request: Request<pb::AuthUserListRequest>,
+        request: Request<pb::AuthUserListRequest>,
     ) -> Result<Response<pb::AuthUserListResponse>, Status> {
-        Err(managed_in_config("UserList"))
+        self.admin(&request)?;
+        let users = self
+            .manager()?
+            .read(|d| d.users.keys().cloned().collect())
+            .await;
+        Ok(Response::new(pb::AuthUserListResponse {
+            header: self.header(),
+            users,
+        }))
     }
 
     async fn user_delete(
         &self,
-        _request: Request<pb::AuthUserDeleteRequest>,
+        request: Request<pb::AuthUserDeleteRequest>,
     ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
-        Err(managed_in_config("UserDelete"))
+        let name = request.get_ref().name.clone();
+        // The user's tokens stop resolving: a re-added user gets a new incarnation.
+        let header = self
+            .change(&request, |d| d.user_delete(&name).map(|()| Effect::None))
+            .await?;
+        Ok(Response::new(pb::AuthUserDeleteResponse { header }))
     }
 
     async fn user_change_password(
         &self,
-        _request: Request<pb::AuthUserChangePasswordRequest>,
+        request: Request<pb::AuthUserChangePasswordRequest>,
     ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
-        Err(managed_in_config("UserChangePassword"))
+        self.admin(&request)?;
+        let r = request.get_ref();
+        let hash = self.password_hash(&r.password, &r.hashed_password).await?;
+        let name = r.name.clone();
+        let header = self
+            .change(&request, move |d| {
+                d.user_change_password(&name, hash)?;
+                Ok(Effect::NewIncarnation(name))
+            })
+            .await?;
+        Ok(Response::new(pb::AuthUserChangePasswordResponse { header }))
     }
 
     async fn user_grant_role(
         &self,
-        _request: Request<pb::AuthUserGrantRoleRequest>,
+        request: Request<pb::AuthUserGrantRoleRequest>,
     ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
-        Err(managed_in_config("UserGrantRole"))
+        let r = request.get_ref().clone();
+        let header = self
+            .change(&request, |d| {
+                d.user_grant_role(&r.user, &r.role).map(|()| Effect::None)
+            })
+            .await?;
+        Ok(Response::new(pb::AuthUserGrantRoleResponse { header }))
     }
 
     async fn user_revoke_role(
         &self,
-        _request: Request<pb::AuthUserRevokeRoleRequest>,
+        request: Request<pb::AuthUserRevokeRoleRequest>,
     ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
-        Err(managed_in_config("UserRevokeRole"))
+        let r = request.get_ref().clone();
+        let header = self
+            .change(&request, |d| {
+                d.user_revoke_role(&r.name, &r.role).map(|()| Effect::None)
+            })
+            .await?;
+        Ok(Response::new(pb::AuthUserRevokeRoleResponse { header }))
     }
 
     async fn role_add(
         &self,
-        _request: Request<pb::AuthRoleAddRequest>,
+        request: Request<pb::AuthRoleAddRequest>,
     ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
-        Err(managed_in_config("RoleAdd"))
+        let name = request.get_ref().name.clone();
+        let header = self
+            .change(&request, |d| d.role_add(&name).map(|()| Effect::None))
+            .await?;
+        Ok(Response::new(pb::AuthRoleAddResponse { header }))
     }
 
     async fn role_get(
         &self,
-        _request: Request<pb::AuthRoleGetRequest>,
+        request: Request<pb::AuthRoleGetRequest>,
     ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
-        Err(managed_in_config("RoleGet"))
+        // A user may read the roles it holds.
+        if let Some(c) = self.gate.caller(&request)?
+            && !c.is_root()
+            && !c.has_role(&request.get_ref().role)
+        {
+            return Err(EtcdError::PermissionDenied.status());
+        }
+        let role = &request.get_ref().role;
+        let perm = self
+            .manager()?
+            .read(|d| {
+                d.roles
+                    .get(role)
+                    .map(|perms| perms.iter().map(wire_permission).collect())
+            })
+            .await
+            .ok_or_else(|| EtcdError::RoleNotFound.status())?;
+        Ok(Response::new(pb::AuthRoleGetResponse {
+            header: self.header(),
+            perm,
+        }))
     }
 
     async fn role_list(
         &self,
-        _request: Request<pb::AuthRoleListRequest>,
+        request: Request<pb::AuthRoleListRequest>,
     ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
-        Err(managed_in_config("RoleList"))
+        self.admin(&request)?;
+        let roles = self
+            .manager()?
+            .read(|d| d.roles.keys().cloned().collect())
+            .await;
+        Ok(Response::new(pb::AuthRoleListResponse {
+            header: self.header(),
+            roles,
+        }))
     }
 
     async fn role_delete(
         &self,
-        _request: Request<pb::AuthRoleDeleteRequest>,
+        request: Request<pb::AuthRoleDeleteRequest>,
     ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
-        Err(managed_in_config("RoleDelete"))
+        let role = request.get_ref().role.clone();
+        let header = self
+            .change(&request, |d| d.role_delete(&role).map(|()| Effect::None))
+            .await?;
+        Ok(Response::new(pb::AuthRoleDeleteResponse { header }))
     }
 
     async fn role_grant_permission(
         &self,
-        _request: Request<pb::AuthRoleGrantPermissionRequest>,
+        request: Request<pb::AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
-        Err(managed_in_config("RoleGrantPermission"))
+        self.admin(&request)?;
+        let r = request.get_ref();
+        let perm = permission(
+            r.perm
+                .as_ref()
+                .ok_or_else(|| EtcdError::PermissionNotGiven.status())?,
+        )?;
+        let name = r.name.clone();
+        let header = self
+            .change(&request, |d| {
+                d.role_grant_permission(&name, perm).map(|()| Effect::None)
+            })
+            .await?;
+        Ok(Response::new(pb::AuthRoleGrantPermissionResponse {
+            header,
+        }))
     }
 
     async fn role_revoke_permission(
         &self,
-        _request: Request<pb::AuthRoleRevokePermissionRequest>,
+        request: Request<pb::AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
-        Err(managed_in_config("RoleRevokePermission"))
+        let r = request.get_ref().clone();
+        let header = self
+            .change(&request, |d| {
+                d.role_revoke_permission(&r.role, &r.key, &r.range_end)
+                    .map(|()| Effect::None)
+            })
+            .await?;
+        Ok(Response::new(pb::AuthRoleRevokePermissionResponse {
+            header,
+        }))
     }
 }
 

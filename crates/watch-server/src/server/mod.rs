@@ -1,6 +1,6 @@
-//! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease and
-//! Auth services over one [`Store`], plus the standard gRPC health and reflection services and
-//! an optional Prometheus endpoint.
+//! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease,
+//! Auth, Lock and Election services over one [`Store`], plus the standard gRPC health and
+//! reflection services and an optional Prometheus endpoint.
 //!
 //! # Lifecycle
 //!
@@ -21,6 +21,7 @@
 
 mod admit;
 pub mod auth;
+pub mod concurrency;
 pub mod convert;
 mod cut;
 mod forward;
@@ -38,6 +39,7 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
 use watch_proto::etcdserverpb as pb;
+use watch_proto::{v3electionpb, v3lockpb};
 
 use crate::auth::{Auth, Gate};
 use crate::config::ServerConfig;
@@ -45,6 +47,7 @@ use crate::mirror::{Mirror, MirrorError};
 use kv_store::{Store, StoreError};
 
 pub use auth::AuthService;
+pub use concurrency::{ElectionService, LockService};
 use health::Gated;
 pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
@@ -69,6 +72,9 @@ pub enum ServerError {
     /// The store failed to open, failed while serving (fail-stop), or failed to close.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The auth records file could not be opened, or a commit to it failed (fail-stop).
+    #[error(transparent)]
+    AuthStore(#[from] crate::auth::AuthStoreError),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -219,22 +225,24 @@ impl Server {
         let mirror_slot: Arc<OnceLock<Mirror>> = Arc::new(OnceLock::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stopping = stop_rx.clone();
-        // Off without an [auth] section: then every check is one `Option` branch.
-        let gate = match &config.auth {
-            Some(settings) => Gate::on(Arc::new(Auth::new(settings))),
-            None => Gate::off(),
-        };
+        // The server's users and roles, opened from the data directory with the store.
+        let auth_slot: Arc<OnceLock<Arc<Auth>>> = Arc::new(OnceLock::new());
         // The gRPC receive limit is etcd's: max request bytes plus the gRPC overhead.
         let recv_limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let kv = Gated::<pb::kv_server::KvServer<KvService>>::new();
-        let watch = Gated::<pb::watch_server::WatchServer<WatchService>>::new();
+        let watch = Gated::<watch_proto::wire::watch_server::WatchServer<WatchService>>::new();
         let maintenance =
             Gated::<pb::maintenance_server::MaintenanceServer<MaintenanceService>>::new();
         let cluster = Gated::<pb::cluster_server::ClusterServer<ClusterService>>::new();
         let lease = Gated::<pb::lease_server::LeaseServer<LeaseService>>::new();
         let auth = Gated::<pb::auth_server::AuthServer<AuthService>>::new();
+        let lock = Gated::<v3lockpb::lock_server::LockServer<LockService>>::new();
+        let election =
+            Gated::<v3electionpb::election_server::ElectionServer<ElectionService>>::new();
         let mirror_config = config.mirror_config();
+        let mirrored = mirror_config.is_some();
         let install = {
+            let (lock, election) = (lock.clone(), election.clone());
             let (kv, watch, maintenance, cluster, lease, auth) = (
                 kv.clone(),
                 watch.clone(),
@@ -250,7 +258,7 @@ impl Server {
             } else {
                 "http"
             };
-            move |store: &Store, mirror: Option<&Mirror>| {
+            move |store: &Store, mirror: Option<&Mirror>, gate: Gate| {
                 // Mirror mode's KV and Lease serve mirrored reads locally and forward the rest
                 // to etcd; both pass the same admission as the local services.
                 let (kv_service, lease_service) = match mirror {
@@ -258,10 +266,21 @@ impl Server {
                         KvService::mirror(m.clone(), config.max_request_bytes),
                         LeaseService::mirror(m.clone()),
                     ),
-                    None => (
-                        KvService::new(store.clone(), config.max_request_bytes),
-                        LeaseService::new(store.clone(), stop_rx.clone()),
-                    ),
+                    None => {
+                        // Lock and Election write under their names: local stores only.
+                        lock.fill(v3lockpb::lock_server::LockServer::new(
+                            LockService::new(store.clone(), stop_rx.clone())
+                                .with_gate(gate.clone()),
+                        ));
+                        election.fill(v3electionpb::election_server::ElectionServer::new(
+                            ElectionService::new(store.clone(), stop_rx.clone())
+                                .with_gate(gate.clone()),
+                        ));
+                        (
+                            KvService::new(store.clone(), config.max_request_bytes),
+                            LeaseService::new(store.clone(), stop_rx.clone()),
+                        )
+                    }
                 };
                 kv.fill(
                     pb::kv_server::KvServer::new(kv_service.with_gate(gate.clone()))
@@ -276,6 +295,7 @@ impl Server {
                     WatchSettings {
                         max_watchers_per_stream: config.max_watchers_per_stream,
                         watch_buffer: config.watch_buffer,
+                        watch_stream_bytes: config.watch_stream_bytes,
                         max_request_bytes: config.max_request_bytes,
                     },
                     stop_rx.clone(),
@@ -286,7 +306,7 @@ impl Server {
                     watch_service = watch_service.with_mirror_status(m.status());
                 }
                 watch.fill(
-                    pb::watch_server::WatchServer::new(watch_service)
+                    watch_proto::wire::watch_server::WatchServer::new(watch_service)
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
@@ -337,9 +357,14 @@ impl Server {
             let (slot, health, metrics) = (slot.clone(), health.clone(), metrics.clone());
             let data_dir = config.data_dir.clone();
             let mirror_slot = mirror_slot.clone();
+            let auth_slot = auth_slot.clone();
+            let auth_settings = config.auth.clone();
             move |store: Store| async move {
                 store.set_log_observer(metrics.log_observer());
                 let _ = slot.set(store.clone());
+                let durable = store.config().durability == kv_store::Durability::Fsync;
+                let auth = Arc::new(Auth::open(store.dir(), &auth_settings, durable).await?);
+                let _ = auth_slot.set(auth.clone());
                 let mirror = match mirror_config {
                     Some(m) => Some(Mirror::start(store.clone(), m)?),
                     None => {
@@ -355,7 +380,7 @@ impl Server {
                     metrics.set_mirror_status(m.status());
                     let _ = mirror_slot.set(m.clone());
                 }
-                install(&store, mirror.as_ref());
+                install(&store, mirror.as_ref(), Gate::on(auth));
                 health.set_ready().await;
                 tracing::info!(%addr, data_dir = %data_dir.display(), "ready");
                 Ok::<_, ServerError>(store)
@@ -374,6 +399,7 @@ impl Server {
         let stop = {
             let (health, open_error) = (health.clone(), open_error.clone());
             let (mirror_slot, mirror_stopped) = (mirror_slot.clone(), mirror_stopped.clone());
+            let auth_slot = auth_slot.clone();
             async move {
                 tokio::pin!(shutdown);
                 let opened = match early {
@@ -394,10 +420,25 @@ impl Server {
                                 None => std::future::pending().await,
                             }
                         };
+                        let auth_failed = async {
+                            match auth_slot.get() {
+                                Some(a) => a.failed().await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             _ = &mut shutdown => tracing::info!("shutdown requested"),
                             msg = store.failed() => {
                                 tracing::error!(error = %msg, "store failed; shutting down (fail-stop)")
+                            }
+                            msg = auth_failed => {
+                                tracing::error!(error = %msg, "auth records failed; shutting down (fail-stop)");
+                                *open_error.lock() = Some(ServerError::AuthStore(
+                                    crate::auth::AuthStoreError::Storage {
+                                        path: crate::auth::AUTH_FILE.to_owned(),
+                                        message: msg,
+                                    },
+                                ));
                             }
                             msg = mirror_failed => {
                                 tracing::error!(error = %msg, "mirror stopped; shutting down");
@@ -421,7 +462,7 @@ impl Server {
             data_dir = %config.data_dir.display(),
             tls = config.tls.is_some(),
             client_cert_auth = config.tls.as_ref().is_some_and(|t| t.client_cert_auth()),
-            auth = config.auth.is_some(),
+            auth_seed = config.auth.has_seed(),
             "serving; opening the store"
         );
         let grace = config.shutdown_timeout;
@@ -449,6 +490,9 @@ impl Server {
             .add_service(cluster)
             .add_service(lease)
             .add_service(auth)
+            // Lock and Election write under their names: not in a (read-only) mirror.
+            .add_optional_service((!mirrored).then_some(lock))
+            .add_optional_service((!mirrored).then_some(election))
             // Our own listener (bound early to report the port), so tonic's builder-level
             // nodelay does not apply: set it here. Without it small watch responses wait for
             // the peer's delayed ACK (~40 ms), which showed as a 40 ms p99 in the benches.

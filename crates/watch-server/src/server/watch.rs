@@ -1,39 +1,57 @@
 //! The Watch service: one task per client stream multiplexes every watch of the stream.
 //!
-//! The task owns the stream's watch handles (in one [`SelectAll`]), reads client requests and
-//! writes responses into a bounded channel that tonic drains to the client. Because one task
-//! does everything, ordering holds by construction:
-//! - a create is answered (`created`) before its handle joins the set, so no event precedes it;
+//! Delivery path: every watcher of a stream is registered into the stream's one engine
+//! [`Outbox`]. The dispatcher appends each watcher's messages there and wakes the stream task
+//! (not one waker per watcher); the task drains everything queued at once, turns it into
+//! responses and hands them to tonic through a byte-bounded outbound queue. Responses are
+//! [`WireResponse`]s: a small per-watcher head followed by event bytes encoded once per change
+//! set (and per `prev_kv` variant) and shared by every watcher and stream
+//! ([`watch_proto::wire`]), written by the Watch service's own codec without re-encoding.
+//!
+//! Ordering holds by construction, since one task owns the stream:
+//! - a create is answered (`created`) before the task next drains the outbox, so no event of
+//!   that watch precedes it;
 //! - creates, cancels and progress requests are answered in request order;
-//! - a cancel drops the handle before the `canceled` reply, so no event follows it;
-//! - a manual progress request asks every handle for a progress message, which the engine
-//!   orders after that watcher's events; the stream's single `watch_id = -1` reply is sent once
-//!   every watcher answered, so it follows every event it covers.
+//! - a cancel drops the registration before the `canceled` reply, and items of a watch the
+//!   stream no longer holds (matched by the engine's never-reused id) are skipped;
+//! - a manual progress request is one counter on the outbox; the engine appends the answer
+//!   behind every event it covers once every watcher of the stream is synced, and the task
+//!   sends everything drained before it first. Each request gets its answer (etcd sends one
+//!   per request), and N pending requests cost one engine message, not N × watchers.
 //!
-//! A watcher catching up from history (a past start revision, or a queue that filled) gets its
-//! consecutive catch-up revisions merged into one response, up to 1000 revisions or
-//! `max_request_bytes` of payload, as etcd batches its unsynced watchers; live revisions keep
-//! one response each, as etcd's synced watchers do.
+//! Merging: within one drain, consecutive event messages of one watch (a watch that is behind,
+//! whether caught up from the log or live) go out in one response, up to
+//! [`MAX_MERGED_REVISIONS`] revisions and `max_request_bytes`, as etcd does for unsynced
+//! watchers. A merge never spans a created, canceled or progress response, and never splits a
+//! revision (a revision alone may exceed the cap; with `fragment` it is then split as etcd
+//! splits it).
 //!
-//! Memory is bounded: the outbound channel holds [`OUTBOUND_DEPTH`] responses, and each
-//! watcher's engine queue holds `watch_buffer` batches. When the client stops reading, sends
-//! block, the queues fill, and the engine stops pushing and later catches the watchers up from
-//! the event log.
+//! Memory per stream is bounded in bytes: the outbox (`watch_stream_bytes`, counting each
+//! queued item and the change set it holds), what one drain takes out of it (at most the same),
+//! and the outbound queue ([`OUTBOUND_BYTES`] of encoded responses). When the client stops
+//! reading, the outbound queue fills, the task stops reading requests (HTTP/2 flow control then
+//! pushes back on the client, the connection stays up) and stops draining; the outbox fills and
+//! its watchers turn lagging, to be caught up from the event log later by the dispatcher, which
+//! serves catch-ups in bounded turns and reads the log off its task, so live delivery to other
+//! streams is not held up.
 
-use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures_util::StreamExt;
-use futures_util::stream::SelectAll;
-use prost::Message;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+// foldhash, not SipHash: both maps are probed once per delivered item.
+use hashbrown::HashMap;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
-use watch_core::{CancelReason, EventBatch, Revision, WatchHandle, WatchMessage};
+use watch_core::{
+    CancelReason, EventBatch, Outbox, OutboxItem, OutboxLimits, Registration, Revision,
+    WatchMessage,
+};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::from_proto::{self, WatchCommand};
 use watch_proto::status::{EtcdError, from_convert_error};
+use watch_proto::wire::{self, WireResponse};
 use watch_proto::{ConvertError, to_proto};
 
 use super::convert::{header, store_status};
@@ -43,22 +61,33 @@ use kv_store::Store;
 use kv_store::StoreError;
 use tracing::Instrument;
 
-/// Responses buffered per stream between its task and the client.
-pub const OUTBOUND_DEPTH: usize = 32;
+/// Bytes of encoded responses buffered per stream between its task and the client. Enough for
+/// tens of thousands of small `created` replies to pipelined creates before the stream stops
+/// reading requests (etcd's gRPC buffers are of that order).
+pub const OUTBOUND_BYTES: usize = 1 << 20;
 
 /// gRPC overhead etcd adds to `--max-request-bytes` for its receive limit and for the size at
 /// which watch responses are fragmented (512 KiB).
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Most revisions merged into one response, etcd's `watchBatchMaxRevs`.
+pub const MAX_MERGED_REVISIONS: usize = 1000;
+
+/// Most outbox items taken per drain, so one drain's responses go out before the next is taken.
+const DRAIN_ITEMS: usize = 4096;
 
 /// Settings of the watch service.
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
     /// Most watches on one stream; a create beyond it is refused (created + canceled).
     pub max_watchers_per_stream: usize,
-    /// Engine queue size of each watcher, in revisions.
+    /// Most messages of one watcher queued in its stream's outbox (revisions).
     pub watch_buffer: u32,
+    /// Most bytes queued in one stream's outbox (each message counted with the memory of the
+    /// change set it holds); beyond it the stream's watchers are caught up from the log.
+    pub watch_stream_bytes: usize,
     /// etcd `--max-request-bytes`; responses of fragment-enabled watches are split at this
-    /// plus [`GRPC_OVERHEAD_BYTES`].
+    /// plus [`GRPC_OVERHEAD_BYTES`], and merged responses stop growing at this.
     pub max_request_bytes: usize,
 }
 
@@ -118,10 +147,41 @@ impl WatchService {
     }
 }
 
-type WatchResponseStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+/// The outbound side of a stream: responses in order, bounded by [`OUTBOUND_BYTES`] of
+/// encoded size (the budget is returned as tonic takes each response).
+pub struct WatchResponseStream {
+    rx: mpsc::UnboundedReceiver<Result<WireResponse, Status>>,
+    budget: Arc<Semaphore>,
+}
+
+impl futures_core::Stream for WatchResponseStream {
+    type Item = Result<WireResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let item = this.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(resp))) = &item {
+            this.budget.add_permits(cost(resp));
+        }
+        item
+    }
+}
+
+impl Drop for WatchResponseStream {
+    fn drop(&mut self) {
+        // Wakes a stream task waiting for room: nothing will be taken any more.
+        self.budget.close();
+    }
+}
+
+/// Budget a response takes from the outbound bound (a response larger than the whole bound
+/// takes all of it, so it waits for an empty queue rather than forever).
+fn cost(resp: &WireResponse) -> usize {
+    resp.encoded_len().clamp(1, OUTBOUND_BYTES)
+}
 
 #[tonic::async_trait]
-impl pb::watch_server::Watch for WatchService {
+impl wire::watch_server::Watch for WatchService {
     type WatchStream = WatchResponseStream;
 
     async fn watch(
@@ -144,125 +204,48 @@ impl pb::watch_server::Watch for WatchService {
         };
         // etcd reads the stream's token at every create, so a token that expires while the
         // stream is open refuses later creates; keep it, not the caller.
-        let token = match self.gate.auth() {
+        // Kept whether authentication is on or not: it can be turned on while the stream is
+        // open, and each create is checked as things stand then.
+        let token = match self.gate.manager() {
             Some(_) => token_of(request.metadata()).map(str::to_owned),
             None => None,
         };
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
-        let stream = WatchStream {
-            store: self.store.clone(),
-            settings: self.settings.clone(),
-            out: tx,
-            watches: SelectAll::new(),
-            meta: HashMap::new(),
-            next_id: 0,
-            progress: None,
-            metrics: self.metrics.clone(),
-            gate: self.gate.clone(),
+        let (stream, responses) = WatchStream::new(
+            self.store.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+            self.gate.clone(),
             token,
-        };
+        );
         let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
         tokio::spawn(
             stream
                 .run(inbound, self.shutdown.clone(), leader)
                 .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(responses))
     }
 }
 
-/// Most revisions merged into one response, etcd's `watchBatchMaxRevs`.
-const MAX_MERGED_REVISIONS: usize = 1000;
-
-/// What a [`Slot`] yields: one engine message, or consecutive catch-up batches merged into one
-/// response (etcd sends an unsynced watcher's backlog in multi-revision responses; live
-/// revisions keep one response each, as etcd's synced watchers do).
-enum Delivery {
-    Message(WatchMessage),
-    CatchUp(Vec<EventBatch>),
-}
-
-/// One watch in the stream's [`SelectAll`]. `handle` is taken to cancel the watch; the saved
-/// waker then lets `SelectAll` poll the slot once more so it drops out of the set.
-struct Slot {
-    id: i64,
-    handle: Option<WatchHandle>,
-    waker: Option<Waker>,
-    /// A message read while merging that did not belong in the merge; yielded next. Boxed:
-    /// rarely set, and a slot exists per watcher.
-    held: Option<Box<WatchMessage>>,
-    /// Payload bytes a merged response may reach (one batch alone may exceed it).
-    merge_bytes: u32,
-}
-
-impl futures_core::Stream for Slot {
-    type Item = (i64, Delivery);
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        let Some(handle) = this.handle.as_mut() else {
-            this.held = None;
-            return Poll::Ready(None);
-        };
-        let first = match this.held.take() {
-            Some(m) => *m,
-            None => match handle.poll_recv(cx) {
-                Poll::Ready(Some(m)) => m,
-                Poll::Ready(None) => {
-                    this.handle = None;
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => {
-                    this.waker = Some(cx.waker().clone());
-                    return Poll::Pending;
-                }
-            },
-        };
-        let WatchMessage::Events(batch) = first else {
-            return Poll::Ready(Some((this.id, Delivery::Message(first))));
-        };
-        if !batch.is_catch_up() {
-            return Poll::Ready(Some((
-                this.id,
-                Delivery::Message(WatchMessage::Events(batch)),
-            )));
-        }
-        let mut bytes = batch.payload_len();
-        let mut merged = vec![batch];
-        while merged.len() < MAX_MERGED_REVISIONS {
-            match handle.try_recv() {
-                Some(WatchMessage::Events(next))
-                    if next.is_catch_up()
-                        && bytes + next.payload_len() <= this.merge_bytes as usize =>
-                {
-                    bytes += next.payload_len();
-                    merged.push(next);
-                }
-                Some(other) => {
-                    this.held = Some(Box::new(other));
-                    break;
-                }
-                None => break,
-            }
-        }
-        Poll::Ready(Some((this.id, Delivery::CatchUp(merged))))
-    }
-}
-
-/// Per-watch flags the responses need.
-#[derive(Debug, Clone, Copy)]
-struct Meta {
+/// One watch of the stream. Dropping it unregisters the engine watcher.
+struct Watch {
+    registration: Registration,
     prev_kv: bool,
     fragment: bool,
     progress_notify: bool,
 }
 
-/// A manual progress request waiting for every watcher to report.
-struct ProgressRound {
-    waiting: HashSet<i64>,
-    /// Lowest revision reported so far: every watcher is complete through it.
+/// A response being assembled from one drain.
+struct Pending {
+    resp: WireResponse,
+    watch_id: i64,
+    /// Last revision in the response (its header revision).
     revision: Revision,
+    revisions: usize,
+    fragment: bool,
+    /// Revision of the first live (not catch-up) batch, for the publish→send latency.
+    live: Option<Revision>,
 }
 
 /// The client went away (the outbound channel closed): end the stream task.
@@ -271,18 +254,54 @@ struct Gone;
 struct WatchStream {
     store: Store,
     settings: WatchSettings,
-    out: mpsc::Sender<Result<pb::WatchResponse, Status>>,
-    watches: SelectAll<Slot>,
-    meta: HashMap<i64, Meta>,
+    outbox: Outbox,
+    out: mpsc::UnboundedSender<Result<WireResponse, Status>>,
+    budget: Arc<Semaphore>,
+    /// By client watch ID.
+    watches: HashMap<i64, Watch>,
     next_id: i64,
-    progress: Option<ProgressRound>,
     metrics: WatchMetrics,
     gate: Gate,
     /// The `token` metadata of the stream's request.
     token: Option<String>,
+    /// Reused buffers of one drain.
+    items: Vec<OutboxItem>,
+    pending: Vec<Pending>,
+    open: HashMap<i64, usize>,
 }
 
 impl WatchStream {
+    fn new(
+        store: Store,
+        settings: WatchSettings,
+        metrics: WatchMetrics,
+        gate: Gate,
+        token: Option<String>,
+    ) -> (Self, WatchResponseStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(OUTBOUND_BYTES));
+        let outbox = store.engine().outbox(OutboxLimits {
+            max_bytes: settings.watch_stream_bytes,
+            max_messages: usize::MAX,
+        });
+        let stream = Self {
+            store,
+            settings,
+            outbox,
+            out: tx,
+            budget: budget.clone(),
+            watches: HashMap::new(),
+            next_id: 0,
+            metrics,
+            gate,
+            token,
+            items: Vec::new(),
+            pending: Vec::new(),
+            open: HashMap::new(),
+        };
+        (stream, WatchResponseStream { rx, budget })
+    }
+
     async fn run(
         mut self,
         mut inbound: Streaming<pb::WatchRequest>,
@@ -293,12 +312,17 @@ impl WatchStream {
         tracing::debug!("watch stream opened");
         let mut client_open = true;
         loop {
-            if !client_open && self.meta.is_empty() {
+            if !client_open && self.watches.is_empty() {
                 // Half-closed and nothing left to watch: nothing more can happen.
                 break;
             }
+            // Requests are read and the outbox drained only while responses can be queued: a
+            // client that does not read stops being read (flow control), not disconnected.
+            let room = self.budget.available_permits() > 0;
+            let budget = self.budget.clone();
+            let (outbox, items) = (&self.outbox, &mut self.items);
             let step = tokio::select! {
-                req = inbound.next(), if client_open => match req {
+                req = inbound.next(), if client_open && room => match req {
                     Some(Ok(req)) => self.on_request(&req).await,
                     Some(Err(status)) => {
                         tracing::debug!(%status, "watch stream receive error");
@@ -310,12 +334,14 @@ impl WatchStream {
                         Ok(())
                     }
                 },
-                Some((id, delivery)) = self.watches.next(), if !self.watches.is_empty() => {
-                    match delivery {
-                        Delivery::Message(msg) => self.on_message(id, msg).await,
-                        Delivery::CatchUp(batches) => self.on_catch_up(id, &batches).await,
-                    }
+                _ = std::future::poll_fn(|cx| outbox.poll_drain(cx, items, DRAIN_ITEMS)), if room => {
+                    self.deliver().await
                 }
+                r = budget.acquire(), if !room => match r {
+                    Ok(_) => Ok(()),
+                    // Closed by the response stream's drop: the client is gone.
+                    Err(_) => break,
+                },
                 _ = self.out.closed() => break,
                 _ = async {
                     match &mut leader {
@@ -325,15 +351,13 @@ impl WatchStream {
                 } => {
                     // A `hasleader` stream on a mirror that lost its upstream: etcd ends such
                     // a stream with "no leader" when the member loses its leader.
-                    let _ = self.out.send(Err(EtcdError::NoLeader.status())).await;
+                    let _ = self.out.send(Err(EtcdError::NoLeader.status()));
                     break;
                 }
                 _ = async { drop(shutdown.wait_for(|s| *s).await) } => {
                     // The server is stopping: end the stream with a status clients retry on
                     // (etcd's "server stopped", UNAVAILABLE), not a silent OK.
-                    // A client not reading keeps this waiting until the transport is cut
-                    // (`--shutdown-timeout`), which fails the send and ends the task.
-                    let _ = self.out.send(Err(EtcdError::Stopped.status())).await;
+                    let _ = self.out.send(Err(EtcdError::Stopped.status()));
                     break;
                 }
             };
@@ -341,34 +365,42 @@ impl WatchStream {
                 break;
             }
         }
-        if !self.meta.is_empty() {
+        if !self.watches.is_empty() {
             self.metrics
-                .canceled(CancelKind::StreamClosed, self.meta.len() as u64);
+                .canceled(CancelKind::StreamClosed, self.watches.len() as u64);
         }
-        tracing::debug!(watches = self.meta.len(), "watch stream ended");
+        tracing::debug!(watches = self.watches.len(), "watch stream ended");
     }
 
-    async fn send(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
-        self.out.send(Ok(resp)).await.map_err(|_| Gone)
-    }
-
-    /// Sends a response carrying events (one fragment counts as one response), counting it
-    /// only once the stream took it: the slot is reserved first (fails if the client is
-    /// gone, then nothing is counted), and the count is made before the response becomes
-    /// readable, so a client that saw the events also sees them counted. `live` is the
-    /// revision of a live (not catch-up) response, whose publish-to-send time is observed.
-    async fn send_events(
+    /// Queues one response once the outbound bound has room for it. `events`: how many events
+    /// it carries (one fragment counts as one response), counted only once the stream took it,
+    /// and before the client can read it. `live`: revision of a live batch in it, whose
+    /// publish-to-send time is observed.
+    async fn send_wire(
         &self,
-        resp: pb::WatchResponse,
+        resp: WireResponse,
+        events: usize,
         live: Option<Revision>,
     ) -> Result<(), Gone> {
-        let permit = self.out.reserve().await.map_err(|_| Gone)?;
-        self.metrics.sent(resp.events.len());
+        if self.out.is_closed() {
+            return Err(Gone);
+        }
+        let n = u32::try_from(cost(&resp)).unwrap_or(u32::MAX);
+        // The response stream closes the budget when tonic drops it (client gone).
+        let permit = self.budget.acquire_many(n).await.map_err(|_| Gone)?;
+        // Given back by the response stream when tonic takes the response.
+        permit.forget();
+        if events > 0 {
+            self.metrics.sent(events);
+        }
         if let Some(elapsed) = live.and_then(|r| self.store.publish_elapsed(r)) {
             self.metrics.publish_to_send(elapsed);
         }
-        permit.send(Ok(resp));
-        Ok(())
+        self.out.send(Ok(resp)).map_err(|_| Gone)
+    }
+
+    async fn send(&self, resp: pb::WatchResponse) -> Result<(), Gone> {
+        self.send_wire(WireResponse::message(&resp), 0, None).await
     }
 
     fn current(&self) -> Revision {
@@ -393,10 +425,11 @@ impl WatchStream {
     /// etcd's `isWatchPermitted`: a watch needs a valid token and read on every key it
     /// could report.
     fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<(), EtcdError> {
-        let Some(auth) = self.gate.auth() else {
+        // Resolved at each create: a token invalidated, or a permission revoked, since the
+        // stream opened refuses the next create.
+        let Some(caller) = self.gate.caller_for(self.token.as_deref())? else {
             return Ok(());
         };
-        let caller = auth.caller(self.token.as_deref())?;
         // An empty key means "\0" for a watch, as in etcd.
         let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
         caller.check(Perm::Read, key, &c.range_end)
@@ -414,7 +447,10 @@ impl WatchStream {
             Ok(WatchCommand::Create(c)) => self.create(c).await,
             Ok(WatchCommand::Cancel { watch_id }) => self.cancel(watch_id).await,
             Ok(WatchCommand::Progress) => {
-                self.request_progress();
+                // etcd: no response on a stream without watchers.
+                if !self.watches.is_empty() {
+                    self.outbox.request_progress();
+                }
                 Ok(())
             }
             // An unknown request type (or none): ignored, the stream stays open, as etcd.
@@ -433,18 +469,18 @@ impl WatchStream {
             if c.watch_id < 0 {
                 return self.refuse("keywatch: watch_id must not be negative").await;
             }
-            if self.meta.contains_key(&c.watch_id) {
+            if self.watches.contains_key(&c.watch_id) {
                 return self.refuse(EtcdError::DuplicateWatchId.message()).await;
             }
             c.watch_id
         } else {
-            while self.meta.contains_key(&self.next_id) {
+            while self.watches.contains_key(&self.next_id) {
                 self.next_id += 1;
             }
             self.next_id += 1;
             self.next_id - 1
         };
-        if self.meta.len() >= self.settings.max_watchers_per_stream {
+        if self.watches.len() >= self.settings.max_watchers_per_stream {
             let reason = format!(
                 "keywatch: too many watches on this stream (the limit is {})",
                 self.settings.max_watchers_per_stream
@@ -452,35 +488,31 @@ impl WatchStream {
             return self.refuse(&reason).await;
         }
         let options = c.options.buffer(self.settings.watch_buffer.max(1));
-        match self.store.watch(c.selector, options) {
-            Ok(handle) => {
-                tracing::debug!(
-                    watch_id = id,
-                    revision = handle.created_revision(),
-                    "watch created"
-                );
+        // The tag is the client's id (never negative here), so items need no lookup table.
+        let tag = id as u64;
+        match self
+            .store
+            .watch_into(&self.outbox, tag, c.selector, options)
+        {
+            Ok((registration, created)) => {
+                tracing::debug!(watch_id = id, revision = created, "watch created");
+                // Sent before the task drains the outbox again: no event precedes it.
                 self.send(pb::WatchResponse {
-                    header: Some(header(handle.created_revision())),
+                    header: Some(header(created)),
                     watch_id: id,
                     created: true,
                     ..Default::default()
                 })
                 .await?;
-                self.meta.insert(
+                self.watches.insert(
                     id,
-                    Meta {
+                    Watch {
+                        registration,
                         prev_kv: options.prev_kv,
                         fragment: c.fragment,
                         progress_notify: options.progress_notify,
                     },
                 );
-                self.watches.push(Slot {
-                    id,
-                    handle: Some(handle),
-                    waker: None,
-                    held: None,
-                    merge_bytes: u32::try_from(self.settings.max_request_bytes).unwrap_or(u32::MAX),
-                });
                 Ok(())
             }
             Err(StoreError::Compacted { compacted, .. }) => {
@@ -508,24 +540,10 @@ impl WatchStream {
         }
     }
 
-    /// Drops the watch's handle (its engine registration ends now); true if it existed.
-    fn drop_watch(&mut self, id: i64) -> bool {
-        if self.meta.remove(&id).is_none() {
-            return false;
-        }
-        for slot in self.watches.iter_mut() {
-            if slot.id == id && slot.handle.is_some() {
-                slot.handle = None;
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
-            }
-        }
-        true
-    }
-
     async fn cancel(&mut self, id: i64) -> Result<(), Gone> {
-        if !self.drop_watch(id) {
+        // Dropping the registration ends the engine watcher now; its items still queued are
+        // skipped by `deliver` (the id no longer matches).
+        if self.watches.remove(&id).is_none() {
             // etcd sends nothing for an unknown watch ID.
             return Ok(());
         }
@@ -537,192 +555,219 @@ impl WatchStream {
             canceled: true,
             ..Default::default()
         })
-        .await?;
-        self.progress_done(id).await
-    }
-
-    fn request_progress(&mut self) {
-        if self.meta.is_empty() {
-            // etcd: no response on a stream without watchers.
-            return;
-        }
-        // A new request restarts the round: a watcher that cannot answer yet (catching up, or
-        // waiting for a future start revision) holds the reply back, as etcd drops the request
-        // until every watcher is synced, and the client asks again.
-        let mut waiting = HashSet::with_capacity(self.meta.len());
-        for slot in self.watches.iter() {
-            if let Some(h) = &slot.handle {
-                h.request_progress();
-                waiting.insert(slot.id);
-            }
-        }
-        self.progress = Some(ProgressRound {
-            waiting,
-            revision: Revision::MAX,
-        });
-    }
-
-    /// Removes `id` from the pending progress round and sends the round's reply if it was the
-    /// last one missing.
-    async fn progress_done(&mut self, id: i64) -> Result<(), Gone> {
-        let Some(round) = &mut self.progress else {
-            return Ok(());
-        };
-        if !round.waiting.remove(&id) || !round.waiting.is_empty() {
-            return Ok(());
-        }
-        let revision = if round.revision == Revision::MAX {
-            self.current()
-        } else {
-            round.revision
-        };
-        self.progress = None;
-        self.send(pb::WatchResponse {
-            header: Some(header(revision)),
-            watch_id: -1,
-            ..Default::default()
-        })
         .await
     }
 
-    /// Sends consecutive catch-up batches of one watch as one response (fragmented when the
-    /// watch allows it), each event with prev_kv only where etcd would have it.
-    async fn on_catch_up(&mut self, id: i64, batches: &[EventBatch]) -> Result<(), Gone> {
-        let (Some(meta), Some(last)) = (self.meta.get(&id).copied(), batches.last()) else {
-            return Ok(());
-        };
+    /// Turns one drain of the outbox into responses and sends them: a watch's consecutive
+    /// event messages are merged, everything before a stream progress answer goes out before
+    /// it.
+    async fn deliver(&mut self) -> Result<(), Gone> {
+        let mut items = std::mem::take(&mut self.items);
         let compacted = self.store.compacted_revision();
-        let events = batches
-            .iter()
-            .flat_map(|b| to_proto::batch_events(b, meta.prev_kv && b.revision() > compacted))
-            .collect();
-        let resp = pb::WatchResponse {
-            header: Some(header(last.revision())),
-            watch_id: id,
-            events,
+        let mut result = Ok(());
+        for item in items.drain(..) {
+            match item {
+                OutboxItem::Message { id, tag, message } => {
+                    let watch_id = tag as i64;
+                    let Some(w) = self.watches.get(&watch_id) else {
+                        continue;
+                    };
+                    if w.registration.id() != id {
+                        // A canceled watch's leftovers, its client id reused since.
+                        continue;
+                    }
+                    let flags = (w.prev_kv, w.fragment, w.progress_notify);
+                    match message {
+                        WatchMessage::Events(batch) => {
+                            self.add_events(watch_id, flags.0, flags.1, &batch, compacted);
+                        }
+                        WatchMessage::Progress { revision } => {
+                            self.open.remove(&watch_id);
+                            if flags.2 {
+                                self.pending.push(Pending::message(
+                                    pb::WatchResponse {
+                                        header: Some(header(revision)),
+                                        watch_id,
+                                        ..Default::default()
+                                    },
+                                    watch_id,
+                                ));
+                            }
+                        }
+                        WatchMessage::Canceled(reason) => {
+                            self.open.remove(&watch_id);
+                            self.watches.remove(&watch_id);
+                            let resp = self.engine_cancel(watch_id, reason);
+                            self.pending.push(Pending::message(resp, watch_id));
+                        }
+                        // WatchMessage is #[non_exhaustive]: a new kind is not for clients
+                        // until mapped.
+                        #[allow(unreachable_patterns)]
+                        _ => {}
+                    }
+                }
+                OutboxItem::Progress { revision } => {
+                    if let Err(g) = self.flush().await {
+                        result = Err(g);
+                        break;
+                    }
+                    let resp = pb::WatchResponse {
+                        header: Some(header(revision)),
+                        watch_id: -1,
+                        ..Default::default()
+                    };
+                    if let Err(g) = self.send(resp).await {
+                        result = Err(g);
+                        break;
+                    }
+                }
+                // OutboxItem is #[non_exhaustive].
+                #[allow(unreachable_patterns)]
+                _ => {}
+            }
+        }
+        items.clear();
+        self.items = items;
+        result?;
+        self.flush().await
+    }
+
+    /// Adds one revision of watch `watch_id` to its open response, or opens a new one when
+    /// merging would pass the caps.
+    fn add_events(
+        &mut self,
+        watch_id: i64,
+        prev_kv: bool,
+        fragment: bool,
+        batch: &EventBatch,
+        compacted: Revision,
+    ) {
+        // etcd reads prev_kv at `revision - 1`, which is gone when that is below the
+        // compaction revision: then it sends no prev_kv (the log still has it).
+        let prev_kv = prev_kv && batch.revision() > compacted;
+        let live = (!batch.is_catch_up()).then(|| batch.revision());
+        let cap = self.settings.max_request_bytes;
+        wire::encoded(batch.change_set(), prev_kv, |enc| {
+            if let Some(&i) = self.open.get(&watch_id) {
+                let p = &mut self.pending[i];
+                let add = enc.picked_len(batch.picked());
+                if p.revisions < MAX_MERGED_REVISIONS && p.resp.encoded_len() + add <= cap {
+                    p.resp.push_events(enc, batch.picked());
+                    p.revision = batch.revision();
+                    p.revisions += 1;
+                    p.live = p.live.or(live);
+                    return;
+                }
+            }
+            let mut resp = WireResponse::events(header(batch.revision()), watch_id, false);
+            resp.push_events(enc, batch.picked());
+            self.open.insert(watch_id, self.pending.len());
+            self.pending.push(Pending {
+                resp,
+                watch_id,
+                revision: batch.revision(),
+                revisions: 1,
+                fragment,
+                live,
+            });
+        });
+    }
+
+    /// Sends every assembled response, in the order they were opened.
+    async fn flush(&mut self) -> Result<(), Gone> {
+        self.open.clear();
+        let pending = std::mem::take(&mut self.pending);
+        let mut result = Ok(());
+        for p in pending {
+            if result.is_err() {
+                break;
+            }
+            result = self.send_pending(p).await;
+        }
+        result
+    }
+
+    async fn send_pending(&self, p: Pending) -> Result<(), Gone> {
+        let events = p.resp.event_count();
+        if events == 0 {
+            return self.send_wire(p.resp, 0, None).await;
+        }
+        // The header of a merged response names its last revision.
+        let mut resp = p.resp;
+        if p.revisions > 1 {
+            resp.set_header(header(p.revision), p.watch_id, false);
+        }
+        let limit = self.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        if !p.fragment || resp.encoded_len() < limit || events < 2 {
+            return self.send_wire(resp, events, p.live).await;
+        }
+        // etcd's `sendFragments`: every piece but the last has `fragment = true`; one event
+        // is never split.
+        let mut live = p.live;
+        let mut cur = WireResponse::events(header(p.revision), p.watch_id, true);
+        let parts: Vec<_> = resp.into_events().collect();
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            if cur.event_count() > 0 && cur.encoded_len() + part.len() >= limit {
+                let n = cur.event_count();
+                let full = std::mem::replace(
+                    &mut cur,
+                    WireResponse::events(header(p.revision), p.watch_id, true),
+                );
+                self.send_wire(full, n, live.take()).await?;
+            }
+            cur.push_part(part, 1);
+            if i == last {
+                cur.set_header(header(p.revision), p.watch_id, false);
+            }
+        }
+        let n = cur.event_count();
+        self.send_wire(cur, n, live.take()).await
+    }
+
+    /// The response to an engine cancel, with metrics and a log line.
+    fn engine_cancel(&self, watch_id: i64, reason: CancelReason) -> pb::WatchResponse {
+        let mut resp = pb::WatchResponse {
+            header: Some(header(self.current())),
+            watch_id,
+            canceled: true,
             ..Default::default()
         };
-        if meta.fragment {
-            self.send_fragments(resp, None).await
-        } else {
-            self.send_events(resp, None).await
-        }
-    }
-
-    async fn on_message(&mut self, id: i64, msg: WatchMessage) -> Result<(), Gone> {
-        let Some(meta) = self.meta.get(&id).copied() else {
-            // A message that raced with a cancel: the watch is gone for the client.
-            return Ok(());
+        let kind = match &reason {
+            CancelReason::Compacted { .. } => CancelKind::Compacted,
+            CancelReason::HistoryUnavailable { .. } => CancelKind::HistoryUnavailable,
+            CancelReason::Shutdown { .. } => CancelKind::Shutdown,
+            _ => CancelKind::Other,
         };
-        match msg {
-            WatchMessage::Events(batch) => {
-                // etcd reads prev_kv at `revision - 1`, which is gone when that is below the
-                // compaction revision: then it sends no prev_kv (the log still has it).
-                let prev_kv = meta.prev_kv && batch.revision() > self.store.compacted_revision();
-                let resp = to_proto::events_response(header(batch.revision()), id, &batch, prev_kv);
-                let live = (!batch.is_catch_up()).then(|| batch.revision());
-                if meta.fragment {
-                    self.send_fragments(resp, live).await
-                } else {
-                    self.send_events(resp, live).await
-                }
+        self.metrics.canceled(kind, 1);
+        tracing::debug!(watch_id, %reason, "watch canceled by the engine");
+        match reason {
+            CancelReason::Compacted { compact_revision } => {
+                resp.header = Some(header(0));
+                resp.compact_revision = to_proto::revision(compact_revision);
             }
-            WatchMessage::Progress { revision } => {
-                let in_round = self
-                    .progress
-                    .as_ref()
-                    .is_some_and(|r| r.waiting.contains(&id));
-                if in_round {
-                    if let Some(r) = &mut self.progress {
-                        r.revision = r.revision.min(revision);
-                    }
-                    return self.progress_done(id).await;
-                }
-                if !meta.progress_notify {
-                    return Ok(());
-                }
-                self.send(pb::WatchResponse {
-                    header: Some(header(revision)),
-                    watch_id: id,
-                    ..Default::default()
-                })
-                .await
+            CancelReason::HistoryUnavailable { message, .. } => {
+                resp.cancel_reason = format!("keywatch: history unavailable: {message}");
             }
-            WatchMessage::Canceled(reason) => {
-                self.meta.remove(&id);
-                let mut resp = pb::WatchResponse {
-                    header: Some(header(self.current())),
-                    watch_id: id,
-                    canceled: true,
-                    ..Default::default()
-                };
-                let kind = match &reason {
-                    CancelReason::Compacted { .. } => CancelKind::Compacted,
-                    CancelReason::HistoryUnavailable { .. } => CancelKind::HistoryUnavailable,
-                    CancelReason::Shutdown { .. } => CancelKind::Shutdown,
-                    _ => CancelKind::Other,
-                };
-                self.metrics.canceled(kind, 1);
-                tracing::debug!(watch_id = id, %reason, "watch canceled by the engine");
-                match reason {
-                    CancelReason::Compacted { compact_revision } => {
-                        resp.header = Some(header(0));
-                        resp.compact_revision = to_proto::revision(compact_revision);
-                    }
-                    CancelReason::HistoryUnavailable { message, .. } => {
-                        resp.cancel_reason = format!("keywatch: history unavailable: {message}");
-                    }
-                    CancelReason::Shutdown { .. } => {
-                        resp.cancel_reason = EtcdError::Stopped.message().to_owned();
-                    }
-                    other => resp.cancel_reason = format!("keywatch: {other}"),
-                }
-                self.send(resp).await?;
-                self.progress_done(id).await
+            CancelReason::Shutdown { .. } => {
+                resp.cancel_reason = EtcdError::Stopped.message().to_owned();
             }
-            // WatchMessage is #[non_exhaustive]: a new kind is not for clients until mapped.
-            #[allow(unreachable_patterns)]
-            _ => Ok(()),
+            other => resp.cancel_reason = format!("keywatch: {other}"),
         }
+        resp
     }
+}
 
-    /// etcd's `sendFragments`: a response of 2+ events whose encoded size reaches the limit is
-    /// split; every piece but the last has `fragment = true`; one event is never split.
-    /// `live`: as for [`WatchStream::send_events`], observed with the first fragment.
-    async fn send_fragments(
-        &self,
-        resp: pb::WatchResponse,
-        mut live: Option<Revision>,
-    ) -> Result<(), Gone> {
-        let limit = self.settings.max_request_bytes + GRPC_OVERHEAD_BYTES;
-        if resp.encoded_len() < limit || resp.events.len() < 2 {
-            return self.send_events(resp, live).await;
+impl Pending {
+    fn message(resp: pb::WatchResponse, watch_id: i64) -> Self {
+        Self {
+            resp: WireResponse::message(&resp),
+            watch_id,
+            revision: 0,
+            revisions: 0,
+            fragment: false,
+            live: None,
         }
-        let mut events = resp.events.into_iter().peekable();
-        let base = pb::WatchResponse {
-            events: Vec::new(),
-            fragment: true,
-            ..resp
-        };
-        while events.peek().is_some() {
-            let mut cur = base.clone();
-            let mut size = cur.encoded_len();
-            while let Some(ev) = events.peek() {
-                // Tag (1 byte) + length prefix + the event.
-                let len = ev.encoded_len();
-                let add = 1 + prost::length_delimiter_len(len) + len;
-                if !cur.events.is_empty() && size + add >= limit {
-                    break;
-                }
-                size += add;
-                if let Some(ev) = events.next() {
-                    cur.events.push(ev);
-                }
-            }
-            cur.fragment = events.peek().is_some();
-            self.send_events(cur, live.take()).await?;
-        }
-        Ok(())
     }
 }
 
@@ -731,16 +776,19 @@ mod tests {
     use super::*;
     use kv_store::{Durability, StoreConfig};
 
-    fn event_response(n: usize) -> pb::WatchResponse {
-        pb::WatchResponse {
+    fn event_response(n: usize) -> WireResponse {
+        WireResponse::message(&pb::WatchResponse {
             watch_id: 1,
             events: vec![Default::default(); n],
             ..Default::default()
-        }
+        })
     }
 
-    #[tokio::test]
-    async fn events_are_counted_only_once_the_stream_took_them() {
+    /// A store in a temporary directory and one stream over it (no task: tests drive it).
+    async fn stream(
+        watch_buffer: u32,
+        metrics: WatchMetrics,
+    ) -> (tempfile::TempDir, Store, WatchStream, WatchResponseStream) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(
             dir.path(),
@@ -748,31 +796,118 @@ mod tests {
         )
         .await
         .unwrap();
-        let (tx, mut rx) = mpsc::channel(1);
-        let metrics = WatchMetrics::default();
-        let stream = WatchStream {
-            store: store.clone(),
-            settings: WatchSettings {
+        let (stream, responses) = WatchStream::new(
+            store.clone(),
+            WatchSettings {
                 max_watchers_per_stream: 10,
-                watch_buffer: 16,
+                watch_buffer,
+                watch_stream_bytes: 1 << 20,
                 max_request_bytes: 1 << 20,
             },
-            out: tx,
-            watches: SelectAll::new(),
-            meta: HashMap::new(),
-            next_id: 0,
-            progress: None,
-            metrics: metrics.clone(),
-            gate: Gate::off(),
-            token: None,
-        };
-        assert!(stream.send_events(event_response(2), None).await.is_ok());
-        assert!(rx.recv().await.is_some());
+            metrics,
+            Gate::off(),
+            None,
+        );
+        (dir, store, stream, responses)
+    }
+
+    #[tokio::test]
+    async fn events_are_counted_only_once_the_stream_took_them() {
+        let metrics = WatchMetrics::default();
+        let (_dir, store, stream, mut responses) = stream(16, metrics.clone()).await;
+        assert!(stream.send_wire(event_response(2), 2, None).await.is_ok());
+        assert!(responses.next().await.is_some());
         assert_eq!(metrics.sent_counts(), (2, 1));
         // The client is gone: the send fails and nothing is counted.
-        drop(rx);
-        assert!(stream.send_events(event_response(3), None).await.is_err());
+        drop(responses);
+        assert!(stream.send_wire(event_response(3), 3, None).await.is_err());
         assert_eq!(metrics.sent_counts(), (2, 1));
+        drop(stream);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_stops_being_read_without_losing_the_stream() {
+        let (_dir, store, stream, mut responses) = stream(16, WatchMetrics::default()).await;
+        // Fill the outbound bound exactly.
+        let big = WireResponse::message(&pb::WatchResponse {
+            cancel_reason: "x".repeat(OUTBOUND_BYTES - 16),
+            ..Default::default()
+        });
+        assert!(cost(&big) > OUTBOUND_BYTES - 32);
+        stream.send_wire(big, 0, None).await.ok().unwrap();
+        assert!(stream.budget.available_permits() < 32);
+        // The next send waits for the client, and completes once it reads.
+        {
+            let send = stream.send_wire(event_response(40), 40, None);
+            tokio::pin!(send);
+            assert!(futures_util::poll!(&mut send).is_pending());
+            assert!(responses.next().await.is_some());
+            assert!(send.await.is_ok());
+        }
+        assert!(responses.next().await.is_some());
+        drop(stream);
+        store.close().await.unwrap();
+    }
+
+    fn decode(resp: WireResponse) -> pb::WatchResponse {
+        use prost::Message;
+        pb::WatchResponse::decode(resp.to_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn revisions_waiting_for_one_watch_go_out_in_one_response() {
+        let (_dir, store, mut stream, mut responses) = stream(64, WatchMetrics::default()).await;
+        for (id, key) in [(5, "a"), (6, "b")] {
+            let create = pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                    pb::WatchCreateRequest {
+                        key: key.into(),
+                        watch_id: id,
+                        prev_kv: true,
+                        ..Default::default()
+                    },
+                )),
+            };
+            assert!(stream.on_request(&create).await.is_ok());
+            assert!(decode(responses.next().await.unwrap().unwrap()).created);
+        }
+        // Five revisions for watch 5 and one for watch 6 wait while the stream does not drain.
+        for v in 0..5 {
+            store
+                .put("a", format!("v{v}"), Default::default())
+                .await
+                .unwrap();
+        }
+        store.put("b", "x", Default::default()).await.unwrap();
+        stream.outbox.request_progress();
+        while !stream
+            .items
+            .iter()
+            .any(|i| matches!(i, OutboxItem::Progress { .. }))
+        {
+            stream.outbox.drain(&mut stream.items, usize::MAX).await;
+        }
+        assert!(stream.deliver().await.is_ok());
+        let merged = decode(responses.next().await.unwrap().unwrap());
+        assert_eq!(merged.watch_id, 5);
+        let revs: Vec<i64> = merged
+            .events
+            .iter()
+            .map(|e| e.kv.as_ref().unwrap().mod_revision)
+            .collect();
+        assert_eq!(revs, [2, 3, 4, 5, 6]);
+        // The header names the last revision; prev_kv is shared-encoded per variant.
+        assert_eq!(merged.header.unwrap().revision, 6);
+        assert_eq!(&merged.events[1].prev_kv.as_ref().unwrap().value[..], b"v0");
+        let other = decode(responses.next().await.unwrap().unwrap());
+        assert_eq!((other.watch_id, other.events.len()), (6, 1));
+        // The progress answer follows every event it covers.
+        let progress = decode(responses.next().await.unwrap().unwrap());
+        assert_eq!(
+            (progress.watch_id, progress.header.unwrap().revision),
+            (-1, 7)
+        );
         drop(stream);
         store.close().await.unwrap();
     }

@@ -599,6 +599,31 @@ async fn watch_progress_request(server: Server) {
 }
 compat_test!(watch_progress_request);
 
+// Three progress requests in a row get three answers, as etcd (3.4.23 and later) sends one per
+// request; pending requests are coalesced in keywatch but each is still answered.
+async fn watch_progress_requests_each_answered(server: Server) {
+    let mut c = server.client().await;
+    let (mut w, _) = Watch::open(&mut c, "foo", None).await;
+    let at = put_rev(&mut c, "foo", "1").await;
+    assert_eq!(w.events(1).await.len(), 1);
+    for _ in 0..3 {
+        w.stream.request_progress().await.expect("send progress");
+    }
+    for _ in 0..3 {
+        assert_progress(&w.next().await, at);
+    }
+    // Nothing more: the next response is the next write's event.
+    let next = put_rev(&mut c, "foo", "2").await;
+    assert_eq!(
+        events(&w.next().await)
+            .iter()
+            .map(|e| e.kv.modified)
+            .collect::<Vec<_>>(),
+        [next]
+    );
+}
+compat_test!(watch_progress_requests_each_answered);
+
 /// A progress notification as the Go client recognises one (`IsProgressNotify`), sent for the
 /// whole stream (`watch_id` -1), at revision `at`.
 fn assert_progress(resp: &etcd_client::WatchResponse, at: i64) {

@@ -3,7 +3,8 @@
 //!
 //! - `common`: the `compat_test!` harness (every case against keywatch and a real etcd) and
 //!   the values the cases compare; processes come from `testkit`.
-//! - `compat*`: black-box compatibility with etcd 3.4 (KV, watch, leases, auth, etcdctl).
+//! - `compat*`: black-box compatibility with etcd 3.4 (KV, watch, leases, auth and its
+//!   runtime management, Lock and Election, etcdctl).
 //! - `mirror`: mirror mode against a real 3-member etcd cluster.
 //! - `ops`: metrics, health, reflection, signals and shutdown of the binary.
 //! - `store`, `lease_store`, `watch_stream`: the in-process store and watch stream.
@@ -17,6 +18,8 @@ mod common;
 
 mod compat;
 mod compat_auth;
+mod compat_auth_mgmt;
+mod compat_concurrency;
 mod compat_etcdctl;
 mod compat_kv;
 mod compat_lease;
