@@ -421,31 +421,41 @@ impl EtcdCluster {
         let mut total = 0.0;
         for i in self.alive() {
             let port = self.members[i].metrics.unwrap_or(self.members[i].client);
-            let io = |source| Error::Io {
-                what: format!("GET /metrics from etcd on port {port}"),
-                source,
-            };
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
-            s.set_read_timeout(Some(GUARD)).map_err(io)?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                .map_err(io)?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).map_err(io)?;
-            let prefix = format!("{name} ");
-            total += body
-                .lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .ok_or_else(|| Error::NoMetric {
-                    name: name.to_owned(),
-                    port,
-                })?;
+            total += metric(port, name)?;
         }
         Ok(total)
     }
 }
 
+/// The Prometheus sample `name` (no labels) from `GET /metrics` on a loopback plain-HTTP
+/// `port` (an etcd member's or a grpc-proxy's).
+pub(crate) fn metric(port: u16, name: &str) -> Result<f64, Error> {
+    let io = |source| Error::Io {
+        what: format!("GET /metrics from port {port}"),
+        source,
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
+    s.set_read_timeout(Some(GUARD)).map_err(io)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(io)?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(io)?;
+    let prefix = format!("{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| Error::NoMetric {
+            name: name.to_owned(),
+            port,
+        })
+}
+
 impl EtcdCluster {
+    /// The etcd binary the members run (grpc-proxy is one of its subcommands).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// The TLS settings of the client URLs, when [`EtcdBuilder::tls`] was given.
     pub fn tls(&self) -> Option<&EtcdTls> {
         self.tls.as_ref()

@@ -38,6 +38,7 @@
 mod env;
 mod etcd;
 mod output;
+mod proxy;
 mod server;
 mod target;
 
@@ -50,6 +51,7 @@ pub use env::{
 };
 pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, EtcdTls, SingleEtcdBuilder};
 pub use output::Output;
+pub use proxy::GrpcProxy;
 pub use server::{Exit, ServerBuilder, ServerProcess, Signal};
 pub use target::{AnyServer, Target};
 
