@@ -2,9 +2,11 @@
 //!
 //! Each rule's text is in [`RULES`], once; ARCHITECTURE.md quotes it word for word (the check
 //! fails if it does not, whitespace and line breaks aside), so the document and the check
-//! cannot drift apart. Dependency rules walk `cargo tree`; source rules read the workspace's
-//! Rust files (comments, string contents and `#[cfg(test)]` modules left out; `tests/`
-//! directories and xtask itself are not scanned).
+//! cannot drift apart. Dependency rules walk `cargo metadata` and `cargo tree`; source rules
+//! read the workspace's Rust files outside `tests/` directories with comments blanked, and
+//! (except the `include!` check of the codegen rule) string and char contents and
+//! `#[cfg(test)]` modules too. xtask's own files are not read: its rule texts name
+//! everything the rules forbid.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,6 +31,14 @@ enum Check {
     Subscriber,
     /// No circle between sibling modules of any crate.
     ModuleCircles,
+    /// No `spawn(` in watch-core's sources.
+    NoSpawn,
+    /// No `anyhow` in library targets.
+    NoAnyhowInLibs,
+    /// etcd-client only as a dev-dependency.
+    EtcdClientDevOnly,
+    /// No `tests/*.rs` beside `tests/it/`.
+    OneTestBinary,
 }
 
 /// A boundary rule: its text (quoted verbatim in ARCHITECTURE.md) and its check.
@@ -40,29 +50,31 @@ struct Rule {
 /// The rules, in the order ARCHITECTURE.md lists them.
 const RULES: &[Rule] = &[
     Rule {
-        text: "watch-core depends on no wire, storage or server crate (prost, tonic, redb, \
-               event-log, watch-proto, kv-store, watch-server), not even transitively.",
+        text: "watch-core depends on no wire, storage, server or metrics crate (prost, tonic, \
+               redb, event-log, watch-proto, kv-store, watch-server, prometheus-client), not \
+               even transitively.",
         check: Check::Deps {
             package: "watch-core",
-            forbidden: &[WIRE, SERVER, &["redb", "event-log"]],
+            forbidden: &[WIRE, SERVER, METRICS, &["redb", "event-log"]],
             needs: &[],
         },
     },
     Rule {
-        text: "event-log stores watch-core's types and depends on no wire or server crate \
-               (prost, tonic, watch-proto, kv-store, watch-server), not even transitively.",
+        text: "event-log stores watch-core's types and depends on no wire, server or metrics \
+               crate (prost, tonic, watch-proto, kv-store, watch-server, prometheus-client), \
+               not even transitively.",
         check: Check::Deps {
             package: "event-log",
-            forbidden: &[WIRE, SERVER],
+            forbidden: &[WIRE, SERVER, METRICS],
             needs: &["watch-core"],
         },
     },
     Rule {
-        text: "kv-store has no gRPC, protobuf, HTTP, CLI or password-hashing crate in its \
-               dependency tree (tonic, prost, axum, hyper, clap, bcrypt).",
+        text: "kv-store has no gRPC, protobuf, HTTP, CLI, password-hashing or metrics crate in \
+               its dependency tree (tonic, prost, axum, hyper, clap, bcrypt, prometheus-client).",
         check: Check::Deps {
             package: "kv-store",
-            forbidden: &[WIRE, &["axum", "hyper", "clap", "bcrypt"]],
+            forbidden: &[WIRE, METRICS, &["axum", "hyper", "clap", "bcrypt"]],
             needs: &[],
         },
     },
@@ -102,7 +114,30 @@ const RULES: &[Rule] = &[
                under it).",
         check: Check::ModuleCircles,
     },
+    Rule {
+        text: "watch-core starts no task or thread of its own: no `spawn(` in \
+               `crates/watch-core/src` (the embedder runs the `Dispatcher`).",
+        check: Check::NoSpawn,
+    },
+    Rule {
+        text: "No library target uses `anyhow`: it is for binaries (`main.rs`, `src/bin/`) and \
+               xtask; libraries return typed errors.",
+        check: Check::NoAnyhowInLibs,
+    },
+    Rule {
+        text: "No product code depends on `etcd-client`: it is a dev-dependency only (tests \
+               talk to keywatch and etcd through it).",
+        check: Check::EtcdClientDevOnly,
+    },
+    Rule {
+        text: "One integration-test binary per crate: tests live in `tests/it/` (`main.rs` and \
+               its modules), never as a top-level `tests/*.rs`.",
+        check: Check::OneTestBinary,
+    },
 ];
+
+/// Metrics crates: only watch-server exports metrics.
+const METRICS: &[&str] = &["prometheus-client"];
 
 /// The wire layer: protobuf and gRPC crates, and watch-proto.
 const WIRE: &[&str] = &[
@@ -174,6 +209,10 @@ pub(crate) fn check(root: &Path) -> Result<()> {
             Check::GeneratedNames => problems.extend(generated_names(&ws)),
             Check::Subscriber => problems.extend(subscriber(&ws)),
             Check::ModuleCircles => problems.extend(circles(&ws)?),
+            Check::NoSpawn => problems.extend(no_spawn(&ws)),
+            Check::NoAnyhowInLibs => problems.extend(no_anyhow_in_libs(&ws)),
+            Check::EtcdClientDevOnly => problems.extend(etcd_client_dev_only(&ws)),
+            Check::OneTestBinary => problems.extend(one_test_binary(&ws)?),
         }
         if problems.is_empty() {
             eprintln!("xtask: boundary rule {} ok: {}", i + 1, rule.text);
@@ -207,6 +246,8 @@ struct Package {
     build_deps: Vec<String>,
     /// Source files of its lib and bin targets (crate roots), for the module scan.
     roots: Vec<PathBuf>,
+    /// Source files of its bin targets.
+    bins: Vec<PathBuf>,
 }
 
 struct Workspace {
@@ -247,6 +288,7 @@ impl Workspace {
                 deps.push(dep);
             }
             let mut roots = Vec::new();
+            let mut bins = Vec::new();
             for t in p["targets"].as_array().into_iter().flatten() {
                 let kinds: Vec<&str> = t["kind"]
                     .as_array()
@@ -260,6 +302,9 @@ impl Workspace {
                 {
                     roots.push(PathBuf::from(t["src_path"].as_str().unwrap_or_default()));
                 }
+                if kinds.contains(&"bin") {
+                    bins.push(PathBuf::from(t["src_path"].as_str().unwrap_or_default()));
+                }
             }
             packages.push(Package {
                 name,
@@ -267,6 +312,7 @@ impl Workspace {
                 deps,
                 build_deps,
                 roots,
+                bins,
             });
         }
         let mut files = Vec::new();
@@ -402,14 +448,125 @@ fn codegen(ws: &Workspace) -> Vec<String> {
             continue;
         }
         for (line, text) in code.with_strings.lines().enumerate() {
-            let derive_prost = text.contains("derive(") && text.contains("prost::");
             let out_dir = text.contains("include!") && text.contains("OUT_DIR");
-            if text.contains("include_proto!") || derive_prost || out_dir {
+            if text.contains("include_proto!") || out_dir {
+                problems.push(format!("{path}:{}: {}", line + 1, text.trim()));
+            }
+        }
+        for (line, derive) in prost_derives(&code.skeleton) {
+            problems.push(format!("{path}:{line}: {derive}"));
+        }
+    }
+    problems
+}
+
+/// The `derive(...)` attributes of `code` (comments and strings blanked) that name a prost
+/// derive, however they are wrapped: `prost::Message` and the like, or `Message`, `Oneof`,
+/// `Enumeration` in a file that imports from prost. Each with its 1-based line.
+fn prost_derives(code: &str) -> Vec<(usize, String)> {
+    let imports_prost = code.contains("use prost::") || code.contains("use prost ::");
+    let mut out = Vec::new();
+    let mut rest = code;
+    let mut offset = 0;
+    while let Some(at) = rest.find("derive") {
+        let start = offset + at;
+        let after = code[start + "derive".len()..].trim_start();
+        if let Some(list) = after.strip_prefix('(') {
+            let end = list.find(')').unwrap_or(list.len());
+            let names: String = list[..end].split_whitespace().collect();
+            let prost = names.contains("prost::")
+                || (imports_prost
+                    && names
+                        .split(',')
+                        .any(|n| matches!(n, "Message" | "Oneof" | "Enumeration")));
+            if prost {
+                let line = code[..start].matches('\n').count() + 1;
+                out.push((line, format!("derive({names})")));
+            }
+        }
+        offset = start + "derive".len();
+        rest = &code[offset..];
+    }
+    out
+}
+
+/// `spawn(` in watch-core's sources (tests and comments aside).
+fn no_spawn(ws: &Workspace) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (path, code) in &ws.files {
+        if !path.starts_with("crates/watch-core/src/") {
+            continue;
+        }
+        for (line, text) in code.skeleton.lines().enumerate() {
+            let squashed: String = text.split_whitespace().collect();
+            if squashed.contains("spawn(") {
                 problems.push(format!("{path}:{}: {}", line + 1, text.trim()));
             }
         }
     }
     problems
+}
+
+/// `anyhow` named in a library target's sources: every file under a package's `src/` that is
+/// not a bin root or under `src/bin/`, for packages with a library target.
+fn no_anyhow_in_libs(ws: &Workspace) -> Vec<String> {
+    let mut problems = Vec::new();
+    for p in &ws.packages {
+        let src = p.dir.join("src");
+        let bin_dir = src.join("bin");
+        let has_lib = p.roots.iter().any(|r| !p.bins.contains(r));
+        if !has_lib {
+            continue;
+        }
+        for (path, code) in &ws.files {
+            let abs = ws.root.join(path);
+            if !abs.starts_with(&src) || abs.starts_with(&bin_dir) || p.bins.contains(&abs) {
+                continue;
+            }
+            for (line, text) in code.skeleton.lines().enumerate() {
+                if words(text).any(|w| w == "anyhow") {
+                    problems.push(format!("{path}:{}: {}", line + 1, text.trim()));
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Packages with `etcd-client` as a normal or build dependency.
+fn etcd_client_dev_only(ws: &Workspace) -> Vec<String> {
+    ws.packages
+        .iter()
+        .filter(|p| p.build_deps.iter().any(|d| d == "etcd-client"))
+        .map(|p| {
+            format!(
+                "{} depends on etcd-client outside [dev-dependencies]",
+                p.name
+            )
+        })
+        .collect()
+}
+
+/// `.rs` files directly in a package's `tests/` (each is a test binary of its own).
+fn one_test_binary(ws: &Workspace) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for p in &ws.packages {
+        let tests = p.dir.join("tests");
+        let Ok(entries) = std::fs::read_dir(&tests) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_file() && path.extension().is_some_and(|e| e == "rs") {
+                problems.push(format!(
+                    "{}: a test binary of its own; make it a module of tests/it/",
+                    relative(&ws.root, &path)
+                ));
+            }
+        }
+    }
+    problems.sort();
+    Ok(problems)
 }
 
 fn generated_names(ws: &Workspace) -> Vec<String> {

@@ -1,12 +1,15 @@
 //! Configuration of an [`crate::EventLog`].
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Default bound of redb's page cache, in bytes (see [`crate::RedbOptions::cache_bytes`]).
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// How durable a commit is when `append` resolves. The one durability vocabulary of keywatch:
-/// kv-store re-exports it, and the server's `--durability fsync|no-sync` names its variants.
+/// kv-store re-exports it, and the server's `--durability fsync|no-sync` parses it with
+/// [`FromStr`] (spellings `fsync` and `no-sync`, also what [`fmt::Display`] writes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// Every batch is fsynced before any of its submitters is acknowledged (redb
@@ -16,6 +19,38 @@ pub enum Durability {
     /// No fsync (redb `Durability::None`): commits are atomic and visible but may vanish on a
     /// crash or power loss. **Tests and benchmarks only.**
     NoSync,
+}
+
+impl Durability {
+    /// The user spelling of this setting (`fsync`, `no-sync`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fsync => "fsync",
+            Self::NoSync => "no-sync",
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is neither `fsync` nor `no-sync`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown durability {0:?}: expected `fsync` or `no-sync`")]
+pub struct ParseDurabilityError(pub String);
+
+impl FromStr for Durability {
+    type Err = ParseDurabilityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Fsync, Self::NoSync]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| ParseDurabilityError(s.to_owned()))
+    }
 }
 
 /// When the writer compacts old history by itself. Every bound that is set applies; the
@@ -100,5 +135,20 @@ impl Default for LogConfig {
             verify_on_open: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Durability;
+
+    #[test]
+    fn durability_spellings_round_trip() {
+        for d in [Durability::Fsync, Durability::NoSync] {
+            assert_eq!(d.to_string().parse::<Durability>(), Ok(d));
+        }
+        assert_eq!("no-sync".parse::<Durability>(), Ok(Durability::NoSync));
+        let err = "Immediate".parse::<Durability>().unwrap_err();
+        assert!(err.to_string().contains("`fsync` or `no-sync`"), "{err}");
     }
 }

@@ -83,6 +83,44 @@ pub enum LogError {
     },
 }
 
+/// The class of a [`LogError`], for callers that turn errors into responses. Unlike
+/// `LogError` it is exhaustive: the classification of a new variant is written here, in
+/// [`LogError::kind`]'s exhaustive match, and a new class breaks every caller's match at
+/// compile time instead of reaching it as a catch-all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The revisions asked for are compacted (`Compacted`, `AlreadyCompacted`).
+    Compacted,
+    /// A revision above the last one written (`FutureRevision`).
+    FutureRevision,
+    /// The submission queue is full; retry later (`QueueFull`).
+    Busy,
+    /// The log is closed (`Closed`).
+    Closed,
+    /// Stored data is damaged (`Corrupt`).
+    Corrupt,
+    /// The storage failed; nothing was acknowledged (`Io`, `Storage`, `Poisoned`).
+    Unavailable,
+    /// A bug or setup error of the caller, not the request (`NotIncreasing`,
+    /// `UnsupportedFormat`).
+    Internal,
+}
+
+impl LogError {
+    /// This error's class.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Compacted { .. } | Self::AlreadyCompacted { .. } => ErrorKind::Compacted,
+            Self::FutureRevision { .. } => ErrorKind::FutureRevision,
+            Self::QueueFull => ErrorKind::Busy,
+            Self::Closed => ErrorKind::Closed,
+            Self::Corrupt { .. } => ErrorKind::Corrupt,
+            Self::Io(_) | Self::Storage(_) | Self::Poisoned { .. } => ErrorKind::Unavailable,
+            Self::NotIncreasing { .. } | Self::UnsupportedFormat { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
 impl From<std::io::Error> for LogError {
     fn from(e: std::io::Error) -> Self {
         Self::Io(Arc::new(e))

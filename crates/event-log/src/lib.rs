@@ -68,6 +68,40 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Modules
+//!
+//! - `log` (`EventLog`): bounded submission queue (a tokio `Semaphore` of slots + std `mpsc`) in
+//!   front of **one writer OS thread** owned by the log and joined by `close`/drop. The writer
+//!   takes what is queued (up to `batch_size` / `max_batch_bytes`, optional `flush_interval`
+//!   linger), makes it durable with one redb commit, then answers every `AppendAck`. Compaction runs on the
+//!   same thread in steps of at most 8,192 revisions alternating with batches (appends are not
+//!   held by a long compaction); retention runs between batches. Reads (`read*`, `replay`, the `History`
+//!   impl via `spawn_blocking`) go straight to the store.
+//! - `store`: the `LogStore` trait (append a batch atomically, read by selector, first change
+//!   per key after a revision (what a read at a past revision needs), compact in bounded steps,
+//!   retention target) and `RedbStore`, the default: tables `changes` (revision → record),
+//!   `key_index` ((key, revision) → ()) and `meta` (format version, last and compacted revision,
+//!   record count and bytes).
+//! - `codec`: versioned, length-prefixed binary record with a CRC-32 per change set.
+//! - `config`: `LogConfig`, `Durability` (`Fsync` / `NoSync` for tests; the one durability type, kv-store re-exports it), `RetentionPolicy`.
+//! - `error`: `LogError` (`#[non_exhaustive]`, `Clone` so one failed commit reaches every waiter).
+//! - `observer`: `LogObserver`, a hook the writer thread calls after each commit (change sets,
+//!   bytes, commit duration with fsync) and on a failed commit; set once with
+//!   `EventLog::set_observer`. The server turns it into Prometheus histograms; the crate itself
+//!   depends on no metrics library.
+//!
+//! # Invariants
+//!
+//! - **Ack only after durable**: an `AppendAck` resolves `Ok` only after the commit holding its
+//!   change set returned (fsync under `Durability::Fsync`).
+//! - **Poisoning**: a failed commit fails its batch, everything queued behind it, and every later
+//!   append (`Poisoned`); there is no retry path. Reopen to continue from what is on disk.
+//! - **Never a silent drop**: a full queue makes `append` wait or `try_append` fail `QueueFull`.
+//! - Revisions strictly increase (checked on the writer, `NotIncreasing`); `last_revision` and
+//!   `compacted_revision` are persisted and never go backwards; after `compact(c)` revisions `>= c`
+//!   stay readable (etcd semantics).
+//! - A record that fails its checksum is an error (`Corrupt`), never data.
 
 pub mod codec;
 mod config;
@@ -76,8 +110,10 @@ mod log;
 mod observer;
 mod store;
 
-pub use config::{DEFAULT_CACHE_BYTES, Durability, LogConfig, RetentionPolicy};
-pub use error::LogError;
+pub use config::{
+    DEFAULT_CACHE_BYTES, Durability, LogConfig, ParseDurabilityError, RetentionPolicy,
+};
+pub use error::{ErrorKind, LogError};
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
 pub use observer::LogObserver;
 pub use store::{LogStore, RedbOptions, RedbStore};

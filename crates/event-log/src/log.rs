@@ -79,6 +79,9 @@ enum Command {
     Retain {
         reply: oneshot::Sender<Result<Option<Revision>, LogError>>,
     },
+    Defragment {
+        reply: oneshot::Sender<Result<bool, LogError>>,
+    },
 }
 
 /// Resolves when a submitted change set is durable (or failed). Returned by
@@ -221,6 +224,16 @@ impl EventLog {
     pub async fn apply_retention(&self) -> Result<Option<Revision>, LogError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Retain { reply })?;
+        rx.await.unwrap_or(Err(LogError::Closed))
+    }
+
+    /// Gives the space the store file no longer uses back to the file system (redb's
+    /// `compact`), on the writer thread between batches: appends queue behind it, reads wait
+    /// for it (the store's reads and its compaction exclude each other). Returns whether the
+    /// backend reclaimed anything ([`LogStore::defragment`]).
+    pub async fn defragment(&self) -> Result<bool, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Defragment { reply })?;
         rx.await.unwrap_or(Err(LogError::Closed))
     }
 
@@ -511,6 +524,14 @@ impl Writer {
                 }
                 Command::Retain { reply } => {
                     let _ = reply.send(self.retain());
+                    continue;
+                }
+                Command::Defragment { reply } => {
+                    let _ = reply.send(
+                        self.state
+                            .poisoned()
+                            .and_then(|()| self.state.store.defragment()),
+                    );
                     continue;
                 }
                 Command::Append {

@@ -102,6 +102,15 @@ pub trait LogStore: Send + Sync + 'static {
         policy: &RetentionPolicy,
         now_ms: u64,
     ) -> Result<Option<Revision>, LogError>;
+
+    /// Returns the space the store's files hold but no longer use (deleted and compacted
+    /// records) to the file system, and whether anything was reclaimed. Called on the writer
+    /// thread, never concurrently with `append_batch` or `compact`. The default reclaims
+    /// nothing and returns `Ok(false)`: right for a backend whose files never hold free space
+    /// (an in-memory or test store).
+    fn defragment(&self) -> Result<bool, LogError> {
+        Ok(false)
+    }
 }
 
 /// Revision -> encoded change set.
@@ -155,10 +164,15 @@ impl Default for RedbOptions {
     }
 }
 
+/// A read lock on the database: see [`RedbStore`]'s `db`.
+type DbReadGuard<'a> = parking_lot::RwLockReadGuard<'a, redb::Database>;
+
 /// The default [`LogStore`]: one redb file with the tables `changes`, `key_index` and `meta`.
 #[derive(Debug, Clone)]
 pub struct RedbStore {
-    db: Arc<redb::Database>,
+    /// Read-locked by every transaction for its whole life (reads and commits); write-locked
+    /// only by [`LogStore::defragment`], since redb's `compact` needs the database to itself.
+    db: Arc<parking_lot::RwLock<redb::Database>>,
     options: RedbOptions,
 }
 
@@ -194,7 +208,7 @@ impl RedbStore {
                 reason: "the storage engine panicked while opening the file".into(),
             })??;
         let store = Self {
-            db: Arc::new(db),
+            db: Arc::new(parking_lot::RwLock::new(db)),
             options,
         };
         store.init()?;
@@ -227,7 +241,9 @@ impl RedbStore {
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, LogError> {
-        let mut txn = self.db.begin_write()?;
+        // Write transactions run on the writer thread only, as `defragment` does: they never
+        // overlap it, so the guard need not outlive this call.
+        let mut txn = self.db.read().begin_write()?;
         txn.set_durability(match self.options.durability {
             Durability::Fsync => redb::Durability::Immediate,
             Durability::NoSync => redb::Durability::None,
@@ -244,23 +260,38 @@ impl RedbStore {
     /// A read transaction for history after `after`, failing with [`LogError::Compacted`]
     /// when `after + 1` is compacted away. One transaction: the compaction check and the data
     /// read in it come from the same snapshot.
-    fn begin_history_read(&self, after: Revision) -> Result<redb::ReadTransaction, LogError> {
-        let txn = self.db.begin_read()?;
+    ///
+    /// The guard returned with it keeps `defragment` out while the transaction lives: bind it
+    /// first, the transaction second, so the transaction is dropped before the guard.
+    fn begin_history_read(
+        &self,
+        after: Revision,
+    ) -> Result<(DbReadGuard<'_>, redb::ReadTransaction), LogError> {
+        let db = self.db.read();
+        let txn = db.begin_read()?;
         let compacted = Self::meta_get(&txn.open_table(META)?, META_COMPACTED)?;
         if after.saturating_add(1) < compacted {
             return Err(LogError::Compacted { compacted });
         }
-        Ok(txn)
+        Ok((db, txn))
     }
 
     fn read_meta(&self, name: &str) -> Result<u64, LogError> {
-        let txn = self.db.begin_read()?;
+        // Held until the transaction ends: `defragment` must not run under a live read.
+        let db = self.db.read();
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         Self::meta_get(&meta, name)
     }
 }
 
 impl LogStore for RedbStore {
+    fn defragment(&self) -> Result<bool, LogError> {
+        // Waits for in-flight reads; new ones wait for the compaction.
+        let mut db = self.db.write();
+        db.compact().map_err(|e| LogError::Storage(e.to_string()))
+    }
+
     fn append_batch(&self, batch: &[EncodedChange]) -> Result<(), LogError> {
         let Some(newest) = batch.last() else {
             return Ok(());
@@ -303,7 +334,7 @@ impl LogStore for RedbStore {
         until: Revision,
         limit: usize,
     ) -> Result<Vec<ChangeSet>, LogError> {
-        let txn = self.begin_history_read(after)?;
+        let (_db, txn) = self.begin_history_read(after)?;
         let changes = txn.open_table(CHANGES)?;
         if limit == 0 || after >= until {
             return Ok(Vec::new());
@@ -373,7 +404,7 @@ impl LogStore for RedbStore {
         after: Revision,
         until: Revision,
     ) -> Result<Vec<Event>, LogError> {
-        let txn = self.begin_history_read(after)?;
+        let (_db, txn) = self.begin_history_read(after)?;
         if after >= until {
             return Ok(Vec::new());
         }
@@ -486,7 +517,9 @@ impl LogStore for RedbStore {
         if policy.is_unbounded() {
             return Ok(None);
         }
-        let txn = self.db.begin_read()?;
+        // Held until the transaction ends: `defragment` must not run under a live read.
+        let db = self.db.read();
+        let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
         let changes = txn.open_table(CHANGES)?;
         let mut count = Self::meta_get(&meta, META_COUNT)?.max(changes.len()?);

@@ -118,6 +118,21 @@ pub enum StoreError {
     /// (watch-server's mirror mode): writes go to the upstream, the mirror applies them from its watch.
     #[error("keywatch: this store mirrors an upstream etcd; write through the server or to etcd")]
     MirrorReadOnly,
+    /// A write that adds data was refused by the space quota, or while the NOSPACE alarm is
+    /// raised ([`crate::StoreConfig::quota_bytes`]).
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    /// A write while the CORRUPT alarm is raised.
+    #[error("corrupt cluster")]
+    CorruptAlarm,
+    /// Reading or writing a backup, or restoring one, failed.
+    #[error("backup {path}: {message}")]
+    Backup {
+        /// The file or directory.
+        path: String,
+        /// The I/O or format error.
+        message: String,
+    },
     /// A watch on keys outside the prefixes a mirror replicates: the mirror has no history of
     /// them, so it refuses rather than stay silent.
     #[error("keywatch: keys outside the mirrored prefixes {scope} cannot be watched here")]
@@ -207,6 +222,8 @@ pub enum EtcdKind {
     LeaseTtlTooLarge,
     /// The store (or its log) is closed: the server is stopping.
     Stopped,
+    /// The space quota is exhausted (etcd's "mvcc: database space exceeded").
+    NoSpace,
     /// Stored data failed an integrity check, or the data directory is inconsistent.
     Corrupt,
 }
@@ -250,7 +267,9 @@ impl StoreError {
             // Fail-stop: clients go elsewhere or retry after a restart.
             Self::Failed { .. } => Own(Unavailable),
             Self::Log(l) => log_class(l),
-            Self::Inconsistent(_) => Etcd(EtcdKind::Corrupt),
+            Self::Inconsistent(_) | Self::CorruptAlarm => Etcd(EtcdKind::Corrupt),
+            Self::NoSpace => Etcd(EtcdKind::NoSpace),
+            Self::Backup { .. } => Own(Internal),
             Self::Snapshot { .. } | Self::LeaseFile { .. } => Own(Unavailable),
             Self::MirrorReadOnly | Self::OutsideMirror { .. } => Own(FailedPrecondition),
             Self::MirrorOrder { .. } | Self::MirrorDiverged { .. } => Own(Unavailable),
@@ -258,32 +277,30 @@ impl StoreError {
     }
 }
 
-/// The class of an event-log error (the `Display` text of [`StoreError::Log`] is the log
-/// error's own).
+/// The class of an event-log error, from its exhaustive [`event_log::ErrorKind`] (the
+/// `Display` text of [`StoreError::Log`] is the log error's own).
 ///
-/// | error | class |
+/// | kind (variants) | class |
 /// |---|---|
-/// | `Compacted`, `AlreadyCompacted` | etcd's compacted (etcd answers a compaction at or below the last one the same way) |
+/// | `Compacted` (`Compacted`, `AlreadyCompacted`) | etcd's compacted (etcd answers a compaction at or below the last one the same way) |
 /// | `FutureRevision` | etcd's future revision |
-/// | `QueueFull` | etcd's "too many requests" |
+/// | `Busy` (`QueueFull`) | etcd's "too many requests" |
 /// | `Closed` | etcd's "server stopped" |
 /// | `Corrupt` | etcd's "corrupt cluster" (the detail is for the server's log) |
-/// | `Io`, `Storage`, `Poisoned` | Unavailable |
-/// | `NotIncreasing`, `UnsupportedFormat` | Internal: server bugs or setup, not the request |
+/// | `Unavailable` (`Io`, `Storage`, `Poisoned`) | Unavailable |
+/// | `Internal` (`NotIncreasing`, `UnsupportedFormat`) | Internal: server bugs or setup, not the request |
 fn log_class(e: &LogError) -> ErrorClass<'static> {
     use CodeClass::*;
     use ErrorClass::{Etcd, Own};
-    match e {
-        LogError::Compacted { .. } | LogError::AlreadyCompacted { .. } => Etcd(EtcdKind::Compacted),
-        LogError::FutureRevision { .. } => Etcd(EtcdKind::FutureRevision),
-        LogError::QueueFull => Etcd(EtcdKind::TooManyRequests),
-        LogError::Closed => Etcd(EtcdKind::Stopped),
-        LogError::Corrupt { .. } => Etcd(EtcdKind::Corrupt),
-        LogError::Io(_) | LogError::Storage(_) | LogError::Poisoned { .. } => Own(Unavailable),
-        LogError::NotIncreasing { .. } | LogError::UnsupportedFormat { .. } => Own(Internal),
-        // `LogError` is #[non_exhaustive] in event-log, so a match outside it needs this arm: a
-        // variant added there is Internal with its text until it is classified here.
-        _ => Own(Internal),
+    use event_log::ErrorKind;
+    match e.kind() {
+        ErrorKind::Compacted => Etcd(EtcdKind::Compacted),
+        ErrorKind::FutureRevision => Etcd(EtcdKind::FutureRevision),
+        ErrorKind::Busy => Etcd(EtcdKind::TooManyRequests),
+        ErrorKind::Closed => Etcd(EtcdKind::Stopped),
+        ErrorKind::Corrupt => Etcd(EtcdKind::Corrupt),
+        ErrorKind::Unavailable => Own(Unavailable),
+        ErrorKind::Internal => Own(Internal),
     }
 }
 

@@ -50,6 +50,24 @@
 //! [`EXPIRY_BATCH`] under the write lock (writers wait behind each batch). A lease nobody
 //! keeps alive still expires; a process that restarts more often than a TTL keeps unrenewed
 //! leases alive (as in etcd 3.4).
+//!
+//! # Invariants
+//!
+//! - **One revision per revoked lease**, through the write path; a lease with no keys creates no
+//!   revision (as etcd 3.4, measured). Puts check their lease under the write lock, so a put cannot
+//!   attach a key to a lease being revoked.
+//! - **Grants are durable before acknowledged** in `leases.redb`, a small redb file of its own
+//!   (a grant creates no revision, so it is no change set; and a grant then never waits behind a
+//!   large change-set batch). A failed commit is fail-stop for the whole store.
+//! - **No key outlives its lease**: a revoke makes the record removal durable before deleting the
+//!   keys; keys left by a crash in between are deleted at open (not in a mirror's data directory,
+//!   whose keys carry the upstream's lease IDs).
+//! - **Restart rule**: deadlines are not persisted; every recovered lease gets its full TTL from
+//!   the open (etcd 3.4 also refreshes, and spreads expiries; keywatch does not).
+//! - Mirrors hold no local lease (grants and revokes fail `MirrorReadOnly`).
+//! - Limits: TTL below `StoreConfig::min_lease_ttl` (2 s, as etcd) is raised to it; above etcd's
+//!   9,000,000,000 s is `OUT_OF_RANGE`; at most `StoreConfig::max_leases` (1,000,000) live
+//!   leases, beyond that `RESOURCE_EXHAUSTED`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -129,6 +147,11 @@ struct Lessor {
     timer: BTreeSet<(Instant, i64)>,
     /// Grants being made durable: their IDs are taken, they are not usable yet.
     pending: HashSet<i64>,
+    /// Leases a LeaseRevoke has taken out of `leases` but not yet finished revoking (id ->
+    /// granted TTL). A keep-alive meanwhile is answered with the live TTL: the revoke is not
+    /// acknowledged yet, so the keep-alive is ordered before it, as in etcd, where a revoke
+    /// takes effect only once applied through raft.
+    revoking: HashMap<i64, i64>,
     /// Last server-chosen ID.
     next_id: i64,
 }
@@ -176,8 +199,13 @@ fn ttl_duration(ttl: i64) -> Duration {
 }
 
 enum DbOp {
-    Put { id: i64, ttl: i64 },
+    Put {
+        id: i64,
+        ttl: i64,
+    },
     Remove(Vec<i64>),
+    /// Reclaim the file's free space (redb `compact`), between commits.
+    Compact,
 }
 
 type DbReq = (DbOp, oneshot::Sender<Result<(), String>>);
@@ -269,12 +297,26 @@ impl Drop for LeaseDb {
 
 /// The writer thread: commits everything queued in one transaction, then answers each request.
 /// After a failed commit every later request fails too (fail-stop, as the event log).
-fn db_writer(db: redb::Database, rx: std::sync::mpsc::Receiver<DbReq>, durable: bool) {
+fn db_writer(mut db: redb::Database, rx: std::sync::mpsc::Receiver<DbReq>, durable: bool) {
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
+        if matches!(first.0, DbOp::Compact) {
+            // No transaction is open here: this thread runs every one of them.
+            let result = match &failed {
+                Some(f) => Err(f.clone()),
+                None => db.compact().map(|_| ()).map_err(|e| e.to_string()),
+            };
+            let _ = first.1.send(result);
+            continue;
+        }
         let mut batch = vec![first];
+        let mut carried = None;
         while batch.len() < DB_BATCH {
             match rx.try_recv() {
+                Ok(r) if matches!(r.0, DbOp::Compact) => {
+                    carried = Some(r);
+                    break;
+                }
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
@@ -298,6 +340,8 @@ fn db_writer(db: redb::Database, rx: std::sync::mpsc::Receiver<DbReq>, durable: 
                                     table.remove(id)?;
                                 }
                             }
+                            // Never batched: carried out on its own, below.
+                            DbOp::Compact => {}
                         }
                     }
                 }
@@ -312,7 +356,33 @@ fn db_writer(db: redb::Database, rx: std::sync::mpsc::Receiver<DbReq>, durable: 
         for (_, done) in batch {
             let _ = done.send(failed.clone().map_or(Ok(()), Err));
         }
+        if let Some((_, done)) = carried {
+            let result = match &failed {
+                Some(f) => Err(f.clone()),
+                None => db.compact().map(|_| ()).map_err(|e| e.to_string()),
+            };
+            let _ = done.send(result);
+        }
     }
+}
+
+/// Writes `records` (id, granted TTL) as the lease records file of `dir`, durably (a restore
+/// into a fresh data directory).
+pub(crate) fn write_records(dir: &Path, records: &[(i64, i64)]) -> Result<(), StoreError> {
+    let path = dir.join(LEASES_FILE);
+    let err = |e: &dyn std::fmt::Display| StoreError::LeaseFile {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let db = redb::Database::create(&path).map_err(|e| err(&e))?;
+    let txn = db.begin_write().map_err(|e| err(&e))?;
+    {
+        let mut table = txn.open_table(LEASES).map_err(|e| err(&e))?;
+        for (id, ttl) in records {
+            table.insert(id, ttl).map_err(|e| err(&e))?;
+        }
+    }
+    txn.commit().map_err(|e| err(&e))
 }
 
 /// The lease state of a store: lessor, records file, and what wakes the expiry task.
@@ -394,6 +464,24 @@ impl Leases {
     pub(super) fn close_db(&self) {
         self.db.close();
     }
+
+    /// Reclaims the records file's free space (on its writer thread, between commits).
+    pub(super) async fn defragment(&self) -> Result<(), StoreError> {
+        self.db.queue(DbOp::Compact)?.wait().await
+    }
+
+    /// Every live lease as (id, granted TTL), in ID order.
+    pub(super) fn records(&self) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = self
+            .lessor
+            .lock()
+            .leases
+            .iter()
+            .map(|(id, l)| (*id, l.ttl))
+            .collect();
+        out.sort_unstable();
+        out
+    }
 }
 
 impl Store {
@@ -406,6 +494,7 @@ impl Store {
     /// [`crate::StoreConfig::max_leases`].
     pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<LeaseGrant, StoreError> {
         self.check_open()?;
+        self.admit_grant()?;
         if ttl > MAX_LEASE_TTL {
             return Err(StoreError::LeaseTtlTooLarge {
                 ttl,
@@ -465,6 +554,7 @@ impl Store {
     /// even if the caller stops waiting. Fails with [`StoreError::LeaseNotFound`] for an
     /// unknown lease.
     pub async fn lease_revoke(&self, id: i64) -> Result<Revision, StoreError> {
+        self.check_not_corrupt()?;
         let store = self.clone();
         // Spawned so a caller that goes away (a gRPC client disconnecting) cannot stop it
         // halfway; halfway is still safe (orphans are removed at open), but needless.
@@ -474,17 +564,26 @@ impl Store {
             store.check_writable()?;
             let done = {
                 let mut l = store.inner.leases.lessor.lock();
-                if l.remove(id).is_none() {
+                let Some(lease) = l.remove(id) else {
                     return Err(StoreError::LeaseNotFound { lease: id });
-                }
+                };
+                l.revoking.insert(id, lease.ttl);
                 // Queued before the lock is released: a grant reusing `id` can only take it
                 // after this, so its Put is committed after this Remove (see `LeaseDb::queue`).
-                store.inner.leases.db.queue(DbOp::Remove(vec![id]))?
+                store.inner.leases.db.queue(DbOp::Remove(vec![id]))
             };
-            let revision = store.revoke_locked(&guard, vec![id], done).await?;
+            let result = match done {
+                Ok(done) => store.revoke_locked(&guard, vec![id], done).await,
+                Err(e) => Err(e),
+            };
             drop(guard);
-            store.wait_durable(revision).await?;
-            Ok(revision)
+            let result = match result {
+                Ok(revision) => store.wait_durable(revision).await.map(|()| revision),
+                Err(e) => Err(e),
+            };
+            // Acknowledged (or failed): keep-alives from now on see the lease gone.
+            store.inner.leases.lessor.lock().revoking.remove(&id);
+            result
         })
         .await
         .map_err(|e| StoreError::Inconsistent(format!("revoke task failed: {e}")))?
@@ -499,7 +598,12 @@ impl Store {
         let now = Instant::now();
         let mut l = self.inner.leases.lessor.lock();
         let Some(lease) = l.leases.get_mut(&id) else {
-            return Err(StoreError::LeaseNotFound { lease: id });
+            // A revoke under way but not acknowledged: the lease is still live for this
+            // keep-alive (see `Lessor::revoking`); renewing it would be moot.
+            return match l.revoking.get(&id) {
+                Some(&ttl) => Ok(ttl),
+                None => Err(StoreError::LeaseNotFound { lease: id }),
+            };
         };
         if lease.deadline <= now {
             return Err(StoreError::LeaseNotFound { lease: id });

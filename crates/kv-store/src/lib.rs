@@ -13,7 +13,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let rt = tokio::runtime::Runtime::new()?;
 //! rt.block_on(async {
-//!     // Immediate (fsync before ack) is the default; tests may skip it.
+//!     // Fsync (fsync before ack) is the default; tests may skip it.
 //!     let store = Store::open(dir.path(), StoreConfig::default().durability(Durability::NoSync)).await?;
 //!     assert_eq!(store.current_revision(), 1); // a fresh store is at revision 1, as etcd
 //!
@@ -90,10 +90,50 @@
 //! [`Store::lease_grant`] and friends: etcd's leases. A revoked or expired lease's keys are
 //! deleted in one revision through the write path above; see `lease.rs` for storage, crash
 //! consistency and the restart rule.
+//!
+//! # Maintenance
+//!
+//! [`Store::backup`] writes a consistent point-in-time backup (keys, leases, revision counter,
+//! compaction revision, history) and [`restore`] installs one as a new data directory;
+//! [`Store::hash_kv`] hashes the state at a revision; [`Store::defragment`] returns the files'
+//! free space to the file system; [`StoreConfig::quota_bytes`] is etcd's space quota, with its
+//! NOSPACE [`Alarm`]. See `maintenance.rs` for the backup format and the quota rules.
+//!
+//! # Invariants
+//!
+//! - **Log order = revision order, publish in order, ack after publish.** A write holds the write
+//!   lock (tokio mutex; readers never take it) while it computes its change set and passes it to
+//!   `Store::commit`, the one write path (txn, lease revoke and expiry, mirror apply and reset):
+//!   queue on the event log, apply to the state, hand the log's ack to the publisher task, with
+//!   no await between the log append and the hand-off. The publisher awaits acks in revision
+//!   order, publishes each durable change set to the engine, then advances the *durable revision*; the write returns only once its revision is published
+//!   (read-your-writes through watch). The pipeline slot is reserved before the log append, so a
+//!   dropped request can never leave a durable revision unpublished.
+//! - **No read returns non-durable data**: a read takes the state at revision N under the state
+//!   lock, then waits until the durable revision reaches N.
+//! - **Change sets always carry `prev_kv`** for every event with a previous value: watch
+//!   `prev_kv` comes straight from the log, and a range at a past revision R is the current range
+//!   with each key changed after R restored to the `prev_kv` of its first change after R.
+//! - **A read at a past revision costs O(log n) per key, never a replay**: the first change
+//!   after R of each key of the range comes from the event log's `(key, revision)` index, one
+//!   seek per distinct indexed key (`LogStore::first_changes`; keys deleted since R are found the
+//!   same way). Bound: O((K + 1) · log n + result), K = keys of the range changed at any retained
+//!   revision (etcd's tree index holds the same keys). A txn fetches its historical reads
+//!   before taking the write lock, so a slow one stalls no writer.
+//! - **Mirror mode revisions are etcd's**: `mirror_apply` accepts any increasing revision (gaps
+//!   are other keys' revisions), never a repeated or lower one; a snapshot install raises the
+//!   persisted floor (`mirror.floor`) that acts as the compaction revision, so nothing below it
+//!   is ever served with a gap; local writes fail `MirrorReadOnly`.
+//! - **Fail-stop**: a failed log commit marks the store failed; that write and every later one
+//!   fail, reads beyond the durable revision fail, and `Store::failed` resolves (the server then exits non-zero).
+//! - **Compaction keeps restart possible**: the snapshot at a durable revision S >= C-1 is written
+//!   (tmp + fsync + rename + dir fsync) before the log drops revisions below C. Watches and reads
+//!   below C fail with etcd's compacted error even while the engine's memory window still has them.
 
 mod clock;
 mod error;
 mod lease;
+mod maintenance;
 mod mirror;
 mod snapshot;
 mod state;
@@ -114,6 +154,9 @@ use watch_core::{
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
+pub use maintenance::{
+    Alarm, AlarmMember, BACKUP_MAGIC, BackupInfo, Defragmented, KvHash, RestoreInfo, restore,
+};
 pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
@@ -144,6 +187,11 @@ pub struct StoreConfig {
     pub max_leases: usize,
     /// Smallest lease TTL in seconds; shorter grants are raised to it (etcd's default: 2).
     pub min_lease_ttl: i64,
+    /// Space quota in bytes of the data files (etcd's `--quota-backend-bytes`); 0: none (the
+    /// store's default; watch-server applies etcd's 2 GiB). See `maintenance.rs`.
+    pub quota_bytes: u64,
+    /// The member ID the store's own alarms are raised for (etcd's member ID).
+    pub member_id: u64,
 }
 
 impl Default for StoreConfig {
@@ -155,6 +203,8 @@ impl Default for StoreConfig {
             progress_interval: Duration::from_secs(600),
             max_leases: 1_000_000,
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
+            quota_bytes: 0,
+            member_id: 0,
         }
     }
 }
@@ -183,6 +233,16 @@ impl StoreConfig {
     /// Sets [`StoreConfig::max_leases`].
     pub fn max_leases(mut self, n: usize) -> Self {
         self.max_leases = n;
+        self
+    }
+    /// Sets [`StoreConfig::quota_bytes`] (0: no quota).
+    pub fn quota_bytes(mut self, bytes: u64) -> Self {
+        self.quota_bytes = bytes;
+        self
+    }
+    /// Sets [`StoreConfig::member_id`].
+    pub fn member_id(mut self, id: u64) -> Self {
+        self.member_id = id;
         self
     }
     /// Sets [`StoreConfig::min_lease_ttl`] (seconds, at least 1).
@@ -250,6 +310,11 @@ struct Inner {
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// When recent revisions were published (written by the publisher, for metrics).
     published: Arc<clock::PublishClock>,
+    /// Raised alarms (in memory: a restart clears them, and the next write past the quota
+    /// raises NOSPACE again).
+    alarms: maintenance::Alarms,
+    /// The last [`Store::defragment`]'s sizes and how many ran (for metrics).
+    defragmented: parking_lot::Mutex<(Option<Defragmented>, u64)>,
 }
 
 impl Drop for Inner {
@@ -415,6 +480,8 @@ impl Store {
                 mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
                 published,
+                alarms: Default::default(),
+                defragmented: Default::default(),
             }),
         };
         // A mirror's keys carry the upstream etcd's lease IDs, which this store never granted
@@ -685,6 +752,7 @@ impl Store {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResult, StoreError> {
         state::validate_txn(&req, self.inner.config.max_txn_ops)?;
         self.check_writable()?;
+        self.admit(maintenance::txn_cost(&req))?;
         // Reads at past revisions run before the write lock is taken (a past revision's state
         // never changes), so a slow history read stalls no writer. Under the lock the txn
         // needs every read below the then-current revision; one that became historic while
@@ -770,6 +838,7 @@ impl Store {
     /// Returns the store revision the compaction was judged against (durable) once it is persisted.
     pub async fn compact(&self, revision: Revision) -> Result<Revision, StoreError> {
         self.check_writable()?;
+        self.check_not_corrupt()?;
         self.compact_history(revision).await
     }
 

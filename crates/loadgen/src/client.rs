@@ -27,7 +27,7 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// Nanoseconds since [`epoch`].
+/// Nanoseconds since `epoch()`.
 pub fn now_nanos() -> u64 {
     epoch().elapsed().as_nanos() as u64
 }

@@ -14,6 +14,52 @@
 //! - [`fsync`]: the disk's fsync latency, probed before and after the runs, so put latency is
 //!   compared with the durable-write floor of the same run.
 //! - [`report`]: JSON, the markdown section of `docs/benchmarks.md`, SVG charts.
+//!
+//! Every run is checked, not only timed: a watcher's [`check::Seen`] is compared with the
+//! [`check::Digest`] of what the writers were told was committed.
+//!
+//! ```
+//! use loadgen::check::{Digest, Seen, Verdict};
+//!
+//! let mut written = Digest::default();
+//! let mut seen = Seen::default();
+//! seen.begin_response(false);
+//! for rev in [2, 3, 5] {
+//!     written.add(rev);
+//!     seen.event(rev, true);
+//! }
+//! let mut verdict = Verdict::default();
+//! verdict.watcher(&seen, &written);
+//! assert!(verdict.ok(), "{}", verdict.summary());
+//!
+//! seen.event(5, true); // a duplicate
+//! let mut verdict = Verdict::default();
+//! verdict.watcher(&seen, &written);
+//! assert!(!verdict.ok());
+//! ```
+//!
+//! # Design
+//!
+//! `keywatch-loadgen` (lib `loadgen` + binary): the end-to-end comparison with etcd. It starts
+//! `watch-server` and `etcd` through `testkit` (`server`: which server, RSS), speaks only watch-proto's generated tonic clients
+//! (`client`: many watchers per stream, writers that stamp the put time into the value), runs the
+//! scenarios fan-out, spread, history, register, stalled (`scenarios`), alternating which server
+//! goes first, and writes the JSON, SVG charts (plotters, SVG backend, no system fonts) and the
+//! section of `docs/benchmarks.md` between the `loadgen` markers (`report`). Every run checks each
+//! watcher's events (count, sum and sum of squares of revisions, strictly increasing: `check`);
+//! a wrong run makes the binary exit non-zero, as does a revision split over two responses
+//! without `fragment`. Fan-out cases record each server's CPU seconds (`utime` + `stime` from
+//! `/proc/<pid>/stat` before and after the measured phase) per million delivered events; the paced
+//! case also runs "busy", with one spinning copy of the load generator per core
+//! (`server::Burners`, ended with the case and after at most 600 s). etcd absent: keywatch is
+//! measured alone.
+//! `keywatch-lease-bench` (`lease` module + `src/bin/lease_bench.rs`) measures leases over the
+//! same Lease API on both servers: grants/s, keep-alives/s on one stream, and the expiry of many
+//! leased keys seen by a prefix watcher (each DELETE once, one per revision).
+//!
+//! `crates/loadgen/src/bin/mirror-bench.rs` (`keywatch-mirror-bench`): mirror mode over a
+//! loopback 3-member etcd cluster: etcd's own watcher gauge against the downstream watcher
+//! count, replica RSS, put → event latency through etcd directly and through each replica.
 
 pub mod check;
 pub mod client;
@@ -34,6 +80,7 @@ use crate::server::{Binaries, Server, Target};
 /// What can stop a run from measuring at all (as opposed to measuring a wrong result, which is
 /// a [`check::Verdict`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// etcd was asked for but is not installed.
     #[error("etcd is not installed")]

@@ -63,7 +63,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
     let args = Args::parse();
-    let keywatch = Binaries::find_keywatch(args.server_bin.clone())?;
+    let keywatch = testkit::find_watch_server(args.server_bin.clone())?;
     let etcd = if args.no_etcd {
         None
     } else {

@@ -26,24 +26,6 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// `explicit`, or else the `watch-server` built next to this executable
-    /// (`testkit::watch_server_bin`); an error when that is not a file.
-    pub fn find_keywatch(explicit: Option<PathBuf>) -> Result<PathBuf, Error> {
-        let bin = match explicit {
-            Some(bin) => bin,
-            None => testkit::watch_server_bin()?,
-        };
-        if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(testkit::Error::NotFound {
-                what: "watch-server (build it: cargo build --release -p watch-server)".into(),
-                tried: vec![bin],
-            }
-            .into())
-        }
-    }
-
     /// `etcd` from `explicit` or, failing that, from PATH.
     pub fn find_etcd(explicit: Option<PathBuf>) -> Option<PathBuf> {
         match explicit {

@@ -45,16 +45,7 @@ enum Cmd {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let server_bin = match cli.server_bin {
-        Some(bin) => bin,
-        None => testkit::watch_server_bin()?,
-    };
-    if !server_bin.is_file() {
-        bail!(
-            "no server binary at {} (build it: cargo build -p watch-server)",
-            server_bin.display()
-        );
-    }
+    let server_bin = testkit::find_watch_server(cli.server_bin)?;
     match cli.command {
         Cmd::Random {
             duration,

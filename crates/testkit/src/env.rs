@@ -92,6 +92,23 @@ pub fn watch_server_bin() -> Result<PathBuf, Error> {
     })
 }
 
+/// The `watch-server` a tool runs: `explicit` (its `--server-bin`), or else
+/// [`watch_server_bin`]; [`Error::NotFound`] when that is not a file.
+pub fn find_watch_server(explicit: Option<PathBuf>) -> Result<PathBuf, Error> {
+    let bin = match explicit {
+        Some(bin) => bin,
+        None => watch_server_bin()?,
+    };
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(Error::NotFound {
+            what: "watch-server (build it: cargo build -p watch-server)".into(),
+            tried: vec![bin],
+        })
+    }
+}
+
 /// Resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None` where
 /// that file cannot be read (the process is gone, or not Linux).
 pub fn rss_kib(pid: u32) -> Option<u64> {

@@ -34,6 +34,22 @@
 //! assert!(matches!(err, testkit::Error::Spawn { .. }));
 //! # Ok::<(), testkit::Error>(())
 //! ```
+//!
+//! # Design
+//!
+//! The one place that starts processes for tests, benchmarks and the robustness runner.
+//! `ServerProcess` runs `watch-server` on `--listen 127.0.0.1:0` with a temporary (or given) data
+//! dir; it is ready, with its address, when it prints `watch-server listening on <addr>` (the
+//! `bound` and `metrics on` lines are read too), and offers kill -9, restart on the same dir,
+//! signals, exit status and output (a bounded tail, plus exact counts of registered marker
+//! lines). `Etcd` and `EtcdCluster` (3 members by default) run etcd on free loopback ports in a
+//! temporary dir, ready when etcd logs that it serves clients; a port lost to another process
+//! between picking and binding is retried. `Target`/`AnyServer` put keywatch or etcd behind one
+//! type; `tools_present`/`etcd_present` print the `SKIPPED` line, or panic under
+//! `KEYWATCH_REQUIRE_ETCD=1`; `free_ports`, `watch_server_bin` (the binary next to the running
+//! one: the default `--server-bin` of loadgen, the benches and the robustness runner),
+//! `rss_kib`. Everything is killed and removed on drop; nothing sleeps for readiness. No protocol
+//! client and no tonic: dependencies are `tempfile` and `thiserror`.
 
 mod env;
 mod etcd;
@@ -46,8 +62,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use env::{
-    REQUIRE_ETCD, etcd_present, etcd_required, find_on_path, free_ports, rss_kib, tools_present,
-    watch_server_bin,
+    REQUIRE_ETCD, etcd_present, etcd_required, find_on_path, find_watch_server, free_ports,
+    rss_kib, tools_present, watch_server_bin,
 };
 pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, EtcdTls, SingleEtcdBuilder};
 pub use output::Output;

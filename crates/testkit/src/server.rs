@@ -84,6 +84,10 @@ pub struct ServerBuilder {
     env: Vec<(OsString, OsString)>,
     https: bool,
     markers: Vec<String>,
+    /// Only `args`: no `--listen`/`--data-dir` ([`ServerBuilder::bare`]).
+    bare: bool,
+    /// Written to the process's standard input, which is then closed (else it is null).
+    stdin: Option<Vec<u8>>,
 }
 
 impl ServerBuilder {
@@ -130,6 +134,21 @@ impl ServerBuilder {
     /// ([`Output::count`]).
     pub fn count_lines(mut self, marker: impl Into<String>) -> Self {
         self.markers.push(marker.into());
+        self
+    }
+
+    /// Passes only the [`args`](Self::args), without `--listen 127.0.0.1:0 --data-dir <dir>`:
+    /// for `--help`, subcommands and tests that choose both flags themselves (with
+    /// [`run_to_exit`](Self::run_to_exit)).
+    pub fn bare(mut self) -> Self {
+        self.bare = true;
+        self
+    }
+
+    /// Writes `input` to the process's standard input, then closes it (by default it reads
+    /// nothing).
+    pub fn stdin(mut self, input: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(input.into());
         self
     }
 
@@ -249,25 +268,33 @@ impl ServerProcess {
             env: Vec::new(),
             https: false,
             markers: Vec::new(),
+            bare: false,
+            stdin: None,
         }
     }
 
     fn spawn(&mut self) -> Result<(mpsc::Receiver<Line>, Running), Error> {
         let mut cmd = Command::new(&self.config.bin);
-        cmd.arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(self.data.path())
-            .args(&self.config.args);
+        if !self.config.bare {
+            cmd.arg("--listen")
+                .arg("127.0.0.1:0")
+                .arg("--data-dir")
+                .arg(self.data.path());
+        }
+        cmd.args(&self.config.args);
         for (key, _) in std::env::vars_os() {
             let name = key.to_string_lossy();
             if name.starts_with("KEYWATCH_") && name != "KEYWATCH_LOG" {
                 cmd.env_remove(&key);
             }
         }
+        let stdin = match self.config.stdin {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        };
         let mut child = cmd
             .envs(self.config.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -275,6 +302,14 @@ impl ServerProcess {
                 bin: self.config.bin.clone(),
                 source,
             })?;
+        if let (Some(input), Some(mut pipe)) = (self.config.stdin.clone(), child.stdin.take()) {
+            // A thread, so a process that does not read cannot block the caller; a failed
+            // write (the process exited first) shows in its exit and output.
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = pipe.write_all(&input);
+            });
+        }
         let mark = self.output.mark();
         let (tx, rx) = mpsc::channel();
         let mut readers = Vec::new();

@@ -72,3 +72,49 @@ pub enum HistoryError {
     #[error("history unavailable: {0}")]
     Unavailable(String),
 }
+
+/// The class of a [`WatchError`] or [`HistoryError`], for callers that turn errors into
+/// responses. Unlike those enums it is exhaustive: a new variant is classified here, in the
+/// exhaustive `kind` matches, and a new class breaks every caller's match at compile time
+/// instead of reaching it as a catch-all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// An exact-key selector with an empty key ([`WatchError::EmptyKey`]).
+    EmptyKey,
+    /// A range selector that selects no key ([`WatchError::EmptyRange`]).
+    EmptyRange,
+    /// The revisions asked for are compacted (both `Compacted` variants).
+    Compacted,
+    /// The engine stopped ([`WatchError::Shutdown`]).
+    Shutdown,
+    /// A configured limit is reached ([`WatchError::TooManyWatchers`]).
+    LimitReached,
+    /// The history store failed ([`HistoryError::Unavailable`]).
+    Unavailable,
+    /// The caller's setup is wrong, not the request ([`WatchError::ZeroBuffer`]).
+    Misconfigured,
+}
+
+impl WatchError {
+    /// This error's class.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::EmptyKey => ErrorKind::EmptyKey,
+            Self::EmptyRange { .. } => ErrorKind::EmptyRange,
+            Self::TooManyWatchers { .. } => ErrorKind::LimitReached,
+            Self::ZeroBuffer => ErrorKind::Misconfigured,
+            Self::Compacted { .. } => ErrorKind::Compacted,
+            Self::Shutdown => ErrorKind::Shutdown,
+        }
+    }
+}
+
+impl HistoryError {
+    /// This error's class.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Compacted { .. } => ErrorKind::Compacted,
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+}

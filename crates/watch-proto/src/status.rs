@@ -13,7 +13,7 @@
 //! empty" for an empty range).
 
 use tonic::{Code, Status};
-use watch_core::{HistoryError, WatchError};
+use watch_core::{ErrorKind, HistoryError, WatchError};
 
 use crate::error::ConvertError;
 
@@ -59,8 +59,15 @@ pub enum EtcdError {
     Stopped,
     /// An auth request to a server without authentication (no `[auth]` in its config).
     AuthNotEnabled,
-    /// Stored data failed an integrity check.
+    /// Stored data failed an integrity check, or the CORRUPT alarm is raised.
     Corrupt,
+    /// The space quota is exhausted or the NOSPACE alarm is raised (`--quota-backend-bytes`).
+    NoSpace,
+    /// MoveLeader to a member that is not in the cluster (or a learner).
+    BadLeaderTransferee,
+    /// A caller without the root role asked for Snapshot, Hash, HashKV or Defragment: etcd
+    /// 3.4 returns its auth package's error there without converting it (code Unknown).
+    AdminPermissionDenied,
     /// A watch create whose `key >= range_end` (etcd sends it only as `cancel_reason`).
     WatcherRangeEmpty,
     /// A watch create reusing a watch ID in use on its stream (sent as `cancel_reason`).
@@ -155,6 +162,9 @@ impl EtcdError {
             }
             Self::AuthNotEnabled => Code::FailedPrecondition,
             Self::Corrupt => Code::DataLoss,
+            Self::NoSpace => Code::ResourceExhausted,
+            Self::BadLeaderTransferee => Code::FailedPrecondition,
+            Self::AdminPermissionDenied => Code::Unknown,
         }
     }
 
@@ -179,6 +189,9 @@ impl EtcdError {
             Self::Stopped => "etcdserver: server stopped",
             Self::AuthNotEnabled => "etcdserver: authentication is not enabled",
             Self::Corrupt => "etcdserver: corrupt cluster",
+            Self::NoSpace => "etcdserver: mvcc: database space exceeded",
+            Self::BadLeaderTransferee => "etcdserver: bad leader transferee",
+            Self::AdminPermissionDenied => "auth: permission denied",
             Self::WatcherRangeEmpty => "mvcc: watcher range is empty",
             Self::DuplicateWatchId => "mvcc: duplicate watch ID provided on the WatchStream",
             Self::UserEmpty => "etcdserver: user name is empty",
@@ -237,39 +250,38 @@ impl From<EtcdError> for Status {
     }
 }
 
-/// The status for a watch-core [`WatchError`].
+/// The status for a watch-core [`WatchError`], by its exhaustive [`ErrorKind`]:
 ///
-/// | error | code | message |
+/// | kind | code | message |
 /// |---|---|---|
 /// | `EmptyKey` | InvalidArgument | etcd's empty key |
 /// | `EmptyRange` | InvalidArgument | "mvcc: watcher range is empty" |
 /// | `Compacted` | OutOfRange | etcd's compacted |
 /// | `Shutdown` | Unavailable | "etcdserver: server stopped" |
-/// | `TooManyWatchers` | ResourceExhausted | the error's text (etcd has no limit) |
-/// | `ZeroBuffer` | Internal | the error's text: the server configured the buffer, not the client |
+/// | `LimitReached` | ResourceExhausted | the error's text (etcd has no watcher limit) |
+/// | `Unavailable` | Unavailable | the error's text |
+/// | `Misconfigured` | Internal | the error's text: the server configured it, not the client |
 pub fn from_watch_error(e: &WatchError) -> Status {
-    match e {
-        WatchError::EmptyKey => EtcdError::EmptyKey.status(),
-        WatchError::EmptyRange { .. } => EtcdError::WatcherRangeEmpty.status(),
-        WatchError::Compacted { .. } => EtcdError::Compacted.status(),
-        WatchError::Shutdown => EtcdError::Stopped.status(),
-        WatchError::TooManyWatchers { .. } => Status::resource_exhausted(e.to_string()),
-        WatchError::ZeroBuffer => Status::internal(e.to_string()),
-        // `WatchError` is #[non_exhaustive] in watch-core: a variant added there reaches
-        // clients as Internal with its text until it is given a mapping here.
-        _ => Status::internal(e.to_string()),
-    }
+    from_watch_kind(e.kind(), &e.to_string())
 }
 
-/// The status for a watch-core [`HistoryError`]: `Compacted` is etcd's compacted error;
-/// `Unavailable` (a failing history store) is Unavailable with the error's text, so clients
-/// retry.
+/// The status for a watch-core [`HistoryError`], by its [`ErrorKind`] as in
+/// [`from_watch_error`]: a failing history store is Unavailable, so clients retry.
 pub fn from_history_error(e: &HistoryError) -> Status {
-    match e {
-        HistoryError::Compacted { .. } => EtcdError::Compacted.status(),
-        HistoryError::Unavailable(_) => Status::unavailable(e.to_string()),
-        // `HistoryError` is #[non_exhaustive] in watch-core: see `from_watch_error`.
-        _ => Status::internal(e.to_string()),
+    from_watch_kind(e.kind(), &e.to_string())
+}
+
+/// The status for a watch-core error of class `kind` whose text is `text` (the table of
+/// [`from_watch_error`]).
+fn from_watch_kind(kind: ErrorKind, text: &str) -> Status {
+    match kind {
+        ErrorKind::EmptyKey => EtcdError::EmptyKey.status(),
+        ErrorKind::EmptyRange => EtcdError::WatcherRangeEmpty.status(),
+        ErrorKind::Compacted => EtcdError::Compacted.status(),
+        ErrorKind::Shutdown => EtcdError::Stopped.status(),
+        ErrorKind::LimitReached => Status::resource_exhausted(text),
+        ErrorKind::Unavailable => Status::unavailable(text),
+        ErrorKind::Misconfigured => Status::internal(text),
     }
 }
 
@@ -391,6 +403,21 @@ mod tests {
             EtcdError::Corrupt.into(),
             Code::DataLoss,
             "etcdserver: corrupt cluster",
+        );
+        check(
+            EtcdError::NoSpace.into(),
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        );
+        check(
+            EtcdError::AdminPermissionDenied.into(),
+            Code::Unknown,
+            "auth: permission denied",
+        );
+        check(
+            EtcdError::BadLeaderTransferee.into(),
+            Code::FailedPrecondition,
+            "etcdserver: bad leader transferee",
         );
         check(
             EtcdError::WatcherRangeEmpty.into(),

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,16 +18,6 @@ use kv_store::Durability;
 
 /// etcd's default `--max-request-bytes` (1.5 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
-
-/// Commit durability as written in flags and files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DurabilityArg {
-    /// fsync every group commit (default).
-    Fsync,
-    /// No fsync; for tests and benchmarks.
-    NoSync,
-}
 
 /// Format of the log lines the binary writes to stderr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -59,9 +50,9 @@ pub struct Cli {
     /// Data directory (default ./data).
     #[arg(long, env = "KEYWATCH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Commit durability (default fsync).
-    #[arg(long, env = "KEYWATCH_DURABILITY", value_enum)]
-    pub durability: Option<DurabilityArg>,
+    /// Commit durability: fsync (default) or no-sync (tests and benchmarks only).
+    #[arg(long, env = "KEYWATCH_DURABILITY", value_parser = Durability::from_str)]
+    pub durability: Option<Durability>,
     /// Largest request in bytes (default 1572864, etcd's); the gRPC receive limit is this plus
     /// 512 KiB.
     #[arg(long, env = "KEYWATCH_MAX_REQUEST_BYTES")]
@@ -94,6 +85,11 @@ pub struct Cli {
     /// with its default election timeout).
     #[arg(long, env = "KEYWATCH_MIN_LEASE_TTL")]
     pub min_lease_ttl: Option<i64>,
+    /// Space quota in bytes of the data files, as etcd's: past it, writes that add data fail
+    /// with "mvcc: database space exceeded" and the NOSPACE alarm is raised (default and 0:
+    /// 2147483648, etcd's 2 GiB; negative: no quota). See docs/operations.md.
+    #[arg(long, env = "KEYWATCH_QUOTA_BACKEND_BYTES", allow_hyphen_values = true)]
+    pub quota_backend_bytes: Option<i64>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -219,6 +215,16 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         cost: u32,
     },
+    /// Installs a backup taken with Maintenance.Snapshot (`etcdctl snapshot save`) as a new
+    /// data directory, then exits; start the server on that directory afterwards. See
+    /// docs/operations.md.
+    Restore {
+        /// The backup file (as `etcdctl snapshot save` wrote it; its SHA-256 is checked).
+        file: PathBuf,
+        /// The data directory to create; it must not hold a store yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 /// The config file's keys; every key is optional.
@@ -228,7 +234,8 @@ pub enum Command {
 pub struct FileConfig {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
-    pub durability: Option<DurabilityArg>,
+    #[serde(default, deserialize_with = "durability_from_str")]
+    pub durability: Option<Durability>,
     pub max_request_bytes: Option<usize>,
     pub max_watchers: Option<usize>,
     pub max_watchers_per_stream: Option<usize>,
@@ -265,6 +272,7 @@ pub struct FileConfig {
     pub auth: Option<crate::auth::AuthFileConfig>,
     pub max_leases: Option<usize>,
     pub min_lease_ttl: Option<i64>,
+    pub quota_backend_bytes: Option<i64>,
 }
 
 /// The resolved server configuration.
@@ -326,6 +334,20 @@ pub struct ServerConfig {
     pub max_leases: usize,
     /// Smallest lease TTL in seconds (at least 1).
     pub min_lease_ttl: i64,
+    /// Space quota of the data files in bytes; 0: none (only from a negative setting).
+    pub quota_backend_bytes: u64,
+}
+
+/// etcd's default space quota (`DefaultQuotaBytes`, 2 GiB), also what 0 means.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// The quota as etcd reads `--quota-backend-bytes`: 0 is the default, negative is none.
+fn quota_of(setting: i64) -> u64 {
+    match setting {
+        0 => DEFAULT_QUOTA_BYTES,
+        n if n < 0 => 0,
+        n => n as u64,
+    }
 }
 
 impl Default for ServerConfig {
@@ -358,6 +380,7 @@ impl Default for ServerConfig {
             auth: crate::auth::AuthSettings::default(),
             max_leases: 1_000_000,
             min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
+            quota_backend_bytes: DEFAULT_QUOTA_BYTES,
         }
     }
 }
@@ -411,6 +434,14 @@ fn upstream_auth(
             Ok(Some(UpstreamAuth::Password { user, password }))
         }
     }
+}
+
+/// Reads the file's `durability` with the spellings of the flag ([`Durability`]'s `FromStr`).
+fn durability_from_str<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Durability>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// Parses `10m`, `5s`, `500ms`, `1h` or a bare number of seconds.
@@ -492,10 +523,7 @@ impl ServerConfig {
     /// Merges flags over a file over defaults.
     pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let d = Self::default();
-        let durability = match cli.durability.or(file.durability) {
-            Some(DurabilityArg::NoSync) => Durability::NoSync,
-            Some(DurabilityArg::Fsync) | None => Durability::Fsync,
-        };
+        let durability = cli.durability.or(file.durability).unwrap_or(d.durability);
         let progress_interval = match cli.progress_interval.or(file.progress_interval) {
             Some(s) => parse_duration(&s).map_err(|message| ConfigError::Invalid {
                 field: "progress_interval",
@@ -665,6 +693,10 @@ impl ServerConfig {
                 .min_lease_ttl
                 .or(file.min_lease_ttl)
                 .unwrap_or(d.min_lease_ttl),
+            quota_backend_bytes: cli
+                .quota_backend_bytes
+                .or(file.quota_backend_bytes)
+                .map_or(d.quota_backend_bytes, quota_of),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -761,12 +793,25 @@ impl ServerConfig {
             .progress_interval(self.progress_interval)
             .max_leases(self.max_leases)
             .min_lease_ttl(self.min_lease_ttl)
+            .quota_bytes(self.quota_backend_bytes)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durability_flag_and_file_use_one_spelling() {
+        let cli = Cli::try_parse_from(["watch-server", "--durability", "no-sync"]).unwrap();
+        assert_eq!(cli.durability, Some(Durability::NoSync));
+        let err = Cli::try_parse_from(["watch-server", "--durability", "NoSync"]).unwrap_err();
+        assert!(err.to_string().contains("`fsync` or `no-sync`"), "{err}");
+        let err = toml::from_str::<FileConfig>("durability = \"immediate\"").unwrap_err();
+        assert!(err.to_string().contains("`fsync` or `no-sync`"), "{err}");
+        let file: FileConfig = toml::from_str("durability = \"fsync\"").unwrap();
+        assert_eq!(file.durability, Some(Durability::Fsync));
+    }
 
     #[test]
     fn precedence_flags_over_file_over_defaults() {
@@ -795,6 +840,26 @@ mod tests {
         };
         assert!(ServerConfig::merge(cli, FileConfig::default()).is_err());
         assert!(c.mirror_config().is_none());
+    }
+
+    #[test]
+    fn quota_as_etcd_reads_it() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.quota_backend_bytes, DEFAULT_QUOTA_BYTES);
+        let file: FileConfig = toml::from_str("quota_backend_bytes = 0").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file).unwrap();
+        assert_eq!(c.store_config().quota_bytes, DEFAULT_QUOTA_BYTES);
+        let file: FileConfig = toml::from_str("quota_backend_bytes = 4096").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.quota_backend_bytes, 4096);
+        let cli = Cli {
+            quota_backend_bytes: Some(-1),
+            ..Cli::default()
+        };
+        assert_eq!(
+            ServerConfig::merge(cli, file).unwrap().quota_backend_bytes,
+            0
+        );
     }
 
     #[test]

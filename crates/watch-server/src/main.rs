@@ -15,8 +15,10 @@ const EXIT_FORCED: i32 = 130;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::HashPassword { cost }) = cli.command {
-        return hash_password(cost);
+    match &cli.command {
+        Some(Command::HashPassword { cost }) => return hash_password(*cost),
+        Some(Command::Restore { file, data_dir }) => return restore(file, data_dir),
+        None => {}
     }
     let config = match ServerConfig::from_cli(cli) {
         Ok(c) => c,
@@ -84,6 +86,29 @@ fn hash_password(cost: u32) -> anyhow::Result<()> {
     let hash = watch_server::auth::hash_password(password, cost)
         .with_context(|| format!("hashing with bcrypt cost {cost}"))?;
     println!("{hash}");
+    Ok(())
+}
+
+/// `watch-server restore <file> --data-dir <dir>`: checks the SHA-256 trailer of a backup as
+/// `etcdctl snapshot save` wrote it and installs the backup as a new data directory.
+fn restore(file: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let info = watch_server::server::restore_snapshot(file, data_dir)
+        .with_context(|| format!("restoring {} into {}", file.display(), data_dir.display()))?;
+    let auth = if info.extras.is_empty() {
+        ""
+    } else {
+        ", users and roles"
+    };
+    println!(
+        "restored revision {} ({} keys, {} leases, {} change sets of history, compaction \
+         revision {}{auth}) into {}",
+        info.revision,
+        info.keys,
+        info.leases,
+        info.history,
+        info.compacted,
+        data_dir.display()
+    );
     Ok(())
 }
 

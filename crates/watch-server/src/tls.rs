@@ -1,5 +1,11 @@
-//! TLS and mutual TLS for the gRPC listener (rustls through tonic), configured with etcd's
-//! flag names: `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+//! TLS and mutual TLS for the client listener (rustls, the ring provider tonic also uses),
+//! configured with etcd's flag names: `--cert-file`, `--key-file`, `--trusted-ca-file`,
+//! `--client-cert-auth`.
+//!
+//! The server offers ALPN `h2` and `http/1.1`, so gRPC clients get HTTP/2 and the HTTP/JSON
+//! gateway's HTTP/1.1-only clients can connect too (tonic's own TLS offers `h2` only, which
+//! makes rustls refuse a client that offers only `http/1.1`). Handshakes run concurrently,
+//! each bounded by `--tls-handshake-timeout` ([`accept`]).
 //!
 //! - cert + key: clients connect with `https://` and verify the server against their CA.
 //! - plus `--client-cert-auth` and `--trusted-ca-file`: every client must present a
@@ -12,9 +18,14 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config_error::ConfigError;
 
@@ -130,19 +141,17 @@ impl TlsSettings {
         };
         // Builds the rustls config the server will use, so what the PEM check above cannot see
         // (a malformed block, an unsupported key) is also reported now.
-        tonic::transport::Server::builder()
-            .tls_config(settings.server_config())
-            .map_err(|e| {
-                invalid(
-                    "cert_file",
-                    format!(
-                        "{} / {}: {}",
-                        cert_file.display(),
-                        key_file.display(),
-                        error_chain(&e)
-                    ),
-                )
-            })?;
+        settings.rustls_config().map_err(|e| {
+            invalid(
+                "cert_file",
+                format!(
+                    "{} / {}: {}",
+                    cert_file.display(),
+                    key_file.display(),
+                    error_chain(&e)
+                ),
+            )
+        })?;
         Ok(Some(settings))
     }
 
@@ -151,17 +160,82 @@ impl TlsSettings {
         self.client_ca_pem.is_some()
     }
 
-    /// The tonic server configuration.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .timeout(self.handshake_timeout);
-        match &self.client_ca_pem {
-            // With a client CA root, tonic requires and verifies a client certificate.
-            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
-            None => config,
-        }
+    /// The rustls server configuration: the identity, client certificate verification when
+    /// asked for, ALPN `h2` then `http/1.1`.
+    pub fn rustls_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let pem_err = |e: rustls::pki_types::pem::Error| rustls::Error::General(e.to_string());
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err)?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(pem_err)?;
+        let builder = rustls::ServerConfig::builder();
+        let builder = match &self.client_ca_pem {
+            // With a client CA, a client certificate chaining to it is required and verified.
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    roots.add(cert.map_err(pem_err)?)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
+
+    /// The handshake timeout (`--tls-handshake-timeout`).
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+}
+
+/// TLS over the accepted connections of `tcp`: each handshake runs as a task of its own,
+/// bounded by `timeout`, so a stalled client holds up no other; a failed or timed-out
+/// handshake closes that connection (logged at debug) and the stream goes on. Accept errors
+/// pass through. Dropping the stream aborts the handshakes in flight.
+pub(crate) fn accept<S, IO, E>(
+    tcp: S,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<IO>, E>> + Send + 'static
+where
+    S: Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let state = (Box::pin(tcp), tokio::task::JoinSet::new(), false);
+    futures_util::stream::unfold(state, move |(mut tcp, mut handshakes, mut closed)| {
+        let acceptor = acceptor.clone();
+        async move {
+            loop {
+                if closed && handshakes.is_empty() {
+                    return None;
+                }
+                tokio::select! {
+                    conn = tcp.next(), if !closed => match conn {
+                        Some(Ok(io)) => {
+                            let accepting = acceptor.accept(io);
+                            handshakes.spawn(tokio::time::timeout(timeout, accepting));
+                        }
+                        Some(Err(e)) => return Some((Err(e), (tcp, handshakes, closed))),
+                        None => closed = true,
+                    },
+                    Some(done) = handshakes.join_next(), if !handshakes.is_empty() => match done {
+                        Ok(Ok(Ok(tls))) => return Some((Ok(tls), (tcp, handshakes, closed))),
+                        Ok(Ok(Err(e))) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Ok(Err(_)) => tracing::debug!(?timeout, "TLS handshake timed out"),
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake task failed"),
+                    },
+                }
+            }
+        }
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

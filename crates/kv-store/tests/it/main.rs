@@ -3,5 +3,10 @@
 //! - `history`: reads at past revisions (and txns reading them) against a replay model,
 //!   across compactions, deletes, re-created keys and reopening (regressions in
 //!   `history.proptest-regressions` beside it).
+//! - `store`: etcd's revision model, txns, range options, reads at a past revision,
+//!   compaction, restart and fail-stop.
+//! - `lease_store`: leases, their record file and crash recovery between the two files.
 
 mod history;
+mod lease_store;
+mod store;

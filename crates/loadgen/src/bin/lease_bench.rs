@@ -43,7 +43,7 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let keywatch = Binaries::find_keywatch(args.server_bin.clone())?;
+    let keywatch = testkit::find_watch_server(args.server_bin.clone())?;
     let etcd = if args.no_etcd {
         None
     } else {

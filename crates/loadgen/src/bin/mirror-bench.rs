@@ -26,7 +26,6 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use loadgen::client::{connect, histogram, record};
-use loadgen::server::Binaries;
 use testkit::{EtcdCluster, ServerProcess};
 use tokio_stream::wrappers::ReceiverStream;
 use watch_proto::etcdserverpb as pb;
@@ -156,7 +155,7 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let server_bin = Binaries::find_keywatch(args.server_bin.clone())?;
+    let server_bin = testkit::find_watch_server(args.server_bin.clone())?;
     let cluster = tokio::task::block_in_place(|| {
         EtcdCluster::builder()
             .bin(&args.etcd_bin)

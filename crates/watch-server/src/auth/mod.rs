@@ -38,6 +38,24 @@
 //! Errors are etcd's: no token → "etcdserver: user name is empty" (InvalidArgument), an
 //! unknown or expired token → "etcdserver: invalid auth token" (Unauthenticated), a missing
 //! permission → "etcdserver: permission denied" (PermissionDenied).
+//!
+//! # Parts
+//!
+//! - `auth`: users and roles. `data.rs`: the records (`AuthData`: users with bcrypt hashes and
+//!   role names, roles with etcd `(key, range_end)` permissions, the enabled flag, the auth
+//!   revision) and etcd's rules for changing them, pure and unit-tested. `persist.rs`:
+//!   `auth.redb` in the data directory, one redb record (JSON) rewritten whole per change and
+//!   fsynced before the change is published or acknowledged (users and roles are few; one
+//!   record keeps a change atomic); a failed commit is fail-stop (`Auth::failed` stops the
+//!   server). `Auth` (`mod.rs`): the records behind an async mutex (changes apply one at a time,
+//!   in commit order) and a published `View` (`RwLock<Arc<_>>`, users with compiled grants) that
+//!   request checks read; tokens map to a user and its *incarnation* (new on add and password
+//!   change), so a deleted or re-passworded user's tokens stop resolving while permission
+//!   changes apply to live tokens' next request. `config.rs`: the file's `[auth]` validated into
+//!   seed records (`AuthSettings`), used only when `auth.redb` holds none; key intervals and
+//!   their merged union per user (`range.rs`: one binary search per check), etcd simple tokens
+//!   with an idle TTL (`token.rs`), and `Gate`, the one hook every service calls (auth off: one
+//!   atomic load). Guide: `docs/security.md`.
 
 mod config;
 mod data;
@@ -284,6 +302,14 @@ impl Auth {
             }
         };
         Ok(Auth::with_records(settings, data, Some(db)))
+    }
+
+    /// Every user and role and the enabled flag, encoded as the records file holds them (a
+    /// backup's extra; [`import_records`] installs it).
+    pub async fn export(&self) -> Vec<u8> {
+        let records = self.records.lock().await;
+        // Serializing plain maps and strings cannot fail.
+        serde_json::to_vec(&records.data).unwrap_or_default()
     }
 
     fn with_records(settings: &AuthSettings, data: AuthData, db: Option<persist::AuthDb>) -> Auth {
@@ -546,6 +572,12 @@ fn compile(data: &AuthData, incarnations: &HashMap<String, u64>) -> View {
 /// The token an etcd client sent, if any.
 pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
     metadata.get(TOKEN_METADATA).and_then(|v| v.to_str().ok())
+}
+
+/// Installs `raw` ([`Auth::export`]'s bytes) as the records file of the fresh data directory
+/// `dir` (a restore).
+pub fn import_records(dir: &Path, raw: &[u8]) -> Result<(), AuthStoreError> {
+    persist::write_record(dir, raw)
 }
 
 /// Authentication as seen by a service: off, or the server's [`Auth`].

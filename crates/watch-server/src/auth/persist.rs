@@ -122,3 +122,30 @@ impl AuthDb {
         })
     }
 }
+
+/// Writes `raw` (an [`AuthData`] record as [`super::Auth::export`] gives it) as the records
+/// file of `dir`, durably: a restore into a fresh data directory. Fails when `raw` does not
+/// decode or `dir` already holds records.
+pub(crate) fn write_record(dir: &Path, raw: &[u8]) -> Result<(), AuthStoreError> {
+    let path = dir.join(AUTH_FILE);
+    let storage = |e: &dyn std::fmt::Display| AuthStoreError::Storage {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    serde_json::from_slice::<AuthData>(raw).map_err(|e| AuthStoreError::Decode {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    if path.exists() {
+        return Err(storage(
+            &"exists: restore needs a data directory without one",
+        ));
+    }
+    let db = redb::Database::create(&path).map_err(|e| storage(&e))?;
+    let txn = db.begin_write().map_err(|e| storage(&e))?;
+    txn.open_table(RECORDS)
+        .map_err(|e| storage(&e))?
+        .insert(KEY, raw)
+        .map_err(|e| storage(&e))?;
+    txn.commit().map_err(|e| storage(&e))
+}

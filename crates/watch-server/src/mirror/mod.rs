@@ -29,6 +29,24 @@
 //!
 //! [`Mirror::status`] publishes a [`MirrorStatus`] (connected or not, mirrored revision,
 //! endpoint) for health checks and metrics.
+//!
+//! # Parts
+//!
+//! - `mirror` (mirror mode, `--upstream`; design and guarantees in `docs/cluster.md`): `Mirror`
+//!   (start, `status()` = `watch::Receiver<MirrorStatus>` for health/metrics, `wait_for`: the
+//!   barrier of linearizable reads and forwarded writes, failing with a typed `BarrierError`;
+//!   mirror imports nothing of the server), `sync` (the one task per replica:
+//!   paginated snapshot pinned at one revision, then one upstream watch over the prefixes'
+//!   covering range with `prev_kv`, progress and `hasleader`; endpoint rotation; resync on
+//!   upstream compaction); the mirror's own retention
+//!   (`--upstream-retain-revisions`, compaction off the apply path). The store side
+//!   (`mirror_apply`, `mirror_reset`, `MirrorScope`) is kv-store's `mirror.rs`. Uses only watch-proto's generated
+//!   clients (no etcd-client in product code). The server starts the mirror once the store is
+//!   open (a standalone server refuses a mirror's data dir: `mirror::refuse_standalone`); health
+//!   follows its connection (`follow_mirror`: the health handle's own mirror input, NOT_SERVING
+//!   unless the upstream watch is open), `hasleader` watch streams end with "no leader" while it
+//!   is not (`WatchService::with_mirror_status`), and `server/metrics.rs` exports `keywatch_mirror_connected` and
+//!   `keywatch_mirror_revision`.
 
 mod sync;
 mod upstream;

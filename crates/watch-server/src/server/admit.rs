@@ -1,6 +1,7 @@
-//! Admission: the checks every KV and Lease request passes before its [`Backend`] (the local
-//! store, or forwarding to the upstream etcd in mirror mode) sees it. Each check is written
-//! once here, whichever backend serves the request.
+//! Admission: the checks every KV, Lease, Lock and Election request passes before its
+//! [`Backend`] (the local store, or forwarding to the upstream etcd in mirror mode) or the
+//! recipe ([`super::concurrency`]) sees it. Each check is written once here, whichever
+//! backend serves the request.
 //!
 //! The order is etcd's: **size, then shape** (conversion, empty key, the store's structural
 //! validation), **then authorization** (the caller's token, its permissions on the request's
@@ -13,6 +14,24 @@
 //! The wire-walking permission checks (which keys a Range, Put, DeleteRange or Txn reads and
 //! writes) live here too, so [`crate::auth`] knows only etcd's `(key, range_end)` model and
 //! no wire type.
+//!
+//! # The gate invariant
+//!
+//! - **Every request that touches keys passes the gate before the store sees it.** A service
+//!   holds a `Gate` (set with `with_gate`: `KvService` and `LeaseService` through their
+//!   `Admission`, local or mirror alike, and `WatchService`) and, before `into_inner()` (the token is request
+//!   metadata), calls `gate.caller(&request)?` → `Option<Caller>`; `None` means auth is off (the
+//!   only cost: one branch, the metadata is not read). With a caller it calls the check for the
+//!   request: `server/admit.rs`'s `check_range`/`check_put`/`check_delete`/`check_txn` for KV
+//!   shapes (auth itself knows only `(key, range_end)`), or
+//!   `check(Perm::Read | Perm::Write, key, range_end)` with etcd's `(key, range_end)` for anything
+//!   else, and `check_admin()` for root-only operations; each returns an `EtcdError` that `?` turns
+//!   into etcd's status. A stream keeps the token (`auth::token_of`) and checks each new item with
+//!   `Auth::caller(token)`, as etcd re-reads the stream's token per watch create. Structural
+//!   validation (`Store::validate`, empty key, size) runs before the gate, as in etcd.
+//!   `LeaseService` passes the same admission: a valid caller for every Lease RPC, and
+//!   `Caller::check_keys` over the lease's keys (from the store, or upstream in mirror mode) for LeaseRevoke, TimeToLive{keys}
+//!   and a Put naming a lease (etcd's `checkLeasePuts`). A service added later must do the same.
 
 use bytes::Bytes;
 use prost::Message;
@@ -211,6 +230,22 @@ impl Admission {
             }
         }
         Ok((r, req))
+    }
+
+    /// Lock and Election, which etcd runs as in-process clientv3 recipes: size, then the
+    /// permissions the recipe's KV calls need, each `(perm, key, range_end)`.
+    pub(crate) fn recipe<T: Message>(
+        &self,
+        request: &Request<T>,
+        checks: &[(Perm, &[u8], &[u8])],
+    ) -> Result<(), Status> {
+        self.check_size(request.get_ref())?;
+        if let Some(caller) = self.gate.caller(request)? {
+            for (perm, key, end) in checks {
+                caller.check(*perm, key, end).map_err(EtcdError::status)?;
+            }
+        }
+        Ok(())
     }
 
     /// Compact: root only. Stricter than etcd 3.4, which checks nothing here: compaction

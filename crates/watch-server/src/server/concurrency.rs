@@ -12,7 +12,8 @@
 //! - Every error is answered with code Unknown and etcd's message, as etcd's in-process client
 //!   turns them into plain errors (measured: "etcdserver: requested lease not found",
 //!   "election: not leader", "election: no leader", code 2).
-//! - With authentication on, the caller needs what the recipe's KV calls need: read on
+//! - Every request passes [`super::admit`]: the size limit, then, with authentication on, the
+//!   caller needs what the recipe's KV calls need: read on
 //!   `<name>/` and write on its key (Lock, Campaign), write on the key (Unlock, Resign,
 //!   Proclaim), read on `<name>/` (Leader, Observe).
 
@@ -34,6 +35,7 @@ use watch_proto::to_proto;
 use watch_proto::v3electionpb as epb;
 use watch_proto::v3lockpb as lpb;
 
+use super::admit::Admission;
 use super::convert::{header, store_status};
 use crate::auth::{Gate, Perm};
 
@@ -50,12 +52,12 @@ const MISSING_LEADER: &str = "\"leader\" field must be provided";
 /// clientv3's `waitDelete` when its watch ends without the delete.
 const LOST_WATCHER: &str = "lost watcher waiting for delete";
 
-/// What the Lock and Election services share: the store, the auth gate and the shutdown
-/// signal (waits and Observe streams end with "etcdserver: server stopped").
+/// What the Lock and Election services share: the store, the admission checks and the
+/// shutdown signal (waits and Observe streams end with "etcdserver: server stopped").
 #[derive(Debug, Clone)]
 struct Recipes {
     store: Store,
-    gate: Gate,
+    admit: Admission,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -166,24 +168,18 @@ impl Recipes {
             .map_err(|e| store_err(&e))
     }
 
-    /// The auth checks the recipe's KV calls would meet.
-    fn check<T>(
+    /// The admission checks (size, then the permissions the recipe's KV calls need), as
+    /// the in-process client reports them.
+    fn check<T: prost::Message>(
         &self,
         request: &Request<T>,
         checks: &[(Perm, &[u8], &[u8])],
     ) -> Result<(), Status> {
-        if let Some(caller) = self.gate.caller(request).map_err(unknown)? {
-            for (perm, key, end) in checks {
-                caller
-                    .check(*perm, key, end)
-                    .map_err(|e| unknown(e.status()))?;
-            }
-        }
-        Ok(())
+        self.admit.recipe(request, checks).map_err(unknown)
     }
 
     /// `perms` on every key under `<name>/` (what the recipe's ranges and puts there need).
-    fn check_names<T>(
+    fn check_names<T: prost::Message>(
         &self,
         request: &Request<T>,
         name: &[u8],
@@ -505,18 +501,23 @@ fn leader_response(kv: &KeyValue, rev: Revision) -> epb::LeaderResponse {
 pub struct LockService(Recipes);
 
 impl LockService {
-    /// The service over `store`; waits end with "server stopped" when `shutdown` turns true.
-    pub fn new(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    /// The service over `store`, refusing requests larger than `max_request_bytes`; waits
+    /// end with "server stopped" when `shutdown` turns true.
+    pub fn new(
+        store: Store,
+        max_request_bytes: usize,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         LockService(Recipes {
             store,
-            gate: Gate::off(),
+            admit: Admission::new(max_request_bytes),
             shutdown,
         })
     }
 
     /// Checks every request against `gate`'s users and roles.
     pub fn with_gate(mut self, gate: Gate) -> Self {
-        self.0.gate = gate;
+        self.0.admit = self.0.admit.with_gate(gate);
         self
     }
 }
@@ -564,24 +565,28 @@ impl lpb::lock_server::Lock for LockService {
 pub struct ElectionService(Recipes);
 
 impl ElectionService {
-    /// The service over `store`; waits and Observe streams end with "server stopped" when
-    /// `shutdown` turns true.
-    pub fn new(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+    /// The service over `store`, refusing requests larger than `max_request_bytes`; waits and
+    /// Observe streams end with "server stopped" when `shutdown` turns true.
+    pub fn new(
+        store: Store,
+        max_request_bytes: usize,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         ElectionService(Recipes {
             store,
-            gate: Gate::off(),
+            admit: Admission::new(max_request_bytes),
             shutdown,
         })
     }
 
     /// Checks every request against `gate`'s users and roles.
     pub fn with_gate(mut self, gate: Gate) -> Self {
-        self.0.gate = gate;
+        self.0.admit = self.0.admit.with_gate(gate);
         self
     }
 
     /// Proclaim's and Resign's leader key: present, and the caller may read and write it.
-    fn leader_key<'a, T>(
+    fn leader_key<'a, T: prost::Message>(
         &self,
         request: &Request<T>,
         leader: Option<&'a epb::LeaderKey>,

@@ -3,8 +3,8 @@
 //! `tonic::Status`.
 //!
 //! watch-proto owns the watch and event conversions and the etcd error table
-//! ([`EtcdError`]); the KV request types are the store's own (they live in this crate), so
-//! their translation lives here, next to the services that use it.
+//! ([`EtcdError`]); the KV request types are kv-store's, which watch-proto does not depend
+//! on, so their translation lives here, next to the services that use it.
 
 use tonic::{Code, Status};
 use watch_core::Revision;
@@ -66,6 +66,7 @@ fn etcd_error(kind: EtcdKind) -> EtcdError {
         EtcdKind::LeaseTtlTooLarge => EtcdError::LeaseTtlTooLarge,
         EtcdKind::Stopped => EtcdError::Stopped,
         EtcdKind::Corrupt => EtcdError::Corrupt,
+        EtcdKind::NoSpace => EtcdError::NoSpace,
     }
 }
 
@@ -144,12 +145,17 @@ pub fn put_op(r: &pb::PutRequest) -> TxnOp {
     TxnOp::Put {
         key: r.key.clone(),
         value: r.value.clone(),
-        options: PutOptions::default()
-            .lease(r.lease)
-            .prev_kv(r.prev_kv)
-            .ignore_value(r.ignore_value)
-            .ignore_lease(r.ignore_lease),
+        options: put_options(r),
     }
+}
+
+/// A wire put's options.
+pub fn put_options(r: &pb::PutRequest) -> PutOptions {
+    PutOptions::default()
+        .lease(r.lease)
+        .prev_kv(r.prev_kv)
+        .ignore_value(r.ignore_value)
+        .ignore_lease(r.ignore_lease)
 }
 
 /// A store put result as the wire response.
@@ -163,9 +169,14 @@ pub fn put_response(r: PutResult) -> pb::PutResponse {
 /// A wire delete as a store op.
 pub fn delete_op(r: &pb::DeleteRangeRequest) -> TxnOp {
     TxnOp::Delete {
-        range: KeyRange::new(r.key.clone(), r.range_end.clone()),
+        range: delete_range(r),
         prev_kv: r.prev_kv,
     }
+}
+
+/// A wire delete's range.
+pub fn delete_range(r: &pb::DeleteRangeRequest) -> KeyRange {
+    KeyRange::new(r.key.clone(), r.range_end.clone())
 }
 
 /// A store delete result as the wire response.
@@ -247,6 +258,17 @@ pub fn txn_request(t: &pb::TxnRequest) -> Result<TxnRequest, Status> {
     })
 }
 
+/// etcd fills only `revision` in the headers of a txn's nested responses (its apply layer
+/// builds them bare; the server fills only the outer header's ids).
+fn nested_header(header: &mut Option<pb::ResponseHeader>) {
+    if let Some(h) = header {
+        *h = pb::ResponseHeader {
+            revision: h.revision,
+            ..Default::default()
+        };
+    }
+}
+
 /// A store txn result as the wire response.
 pub fn txn_response(t: TxnResult) -> pb::TxnResponse {
     use pb::response_op::Response;
@@ -258,10 +280,26 @@ pub fn txn_response(t: TxnResult) -> pb::TxnResponse {
             .into_iter()
             .map(|r| pb::ResponseOp {
                 response: Some(match r {
-                    TxnOpResult::Range(r) => Response::ResponseRange(range_response(r)),
-                    TxnOpResult::Put(r) => Response::ResponsePut(put_response(r)),
-                    TxnOpResult::Delete(r) => Response::ResponseDeleteRange(delete_response(r)),
-                    TxnOpResult::Txn(t) => Response::ResponseTxn(txn_response(t)),
+                    TxnOpResult::Range(r) => {
+                        let mut r = range_response(r);
+                        nested_header(&mut r.header);
+                        Response::ResponseRange(r)
+                    }
+                    TxnOpResult::Put(r) => {
+                        let mut r = put_response(r);
+                        nested_header(&mut r.header);
+                        Response::ResponsePut(r)
+                    }
+                    TxnOpResult::Delete(r) => {
+                        let mut r = delete_response(r);
+                        nested_header(&mut r.header);
+                        Response::ResponseDeleteRange(r)
+                    }
+                    TxnOpResult::Txn(t) => {
+                        let mut t = txn_response(t);
+                        nested_header(&mut t.header);
+                        Response::ResponseTxn(t)
+                    }
                 }),
             })
             .collect(),

@@ -105,11 +105,8 @@ impl Forward {
     /// etcd's per-key lease checks.
     pub(crate) async fn lease_keys(&self, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
         let resp = self
-            .mirror
-            .call(Resend::Read, |ch| async move {
-                LeaseClient::new(ch)
-                    .max_decoding_message_size(usize::MAX)
-                    .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+            .lease(Resend::Read, |mut c| async move {
+                c.lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
                     .await
             })
             .await?;

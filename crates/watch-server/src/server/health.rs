@@ -9,6 +9,16 @@
 //! every `Health/Watch` stream ends (after delivering NOT_SERVING) through a stop signal of
 //! its own ([`HealthHandle::service`]), so the transport's graceful shutdown need not wait for
 //! health watchers.
+//!
+//! # Parts
+//!
+//! - `server/health.rs`: `HealthHandle` (tonic-health reporter; SERVING = ready ∧ ¬stopping ∧ the
+//!   embedder's `set_serving` ∧ (mirror mode) the upstream watch open; once stopping, NOT_SERVING is final and `Check` keeps answering
+//!   it), `StoppableHealth` (tonic-health's service whose `Watch` streams end on a stop signal
+//!   of their own), `Gated<S>` (a service slot filled once the store is open; UNAVAILABLE
+//!   `EtcdError::Starting` until then).
+//!   gRPC reflection (tonic-reflection, v1 and v1alpha) serves watch-proto's
+//!   `FILE_DESCRIPTOR_SET` and the health descriptors.
 
 use std::convert::Infallible;
 use std::future::Future;

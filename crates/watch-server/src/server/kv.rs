@@ -11,7 +11,7 @@ use super::convert::{self, store_status};
 use super::forward::Forward;
 use crate::auth::Gate;
 use crate::mirror::Mirror;
-use kv_store::{Store, TxnOpResult};
+use kv_store::Store;
 
 /// etcd's `KV` service over a [`Store`], or over a [`Mirror`] in mirror mode.
 #[derive(Debug, Clone)]
@@ -73,17 +73,13 @@ impl pb::kv_server::Kv for KvService {
             Backend::Local(store) => store,
             Backend::Mirror(forward) => return forward.put(request.into_inner()).await,
         };
-        match store
-            .single(convert::put_op(request.get_ref()))
+        let r = request.get_ref();
+        let p = store
+            .put(r.key.clone(), r.value.clone(), convert::put_options(r))
             .await
-            .map_err(|e| store_status(&e))?
-        {
-            TxnOpResult::Put(p) => {
-                tracing::debug!(revision = p.revision, "put");
-                Ok(Response::new(convert::put_response(p)))
-            }
-            _ => Err(Status::internal("a put returned another result kind")),
-        }
+            .map_err(|e| store_status(&e))?;
+        tracing::debug!(revision = p.revision, "put");
+        Ok(Response::new(convert::put_response(p)))
     }
 
     async fn delete_range(
@@ -95,17 +91,13 @@ impl pb::kv_server::Kv for KvService {
             Backend::Local(store) => store,
             Backend::Mirror(forward) => return forward.delete_range(request.into_inner()).await,
         };
-        match store
-            .single(convert::delete_op(request.get_ref()))
+        let r = request.get_ref();
+        let d = store
+            .delete_range(convert::delete_range(r), r.prev_kv)
             .await
-            .map_err(|e| store_status(&e))?
-        {
-            TxnOpResult::Delete(d) => {
-                tracing::debug!(revision = d.revision, "delete_range");
-                Ok(Response::new(convert::delete_response(d)))
-            }
-            _ => Err(Status::internal("a delete returned another result kind")),
-        }
+            .map_err(|e| store_status(&e))?;
+        tracing::debug!(revision = d.revision, "delete_range");
+        Ok(Response::new(convert::delete_response(d)))
     }
 
     async fn txn(

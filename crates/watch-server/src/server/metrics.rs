@@ -11,6 +11,18 @@
 //! - nothing else: watch-core and event-log do not depend on a metrics crate.
 //!
 //! `docs/operations.md` lists every metric.
+//!
+//! # Parts
+//!
+//! - `server/metrics.rs`: one `prometheus_client::Registry` per server (no global state): a tower
+//!   layer (`RpcMetricsLayer`) records each call's start, duration and gRPC status (from the
+//!   trailers-only headers or the body's trailers, so stream statuses and errors are right;
+//!   dropped calls count as CANCELLED; method labels come from the served descriptors, unknown
+//!   paths are `unknown`) and opens the `grpc` span (method, peer); `WatchMetrics` (streams,
+//!   events, cancels by reason, publish→send latency from the store's `PublishClock` ring);
+//!   `LogMetrics` (the `LogObserver`); a scrape-time collector (revision, compacted revision,
+//!   keys, db size, `EngineStats`, RSS from `/proc/self/statm`); `GET /metrics` via axum on
+//!   `--metrics-listen` (off by default). Metrics list: `docs/operations.md`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,7 +46,7 @@ use tokio::net::TcpListener;
 use kv_store::Store;
 
 /// OpenMetrics text, which Prometheus scrapes natively.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -373,9 +385,53 @@ impl Collector for StoreCollector {
         gauge(
             &mut encoder,
             "keywatch_db_size_bytes",
-            "Size of the event log file on disk",
+            "Size of the data files on disk (event log, state snapshot, lease records)",
             to_i64(store.disk_size()),
         )?;
+        gauge(
+            &mut encoder,
+            "keywatch_quota_backend_bytes",
+            "Space quota of the data files in bytes (--quota-backend-bytes; 0: none)",
+            to_i64(store.config().quota_bytes),
+        )?;
+        {
+            let alarms = store.alarms();
+            let mut e = encoder.encode_descriptor(
+                "keywatch_alarms",
+                "Alarms raised, by type (NOSPACE: past the space quota)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, kind) in [
+                ("NONE", kv_store::Alarm::None),
+                ("NOSPACE", kv_store::Alarm::NoSpace),
+                ("CORRUPT", kv_store::Alarm::Corrupt),
+            ] {
+                let n = alarms.iter().filter(|a| a.alarm == kind).count();
+                ConstGauge::new(to_i64(n)).encode(e.encode_family(&[("alarm", name)])?)?;
+            }
+        }
+        let (defrag, defrags) = store.last_defragment();
+        gauge(
+            &mut encoder,
+            "keywatch_defragmentations",
+            "Defragmentations (Maintenance.Defragment) since the server started",
+            to_i64(defrags),
+        )?;
+        if let Some(d) = defrag {
+            gauge(
+                &mut encoder,
+                "keywatch_defrag_before_bytes",
+                "Size of the data files before the last defragmentation",
+                to_i64(d.before),
+            )?;
+            gauge(
+                &mut encoder,
+                "keywatch_defrag_after_bytes",
+                "Size of the data files after the last defragmentation",
+                to_i64(d.after),
+            )?;
+        }
         let stats = store.engine().stats();
         {
             let mut e = encoder.encode_descriptor(

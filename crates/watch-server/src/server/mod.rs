@@ -1,6 +1,8 @@
 //! The gRPC server: etcd's KV, Watch, Maintenance (Status), Cluster (MemberList), Lease,
 //! Auth, Lock and Election services over one [`Store`], plus the standard gRPC health and
-//! reflection services and an optional Prometheus endpoint.
+//! reflection services and an optional Prometheus endpoint. The same port also serves etcd's
+//! HTTP/JSON gateway and `/health`, `/version`, `/metrics` over HTTP/1.1 and HTTP/2 (see
+//! [`gateway`]).
 //!
 //! # Lifecycle
 //!
@@ -18,6 +20,20 @@
 //!    metrics endpoint is waited for after that, bounded the same way.
 //!
 //! [`HealthHandle`] lets an embedder force NOT_SERVING for reasons of its own.
+//!
+//! # Lifecycle and connections
+//!
+//! - `server/mod.rs` (`Server`): lifecycle. `start`/`with_store`/`with_store_future` bind first;
+//!   `run` serves at once and opens the store meanwhile: health NOT_SERVING, etcd services behind
+//!   `health::Gated` (UNAVAILABLE "starting" until filled), then the services are installed and
+//!   health turns SERVING. Shutdown: health NOT_SERVING (health watch streams end), stop
+//!   accepting, watch streams end with UNAVAILABLE "etcdserver: server stopped", in-flight calls
+//!   get `--shutdown-timeout` (then their connections are cut, so `run` returns with no
+//!   connection task left holding the store), the store closes (log flushed), then the metrics
+//!   endpoint is waited for (bounded by the same grace, then cut, then aborted).
+//! - `server/cut.rs`: `CutIo` wraps every accepted socket (gRPC and metrics) so its reads and
+//!   writes fail once the grace expired: tonic and axum run each connection as a task of its
+//!   own, which dropping the serve future would not stop.
 
 mod admit;
 pub mod auth;
@@ -25,6 +41,7 @@ pub mod concurrency;
 pub mod convert;
 mod cut;
 mod forward;
+pub mod gateway;
 mod health;
 pub mod kv;
 pub mod lease;
@@ -38,6 +55,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 use watch_proto::etcdserverpb as pb;
 use watch_proto::{v3electionpb, v3lockpb};
 
@@ -48,13 +66,14 @@ use kv_store::{Store, StoreError};
 
 pub use auth::AuthService;
 pub use concurrency::{ElectionService, LockService};
+use cut::Conn;
 use health::Gated;
 pub use health::HealthHandle;
 pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
 pub use lease::LeaseService;
-pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService};
+pub use misc::{ClusterService, ETCD_VERSION, MaintenanceService, RestoreError, restore_snapshot};
 pub use watch::{GRPC_OVERHEAD_BYTES, WatchService, WatchSettings};
 
 /// Why the server could not start or stopped abnormally.
@@ -86,6 +105,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS configuration could not be built (checked at load, so not expected here).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The reflection service could not be built from the descriptor sets.
     #[error("building the gRPC reflection service: {0}")]
     Reflection(String),
@@ -131,7 +153,8 @@ impl Server {
     /// `config.data_dir` while already answering health checks.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = config.data_dir.clone();
-        let store_config = config.store_config();
+        // The store raises its own alarms (NOSPACE) for this member.
+        let store_config = config.store_config().member_id(convert::MEMBER_ID);
         Self::with_store_future(config, async move { Store::open(dir, store_config).await }).await
     }
 
@@ -268,14 +291,21 @@ impl Server {
                     ),
                     None => {
                         // Lock and Election write under their names: local stores only.
-                        lock.fill(v3lockpb::lock_server::LockServer::new(
-                            LockService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
-                        election.fill(v3electionpb::election_server::ElectionServer::new(
-                            ElectionService::new(store.clone(), stop_rx.clone())
-                                .with_gate(gate.clone()),
-                        ));
+                        let limit = config.max_request_bytes;
+                        lock.fill(
+                            v3lockpb::lock_server::LockServer::new(
+                                LockService::new(store.clone(), limit, stop_rx.clone())
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit),
+                        );
+                        election.fill(
+                            v3electionpb::election_server::ElectionServer::new(
+                                ElectionService::new(store.clone(), limit, stop_rx.clone())
+                                    .with_gate(gate.clone()),
+                            )
+                            .max_decoding_message_size(recv_limit),
+                        );
                         (
                             KvService::new(store.clone(), config.max_request_bytes),
                             LeaseService::new(store.clone(), stop_rx.clone()),
@@ -287,9 +317,10 @@ impl Server {
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
-                lease.fill(pb::lease_server::LeaseServer::new(
-                    lease_service.with_gate(gate.clone()),
-                ));
+                lease.fill(
+                    pb::lease_server::LeaseServer::new(lease_service.with_gate(gate.clone()))
+                        .max_decoding_message_size(recv_limit),
+                );
                 let mut watch_service = WatchService::new(
                     store.clone(),
                     WatchSettings {
@@ -310,17 +341,23 @@ impl Server {
                         .max_decoding_message_size(recv_limit)
                         .max_encoding_message_size(usize::MAX),
                 );
-                maintenance.fill(pb::maintenance_server::MaintenanceServer::new(
-                    MaintenanceService::new(store.clone()),
-                ));
-                cluster.fill(pb::cluster_server::ClusterServer::new(ClusterService::new(
-                    store.clone(),
-                    format!("{scheme}://{addr}"),
-                )));
-                auth.fill(pb::auth_server::AuthServer::new(AuthService::new(
-                    store.clone(),
-                    gate.clone(),
-                )));
+                maintenance.fill(
+                    pb::maintenance_server::MaintenanceServer::new(
+                        MaintenanceService::new(store.clone()).with_gate(gate.clone()),
+                    )
+                    .max_decoding_message_size(recv_limit),
+                );
+                cluster.fill(
+                    pb::cluster_server::ClusterServer::new(ClusterService::new(
+                        store.clone(),
+                        format!("{scheme}://{addr}"),
+                    ))
+                    .max_decoding_message_size(recv_limit),
+                );
+                auth.fill(
+                    pb::auth_server::AuthServer::new(AuthService::new(store.clone(), gate.clone()))
+                        .max_decoding_message_size(recv_limit),
+                );
             }
         };
         let health_service = health.service();
@@ -466,20 +503,41 @@ impl Server {
             "serving; opening the store"
         );
         let grace = config.shutdown_timeout;
-        let incoming = {
-            let cut_rx = cut_rx.clone();
-            tokio_stream::StreamExt::map(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone())),
-            )
+        let incoming = tokio_stream::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            {
+                let cut_rx = cut_rx.clone();
+                move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone()))
+            },
+        );
+        // TLS is ours, not tonic's, so it can offer ALPN http/1.1 beside h2 (see `crate::tls`).
+        let incoming: Pin<Box<dyn Stream<Item = _> + Send>> = match &config.tls {
+            Some(tls) => {
+                let rustls = tls
+                    .rustls_config()
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+                Box::pin(tokio_stream::StreamExt::map(
+                    crate::tls::accept(incoming, rustls, tls.handshake_timeout()),
+                    |conn| conn.map(|io| Conn::Tls(Box::new(io))),
+                ))
+            }
+            None => Box::pin(tokio_stream::StreamExt::map(incoming, |conn| {
+                conn.map(Conn::Plain)
+            })),
         };
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &config.tls {
-            builder = builder.tls_config(tls.server_config())?;
-        }
+        let builder = tonic::transport::Server::builder();
         let serve = builder
             // Clients ping long watch streams (etcdctl every ~10 s); answer, never punish.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(7200)))
+            // etcd's gateway clients speak HTTP/1.1 on the client port.
+            .accept_http1(true)
+            // Outermost: HTTP/JSON requests are answered by the gateway, whose own gRPC calls
+            // then pass the RPC metrics layer like any client's (see `gateway`).
+            .layer(gateway::GatewayLayer::new(gateway::GatewaySettings {
+                max_json_bytes: gateway::max_json_bytes(config.max_request_bytes),
+                health: health.clone(),
+                metrics: metrics.clone(),
+            }))
             .layer(metrics.rpc_layer())
             .add_service(health_service)
             .add_service(reflection_v1)

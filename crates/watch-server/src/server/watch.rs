@@ -34,6 +34,25 @@
 //! its watchers turn lagging, to be caught up from the event log later by the dispatcher, which
 //! serves catch-ups in bounded turns and reads the log off its task, so live delivery to other
 //! streams is not held up.
+//!
+//! # Invariants
+//!
+//! - **Watch stream ordering by construction**: one task owns a stream's outbox (all its
+//!   watchers), its requests and its outbound queue. `created` is sent before the task drains the
+//!   outbox again; a cancel drops the registration before replying and later items of that
+//!   watcher are skipped (matched by engine id, never reused); a progress request bumps the
+//!   outbox's counter and the engine appends the answer behind the events it covers, and each
+//!   request gets its own `watch_id = -1` reply. Within one drain a watch's consecutive revisions
+//!   are merged into one response (≤ 1000 revisions and `--max-request-bytes`; never across a
+//!   created/canceled/progress response; a revision is never split unless `fragment` allows it).
+//! - **Bounded memory per slow client, in bytes**: per stream ≤ `--watch-stream-bytes` (outbox,
+//!   counting each item and the change set it holds) + the same again for one drain being turned
+//!   into responses + `OUTBOUND_BYTES` (1 MiB of encoded responses waiting for tonic) + h2's
+//!   buffers; per watcher at most `--watch-buffer` messages of that. When the outbound queue is
+//!   full the stream stops reading requests (HTTP/2 flow control pushes back; the connection
+//!   stays) and stops draining; the outbox fills and its watchers are caught up from the log
+//!   later by the dispatcher (bounded turns, log reads off its task), so other streams' live
+//!   delivery is not held up. Per server: streams × that + the window.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -214,6 +214,20 @@ impl Server {
         }
     }
 
+    /// Starts keywatch on an existing data dir (e.g. one `watch-server restore` made). The
+    /// dir is the caller's: it outlives the server and is removed by the caller.
+    pub(crate) fn start_keywatch_in(name: &str, dir: &std::path::Path) -> Server {
+        let process = ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .data_dir(dir)
+            .start()
+            .unwrap_or_else(|e| panic!("keywatch did not start ({name}): {e}"));
+        Server {
+            target: Target::Keywatch,
+            name: name.to_owned(),
+            process: AnyServer::Keywatch(process),
+        }
+    }
+
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub(crate) fn endpoint(&self) -> String {
         self.process.endpoint()
@@ -249,7 +263,7 @@ impl Server {
 
     /// Runs `etcdctl <args>` against this server and returns its stdout; panics on failure.
     pub(crate) fn etcdctl(&self, args: &[&str]) -> String {
-        let out = self.etcdctl_command(args).output().expect("run etcdctl");
+        let out = self.etcdctl_output(args, "");
         assert!(
             out.status.success(),
             "{}: etcdctl {args:?} failed: {}\n{}",
@@ -262,35 +276,11 @@ impl Server {
 
     /// Runs `etcdctl <args>` with `stdin` as its input and returns whatever it did.
     pub(crate) fn etcdctl_output(&self, args: &[&str], stdin: &str) -> std::process::Output {
-        use std::io::Write;
-        let mut child = self
-            .etcdctl_command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn etcdctl");
-        let mut input = child.stdin.take().expect("piped stdin");
-        input
-            .write_all(stdin.as_bytes())
-            .expect("write etcdctl stdin");
-        drop(input);
-        // Failure guard only: an etcdctl stuck on a misbehaving server is killed by pid.
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        match rx.recv_timeout(GUARD) {
-            Ok(output) => output.expect("wait for etcdctl"),
-            Err(_) => {
-                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-                panic!(
-                    "{}: etcdctl {args:?} did not finish within {GUARD:?}",
-                    self.target
-                )
-            }
-        }
+        run_guarded(
+            self.etcdctl_command(args),
+            stdin,
+            &format!("{}: etcdctl {args:?}", self.target),
+        )
     }
 
     fn etcdctl_command(&self, args: &[&str]) -> Command {
@@ -529,6 +519,32 @@ pub(crate) fn status<T: fmt::Debug>(result: Result<T, etcd_client::Error>) -> to
     }
 }
 
+/// `message` as a raw gRPC request, with `token` (an auth token) in its metadata.
+pub(crate) fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("token", token.parse().expect("ASCII token"));
+    }
+    request
+}
+
+/// A raw gRPC call failed with exactly `code` and `message` (as [`assert_status`] for
+/// etcd-client calls).
+pub(crate) fn assert_code<T: fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: tonic::Code,
+    message: &str,
+) {
+    let status = r.expect_err("the call must fail");
+    assert_eq!(
+        (status.code(), status.message()),
+        (code, message),
+        "{status:?}"
+    );
+}
+
 /// Asserts a gRPC error by code and message. The message is part of the contract: the Go
 /// client maps errors back to its typed errors (`rpctypes.ErrCompacted`, ...) by message text.
 pub(crate) fn assert_status<T: fmt::Debug>(
@@ -542,4 +558,31 @@ pub(crate) fn assert_status<T: fmt::Debug>(
         (code, message),
         "unexpected error status {status:?}"
     );
+}
+
+/// Runs `cmd` to its end with `stdin` as its input, under the hang guard: a process stuck on
+/// a misbehaving server is killed by pid after [`GUARD`] and the test fails naming `what`.
+pub(crate) fn run_guarded(mut cmd: Command, stdin: &str, what: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: spawn: {e}"));
+    let mut input = child.stdin.take().expect("piped stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    drop(input);
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(GUARD) {
+        Ok(output) => output.unwrap_or_else(|e| panic!("{what}: wait: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("{what} did not finish within {GUARD:?}")
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! through the Auth RPCs (the etcd-client crate, raw gRPC, or etcdctl). The same codes,
 //! messages and outputs must hold on both.
 
-use crate::common::{Server, Watch, assert_status, compat_test};
+use crate::common::{Server, Watch, assert_code, assert_status, compat_test, with_token};
 use etcd_client::{Client, ConnectOptions, Permission, RoleRevokePermissionOptions, WatchOptions};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -27,25 +27,6 @@ async fn channel(server: &Server) -> Channel {
         .connect()
         .await
         .expect("connect")
-}
-
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("token", token.parse().expect("ASCII token"));
-    }
-    request
-}
-
-fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, message: &str) {
-    let status = r.expect_err("expected an error");
-    assert_eq!(
-        (status.code(), status.message()),
-        (code, message),
-        "{status:?}"
-    );
 }
 
 /// root (root role), with authentication still off.

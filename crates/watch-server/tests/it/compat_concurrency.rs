@@ -330,3 +330,25 @@ async fn lock_and_election_with_auth(server: Server) {
     );
 }
 compat_test!(lock_and_election_with_auth);
+
+// A Lock or Campaign whose name is over --max-request-bytes (1.5 MiB by default) is refused
+// as the recipe's put would be, with the in-process client's code Unknown, and nothing is
+// written.
+async fn recipes_refuse_large_requests(server: Server) {
+    let mut c = server.client().await;
+    let l = lease(&mut c, 60).await;
+    let name = "n".repeat(1_600_000);
+    assert_status(
+        c.lock(name.as_str(), Some(LockOptions::new().with_lease(l)))
+            .await,
+        Code::Unknown,
+        "etcdserver: request is too large",
+    );
+    assert_status(
+        c.campaign(name.as_str(), "v", l).await,
+        Code::Unknown,
+        "etcdserver: request is too large",
+    );
+    assert!(keys(&mut c, "n").await.is_empty());
+}
+compat_test!(recipes_refuse_large_requests);

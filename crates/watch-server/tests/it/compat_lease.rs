@@ -470,3 +470,38 @@ async fn restart_with_live_leases(mut server: Server) {
     assert_eq!(ids, vec![kept]);
 }
 compat_test!(restart_with_live_leases, keywatch_only);
+
+// A keep-alive sent on its stream, then a LeaseRevoke: the keep-alive is answered by the state
+// when it arrived, the live lease, not by the revoke that came after it (issue 15: keywatch
+// answered TTL 0 in 16 of 20 tries). keywatch only: etcd 3.4 itself answers TTL 0 now and
+// then (1 in 20 measured), since it renews outside raft while the revoke goes through it, so
+// the exact ordering cannot be asserted of it. keywatch holds a revoked lease as live for
+// keep-alives until the revoke is acknowledged.
+async fn keep_alive_then_revoke(server: Server) {
+    let mut c = server.client().await;
+    for i in 0..20 {
+        let id = c.lease_grant(60, None).await.expect("grant").id();
+        // A key makes the revoke a real write (a revision), as in the measured case.
+        c.put(
+            format!("/ka/{i}"),
+            "v",
+            Some(PutOptions::new().with_lease(id)),
+        )
+        .await
+        .expect("put");
+        let (mut keeper, mut stream) = c.lease_keep_alive(id).await.expect("keep alive");
+        keeper.keep_alive().await.expect("send keep-alive");
+        c.lease_revoke(id).await.expect("revoke");
+        let resp = tokio::time::timeout(crate::common::GUARD, stream.message())
+            .await
+            .expect("in time")
+            .expect("response")
+            .expect("open");
+        assert_eq!(
+            (resp.id(), resp.ttl()),
+            (id, 60),
+            "try {i}: the keep-alive was sent before the revoke"
+        );
+    }
+}
+compat_test!(keep_alive_then_revoke, keywatch_only);

@@ -4,10 +4,11 @@
 //! - `common`: the `compat_test!` harness (every case against keywatch and a real etcd) and
 //!   the values the cases compare; processes come from `testkit`.
 //! - `compat*`: black-box compatibility with etcd 3.4 (KV, watch, leases, auth and its
-//!   runtime management, Lock and Election, etcdctl).
+//!   runtime management, Lock and Election, maintenance and the space quota, etcdctl).
+//! - `gateway`: the HTTP/JSON gateway, differentially against etcd, and the `etcd3gw` client.
 //! - `mirror`: mirror mode against a real 3-member etcd cluster.
 //! - `ops`: metrics, health, reflection, signals and shutdown of the binary.
-//! - `store`, `lease_store`, `watch_stream`: the in-process store and watch stream.
+//! - `watch_stream`: the in-process watch stream (the store's own tests are kv-store's).
 //! - `tls`: TLS and mutual TLS end to end.
 //!
 //! `cargo test -p watch-server --test it compat::` runs one area; `::etcd` one side of every
@@ -23,9 +24,9 @@ mod compat_concurrency;
 mod compat_etcdctl;
 mod compat_kv;
 mod compat_lease;
-mod lease_store;
+mod compat_maintenance;
+mod gateway;
 mod mirror;
 mod ops;
-mod store;
 mod tls;
 mod watch_stream;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use kv_store::{Durability, Store, StoreConfig, StoreError};
 use testkit::{ServerProcess, Signal};
@@ -197,6 +196,21 @@ async fn metrics_move_after_a_workload() {
         batches
     );
     assert_eq!(sample(&m, "keywatch_log_commit_failures_total"), 0.0);
+    // Quota, alarms and defragmentation.
+    assert_eq!(sample(&m, "keywatch_quota_backend_bytes"), 2147483648.0);
+    assert_eq!(sample(&m, "keywatch_alarms{alarm=\"NOSPACE\"}"), 0.0);
+    assert_eq!(sample(&m, "keywatch_defragmentations"), 0.0);
+    pb::maintenance_client::MaintenanceClient::new(ch.clone())
+        .defragment(pb::DefragmentRequest {})
+        .await
+        .unwrap();
+    let m = samples(&scrape(maddr).await);
+    assert_eq!(sample(&m, "keywatch_defragmentations"), 1.0);
+    let (before, after) = (
+        sample(&m, "keywatch_defrag_before_bytes"),
+        sample(&m, "keywatch_defrag_after_bytes"),
+    );
+    assert!(after > 0.0 && after <= before, "{before} -> {after}");
     assert_eq!(sample(&m, "keywatch_revision"), 4.0);
     assert_eq!(sample(&m, "keywatch_compacted_revision"), 0.0);
     assert_eq!(sample(&m, "keywatch_keys"), 3.0);
@@ -374,19 +388,15 @@ async fn reflection_lists_and_describes_services() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_watch-server");
 
-/// Runs the binary to completion; returns (exit code, stdout, stderr).
+/// Runs the binary with exactly `args` to its exit (hang-guarded, inherited `KEYWATCH_*`
+/// variables removed); returns (exit code, stdout, stderr).
 fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
+    let out = ServerProcess::builder(BIN)
+        .bare()
         .args(args)
-        .env_remove("KEYWATCH_CONFIG")
-        .env_remove("KEYWATCH_METRICS_LISTEN")
-        .output()
+        .run_to_exit()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code(), out.stdout, out.stderr)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! clients that must be accepted or refused: watch-proto's tonic clients and etcdctl.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::common::{Server, Target};
 use rcgen::{
@@ -87,6 +87,22 @@ impl Pki {
     }
 }
 
+/// keywatch with the server certificate by flags (no client certificates asked for).
+fn start_tls(pki: &Pki, name: &str) -> Server {
+    tokio::task::block_in_place(|| {
+        Server::start_with(
+            Target::Keywatch,
+            name,
+            &[
+                "--cert-file",
+                &pki.arg("server.pem"),
+                "--key-file",
+                &pki.arg("server.key"),
+            ],
+        )
+    })
+}
+
 /// `host:port` of a started server.
 fn addr(server: &Server) -> String {
     let endpoint = server.endpoint();
@@ -154,18 +170,7 @@ async fn plaintext(addr: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_by_flags_serves_https_only() {
     let pki = Pki::new();
-    let server = tokio::task::block_in_place(|| {
-        Server::start_with(
-            Target::Keywatch,
-            "tls_by_flags",
-            &[
-                "--cert-file",
-                &pki.arg("server.pem"),
-                "--key-file",
-                &pki.arg("server.key"),
-            ],
-        )
-    });
+    let server = start_tls(&pki, "tls_by_flags");
     let addr = addr(&server);
     put_get(&addr, &pki.ca_pem, None)
         .await
@@ -229,16 +234,14 @@ async fn mtls_from_config_file_requires_a_trusted_client_certificate() {
 }
 
 fn etcdctl(endpoint: &str, tls: &[String], args: &[&str]) -> std::process::Output {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(endpoint)
         .args(["--dial-timeout", "5s"])
         .args(tls)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run etcdctl")
+        .args(args);
+    crate::common::run_guarded(cmd, "", &format!("etcdctl {args:?} on {endpoint}"))
 }
 
 /// etcdctl against a server with mutual TLS: the same transcript from keywatch (configured by
@@ -446,4 +449,98 @@ async fn a_stalled_handshake_is_closed() {
     put_get(&addr(&server), &pki.ca_pem, None)
         .await
         .expect("served after closing the stalled connection");
+}
+
+/// One JSON gateway request over TLS, with the client offering only `alpn` (an HTTP/1.1-only
+/// client such as Python's urllib3, or an HTTP/2 one); the status and body.
+async fn gateway_over_tls(
+    addr: &str,
+    ca_pem: &str,
+    alpn: &[u8],
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("add the CA");
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("127.0.0.1".try_into().expect("server name"), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(alpn),
+        "negotiated ALPN"
+    );
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let req = http::Request::builder()
+        .method(if body.is_empty() { "GET" } else { "POST" })
+        .uri(format!("https://{addr}{path}"))
+        .header(http::header::HOST, addr)
+        .body(Full::new(bytes::Bytes::from(body.to_owned())))
+        .expect("request");
+    let resp = if alpn == b"h2" {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        sender.send_request(req).await.expect("h2 answer")
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("HTTP/1.1 handshake");
+        tokio::spawn(conn);
+        sender.send_request(req).await.expect("HTTP/1.1 answer")
+    };
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The TLS client port carries gRPC and the JSON gateway side by side, for HTTP/1.1-only and
+/// HTTP/2 clients alike (keywatch's TLS offers ALPN `http/1.1` beside `h2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_grpc_share_the_tls_port() {
+    let pki = Pki::new();
+    let server = start_tls(&pki, "tls_gateway");
+    let addr = addr(&server);
+    put_get(&addr, &pki.ca_pem, None)
+        .await
+        .expect("gRPC over TLS");
+    let (status, body) = gateway_over_tls(
+        &addr,
+        &pki.ca_pem,
+        b"http/1.1",
+        "/v3/kv/put",
+        r#"{"key":"Zm9v","value":"YmFy"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = gateway_over_tls(
+        &addr,
+        &pki.ca_pem,
+        b"h2",
+        "/v3/kv/range",
+        r#"{"key":"Zm9v"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""value":"YmFy""#), "{body}");
+    let (status, body) = gateway_over_tls(&addr, &pki.ca_pem, b"http/1.1", "/health", "").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"health":"true"}"#));
+    // gRPC still works on the same port afterwards.
+    put_get(&addr, &pki.ca_pem, None)
+        .await
+        .expect("gRPC over TLS");
 }

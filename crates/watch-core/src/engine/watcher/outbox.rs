@@ -29,12 +29,12 @@ use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
 
+use crate::engine::watcher::{Mode, WatchId, WatchMessage, Watcher};
 use crate::engine::{Control, Shared};
 use crate::error::WatchError;
 use crate::options::WatchOptions;
 use crate::selector::KeySelector;
 use crate::types::Revision;
-use crate::watcher::{Mode, WatchId, WatchMessage, Watcher};
 
 /// Bounds of an [`Outbox`]. Every limit is explicit; `Default` suits one gRPC stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

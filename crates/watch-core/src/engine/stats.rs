@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::watcher::{Mode, Sel};
+use crate::engine::watcher::{Mode, Sel};
 
 /// A point-in-time snapshot of the engine's counters ([`crate::WatchEngine::stats`]). Each
 /// field is read separately with relaxed ordering: fields may be a few updates apart from each

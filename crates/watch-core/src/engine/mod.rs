@@ -13,6 +13,11 @@
 //! history covers `seen + 1` any more, the watcher ends with [`CancelReason::Compacted`],
 //! pushed into the one queue slot always kept free for the terminal message.
 
+mod interval;
+mod registry;
+pub mod stats;
+pub mod watcher;
+
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,15 +31,17 @@ use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
+use crate::engine::registry::Registry;
+use crate::engine::stats::{Counters, EngineStats};
+use crate::engine::watcher::outbox::{
+    ITEM_BYTES, OnFull, Outbox, OutboxLimits, OutboxShared, Registration,
+};
+use crate::engine::watcher::{CancelReason, Mode, Picks, WatchId, WatchMessage, Watcher};
 use crate::error::{HistoryError, PublishError, WatchError};
 use crate::history::{History, MemoryHistory, MemoryHistoryLimits};
 use crate::options::WatchOptions;
-use crate::outbox::{ITEM_BYTES, OnFull, Outbox, OutboxLimits, OutboxShared, Registration};
-use crate::registry::Registry;
 use crate::selector::KeySelector;
-use crate::stats::{Counters, EngineStats};
 use crate::types::{ChangeSet, Revision};
-use crate::watcher::{CancelReason, Mode, Picks, WatchId, WatchMessage, Watcher};
 
 /// Engine-wide settings. `Default` suits an embedded store; every limit is explicit.
 #[derive(Debug, Clone)]
@@ -431,7 +438,7 @@ pub(crate) fn register(
 
 /// Turns `w` closed under its lock; false if it already was. Counts it out of its outbox's
 /// unsynced watchers when it was catching up.
-fn close_locked(shared: &Shared, w: &Watcher, st: &mut crate::watcher::State) -> bool {
+fn close_locked(shared: &Shared, w: &Watcher, st: &mut crate::engine::watcher::State) -> bool {
     if st.mode == Mode::Closed {
         return false;
     }
@@ -526,7 +533,7 @@ impl WatchHandle {
         self.outbox.ob.drain(
             &self.outbox.shared,
             |item| {
-                if let crate::outbox::OutboxItem::Message { message, .. } = item {
+                if let crate::engine::watcher::outbox::OutboxItem::Message { message, .. } = item {
                     msg = Some(message);
                 }
             },

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::watcher::Watcher;
+use crate::engine::watcher::Watcher;
 
 type Link = Option<Box<Node>>;
 

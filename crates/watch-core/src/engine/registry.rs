@@ -17,8 +17,8 @@ use dashmap::DashMap;
 use parking_lot::RwLock;
 use smallvec::SmallVec;
 
-use crate::interval::IntervalSet;
-use crate::watcher::{Sel, Watcher};
+use crate::engine::interval::IntervalSet;
+use crate::engine::watcher::{Sel, Watcher};
 
 type Slot = SmallVec<[Arc<Watcher>; 1]>;
 

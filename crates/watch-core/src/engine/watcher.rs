@@ -1,5 +1,7 @@
 //! One watcher: its selector, options and bounded message queue, and the messages it receives.
 
+pub mod outbox;
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
@@ -7,8 +9,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
+use crate::engine::watcher::outbox::OutboxShared;
 use crate::options::WatchOptions;
-use crate::outbox::OutboxShared;
 use crate::selector::KeySelector;
 use crate::types::{ChangeSet, Event, EventKind, KeyValue, Revision};
 
