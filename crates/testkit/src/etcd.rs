@@ -27,7 +27,41 @@ pub struct EtcdBuilder {
     members: usize,
     args: Vec<String>,
     https: bool,
+    tls: Option<EtcdTls>,
+    root_password: Option<String>,
     temp_prefix: String,
+}
+
+/// TLS of an [`EtcdCluster`]'s client URLs ([`EtcdBuilder::tls`]): PEM files the caller made
+/// (the kit generates no certificate).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EtcdTls {
+    /// The CA the server certificate (and client certificates) chain to.
+    pub ca: PathBuf,
+    /// The members' server certificate (valid for 127.0.0.1) and its key.
+    pub server: (PathBuf, PathBuf),
+    /// A client certificate and key signed by `ca`: with it etcd requires one from every
+    /// client (`--client-cert-auth`), and [`EtcdCluster::etcdctl`] presents it.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// Server TLS only: clients verify the members with `ca`.
+    pub fn new(ca: impl Into<PathBuf>, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            ca: ca.into(),
+            server: (cert.into(), key.into()),
+            client: None,
+        }
+    }
+
+    /// Requires client certificates signed by the CA (`--client-cert-auth`); `cert`/`key` is
+    /// the one the kit's own tools use.
+    pub fn client_cert_auth(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client = Some((cert.into(), key.into()));
+        self
+    }
 }
 
 impl EtcdBuilder {
@@ -65,6 +99,23 @@ impl EtcdBuilder {
         self
     }
 
+    /// Client URLs are `https://` with these certificates (implies [`https`](Self::https)).
+    /// Metrics move to a plain-HTTP port of their own per member (`--listen-metrics-urls`), so
+    /// [`EtcdCluster::metric_sum`] keeps working.
+    pub fn tls(mut self, tls: EtcdTls) -> Self {
+        self.https = true;
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Once started, the cluster gets a `root` user with this password and authentication
+    /// enabled (through etcdctl, found next to the etcd binary or on `PATH`);
+    /// [`EtcdCluster::etcdctl`] then logs in as root.
+    pub fn root_password(mut self, password: impl Into<String>) -> Self {
+        self.root_password = Some(password.into());
+        self
+    }
+
     /// Starts every member, then waits until each logged that it serves clients (a member
     /// waits for a quorum first, so all are spawned before any is awaited). A port taken by
     /// another process between [`free_ports`] and etcd's bind is retried twice with fresh
@@ -81,7 +132,14 @@ impl EtcdBuilder {
         loop {
             let mut cluster = self.spawn_cluster(&bin)?;
             match cluster.await_all() {
-                Ok(()) => return Ok(cluster),
+                Ok(()) => {
+                    if let Some(password) = &self.root_password {
+                        cluster.etcdctl(["user", "add", &format!("root:{password}")])?;
+                        cluster.etcdctl(["auth", "enable"])?;
+                        cluster.root_password = Some(password.clone());
+                    }
+                    return Ok(cluster);
+                }
                 Err(Error::NotReady { output, .. }) if attempt < 3 && output.contains("in use") => {
                     attempt += 1;
                 }
@@ -92,7 +150,8 @@ impl EtcdBuilder {
 
     fn spawn_cluster(&self, bin: &Path) -> Result<EtcdCluster, Error> {
         let n = self.members.max(1);
-        let ports = free_ports(2 * n)?;
+        let per = if self.tls.is_some() { 3 } else { 2 };
+        let ports = free_ports(per * n)?;
         let dir = tempfile::Builder::new()
             .prefix(&self.temp_prefix)
             .tempdir()
@@ -109,8 +168,9 @@ impl EtcdBuilder {
         let members = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: ports[2 * i],
-                peer: ports[2 * i + 1],
+                client: ports[per * i],
+                peer: ports[per * i + 1],
+                metrics: (per == 3).then(|| ports[per * i + 2]),
                 running: None,
                 output: Output::new(KEEP_LINES, &[]),
             })
@@ -122,6 +182,8 @@ impl EtcdBuilder {
             members,
             args: self.args.clone(),
             https: self.https,
+            tls: self.tls.clone(),
+            root_password: None,
             pending: Vec::new(),
         };
         for i in 0..n {
@@ -138,6 +200,8 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// A plain-HTTP metrics port, with TLS client URLs.
+    metrics: Option<u16>,
     running: Option<(Child, Vec<JoinHandle<()>>)>,
     output: Output,
 }
@@ -165,6 +229,9 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     args: Vec<String>,
     https: bool,
+    tls: Option<EtcdTls>,
+    /// Set once authentication is enabled.
+    root_password: Option<String>,
     /// Members spawned and not yet awaited, with their readiness channels.
     pending: Vec<(usize, mpsc::Receiver<()>)>,
 }
@@ -177,6 +244,8 @@ impl EtcdCluster {
             members: 3,
             args: Vec::new(),
             https: false,
+            tls: None,
+            root_password: None,
             temp_prefix: "etcd-".into(),
         }
     }
@@ -194,6 +263,28 @@ impl EtcdCluster {
         let client = self.url(i);
         let m = &self.members[i];
         let peer = format!("http://127.0.0.1:{}", m.peer);
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(tls) = &self.tls {
+            tls_args.extend([
+                "--cert-file".into(),
+                tls.server.0.clone().into(),
+                "--key-file".into(),
+                tls.server.1.clone().into(),
+            ]);
+            if tls.client.is_some() {
+                tls_args.extend([
+                    "--client-cert-auth".into(),
+                    "--trusted-ca-file".into(),
+                    tls.ca.clone().into(),
+                ]);
+            }
+        }
+        if let Some(port) = m.metrics {
+            tls_args.extend([
+                "--listen-metrics-urls".into(),
+                format!("http://127.0.0.1:{port}").into(),
+            ]);
+        }
         let mut child = Command::new(&self.bin)
             .args(["--name", &m.name, "--data-dir"])
             .arg(self.dir.path().join(&m.name))
@@ -203,6 +294,7 @@ impl EtcdCluster {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", &self.token])
+            .args(&tls_args)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -323,32 +415,99 @@ impl EtcdCluster {
 
     /// The sum over the running members of the Prometheus sample `name` (no labels) from each
     /// one's `GET /metrics` on its client port, e.g. `etcd_debugging_mvcc_watcher_total`: the
-    /// watchers etcd itself serves. Plain HTTP only.
+    /// watchers etcd itself serves. Plain HTTP: with [`EtcdBuilder::tls`], from each
+    /// member's metrics port.
     pub fn metric_sum(&self, name: &str) -> Result<f64, Error> {
         let mut total = 0.0;
         for i in self.alive() {
-            let port = self.members[i].client;
-            let io = |source| Error::Io {
-                what: format!("GET /metrics from etcd on port {port}"),
-                source,
-            };
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
-            s.set_read_timeout(Some(GUARD)).map_err(io)?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                .map_err(io)?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).map_err(io)?;
-            let prefix = format!("{name} ");
-            total += body
-                .lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .ok_or_else(|| Error::NoMetric {
-                    name: name.to_owned(),
-                    port,
-                })?;
+            let port = self.members[i].metrics.unwrap_or(self.members[i].client);
+            total += metric(port, name)?;
         }
         Ok(total)
+    }
+}
+
+/// The Prometheus sample `name` (no labels) from `GET /metrics` on a loopback plain-HTTP
+/// `port` (an etcd member's or a grpc-proxy's).
+pub(crate) fn metric(port: u16, name: &str) -> Result<f64, Error> {
+    let io = |source| Error::Io {
+        what: format!("GET /metrics from port {port}"),
+        source,
+    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(io)?;
+    s.set_read_timeout(Some(GUARD)).map_err(io)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(io)?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(io)?;
+    let prefix = format!("{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| Error::NoMetric {
+            name: name.to_owned(),
+            port,
+        })
+}
+
+impl EtcdCluster {
+    /// The etcd binary the members run (grpc-proxy is one of its subcommands).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The TLS settings of the client URLs, when [`EtcdBuilder::tls`] was given.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// Runs `etcdctl` (next to the etcd binary, else on `PATH`) against the running members
+    /// with the cluster's TLS files and, once auth is on, as root; returns its stdout.
+    /// Blocking; etcdctl's own timeouts (2 s dial, 5 s per command) bound it.
+    pub fn etcdctl<I, S>(&self, args: I) -> Result<String, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let beside = self.bin.with_file_name("etcdctl");
+        let bin = if beside.exists() {
+            beside
+        } else {
+            crate::find_on_path("etcdctl").ok_or_else(|| Error::NotFound {
+                what: "etcdctl".into(),
+                tried: vec![beside, PathBuf::from("etcdctl on PATH")],
+            })?
+        };
+        let endpoints: Vec<String> = self.alive().into_iter().map(|i| self.url(i)).collect();
+        let mut cmd = Command::new(&bin);
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")));
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert").arg(&tls.ca);
+            if let Some((cert, key)) = &tls.client {
+                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            }
+        }
+        if let Some(password) = &self.root_password {
+            cmd.arg(format!("--user=root:{password}"));
+        }
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = cmd
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| Error::Spawn {
+                bin: bin.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(Error::Failed {
+                what: format!("etcdctl {args:?}"),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

@@ -54,6 +54,7 @@
 mod env;
 mod etcd;
 mod output;
+mod proxy;
 mod server;
 mod target;
 
@@ -64,8 +65,9 @@ pub use env::{
     REQUIRE_ETCD, etcd_present, etcd_required, find_on_path, find_watch_server, free_ports,
     rss_kib, tools_present, watch_server_bin,
 };
-pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, SingleEtcdBuilder};
+pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, EtcdTls, SingleEtcdBuilder};
 pub use output::Output;
+pub use proxy::GrpcProxy;
 pub use server::{Exit, ServerBuilder, ServerProcess, Signal};
 pub use target::{AnyServer, Target};
 
@@ -100,6 +102,14 @@ pub enum Error {
         /// Which process.
         what: String,
         /// Its last lines.
+        output: String,
+    },
+    /// A tool the kit ran (etcdctl) exited unsuccessfully.
+    #[error("{what} failed: {output}")]
+    Failed {
+        /// The command.
+        what: String,
+        /// Its stderr.
         output: String,
     },
     /// The process is not running (killed, or exited and already waited for).

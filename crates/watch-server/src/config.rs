@@ -128,6 +128,35 @@ pub struct Cli {
     /// answers, watch responses) (default 2147483647, etcd clientv3's receive limit).
     #[arg(long, env = "KEYWATCH_UPSTREAM_MAX_RESPONSE_BYTES")]
     pub upstream_max_response_bytes: Option<usize>,
+    /// Mirror mode: how often to ask etcd whether it was compacted (a compaction made on etcd
+    /// directly, or through another replica, then applies here), e.g. 10s; "off": never
+    /// (default 10s).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_COMPACTION_CHECK")]
+    pub upstream_compaction_check: Option<String>,
+    /// Mirror mode: CA bundle (PEM) verifying etcd's server certificates; needed by https://
+    /// endpoints (grpc-proxy's --cacert) (default none).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_CACERT")]
+    pub upstream_cacert: Option<PathBuf>,
+    /// Mirror mode: client certificate (PEM) presented to etcd, for --client-cert-auth
+    /// (grpc-proxy's --cert) (default none).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_CERT")]
+    pub upstream_cert: Option<PathBuf>,
+    /// Mirror mode: the client certificate's private key (PEM) (grpc-proxy's --key) (default
+    /// none).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_KEY")]
+    pub upstream_key: Option<PathBuf>,
+    /// Mirror mode: etcd user, as `name` or `name:password` (etcdctl's --user); its token is
+    /// fetched and renewed (default none).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_USER")]
+    pub upstream_user: Option<String>,
+    /// Mirror mode: the etcd user's password, when --upstream-user has none (etcdctl's
+    /// --password) (default none).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_PASSWORD")]
+    pub upstream_password: Option<String>,
+    /// Mirror mode: an etcd auth token used as is, instead of --upstream-user (never renewed)
+    /// (default none).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_TOKEN")]
+    pub upstream_token: Option<String>,
     /// Log line format on stderr (default text).
     #[arg(long, env = "KEYWATCH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -221,6 +250,13 @@ pub struct FileConfig {
     pub upstream_snapshot_page: Option<usize>,
     pub upstream_retain_revisions: Option<u64>,
     pub upstream_max_response_bytes: Option<usize>,
+    pub upstream_compaction_check: Option<String>,
+    pub upstream_cacert: Option<PathBuf>,
+    pub upstream_cert: Option<PathBuf>,
+    pub upstream_key: Option<PathBuf>,
+    pub upstream_user: Option<String>,
+    pub upstream_password: Option<String>,
+    pub upstream_token: Option<String>,
     pub log_format: Option<LogFormat>,
     pub metrics_listen: Option<String>,
     pub shutdown_timeout: Option<String>,
@@ -277,6 +313,12 @@ pub struct ServerConfig {
     pub upstream_retain_revisions: Option<u64>,
     /// Mirror mode: largest response accepted from etcd, in bytes.
     pub upstream_max_response_bytes: usize,
+    /// Mirror mode: interval of the upstream compaction check (`None`: off).
+    pub upstream_compaction_check: Option<Duration>,
+    /// Mirror mode: TLS towards etcd (`None`: http endpoints only).
+    pub upstream_tls: Option<crate::mirror::UpstreamTls>,
+    /// Mirror mode: etcd credentials (`None`: none sent).
+    pub upstream_auth: Option<crate::mirror::UpstreamAuth>,
     /// Log line format (used by the binary only).
     pub log_format: LogFormat,
     /// Address of the Prometheus endpoint; `None`: no endpoint.
@@ -328,6 +370,9 @@ impl Default for ServerConfig {
             upstream_snapshot_page: 1000,
             upstream_retain_revisions: None,
             upstream_max_response_bytes: crate::mirror::DEFAULT_MAX_RESPONSE_BYTES,
+            upstream_compaction_check: Some(Duration::from_secs(10)),
+            upstream_tls: None,
+            upstream_auth: None,
             log_format: LogFormat::Text,
             metrics_listen: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -336,6 +381,57 @@ impl Default for ServerConfig {
             max_leases: 1_000_000,
             min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
+        }
+    }
+}
+
+/// The mirror's etcd credentials from `--upstream-user` (`name` or `name:password`),
+/// `--upstream-password` and `--upstream-token`.
+fn upstream_auth(
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+) -> Result<Option<crate::mirror::UpstreamAuth>, ConfigError> {
+    use crate::mirror::UpstreamAuth;
+    let invalid = |field, message: &str| ConfigError::Invalid {
+        field,
+        message: message.to_owned(),
+    };
+    match (user, password, token) {
+        (None, None, None) => Ok(None),
+        (None, None, Some(t)) if !t.is_empty() => Ok(Some(UpstreamAuth::Token(t))),
+        (None, None, Some(_)) => Err(invalid("upstream_token", "the token is empty")),
+        (Some(_), _, Some(_)) => Err(invalid(
+            "upstream_token",
+            "give --upstream-user or --upstream-token, not both",
+        )),
+        (None, Some(_), _) => Err(invalid(
+            "upstream_password",
+            "--upstream-password needs --upstream-user",
+        )),
+        (Some(user), password, None) => {
+            let (user, password) = match (user.split_once(':'), password) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "upstream_password",
+                        "the password is in --upstream-user (name:password) and in \
+                         --upstream-password; give it once",
+                    ));
+                }
+                (Some((u, p)), None) => (u.to_owned(), p.to_owned()),
+                (None, Some(p)) => (user, p),
+                (None, None) => {
+                    return Err(invalid(
+                        "upstream_password",
+                        "--upstream-user needs a password (name:password or \
+                         --upstream-password)",
+                    ));
+                }
+            };
+            if user.is_empty() {
+                return Err(invalid("upstream_user", "the user name is empty"));
+            }
+            Ok(Some(UpstreamAuth::Password { user, password }))
         }
     }
 }
@@ -511,6 +607,40 @@ impl ServerConfig {
                 None => d.metrics_listen,
             },
             shutdown_timeout: d.shutdown_timeout,
+            upstream_compaction_check: match cli
+                .upstream_compaction_check
+                .or(file.upstream_compaction_check)
+            {
+                Some(v) if v == "off" => None,
+                Some(v) => match parse_duration(&v) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    Ok(_) => {
+                        return Err(ConfigError::Invalid {
+                            field: "upstream_compaction_check",
+                            message: "must be above 0 (or \"off\")".to_owned(),
+                        });
+                    }
+                    Err(message) => {
+                        return Err(ConfigError::Invalid {
+                            field: "upstream_compaction_check",
+                            message,
+                        });
+                    }
+                },
+                None => d.upstream_compaction_check,
+            },
+            upstream_tls: crate::tls::load_upstream(
+                cli.upstream_cacert
+                    .as_ref()
+                    .or(file.upstream_cacert.as_ref()),
+                cli.upstream_cert.as_ref().or(file.upstream_cert.as_ref()),
+                cli.upstream_key.as_ref().or(file.upstream_key.as_ref()),
+            )?,
+            upstream_auth: upstream_auth(
+                cli.upstream_user.or(file.upstream_user),
+                cli.upstream_password.or(file.upstream_password),
+                cli.upstream_token.or(file.upstream_token),
+            )?,
             tls: crate::tls::TlsSettings::load(
                 cli.cert_file.as_ref().or(file.cert_file.as_ref()),
                 cli.key_file.as_ref().or(file.key_file.as_ref()),
@@ -648,6 +778,9 @@ impl ServerConfig {
         m.snapshot_page = self.upstream_snapshot_page;
         m.retain_revisions = self.upstream_retain_revisions;
         m.max_response_bytes = self.upstream_max_response_bytes;
+        m.compaction_check = self.upstream_compaction_check;
+        m.tls = self.upstream_tls.clone();
+        m.auth = self.upstream_auth.clone();
         Some(m)
     }
 

@@ -248,3 +248,50 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Validates and reads the mirror's upstream TLS flags (`--upstream-cacert`,
+/// `--upstream-cert`, `--upstream-key`). `Ok(None)`: none given (plain http upstream).
+pub fn load_upstream(
+    cacert: Option<&PathBuf>,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> Result<Option<crate::mirror::UpstreamTls>, ConfigError> {
+    let ca_pem = cacert
+        .map(|p| read_pem("upstream_cacert", p, "CERTIFICATE"))
+        .transpose()?;
+    let identity = match (cert, key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((
+            read_pem("upstream_cert", c, "CERTIFICATE")?,
+            read_pem("upstream_key", k, "PRIVATE KEY")?,
+        )),
+        (Some(_), None) => {
+            return Err(invalid(
+                "upstream_key",
+                "--upstream-cert needs --upstream-key".to_owned(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "upstream_cert",
+                "--upstream-key needs --upstream-cert".to_owned(),
+            ));
+        }
+    };
+    let Some(ca_pem) = ca_pem else {
+        if identity.is_some() {
+            return Err(invalid(
+                "upstream_cacert",
+                "a client certificate needs --upstream-cacert (the system's roots are not \
+                 loaded)"
+                    .to_owned(),
+            ));
+        }
+        return Ok(None);
+    };
+    let mut tls = crate::mirror::UpstreamTls::new(ca_pem);
+    if let Some((c, k)) = identity {
+        tls = tls.with_identity(c, k);
+    }
+    Ok(Some(tls))
+}

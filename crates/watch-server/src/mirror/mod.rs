@@ -49,6 +49,10 @@
 //!   `keywatch_mirror_revision`.
 
 mod sync;
+mod upstream;
+
+pub(crate) use upstream::Resend;
+pub use upstream::{TOKEN_REFRESH, TokenInterceptor, UpstreamAuth, UpstreamChannel, UpstreamTls};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -58,7 +62,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use watch_core::Revision;
 
 use kv_store::StoreError;
@@ -75,8 +79,14 @@ pub const MIRROR_META_FILE: &str = "mirror.toml";
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MirrorConfig {
-    /// Upstream etcd client URLs (`http://host:port`; a bare `host:port` gets `http://`).
+    /// Upstream etcd client URLs (`http://host:port` or `https://host:port`; a bare
+    /// `host:port` gets `http://`, or `https://` when [`tls`](Self::tls) is set).
     pub endpoints: Vec<String>,
+    /// TLS towards the upstream; required by https endpoints.
+    pub tls: Option<UpstreamTls>,
+    /// etcd credentials (`None`: etcd without authentication, or one that authenticates by
+    /// the client certificate's common name).
+    pub auth: Option<UpstreamAuth>,
     /// Mirrored key prefixes; none (or an empty one) mirrors the whole keyspace.
     pub prefixes: Vec<Bytes>,
     /// Keys per page of the snapshot `Range` (default 1000).
@@ -89,6 +99,12 @@ pub struct MirrorConfig {
     /// The mirror's own retention: keep the history of the last this many upstream revisions
     /// and compact the rest (the state is kept whole). `None` (default): keep everything.
     pub retain_revisions: Option<u64>,
+    /// How often the mirror asks etcd whether it was compacted past the mirror's own
+    /// compaction (one serializable `count_only` range at the mirror's compaction revision;
+    /// a binary search only when it was), so a compaction made directly on etcd, or through
+    /// another replica, reaches this one within about this long (default 10 s). `None`:
+    /// never (only compactions sent through this replica are applied).
+    pub compaction_check: Option<Duration>,
     /// Largest response accepted from the upstream, in bytes (snapshot pages, forwarded
     /// answers, watch responses; default [`DEFAULT_MAX_RESPONSE_BYTES`]). A larger one fails
     /// that call (a snapshot is retried; lower `snapshot_page` if pages are too large).
@@ -100,11 +116,14 @@ impl MirrorConfig {
     pub fn new(endpoints: Vec<String>, prefixes: Vec<Bytes>) -> Self {
         Self {
             endpoints,
+            tls: None,
+            auth: None,
             prefixes,
             snapshot_page: 1000,
             barrier_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             retain_revisions: None,
+            compaction_check: Some(Duration::from_secs(10)),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
@@ -157,6 +176,13 @@ pub enum MirrorError {
         /// The endpoint as given.
         endpoint: String,
         /// The parser's message.
+        message: String,
+    },
+    /// The upstream TLS settings or credentials are unusable (a token that is not ASCII, TLS
+    /// without a CA bundle).
+    #[error("upstream credentials: {message}")]
+    Credentials {
+        /// What is wrong.
         message: String,
     },
     /// The data directory holds a store that is not a mirror, or mirrors other prefixes.
@@ -296,8 +322,14 @@ pub(crate) struct Inner {
     store: Store,
     config: MirrorConfig,
     scope: MirrorScope,
-    /// One lazily connected channel per endpoint, in `config.endpoints` order.
+    /// One lazily connected channel per endpoint, in `config.endpoints` order (without the
+    /// token: [`Inner::upstream`] adds it).
     channels: Vec<(String, Channel)>,
+    /// The etcd credentials and the token in use.
+    credentials: upstream::Credentials,
+    /// Background tasks (renewing a password's token every [`TOKEN_REFRESH`], checking
+    /// etcd's compaction every `config.compaction_check`), aborted by [`Mirror::stop`].
+    background: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The endpoint the upstream watch uses; forwarded requests go to it too.
     current: AtomicUsize,
     /// True when the upstream's requested progress notifications are ordered (see the module
@@ -314,6 +346,24 @@ pub(crate) struct Inner {
     /// The last retention compaction task, awaited by [`Mirror::stop`] so none runs on into
     /// the store's close.
     retention: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Acquire) % self.channels.len()
+    }
+
+    /// A channel to endpoint `idx` carrying the token.
+    fn upstream(&self, idx: usize) -> UpstreamChannel {
+        self.credentials.wrap(self.channels[idx].1.clone())
+    }
+
+    /// Fetches a fresh token from endpoint `idx` (no-op without a password).
+    async fn reauthenticate(&self, idx: usize) -> Result<(), tonic::Status> {
+        self.credentials
+            .authenticate(self.channels[idx].1.clone())
+            .await
+    }
 }
 
 /// A running mirror. Cheap to clone; every clone is the same mirror.
@@ -340,27 +390,55 @@ impl Mirror {
         if config.endpoints.is_empty() {
             return Err(MirrorError::NoEndpoints);
         }
+        let credentials = upstream::Credentials::new(config.auth.clone())
+            .map_err(|message| MirrorError::Credentials { message })?;
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => {
+                let ca = t.ca_pem.as_ref().ok_or_else(|| MirrorError::Credentials {
+                    message: "upstream TLS needs a CA bundle (--upstream-cacert): the \
+                              system's roots are not loaded"
+                        .to_owned(),
+                })?;
+                let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some((cert, key)) = &t.identity {
+                    c = c.identity(Identity::from_pem(cert, key));
+                }
+                Some(c)
+            }
+        };
         let mut channels = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let url = if e.contains("://") {
                 e.clone()
+            } else if tls.is_some() {
+                format!("https://{e}")
             } else {
                 format!("http://{e}")
             };
-            if !url.starts_with("http://") {
-                // tonic would accept an https:// URL and then fail every connect (no TLS
-                // configured), retrying forever: refuse it here with the reason.
-                return Err(MirrorError::Endpoint {
-                    endpoint: e.clone(),
-                    message: "only http:// endpoints are supported (upstream TLS is not)"
-                        .to_owned(),
-                });
+            let endpoint_error = |message: String| MirrorError::Endpoint {
+                endpoint: e.clone(),
+                message,
+            };
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|err| endpoint_error(err.to_string()))?;
+            if url.starts_with("https://") {
+                // tonic would accept an https:// URL without TLS settings and then fail every
+                // connect, retrying forever: refuse it here with the reason.
+                let Some(tls) = &tls else {
+                    return Err(endpoint_error(
+                        "an https:// endpoint needs upstream TLS settings (--upstream-cacert)"
+                            .to_owned(),
+                    ));
+                };
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|err| endpoint_error(err.to_string()))?;
+            } else if !url.starts_with("http://") {
+                return Err(endpoint_error(
+                    "the scheme must be http:// or https://".to_owned(),
+                ));
             }
-            let endpoint =
-                Endpoint::from_shared(url.clone()).map_err(|err| MirrorError::Endpoint {
-                    endpoint: e.clone(),
-                    message: err.to_string(),
-                })?;
             let channel = endpoint
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
@@ -410,6 +488,8 @@ impl Mirror {
             config,
             scope,
             channels,
+            credentials,
+            background: parking_lot::Mutex::new(Vec::new()),
             current: AtomicUsize::new(0),
             progress_trusted: AtomicBool::new(false),
             progress_wanted: Notify::new(),
@@ -421,6 +501,37 @@ impl Mirror {
         });
         let task = tokio::spawn(sync::run(inner.clone()));
         *inner.task.lock() = Some(task);
+        if inner.credentials.renewable() {
+            let weak = Arc::downgrade(&inner);
+            let refresh = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TOKEN_REFRESH);
+                tick.tick().await; // the first tick is immediate: the session authenticates
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(e) = inner.reauthenticate(inner.current_index()).await {
+                        tracing::warn!(error = %e.message(), "renewing the upstream token failed");
+                    }
+                }
+            });
+            inner.background.lock().push(refresh);
+        }
+        if let Some(every) = inner.config.compaction_check {
+            let weak = Arc::downgrade(&inner);
+            let check = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let mirror = Mirror { inner };
+                    if let Err(e) = mirror.check_compaction().await {
+                        tracing::debug!(error = %e, "upstream compaction check failed");
+                    }
+                }
+            });
+            inner.background.lock().push(check);
+        }
         Ok(Mirror { inner })
     }
 
@@ -455,6 +566,11 @@ impl Mirror {
     /// not aborted halfway: its snapshot write runs on a blocking thread anyway). The store
     /// stays open; close it separately, after this.
     pub async fn stop(&self) {
+        let background = std::mem::take(&mut *self.inner.background.lock());
+        for b in background {
+            b.abort();
+            let _ = b.await;
+        }
         let task = self.inner.task.lock().take();
         if let Some(task) = task {
             task.abort();
@@ -474,9 +590,151 @@ impl Mirror {
     }
 
     /// A channel to the endpoint in use, for forwarded requests.
-    pub(crate) fn channel(&self) -> Channel {
-        let i = self.inner.current.load(Ordering::Acquire) % self.inner.channels.len();
-        self.inner.channels[i].1.clone()
+    pub(crate) fn channel(&self) -> UpstreamChannel {
+        self.inner.upstream(self.inner.current_index())
+    }
+
+    /// Sends one upstream call (`call` builds it on a channel) to the endpoint in use; on a
+    /// transport error that `resend` allows ([`Resend`]), to the next endpoints in turn (each
+    /// at most once). On each endpoint, when etcd refuses the mirror's token as expired and
+    /// the token is renewable, a fresh one is fetched and the call sent once more. A call
+    /// before the first token (the sync task fetches it at its session's start) fetches it
+    /// first: without one etcd refuses with `user name is empty`.
+    pub(crate) async fn call<T, F, Fut>(&self, resend: Resend, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(UpstreamChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let n = self.inner.channels.len();
+        let first = self.inner.current_index();
+        let mut attempt = 0;
+        loop {
+            let idx = (first + attempt) % n;
+            match self.call_on(idx, &call).await {
+                Err(s) if attempt + 1 < n && resend.allows(&s) => {
+                    tracing::debug!(
+                        endpoint = %self.inner.channels[idx].0,
+                        error = %s.message(),
+                        "forwarded call failed in transport; sending it to the next endpoint"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn call_on<T, F, Fut>(&self, idx: usize, call: &F) -> Result<T, tonic::Status>
+    where
+        F: Fn(UpstreamChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        if self.inner.credentials.needs_token() {
+            self.inner.reauthenticate(idx).await?;
+        }
+        match call(self.inner.upstream(idx)).await {
+            Err(s) if upstream::is_invalid_token(&s) && self.inner.credentials.renewable() => {
+                tracing::info!(error = %s.message(), "upstream token refused; renewing it and retrying once");
+                self.inner.reauthenticate(idx).await?;
+                call(self.inner.upstream(idx)).await
+            }
+            other => other,
+        }
+    }
+
+    /// Applies an upstream compaction at `revision` to the mirror: once the mirror holds
+    /// `revision`, its history below it goes, so reads and watches below it fail as etcd's
+    /// do. A revision at or below the mirror's own compaction is already in force.
+    pub(crate) async fn upstream_compacted(&self, revision: Revision) -> Result<(), BarrierError> {
+        if revision <= self.inner.store.compacted_revision() {
+            return Ok(());
+        }
+        self.wait_for(revision).await?;
+        match self.inner.store.mirror_compact(revision).await {
+            Ok(_) => {
+                tracing::info!(revision, "upstream compaction applied to the mirror");
+                Ok(())
+            }
+            // Retention (or a concurrent check) compacted at least as far meanwhile.
+            Err(StoreError::Compacted { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One compaction check ([`MirrorConfig::compaction_check`]): a serializable
+    /// `count_only` range at the mirror's compaction revision; when etcd answers that it is
+    /// compacted, a binary search (same probe) up to etcd's revision finds etcd's compaction
+    /// revision (the lowest readable one), which is then applied when the mirror holds it
+    /// (a lagging mirror applies it at a later check).
+    async fn check_compaction(&self) -> Result<(), tonic::Status> {
+        let key: Bytes = self
+            .inner
+            .scope
+            .prefixes()
+            .iter()
+            .find(|p| !p.is_empty())
+            .cloned()
+            .unwrap_or_else(|| Bytes::from_static(b"\0"));
+        let max = self.inner.config.max_response_bytes;
+        // Ok(Some(etcd revision)): readable; Ok(None): compacted.
+        let probe = |revision: u64| {
+            let key = key.clone();
+            async move {
+                let r = self
+                    .call(Resend::Read, |ch| {
+                        let key = key.clone();
+                        async move {
+                            watch_proto::etcdserverpb::kv_client::KvClient::new(ch)
+                                .max_decoding_message_size(max)
+                                .range(watch_proto::etcdserverpb::RangeRequest {
+                                    key,
+                                    revision: i64::try_from(revision).unwrap_or(i64::MAX),
+                                    serializable: true,
+                                    count_only: true,
+                                    ..Default::default()
+                                })
+                                .await
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(resp) => Ok(Some(
+                        resp.into_inner()
+                            .header
+                            .and_then(|h| u64::try_from(h.revision).ok())
+                            .unwrap_or(0),
+                    )),
+                    Err(s) if s.message().contains("required revision has been compacted") => {
+                        Ok(None)
+                    }
+                    Err(s) => Err(s),
+                }
+            }
+        };
+        let floor = self.inner.store.compacted_revision().max(1);
+        if probe(floor).await?.is_some() {
+            return Ok(());
+        }
+        // etcd's compaction C is in (floor, etcd's revision]: revisions below C are compacted,
+        // C is readable. `lo` compacted, `hi` readable.
+        let mut hi = match probe(0).await? {
+            Some(current) if current > floor => current,
+            _ => return Ok(()),
+        };
+        let mut lo = floor;
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match probe(mid).await? {
+                Some(_) => hi = mid,
+                None => lo = mid,
+            }
+        }
+        if hi <= self.inner.store.current_revision() {
+            self.upstream_compacted(hi)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Largest response accepted from the upstream ([`MirrorConfig::max_response_bytes`]).

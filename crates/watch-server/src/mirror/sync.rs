@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use watch_core::{ChangeSet, KeyValue, Revision};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::etcdserverpb::kv_client::KvClient;
@@ -17,7 +16,7 @@ use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::from_proto;
 use watch_proto::mvccpb;
 
-use super::{Inner, Meta, MirrorState, progress_ordered};
+use super::{Inner, Meta, MirrorState, UpstreamChannel, progress_ordered};
 use kv_store::StoreError;
 
 /// How a session with one endpoint ended.
@@ -118,7 +117,12 @@ async fn session(inner: &Inner, idx: usize) -> End {
 }
 
 async fn session_inner(inner: &Inner, idx: usize) -> Result<(), End> {
-    let channel = inner.channels[idx].1.clone();
+    inner
+        .credentials
+        .authenticate(inner.channels[idx].1.clone())
+        .await
+        .map_err(retry("Auth.Authenticate"))?;
+    let channel = inner.upstream(idx);
     let store = &inner.store;
     let status = MaintenanceClient::new(channel.clone())
         .status(pb::StatusRequest {})
@@ -175,7 +179,7 @@ fn check_cluster(inner: &Inner, cluster_id: u64) -> Result<(), End> {
 }
 
 /// Loads a snapshot of every mirrored range at one upstream revision and installs it.
-async fn resync(inner: &Inner, kv: &mut KvClient<Channel>) -> Result<(), End> {
+async fn resync(inner: &Inner, kv: &mut KvClient<UpstreamChannel>) -> Result<(), End> {
     inner.status.send_modify(|s| s.state = MirrorState::Syncing);
     let (revision, kvs) = loop {
         match snapshot(inner, kv).await? {
@@ -197,7 +201,7 @@ async fn resync(inner: &Inner, kv: &mut KvClient<Channel>) -> Result<(), End> {
 /// while the pages were read.
 async fn snapshot(
     inner: &Inner,
-    kv: &mut KvClient<Channel>,
+    kv: &mut KvClient<UpstreamChannel>,
 ) -> Result<Option<(Revision, Vec<KeyValue>)>, End> {
     let page = i64::try_from(inner.config.snapshot_page.max(1)).unwrap_or(i64::MAX);
     let mut revision: i64 = 0;
@@ -260,7 +264,7 @@ enum Follow {
 }
 
 /// Opens the upstream watch at the mirror's position + 1 and applies it until it fails.
-async fn follow(inner: &Inner, channel: Channel) -> Result<Follow, End> {
+async fn follow(inner: &Inner, channel: UpstreamChannel) -> Result<Follow, End> {
     let store = &inner.store;
     let from = store.current_revision() + 1;
     let covering = inner.scope.covering();

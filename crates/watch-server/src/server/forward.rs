@@ -15,8 +15,9 @@
 //!   `prev_kv` (etcd names the removed keys only there), so a delete that removed only keys
 //!   outside the prefixes does not wait for a mirrored revision that never comes; the
 //!   `prev_kvs` the client did not ask for are dropped from the response.
-//!   `Compact` compacts etcd only: the mirror keeps its own history.
+//!   `Compact` compacts etcd, then the mirror at the same revision (see [`Forward::compact`]).
 
+use std::future::Future;
 use std::pin::Pin;
 
 use tonic::{Response, Status, Streaming};
@@ -25,7 +26,7 @@ use watch_proto::etcdserverpb::kv_client::KvClient;
 use watch_proto::etcdserverpb::lease_client::LeaseClient;
 
 use super::convert::{self, barrier_status, store_status};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, Resend, UpstreamChannel};
 use kv_store::{KeyRange, RangeRequest, Store};
 
 /// The revision of an upstream answer's header, the target of a barrier. A missing header (or
@@ -71,22 +72,43 @@ impl Forward {
         self.mirror.store()
     }
 
-    fn kv(&self) -> KvClient<tonic::transport::Channel> {
-        KvClient::new(self.mirror.channel())
-            .max_decoding_message_size(self.mirror.max_response_bytes())
+    /// One KV call upstream through [`Mirror::call`] (renewing an expired token once; sent to
+    /// the next endpoint on the transport errors `resend` allows).
+    async fn kv<T, F, Fut>(&self, resend: Resend, call: F) -> Result<T, Status>
+    where
+        F: Fn(KvClient<UpstreamChannel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let max = self.mirror.max_response_bytes();
+        self.mirror
+            .call(resend, |ch| {
+                call(KvClient::new(ch).max_decoding_message_size(max))
+            })
+            .await
     }
 
-    fn lease(&self) -> LeaseClient<tonic::transport::Channel> {
-        LeaseClient::new(self.mirror.channel())
-            .max_decoding_message_size(self.mirror.max_response_bytes())
+    /// One Lease call upstream, as [`Self::kv`].
+    async fn lease<T, F, Fut>(&self, resend: Resend, call: F) -> Result<T, Status>
+    where
+        F: Fn(LeaseClient<UpstreamChannel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let max = self.mirror.max_response_bytes();
+        self.mirror
+            .call(resend, |ch| {
+                call(LeaseClient::new(ch).max_decoding_message_size(max))
+            })
+            .await
     }
 
     /// The keys attached to lease `id` upstream (none for an unknown or expired lease), for
     /// etcd's per-key lease checks.
     pub(crate) async fn lease_keys(&self, id: i64) -> Result<Vec<bytes::Bytes>, Status> {
         let resp = self
-            .lease()
-            .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+            .lease(Resend::Read, |mut c| async move {
+                c.lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: true })
+                    .await
+            })
             .await?;
         Ok(resp.into_inner().keys)
     }
@@ -214,7 +236,12 @@ impl Forward {
         req: RangeRequest,
     ) -> Result<Response<pb::RangeResponse>, Status> {
         if !self.mirror.scope().covers_range(&req.range) {
-            return self.kv().range(r).await;
+            return self
+                .kv(Resend::Read, |mut c| {
+                    let r = r.clone();
+                    async move { c.range(r).await }
+                })
+                .await;
         }
         // A past revision the mirror already holds is immutable: no barrier needed.
         let held = req.revision != 0 && req.revision <= self.store().current_revision();
@@ -224,7 +251,13 @@ impl Forward {
                 count_only: true,
                 ..Default::default()
             };
-            let current = self.kv().range(probe).await?.into_inner();
+            let current = self
+                .kv(Resend::Read, |mut c| {
+                    let r = probe.clone();
+                    async move { c.range(r).await }
+                })
+                .await?
+                .into_inner();
             let target = header_revision(current.header.as_ref())?;
             self.mirror
                 .wait_for(target)
@@ -242,7 +275,12 @@ impl Forward {
     /// Put: forwarded; returns once the mirror applied it (see [`Self::after_write`]).
     pub(crate) async fn put(&self, r: pb::PutRequest) -> Result<Response<pb::PutResponse>, Status> {
         let changed = self.changed_put(&r.key);
-        let resp = self.kv().put(r).await?;
+        let resp = self
+            .kv(Resend::Write, |mut c| {
+                let r = r.clone();
+                async move { c.put(r).await }
+            })
+            .await?;
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
         Ok(resp)
@@ -256,7 +294,12 @@ impl Forward {
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let mut fwd = r.clone();
         self.prepare_delete(&mut fwd);
-        let mut resp = self.kv().delete_range(fwd).await?;
+        let mut resp = self
+            .kv(Resend::Write, |mut c| {
+                let r = fwd.clone();
+                async move { c.delete_range(r).await }
+            })
+            .await?;
         let changed = self.finish_delete(&r, resp.get_mut());
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
@@ -268,19 +311,35 @@ impl Forward {
     pub(crate) async fn txn(&self, r: pb::TxnRequest) -> Result<Response<pb::TxnResponse>, Status> {
         let mut fwd = r.clone();
         self.prepare_txn(&mut fwd);
-        let mut resp = self.kv().txn(fwd).await?;
+        let mut resp = self
+            .kv(Resend::Write, |mut c| {
+                let r = fwd.clone();
+                async move { c.txn(r).await }
+            })
+            .await?;
         let changed = self.finish_txn(&r, resp.get_mut());
         self.after_write(resp.get_ref().header.as_ref(), changed)
             .await?;
         Ok(resp)
     }
 
-    /// Compact: compacts etcd only; the mirror keeps its own history.
+    /// Compact: forwarded; once etcd acknowledged it, the mirror drops its own history below
+    /// the revision (after applying up to it), so reads and watches below it fail on this
+    /// replica as on etcd before the answer returns.
     pub(crate) async fn compact(
         &self,
         r: pb::CompactionRequest,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        self.kv().compact(r).await
+        let resp = self
+            .kv(Resend::Write, |mut c| async move { c.compact(r).await })
+            .await?;
+        if let Ok(revision) = u64::try_from(r.revision) {
+            self.mirror
+                .upstream_compacted(revision)
+                .await
+                .map_err(|e| barrier_status(&e))?;
+        }
+        Ok(resp)
     }
 
     /// LeaseGrant, forwarded: a mirror holds no local lease; the upstream's lease expiry
@@ -289,15 +348,29 @@ impl Forward {
         &self,
         r: pb::LeaseGrantRequest,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        self.lease().lease_grant(r).await
+        self.lease(Resend::Write, |mut c| async move { c.lease_grant(r).await })
+            .await
     }
 
-    /// LeaseRevoke, forwarded.
+    /// LeaseRevoke, forwarded; returns once the mirror applied the deletes of the lease's
+    /// mirrored keys (as a forwarded write does, [`Self::after_write`]): the keys are read
+    /// first (`LeaseTimeToLive` with keys), since etcd's answer names none. A key attached
+    /// between that read and the revoke is deleted all the same, only not awaited.
     pub(crate) async fn lease_revoke(
         &self,
         r: pb::LeaseRevokeRequest,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        self.lease().lease_revoke(r).await
+        let keys = self.lease_keys(r.id).await?;
+        let changed = keys.iter().any(|k| self.changed_put(k));
+        let resp = self
+            .lease(
+                Resend::Write,
+                |mut c| async move { c.lease_revoke(r).await },
+            )
+            .await?;
+        self.after_write(resp.get_ref().header.as_ref(), changed)
+            .await?;
+        Ok(resp)
     }
 
     /// LeaseKeepAlive, forwarded as one upstream stream; the client's stream ends the
@@ -307,8 +380,9 @@ impl Forward {
         inbound: Streaming<pb::LeaseKeepAliveRequest>,
     ) -> Result<KeepAliveStream, Status> {
         use tokio_stream::StreamExt;
-        let upstream = self
-            .lease()
+        // A stream is sent once: its requests are consumed, so no token retry.
+        let upstream = LeaseClient::new(self.mirror.channel())
+            .max_decoding_message_size(self.mirror.max_response_bytes())
             .lease_keep_alive(inbound.map_while(Result::ok))
             .await?;
         Ok(Box::pin(upstream.into_inner()))
@@ -319,7 +393,10 @@ impl Forward {
         &self,
         r: pb::LeaseTimeToLiveRequest,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        self.lease().lease_time_to_live(r).await
+        self.lease(Resend::Read, |mut c| async move {
+            c.lease_time_to_live(r).await
+        })
+        .await
     }
 
     /// LeaseLeases, forwarded.
@@ -327,7 +404,8 @@ impl Forward {
         &self,
         r: pb::LeaseLeasesRequest,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        self.lease().lease_leases(r).await
+        self.lease(Resend::Read, |mut c| async move { c.lease_leases(r).await })
+            .await
     }
 }
 

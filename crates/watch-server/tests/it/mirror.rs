@@ -914,10 +914,30 @@ async fn leases_are_forwarded() {
         .expect("time to live")
         .into_inner();
     assert_eq!(ttl.keys, vec![bytes::Bytes::from_static(b"/m/l")]);
-    lease
+    let revoked = lease
         .lease_revoke(pb::LeaseRevokeRequest { id })
         .await
-        .expect("revoke through the replica");
+        .expect("revoke through the replica")
+        .into_inner();
+    // The revoke returned once the replica applied its delete: a serializable read (served
+    // locally, no barrier) at once sees the key gone, at the revoke's revision.
+    let local = KvClient::new(ch.clone())
+        .range(pb::RangeRequest {
+            key: "/m/l".into(),
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+        .expect("serializable read")
+        .into_inner();
+    assert!(
+        local.kvs.is_empty(),
+        "the revoked lease's key is still there: {local:?}"
+    );
+    assert!(
+        local.header.map(|h| h.revision) >= revoked.header.map(|h| h.revision),
+        "the replica is behind the revoke"
+    );
     // An unknown lease: etcd's own status comes back unchanged.
     let err = lease
         .lease_revoke(pb::LeaseRevokeRequest { id })
@@ -1533,10 +1553,11 @@ async fn hasleader_watches_follow_the_upstream() {
     assert!(created.created && !created.canceled, "{created:?}");
 }
 
-/// An `https://` upstream is refused at start with the reason (upstream TLS is not
-/// supported), not accepted and then retried forever. Needs no etcd.
+/// An `https://` upstream without TLS settings (no CA bundle) is refused at start with the
+/// reason, not accepted and then retried forever; so is a client certificate without its key.
+/// Needs no etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_upstream_is_refused() {
+async fn https_upstream_without_tls_settings_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (ok, out) = tokio::task::block_in_place(|| {
         run_to_exit(
@@ -1545,5 +1566,307 @@ async fn https_upstream_is_refused() {
         )
     });
     assert!(!ok, "an https upstream was accepted:\n{out}");
-    assert!(out.contains("only http:// endpoints"), "{out}");
+    assert!(out.contains("--upstream-cacert"), "{out}");
+    let pki = crate::tls::Pki::new();
+    let (ok, out) = tokio::task::block_in_place(|| {
+        run_to_exit(
+            dir.path(),
+            &[
+                "--upstream".to_owned(),
+                "127.0.0.1:2379".to_owned(),
+                "--upstream-cacert".to_owned(),
+                pki.arg("ca.pem"),
+                "--upstream-cert".to_owned(),
+                pki.arg("client.pem"),
+            ],
+        )
+    });
+    assert!(!ok, "a certificate without a key was accepted:\n{out}");
+    assert!(
+        out.contains("--upstream-cert needs --upstream-key"),
+        "{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secure upstreams.
+
+/// A linearizable read of `key` through `url` (the replica waits until it mirrored etcd's
+/// current revision), its value if any.
+async fn value_of(url: &str, key: &str) -> Option<String> {
+    let resp = with_kv(url, async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: key.as_bytes().to_vec().into(),
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("read {key} through {url}: {e}"))
+    .into_inner();
+    resp.kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// A replica of a 3-member etcd cluster serving TLS and requiring client certificates: it
+/// snapshots, follows (a put made on etcd is read back through it) and forwards (a put made
+/// through it lands on etcd), over one upstream watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstream_with_client_certificates() {
+    if !etcd_present("mirror::tls_upstream_with_client_certificates") {
+        return;
+    }
+    let pki = crate::tls::Pki::new();
+    let cluster = tokio::task::block_in_place(|| {
+        EtcdCluster::builder()
+            .temp_prefix("mirror-tls-etcd-")
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .tls(
+                testkit::EtcdTls::new(
+                    pki.path("ca.pem"),
+                    pki.path("server.pem"),
+                    pki.path("server.key"),
+                )
+                .client_cert_auth(pki.path("client.pem"), pki.path("client.key")),
+            )
+            .start_cluster()
+            .unwrap_or_else(|e| panic!("the TLS etcd cluster did not start: {e}"))
+    });
+    assert!(cluster.endpoints(0).starts_with("https://"));
+    tokio::task::block_in_place(|| cluster.etcdctl(["put", "/a/before", "1"]))
+        .expect("etcdctl put over TLS");
+    let args = vec![
+        "--upstream".to_owned(),
+        cluster.endpoints(0),
+        "--upstream-prefix".to_owned(),
+        "/a/".to_owned(),
+        "--upstream-cacert".to_owned(),
+        pki.arg("ca.pem"),
+        "--upstream-cert".to_owned(),
+        pki.arg("client.pem"),
+        "--upstream-key".to_owned(),
+        pki.arg("client.key"),
+    ];
+    let r = tokio::task::block_in_place(|| Replica::with_args("tls", args));
+    r.await_upstream_watch().await;
+    assert_eq!(value_of(&r.url(), "/a/before").await.as_deref(), Some("1"));
+    tokio::task::block_in_place(|| cluster.etcdctl(["put", "/a/after", "2"]))
+        .expect("etcdctl put over TLS");
+    assert_eq!(value_of(&r.url(), "/a/after").await.as_deref(), Some("2"));
+    put_rev(&r.url(), "/a/through", "3").await;
+    let out = tokio::task::block_in_place(|| cluster.etcdctl(["get", "/a/through"]))
+        .expect("etcdctl get over TLS");
+    assert!(out.contains("/a/through\n3"), "{out}");
+    assert_eq!(
+        cluster.metric_sum("etcd_debugging_mvcc_watcher_total").ok(),
+        Some(1.0)
+    );
+}
+
+/// A replica of a 3-member etcd cluster with authentication on, as root by password (given in
+/// the environment): it syncs and forwards; once etcd expired its token (a 1 s TTL and no use
+/// for 4 s), a forwarded put is refused with `invalid auth token`, and the replica renews the
+/// token and retries it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_upstream_renews_its_token() {
+    if !etcd_present("mirror::auth_upstream_renews_its_token") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| {
+        EtcdCluster::builder()
+            .temp_prefix("mirror-auth-etcd-")
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--auth-token-ttl", "1"])
+            .root_password("s3cret")
+            .start_cluster()
+            .unwrap_or_else(|e| panic!("the auth etcd cluster did not start: {e}"))
+    });
+    tokio::task::block_in_place(|| cluster.etcdctl(["put", "/a/before", "1"]))
+        .expect("etcdctl put as root");
+    let process = tokio::task::block_in_place(|| {
+        ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .temp_prefix("mirror-auth-")
+            .args([
+                "--upstream",
+                &cluster.endpoints(0),
+                "--upstream-user",
+                "root",
+            ])
+            .env("KEYWATCH_UPSTREAM_PASSWORD", "s3cret")
+            .env("KEYWATCH_LOG", "info")
+            .start()
+            .unwrap_or_else(|e| panic!("replica did not start: {e}"))
+    });
+    let url = process.endpoint();
+    assert_eq!(value_of(&url, "/a/before").await.as_deref(), Some("1"));
+    put_rev(&url, "/a/through", "2").await;
+    // etcd drops a simple token TTL (1 s) after its last use, checked every second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    put_rev(&url, "/a/later", "3").await;
+    assert_eq!(value_of(&url, "/a/later").await.as_deref(), Some("3"));
+    let log = process.output().tail();
+    assert!(log.contains("upstream token refused; renewing it"), "{log}");
+    let out = tokio::task::block_in_place(|| cluster.etcdctl(["get", "/a/later"]))
+        .expect("etcdctl get as root");
+    assert!(out.contains("/a/later\n3"), "{out}");
+
+    // A wrong password: the replica never opens its watch and says why.
+    let wrong = tokio::task::block_in_place(|| {
+        ServerProcess::builder(env!("CARGO_BIN_EXE_watch-server"))
+            .temp_prefix("mirror-auth-wrong-")
+            .args([
+                "--upstream",
+                &cluster.endpoints(0),
+                "--upstream-user",
+                "root:nope",
+            ])
+            .env("KEYWATCH_LOG", "info")
+            .count_lines("authentication failed")
+            .start()
+            .unwrap_or_else(|e| panic!("replica did not start: {e}"))
+    });
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while wrong.output().count("authentication failed") == Some(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no authentication failure logged:\n{}",
+            wrong.output().tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!wrong.output().tail().contains(OPEN));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compaction.
+
+/// What `url` does below a compaction: a watch of `/m/` from `from` (its cancel's
+/// `compact_revision`, or 0 when it opened and stayed open) and a range at `from` (its status
+/// code and message, or OK).
+async fn below_compaction(url: &str, from: i64) -> (i64, String) {
+    let ch = channel(url).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Spec::prefix("/m/", false).create(from))
+        .await
+        .expect("queue");
+    let mut s = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut canceled = 0;
+    // etcd answers a compacted start with a created response then a cancel (or both in one).
+    for _ in 0..2 {
+        let m = tokio::time::timeout(GUARD, s.message())
+            .await
+            .expect("a watch answer in time")
+            .expect("stream")
+            .expect("open");
+        if m.canceled {
+            canceled = m.compact_revision;
+            break;
+        }
+        if !m.events.is_empty() {
+            break;
+        }
+    }
+    drop(tx);
+    let read = with_kv(url, async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/m/k1".into(),
+            revision: from,
+            serializable: true,
+            ..Default::default()
+        })
+        .await
+    })
+    .await;
+    let read = match read {
+        Ok(_) => "OK".to_owned(),
+        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+    };
+    (canceled, read)
+}
+
+/// A Compact through a replica, once acknowledged, makes that replica refuse a watch and a
+/// read below the revision exactly as etcd does (the same answers, asked of both); another
+/// replica learns it from its compaction check, and so does a replica after a compaction made
+/// on etcd directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_through_a_replica_is_honoured() {
+    if !etcd_present("mirror::compaction_through_a_replica_is_honoured") {
+        return;
+    }
+    let cluster = tokio::task::block_in_place(|| Cluster::start(3));
+    let start = |name| {
+        Replica::with_args(
+            name,
+            vec![
+                "--upstream".to_owned(),
+                cluster.endpoints(0),
+                "--upstream-prefix".to_owned(),
+                "/m/".to_owned(),
+                "--upstream-compaction-check".to_owned(),
+                "100ms".to_owned(),
+            ],
+        )
+    };
+    let (a, b) = tokio::task::block_in_place(|| (start("compact-a"), start("compact-b")));
+    a.await_upstream_watch().await;
+    b.await_upstream_watch().await;
+    let mut revs = Vec::new();
+    for i in 0..6 {
+        revs.push(put_rev(&a.url(), "/m/k1", format!("v{i}")).await);
+    }
+    let at = revs[3];
+    // Before: everything from revs[0] is served.
+    assert_eq!(below_compaction(&a.url(), revs[1]).await, (0, "OK".into()));
+    with_kv(&a.url(), async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: at,
+            physical: false,
+        })
+        .await
+    })
+    .await
+    .expect("compact through the replica");
+    let etcd = below_compaction(&cluster.url(0), revs[1]).await;
+    assert_eq!(etcd.0, at, "etcd's cancel: {etcd:?}");
+    assert!(etcd.1.contains("compacted"), "{etcd:?}");
+    assert_eq!(below_compaction(&a.url(), revs[1]).await, etcd);
+    // At the compaction revision itself both still serve.
+    assert_eq!(below_compaction(&a.url(), at).await, (0, "OK".into()));
+    // The other replica, from its compaction check.
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while below_compaction(&b.url(), revs[1]).await != etcd {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never applied the compaction"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A compaction made on etcd directly reaches both.
+    let direct = revs[5];
+    with_kv(&cluster.url(1), async |mut kv| {
+        kv.compact(pb::CompactionRequest {
+            revision: direct,
+            physical: false,
+        })
+        .await
+    })
+    .await
+    .expect("compact etcd");
+    let etcd = below_compaction(&cluster.url(0), revs[4]).await;
+    assert_eq!(etcd.0, direct, "etcd's cancel: {etcd:?}");
+    for r in [&a, &b] {
+        while below_compaction(&r.url(), revs[4]).await != etcd {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never applied it",
+                r.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -15,8 +15,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use watch_proto::etcdserverpb as pb;
 
 /// A CA with a server certificate (for 127.0.0.1 and localhost) and a client certificate, plus
-/// a client certificate from a second, untrusted CA. PEM files in a temp dir.
-struct Pki {
+/// a client certificate from a second, untrusted CA. PEM files in a temp dir (`ca.pem`,
+/// `server.pem`/`server.key`, `client.pem`/`client.key`); the mirror tests use them for etcd.
+pub(crate) struct Pki {
     dir: TempDir,
     ca_pem: String,
     client: (String, String),
@@ -48,7 +49,7 @@ fn leaf(
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = tempfile::tempdir().expect("temp dir for certificates");
         let (ca_pem, issuer) = ca("keywatch test CA");
         let server = leaf(
@@ -77,11 +78,11 @@ impl Pki {
         std::fs::write(self.path(name), text).expect("write a PEM file");
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn arg(&self, name: &str) -> String {
+    pub(crate) fn arg(&self, name: &str) -> String {
         self.path(name).display().to_string()
     }
 }

@@ -1,0 +1,199 @@
+//! [`GrpcProxy`]: etcd's own fan-out tier, `etcd grpc-proxy start`, in front of an
+//! [`EtcdCluster`], for side-by-side runs against keywatch's mirror mode.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crate::etcd::{EtcdCluster, metric};
+use crate::output::{Output, Stream, drain};
+use crate::{Error, GUARD, free_ports};
+
+/// The line grpc-proxy logs once it serves clients.
+const READY: &str = "started gRPC proxy";
+
+/// One `etcd grpc-proxy start` process on free loopback ports (plain HTTP towards its
+/// clients, the cluster's TLS files towards etcd), its metrics on a port of its own. Killed on
+/// drop; nothing sleeps for readiness (it is ready when it logs that it started).
+///
+/// ```no_run
+/// // no_run: needs etcd installed, which a doc test cannot count on.
+/// let cluster = testkit::EtcdCluster::builder().start_cluster()?;
+/// let proxy = testkit::GrpcProxy::start(&cluster)?;
+/// let endpoint = proxy.endpoint(); // http://127.0.0.1:<port>
+/// # let _ = endpoint;
+/// # Ok::<(), testkit::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct GrpcProxy {
+    bin: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    metrics: u16,
+    running: Option<(Child, Vec<JoinHandle<()>>)>,
+    output: Output,
+}
+
+impl GrpcProxy {
+    /// Starts a proxy of every member of `cluster` (with its TLS files and, when auth is on,
+    /// nothing more: grpc-proxy passes each client's token through) and waits until it
+    /// serves. Blocking.
+    pub fn start(cluster: &EtcdCluster) -> Result<GrpcProxy, Error> {
+        let ports = free_ports(2)?;
+        let endpoints: Vec<String> = cluster
+            .alive()
+            .into_iter()
+            .map(|i| cluster.url(i))
+            .collect();
+        let mut args = vec![
+            "grpc-proxy".to_owned(),
+            "start".to_owned(),
+            format!("--endpoints={}", endpoints.join(",")),
+            format!("--listen-addr=127.0.0.1:{}", ports[0]),
+            format!("--metrics-addr=http://127.0.0.1:{}", ports[1]),
+        ];
+        if let Some(tls) = cluster.tls() {
+            args.push(format!("--cacert={}", tls.ca.display()));
+            if let Some((cert, key)) = &tls.client {
+                args.push(format!("--cert={}", cert.display()));
+                args.push(format!("--key={}", key.display()));
+            }
+        }
+        let mut proxy = GrpcProxy {
+            bin: cluster.bin().to_path_buf(),
+            args,
+            port: ports[0],
+            metrics: ports[1],
+            running: None,
+            output: Output::new(300, &[]),
+        };
+        proxy.spawn()?;
+        Ok(proxy)
+    }
+
+    fn spawn(&mut self) -> Result<(), Error> {
+        let mut child = Command::new(&self.bin)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        // The channel closes when both pipes do, so a proxy that dies ends the wait.
+        let (tx, rx) = mpsc::channel();
+        let mut readers = Vec::new();
+        let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+                Stream::Stdout,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+                Stream::Stderr,
+            ),
+        ];
+        for (pipe, stream) in pipes {
+            let Some(pipe) = pipe else { continue };
+            let tx = tx.clone();
+            readers.push(drain(pipe, stream, self.output.clone(), move |line| {
+                if line.contains(READY) {
+                    let _ = tx.send(());
+                }
+            }));
+        }
+        drop(tx);
+        self.running = Some((child, readers));
+        if rx.recv_timeout(GUARD).is_err() {
+            self.kill9();
+            return Err(Error::NotReady {
+                what: "etcd grpc-proxy".into(),
+                output: self.output.tail(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The client URL, `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|(c, _)| c.id())
+    }
+
+    /// Its resident memory in KiB (Linux), while running.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.pid().and_then(crate::rss_kib)
+    }
+
+    /// The Prometheus sample `name` (no labels) from its metrics port.
+    pub fn metric(&self, name: &str) -> Result<f64, Error> {
+        metric(self.metrics, name)
+    }
+
+    /// SIGKILL and reap it. Nothing happens when it is not running.
+    pub fn kill9(&mut self) {
+        if let Some((mut child, readers)) = self.running.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            for r in readers {
+                let _ = r.join();
+            }
+        }
+    }
+
+    /// [`kill9`](Self::kill9), then start again on the same ports and wait until it serves.
+    /// Blocking.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.kill9();
+        self.spawn()
+    }
+}
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- etcd grpc-proxy output ---\n{}", self.output.tail());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy of a one-member cluster starts, exports metrics, reports its RSS and restarts
+    /// on its ports. Skips without etcd.
+    #[test]
+    fn proxy_starts_serves_metrics_and_restarts() {
+        if !crate::etcd_present("testkit::proxy_starts_serves_metrics_and_restarts") {
+            return;
+        }
+        let cluster = EtcdCluster::builder()
+            .members(1)
+            .start_cluster()
+            .expect("etcd starts");
+        let mut proxy = GrpcProxy::start(&cluster).expect("proxy starts");
+        assert!(proxy.endpoint().starts_with("http://127.0.0.1:"));
+        assert!(proxy.metric("go_goroutines").expect("proxy metrics") > 0.0);
+        assert!(proxy.rss_kib().is_some());
+        let before = proxy.endpoint();
+        proxy.restart().expect("proxy restarts");
+        assert_eq!(proxy.endpoint(), before);
+        assert!(proxy.metric("go_goroutines").expect("proxy metrics") > 0.0);
+    }
+}
