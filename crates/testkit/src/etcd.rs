@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tempfile::TempDir;
 
-use crate::output::{Output, Stream, drain};
+use crate::output::{Output, spawn_watched};
 use crate::{Error, GUARD, free_ports};
 
 /// How many of each member's last lines are kept for error messages.
@@ -285,8 +285,8 @@ impl EtcdCluster {
                 format!("http://127.0.0.1:{port}").into(),
             ]);
         }
-        let mut child = Command::new(&self.bin)
-            .args(["--name", &m.name, "--data-dir"])
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--name", &m.name, "--data-dir"])
             .arg(self.dir.path().join(&m.name))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
@@ -295,42 +295,8 @@ impl EtcdCluster {
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", &self.token])
             .args(&tls_args)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
-        // The channel closes when both pipes do, so a member that dies ends the wait.
-        let (tx, rx) = mpsc::channel();
-        let mut readers = Vec::new();
-        for (pipe, stream) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                Stream::Stdout,
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                Stream::Stderr,
-            ),
-        ] {
-            let Some(pipe) = pipe else { continue };
-            let tx = tx.clone();
-            readers.push(drain(pipe, stream, m.output.clone(), move |line| {
-                if line.contains(READY) {
-                    let _ = tx.send(());
-                }
-            }));
-        }
+            .args(&self.args);
+        let (child, readers, rx) = spawn_watched(&mut cmd, &m.output, READY)?;
         self.members[i].running = Some((child, readers));
         Ok(rx)
     }

@@ -124,6 +124,62 @@ where
     })
 }
 
+/// A process started by [`spawn_watched`]: the child, its drain threads and its ready signal.
+pub(crate) type Watched = (
+    std::process::Child,
+    Vec<JoinHandle<()>>,
+    std::sync::mpsc::Receiver<()>,
+);
+
+/// Spawns `cmd` with its stdin closed and both output pipes drained into `output` by one thread
+/// each, and returns the child, the drain threads and a channel that gets one message each time
+/// a line containing `ready` is printed. The channel closes once both pipes do, so a process
+/// that dies before it is ready ends a wait on it instead of leaving it to the guard timeout.
+pub(crate) fn spawn_watched(
+    cmd: &mut std::process::Command,
+    output: &Output,
+    ready: &'static str,
+) -> Result<Watched, crate::Error> {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| crate::Error::Spawn {
+            bin: cmd.get_program().into(),
+            source,
+        })?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = [
+        (
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Stream::Stdout,
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Stream::Stderr,
+        ),
+    ];
+    let mut readers = Vec::new();
+    for (pipe, stream) in pipes {
+        let Some(pipe) = pipe else { continue };
+        let tx = tx.clone();
+        readers.push(drain(pipe, stream, output.clone(), move |line| {
+            if line.contains(ready) {
+                let _ = tx.send(());
+            }
+        }));
+    }
+    Ok((child, readers, rx))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

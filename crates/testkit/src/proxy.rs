@@ -1,14 +1,12 @@
 //! [`GrpcProxy`]: etcd's own fan-out tier, `etcd grpc-proxy start`, in front of an
 //! [`EtcdCluster`], for side-by-side runs against keywatch's mirror mode.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::thread::JoinHandle;
 
 use crate::etcd::{EtcdCluster, metric};
-use crate::output::{Output, Stream, drain};
+use crate::output::{Output, spawn_watched};
 use crate::{Error, GUARD, free_ports};
 
 /// The line grpc-proxy logs once it serves clients.
@@ -74,45 +72,11 @@ impl GrpcProxy {
     }
 
     fn spawn(&mut self) -> Result<(), Error> {
-        let mut child = Command::new(&self.bin)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
-        // The channel closes when both pipes do, so a proxy that dies ends the wait.
-        let (tx, rx) = mpsc::channel();
-        let mut readers = Vec::new();
-        let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                Stream::Stdout,
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                Stream::Stderr,
-            ),
-        ];
-        for (pipe, stream) in pipes {
-            let Some(pipe) = pipe else { continue };
-            let tx = tx.clone();
-            readers.push(drain(pipe, stream, self.output.clone(), move |line| {
-                if line.contains(READY) {
-                    let _ = tx.send(());
-                }
-            }));
-        }
-        drop(tx);
+        let (child, readers, rx) = spawn_watched(
+            Command::new(&self.bin).args(&self.args),
+            &self.output,
+            READY,
+        )?;
         self.running = Some((child, readers));
         if rx.recv_timeout(GUARD).is_err() {
             self.kill9();
