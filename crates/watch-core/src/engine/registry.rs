@@ -11,6 +11,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -52,19 +53,23 @@ impl ExactSlot {
 
     fn push(&mut self, w: Arc<Watcher>) {
         match self {
-            Self::One(first) => *self = Self::Many(Box::new(vec![first.clone(), w])),
-            Self::Many(v) => v.push(w),
+            Self::One(first) => {
+                let first = first.clone();
+                let mut v = Vec::with_capacity(2);
+                list_push(&mut v, first);
+                list_push(&mut v, w);
+                *self = Self::Many(Box::new(v));
+            }
+            Self::Many(v) => list_push(&mut **v, w),
         }
     }
 
-    /// Removes watcher `id`; true when the slot is now empty.
-    fn remove(&mut self, id: u64) -> bool {
+    /// Removes watcher `w`; true when the slot is now empty.
+    fn remove(&mut self, w: &Watcher) -> bool {
         match self {
-            Self::One(w) => w.id == id,
+            Self::One(only) => only.id == w.id,
             Self::Many(v) => {
-                if let Some(i) = v.iter().position(|w| w.id == id) {
-                    v.swap_remove(i);
-                }
+                list_remove(&mut **v, w);
                 if let [only] = v.as_slice() {
                     *self = Self::One(only.clone());
                 }
@@ -111,11 +116,11 @@ impl ExactIndex {
         }
     }
 
-    fn remove(&self, key: &[u8], id: u64) {
+    fn remove(&self, key: &[u8], w: &Watcher) {
         let (hash, shard) = self.locate(key);
         let mut table = shard.write();
         if let Ok(mut e) = table.find_entry(hash, |s| slot_key(s) == key) {
-            if e.get_mut().remove(id) {
+            if e.get_mut().remove(w) {
                 e.remove();
             }
         }
@@ -148,14 +153,56 @@ pub(crate) struct Registry {
     all: RwLock<Vec<Arc<Watcher>>>,
 }
 
-fn remove_from_slot(slot: &mut Slot, id: u64) -> bool {
-    match slot.iter().position(|w| w.id == id) {
-        Some(i) => {
-            slot.swap_remove(i);
-            true
-        }
-        None => false,
+/// A list of watchers that each know their index (`Watcher::slot_pos`): the list's lock
+/// is held by the caller.
+trait WatcherList: std::ops::DerefMut<Target = [Arc<Watcher>]> {
+    fn push_watcher(&mut self, w: Arc<Watcher>);
+    fn swap_remove_at(&mut self, i: usize);
+}
+
+impl WatcherList for Vec<Arc<Watcher>> {
+    fn push_watcher(&mut self, w: Arc<Watcher>) {
+        self.push(w);
     }
+    fn swap_remove_at(&mut self, i: usize) {
+        self.swap_remove(i);
+    }
+}
+
+impl WatcherList for Slot {
+    fn push_watcher(&mut self, w: Arc<Watcher>) {
+        self.push(w);
+    }
+    fn swap_remove_at(&mut self, i: usize) {
+        self.swap_remove(i);
+    }
+}
+
+/// Appends `w`, recording its index.
+fn list_push(list: &mut impl WatcherList, w: Arc<Watcher>) {
+    // A list never holds more than the engine's watcher cap, far below u32::MAX; a wrapped
+    // index would only make `list_remove` fall back to a scan.
+    w.slot_pos.store(list.len() as u32, Ordering::Relaxed);
+    list.push_watcher(w);
+}
+
+/// Removes `w` in O(1): swap-remove at its recorded index, then record the index of the
+/// watcher moved into its place. Falls back to a scan if the index does not hold `w`.
+fn list_remove(list: &mut impl WatcherList, w: &Watcher) -> bool {
+    let at = w.slot_pos.load(Ordering::Relaxed) as usize;
+    let i = if list.get(at).is_some_and(|x| x.id == w.id) {
+        at
+    } else {
+        match list.iter().position(|x| x.id == w.id) {
+            Some(i) => i,
+            None => return false,
+        }
+    };
+    list.swap_remove_at(i);
+    if let Some(moved) = list.get(i) {
+        moved.slot_pos.store(i as u32, Ordering::Relaxed);
+    }
+    true
 }
 
 impl Registry {
@@ -168,13 +215,13 @@ impl Registry {
             Sel::Prefix(p) => {
                 let len = p.len();
                 let mut fresh = false;
-                self.prefix
-                    .entry(p.clone())
-                    .or_insert_with(|| {
-                        fresh = true;
-                        Slot::new()
-                    })
-                    .push(w);
+                let mut slot = self.prefix.entry(p.clone()).or_insert_with(|| {
+                    fresh = true;
+                    Slot::new()
+                });
+                list_push(&mut *slot, w);
+                // The shard lock goes before `prefix_lens` is taken (it was never held with it).
+                drop(slot);
                 if fresh {
                     let mut lens = self.prefix_lens.write();
                     match lens.binary_search_by_key(&len, |&(l, _)| l) {
@@ -191,19 +238,19 @@ impl Registry {
                 let start = start.clone();
                 self.intervals.write().insert(start, None, w)
             }
-            Sel::All => self.all.write().push(w),
+            Sel::All => list_push(&mut *self.all.write(), w),
         }
     }
 
     pub(crate) fn remove(&self, w: &Watcher) {
         let id = w.id;
         match &w.selector {
-            Sel::Key(k) => self.exact.remove(k, id),
+            Sel::Key(k) => self.exact.remove(k, w),
             Sel::Prefix(p) => {
                 let emptied = self
                     .prefix
                     .remove_if_mut(p, |_, slot| {
-                        remove_from_slot(slot, id);
+                        list_remove(slot, w);
                         slot.is_empty()
                     })
                     .is_some();
@@ -224,10 +271,7 @@ impl Registry {
                 self.intervals.write().remove(start, id);
             }
             Sel::All => {
-                let mut all = self.all.write();
-                if let Some(i) = all.iter().position(|x| x.id == id) {
-                    all.swap_remove(i);
-                }
+                list_remove(&mut *self.all.write(), w);
             }
         }
     }
@@ -264,5 +308,92 @@ impl Registry {
         }
         self.intervals.read().for_each(&mut f);
         self.all.read().iter().for_each(&mut f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::watcher::outbox::{OutboxLimits, OutboxShared};
+    use crate::{KeySelector, WatchOptions};
+
+    /// `size_of::<Watcher>()` on 64-bit targets before `slot_pos` was added.
+    const WATCHER_SIZE: usize = 104;
+
+    fn watchers(sel: &KeySelector, n: u64) -> Vec<Arc<Watcher>> {
+        let outbox = Arc::new(OutboxShared::new(OutboxLimits::default()));
+        (0..n)
+            .map(|id| {
+                Arc::new(Watcher::new(
+                    id,
+                    id,
+                    sel.clone(),
+                    &WatchOptions::default(),
+                    outbox.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Every watcher in a list of two or more sits at its recorded index (so removal never
+    /// needs the scan fallback).
+    fn assert_positions(r: &Registry) {
+        let check = |list: &[Arc<Watcher>]| {
+            if list.len() > 1 {
+                for (i, w) in list.iter().enumerate() {
+                    assert_eq!(w.slot_pos.load(Ordering::Relaxed) as usize, i);
+                }
+            }
+        };
+        for shard in r.exact.shards.iter() {
+            shard.read().iter().for_each(|s| check(s.as_slice()));
+        }
+        r.prefix.iter().for_each(|e| check(e.value()));
+        check(&r.all.read());
+    }
+
+    fn matched(r: &Registry, key: &[u8]) -> Vec<u64> {
+        let mut ids = Vec::new();
+        r.for_each_match(key, |w| ids.push(w.id));
+        ids.sort_unstable();
+        ids
+    }
+
+    /// `slot_pos` sits in padding: a watcher is no larger than before it had one (memory per
+    /// watcher is a target, see docs/benchmarks.md).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn watcher_size_is_unchanged_by_its_index() {
+        assert_eq!(std::mem::size_of::<Watcher>(), WATCHER_SIZE);
+    }
+
+    /// Removal by recorded index keeps every list exact, whatever order watchers leave in
+    /// (each removal moves the last watcher into the hole and must record its new index).
+    #[test]
+    fn indexed_removal_keeps_lists_exact() {
+        for sel in [
+            KeySelector::Key(Bytes::from_static(b"k")),
+            KeySelector::Prefix(Bytes::from_static(b"k")),
+            KeySelector::All,
+        ] {
+            let r = Registry::default();
+            let ws = watchers(&sel, 200);
+            ws.iter().for_each(|w| r.insert(w.clone()));
+            let mut left: Vec<u64> = (0..200).collect();
+            // A fixed shuffle: every third from the front, then the rest from the back.
+            let mut order: Vec<u64> = (0..200).filter(|i| i % 3 == 0).collect();
+            order.extend((0..200).rev().filter(|i| i % 3 != 0));
+            for (n, id) in order.into_iter().enumerate() {
+                r.remove(&ws[id as usize]);
+                left.retain(|&x| x != id);
+                assert_positions(&r);
+                if n % 17 == 0 || left.len() < 3 {
+                    assert_eq!(matched(&r, b"k"), left, "{sel:?} after removing {id}");
+                }
+            }
+            assert!(matched(&r, b"k").is_empty());
+            // Removing twice is harmless.
+            r.remove(&ws[0]);
+        }
     }
 }

@@ -292,6 +292,11 @@ pub(crate) struct Watcher {
     /// This watcher's messages now in its outbox: incremented by the dispatcher under the
     /// outbox lock, decremented by the consumer as it takes them.
     pub(crate) queued: AtomicU32,
+    /// This watcher's index in its registry list (a prefix's, an exact key's or the all-keys
+    /// list), so removal is O(1) rather than a scan: cancelling every watcher of one prefix
+    /// was quadratic. Read and written only under that list's lock (Relaxed suffices); sits in
+    /// padding beside `flags`, so it costs no memory.
+    pub(crate) slot_pos: AtomicU32,
     /// Where its messages go; shared by every watcher of one consumer (one gRPC stream).
     pub(crate) outbox: Arc<OutboxShared>,
     pub(crate) state: Mutex<State>,
@@ -316,6 +321,7 @@ impl Watcher {
             flags,
             buffer: opts.buffer,
             queued: AtomicU32::new(0),
+            slot_pos: AtomicU32::new(0),
             outbox,
             state: Mutex::new(State {
                 seen: Revision::MAX,
