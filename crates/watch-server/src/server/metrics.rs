@@ -227,7 +227,8 @@ impl WatchMetrics {
         registry.register(
             "keywatch_watch_publish_to_send_seconds",
             "Time from a revision's publication to the watch engine to its live response \
-             being handed to the client's stream (catch-up responses are not counted)",
+             being handed to the client's stream (once per revision per batch a stream hands \
+             over; catch-up responses are not counted)",
             m.publish_to_send.clone(),
         );
         m
@@ -241,9 +242,10 @@ impl WatchMetrics {
         }
     }
 
-    /// A response with `events` events was handed to the client's stream.
-    pub(crate) fn sent(&self, events: usize) {
-        self.responses.inc();
+    /// `responses` responses carrying `events` events in all were handed to the client's
+    /// stream.
+    pub(crate) fn sent(&self, responses: u64, events: usize) {
+        self.responses.inc_by(responses);
         self.events.inc_by(events as u64);
     }
 

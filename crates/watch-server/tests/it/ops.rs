@@ -163,11 +163,12 @@ async fn metrics_move_after_a_workload() {
         sample(&m, "keywatch_watch_cancels_total{reason=\"client\"}"),
         1.0
     );
-    // Every live event response was timed from its publication.
-    assert_eq!(
-        sample(&m, "keywatch_watch_publish_to_send_seconds_count"),
-        3.0
-    );
+    // Live responses are timed from their publication once per revision per batch the
+    // stream hands over: /svc/a's revision reached both watches (one or two batches,
+    // depending on whether the stream drained between the dispatcher's two pushes), /svc/b's
+    // one watch.
+    let timed = sample(&m, "keywatch_watch_publish_to_send_seconds_count");
+    assert!((2.0..=3.0).contains(&timed), "{timed}");
     assert_eq!(sample(&m, &handled("etcdserverpb.KV", "Put", "OK")), 3.0);
     assert_eq!(
         sample(&m, &handled("etcdserverpb.KV", "Range", "OUT_OF_RANGE")),
