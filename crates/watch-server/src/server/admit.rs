@@ -11,6 +11,12 @@
 //! left to the backend (the store runs it; etcd does when a request is forwarded), so the
 //! off path costs one branch.
 //!
+//! Watch creates are admitted here too, for the fair-share limits ([`WatchBudget`]): after the
+//! stream's own limit, a create takes one watcher of its connection's budget
+//! (`--max-watchers-per-connection`) and, authentication on, of its user's
+//! (`--max-watchers-per-user`), before the engine's server-wide cap (`--max-watchers`); a
+//! refusal ([`WatchLimit`]) is sent as etcd refuses a create.
+//!
 //! The wire-walking permission checks (which keys a Range, Put, DeleteRange or Txn reads and
 //! writes) live here too, so [`crate::auth`] knows only etcd's `(key, range_end)` model and
 //! no wire type.

@@ -31,6 +31,9 @@
 //!   get `--shutdown-timeout` (then their connections are cut, so `run` returns with no
 //!   connection task left holding the store), the store closes (log flushed), then the metrics
 //!   endpoint is waited for (bounded by the same grace, then cut, then aborted).
+//! - `server/listen.rs`: the client port's accept loop: `--max-connections` (beyond it a
+//!   connection is closed at once), a pause of 1 ms doubling to 1 s after an accept error (out
+//!   of descriptors), and each connection's `ConnInfo` (peer, watcher count) in its requests.
 //! - `server/cut.rs`: `CutIo` wraps every accepted socket (gRPC and metrics) so its reads and
 //!   writes fail once the grace expired: tonic and axum run each connection as a task of its
 //!   own, which dropping the serve future would not stop.
