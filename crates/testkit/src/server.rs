@@ -88,6 +88,8 @@ pub struct ServerBuilder {
     bare: bool,
     /// Written to the process's standard input, which is then closed (else it is null).
     stdin: Option<Vec<u8>>,
+    /// The process's open-file limit (`RLIMIT_NOFILE`, soft and hard), else inherited.
+    open_files: Option<u64>,
 }
 
 impl ServerBuilder {
@@ -149,6 +151,14 @@ impl ServerBuilder {
     /// nothing).
     pub fn stdin(mut self, input: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(input.into());
+        self
+    }
+
+    /// Runs the process with at most `n` open files (`RLIMIT_NOFILE`, soft and hard; set by
+    /// `sh`'s `ulimit -n`, which then `exec`s the server, so the process id is the server's):
+    /// for tests of running out of file descriptors.
+    pub fn open_files_limit(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
         self
     }
 
@@ -270,11 +280,22 @@ impl ServerProcess {
             markers: Vec::new(),
             bare: false,
             stdin: None,
+            open_files: None,
         }
     }
 
     fn spawn(&mut self) -> Result<(mpsc::Receiver<Line>, Running), Error> {
-        let mut cmd = Command::new(&self.config.bin);
+        let mut cmd = match self.config.open_files {
+            // `$0` is the server binary, `$@` its arguments (added below).
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(&self.config.bin);
+                sh
+            }
+            None => Command::new(&self.config.bin),
+        };
         if !self.config.bare {
             cmd.arg("--listen")
                 .arg("127.0.0.1:0")

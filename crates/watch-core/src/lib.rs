@@ -194,4 +194,7 @@ pub use error::{ErrorKind, HistoryError, PublishError, WatchError};
 pub use history::{History, HistoryFuture, MemoryHistory, MemoryHistoryLimits};
 pub use options::WatchOptions;
 pub use selector::{KeySelector, prefix_end};
-pub use types::{BYTES_OVERHEAD, ChangeSet, Event, EventKind, KeyValue, Revision};
+pub use types::{
+    ATTACHMENT_FIXED, BYTES_OVERHEAD, ChangeSet, Event, EventKind, KeyValue, Revision,
+    WIRE_EVENT_OVERHEAD, WIRE_KV_OVERHEAD,
+};

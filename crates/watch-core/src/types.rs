@@ -50,6 +50,22 @@ impl KeyValue {
 /// allocates once a buffer is cloned (24 bytes on 64-bit).
 pub const BYTES_OVERHEAD: usize = 40;
 
+/// Most bytes of framing around one key-value in a consumer's wire encoding of an event,
+/// beyond its key and value: etcd's `mvccpb.KeyValue` (a tag and a length for key and value,
+/// four varint fields of at most 11 bytes) inside its field of `mvccpb.Event` (a tag and a
+/// length): 6 + 6 + 4 × 11 + 6 = 62. Part of [`ChangeSet::attachment_reserve`].
+pub const WIRE_KV_OVERHEAD: usize = 62;
+
+/// Most bytes of framing per event and encoding beyond its key-values: the event's own tag and
+/// length as a response field (6), its type field (2), and a 4-byte offset into the shared
+/// buffer. Part of [`ChangeSet::attachment_reserve`].
+pub const WIRE_EVENT_OVERHEAD: usize = 12;
+
+/// Fixed bytes of an attachment: its boxed slot holding two encodings (each a shared buffer
+/// and an offsets array), with [`BYTES_OVERHEAD`] for each of its five allocations. Part of
+/// [`ChangeSet::attachment_reserve`].
+pub const ATTACHMENT_FIXED: usize = 128 + 5 * BYTES_OVERHEAD;
+
 /// Whether an event wrote or removed its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -146,14 +162,37 @@ impl ChangeSet {
 
     /// Bytes of memory this change set holds once shared as an `Arc<ChangeSet>`: the `Arc`
     /// allocation (two counts and the struct), the event vector's capacity in whole
-    /// [`Event`]s, and every key and value it references with [`BYTES_OVERHEAD`] each (an
-    /// upper bound where buffers are shared). What byte-bounded windows and queues count, so a
-    /// tiny event costs its real ~200 bytes, not its few payload bytes.
+    /// [`Event`]s, every key and value it references with [`BYTES_OVERHEAD`] each (an upper
+    /// bound where buffers are shared), and the [`attachment_reserve`](Self::attachment_reserve)
+    /// for what a consumer attaches later (a server's wire bytes, which live as long as the
+    /// change set). What byte-bounded windows and queues count, so a tiny event costs its real
+    /// few hundred bytes, not its few payload bytes. The same whether or not the attachment is
+    /// set yet: queues add and later subtract one value per item.
     pub fn mem_size(&self) -> usize {
         2 * std::mem::size_of::<usize>()
             + std::mem::size_of::<Self>()
             + self.events.capacity() * std::mem::size_of::<Event>()
             + self.events.iter().map(Event::heap_size).sum::<usize>()
+            + self.attachment_reserve()
+    }
+
+    /// Bytes [`mem_size`](Self::mem_size) sets aside for the [`attachment`](Self::attachment):
+    /// room for two wire encodings of the events, one without and one with `prev_kv` (the two
+    /// variants a server keeps), each event's key-values with their framing
+    /// ([`WIRE_KV_OVERHEAD`], [`WIRE_EVENT_OVERHEAD`]), plus [`ATTACHMENT_FIXED`]. A consumer
+    /// whose attachment is larger than this is under-counted (watch-proto's tests check its
+    /// encodings fit).
+    pub fn attachment_reserve(&self) -> usize {
+        let kv = |kv: &KeyValue| kv.payload_len() + WIRE_KV_OVERHEAD;
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| {
+                // Without prev_kv: kv; with it: kv and prev_kv.
+                2 * (WIRE_EVENT_OVERHEAD + kv(&e.kv)) + e.prev_kv.as_ref().map_or(0, kv)
+            })
+            .sum();
+        ATTACHMENT_FIXED + events
     }
 
     /// The value attached to this change set by the first caller for type `T`, built by `init`
@@ -201,5 +240,37 @@ impl std::fmt::Debug for Attachment {
         } else {
             "empty"
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The figure ARCHITECTURE.md's worst-case memory formula quotes: a one-byte put (key "k",
+    /// value "v") costs its structs, its key and value, and the reserve for its two wire
+    /// encodings.
+    #[test]
+    fn mem_size_counts_the_reserve_for_the_wire_encodings() {
+        let kv = KeyValue {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
+        };
+        let cs = ChangeSet::new(1, vec![Event::put(kv.clone(), None)]);
+        assert_eq!(
+            cs.attachment_reserve(),
+            ATTACHMENT_FIXED + 2 * (WIRE_EVENT_OVERHEAD + WIRE_KV_OVERHEAD + 2)
+        );
+        assert_eq!(cs.mem_size(), 834);
+        // prev_kv adds its bytes once (only the prev_kv encoding holds it), besides its heap.
+        let with_prev = ChangeSet::new(2, vec![Event::put(kv.clone(), Some(kv))]);
+        assert_eq!(
+            with_prev.attachment_reserve() - cs.attachment_reserve(),
+            WIRE_KV_OVERHEAD + 2
+        );
     }
 }

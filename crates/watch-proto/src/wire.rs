@@ -435,3 +435,64 @@ pub mod watch_server {
         const NAME: &'static str = "etcdserverpb.Watch";
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use watch_core::{ATTACHMENT_FIXED, BYTES_OVERHEAD, Event, KeyValue};
+
+    fn kv(key: &str, value_len: usize, revision: u64) -> KeyValue {
+        KeyValue {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::from(vec![b'v'; value_len]),
+            create_revision: revision,
+            mod_revision: revision,
+            version: i64::MAX as u64,
+            lease: -1,
+        }
+    }
+
+    /// What `ChangeSet::mem_size` counts for the attachment must hold both encodings this
+    /// module attaches, whatever the events: framing, the largest varints, prev_kv, deletes.
+    #[test]
+    fn both_encodings_fit_the_reserve_mem_size_counts() {
+        let big = i64::MAX as u64;
+        let cases = [
+            ChangeSet::new(5, vec![Event::put(kv("k", 1, 5), None)]),
+            ChangeSet::new(6, vec![Event::put(kv("k", 0, 6), None)]),
+            ChangeSet::new(
+                big,
+                vec![Event::put(
+                    kv("key", 100, big),
+                    Some(kv("key", 50, big - 1)),
+                )],
+            ),
+            ChangeSet::new(
+                big,
+                (0..100)
+                    .map(|i| {
+                        let key = format!("k{i}");
+                        Event::delete(key.clone().into(), big, Some(kv(&key, 300, big - 1)))
+                    })
+                    .collect(),
+            ),
+            ChangeSet::new(7, vec![Event::put(kv(&"x".repeat(1000), 1 << 20, 7), None)]),
+        ];
+        // The slot, its two buffers and two offset arrays.
+        assert!(std::mem::size_of::<Variants>() + 5 * BYTES_OVERHEAD <= ATTACHMENT_FIXED);
+        for cs in cases {
+            let held: usize = [false, true]
+                .into_iter()
+                .map(|prev_kv| encoded(&cs, prev_kv, |e| e.buf.len() + 4 * e.len()))
+                .sum();
+            let reserve = cs.attachment_reserve();
+            assert!(
+                held + ATTACHMENT_FIXED <= reserve,
+                "revision {}: {held} encoded bytes, reserve {reserve}",
+                cs.revision
+            );
+            // And the reserve is what a window or queue counts.
+            assert!(cs.mem_size() >= reserve + cs.payload_len());
+        }
+    }
+}

@@ -63,6 +63,17 @@ pub struct Cli {
     /// Most watchers on one watch stream (default 100000).
     #[arg(long, env = "KEYWATCH_MAX_WATCHERS_PER_STREAM")]
     pub max_watchers_per_stream: Option<usize>,
+    /// Most watchers on one client connection, over all its streams (default 100000).
+    #[arg(long, env = "KEYWATCH_MAX_WATCHERS_PER_CONNECTION")]
+    pub max_watchers_per_connection: Option<usize>,
+    /// Most watchers of one user, over all connections, with authentication on (default
+    /// 500000).
+    #[arg(long, env = "KEYWATCH_MAX_WATCHERS_PER_USER")]
+    pub max_watchers_per_user: Option<usize>,
+    /// Most open client connections (gRPC and HTTP); one beyond it is closed at once
+    /// (default 10000).
+    #[arg(long, env = "KEYWATCH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Interval of progress notifications for watches that ask for them, e.g. 10m, 5s, 500ms
     /// (default 10m, etcd's; minimum 100ms).
     #[arg(long, env = "KEYWATCH_PROGRESS_INTERVAL")]
@@ -239,6 +250,9 @@ pub struct FileConfig {
     pub max_request_bytes: Option<usize>,
     pub max_watchers: Option<usize>,
     pub max_watchers_per_stream: Option<usize>,
+    pub max_watchers_per_connection: Option<usize>,
+    pub max_watchers_per_user: Option<usize>,
+    pub max_connections: Option<usize>,
     pub progress_interval: Option<String>,
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
@@ -291,6 +305,20 @@ pub struct ServerConfig {
     pub max_watchers: usize,
     /// Most watchers on one stream.
     pub max_watchers_per_stream: usize,
+    /// Most watchers on one client connection, over all its streams. The default (100,000)
+    /// is the per-stream limit: etcd's Go client multiplexes every watch of a client onto one
+    /// connection, so a client that fits on one stream fits on its connection, and taking the
+    /// whole server's 1,000,000 takes ten connections.
+    pub max_watchers_per_connection: usize,
+    /// Most watchers of one user over all its connections, with authentication on. The
+    /// default (500,000) is half the server's cap: many clients share one user (a fleet's
+    /// credentials), and no one user can take the whole server's budget.
+    pub max_watchers_per_user: usize,
+    /// Most open client connections. The default (10,000) is far above what etcd clients open
+    /// (one connection per client) and below common descriptor limits (65,536 for a
+    /// service, leaving room for the data files), so the server refuses a connection flood
+    /// before it runs out of descriptors.
+    pub max_connections: usize,
     /// Progress notification interval.
     pub progress_interval: Duration,
     /// Most compares or ops per txn list.
@@ -359,6 +387,9 @@ impl Default for ServerConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_watchers: 1_000_000,
             max_watchers_per_stream: 100_000,
+            max_watchers_per_connection: 100_000,
+            max_watchers_per_user: 500_000,
+            max_connections: 10_000,
             progress_interval: Duration::from_secs(600),
             max_txn_ops: 128,
             watch_buffer: 64,
@@ -547,6 +578,18 @@ impl ServerConfig {
                 .max_watchers_per_stream
                 .or(file.max_watchers_per_stream)
                 .unwrap_or(d.max_watchers_per_stream),
+            max_watchers_per_connection: cli
+                .max_watchers_per_connection
+                .or(file.max_watchers_per_connection)
+                .unwrap_or(d.max_watchers_per_connection),
+            max_watchers_per_user: cli
+                .max_watchers_per_user
+                .or(file.max_watchers_per_user)
+                .unwrap_or(d.max_watchers_per_user),
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
             // etcd's floor for the progress interval.
             progress_interval: progress_interval.max(Duration::from_millis(100)),
             max_txn_ops: cli
@@ -724,6 +767,9 @@ impl ServerConfig {
         positive("max_request_bytes", c.max_request_bytes)?;
         positive("max_watchers", c.max_watchers)?;
         positive("max_watchers_per_stream", c.max_watchers_per_stream)?;
+        positive("max_watchers_per_connection", c.max_watchers_per_connection)?;
+        positive("max_watchers_per_user", c.max_watchers_per_user)?;
+        positive("max_connections", c.max_connections)?;
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
         positive("watch_stream_bytes", c.watch_stream_bytes)?;

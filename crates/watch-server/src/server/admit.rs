@@ -11,6 +11,12 @@
 //! left to the backend (the store runs it; etcd does when a request is forwarded), so the
 //! off path costs one branch.
 //!
+//! Watch creates are admitted here too, for the fair-share limits ([`WatchBudget`]): after the
+//! stream's own limit, a create takes one watcher of its connection's budget
+//! (`--max-watchers-per-connection`) and, authentication on, of its user's
+//! (`--max-watchers-per-user`), before the engine's server-wide cap (`--max-watchers`); a
+//! refusal ([`WatchLimit`]) is sent as etcd refuses a create.
+//!
 //! The wire-walking permission checks (which keys a Range, Put, DeleteRange or Txn reads and
 //! writes) live here too, so [`crate::auth`] knows only etcd's `(key, range_end)` model and
 //! no wire type.
@@ -33,7 +39,11 @@
 //!   `Caller::check_keys` over the lease's keys (from the store, or upstream in mirror mode) for LeaseRevoke, TimeToLive{keys}
 //!   and a Put naming a lease (etcd's `checkLeasePuts`). A service added later must do the same.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
+use hashbrown::HashMap;
 use prost::Message;
 use tonic::{Request, Status};
 use watch_proto::etcdserverpb as pb;
@@ -362,6 +372,140 @@ fn txn_leases(r: &pb::TxnRequest) -> Vec<i64> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// Why a watch create was refused by one of the server's fair-share limits (the server-wide
+/// cap is the engine's, `WatchError::TooManyWatchers`). Sent the way etcd refuses a create:
+/// `created + canceled` with `watch_id = -1` and this text as `cancel_reason`, the text of its
+/// status ([`WatchLimit::status`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum WatchLimit {
+    /// The stream already holds `--max-watchers-per-stream` watches.
+    #[error("keywatch: too many watches on this stream (the limit is {limit})")]
+    Stream {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The client's connection already holds `--max-watchers-per-connection` watchers, over
+    /// all its streams.
+    #[error("keywatch: too many watchers on this connection (the limit is {limit})")]
+    Connection {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The stream's user (authentication on) already holds `--max-watchers-per-user`
+    /// watchers, over all its connections.
+    #[error("keywatch: too many watchers for this user (the limit is {limit})")]
+    User {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl WatchLimit {
+    /// The one mapping to a gRPC status: RESOURCE_EXHAUSTED with the limit's text, as the
+    /// engine's server-wide cap (`WatchError::TooManyWatchers`) is mapped.
+    pub(crate) fn status(&self) -> Status {
+        Status::resource_exhausted(self.to_string())
+    }
+
+    /// The `limit` label of `keywatch_watch_creates_refused`.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::Stream { .. } => "stream",
+            Self::Connection { .. } => "connection",
+            Self::User { .. } => "user",
+        }
+    }
+}
+
+/// Watchers held by one client connection, over all its streams: shared by the connection's
+/// requests (its [`super::listen::ConnInfo`]) and released as each watch ends.
+pub(crate) type ConnWatchers = Arc<AtomicUsize>;
+
+/// The per-connection and per-user watcher limits of one server, checked at each watch create
+/// after the per-stream limit and before the engine's server-wide cap.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchBudget {
+    per_connection: usize,
+    per_user: usize,
+    /// Watchers per user name, authentication on; an entry is removed at zero, so the map
+    /// holds only users with watchers. Locked for one increment or decrement.
+    users: UserWatchers,
+}
+
+/// Watchers per user name (see [`WatchBudget`]).
+type UserWatchers = Arc<parking_lot::Mutex<HashMap<String, usize>>>;
+
+impl WatchBudget {
+    /// At most `per_connection` watchers per connection and `per_user` per user.
+    pub(crate) fn new(per_connection: usize, per_user: usize) -> Self {
+        Self {
+            per_connection,
+            per_user,
+            users: Arc::default(),
+        }
+    }
+
+    /// Takes one watcher of `conn`'s budget (none when the stream has no connection, e.g. an
+    /// in-process call) and of `user`'s (authentication on); the [`WatchSlot`] gives both back
+    /// when dropped.
+    pub(crate) fn admit(
+        &self,
+        conn: Option<&ConnWatchers>,
+        user: Option<&str>,
+    ) -> Result<WatchSlot, WatchLimit> {
+        let mut slot = WatchSlot {
+            conn: None,
+            user: None,
+        };
+        if let Some(conn) = conn {
+            let limit = self.per_connection;
+            conn.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map_err(|_| WatchLimit::Connection { limit })?;
+            slot.conn = Some(conn.clone());
+        }
+        if let Some(name) = user {
+            let mut users = self.users.lock();
+            if users.get(name).is_some_and(|&n| n >= self.per_user) {
+                // Dropping `slot` gives the connection's watcher back.
+                return Err(WatchLimit::User {
+                    limit: self.per_user,
+                });
+            }
+            *users.entry_ref(name).or_insert(0) += 1;
+            slot.user = Some((self.users.clone(), name.to_owned()));
+        }
+        Ok(slot)
+    }
+}
+
+/// One watcher's share of its connection's and user's budgets, given back on drop (held by
+/// the watch for its whole life).
+#[derive(Debug)]
+pub(crate) struct WatchSlot {
+    conn: Option<ConnWatchers>,
+    user: Option<(UserWatchers, String)>,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        if let Some(conn) = &self.conn {
+            conn.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some((users, name)) = &self.user {
+            let mut users = users.lock();
+            if let Some(n) = users.get_mut(name.as_str()) {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(name.as_str());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,15 +5,15 @@
 //! next request (see [`crate::auth::Auth`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 use watch_proto::authpb;
 use watch_proto::etcdserverpb as pb;
 use watch_proto::status::EtcdError;
 
 use super::convert;
+use super::listen::{ConnInfo, LogRate};
 use crate::auth::{
     Auth, AuthData, Effect, Gate, MAX_BCRYPT_COST, MAX_USER_NAME_BYTES, PermKind, Permission,
 };
@@ -24,7 +24,9 @@ use kv_store::Store;
 pub struct AuthService {
     store: Store,
     gate: Gate,
-    failures: Arc<FailureLog>,
+    /// Failed logins are logged at info at a bounded rate; more go to debug (a flood of bad
+    /// logins, e.g. over-long passwords that fail without hashing, cannot flood the log).
+    failures: Arc<LogRate>,
 }
 
 impl AuthService {
@@ -42,37 +44,8 @@ impl AuthService {
     }
 }
 
-/// Failed logins logged at info per second; more go to debug (a flood of bad logins, e.g.
-/// over-long passwords that fail without hashing, cannot flood the log).
-const FAILURES_LOGGED_PER_SECOND: u32 = 10;
-
 /// Bytes of a user name shown in the log (escaped), so a client cannot forge or flood lines.
 const NAME_SHOWN_BYTES: usize = 64;
-
-/// Rate limit of the failed-login info lines: a one-second window and its count.
-#[derive(Debug)]
-struct FailureLog(Mutex<(Instant, u32)>);
-
-impl Default for FailureLog {
-    fn default() -> Self {
-        FailureLog(Mutex::new((Instant::now(), 0)))
-    }
-}
-
-impl FailureLog {
-    /// `Some(n)` if this failure may be logged at info, `n` failures having been demoted to
-    /// debug since the last info line; `None` to log it at debug.
-    fn admit(&self, now: Instant) -> Option<u32> {
-        let mut w = self.0.lock();
-        if now.saturating_duration_since(w.0) >= Duration::from_secs(1) {
-            let demoted = w.1.saturating_sub(FAILURES_LOGGED_PER_SECOND);
-            *w = (now, 1);
-            return Some(demoted);
-        }
-        w.1 = w.1.saturating_add(1);
-        (w.1 <= FAILURES_LOGGED_PER_SECOND).then_some(0)
-    }
-}
 
 /// A user name as logged: at most [`NAME_SHOWN_BYTES`] (on a char boundary), with a marker
 /// when cut; the caller logs it with `?` (Debug), which escapes quotes and control characters.
@@ -178,7 +151,10 @@ impl pb::auth_server::Auth for AuthService {
         let Some(auth) = self.gate.manager() else {
             return Err(EtcdError::AuthNotEnabled.status());
         };
-        let peer = request.remote_addr();
+        let peer = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(ConnInfo::remote_addr);
         let r = request.into_inner();
         let token = match auth.authenticate(&r.name, &r.password).await {
             Ok(token) => token,
@@ -475,14 +451,16 @@ impl pb::auth_server::Auth for AuthService {
 
 #[cfg(test)]
 mod tests {
+    use super::super::listen::LINES_PER_SECOND;
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn failed_logins_logged_at_info_at_a_bounded_rate() {
-        let log = FailureLog::default();
+        let log = LogRate::default();
         let t0 = Instant::now();
         let admitted = (0..100).filter(|_| log.admit(t0).is_some()).count();
-        assert_eq!(admitted, FAILURES_LOGGED_PER_SECOND as usize);
+        assert_eq!(admitted, LINES_PER_SECOND as usize);
         // The next window logs again and reports how many went to debug.
         assert_eq!(log.admit(t0 + Duration::from_secs(1)), Some(90));
         assert_eq!(log.admit(t0 + Duration::from_secs(1)), Some(0));

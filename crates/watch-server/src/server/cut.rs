@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::listen::{Accepted, ConnInfo};
+
 /// Resolves once the cut signal turns true (or its sender is gone).
 type Cutting = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -109,8 +111,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CutIo<T> {
     }
 }
 
-impl tonic::transport::server::Connected for CutIo<TcpStream> {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for CutIo<T> {
+    type ConnectInfo = T::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
@@ -143,14 +145,15 @@ impl axum::serve::Listener for CutListener {
     }
 }
 
-/// A client connection: plain, or TLS over the same cut-able socket. Both report the TCP
-/// peer (`TcpConnectInfo`), so `Request::remote_addr` works either way; no service reads the
-/// client certificate (verification happens in the handshake).
+/// A client connection: plain, or TLS over the same cut-able socket. Both report the
+/// connection's [`ConnInfo`] (its peer and its watcher count), read from each request's
+/// extensions; no service reads the client certificate (verification happens in the
+/// handshake).
 pub(crate) enum Conn {
     /// Plain TCP.
-    Plain(CutIo<TcpStream>),
+    Plain(CutIo<Accepted>),
     /// TLS (boxed: the rustls session state is large).
-    Tls(Box<tokio_rustls::server::TlsStream<CutIo<TcpStream>>>),
+    Tls(Box<tokio_rustls::server::TlsStream<CutIo<Accepted>>>),
 }
 
 impl AsyncRead for Conn {
@@ -212,7 +215,7 @@ impl AsyncWrite for Conn {
 }
 
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         match self {

@@ -43,6 +43,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use super::listen::{ConnInfo, ConnMetrics};
 use kv_store::Store;
 
 /// OpenMetrics text, which Prometheus scrapes natively.
@@ -59,6 +60,11 @@ struct HandledLabels {
     grpc_service: String,
     grpc_method: String,
     grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +85,7 @@ pub struct Metrics {
     registry: Registry,
     rpc: Arc<RpcMetrics>,
     watch: WatchMetrics,
+    connections: ConnMetrics,
     log: Arc<LogMetrics>,
     /// Mirror mode's status, once the mirror runs (read at scrape time).
     mirror: MirrorSlot,
@@ -93,6 +100,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let rpc = Arc::new(RpcMetrics::new(&mut registry));
         let watch = WatchMetrics::register(&mut registry);
+        let connections = ConnMetrics::register(&mut registry);
         let log = Arc::new(LogMetrics::register(&mut registry));
         registry.register_collector(Box::new(StoreCollector { store }));
         let mirror = MirrorSlot::default();
@@ -103,6 +111,7 @@ impl Metrics {
             registry,
             rpc,
             watch,
+            connections,
             log,
             mirror,
         }
@@ -129,6 +138,11 @@ impl Metrics {
         self.watch.clone()
     }
 
+    /// The client port's connection handles.
+    pub(crate) fn connections(&self) -> ConnMetrics {
+        self.connections.clone()
+    }
+
     /// The event-log observer.
     pub fn log_observer(&self) -> Arc<LogMetrics> {
         self.log.clone()
@@ -153,6 +167,7 @@ pub struct WatchMetrics {
     events: Counter,
     responses: Counter,
     cancels: Family<ReasonLabels, Counter>,
+    refused: Family<LimitLabels, Counter>,
     publish_to_send: Histogram,
 }
 
@@ -163,6 +178,7 @@ impl Default for WatchMetrics {
             events: Counter::default(),
             responses: Counter::default(),
             cancels: Family::default(),
+            refused: Family::default(),
             publish_to_send: Histogram::new(latency_buckets()),
         }
     }
@@ -225,6 +241,12 @@ impl WatchMetrics {
             m.cancels.clone(),
         );
         registry.register(
+            "keywatch_watch_creates_refused",
+            "Watch creates refused by a watcher limit, by limit: server (--max-watchers), \
+             stream, connection, user (--max-watchers-per-*)",
+            m.refused.clone(),
+        );
+        registry.register(
             "keywatch_watch_publish_to_send_seconds",
             "Time from a revision's publication to the watch engine to its live response \
              being handed to the client's stream (once per revision per batch a stream hands \
@@ -257,6 +279,11 @@ impl WatchMetrics {
 
     pub(crate) fn publish_to_send(&self, elapsed: Duration) {
         self.publish_to_send.observe(elapsed.as_secs_f64());
+    }
+
+    /// A create was refused by the watcher limit `limit` (the label).
+    pub(crate) fn limit_refused(&self, limit: &'static str) {
+        self.refused.get_or_create(&LimitLabels { limit }).inc();
     }
 
     pub(crate) fn canceled(&self, kind: CancelKind, n: u64) {
@@ -734,7 +761,7 @@ where
         method.started.inc();
         let peer = req
             .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
+            .get::<ConnInfo>()
             .and_then(|i| i.remote_addr());
         // Debug level: free when disabled (the default filter is `info`).
         let span = tracing::debug_span!(

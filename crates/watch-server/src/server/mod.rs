@@ -31,6 +31,9 @@
 //!   get `--shutdown-timeout` (then their connections are cut, so `run` returns with no
 //!   connection task left holding the store), the store closes (log flushed), then the metrics
 //!   endpoint is waited for (bounded by the same grace, then cut, then aborted).
+//! - `server/listen.rs`: the client port's accept loop: `--max-connections` (beyond it a
+//!   connection is closed at once), a pause of 1 ms doubling to 1 s after an accept error (out
+//!   of descriptors), and each connection's `ConnInfo` (peer, watcher count) in its requests.
 //! - `server/cut.rs`: `CutIo` wraps every accepted socket (gRPC and metrics) so its reads and
 //!   writes fail once the grace expired: tonic and axum run each connection as a task of its
 //!   own, which dropping the serve future would not stop.
@@ -45,6 +48,7 @@ pub mod gateway;
 mod health;
 pub mod kv;
 pub mod lease;
+mod listen;
 pub mod metrics;
 pub mod misc;
 pub mod watch;
@@ -69,6 +73,7 @@ pub use concurrency::{ElectionService, LockService};
 use cut::Conn;
 use health::Gated;
 pub use health::HealthHandle;
+pub use listen::ConnInfo;
 pub use metrics::{Metrics, WatchMetrics};
 
 pub use kv::KvService;
@@ -330,6 +335,8 @@ impl Server {
                     store.clone(),
                     WatchSettings {
                         max_watchers_per_stream: config.max_watchers_per_stream,
+                        max_watchers_per_connection: config.max_watchers_per_connection,
+                        max_watchers_per_user: config.max_watchers_per_user,
                         watch_buffer: config.watch_buffer,
                         watch_stream_bytes: config.watch_stream_bytes,
                         max_request_bytes: config.max_request_bytes,
@@ -508,8 +515,10 @@ impl Server {
             "serving; opening the store"
         );
         let grace = config.shutdown_timeout;
+        // `--max-connections` and the back-off on accept errors (see `listen`); TCP_NODELAY
+        // is set there.
         let incoming = tokio_stream::StreamExt::map(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            listen::incoming(listener, config.max_connections, metrics.connections()),
             {
                 let cut_rx = cut_rx.clone();
                 move |conn| conn.map(|io| cut::CutIo::new(io, cut_rx.clone()))
@@ -567,8 +576,8 @@ impl Server {
             .add_optional_service((!mirrored).then_some(lock))
             .add_optional_service((!mirrored).then_some(election))
             // Our own listener (bound early to report the port), so tonic's builder-level
-            // nodelay does not apply: set it here. Without it small watch responses wait for
-            // the peer's delayed ACK (~40 ms), which showed as a 40 ms p99 in the benches.
+            // nodelay does not apply: `listen` sets it. Without it small watch responses wait
+            // for the peer's delayed ACK (~40 ms), which showed as a 40 ms p99 in the benches.
             .serve_with_incoming_shutdown(incoming, stop);
         tokio::pin!(serve);
         let served = tokio::select! {

@@ -64,7 +64,7 @@ use hashbrown::HashMap;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use watch_core::{
-    CancelReason, EventBatch, Outbox, OutboxItem, OutboxLimits, Registration, Revision,
+    CancelReason, EventBatch, Outbox, OutboxItem, OutboxLimits, Registration, Revision, WatchError,
     WatchMessage,
 };
 use watch_proto::etcdserverpb as pb;
@@ -73,11 +73,12 @@ use watch_proto::status::{EtcdError, from_convert_error};
 use watch_proto::wire::{self, WireResponse};
 use watch_proto::{ConvertError, to_proto};
 
+use super::admit::{ConnWatchers, WatchBudget, WatchLimit, WatchSlot};
 use super::convert::{header, store_status};
+use super::listen::ConnInfo;
 use super::metrics::{CancelKind, WatchMetrics};
-use crate::auth::{Gate, Perm, token_of};
-use kv_store::Store;
-use kv_store::StoreError;
+use crate::auth::{Caller, Gate, Perm, token_of};
+use kv_store::{ErrorClass, Store, StoreError};
 use tracing::Instrument;
 
 /// Bytes of encoded responses buffered per stream between its task and the client. Enough for
@@ -100,6 +101,10 @@ const DRAIN_ITEMS: usize = 4096;
 pub struct WatchSettings {
     /// Most watches on one stream; a create beyond it is refused (created + canceled).
     pub max_watchers_per_stream: usize,
+    /// Most watchers on one client connection, over all its streams (refused the same way).
+    pub max_watchers_per_connection: usize,
+    /// Most watchers of one user, authentication on (refused the same way).
+    pub max_watchers_per_user: usize,
     /// Most messages of one watcher queued in its stream's outbox (revisions).
     pub watch_buffer: u32,
     /// Most bytes queued in one stream's outbox (each message counted with the memory of the
@@ -123,6 +128,8 @@ pub struct WatchService {
     leader: Option<watch::Receiver<crate::mirror::MirrorStatus>>,
     /// Authorization of every watch create (off: one branch).
     gate: Gate,
+    /// The per-connection and per-user watcher limits, shared by every stream.
+    limits: WatchBudget,
 }
 
 /// etcd's metadata key (value `true`) asking that a stream fail while the member has no
@@ -132,6 +139,10 @@ const REQUIRE_LEADER_KEY: &str = "hasleader";
 impl WatchService {
     /// The service; streams end when `shutdown` turns true.
     pub fn new(store: Store, settings: WatchSettings, shutdown: watch::Receiver<bool>) -> Self {
+        let limits = WatchBudget::new(
+            settings.max_watchers_per_connection,
+            settings.max_watchers_per_user,
+        );
         Self {
             store,
             settings,
@@ -139,6 +150,7 @@ impl WatchService {
             metrics: WatchMetrics::default(),
             leader: None,
             gate: Gate::off(),
+            limits,
         }
     }
 
@@ -264,7 +276,10 @@ impl wire::watch_server::Watch for WatchService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let peer = request.remote_addr();
+        // The client connection's shared state (absent for a call that came through no
+        // listener, e.g. an embedder's in-process service).
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let peer = conn.as_ref().and_then(ConnInfo::remote_addr);
         let require_leader = request
             .metadata()
             .get(REQUIRE_LEADER_KEY)
@@ -287,13 +302,15 @@ impl wire::watch_server::Watch for WatchService {
             None => None,
         };
         let inbound = request.into_inner();
-        let (stream, responses) = WatchStream::new(
+        let (mut stream, responses) = WatchStream::new(
             self.store.clone(),
             self.settings.clone(),
             self.metrics.clone(),
             self.gate.clone(),
             token,
         );
+        stream.limits = self.limits.clone();
+        stream.conn = conn.map(|c| c.watchers().clone());
         let span = tracing::debug_span!("watch_stream", peer = peer.map(tracing::field::display));
         tokio::spawn(
             stream
@@ -310,6 +327,8 @@ struct Watch {
     prev_kv: bool,
     fragment: bool,
     progress_notify: bool,
+    /// This watch's share of its connection's and user's watcher budgets.
+    _slot: WatchSlot,
 }
 
 /// A response being assembled from one drain.
@@ -342,6 +361,10 @@ struct WatchStream {
     gate: Gate,
     /// The `token` metadata of the stream's request.
     token: Option<String>,
+    /// The server's per-connection and per-user watcher limits.
+    limits: WatchBudget,
+    /// The watcher count of the stream's connection (none for an in-process call).
+    conn: Option<ConnWatchers>,
     /// Reused buffers of one drain.
     items: Vec<OutboxItem>,
     pending: Vec<Pending>,
@@ -362,6 +385,11 @@ impl WatchStream {
             max_bytes: settings.watch_stream_bytes,
             max_messages: usize::MAX,
         });
+        // Replaced by the service's shared limits; a stream on its own (tests) has its own.
+        let limits = WatchBudget::new(
+            settings.max_watchers_per_connection,
+            settings.max_watchers_per_user,
+        );
         let stream = Self {
             store,
             settings,
@@ -372,6 +400,8 @@ impl WatchStream {
             watches: HashMap::new(),
             next_id: 0,
             metrics,
+            limits,
+            conn: None,
             gate,
             token,
             items: Vec::new(),
@@ -554,16 +584,18 @@ impl WatchStream {
     }
 
     /// etcd's `isWatchPermitted`: a watch needs a valid token and read on every key it
-    /// could report.
-    fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<(), EtcdError> {
+    /// could report. Returns the caller (authentication on), whose watchers count against
+    /// `--max-watchers-per-user`.
+    fn watch_permission(&self, c: &pb::WatchCreateRequest) -> Result<Option<Caller>, EtcdError> {
         // Resolved at each create: a token invalidated, or a permission revoked, since the
         // stream opened refuses the next create.
         let Some(caller) = self.gate.caller_for(self.token.as_deref())? else {
-            return Ok(());
+            return Ok(None);
         };
         // An empty key means "\0" for a watch, as in etcd.
         let key: &[u8] = if c.key.is_empty() { b"\0" } else { &c.key };
-        caller.check(Perm::Read, key, &c.range_end)
+        caller.check(Perm::Read, key, &c.range_end)?;
+        Ok(Some(caller))
     }
 
     /// Handles one request and hands its responses over.
@@ -573,15 +605,17 @@ impl WatchStream {
     }
 
     async fn handle_request(&mut self, req: &pb::WatchRequest) -> Result<(), Gone> {
-        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union
-            && let Err(e) = self.watch_permission(c)
-        {
-            // etcd's answer: created + canceled, with Go's rendering of its gRPC error
-            // (permission denied, user name is empty, invalid auth token) as the reason.
-            return self.refuse(&e.go_status_text()).await;
+        let mut caller = None;
+        if let Some(pb::watch_request::RequestUnion::CreateRequest(c)) = &req.request_union {
+            match self.watch_permission(c) {
+                Ok(c) => caller = c,
+                // etcd's answer: created + canceled, with Go's rendering of its gRPC error
+                // (permission denied, user name is empty, invalid auth token) as the reason.
+                Err(e) => return self.refuse(&e.go_status_text()).await,
+            }
         }
         match from_proto::watch_request(req) {
-            Ok(WatchCommand::Create(c)) => self.create(c).await,
+            Ok(WatchCommand::Create(c)) => self.create(c, caller.as_ref()).await,
             Ok(WatchCommand::Cancel { watch_id }) => self.cancel(watch_id).await,
             Ok(WatchCommand::Progress) => {
                 // etcd: no response on a stream without watchers.
@@ -599,7 +633,18 @@ impl WatchStream {
         }
     }
 
-    async fn create(&mut self, c: from_proto::WatchCreate) -> Result<(), Gone> {
+    /// Refuses a create over one of the fair-share limits (as the engine's server-wide cap
+    /// is refused, see [`WatchLimit`]).
+    async fn refuse_limit(&mut self, e: WatchLimit) -> Result<(), Gone> {
+        self.metrics.limit_refused(e.label());
+        self.refuse(e.status().message()).await
+    }
+
+    async fn create(
+        &mut self,
+        c: from_proto::WatchCreate,
+        caller: Option<&Caller>,
+    ) -> Result<(), Gone> {
         let id = if c.watch_id != 0 {
             // -1 marks stream-wide replies (progress, refused creates); a client-chosen
             // negative id would be indistinguishable from them.
@@ -618,12 +663,18 @@ impl WatchStream {
             self.next_id - 1
         };
         if self.watches.len() >= self.settings.max_watchers_per_stream {
-            let reason = format!(
-                "keywatch: too many watches on this stream (the limit is {})",
-                self.settings.max_watchers_per_stream
-            );
-            return self.refuse(&reason).await;
+            let limit = self.settings.max_watchers_per_stream;
+            return self.refuse_limit(WatchLimit::Stream { limit }).await;
         }
+        // Before the engine's server-wide cap: a client over its own share is told so, and
+        // takes nothing from the server's budget.
+        let slot = match self
+            .limits
+            .admit(self.conn.as_ref(), caller.map(Caller::name))
+        {
+            Ok(slot) => slot,
+            Err(e) => return self.refuse_limit(e).await,
+        };
         let options = c.options.buffer(self.settings.watch_buffer.max(1));
         // The tag is the client's id (never negative here), so items need no lookup table.
         let tag = id as u64;
@@ -648,6 +699,7 @@ impl WatchStream {
                         prev_kv: options.prev_kv,
                         fragment: c.fragment,
                         progress_notify: options.progress_notify,
+                        _slot: slot,
                     },
                 );
                 Ok(())
@@ -673,7 +725,12 @@ impl WatchStream {
                 })
                 .await
             }
-            Err(e) => self.refuse(store_status(&e).message()).await,
+            Err(e) => {
+                if let ErrorClass::Watch(WatchError::TooManyWatchers { .. }) = e.class() {
+                    self.metrics.limit_refused("server");
+                }
+                self.refuse(store_status(&e).message()).await
+            }
         }
     }
 
@@ -943,6 +1000,8 @@ mod tests {
             store.clone(),
             WatchSettings {
                 max_watchers_per_stream: 10,
+                max_watchers_per_connection: 10,
+                max_watchers_per_user: 10,
                 watch_buffer,
                 watch_stream_bytes: 1 << 20,
                 max_request_bytes: 1 << 20,

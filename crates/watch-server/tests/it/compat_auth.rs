@@ -140,7 +140,7 @@ impl Secured {
         }
     }
 
-    async fn client(&self, user: &str, password: &str) -> Client {
+    pub(crate) async fn client(&self, user: &str, password: &str) -> Client {
         let options = ConnectOptions::new()
             .with_user(user, password)
             .with_connect_timeout(crate::common::GUARD);
