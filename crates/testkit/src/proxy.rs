@@ -37,7 +37,10 @@ pub struct GrpcProxy {
 impl GrpcProxy {
     /// Starts a proxy of every member of `cluster` (with its TLS files and, when auth is on,
     /// nothing more: grpc-proxy passes each client's token through) and waits until it
-    /// serves. Blocking.
+    /// serves. Blocking. grpc-proxy refuses a client certificate with a common name ("cert has
+    /// non empty Common Name"): give the cluster's [`EtcdTls::client_cert_auth`] one without.
+    ///
+    /// [`EtcdTls::client_cert_auth`]: crate::EtcdTls::client_cert_auth
     pub fn start(cluster: &EtcdCluster) -> Result<GrpcProxy, Error> {
         let ports = free_ports(2)?;
         let endpoints: Vec<String> = cluster
