@@ -13,7 +13,8 @@ use crate::{Error, GUARD, free_ports};
 const READY: &str = "started gRPC proxy";
 
 /// One `etcd grpc-proxy start` process on free loopback ports (plain HTTP towards its
-/// clients, the cluster's TLS files towards etcd), its metrics on a port of its own. Killed on
+/// clients, or TLS with [`GrpcProxy::start_tls`]; the cluster's TLS files towards etcd), its
+/// metrics on a port of its own. Killed on
 /// drop; nothing sleeps for readiness (it is ready when it logs that it started).
 ///
 /// ```no_run
@@ -30,6 +31,8 @@ pub struct GrpcProxy {
     args: Vec<String>,
     port: u16,
     metrics: u16,
+    /// Its clients connect with TLS (`--cert-file`/`--key-file`).
+    https: bool,
     running: Option<(Child, Vec<JoinHandle<()>>)>,
     output: Output,
 }
@@ -42,6 +45,23 @@ impl GrpcProxy {
     ///
     /// [`EtcdTls::client_cert_auth`]: crate::EtcdTls::client_cert_auth
     pub fn start(cluster: &EtcdCluster) -> Result<GrpcProxy, Error> {
+        Self::launch(cluster, None)
+    }
+
+    /// [`start`](Self::start), serving its clients TLS with this certificate and key (PEM;
+    /// grpc-proxy's `--cert-file`/`--key-file`): the endpoint is `https://`.
+    pub fn start_tls(
+        cluster: &EtcdCluster,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Result<GrpcProxy, Error> {
+        Self::launch(cluster, Some((cert.into(), key.into())))
+    }
+
+    fn launch(
+        cluster: &EtcdCluster,
+        serve: Option<(PathBuf, PathBuf)>,
+    ) -> Result<GrpcProxy, Error> {
         let ports = free_ports(2)?;
         let endpoints: Vec<String> = cluster
             .alive()
@@ -62,11 +82,17 @@ impl GrpcProxy {
                 args.push(format!("--key={}", key.display()));
             }
         }
+        let https = serve.is_some();
+        if let Some((cert, key)) = serve {
+            args.push(format!("--cert-file={}", cert.display()));
+            args.push(format!("--key-file={}", key.display()));
+        }
         let mut proxy = GrpcProxy {
             bin: cluster.bin().to_path_buf(),
             args,
             port: ports[0],
             metrics: ports[1],
+            https,
             running: None,
             output: Output::new(300, &[]),
         };
@@ -91,9 +117,11 @@ impl GrpcProxy {
         Ok(())
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` when started with
+    /// [`start_tls`](Self::start_tls)).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The process id, while running.

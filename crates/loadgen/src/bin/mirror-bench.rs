@@ -2,8 +2,9 @@
 //! `etcd grpc-proxy start`, over one loopback 3-member etcd cluster (docs/cluster.md).
 //!
 //! It starts the cluster (testkit's `EtcdCluster`; with `--tls` serving TLS and requiring
-//! client certificates, a throwaway CA made here), one keywatch replica (`ServerProcess`,
-//! `--upstream` the three members) and one grpc-proxy (`GrpcProxy`) against it, and measures
+//! client certificates, a throwaway CA made here, and both tiers serving TLS to their
+//! clients), one keywatch replica (`ServerProcess`, `--upstream` the three members) and one
+//! grpc-proxy (`GrpcProxy`) against it, and measures
 //! each tier, the two alternating which goes first from one run to the next:
 //!
 //! - **Idle watchers** (0 / 10k / 100k by default): the tier is restarted (a fresh process
@@ -43,9 +44,7 @@ use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use loadgen::check::{Digest, Verdict};
-use loadgen::client::{
-    self, Mode, Outcome, Spec, Streams, Written, connect, connect_endpoint, histogram,
-};
+use loadgen::client::{self, Mode, Outcome, Spec, Streams, Written, connect_endpoint, histogram};
 use loadgen::report::{self, Meta};
 use testkit::{EtcdCluster, EtcdTls, GrpcProxy, ServerProcess};
 use tonic::transport::{Channel, Endpoint};
@@ -72,8 +71,8 @@ struct Args {
     /// The markdown file whose `mirror-bench` section is rewritten.
     #[arg(long, default_value = "docs/cluster.md")]
     doc: PathBuf,
-    /// etcd serves TLS and requires client certificates; both tiers reach it with the CA and
-    /// a client certificate (downstream clients stay on plain HTTP/2 for both tiers).
+    /// TLS on both sides: etcd serves TLS and requires client certificates (both tiers reach
+    /// it with the CA and a client certificate), and both tiers serve their clients TLS.
     #[arg(long)]
     tls: bool,
     /// Idle downstream watcher counts, comma-separated [default: 0,10000,100000; quick:
@@ -277,11 +276,20 @@ impl Bench {
                 kw_args.push(p.path(file).display().to_string());
             }
         }
-        let keywatch = ServerProcess::builder(server_bin)
-            .temp_prefix("mirror-bench-kw-")
-            .args(kw_args)
-            .start()?;
-        let proxy = GrpcProxy::start(&cluster)?;
+        let mut keywatch = ServerProcess::builder(server_bin).temp_prefix("mirror-bench-kw-");
+        let proxy = match &pki {
+            Some(p) => {
+                // Downstream TLS too, with the members' certificate (valid for 127.0.0.1).
+                for (flag, file) in [("--cert-file", "server.pem"), ("--key-file", "server.key")] {
+                    kw_args.push(flag.to_owned());
+                    kw_args.push(p.path(file).display().to_string());
+                }
+                keywatch = keywatch.https(true);
+                GrpcProxy::start_tls(&cluster, p.path("server.pem"), p.path("server.key"))?
+            }
+            None => GrpcProxy::start(&cluster)?,
+        };
+        let keywatch = keywatch.args(kw_args).start()?;
         Ok(Bench {
             cluster,
             keywatch,
@@ -322,12 +330,24 @@ impl Bench {
     async fn channels(&self, t: Tier, member: usize, n: usize) -> Result<Vec<Channel>> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            out.push(match t {
-                Tier::Etcd => self.etcd(member).await?,
-                _ => connect(&self.endpoint(t)).await?,
-            });
+            out.push(self.channel(t, member).await?);
         }
         Ok(out)
+    }
+
+    /// One connection to tier `t` (etcd member `member` for [`Tier::Etcd`]); under `--tls`
+    /// with the CA (and towards etcd the client certificate).
+    async fn channel(&self, t: Tier, member: usize) -> Result<Channel> {
+        if t == Tier::Etcd {
+            return self.etcd(member).await;
+        }
+        let ep = client::endpoint(&self.endpoint(t))?;
+        Ok(match &self.pki {
+            Some(p) => {
+                connect_endpoint(ep.tls_config(client::tls(&p.read("ca.pem")?, None))?).await?
+            }
+            None => connect_endpoint(ep).await?,
+        })
     }
 
     fn rss_kib(&self, t: Tier) -> u64 {
@@ -363,10 +383,7 @@ impl Bench {
         let deadline = Instant::now() + GUARD;
         loop {
             let ok = async {
-                let ch = match t {
-                    Tier::Etcd => self.etcd(0).await?,
-                    _ => connect(&self.endpoint(t)).await?,
-                };
+                let ch = self.channel(t, 0).await?;
                 KvClient::new(ch)
                     .range(pb::RangeRequest {
                         key: "/ready".into(),
@@ -720,7 +737,7 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
     );
     o.push_str(&format!(
         "- Machine: {} (load average {} before, {} after).\n- Date: {}. Commit: `{}`.\n\
-         - etcd and grpc-proxy: {}.\n- Upstream: {}.\n- Command: `{}`.\n- Medians of {} \
+         - etcd and grpc-proxy: {}.\n- Connections: {}.\n- Command: `{}`.\n- Medians of {} \
          run(s) per tier and row.\n\n",
         meta.machine,
         meta.load_before,
@@ -729,10 +746,10 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
         meta.commit,
         meta.etcd,
         if tls {
-            "TLS with client certificates (etcd `--client-cert-auth`); downstream plain \
-             HTTP/2 for both tiers"
+            "TLS with client certificates (etcd `--client-cert-auth`), and TLS between the \
+             clients and each tier"
         } else {
-            "plain HTTP/2"
+            "plain HTTP/2 everywhere"
         },
         meta.command,
         s.repeat
@@ -755,7 +772,7 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
         o.push_str(&format!(
             "| {n} | {} | {} | {} | {} | {} |\n",
             t.name(),
-            report::fmt(m(|i| i.upstream as f64)),
+            m(|i| i.upstream as f64) as u64,
             if reg.is_nan() {
                 "–".into()
             } else {
