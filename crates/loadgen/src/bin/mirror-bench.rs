@@ -448,6 +448,47 @@ impl Bench {
         }
     }
 
+    /// The etcd member the keywatch replica's upstream session uses: the member whose URL its
+    /// last "upstream connected" log line names.
+    fn keywatch_member(&self) -> Option<usize> {
+        let tail = self.keywatch.output().tail();
+        let line = tail
+            .lines()
+            .rev()
+            .find(|l| l.contains("upstream connected"))?;
+        (0..self.cluster.len()).find(|&i| {
+            let url = self.cluster.url(i);
+            // The port must not run on into another digit.
+            line.match_indices(&url)
+                .any(|(at, _)| !line[at + url.len()..].starts_with(|c: char| c.is_ascii_digit()))
+        })
+    }
+
+    /// Makes member `to` the raft leader (`etcdctl move-leader`) and waits until it is.
+    async fn move_leader(&self, to: usize) -> Result<()> {
+        if self.leader().await? == to {
+            return Ok(());
+        }
+        let id = MaintenanceClient::new(self.etcd(to).await?)
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner()
+            .header
+            .map_or(0, |h| h.member_id);
+        tokio::task::block_in_place(|| {
+            self.cluster
+                .etcdctl(["move-leader".to_owned(), format!("{id:x}")])
+        })?;
+        let deadline = Instant::now() + GUARD;
+        while self.leader().await? != to {
+            if Instant::now() > deadline {
+                bail!("leadership did not move to member m{to}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// Restarts every member that is down.
     fn heal(&mut self) -> Result<()> {
         for i in 0..self.cluster.len() {
@@ -625,11 +666,23 @@ async fn delivered(streams: Streams, written: &Written) -> Delivery {
 struct Kill {
     delivery: Delivery,
     killed: usize,
+    /// The killed member was the one the tier's upstream watch used.
+    own_upstream: bool,
 }
 
 async fn leader_kill(b: &mut Bench, t: Tier, s: &Sizes, run: usize) -> Result<Kill> {
     b.heal()?;
     b.ready(t).await?;
+    // The worst case for the replica: the member its upstream watch uses is the one killed.
+    // (Which member grpc-proxy's watch stream uses cannot be seen from outside.)
+    let upstream = if t == Tier::Keywatch {
+        b.keywatch_member()
+    } else {
+        None
+    };
+    if let Some(m) = upstream {
+        b.move_leader(m).await?;
+    }
     let leader = b.leader().await?;
     let follower = (0..b.cluster.len())
         .find(|&i| i != leader)
@@ -673,6 +726,7 @@ async fn leader_kill(b: &mut Bench, t: Tier, s: &Sizes, run: usize) -> Result<Ki
     Ok(Kill {
         delivery: delivered(streams, &written).await,
         killed: leader,
+        own_upstream: upstream == Some(leader),
     })
 }
 
@@ -807,7 +861,9 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
     o.push_str(&format!(
         "\n### etcd leader killed mid-stream\n\n{} prefix watchers per tier; {} puts at {}/s \
          on a follower; a third of the way through, the raft leader gets SIGKILL (restarted \
-         after the last put). Each watcher is checked against etcd's own history of the \
+         after the last put); for keywatch the leadership is first moved (`etcdctl \
+         move-leader`) to the member the replica's upstream watch uses, so the kill takes it \
+         away. Each watcher is checked against etcd's own history of the \
          prefix (read back after the run, so puts whose answer was lost count too). Longest \
          pause: the longest wait between two event responses on one stream (normally 1/rate); \
          the floor watches the follower directly.\n\n\
@@ -824,7 +880,7 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
                 .collect::<Vec<_>>(),
         );
         o.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} (member m{} killed) |\n",
+            "| {} | {} | {} | {} | {} | {} (member m{} killed{}) |\n",
             t.name(),
             sum(|v| v.missing),
             sum(|v| v.duplicates + v.out_of_order),
@@ -832,6 +888,11 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
             runs.iter().map(|k| k.delivery.put_errors).sum::<usize>(),
             verdict_cell(&runs.iter().map(|k| &k.delivery.verdict).collect::<Vec<_>>()),
             runs.first().map_or(0, |k| k.killed),
+            if runs.iter().all(|k| k.own_upstream) {
+                ": the replica's upstream"
+            } else {
+                ""
+            },
         ));
     }
     o.push_str(&format!(
