@@ -115,7 +115,7 @@ fn ci() -> Result<()> {
         "--locked",
     ])?;
     loadgen("debug", &["--quick", "--no-write", "--no-progress"])?;
-    // Mirror mode against etcd's grpc-proxy, tiny (about 15 s): the bench and its checks.
+    // Mirror mode against etcd's grpc-proxy, tiny (15-25 s): the bench and its checks.
     mirror_bench("debug", &["--quick", "--no-write"])?;
     // Seeds 1 and 2 plus one random seed (printed), about 45 s; outcome-only assertions.
     robustness(&[])?;

@@ -119,7 +119,7 @@ impl Spec {
 }
 
 /// etcd's range end for "every key with this prefix".
-fn prefix_end(prefix: &[u8]) -> Bytes {
+pub fn prefix_end(prefix: &[u8]) -> Bytes {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -166,7 +166,8 @@ impl Counters {
         }
     }
 
-    fn add_events(&self, n: u64) {
+    /// Counts `n` more events (wakes a [`Counters::wait_events`] that reached its goal).
+    pub fn add_events(&self, n: u64) {
         let v = self.events.fetch_add(n, Ordering::SeqCst) + n;
         if v >= self.want_events.load(Ordering::SeqCst) {
             self.notify.notify_one();

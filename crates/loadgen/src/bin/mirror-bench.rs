@@ -21,7 +21,10 @@
 //!   (SIGKILL) and restarted after the last put. Every watcher's events are checked against
 //!   etcd's history of the prefix read back afterwards (each put has its own key, so a range
 //!   read names every committed revision): lost, and duplicated or re-delivered, events. The
-//!   time to resume is the longest pause between two event responses of one stream.
+//!   time to resume is the longest pause between two event responses of one stream. For
+//!   keywatch the leadership is first moved to the member the replica watches.
+//! - **Tier restart**: the same with the tier itself killed (SIGKILL) and started again, the
+//!   watchers resuming as clientv3's do (reconnect, watch again from the last revision + 1).
 //! - **Past revision**: M puts, then one watcher from the revision before them: the proxy
 //!   forwards it to etcd, keywatch serves it from its own log. Time until all M arrived,
 //!   checked against the puts' revisions.
@@ -43,8 +46,10 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use loadgen::check::{Digest, Verdict};
-use loadgen::client::{self, Mode, Outcome, Spec, Streams, Written, connect_endpoint, histogram};
+use loadgen::check::{Digest, Seen, Verdict};
+use loadgen::client::{
+    self, Counters, Mode, Outcome, Spec, Streams, Written, connect_endpoint, histogram,
+};
 use loadgen::report::{self, Meta};
 use testkit::{EtcdCluster, EtcdTls, GrpcProxy, ServerProcess};
 use tonic::transport::{Channel, Endpoint};
@@ -730,6 +735,192 @@ async fn leader_kill(b: &mut Bench, t: Tier, s: &Sizes, run: usize) -> Result<Ki
     })
 }
 
+/// Watchers on one stream that outlive their server, as clientv3's do: when the stream ends
+/// or fails they reconnect (to the tier's endpoint of that moment) and re-create each watch
+/// from the last revision it received + 1. Returns each watcher's view, the longest pause
+/// between two event responses, and how many times it reconnected.
+async fn resuming_stream(
+    endpoint: Arc<std::sync::Mutex<String>>,
+    ca: Option<Vec<u8>>,
+    prefix: Bytes,
+    watchers: usize,
+    from: i64,
+    counters: Arc<Counters>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<Seen>, Duration, u64) {
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use watch_proto::etcdserverpb::watch_client::WatchClient;
+    let mut seen = vec![Seen::default(); watchers];
+    let mut last = vec![from - 1; watchers];
+    let mut last_event: Option<Instant> = None;
+    let mut max_gap = Duration::ZERO;
+    let mut reconnects = 0u64;
+    let mut first = true;
+    while !*stop.borrow() {
+        if !std::mem::take(&mut first) {
+            reconnects += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let url = endpoint.lock().map(|u| u.clone()).unwrap_or_default();
+        let Ok(ep) = client::endpoint(&url) else {
+            continue;
+        };
+        let ep = match &ca {
+            Some(ca) => match ep.tls_config(client::tls(ca, None)) {
+                Ok(ep) => ep,
+                Err(_) => continue,
+            },
+            None => ep,
+        };
+        let Ok(ch) = connect_endpoint(ep).await else {
+            continue;
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for l in &last {
+            let create = pb::WatchCreateRequest {
+                key: prefix.clone(),
+                range_end: client::prefix_end(&prefix),
+                start_revision: l + 1,
+                ..Default::default()
+            };
+            // The receiver lives in the call below.
+            let _ = tx.send(pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)),
+            });
+        }
+        let mut client = WatchClient::new(ch);
+        let call = client.watch(UnboundedReceiverStream::new(rx));
+        let mut stream = tokio::select! {
+            r = call => match r {
+                Ok(r) => r.into_inner(),
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        // Creates are answered in order: the n-th `created` is watcher n.
+        let mut ids = std::collections::HashMap::new();
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let Ok(Some(resp)) = msg else { break };
+            if resp.created && !resp.canceled && ids.len() < watchers {
+                ids.insert(resp.watch_id, ids.len());
+            }
+            let Some(&i) = ids.get(&resp.watch_id) else {
+                continue;
+            };
+            if resp.events.is_empty() {
+                continue;
+            }
+            let now = Instant::now();
+            if let Some(prev) = last_event {
+                max_gap = max_gap.max(now.duration_since(prev));
+            }
+            last_event = Some(now);
+            seen[i].begin_response(resp.fragment);
+            for ev in &resp.events {
+                let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                seen[i].event(rev, true);
+                last[i] = last[i].max(rev);
+            }
+            counters.add_events(resp.events.len() as u64);
+        }
+        drop(tx);
+    }
+    (seen, max_gap, reconnects)
+}
+
+/// The tier-restart run of one tier.
+struct Restart {
+    verdict: Verdict,
+    max_gap: Duration,
+    /// From the kill until the restarted tier answered a read.
+    restart: Duration,
+    reconnects: u64,
+    put_errors: usize,
+}
+
+/// The tier-restart run of `t`: resuming watchers through the tier, puts on etcd, and a
+/// third of the way through the tier is killed (SIGKILL) and started again (keywatch on its
+/// data directory, at a new port the watchers then use).
+async fn tier_restart(b: &mut Bench, t: Tier, s: &Sizes, run: usize) -> Result<Restart> {
+    b.heal()?;
+    b.ready(t).await?;
+    let prefix = format!("/restart/{run}/");
+    let from = KvClient::new(b.etcd(0).await?)
+        .range(pb::RangeRequest {
+            key: "/restart/".into(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .header
+        .map_or(0, |h| h.revision)
+        + 1;
+    let endpoint = Arc::new(std::sync::Mutex::new(b.endpoint(t)));
+    let ca = match &b.pki {
+        Some(p) => Some(p.read("ca.pem")?),
+        None => None,
+    };
+    let counters = Counters::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let streams = s.latency_watchers.div_ceil(PER_STREAM).max(1);
+    let mut tasks = Vec::new();
+    for k in 0..streams {
+        let n = s.latency_watchers / streams + usize::from(k < s.latency_watchers % streams);
+        tasks.push(tokio::spawn(resuming_stream(
+            endpoint.clone(),
+            ca.clone(),
+            Bytes::from(prefix.clone()),
+            n,
+            from,
+            counters.clone(),
+            stopped.clone(),
+        )));
+    }
+    let writer = b.etcd(0).await?;
+    let (count, rate, ks) = (s.kill_writes, s.rate, keys(&prefix, s.kill_writes));
+    let puts =
+        tokio::spawn(
+            async move { loadgen::client::put_paced(&writer, ks, count, rate, VALUE).await },
+        );
+    tokio::time::sleep(Duration::from_secs_f64(count as f64 / rate / 3.0)).await;
+    b.kill(t);
+    let down = Instant::now();
+    b.restart(t).await?;
+    let restart = down.elapsed();
+    if let Ok(mut e) = endpoint.lock() {
+        *e = b.endpoint(t);
+    }
+    let written = puts.await?;
+    let want = digest(written.puts.iter().map(|p| p.1));
+    counters
+        .wait_events(want.count * s.latency_watchers as u64, IDLE)
+        .await;
+    stop.send_replace(true);
+    let mut verdict = Verdict::default();
+    let mut max_gap = Duration::ZERO;
+    let mut reconnects = 0;
+    for task in tasks {
+        let (seen, gap, r) = task.await?;
+        for w in &seen {
+            verdict.watcher(w, &want);
+        }
+        max_gap = max_gap.max(gap);
+        reconnects += r;
+    }
+    Ok(Restart {
+        verdict,
+        max_gap,
+        restart,
+        reconnects,
+        put_errors: written.errors.len(),
+    })
+}
+
 /// The past-revision run: one watcher from `from` on the history prefix.
 async fn history(b: &Bench, t: Tier, from: i64, want: &Digest) -> Result<(f64, Verdict)> {
     // Caught up first (the replica's barrier), so the time is the replay alone.
@@ -756,6 +947,7 @@ struct Rows {
     idle: Vec<(usize, Tier, Vec<Idle>)>,
     latency: Vec<(Tier, Vec<Delivery>)>,
     kill: Vec<(Tier, Vec<Kill>)>,
+    restart: Vec<(Tier, Vec<Restart>)>,
     history: Vec<(Tier, Vec<(f64, Verdict)>)>,
 }
 
@@ -896,6 +1088,31 @@ fn markdown(meta: &Meta, s: &Sizes, rows: &Rows, tls: bool) -> String {
         ));
     }
     o.push_str(&format!(
+        "\n### The tier itself restarted mid-stream\n\n{} prefix watchers per tier, each \
+         resuming as clientv3 does (when its stream fails it reconnects and watches again \
+         from its last revision + 1); {} puts at {}/s on etcd; a third of the way through, \
+         the tier gets SIGKILL and is started again (keywatch on its data directory). \
+         Checked against the puts' revisions.\n\n\
+         | tier | lost | duplicated or re-delivered | longest pause (ms) | kill → serving again (ms) | reconnects | failed puts | result |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        s.latency_watchers, s.kill_writes, s.rate
+    ));
+    for (t, runs) in &rows.restart {
+        let sum = |f: fn(&Verdict) -> u64| runs.iter().map(|x| f(&x.verdict)).sum::<u64>();
+        let med = |f: fn(&Restart) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        o.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            t.name(),
+            sum(|v| v.missing),
+            sum(|v| v.duplicates + v.out_of_order),
+            ms(med(|x| x.max_gap.as_secs_f64())),
+            ms(med(|x| x.restart.as_secs_f64())),
+            runs.iter().map(|x| x.reconnects).sum::<u64>(),
+            runs.iter().map(|x| x.put_errors).sum::<usize>(),
+            verdict_cell(&runs.iter().map(|x| &x.verdict).collect::<Vec<_>>()),
+        ));
+    }
+    o.push_str(&format!(
         "\n### Watch from a past revision\n\n{} puts, then one prefix watcher from the \
          revision before them: grpc-proxy forwards it to etcd, keywatch replays its own log. \
          Time from opening the stream until the last event, after the tier caught up.\n\n\
@@ -990,6 +1207,23 @@ async fn main() -> Result<()> {
         "mirror-bench: leader kills done at {:.1?}",
         started.elapsed()
     );
+    for r in 0..s.repeat {
+        for t in order(r) {
+            run += 1;
+            let x = tier_restart(&mut b, t, &s, run).await?;
+            eprintln!(
+                "mirror-bench: tier restart {}: pause {:?}, {}",
+                t.name(),
+                x.max_gap,
+                x.verdict.summary()
+            );
+            entry(&mut rows.restart, t).push(x);
+        }
+    }
+    eprintln!(
+        "mirror-bench: tier restarts done at {:.1?}",
+        started.elapsed()
+    );
     b.heal()?;
     let from = KvClient::new(b.etcd(0).await?)
         .range(pb::RangeRequest {
@@ -1065,6 +1299,13 @@ async fn main() -> Result<()> {
                         k.delivery.verdict.summary()
                     )
                 }),
+        );
+    }
+    for (t, runs) in &rows.restart {
+        wrong.extend(
+            runs.iter()
+                .filter(|x| judged(*t) && !x.verdict.ok())
+                .map(|x| format!("tier restart, {}: {}", t.name(), x.verdict.summary())),
         );
     }
     for (t, runs) in &rows.history {
