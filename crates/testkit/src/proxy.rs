@@ -191,4 +191,28 @@ mod tests {
         assert_eq!(proxy.endpoint(), before);
         assert!(proxy.metric("go_goroutines").expect("proxy metrics") > 0.0);
     }
+
+    /// TLS on both sides: a cluster requiring client certificates (one without a common
+    /// name, as grpc-proxy demands) and a proxy serving its clients TLS start, and the
+    /// proxy's endpoint is `https://`. Skips without etcd.
+    #[test]
+    fn tls_proxy_of_a_tls_cluster_starts() {
+        if !crate::etcd_present("testkit::proxy::tls_proxy_of_a_tls_cluster_starts") {
+            return;
+        }
+        let pki = crate::Pki::new().expect("certificates");
+        let path = |name: &str| pki.path(name);
+        let cluster = EtcdCluster::builder()
+            .members(1)
+            .tls(
+                crate::EtcdTls::new(path("ca.pem"), path("server.pem"), path("server.key"))
+                    .client_cert_auth(path("client.pem"), path("client.key")),
+            )
+            .start_cluster()
+            .expect("the TLS etcd starts");
+        let proxy = GrpcProxy::start_tls(&cluster, path("server.pem"), path("server.key"))
+            .expect("the TLS proxy starts");
+        assert!(proxy.endpoint().starts_with("https://127.0.0.1:"));
+        assert!(proxy.metric("go_goroutines").expect("proxy metrics") > 0.0);
+    }
 }

@@ -51,7 +51,7 @@ use loadgen::client::{
     self, Counters, Mode, Outcome, Spec, Streams, Written, connect_endpoint, histogram,
 };
 use loadgen::report::{self, Meta};
-use testkit::{EtcdCluster, EtcdTls, GrpcProxy, ServerProcess};
+use testkit::{EtcdCluster, EtcdTls, GrpcProxy, Pki, ServerProcess};
 use tonic::transport::{Channel, Endpoint};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::etcdserverpb::kv_client::KvClient;
@@ -178,69 +178,6 @@ fn order(i: usize) -> [Tier; 2] {
     }
 }
 
-/// A throwaway CA, the members' server certificate (127.0.0.1) and a client certificate.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Result<Pki> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DistinguishedName, DnType,
-            ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("mirror-bench-pki-")
-            .tempdir()?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "mirror-bench CA");
-        let ca_pem = ca.self_signed(&ca_key)?.pem();
-        let issuer = Issuer::new(ca, ca_key);
-        let leaf = |names: &[&str], cn: Option<&str>, usage| -> Result<(String, String)> {
-            let key = KeyPair::generate()?;
-            let mut p =
-                CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-            // No common name at all (rcgen puts a default one): grpc-proxy refuses a client
-            // certificate with one ("cert has non empty Common Name"), since etcd would take
-            // it for a user name.
-            p.distinguished_name = DistinguishedName::new();
-            if let Some(cn) = cn {
-                p.distinguished_name.push(DnType::CommonName, cn);
-            }
-            p.extended_key_usages = vec![usage];
-            Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
-        };
-        let server = leaf(
-            &["127.0.0.1", "localhost"],
-            Some("127.0.0.1"),
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )?;
-        let client = leaf(&["client"], None, ExtendedKeyUsagePurpose::ClientAuth)?;
-        let pki = Pki { dir };
-        for (name, text) in [
-            ("ca.pem", &ca_pem),
-            ("server.pem", &server.0),
-            ("server.key", &server.1),
-            ("client.pem", &client.0),
-            ("client.key", &client.1),
-        ] {
-            std::fs::write(pki.path(name), text)?;
-        }
-        Ok(pki)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn read(&self, name: &str) -> Result<Vec<u8>> {
-        Ok(std::fs::read(self.path(name))?)
-    }
-}
-
 /// The cluster, both tiers, and how to reach each.
 struct Bench {
     cluster: EtcdCluster,
@@ -313,9 +250,9 @@ impl Bench {
         Ok(match &self.pki {
             Some(p) => {
                 let (ca, cert, key) = (
-                    p.read("ca.pem")?,
-                    p.read("client.pem")?,
-                    p.read("client.key")?,
+                    std::fs::read(p.path("ca.pem"))?,
+                    std::fs::read(p.path("client.pem"))?,
+                    std::fs::read(p.path("client.key"))?,
                 );
                 ep.tls_config(client::tls(&ca, Some((&cert, &key))))?
             }
@@ -349,7 +286,10 @@ impl Bench {
         let ep = client::endpoint(&self.endpoint(t))?;
         Ok(match &self.pki {
             Some(p) => {
-                connect_endpoint(ep.tls_config(client::tls(&p.read("ca.pem")?, None))?).await?
+                connect_endpoint(
+                    ep.tls_config(client::tls(&std::fs::read(p.path("ca.pem"))?, None))?,
+                )
+                .await?
             }
             None => connect_endpoint(ep).await?,
         })
@@ -862,7 +802,7 @@ async fn tier_restart(b: &mut Bench, t: Tier, s: &Sizes, run: usize) -> Result<R
         + 1;
     let endpoint = Arc::new(std::sync::Mutex::new(b.endpoint(t)));
     let ca = match &b.pki {
-        Some(p) => Some(p.read("ca.pem")?),
+        Some(p) => Some(std::fs::read(p.path("ca.pem"))?),
         None => None,
     };
     let counters = Counters::new();
