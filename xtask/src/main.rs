@@ -23,6 +23,7 @@ fn main() -> Result<()> {
                  bench [args]     criterion benches (args go to `cargo bench`), then loadgen vs etcd\n  \
                  bench --quick    loadgen only, every scenario tiny, docs untouched\n  \
                  bench --loadgen  loadgen only, default sizes (rewrites its docs/benchmarks.md section)\n  \
+                 bench --mirror [--quick] [args]  keywatch mirror vs etcd grpc-proxy (rewrites its docs/cluster.md section)\n  \
                  check-boundaries fail if a boundary rule of ARCHITECTURE.md is broken\n  \
                  robustness [--duration S] [--seed N]...  randomized kill/stall/compaction runs, validated"
             );
@@ -114,6 +115,8 @@ fn ci() -> Result<()> {
         "--locked",
     ])?;
     loadgen("debug", &["--quick", "--no-write", "--no-progress"])?;
+    // Mirror mode against etcd's grpc-proxy, tiny (15-25 s): the bench and its checks.
+    mirror_bench("debug", &["--quick", "--no-write"])?;
     // Seeds 1 and 2 plus one random seed (printed), about 45 s; outcome-only assertions.
     robustness(&[])?;
     eprintln!("xtask: ci passed in {:.0?}", started.elapsed());
@@ -122,6 +125,26 @@ fn ci() -> Result<()> {
 
 fn bench(extra: &[String]) -> Result<()> {
     let quick = extra.iter().any(|a| a == "--quick");
+    if extra.iter().any(|a| a == "--mirror") {
+        // The mirror bench alone; every other argument is its own (e.g. `--tls`).
+        cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "watch-server",
+            "-p",
+            "keywatch-loadgen",
+        ])?;
+        let mut args: Vec<&str> = extra
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != "--mirror")
+            .collect();
+        if quick {
+            args.push("--no-write");
+        }
+        return mirror_bench("release", &args);
+    }
     let loadgen_only = quick || extra.iter().any(|a| a == "--loadgen");
     let extra: Vec<&str> = extra
         .iter()
@@ -176,6 +199,23 @@ fn loadgen(profile: &str, args: &[&str]) -> Result<()> {
     let status = cmd.status().context("running keywatch-loadgen")?;
     if !status.success() {
         bail!("keywatch-loadgen failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs `keywatch-mirror-bench` of `profile` against that profile's `watch-server`, from the
+/// workspace root (it rewrites its section of `docs/cluster.md` unless `--no-write`).
+fn mirror_bench(profile: &str, args: &[&str]) -> Result<()> {
+    let dir = target_dir().join(profile);
+    let mut cmd = Command::new(dir.join("keywatch-mirror-bench"));
+    cmd.arg("--server-bin")
+        .arg(dir.join("watch-server"))
+        .args(args)
+        .current_dir(root());
+    eprintln!("xtask: keywatch-mirror-bench {}", args.join(" "));
+    let status = cmd.status().context("running keywatch-mirror-bench")?;
+    if !status.success() {
+        bail!("keywatch-mirror-bench failed with {status}");
     }
     Ok(())
 }

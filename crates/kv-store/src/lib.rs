@@ -157,7 +157,7 @@ pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive,
 pub use maintenance::{
     Alarm, AlarmMember, BACKUP_MAGIC, BackupInfo, Defragmented, KvHash, RestoreInfo, restore,
 };
-pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope};
+pub use mirror::{MIRROR_FLOOR_FILE, MirrorScope, MirrorSnapshot};
 pub use snapshot::SNAPSHOT_FILE;
 use state::{Exec, HistoricReads, KvState};
 pub use types::*;

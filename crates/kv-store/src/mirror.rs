@@ -14,9 +14,15 @@
 //!   with etcd's compacted error; every live watcher is canceled as compacted at the floor,
 //!   as etcd cancels a watcher whose history was compacted, never a silent gap.
 //!
-//! Crash order of a reset: floor file, then the state snapshot at `R` (both tmp + fsync +
-//! rename + dir fsync), then an empty change set at `R` through the log. A crash between any
-//! two steps reopens a consistent store: a floor above the state only refuses more history
+//!   [`Store::mirror_snapshot`] does the same page by page ([`MirrorSnapshot`]): each page
+//!   goes into the state being built and onto disk, so the snapshot is never held whole
+//!   twice (the state itself is in memory, as for every store).
+//!
+//! Crash order of a reset: the pages into `state.snapshot.staged` (a crash there leaves the
+//! store as it was; the next load overwrites the file), then at the install the floor file,
+//! then the staged file fsynced and renamed over the state snapshot at `R` (the floor: tmp +
+//! fsync + rename; both followed by a dir fsync), then an empty change set at `R` through the
+//! log. A crash between any two steps reopens a consistent store: a floor above the state only refuses more history
 //! than necessary, and a snapshot newer than the log is loaded and the log replay skips
 //! everything at or below it.
 //!
@@ -307,60 +313,145 @@ impl Store {
 
     /// Replaces the state with the upstream snapshot `kvs` at `revision` (see the module docs)
     /// and returns how many live watchers were canceled as compacted. `revision` must not be
-    /// below the current revision.
+    /// below the current revision. One page: [`Store::mirror_snapshot`] with one
+    /// [`MirrorSnapshot::push`].
     pub async fn mirror_reset(
         &self,
         revision: Revision,
         kvs: Vec<KeyValue>,
     ) -> Result<usize, StoreError> {
-        let _c = self.inner.compact_lock.lock().await;
-        let guard = self.inner.write_lock.lock().await;
+        let mut snap = self.mirror_snapshot(revision).await?;
+        snap.push(kvs).await?;
+        snap.install().await
+    }
+
+    /// Starts loading an upstream snapshot at `revision` page by page (see
+    /// [`MirrorSnapshot`]). `revision` must not be below the current revision.
+    pub async fn mirror_snapshot(&self, revision: Revision) -> Result<MirrorSnapshot, StoreError> {
         self.check_open()?;
         let current = self.current_revision();
         if revision < current {
             return Err(StoreError::MirrorOrder { revision, current });
         }
-        self.wait_durable(current).await?;
-        let floor = revision + 1;
         let dir = self.inner.dir.clone();
-        // An O(keys) copy of refcounted bytes: the snapshot file and the state each get one.
-        let to_disk = kvs.clone();
+        let file = tokio::task::spawn_blocking(move || snapshot::Staged::create(&dir, revision))
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
+        Ok(MirrorSnapshot {
+            store: self.clone(),
+            revision,
+            state: KvState::default(),
+            file: Some(file),
+        })
+    }
+}
+
+/// An upstream snapshot being loaded page by page ([`Store::mirror_snapshot`], then
+/// [`push`](Self::push) per page, then [`install`](Self::install)), so a keyspace of any
+/// size is never held twice: each page goes into the state being built (which becomes the
+/// store's state, sharing the pages' bytes) and is appended to the snapshot file on disk,
+/// then dropped. Memory beyond the final state is one page (and, during a resync, the old
+/// state, which the store still serves until the install). Nothing is visible to readers,
+/// watchers or a restart before `install`; dropping it abandons the load (its staged file is
+/// replaced by the next one).
+#[derive(Debug)]
+pub struct MirrorSnapshot {
+    store: Store,
+    revision: Revision,
+    /// The new state, built off the store's lock.
+    state: KvState,
+    /// Taken only while a page is written on a blocking thread (then put back), and by
+    /// `install`.
+    file: Option<snapshot::Staged>,
+}
+
+impl MirrorSnapshot {
+    /// The snapshot's revision.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// Keys loaded so far.
+    pub fn keys(&self) -> usize {
+        self.state.map.len()
+    }
+
+    /// Adds one page of keys (a key given twice keeps the later one) and appends it to the
+    /// snapshot file.
+    pub async fn push(&mut self, page: Vec<KeyValue>) -> Result<(), StoreError> {
+        let mut file = self.file.take().ok_or_else(|| {
+            StoreError::Inconsistent("an earlier page of the snapshot failed".into())
+        })?;
+        for kv in &page {
+            self.state.map.insert(kv.key.clone(), kv.clone());
+        }
+        let file = tokio::task::spawn_blocking(move || file.push(&page).map(|()| file))
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// Makes the loaded snapshot the store's state at its revision (see the module docs) and
+    /// returns how many live watchers were canceled as compacted.
+    pub async fn install(mut self) -> Result<usize, StoreError> {
+        let file = self.file.take().ok_or_else(|| {
+            StoreError::Inconsistent("an earlier page of the snapshot failed".into())
+        })?;
+        let (store, revision) = (self.store, self.revision);
+        let mut new = self.state;
+        new.revision = revision;
+        new.index_leases();
+        let inner = &store.inner;
+        let _c = inner.compact_lock.lock().await;
+        let guard = inner.write_lock.lock().await;
+        store.check_open()?;
+        let current = store.current_revision();
+        if revision < current {
+            return Err(StoreError::MirrorOrder { revision, current });
+        }
+        store.wait_durable(current).await?;
+        let floor = revision + 1;
+        let dir = inner.dir.clone();
         tokio::task::spawn_blocking(move || {
             write_floor(&dir, floor)?;
-            snapshot::write(&dir, revision, to_disk)
+            file.commit(&dir)
         })
         .await
         .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
-        self.inner
-            .snapshot_revision
-            .store(revision, Ordering::Release);
+        inner.snapshot_revision.store(revision, Ordering::Release);
         // Before the state changes: a read of an older revision now fails as compacted.
-        self.inner.compacted.fetch_max(floor, Ordering::AcqRel);
+        inner.compacted.fetch_max(floor, Ordering::AcqRel);
         // Every live watcher ends before the marker at `revision` can reach the dispatcher:
         // once it is dispatched, a progress request or tick would tell a watcher that nothing
         // changed up to `revision` while it never saw the snapshot's difference. The floor is
         // raised first, so a watcher registering after this cancel refuses itself
         // ([`Store::watch`]); the write lock keeps the marker from being published until then.
-        self.inner.mirror_floor.fetch_max(floor, Ordering::AcqRel);
-        let canceled = self.inner.engine.cancel_all(CancelReason::Compacted {
+        inner.mirror_floor.fetch_max(floor, Ordering::AcqRel);
+        let canceled = inner.engine.cancel_all(CancelReason::Compacted {
             compact_revision: floor,
         });
-        // One state-lock section: no reader sees the new keys at the old revision.
-        let install = |st: &mut KvState| {
-            st.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-            st.revision = st.revision.max(revision);
-        };
-        if revision > current {
-            // The marker: an empty change set at `revision`, so the log (and a restart) and
-            // the watchers' progress reach it.
-            let marker = ChangeSet::new(revision, Vec::new());
-            self.commit(&guard, marker, |st, _| install(st)).await?;
-        } else {
-            install(&mut self.inner.state.write());
+        // One state-lock section, an O(1) swap: no reader sees the new keys at the old
+        // revision. The old state is dropped after the lock is released.
+        let mut old = None;
+        {
+            let mut install = |st: &mut KvState| {
+                new.revision = st.revision.max(revision);
+                old = Some(std::mem::replace(st, std::mem::take(&mut new)));
+            };
+            if revision > current {
+                // The marker: an empty change set at `revision`, so the log (and a restart)
+                // and the watchers' progress reach it.
+                let marker = ChangeSet::new(revision, Vec::new());
+                store.commit(&guard, marker, |st, _| install(st)).await?;
+            } else {
+                install(&mut inner.state.write());
+            }
         }
         drop(guard);
-        self.wait_durable(revision).await?;
-        let log = &self.inner.log;
+        drop(old);
+        store.wait_durable(revision).await?;
+        let log = &inner.log;
         if revision <= log.last_revision() && revision > log.compacted_revision() {
             // History below the snapshot can never be served again (the floor is above it).
             log.compact(revision).await.map_err(log_err)?;
@@ -653,6 +744,50 @@ mod tests {
             .watch(KeySelector::prefix("/a/"), Default::default())
             .unwrap();
         assert_eq!(w2.created_revision(), 40);
+        store.close().await.unwrap();
+    }
+
+    /// A snapshot loaded in pages (a key repeated across pages keeps the later one) becomes
+    /// the state only at `install`, leases indexed; the file written page by page is what a
+    /// restart loads.
+    #[tokio::test]
+    async fn snapshot_in_pages_installs_at_once_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let mut snap = store.mirror_snapshot(50).await.unwrap();
+        let mut leased = kv("/a/l", "l", 9, 9, 1);
+        leased.lease = 77;
+        snap.push(vec![kv("/a/0", "x", 3, 3, 1), kv("/a/1", "1", 4, 4, 1)])
+            .await
+            .unwrap();
+        snap.push(Vec::new()).await.unwrap();
+        snap.push(vec![kv("/a/0", "0", 3, 8, 2), leased.clone()])
+            .await
+            .unwrap();
+        assert_eq!((snap.revision(), snap.keys()), (50, 3));
+        // Not visible before the install.
+        assert_eq!(store.key_count(), 0);
+        assert_eq!(store.current_revision(), 1);
+        assert_eq!(snap.install().await.unwrap(), 0);
+        let check = |s: &Store| {
+            let st = s.inner.state.read();
+            assert_eq!(st.revision, 50);
+            assert_eq!(st.map.len(), 3);
+            assert_eq!(st.map[&Bytes::from_static(b"/a/0")].value, "0");
+            assert!(st.leased[&77].contains(&Bytes::from_static(b"/a/l")));
+        };
+        check(&store);
+        assert_eq!(store.compacted_revision(), 51);
+        store.close().await.unwrap();
+        drop(store);
+        assert!(!dir.path().join(snapshot::STAGED_FILE).exists());
+        let store = open(dir.path()).await;
+        check(&store);
+        // A snapshot below the current revision is refused before anything is written.
+        assert!(matches!(
+            store.mirror_snapshot(49).await,
+            Err(StoreError::MirrorOrder { .. })
+        ));
         store.close().await.unwrap();
     }
 

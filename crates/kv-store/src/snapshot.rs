@@ -9,6 +9,9 @@
 //! revision `S` and one put per key, each carrying the key's full metadata.
 //! Written to a temporary file, fsynced, renamed over the old one, then the directory fsynced,
 //! so a crash leaves either the old or the new snapshot, never a torn one.
+//!
+//! A mirror's upstream snapshot is written the same way but page by page ([`Staged`], its own
+//! temporary file [`STAGED_FILE`]), so its size is never held in memory as one buffer.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +22,10 @@ use crate::StoreError;
 
 /// File name of the snapshot inside the data directory.
 pub const SNAPSHOT_FILE: &str = "state.snapshot";
+
+/// Temporary file of a snapshot written page by page ([`Staged`]); not the compaction's
+/// `state.snapshot.tmp`, which a compaction of the current state may write meanwhile.
+pub(crate) const STAGED_FILE: &str = "state.snapshot.staged";
 
 fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::Snapshot {
@@ -63,4 +70,49 @@ pub(crate) fn write(dir: &Path, revision: Revision, kvs: Vec<KeyValue>) -> Resul
         Ok(())
     };
     write().map_err(|e| err(&path, e))
+}
+
+/// A snapshot written page by page into [`STAGED_FILE`] (same format as [`write`]'s), then
+/// made the snapshot by [`Staged::commit`]. Blocking I/O: call from a blocking thread.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    path: PathBuf,
+    writer: event_log::codec::RecordWriter<std::io::BufWriter<std::fs::File>>,
+}
+
+impl Staged {
+    /// Starts the snapshot of revision `revision` in `dir` (replacing a staged file a crash
+    /// left behind).
+    pub(crate) fn create(dir: &Path, revision: Revision) -> Result<Staged, StoreError> {
+        let path = dir.join(STAGED_FILE);
+        let file = std::fs::File::create(&path).map_err(|e| err(&path, e))?;
+        let writer =
+            event_log::codec::RecordWriter::new(std::io::BufWriter::new(file), revision, 0)
+                .map_err(|e| err(&path, e))?;
+        Ok(Staged { path, writer })
+    }
+
+    /// Appends one page of keys.
+    pub(crate) fn push(&mut self, kvs: &[KeyValue]) -> Result<(), StoreError> {
+        let events: Vec<Event> = kvs.iter().map(|kv| Event::put(kv.clone(), None)).collect();
+        self.writer.push(&events).map_err(|e| err(&self.path, e))
+    }
+
+    /// Completes the file, fsyncs it and renames it over the snapshot of `dir`, then fsyncs
+    /// the directory: a crash leaves the old snapshot or this one, never a torn one.
+    pub(crate) fn commit(self, dir: &Path) -> Result<(), StoreError> {
+        let path = self.path;
+        let finish = || -> std::io::Result<()> {
+            let file = self
+                .writer
+                .finish()?
+                .into_inner()
+                .map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&path, dir.join(SNAPSHOT_FILE))?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        finish().map_err(|e| err(&dir.join(SNAPSHOT_FILE), e))
+    }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use watch_proto::etcdserverpb::kv_client::KvClient;
 use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::etcdserverpb::watch_request::RequestUnion;
@@ -49,15 +49,36 @@ pub fn record(h: &mut Histogram<u64>, micros: u64) {
     h.saturating_record(micros.max(1));
 }
 
-/// A new HTTP/2 connection to `endpoint`.
-pub async fn connect(endpoint: &str) -> Result<Channel, Error> {
-    let ep = Channel::from_shared(endpoint.to_owned())
+/// The settings of every connection to `endpoint` (connect timeout, no Nagle); add TLS or a
+/// request timeout before connecting.
+pub fn endpoint(endpoint: &str) -> Result<Endpoint, Error> {
+    Ok(Channel::from_shared(endpoint.to_owned())
         .map_err(|e| Error::Rpc(format!("endpoint {endpoint}: {e}")))?
         .connect_timeout(Duration::from_secs(30))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true))
+}
+
+/// TLS towards a server whose certificate chains to `ca_pem`, presenting `identity`
+/// (certificate and key, PEM) when given (etcd's `--client-cert-auth`).
+pub fn tls(ca_pem: &[u8], identity: Option<(&[u8], &[u8])>) -> ClientTlsConfig {
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    match identity {
+        Some((cert, key)) => tls.identity(Identity::from_pem(cert, key)),
+        None => tls,
+    }
+}
+
+/// Connects `ep` (from [`endpoint`]).
+pub async fn connect_endpoint(ep: Endpoint) -> Result<Channel, Error> {
+    let uri = ep.uri().clone();
     ep.connect()
         .await
-        .map_err(|e| Error::Rpc(format!("connect {endpoint}: {e}")))
+        .map_err(|e| Error::Rpc(format!("connect {uri}: {e}")))
+}
+
+/// A new HTTP/2 connection to `endpoint`.
+pub async fn connect(endpoint: &str) -> Result<Channel, Error> {
+    connect_endpoint(self::endpoint(endpoint)?).await
 }
 
 /// One watcher: a key, or a prefix when `prefix` is true.
@@ -98,7 +119,7 @@ impl Spec {
 }
 
 /// etcd's range end for "every key with this prefix".
-fn prefix_end(prefix: &[u8]) -> Bytes {
+pub fn prefix_end(prefix: &[u8]) -> Bytes {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -145,7 +166,8 @@ impl Counters {
         }
     }
 
-    fn add_events(&self, n: u64) {
+    /// Counts `n` more events (wakes a [`Counters::wait_events`] that reached its goal).
+    pub fn add_events(&self, n: u64) {
         let v = self.events.fetch_add(n, Ordering::SeqCst) + n;
         if v >= self.want_events.load(Ordering::SeqCst) {
             self.notify.notify_one();
@@ -211,6 +233,9 @@ pub struct Outcome {
     pub latency: Histogram<u64>,
     /// When the last event arrived.
     pub last_event: Option<Instant>,
+    /// The longest wait between two responses carrying events (a stall of the stream, e.g.
+    /// across an upstream failure); zero before the second such response.
+    pub max_gap: Duration,
     /// Responses that carried events (how the server batches: events / this).
     pub responses: u64,
     /// Anything that went wrong.
@@ -231,6 +256,7 @@ pub async fn watch_stream(
         seen: vec![Seen::default(); specs.len()],
         latency: histogram(),
         last_event: None,
+        max_gap: Duration::ZERO,
         responses: 0,
         errors: Vec::new(),
     };
@@ -314,7 +340,11 @@ pub async fn watch_stream(
                 record(&mut out.latency, now.saturating_sub(sent) / 1000);
             }
         }
-        out.last_event = Some(Instant::now());
+        let arrived = Instant::now();
+        if let Some(prev) = out.last_event {
+            out.max_gap = out.max_gap.max(arrived.duration_since(prev));
+        }
+        out.last_event = Some(arrived);
         out.responses += 1;
         counters.add_events(resp.events.len() as u64);
     }
@@ -478,6 +508,12 @@ impl Streams {
         for _ in 0..c {
             channels.push(connect(endpoint).await?);
         }
+        Ok(Streams::open_on(channels, groups, mode))
+    }
+
+    /// One stream per channel (connections the caller made, e.g. with [`connect_tls`]), the
+    /// `i`th carrying `groups[i]`, and starts reading them.
+    pub fn open_on(channels: Vec<Channel>, groups: Vec<Vec<Spec>>, mode: Mode) -> Streams {
         let (stop, rx) = watch::channel(false);
         let counters = Counters::new();
         let tasks = groups
@@ -493,12 +529,12 @@ impl Streams {
                 ))
             })
             .collect();
-        Ok(Streams {
+        Streams {
             stop,
             tasks,
             counters,
             specs: groups,
-        })
+        }
     }
 
     /// Stops every stream and returns what each saw, in spec-group order.
@@ -512,6 +548,7 @@ impl Streams {
                     seen: Vec::new(),
                     latency: histogram(),
                     last_event: None,
+                    max_gap: Duration::ZERO,
                     responses: 0,
                     errors: vec![format!("stream task: {e}")],
                 }),

@@ -57,9 +57,11 @@
 //! same Lease API on both servers: grants/s, keep-alives/s on one stream, and the expiry of many
 //! leased keys seen by a prefix watcher (each DELETE once, one per revision).
 //!
-//! `crates/loadgen/src/bin/mirror-bench.rs` (`keywatch-mirror-bench`): mirror mode over a
-//! loopback 3-member etcd cluster: etcd's own watcher gauge against the downstream watcher
-//! count, replica RSS, put → event latency through etcd directly and through each replica.
+//! `crates/loadgen/src/bin/mirror-bench.rs` (`keywatch-mirror-bench`): a keywatch mirror
+//! replica side by side with etcd's `grpc-proxy` over one loopback 3-member etcd cluster
+//! (optionally TLS): etcd's own watcher gauge, registrations/s and RSS per idle downstream
+//! watcher, put → event latency, lost/duplicated events across a leader kill, a watch from a
+//! past revision; writes its section of `docs/cluster.md`.
 
 pub mod check;
 pub mod client;

@@ -639,9 +639,15 @@ pub fn markdown(report: &Report, charts: &[(String, String)], json: &str) -> Str
 
 /// Replaces the section between the markers in `doc` (appends it when absent).
 pub fn splice(doc: &str, section: &str) -> String {
-    match (doc.find(BEGIN), doc.find(END)) {
+    splice_between(doc, BEGIN, END, section)
+}
+
+/// Replaces the text from `begin` through `end` (and the newline after it) in `doc` with
+/// `section`, which carries the markers itself; appends `section` when the markers are absent.
+pub fn splice_between(doc: &str, begin: &str, end: &str, section: &str) -> String {
+    match (doc.find(begin), doc.find(end)) {
         (Some(b), Some(e)) if b < e => {
-            let mut tail = &doc[e + END.len()..];
+            let mut tail = &doc[e + end.len()..];
             tail = tail.strip_prefix('\n').unwrap_or(tail);
             format!("{}{section}{tail}", &doc[..b])
         }

@@ -9,6 +9,8 @@
 //!   with a temporary directory, ready when etcd logs that it serves clients.
 //! - [`Target`] and [`AnyServer`]: either one behind one type, for what runs the same case
 //!   against both.
+//! - [`GrpcProxy`]: etcd's `grpc-proxy` in front of a cluster (plain or TLS towards its
+//!   clients); [`Pki`]: a throwaway CA with server and client certificates for TLS runs.
 //! - [`free_ports`], [`find_on_path`], [`tools_present`] / [`etcd_present`] (print a `SKIPPED`
 //!   line, or panic when [`REQUIRE_ETCD`]`=1` as in CI), [`watch_server_bin`], [`rss_kib`].
 //!
@@ -49,11 +51,12 @@
 //! `KEYWATCH_REQUIRE_ETCD=1`; `free_ports`, `watch_server_bin` (the binary next to the running
 //! one: the default `--server-bin` of loadgen, the benches and the robustness runner),
 //! `rss_kib`. Everything is killed and removed on drop; nothing sleeps for readiness. No protocol
-//! client and no tonic: dependencies are `tempfile` and `thiserror`.
+//! client and no tonic: dependencies are `tempfile`, `thiserror` and `rcgen` (for `Pki`).
 
 mod env;
 mod etcd;
 mod output;
+mod pki;
 mod proxy;
 mod server;
 mod target;
@@ -67,6 +70,7 @@ pub use env::{
 };
 pub use etcd::{Etcd, EtcdBuilder, EtcdCluster, EtcdTls, SingleEtcdBuilder};
 pub use output::Output;
+pub use pki::Pki;
 pub use proxy::GrpcProxy;
 pub use server::{Exit, ServerBuilder, ServerProcess, Signal};
 pub use target::{AnyServer, Target};

@@ -13,7 +13,8 @@ use crate::{Error, GUARD, free_ports};
 const READY: &str = "started gRPC proxy";
 
 /// One `etcd grpc-proxy start` process on free loopback ports (plain HTTP towards its
-/// clients, the cluster's TLS files towards etcd), its metrics on a port of its own. Killed on
+/// clients, or TLS with [`GrpcProxy::start_tls`]; the cluster's TLS files towards etcd), its
+/// metrics on a port of its own. Killed on
 /// drop; nothing sleeps for readiness (it is ready when it logs that it started).
 ///
 /// ```no_run
@@ -30,6 +31,8 @@ pub struct GrpcProxy {
     args: Vec<String>,
     port: u16,
     metrics: u16,
+    /// Its clients connect with TLS (`--cert-file`/`--key-file`).
+    https: bool,
     running: Option<(Child, Vec<JoinHandle<()>>)>,
     output: Output,
 }
@@ -37,8 +40,28 @@ pub struct GrpcProxy {
 impl GrpcProxy {
     /// Starts a proxy of every member of `cluster` (with its TLS files and, when auth is on,
     /// nothing more: grpc-proxy passes each client's token through) and waits until it
-    /// serves. Blocking.
+    /// serves. Blocking. grpc-proxy refuses a client certificate with a common name ("cert has
+    /// non empty Common Name"): give the cluster's [`EtcdTls::client_cert_auth`] one without.
+    ///
+    /// [`EtcdTls::client_cert_auth`]: crate::EtcdTls::client_cert_auth
     pub fn start(cluster: &EtcdCluster) -> Result<GrpcProxy, Error> {
+        Self::launch(cluster, None)
+    }
+
+    /// [`start`](Self::start), serving its clients TLS with this certificate and key (PEM;
+    /// grpc-proxy's `--cert-file`/`--key-file`): the endpoint is `https://`.
+    pub fn start_tls(
+        cluster: &EtcdCluster,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Result<GrpcProxy, Error> {
+        Self::launch(cluster, Some((cert.into(), key.into())))
+    }
+
+    fn launch(
+        cluster: &EtcdCluster,
+        serve: Option<(PathBuf, PathBuf)>,
+    ) -> Result<GrpcProxy, Error> {
         let ports = free_ports(2)?;
         let endpoints: Vec<String> = cluster
             .alive()
@@ -59,11 +82,17 @@ impl GrpcProxy {
                 args.push(format!("--key={}", key.display()));
             }
         }
+        let https = serve.is_some();
+        if let Some((cert, key)) = serve {
+            args.push(format!("--cert-file={}", cert.display()));
+            args.push(format!("--key-file={}", key.display()));
+        }
         let mut proxy = GrpcProxy {
             bin: cluster.bin().to_path_buf(),
             args,
             port: ports[0],
             metrics: ports[1],
+            https,
             running: None,
             output: Output::new(300, &[]),
         };
@@ -88,9 +117,11 @@ impl GrpcProxy {
         Ok(())
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` when started with
+    /// [`start_tls`](Self::start_tls)).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The process id, while running.
@@ -158,6 +189,30 @@ mod tests {
         let before = proxy.endpoint();
         proxy.restart().expect("proxy restarts");
         assert_eq!(proxy.endpoint(), before);
+        assert!(proxy.metric("go_goroutines").expect("proxy metrics") > 0.0);
+    }
+
+    /// TLS on both sides: a cluster requiring client certificates (one without a common
+    /// name, as grpc-proxy demands) and a proxy serving its clients TLS start, and the
+    /// proxy's endpoint is `https://`. Skips without etcd.
+    #[test]
+    fn tls_proxy_of_a_tls_cluster_starts() {
+        if !crate::etcd_present("testkit::proxy::tls_proxy_of_a_tls_cluster_starts") {
+            return;
+        }
+        let pki = crate::Pki::new().expect("certificates");
+        let path = |name: &str| pki.path(name);
+        let cluster = EtcdCluster::builder()
+            .members(1)
+            .tls(
+                crate::EtcdTls::new(path("ca.pem"), path("server.pem"), path("server.key"))
+                    .client_cert_auth(path("client.pem"), path("client.key")),
+            )
+            .start_cluster()
+            .expect("the TLS etcd starts");
+        let proxy = GrpcProxy::start_tls(&cluster, path("server.pem"), path("server.key"))
+            .expect("the TLS proxy starts");
+        assert!(proxy.endpoint().starts_with("https://127.0.0.1:"));
         assert!(proxy.metric("go_goroutines").expect("proxy metrics") > 0.0);
     }
 }

@@ -131,6 +131,11 @@ pub struct Cli {
     /// Mirror mode: keys per page of the snapshot read from etcd (default 1000).
     #[arg(long, env = "KEYWATCH_UPSTREAM_SNAPSHOT_PAGE")]
     pub upstream_snapshot_page: Option<usize>,
+    /// Mirror mode: about how many bytes (keys + values) a snapshot page holds: each page
+    /// asks for as many keys as fit, judged by the previous page (default 4194304, at most
+    /// --upstream-snapshot-page keys).
+    #[arg(long, env = "KEYWATCH_UPSTREAM_SNAPSHOT_PAGE_BYTES")]
+    pub upstream_snapshot_page_bytes: Option<usize>,
     /// Mirror mode: keep the local history of the last this many etcd revisions and compact
     /// the rest (default: keep everything).
     #[arg(long, env = "KEYWATCH_UPSTREAM_RETAIN_REVISIONS")]
@@ -262,6 +267,7 @@ pub struct FileConfig {
     pub upstream_prefix: Option<Vec<String>>,
     pub upstream_barrier_timeout: Option<String>,
     pub upstream_snapshot_page: Option<usize>,
+    pub upstream_snapshot_page_bytes: Option<usize>,
     pub upstream_retain_revisions: Option<u64>,
     pub upstream_max_response_bytes: Option<usize>,
     pub upstream_compaction_check: Option<String>,
@@ -335,8 +341,10 @@ pub struct ServerConfig {
     pub upstream_prefixes: Vec<String>,
     /// Mirror mode: barrier timeout of linearizable reads and writes.
     pub upstream_barrier_timeout: Duration,
-    /// Mirror mode: keys per snapshot page.
+    /// Mirror mode: keys per snapshot page (at most).
     pub upstream_snapshot_page: usize,
+    /// Mirror mode: bytes (keys + values) a snapshot page aims at.
+    pub upstream_snapshot_page_bytes: usize,
     /// Mirror mode: revisions of local history kept (`None`: all).
     pub upstream_retain_revisions: Option<u64>,
     /// Mirror mode: largest response accepted from etcd, in bytes.
@@ -399,6 +407,7 @@ impl Default for ServerConfig {
             upstream_prefixes: Vec::new(),
             upstream_barrier_timeout: Duration::from_secs(5),
             upstream_snapshot_page: 1000,
+            upstream_snapshot_page_bytes: crate::mirror::DEFAULT_SNAPSHOT_PAGE_BYTES,
             upstream_retain_revisions: None,
             upstream_max_response_bytes: crate::mirror::DEFAULT_MAX_RESPONSE_BYTES,
             upstream_compaction_check: Some(Duration::from_secs(10)),
@@ -637,6 +646,10 @@ impl ServerConfig {
                 .upstream_snapshot_page
                 .or(file.upstream_snapshot_page)
                 .unwrap_or(d.upstream_snapshot_page),
+            upstream_snapshot_page_bytes: cli
+                .upstream_snapshot_page_bytes
+                .or(file.upstream_snapshot_page_bytes)
+                .unwrap_or(d.upstream_snapshot_page_bytes),
             upstream_retain_revisions: cli
                 .upstream_retain_revisions
                 .or(file.upstream_retain_revisions),
@@ -774,6 +787,10 @@ impl ServerConfig {
         positive("watch_buffer", c.watch_buffer as usize)?;
         positive("watch_stream_bytes", c.watch_stream_bytes)?;
         positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
+        positive(
+            "upstream_snapshot_page_bytes",
+            c.upstream_snapshot_page_bytes,
+        )?;
         positive("upstream_max_response_bytes", c.upstream_max_response_bytes)?;
         if c.upstream_barrier_timeout.is_zero() {
             // Every linearizable read and every write would fail at once.
@@ -822,6 +839,7 @@ impl ServerConfig {
         );
         m.barrier_timeout = self.upstream_barrier_timeout;
         m.snapshot_page = self.upstream_snapshot_page;
+        m.snapshot_page_bytes = self.upstream_snapshot_page_bytes;
         m.retain_revisions = self.upstream_retain_revisions;
         m.max_response_bytes = self.upstream_max_response_bytes;
         m.compaction_check = self.upstream_compaction_check;

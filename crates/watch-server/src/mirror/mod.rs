@@ -4,7 +4,8 @@
 //! prefixes of it) under **etcd's own revision numbers**:
 //!
 //! 1. First start: a snapshot of the mirrored ranges at one revision `R` (paginated `Range`,
-//!    every page pinned to `R`), installed with [`Store`]'s mirror reset (floor `R + 1`).
+//!    every page pinned to `R`, pages sized in bytes), each page streamed into a
+//!    [`Store::mirror_snapshot`] and dropped, installed at once at the end (floor `R + 1`).
 //! 2. Then **one** upstream watch per replica, from the mirror's revision + 1, with `prev_kv`
 //!    and progress notifications. It covers the smallest single range holding every mirrored
 //!    prefix; events outside the prefixes are dropped (their revision still advances the
@@ -36,11 +37,11 @@
 //!   (start, `status()` = `watch::Receiver<MirrorStatus>` for health/metrics, `wait_for`: the
 //!   barrier of linearizable reads and forwarded writes, failing with a typed `BarrierError`;
 //!   mirror imports nothing of the server), `sync` (the one task per replica:
-//!   paginated snapshot pinned at one revision, then one upstream watch over the prefixes'
+//!   paginated snapshot pinned at one revision, streamed page by page into the store, then one upstream watch over the prefixes'
 //!   covering range with `prev_kv`, progress and `hasleader`; endpoint rotation; resync on
 //!   upstream compaction); the mirror's own retention
 //!   (`--upstream-retain-revisions`, compaction off the apply path). The store side
-//!   (`mirror_apply`, `mirror_reset`, `MirrorScope`) is kv-store's `mirror.rs`. Uses only watch-proto's generated
+//!   (`mirror_apply`, `mirror_snapshot`, `MirrorScope`) is kv-store's `mirror.rs`. Uses only watch-proto's generated
 //!   clients (no etcd-client in product code). The server starts the mirror once the store is
 //!   open (a standalone server refuses a mirror's data dir: `mirror::refuse_standalone`); health
 //!   follows its connection (`follow_mirror`: the health handle's own mirror input, NOT_SERVING
@@ -72,6 +73,14 @@ use kv_store::{MirrorScope, Store};
 /// (`math.MaxInt32`), so every answer etcd can give (a snapshot page of large values) fits.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
+/// Default [`MirrorConfig::snapshot_page_bytes`]: 4 MiB per page, a few thousand typical
+/// Kubernetes objects, a few etcd round trips per second of loading.
+pub const DEFAULT_SNAPSHOT_PAGE_BYTES: usize = 4 << 20;
+
+/// Keys the first snapshot page asks for at most, before any size is known (about 16 MiB
+/// with etcd's largest values of 1.5 MiB).
+pub const FIRST_SNAPSHOT_PAGE_KEYS: usize = 10;
+
 /// File of the data directory recording what it mirrors (prefixes, upstream cluster ID).
 pub const MIRROR_META_FILE: &str = "mirror.toml";
 
@@ -89,8 +98,15 @@ pub struct MirrorConfig {
     pub auth: Option<UpstreamAuth>,
     /// Mirrored key prefixes; none (or an empty one) mirrors the whole keyspace.
     pub prefixes: Vec<Bytes>,
-    /// Keys per page of the snapshot `Range` (default 1000).
+    /// Most keys per page of the snapshot `Range` (default 1000).
     pub snapshot_page: usize,
+    /// Bytes (keys + values) a snapshot page aims at (default
+    /// [`DEFAULT_SNAPSHOT_PAGE_BYTES`]): each page asks for as many keys as fit at the
+    /// previous page's average size, from 1 to `snapshot_page` (the first asks for
+    /// [`FIRST_SNAPSHOT_PAGE_KEYS`] at most). With the pages streamed into the store, this
+    /// bounds what the snapshot holds beyond the state itself (a single key larger than it is
+    /// still read: one key per page).
+    pub snapshot_page_bytes: usize,
     /// Longest a linearizable read or a forwarded write waits for the mirror to reach the
     /// upstream's revision before failing with `Unavailable` (default 5 s).
     pub barrier_timeout: Duration,
@@ -120,6 +136,7 @@ impl MirrorConfig {
             auth: None,
             prefixes,
             snapshot_page: 1000,
+            snapshot_page_bytes: DEFAULT_SNAPSHOT_PAGE_BYTES,
             barrier_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             retain_revisions: None,

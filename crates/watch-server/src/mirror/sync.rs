@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use watch_core::{ChangeSet, KeyValue, Revision};
+use watch_core::{ChangeSet, Revision};
 use watch_proto::etcdserverpb as pb;
 use watch_proto::etcdserverpb::kv_client::KvClient;
 use watch_proto::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -16,8 +16,10 @@ use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::from_proto;
 use watch_proto::mvccpb;
 
-use super::{Inner, Meta, MirrorState, UpstreamChannel, progress_ordered};
-use kv_store::StoreError;
+use super::{
+    FIRST_SNAPSHOT_PAGE_KEYS, Inner, Meta, MirrorState, UpstreamChannel, progress_ordered,
+};
+use kv_store::{MirrorSnapshot, StoreError};
 
 /// How a session with one endpoint ended.
 enum End {
@@ -181,15 +183,15 @@ fn check_cluster(inner: &Inner, cluster_id: u64) -> Result<(), End> {
 /// Loads a snapshot of every mirrored range at one upstream revision and installs it.
 async fn resync(inner: &Inner, kv: &mut KvClient<UpstreamChannel>) -> Result<(), End> {
     inner.status.send_modify(|s| s.state = MirrorState::Syncing);
-    let (revision, kvs) = loop {
+    let snap = loop {
         match snapshot(inner, kv).await? {
             Some(s) => break s,
             // Compacted while paging: start over at a newer revision.
             None => continue,
         }
     };
-    let keys = kvs.len();
-    let canceled = inner.store.mirror_reset(revision, kvs).await?;
+    let (revision, keys) = (snap.revision(), snap.keys());
+    let canceled = snap.install().await?;
     tracing::info!(revision, keys, canceled, "mirror snapshot installed");
     inner
         .status
@@ -197,15 +199,21 @@ async fn resync(inner: &Inner, kv: &mut KvClient<UpstreamChannel>) -> Result<(),
     Ok(())
 }
 
-/// The mirrored ranges at one revision, or `None` when the upstream compacted that revision
-/// while the pages were read.
+/// Reads the mirrored ranges at one revision page by page, each page streamed into a
+/// [`MirrorSnapshot`] (the state being built and the snapshot file) and then dropped, so
+/// memory beyond the state is one page; `None` when the upstream compacted that revision
+/// while the pages were read (the partial load is dropped).
 async fn snapshot(
     inner: &Inner,
     kv: &mut KvClient<UpstreamChannel>,
-) -> Result<Option<(Revision, Vec<KeyValue>)>, End> {
-    let page = i64::try_from(inner.config.snapshot_page.max(1)).unwrap_or(i64::MAX);
+) -> Result<Option<MirrorSnapshot>, End> {
+    let max_keys = inner.config.snapshot_page.max(1);
+    let page_bytes = inner.config.snapshot_page_bytes.max(1);
+    // Keys asked for by the next page: adapted to the sizes seen (see `snapshot_page_bytes`).
+    let mut limit = max_keys.min(FIRST_SNAPSHOT_PAGE_KEYS);
     let mut revision: i64 = 0;
-    let mut out = Vec::new();
+    let mut snap: Option<MirrorSnapshot> = None;
+    let mut pages = 0u64;
     for range in inner.scope.ranges() {
         let mut key = range.key.clone();
         loop {
@@ -213,7 +221,7 @@ async fn snapshot(
                 .range(pb::RangeRequest {
                     key: key.clone(),
                     range_end: range.range_end.clone(),
-                    limit: page,
+                    limit: i64::try_from(limit).unwrap_or(i64::MAX),
                     revision,
                     ..Default::default()
                 })
@@ -225,37 +233,48 @@ async fn snapshot(
                 }
                 Err(s) => return Err(retry("snapshot Range")(s)),
             };
-            if revision == 0 {
-                // Without it the later pages would be read at "now", not one cut.
-                revision = resp
-                    .header
-                    .as_ref()
-                    .map(|h| h.revision)
-                    .filter(|r| *r > 0)
-                    .ok_or_else(|| {
-                        End::Retry("snapshot Range: answer without a revision header".into())
-                    })?;
-            }
+            let snap = match &mut snap {
+                Some(s) => s,
+                None => {
+                    // Without it the later pages would be read at "now", not one cut.
+                    revision = resp
+                        .header
+                        .as_ref()
+                        .map(|h| h.revision)
+                        .filter(|r| *r > 0)
+                        .ok_or_else(|| {
+                            End::Retry("snapshot Range: answer without a revision header".into())
+                        })?;
+                    let at = u64::try_from(revision).unwrap_or(0);
+                    snap.insert(inner.store.mirror_snapshot(at).await?)
+                }
+            };
             let Some(last) = resp.kvs.last().map(|k| k.key.clone()) else {
                 break;
             };
-            for k in &resp.kvs {
-                out.push(
-                    from_proto::key_value(k)
-                        .map_err(|e| End::Retry(format!("snapshot: bad key-value: {e}")))?,
-                );
-            }
+            let bytes: usize = resp.kvs.iter().map(|k| k.key.len() + k.value.len()).sum();
+            let n = resp.kvs.len();
+            let page = resp
+                .kvs
+                .iter()
+                .map(from_proto::key_value)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| End::Retry(format!("snapshot: bad key-value: {e}")))?;
+            drop(resp.kvs);
+            snap.push(page).await?;
+            pages += 1;
             if !resp.more {
                 break;
             }
+            limit = (page_bytes / bytes.div_ceil(n).max(1)).clamp(1, max_keys);
             let mut next = last.to_vec();
             next.push(0);
             key = Bytes::from(next);
         }
     }
-    let revision = u64::try_from(revision)
-        .map_err(|_| End::Retry(format!("snapshot: negative revision {revision}")))?;
-    Ok(Some((revision, out)))
+    tracing::debug!(revision, pages, "mirror snapshot read");
+    snap.map(Some)
+        .ok_or_else(|| End::Retry("snapshot: no range was read".into()))
 }
 
 enum Follow {

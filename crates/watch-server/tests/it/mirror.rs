@@ -31,6 +31,10 @@
 //! `--upstream-retain-revisions`, and health / `keywatch_mirror_connected` following the
 //! upstream connection. Need no etcd.
 //!
+//! `snapshot_streams_small_pages_at_one_revision`: the first snapshot read in pages of 3 keys
+//! (an embedded `Mirror` over its own `Store`) while etcd is written: every key arrives and
+//! the state is etcd's.
+//!
 //! The etcd tests are skipped with a `SKIPPED` line when etcd is not installed; failing when
 //! `KEYWATCH_REQUIRE_ETCD=1`.
 
@@ -1869,4 +1873,128 @@ async fn compaction_through_a_replica_is_honoured() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming snapshot.
+
+/// The first snapshot is read in pages of at most 3 keys (and about 64 bytes) and streamed
+/// into the store while a writer keeps overwriting the mirrored keys: every key arrives, and
+/// the replica's state is etcd's. The pages are one cut: a page read at a later revision
+/// would hold a value whose put the watch then replays from `R + 1` with a `prev_kv` the
+/// replica does not have, and the divergence check would stop the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_streams_small_pages_at_one_revision() {
+    if !etcd_present("mirror::snapshot_streams_small_pages_at_one_revision") {
+        return;
+    }
+    const KEYS: usize = 40;
+    let etcd = tokio::task::block_in_place(|| {
+        testkit::Etcd::builder()
+            .temp_prefix("mirror-pages-etcd-")
+            .start()
+            .unwrap_or_else(|e| panic!("etcd did not start: {e}"))
+    });
+    let url = etcd.endpoint();
+    for i in 0..KEYS {
+        put_rev(&url, format!("/p/{i:02}"), format!("v{i}")).await;
+    }
+    put_rev(&url, "/q/outside", "x").await;
+    let (stop, stopped) = watch::channel(false);
+    let writer = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut n = 0;
+            while !*stopped.borrow() {
+                put_rev(&url, format!("/p/{:02}", n % KEYS), format!("w{n}")).await;
+                n += 1;
+            }
+            n
+        }
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = kv_store::Store::open(
+        dir.path(),
+        kv_store::StoreConfig::default().durability(kv_store::Durability::NoSync),
+    )
+    .await
+    .expect("store opens");
+    let mut config = watch_server::mirror::MirrorConfig::new(
+        vec![url.clone()],
+        vec![bytes::Bytes::from_static(b"/p/")],
+    );
+    config.snapshot_page = 3;
+    config.snapshot_page_bytes = 64;
+    let mirror =
+        watch_server::mirror::Mirror::start(store.clone(), config).expect("the mirror starts");
+    let mut status = mirror.status();
+    tokio::time::timeout(GUARD, status.wait_for(|s| s.is_connected()))
+        .await
+        .expect("the upstream watch opens in time")
+        .expect("the mirror runs");
+    stop.send_replace(true);
+    let writes = writer.await.expect("the writer ends");
+    assert!(writes > 0);
+    let end = put_rev(&url, "/p/end", "e").await;
+    let reached = tokio::time::timeout(GUARD, status.wait_for(|s| s.revision >= end as u64))
+        .await
+        .map(|r| r.map(|_| ()));
+    if !matches!(reached, Ok(Ok(()))) {
+        panic!(
+            "the mirror never reached revision {end}: {:?}",
+            *status.borrow()
+        );
+    }
+    // A snapshot was installed (its floor), larger than one page.
+    assert!(store.compacted_revision() > KEYS as u64);
+    let local = store
+        .range(kv_store::RangeRequest::new(kv_store::KeyRange::prefix(
+            "/p/",
+        )))
+        .await
+        .expect("local range");
+    let upstream = with_kv(&url, async |mut kv| {
+        kv.range(pb::RangeRequest {
+            key: "/p/".into(),
+            range_end: "/p0".into(),
+            revision: end,
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .expect("etcd range")
+    .into_inner();
+    let fields =
+        |key: &[u8], value: &[u8], c: i64, m: i64, v: i64| (key.to_vec(), value.to_vec(), c, m, v);
+    let local: Vec<_> = local
+        .kvs
+        .iter()
+        .map(|kv| {
+            fields(
+                &kv.key,
+                &kv.value,
+                kv.create_revision as i64,
+                kv.mod_revision as i64,
+                kv.version as i64,
+            )
+        })
+        .collect();
+    let upstream: Vec<_> = upstream
+        .kvs
+        .iter()
+        .map(|kv| {
+            fields(
+                &kv.key,
+                &kv.value,
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version,
+            )
+        })
+        .collect();
+    assert_eq!(local.len(), KEYS + 1);
+    assert_eq!(local, upstream);
+    mirror.stop().await;
+    store.close().await.expect("store closes");
 }
