@@ -147,8 +147,8 @@ use std::time::Duration;
 use event_log::{EventLog, LogConfig, LogError};
 use tokio::sync::{mpsc, watch};
 use watch_core::{
-    ChangeSet, EngineConfig, History, KeySelector, KeyValue, Revision, WatchEngine, WatchHandle,
-    WatchOptions,
+    ChangeSet, EngineConfig, History, KeySelector, KeyValue, MemoryHistoryLimits, Revision,
+    WatchEngine, WatchHandle, WatchOptions,
 };
 
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
@@ -179,6 +179,9 @@ pub struct StoreConfig {
     pub max_txn_ops: usize,
     /// Most watchers registered at once in the engine.
     pub max_watchers: usize,
+    /// Most bytes of the engine's in-memory window of recent change sets (counted as
+    /// `ChangeSet::mem_size` counts them); older revisions are served from the event log.
+    pub window_bytes: usize,
     /// Interval of progress notifications for watchers that asked for them (etcd default
     /// 10 minutes; the engine adds 0–10 % jitter).
     pub progress_interval: Duration,
@@ -200,6 +203,7 @@ impl Default for StoreConfig {
             durability: Durability::Fsync,
             max_txn_ops: 128,
             max_watchers: 1_000_000,
+            window_bytes: MemoryHistoryLimits::default().max_bytes,
             progress_interval: Duration::from_secs(600),
             max_leases: 1_000_000,
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
@@ -223,6 +227,11 @@ impl StoreConfig {
     /// Sets [`StoreConfig::max_watchers`].
     pub fn max_watchers(mut self, n: usize) -> Self {
         self.max_watchers = n;
+        self
+    }
+    /// Sets [`StoreConfig::window_bytes`].
+    pub fn window_bytes(mut self, bytes: usize) -> Self {
+        self.window_bytes = bytes;
         self
     }
     /// Sets [`StoreConfig::progress_interval`].
@@ -433,6 +442,10 @@ impl Store {
         let log = Arc::new(log);
         let engine_config = EngineConfig::default()
             .max_watchers(config.max_watchers)
+            .recent(MemoryHistoryLimits {
+                max_bytes: config.window_bytes,
+                ..MemoryHistoryLimits::default()
+            })
             .progress_interval(config.progress_interval)
             .initial_revision(revision);
         let history: Arc<dyn History> = log.clone();

@@ -88,6 +88,10 @@ pub struct Cli {
     /// hold) before its watchers are caught up from the log (default 16777216).
     #[arg(long, env = "KEYWATCH_WATCH_STREAM_BYTES")]
     pub watch_stream_bytes: Option<usize>,
+    /// Bytes of recent revisions kept in memory for watchers (events counted with their
+    /// bookkeeping); older revisions are read from the log (default 67108864).
+    #[arg(long, env = "KEYWATCH_WATCH_WINDOW_BYTES")]
+    pub watch_window_bytes: Option<usize>,
     /// Most leases alive at once; a grant beyond it fails with RESOURCE_EXHAUSTED
     /// (default 1000000).
     #[arg(long, env = "KEYWATCH_MAX_LEASES")]
@@ -262,6 +266,7 @@ pub struct FileConfig {
     pub max_txn_ops: Option<usize>,
     pub watch_buffer: Option<u32>,
     pub watch_stream_bytes: Option<usize>,
+    pub watch_window_bytes: Option<usize>,
     pub log_filter: Option<String>,
     pub upstream: Option<String>,
     pub upstream_prefix: Option<Vec<String>>,
@@ -333,6 +338,8 @@ pub struct ServerConfig {
     pub watch_buffer: u32,
     /// Bytes queued per watch stream before its watchers are caught up from the log.
     pub watch_stream_bytes: usize,
+    /// Bytes of recent revisions the watch engine keeps in memory.
+    pub watch_window_bytes: usize,
     /// Log filter (used by the binary only).
     pub log_filter: String,
     /// Mirror mode's upstream etcd endpoints (empty: standalone).
@@ -402,6 +409,7 @@ impl Default for ServerConfig {
             max_txn_ops: 128,
             watch_buffer: 64,
             watch_stream_bytes: 16 << 20,
+            watch_window_bytes: 64 << 20,
             log_filter: "info".to_owned(),
             upstream: Vec::new(),
             upstream_prefixes: Vec::new(),
@@ -613,6 +621,10 @@ impl ServerConfig {
                 .watch_stream_bytes
                 .or(file.watch_stream_bytes)
                 .unwrap_or(d.watch_stream_bytes),
+            watch_window_bytes: cli
+                .watch_window_bytes
+                .or(file.watch_window_bytes)
+                .unwrap_or(d.watch_window_bytes),
             log_filter: cli.log_filter.or(file.log_filter).unwrap_or(d.log_filter),
             upstream: cli
                 .upstream
@@ -786,6 +798,7 @@ impl ServerConfig {
         positive("max_txn_ops", c.max_txn_ops)?;
         positive("watch_buffer", c.watch_buffer as usize)?;
         positive("watch_stream_bytes", c.watch_stream_bytes)?;
+        positive("watch_window_bytes", c.watch_window_bytes)?;
         positive("upstream_snapshot_page", c.upstream_snapshot_page)?;
         positive(
             "upstream_snapshot_page_bytes",
@@ -854,6 +867,7 @@ impl ServerConfig {
             .durability(self.durability)
             .max_txn_ops(self.max_txn_ops)
             .max_watchers(self.max_watchers)
+            .window_bytes(self.watch_window_bytes)
             .progress_interval(self.progress_interval)
             .max_leases(self.max_leases)
             .min_lease_ttl(self.min_lease_ttl)
