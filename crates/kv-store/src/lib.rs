@@ -85,6 +85,12 @@
 //! dispatcher, the publisher and the lease expiry task, and one OS thread that writes lease
 //! grants ([`LEASES_FILE`]). [`Store::close`] (or dropping every clone) stops them.
 //!
+//! # List and watch
+//!
+//! [`Store::watch_with_initial_state`]: the state of a selector's keys at one revision R
+//! (PUT events, in key-ordered chunks bounded in bytes), a marker, then every change after R,
+//! with no gap and no duplicate. See `list_watch.rs` for filters, chunks and compaction.
+//!
 //! # Leases
 //!
 //! [`Store::lease_grant`] and friends: etcd's leases. A revoked or expired lease's keys are
@@ -133,6 +139,7 @@
 mod clock;
 mod error;
 mod lease;
+mod list_watch;
 mod maintenance;
 mod mirror;
 mod snapshot;
@@ -154,6 +161,10 @@ use watch_core::{
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
+pub use list_watch::{
+    DEFAULT_INITIAL_CHUNK_BYTES, InitialState, InitialStateReader, ListWatch, ListWatchMessage,
+    MAX_RESTARTS,
+};
 pub use maintenance::{
     Alarm, AlarmMember, BACKUP_MAGIC, BackupInfo, Defragmented, KvHash, RestoreInfo, restore,
 };
