@@ -102,30 +102,53 @@ fn chunk_cost(kv: &KeyValue) -> usize {
 pub struct InitialStateReader {
     store: Store,
     revision: Revision,
+    /// First key of the selector (where a restart begins).
+    start: Bytes,
     /// Next key to read (inclusive); `None` once every chunk was read.
     cursor: Option<Bytes>,
     /// End of the selector (exclusive; `None`: unbounded).
     end: Option<Bytes>,
     chunk_bytes: usize,
+    /// The watch asked for "now": a read compacted away before its first chunk may restart.
+    restartable: bool,
+    /// A chunk was returned: from then on R is fixed.
+    delivered: bool,
+    restarts: u32,
 }
 
 impl InitialStateReader {
-    /// The revision R the state is read at.
+    /// The revision R the state is read at (it moves only when the read restarts before its
+    /// first chunk, see the module docs).
     pub fn revision(&self) -> Revision {
         self.revision
     }
 
     /// The next chunk of key-values at R, in key order, or `None` when all were read. Fails with
     /// [`StoreError::Compacted`] when a compaction removed the history after R that the read
-    /// needs, and with the store's errors when it is closed or failed.
+    /// needs (after restarting at a newer R where the module docs allow), and with the store's
+    /// errors when it is closed or failed.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<KeyValue>>, StoreError> {
         while let Some(start) = self.cursor.clone() {
-            let (kvs, next) = self
+            let read = self
                 .store
                 .chunk_at(&start, self.end.as_ref(), self.revision, self.chunk_bytes)
-                .await?;
+                .await;
+            let (kvs, next) = match read {
+                Err(StoreError::Compacted { .. })
+                    if self.restartable && !self.delivered && self.restarts < MAX_RESTARTS =>
+                {
+                    // Nothing was delivered: start over at the durable revision (at or above
+                    // the compaction, which never passes it).
+                    self.restarts += 1;
+                    self.revision = self.store.durable_revision();
+                    self.cursor = Some(self.start.clone());
+                    continue;
+                }
+                other => other?,
+            };
             self.cursor = next;
             if !kvs.is_empty() {
+                self.delivered = true;
                 return Ok(Some(kvs));
             }
         }
@@ -156,18 +179,13 @@ pub struct ListWatch {
     store: Store,
     selector: KeySelector,
     options: WatchOptions,
-    state: InitialState,
     phase: Phase,
 }
 
 #[derive(Debug)]
 enum Phase {
-    /// Reading the initial state; `delivered`: a chunk went out (no silent restart after).
-    Initial {
-        reader: InitialStateReader,
-        delivered: bool,
-        restarts: u32,
-    },
+    /// Reading the initial state.
+    Initial(InitialStateReader),
     Live(WatchHandle),
     Ended,
 }
@@ -176,7 +194,7 @@ impl ListWatch {
     /// The revision R the initial state is (being) read at; `None` once live.
     pub fn initial_revision(&self) -> Option<Revision> {
         match &self.phase {
-            Phase::Initial { reader, .. } => Some(reader.revision()),
+            Phase::Initial(reader) => Some(reader.revision()),
             _ => None,
         }
     }
@@ -194,13 +212,8 @@ impl ListWatch {
                     }
                     return Ok(msg.map(ListWatchMessage::Watch));
                 }
-                Phase::Initial {
-                    reader,
-                    delivered,
-                    restarts,
-                } => match reader.next_chunk().await {
+                Phase::Initial(reader) => match reader.next_chunk().await {
                     Ok(Some(kvs)) => {
-                        *delivered = true;
                         if self.options.no_put {
                             continue;
                         }
@@ -225,20 +238,6 @@ impl ListWatch {
                         }));
                     }
                     Err(StoreError::Compacted { compacted, .. }) => {
-                        if !*delivered
-                            && self.options.start_revision == 0
-                            && *restarts < MAX_RESTARTS
-                        {
-                            let restarts = *restarts + 1;
-                            let reader =
-                                self.store.initial_reader(&self.selector, 0, self.state)?;
-                            self.phase = Phase::Initial {
-                                reader,
-                                delivered: false,
-                                restarts,
-                            };
-                            continue;
-                        }
                         return Ok(Some(self.compacted(compacted)));
                     }
                     Err(e) => {
@@ -276,12 +275,7 @@ impl Store {
             store: self.clone(),
             selector,
             options,
-            state: initial,
-            phase: Phase::Initial {
-                reader,
-                delivered: false,
-                restarts: 0,
-            },
+            phase: Phase::Initial(reader),
         })
     }
 
@@ -321,9 +315,13 @@ impl Store {
         Ok(InitialStateReader {
             store: self.clone(),
             revision,
+            start: start.clone(),
             cursor: Some(start),
             end,
             chunk_bytes: initial.chunk_bytes,
+            restartable: start_revision == 0,
+            delivered: false,
+            restarts: 0,
         })
     }
 
