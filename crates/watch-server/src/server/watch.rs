@@ -607,6 +607,13 @@ impl WatchStream {
             }
             Err(e) => return self.refuse(store_status(&e).message()).await,
         };
+        // NOPUT drops every initial event: nothing to read. The first chunk is read before
+        // `created`, so the header names R after any restart of the read.
+        let mut read = if options.no_put {
+            Ok(None)
+        } else {
+            reader.next_chunk().await
+        };
         self.send(pb::WatchResponse {
             header: Some(header(reader.revision())),
             watch_id: id,
@@ -614,12 +621,6 @@ impl WatchStream {
             ..Default::default()
         })
         .await?;
-        // NOPUT drops every initial event: nothing to read.
-        let mut read = if options.no_put {
-            Ok(None)
-        } else {
-            reader.next_chunk().await
-        };
         loop {
             match read {
                 Ok(Some(kvs)) => {
