@@ -729,17 +729,7 @@ impl Store {
         let Some(selector) = range.selector() else {
             return Ok((current, kvs));
         };
-        let log = self.inner.log.clone();
-        let firsts = tokio::task::spawn_blocking(move || log.first_changes(&selector, at, current))
-            .await
-            .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
-            .map_err(|e| match e {
-                LogError::Compacted { compacted } => StoreError::Compacted {
-                    requested: at,
-                    compacted,
-                },
-                other => log_err(other),
-            })?;
+        let firsts = self.first_changes(selector, at, current).await?;
         if firsts.is_empty() {
             return Ok((current, kvs));
         }
@@ -752,6 +742,29 @@ impl Store {
             };
         }
         Ok((current, map.into_values().collect()))
+    }
+
+    /// For every key of `selector` changed in `(at, current]`, its first change there (whose
+    /// `prev_kv` is the key's value at `at`), in key order: the event log's key index read on a
+    /// blocking thread (see [`event_log::LogStore::first_changes`]). Fails with
+    /// [`StoreError::Compacted`] when a compaction removed `at + 1`.
+    async fn first_changes(
+        &self,
+        selector: KeySelector,
+        at: Revision,
+        current: Revision,
+    ) -> Result<Vec<watch_core::Event>, StoreError> {
+        let log = self.inner.log.clone();
+        tokio::task::spawn_blocking(move || log.first_changes(&selector, at, current))
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
+            .map_err(|e| match e {
+                LogError::Compacted { compacted } => StoreError::Compacted {
+                    requested: at,
+                    compacted,
+                },
+                other => log_err(other),
+            })
     }
 
     /// The request checks etcd makes before authorization (op count, empty keys, put flags,

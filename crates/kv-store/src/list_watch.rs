@@ -55,7 +55,7 @@ use watch_core::{
     CancelReason, Event, KeySelector, KeyValue, Revision, WatchHandle, WatchMessage, WatchOptions,
 };
 
-use crate::{Store, StoreError, log_err};
+use crate::{Store, StoreError};
 
 /// Default [`InitialState::chunk_bytes`]: 1 MiB of key-values per chunk.
 pub const DEFAULT_INITIAL_CHUNK_BYTES: usize = 1 << 20;
@@ -379,20 +379,7 @@ impl Store {
                 (None, None) => KeySelector::from_key(start.clone()),
             }
             .normalize()?;
-            let log = self.inner.log.clone();
-            let firsts =
-                tokio::task::spawn_blocking(move || log.first_changes(&selector, at, current))
-                    .await
-                    .map_err(|e| {
-                        StoreError::Inconsistent(format!("history read task failed: {e}"))
-                    })?
-                    .map_err(|e| match e {
-                        event_log::LogError::Compacted { compacted } => StoreError::Compacted {
-                            requested: at,
-                            compacted,
-                        },
-                        other => log_err(other),
-                    })?;
+            let firsts = self.first_changes(selector, at, current).await?;
             for e in firsts {
                 match e.prev_kv {
                     Some(kv) => map.insert(e.kv.key, kv),
