@@ -85,6 +85,12 @@
 //! dispatcher, the publisher and the lease expiry task, and one OS thread that writes lease
 //! grants ([`LEASES_FILE`]). [`Store::close`] (or dropping every clone) stops them.
 //!
+//! # List and watch
+//!
+//! [`Store::watch_with_initial_state`]: the state of a selector's keys at one revision R
+//! (PUT events, in key-ordered chunks bounded in bytes), a marker, then every change after R,
+//! with no gap and no duplicate. See `list_watch.rs` for filters, chunks and compaction.
+//!
 //! # Leases
 //!
 //! [`Store::lease_grant`] and friends: etcd's leases. A revoked or expired lease's keys are
@@ -133,6 +139,7 @@
 mod clock;
 mod error;
 mod lease;
+mod list_watch;
 mod maintenance;
 mod mirror;
 mod snapshot;
@@ -154,6 +161,10 @@ use watch_core::{
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
+pub use list_watch::{
+    DEFAULT_INITIAL_CHUNK_BYTES, InitialState, InitialStateReader, ListWatch, ListWatchMessage,
+    MAX_RESTARTS,
+};
 pub use maintenance::{
     Alarm, AlarmMember, BACKUP_MAGIC, BackupInfo, Defragmented, KvHash, RestoreInfo, restore,
 };
@@ -731,17 +742,7 @@ impl Store {
         let Some(selector) = range.selector() else {
             return Ok((current, kvs));
         };
-        let log = self.inner.log.clone();
-        let firsts = tokio::task::spawn_blocking(move || log.first_changes(&selector, at, current))
-            .await
-            .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
-            .map_err(|e| match e {
-                LogError::Compacted { compacted } => StoreError::Compacted {
-                    requested: at,
-                    compacted,
-                },
-                other => log_err(other),
-            })?;
+        let firsts = self.first_changes(selector, at, current).await?;
         if firsts.is_empty() {
             return Ok((current, kvs));
         }
@@ -754,6 +755,29 @@ impl Store {
             };
         }
         Ok((current, map.into_values().collect()))
+    }
+
+    /// For every key of `selector` changed in `(at, current]`, its first change there (whose
+    /// `prev_kv` is the key's value at `at`), in key order: the event log's key index read on a
+    /// blocking thread (see [`event_log::LogStore::first_changes`]). Fails with
+    /// [`StoreError::Compacted`] when a compaction removed `at + 1`.
+    async fn first_changes(
+        &self,
+        selector: KeySelector,
+        at: Revision,
+        current: Revision,
+    ) -> Result<Vec<watch_core::Event>, StoreError> {
+        let log = self.inner.log.clone();
+        tokio::task::spawn_blocking(move || log.first_changes(&selector, at, current))
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("history read task failed: {e}")))?
+            .map_err(|e| match e {
+                LogError::Compacted { compacted } => StoreError::Compacted {
+                    requested: at,
+                    compacted,
+                },
+                other => log_err(other),
+            })
     }
 
     /// The request checks etcd makes before authorization (op count, empty keys, put flags,

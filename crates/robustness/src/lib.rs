@@ -36,14 +36,16 @@
 //!
 //! - `workload`: writers (put / delete / delete-range / txn over 8 keys, every value unique),
 //!   watch streams of 1–3 watchers with random selectors and options that read healthily,
-//!   slowly, stall or disconnect and resume at `last covered + 1`, a compactor, kill -9 +
+//!   slowly, stall or disconnect and resume at `last covered + 1` (one in five lists and
+//!   watches in one call with keywatch's `initial_state`, and lists again on resume), a
+//!   compactor, kill -9 +
 //!   restart (clients follow the new port), then a final kill, a final Range and a drain (each
 //!   watcher asks for progress until it covers the final revision).
 //! - `validate`: replays acknowledged writes through `model` in revision order (checking every
 //!   response's prev values and txn branch), resolves unknown-outcome writes from the
 //!   *reference* watcher (all keys from revision 1; compaction never passes it), then checks
 //!   each watcher: Ordered, Unique, Atomic, Reliable, Resumable, Bookmarkable, prev_kv, IsCreate,
-//!   filters; durability: no revision claimed twice, final state = model.
+//!   filters, and a listing equal to the model's state at its revision; durability: no revision claimed twice, final state = model.
 //! - `stalled`: the pressure scenario (stalled watchers, RSS bound, latency); `server`: the
 //!   child process (testkit's `ServerProcess` with the harness's log level). The tests spawn
 //!   `robustness-server`, this package's copy of the binary's `main`, because cargo builds no

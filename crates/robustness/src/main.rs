@@ -75,8 +75,8 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "robustness: seed {s}: {:.1?}, {} kills survived, final revision {}, {} writes \
                      acknowledged, {} unknown ({} happened), {} compactions, {} watchers / {} \
-                     sessions, {} events and {} progress notifications checked, {} compacted \
-                     cancels, {} lease expiries/revokes (one revision each), {} violations",
+                     sessions, {} events, {} progress notifications and {} listed keys checked, \
+                     {} compacted cancels, {} lease expiries/revokes (one revision each), {} violations",
                     started.elapsed(),
                     run.kills,
                     report.final_revision,
@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
                     sessions,
                     report.events_checked,
                     report.progress_checked,
+                    report.initial_checked,
                     report.compacted_cancels,
                     report.lease_ends,
                     report.violations.len()

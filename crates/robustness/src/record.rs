@@ -200,6 +200,9 @@ pub struct WatchSpec {
     pub no_delete: bool,
     /// Ask for periodic progress notifications.
     pub progress_notify: bool,
+    /// keywatch's `initial_state` extension: every session lists the selected keys at its
+    /// created revision R, then watches from R + 1 (resumes list again, the recovery recipe).
+    pub initial_state: bool,
 }
 
 impl WatchSpec {
@@ -249,6 +252,14 @@ pub enum Response {
         compacted_before: i64,
         /// When it was received, since the run started.
         at: Duration,
+    },
+    /// The initial state of an `initial_state` session, recorded at its marker: every key
+    /// the listing delivered, in delivery order.
+    Initial {
+        /// The marker's header revision R.
+        revision: i64,
+        /// The key-values listed at R.
+        kvs: Vec<Kv>,
     },
     /// A progress notification (periodic, or the stream-wide answer to a progress request).
     Progress {

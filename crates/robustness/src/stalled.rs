@@ -159,6 +159,7 @@ fn all_keys(prev_kv: bool) -> WatchSpec {
         no_put: false,
         no_delete: false,
         progress_notify: false,
+        initial_state: false,
     }
 }
 

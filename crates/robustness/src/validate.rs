@@ -12,7 +12,7 @@ use std::fmt;
 
 use crate::model::Model;
 use crate::record::{
-    Event, EventKind, Outcome, Response, RunRecord, SessionEnd, WatchSpec, WatcherRecord,
+    Event, EventKind, Kv, Outcome, Response, RunRecord, SessionEnd, WatchSpec, WatcherRecord,
 };
 
 /// One broken property.
@@ -50,6 +50,8 @@ pub struct Report {
     pub events_checked: usize,
     /// Progress notifications checked.
     pub progress_checked: usize,
+    /// Key-values of `initial_state` listings checked against the model's state.
+    pub initial_checked: usize,
     /// Sessions ended by a compaction cancel.
     pub compacted_cancels: usize,
     /// Revisions that were a lease's expiry or revoke (all its keys, one revision).
@@ -120,6 +122,20 @@ pub fn validate(run: &RunRecord) -> Report {
         ));
     }
 
+    // The revisions whose state an `initial_state` session listed: the model's state is kept
+    // at each (`states[R]`) during the replay.
+    let listed: HashSet<i64> = run
+        .watchers
+        .iter()
+        .flat_map(|w| &w.sessions)
+        .flat_map(|s| &s.responses)
+        .filter_map(|r| match r {
+            Response::Initial { revision, .. } => Some(*revision),
+            _ => None,
+        })
+        .collect();
+    let mut states: HashMap<i64, Vec<Kv>> = HashMap::new();
+
     // 3. Replay in revision order.
     let mut model = Model::default();
     let mut history: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
@@ -127,7 +143,14 @@ pub fn validate(run: &RunRecord) -> Report {
     // Lease -> the revision that deleted its keys (its expiry or revoke).
     let mut lease_end: HashMap<i64, i64> = HashMap::new();
     let mut known_until = final_revision;
-    for rev in 2..=final_revision {
+    for rev in 2..=final_revision + 1 {
+        // The model holds the state at `rev - 1` here.
+        if listed.contains(&(rev - 1)) {
+            states.insert(rev - 1, model.state.values().cloned().collect());
+        }
+        if rev > final_revision {
+            break;
+        }
         if let Some(&i) = claims.get(&rev) {
             let w = &run.writes[i];
             if let crate::record::Request::LeasePut { lease, .. } = &w.request
@@ -281,6 +304,7 @@ pub fn validate(run: &RunRecord) -> Report {
         check_watcher(
             w,
             &history,
+            &states,
             known_until,
             final_revision,
             &mut report,
@@ -344,6 +368,7 @@ fn first_expected(
 fn check_watcher(
     w: &WatcherRecord,
     history: &BTreeMap<i64, Vec<Event>>,
+    states: &HashMap<i64, Vec<Kv>>,
     known_until: i64,
     final_revision: i64,
     report: &mut Report,
@@ -361,7 +386,8 @@ fn check_watcher(
             ));
             return;
         }
-        if let Some(expected) = resume_at
+        // An `initial_state` session lists again instead of resuming (start revision 0).
+        if let Some(expected) = resume_at.filter(|_| !spec.initial_state)
             && s.start_revision != expected
         {
             v.push(violation(
@@ -455,6 +481,44 @@ fn check_watcher(
                         report.events_checked += got.len();
                         covered = rev;
                     }
+                }
+                Response::Initial { revision, kvs } => {
+                    if !spec.initial_state || *revision != created || covered != created {
+                        v.push(violation(
+                            me,
+                            format!(
+                                "initial state: session {si} got a listing at {revision} \
+                                 (created at {created}, covered {covered})"
+                            ),
+                        ));
+                        return;
+                    }
+                    if *revision > known_until {
+                        continue;
+                    }
+                    let want: Vec<&Kv> = states
+                        .get(revision)
+                        .map(|s| {
+                            s.iter()
+                                .filter(|kv| spec.matches_key(&kv.key) && !spec.no_put)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let got: Vec<&Kv> = kvs.iter().collect();
+                    if want != got {
+                        v.push(violation(
+                            me,
+                            format!(
+                                "initial state: session {si} listed {} keys at {revision}, \
+                                 the model has {} (first difference: {:?})",
+                                got.len(),
+                                want.len(),
+                                want.iter().zip(&got).find(|(a, b)| a != b)
+                            ),
+                        ));
+                        return;
+                    }
+                    report.initial_checked += kvs.len();
                 }
                 Response::Progress { revision } => {
                     report.progress_checked += 1;

@@ -129,6 +129,7 @@ pub fn create(spec: &WatchSpec, start_revision: i64) -> pb::WatchRequest {
                 progress_notify: spec.progress_notify,
                 filters,
                 prev_kv: spec.prev_kv,
+                initial_state: spec.initial_state,
                 ..Default::default()
             },
         )),

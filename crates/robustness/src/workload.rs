@@ -487,11 +487,16 @@ struct Slot {
     /// A session was created once (resumes start at `covered + 1`).
     created_once: bool,
     done: bool,
+    /// An `initial_state` session between `created` and its marker: the keys listed so far.
+    listing: Option<Vec<crate::record::Kv>>,
 }
 
 impl Slot {
     fn next_start(&self) -> i64 {
-        if self.created_once {
+        if self.rec.spec.initial_state {
+            // Every session lists again and watches from its own R: the recovery recipe.
+            0
+        } else if self.created_once {
             self.covered + 1
         } else {
             self.initial_start
@@ -511,6 +516,21 @@ impl Slot {
             return;
         };
         let header = resp.header.as_ref().map_or(0, |h| h.revision);
+        if let Some(listed) = &mut self.listing
+            && !resp.canceled
+        {
+            listed.extend(resp.events.iter().map(|e| wire::event(e).kv));
+            if resp.events.is_empty() {
+                // The marker: the state at R is complete; live events follow.
+                let kvs = self.listing.take().unwrap_or_default();
+                session.responses.push(Response::Initial {
+                    revision: header,
+                    kvs,
+                });
+                self.covered = self.covered.max(header);
+            }
+            return;
+        }
         if resp.canceled {
             session.responses.push(Response::Canceled {
                 compact_revision: resp.compact_revision,
@@ -630,6 +650,7 @@ async fn stream_once(
                     s.covered = if start > 0 { start - 1 } else { header };
                     s.created_once = true;
                 }
+                s.listing = (s.rec.spec.initial_state && !resp.canceled).then(Vec::new);
                 if resp.canceled {
                     s.on_response(&resp, sh);
                 } else {
@@ -760,6 +781,7 @@ fn random_spec(rng: &mut fastrand::Rng) -> WatchSpec {
         no_put: filter == 0,
         no_delete: filter == 1,
         progress_notify: rng.u8(..10) < 3,
+        initial_state: rng.u8(..10) < 2,
     }
 }
 
@@ -795,6 +817,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
         covered: 0,
         created_once: false,
         done: false,
+        listing: None,
     };
     // The reference watcher: everything from revision 1, healthy.
     let reference = WatchSpec {
@@ -804,6 +827,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunRecord, Error> {
         no_put: false,
         no_delete: false,
         progress_notify: true,
+        initial_state: false,
     };
     streams.push(tokio::spawn(stream_task(
         sh.clone(),

@@ -1,7 +1,9 @@
 //! A config watcher: one task writes settings under `/config/`, another reacts to each change
 //! and prints what changed, starting with a replay of everything written before it subscribed.
 //!
-//! Run with `cargo run -p watch-core --example config_watcher`.
+//! Run with `cargo run -p watch-core --example config_watcher`. An application embedding
+//! kv-store lists and watches in one call instead, and recovers from a compaction the same way:
+//! kv-store's `list_watch` example.
 
 use bytes::Bytes;
 use watch_core::{

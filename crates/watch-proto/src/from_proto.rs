@@ -96,7 +96,8 @@ impl TryFrom<mvccpb::Event> for Event {
 ///   [`ConvertError::UnknownEnumValue`] (etcd ignores it, which would deliver events the
 ///   client asked to drop).
 ///
-/// `watch_id` and `fragment` concern the stream, not the watcher: see [`watch_request`].
+/// `watch_id`, `fragment` and `initial_state` concern the stream, not the watcher: see
+/// [`watch_request`].
 /// `buffer` is left at its default; the server sets it from its configuration.
 pub fn watch_create(req: &WatchCreateRequest) -> Result<(KeySelector, WatchOptions), ConvertError> {
     let key: &[u8] = if req.key.is_empty() { b"\0" } else { &req.key };
@@ -136,6 +137,9 @@ pub struct WatchCreate {
     pub watch_id: i64,
     /// The client accepts one revision split over several responses.
     pub fragment: bool,
+    /// keywatch's extension field 100: list and watch in one call (the state at R, a marker,
+    /// then the changes after R).
+    pub initial_state: bool,
 }
 
 /// What a client asked for in one `WatchRequest`.
@@ -165,6 +169,7 @@ pub fn watch_request(req: &WatchRequest) -> Result<WatchCommand, ConvertError> {
                 options,
                 watch_id: create.watch_id,
                 fragment: create.fragment,
+                initial_state: create.initial_state,
             }))
         }
         Some(RequestUnion::CancelRequest(cancel)) => Ok(WatchCommand::Cancel {
@@ -333,6 +338,7 @@ mod tests {
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
                 watch_id: 4,
                 fragment: true,
+                initial_state: true,
                 ..create(b"k", b"")
             })),
         };
@@ -343,6 +349,7 @@ mod tests {
                 options: WatchOptions::default(),
                 watch_id: 4,
                 fragment: true,
+                initial_state: true,
             }))
         );
         let cancel = WatchRequest {

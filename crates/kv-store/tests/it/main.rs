@@ -5,8 +5,11 @@
 //!   `history.proptest-regressions` beside it).
 //! - `store`: etcd's revision model, txns, range options, reads at a past revision,
 //!   compaction, restart and fail-stop.
+//! - `list_watch`: list and watch in one call against a replay model, with writers, deletes,
+//!   re-creates and compactions between the initial chunks, and the recovery after a cancel.
 //! - `lease_store`: leases, their record file and crash recovery between the two files.
 
 mod history;
 mod lease_store;
+mod list_watch;
 mod store;

@@ -109,6 +109,7 @@ fn valid() -> RunRecord {
         no_put: false,
         no_delete: false,
         progress_notify: false,
+        initial_state: false,
     };
     let b = kv("b", "x", 5, 5, 1);
     let watcher = WatcherRecord {
@@ -333,6 +334,7 @@ fn lease_run() -> RunRecord {
             no_put: false,
             no_delete: false,
             progress_notify: false,
+            initial_state: false,
         },
         behaviour: "test".into(),
         reference: true,
@@ -423,4 +425,71 @@ fn an_acknowledged_revoke_has_deleted_its_keys() {
     let mut run = revoked_run(4);
     run.final_range = Some((4, vec![leased("d", "1", 3, 3, 1, 9)]));
     assert_violation(&run, "still carries lease 9");
+}
+
+/// `valid()` plus a watcher with keywatch's `initial_state`: created at 3, it lists `a = 2`
+/// (the state at 3), then gets the delete at 4 and the put at 5.
+fn with_listing() -> RunRecord {
+    let mut run = valid();
+    let a2 = kv("a", "2", 2, 3, 2);
+    run.watchers.push(WatcherRecord {
+        id: 1,
+        spec: WatchSpec {
+            key: vec![0],
+            range_end: vec![0],
+            prev_kv: false,
+            no_put: false,
+            no_delete: false,
+            progress_notify: false,
+            initial_state: true,
+        },
+        behaviour: "test".into(),
+        reference: false,
+        sessions: vec![Session {
+            start_revision: 0,
+            created_revision: Some(3),
+            responses: vec![
+                Response::Initial {
+                    revision: 3,
+                    kvs: vec![a2],
+                },
+                events(vec![del_ev("a", 4, None)]),
+                events(vec![put_ev(kv("b", "x", 5, 5, 1), None)]),
+                Response::Progress { revision: 5 },
+            ],
+            end: SessionEnd::Drained(5),
+        }],
+    });
+    run
+}
+
+#[test]
+fn an_initial_state_listing_is_the_models_state_at_its_revision() {
+    let report = validate(&with_listing());
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.initial_checked, 1);
+
+    // The value of an older revision listed.
+    let mut run = with_listing();
+    run.watchers[1].sessions[0].responses[0] = Response::Initial {
+        revision: 3,
+        kvs: vec![kv("a", "1", 2, 2, 1)],
+    };
+    assert_violation(&run, "initial state");
+
+    // A key missing from the listing.
+    let mut run = with_listing();
+    run.watchers[1].sessions[0].responses[0] = Response::Initial {
+        revision: 3,
+        kvs: Vec::new(),
+    };
+    assert_violation(&run, "initial state");
+
+    // A listing at another revision than the created one.
+    let mut run = with_listing();
+    run.watchers[1].sessions[0].responses[0] = Response::Initial {
+        revision: 2,
+        kvs: vec![kv("a", "1", 2, 2, 1)],
+    };
+    assert_violation(&run, "initial state");
 }

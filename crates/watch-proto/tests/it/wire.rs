@@ -39,6 +39,20 @@ fn filters_decode_packed_and_unpacked() {
 }
 
 #[test]
+fn initial_state_is_field_100_and_unset_costs_nothing() {
+    // keywatch's extension: field 100, varint (tag 800 = a0 06), far from etcd's 1-8.
+    let on = WatchCreateRequest {
+        initial_state: true,
+        ..Default::default()
+    };
+    assert_eq!(on.encode_to_vec(), [0xa0, 0x06, 0x01]);
+    // An etcd client never sets it: its requests decode with the extension off.
+    let plain = WatchCreateRequest::decode(&[0x0a, 0x01, b'k'][..]).unwrap();
+    assert!(!plain.initial_state);
+    assert!(WatchCreateRequest::default().encode_to_vec().is_empty());
+}
+
+#[test]
 fn etcd_field_numbers() {
     // WatchResponse.events is field 11 (tag 0x5a), after a gap from fragment = 7.
     let resp = WatchResponse {

@@ -14,6 +14,9 @@
 //! - creates, cancels and progress requests are answered in request order;
 //! - a cancel drops the registration before the `canceled` reply, and items of a watch the
 //!   stream no longer holds (matched by the engine's never-reused id) are skipped;
+//! - a create with keywatch's `initial_state` extension (field 100) sends `created`, the
+//!   state at R and its marker from this task before it registers the watcher at R + 1, so
+//!   no live event of that watch precedes them (`create_listing`);
 //! - a manual progress request is one counter on the outbox; the engine appends the answer
 //!   behind every event it covers once every watcher of the stream is synced, and the task
 //!   sends everything drained before it first. Each request gets its answer (etcd sends one
@@ -64,8 +67,8 @@ use hashbrown::HashMap;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use watch_core::{
-    CancelReason, EventBatch, Outbox, OutboxItem, OutboxLimits, Registration, Revision, WatchError,
-    WatchMessage,
+    CancelReason, ChangeSet, Event, EventBatch, Outbox, OutboxItem, OutboxLimits, Registration,
+    Revision, WatchError, WatchMessage, WatchOptions,
 };
 use watch_proto::etcdserverpb as pb;
 use watch_proto::from_proto::{self, WatchCommand};
@@ -78,7 +81,7 @@ use super::convert::{header, store_status};
 use super::listen::ConnInfo;
 use super::metrics::{CancelKind, WatchMetrics};
 use crate::auth::{Caller, Gate, Perm, token_of};
-use kv_store::{ErrorClass, Store, StoreError};
+use kv_store::{ErrorClass, InitialState, Store, StoreError};
 use tracing::Instrument;
 
 /// Bytes of encoded responses buffered per stream between its task and the client. Enough for
@@ -676,6 +679,9 @@ impl WatchStream {
             Err(e) => return self.refuse_limit(e).await,
         };
         let options = c.options.buffer(self.settings.watch_buffer.max(1));
+        if c.initial_state {
+            return self.create_listing(id, c, options, slot).await;
+        }
         // The tag is the client's id (never negative here), so items need no lookup table.
         let tag = id as u64;
         match self
@@ -705,10 +711,7 @@ impl WatchStream {
                 Ok(())
             }
             Err(StoreError::Compacted { compacted, .. }) => {
-                self.metrics.canceled(CancelKind::Compacted, 1);
-                tracing::debug!(watch_id = id, compacted, "watch start revision compacted");
-                // etcd: the watch is created, then canceled with the compaction revision (and a
-                // header whose revision is 0).
+                // etcd: the watch is created, then canceled with the compaction revision.
                 self.send(pb::WatchResponse {
                     header: Some(header(self.current())),
                     watch_id: id,
@@ -716,14 +719,7 @@ impl WatchStream {
                     ..Default::default()
                 })
                 .await?;
-                self.send(pb::WatchResponse {
-                    header: Some(header(0)),
-                    watch_id: id,
-                    canceled: true,
-                    compact_revision: to_proto::revision(compacted),
-                    ..Default::default()
-                })
-                .await
+                self.compacted_cancel(id, compacted).await
             }
             Err(e) => {
                 if let ErrorClass::Watch(WatchError::TooManyWatchers { .. }) = e.class() {
@@ -732,6 +728,138 @@ impl WatchStream {
                 self.refuse(store_status(&e).message()).await
             }
         }
+    }
+
+    /// etcd's cancel of a watch whose history was compacted (a header whose revision is 0).
+    async fn compacted_cancel(&mut self, id: i64, compacted: Revision) -> Result<(), Gone> {
+        self.metrics.canceled(CancelKind::Compacted, 1);
+        tracing::debug!(watch_id = id, compacted, "watch history compacted");
+        self.send(pb::WatchResponse {
+            header: Some(header(0)),
+            watch_id: id,
+            canceled: true,
+            compact_revision: to_proto::revision(compacted),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// A create with keywatch's `initial_state` extension (field 100): `created`, the state
+    /// at R as PUT events in key order (one response per chunk of at most
+    /// `--max-request-bytes`, header R), the marker (an event-less response of this watch at
+    /// R), then the watcher registered at R + 1 delivers the changes after R.
+    ///
+    /// Ordering by construction: this task sends every initial response before it registers
+    /// the watcher, so no live event of the watch can precede them; the stream's other watches
+    /// wait meanwhile (their outbox fills and they are caught up from the log later, as for a
+    /// slow client), and the outbound bound holds the read back to the client's pace, one
+    /// chunk in memory at a time. A compaction past R before the read or the registration is
+    /// done cancels the watch as compacted (etcd's cancel: watch again); one before the first
+    /// chunk restarts the read at a newer R (see kv-store's `list_watch`).
+    async fn create_listing(
+        &mut self,
+        id: i64,
+        c: from_proto::WatchCreate,
+        options: WatchOptions,
+        slot: WatchSlot,
+    ) -> Result<(), Gone> {
+        let chunk = InitialState::default().chunk_bytes(self.settings.max_request_bytes);
+        let mut reader = match self
+            .store
+            .initial_reader(&c.selector, options.start_revision, chunk)
+        {
+            Ok(reader) => reader,
+            Err(StoreError::Compacted { compacted, .. }) => {
+                self.send(pb::WatchResponse {
+                    header: Some(header(self.current())),
+                    watch_id: id,
+                    created: true,
+                    ..Default::default()
+                })
+                .await?;
+                return self.compacted_cancel(id, compacted).await;
+            }
+            Err(e) => return self.refuse(store_status(&e).message()).await,
+        };
+        // NOPUT drops every initial event: nothing to read. The first chunk is read before
+        // `created`, so the header names R after any restart of the read.
+        let mut read = if options.no_put {
+            Ok(None)
+        } else {
+            reader.next_chunk().await
+        };
+        self.send(pb::WatchResponse {
+            header: Some(header(reader.revision())),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        })
+        .await?;
+        loop {
+            match read {
+                Ok(Some(kvs)) => {
+                    let revision = reader.revision();
+                    let events = kvs.into_iter().map(|kv| Event::put(kv, None)).collect();
+                    let cs = ChangeSet::new(revision, events);
+                    let mut resp = WireResponse::events(header(revision), id, false);
+                    wire::encoded(&cs, false, |enc| resp.push_events(enc, None));
+                    let n = resp.event_count();
+                    self.send_wire(resp, n, None).await?;
+                }
+                Ok(None) => break,
+                Err(StoreError::Compacted { compacted, .. }) => {
+                    return self.compacted_cancel(id, compacted).await;
+                }
+                Err(e) => return self.failed_cancel(id, &e).await,
+            }
+            read = reader.next_chunk().await;
+        }
+        let revision = reader.revision();
+        let live = options.start_revision(revision + 1);
+        match self
+            .store
+            .watch_into(&self.outbox, id as u64, c.selector, live)
+        {
+            Ok((registration, _)) => {
+                tracing::debug!(watch_id = id, revision, "initial state sent");
+                // The marker, before the task drains the outbox again: every live event of
+                // the watch follows it.
+                self.send(pb::WatchResponse {
+                    header: Some(header(revision)),
+                    watch_id: id,
+                    ..Default::default()
+                })
+                .await?;
+                self.watches.insert(
+                    id,
+                    Watch {
+                        registration,
+                        prev_kv: options.prev_kv,
+                        fragment: c.fragment,
+                        progress_notify: options.progress_notify,
+                        _slot: slot,
+                    },
+                );
+                Ok(())
+            }
+            Err(StoreError::Compacted { compacted, .. }) => {
+                self.compacted_cancel(id, compacted).await
+            }
+            Err(e) => self.failed_cancel(id, &e).await,
+        }
+    }
+
+    /// The cancel of a created watch the store could not go on serving (closed, failed).
+    async fn failed_cancel(&mut self, id: i64, e: &StoreError) -> Result<(), Gone> {
+        self.metrics.canceled(CancelKind::Other, 1);
+        self.send(pb::WatchResponse {
+            header: Some(header(self.current())),
+            watch_id: id,
+            canceled: true,
+            cancel_reason: store_status(e).message().to_owned(),
+            ..Default::default()
+        })
+        .await
     }
 
     async fn cancel(&mut self, id: i64) -> Result<(), Gone> {

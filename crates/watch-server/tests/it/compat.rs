@@ -1019,3 +1019,49 @@ async fn undecodable_watch_request(server: Server) {
     assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
 }
 compat_test!(undecodable_watch_request);
+
+// keywatch's `initial_state` extension (WatchCreateRequest field 100) is opt-in: an unmodified
+// etcd client never sets it, and gets etcd's watch exactly: no initial events for keys that
+// already exist, `created` at the current revision, then only later changes; from a past start
+// revision, history as etcd replays it; and a progress request answered as etcd answers it.
+async fn watch_without_initial_state_is_etcds(server: Server) {
+    let mut c = server.client().await;
+    for (k, v) in [("cfg/a", "1"), ("cfg/b", "2"), ("cfg/c", "3")] {
+        put_rev(&mut c, k, v).await;
+    }
+    let prefix = || Some(WatchOptions::new().with_prefix());
+    let (mut w, created) = Watch::open(&mut c, "cfg/", prefix()).await;
+    assert_eq!(rev(&created), 4);
+    assert!(events(&created).is_empty(), "no initial state: {created:?}");
+    w.stream.request_progress().await.expect("send progress");
+    let progress = w.next().await;
+    assert!(events(&progress).is_empty(), "{progress:?}");
+    assert_eq!(rev(&progress), 4);
+
+    assert_eq!(put_rev(&mut c, "cfg/b", "two").await, 5);
+    let resp = w.next().await;
+    assert_eq!(
+        events(&resp),
+        [put("cfg/b", "two", 3, 5, 2)],
+        "only the change"
+    );
+
+    // From a past revision: etcd's history replay, not a state listing.
+    let from = Some(WatchOptions::new().with_prefix().with_start_revision(3));
+    let id = w.add("cfg/", from).await.watch_id();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let resp = w.next().await;
+        assert_eq!(resp.watch_id(), id);
+        got.extend(events(&resp));
+    }
+    assert_eq!(
+        got,
+        [
+            put("cfg/b", "2", 3, 3, 1),
+            put("cfg/c", "3", 4, 4, 1),
+            put("cfg/b", "two", 3, 5, 2)
+        ]
+    );
+}
+compat_test!(watch_without_initial_state_is_etcds);

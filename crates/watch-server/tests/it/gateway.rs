@@ -471,6 +471,57 @@ async fn watch_stream() {
     .await;
 }
 
+/// keywatch's `initial_state` extension through the gateway: the JSON request maps to the same
+/// proto field (100), so a gateway client lists and watches in one call (keywatch only: etcd
+/// ignores the field).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_with_initial_state() {
+    let server = tokio::task::block_in_place(|| Server::start(Target::Keywatch, "gw-initial"));
+    let addr = authority(&server);
+    // w1 = dzE=, w2 = dzI=, x = eA==
+    ok(&addr, "/v3/kv/put", r#"{"key":"dzE=","value":"YQ=="}"#).await;
+    ok(&addr, "/v3/kv/put", r#"{"key":"dzI=","value":"Yg=="}"#).await;
+    ok(&addr, "/v3/kv/put", r#"{"key":"dzE=","value":"Yw=="}"#).await;
+    let mut w = Stream::open(
+        &addr,
+        "/v3/watch",
+        r#"{"create_request":{"key":"dw==","range_end":"eA==","initial_state":true}}"#,
+        None,
+    )
+    .await;
+    let created = w.line(Mask::Ids).await;
+    assert_eq!(created["result"]["created"], true, "{created}");
+    assert_eq!(created["result"]["header"]["revision"], "4", "{created}");
+    let initial = w.line(Mask::Ids).await;
+    let events = initial["result"]["events"]
+        .as_array()
+        .expect("initial events");
+    let kvs: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e["kv"]["key"].clone(),
+                e["kv"]["value"].clone(),
+                e["kv"]["version"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kvs,
+        [
+            ("dzE=".into(), "Yw==".into(), "2".into()),
+            ("dzI=".into(), "Yg==".into(), "1".into())
+        ]
+    );
+    let marker = w.line(Mask::Ids).await;
+    assert!(marker["result"].get("events").is_none(), "{marker}");
+    assert_eq!(marker["result"]["header"]["revision"], "4", "{marker}");
+    ok(&addr, "/v3/kv/put", r#"{"key":"dzI=","value":"ZA=="}"#).await;
+    let live = w.line(Mask::Ids).await;
+    assert_eq!(live["result"]["header"]["revision"], "5", "{live}");
+    assert_eq!(live["result"]["events"][0]["kv"]["value"], "ZA==", "{live}");
+}
+
 /// Lock and Election through the gateway, with a lease of a fixed ID so both servers name
 /// the same keys (`<name>/<lease ID in hex>`); Observe is a server stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

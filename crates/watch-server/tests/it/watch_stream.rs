@@ -32,11 +32,19 @@ impl Running {
 }
 
 async fn start(per_stream: usize) -> Running {
+    start_with(Cli {
+        max_watchers_per_stream: Some(per_stream),
+        ..Cli::default()
+    })
+    .await
+}
+
+/// A server on port 0 with these flags.
+async fn start_with(cli: Cli) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let cli = Cli {
         listen: Some("127.0.0.1:0".into()),
-        max_watchers_per_stream: Some(per_stream),
-        ..Cli::default()
+        ..cli
     };
     let config = ServerConfig::merge(cli, FileConfig::default()).unwrap();
     let store = Store::open(
@@ -327,5 +335,139 @@ async fn history_backlog_is_merged_and_negative_ids_are_refused() {
     // The engine pushes a catch-up chunk under the watcher's lock, so the stream finds all ten
     // revisions queued at once and merges them.
     assert_eq!(responses, 1);
+    server.stop().await;
+}
+
+/// keywatch's `initial_state` extension (WatchCreateRequest field 100) through the generated
+/// gRPC client: `created` at R, the state at R as PUT events in key order over several
+/// responses (each at most `--max-request-bytes`), the marker (an event-less response of the
+/// watch at R), then the changes after R. NOPUT leaves only the marker; a start revision below
+/// the compaction is canceled as etcd cancels a compacted watch.
+#[tokio::test]
+async fn initial_state_then_marker_then_changes() {
+    let server = start_with(Cli {
+        max_request_bytes: Some(1024),
+        ..Cli::default()
+    })
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut kv = pb::kv_client::KvClient::new(channel);
+    let put = |key: String, value: String| pb::PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    };
+    for i in 0..20 {
+        kv.put(put(format!("/p/k{i:02}"), "x".repeat(100)))
+            .await
+            .unwrap();
+    }
+    kv.put(put("/p/k03".into(), "again".into())).await.unwrap();
+    kv.put(put("/q".into(), "outside".into())).await.unwrap();
+    kv.delete_range(pb::DeleteRangeRequest {
+        key: "/p/k07".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let want = kv
+        .range(pb::RangeRequest {
+            key: "/p/".into(),
+            range_end: "/p0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = want.header.unwrap().revision;
+    assert_eq!(want.kvs.len(), 19);
+
+    let mut s = Stream::open(&server.addr).await;
+    s.send(RequestUnion::CreateRequest(pb::WatchCreateRequest {
+        key: "/p/".into(),
+        range_end: "/p0".into(),
+        watch_id: 7,
+        prev_kv: true,
+        initial_state: true,
+        ..Default::default()
+    }))
+    .await;
+    let created = s.next().await;
+    assert!(created.created && !created.canceled, "{created:?}");
+    assert_eq!((created.watch_id, created.header.unwrap().revision), (7, r));
+    let mut initial = Vec::new();
+    let mut responses = 0;
+    let marker = loop {
+        let resp = s.next().await;
+        assert_eq!(resp.watch_id, 7, "{resp:?}");
+        assert!(!resp.created && !resp.canceled, "{resp:?}");
+        assert_eq!(resp.header.as_ref().unwrap().revision, r);
+        if resp.events.is_empty() {
+            break resp;
+        }
+        responses += 1;
+        for e in resp.events {
+            assert_eq!(e.r#type, 0, "initial events are PUTs");
+            assert!(e.prev_kv.is_none(), "initial events carry no prev_kv");
+            initial.push(e.kv.unwrap());
+        }
+    };
+    // The state at R, exactly as a range read at R gives it (create/mod revisions, versions).
+    assert_eq!(initial, want.kvs);
+    assert!(
+        responses > 1,
+        "2 KiB of values go out in several responses of at most 1 KiB"
+    );
+    assert_eq!(marker.header.unwrap().revision, r);
+
+    kv.put(put("/p/k03".into(), "live".into())).await.unwrap();
+    let live = s.next().await;
+    assert_eq!((live.watch_id, live.header.unwrap().revision), (7, r + 1));
+    assert_eq!(live.events.len(), 1);
+    assert_eq!(
+        &live.events[0].prev_kv.as_ref().unwrap().value[..],
+        b"again"
+    );
+
+    // NOPUT drops the initial events: created, then the marker.
+    s.send(RequestUnion::CreateRequest(pb::WatchCreateRequest {
+        key: "/p/".into(),
+        range_end: "/p0".into(),
+        watch_id: 8,
+        filters: vec![pb::watch_create_request::FilterType::Noput as i32],
+        initial_state: true,
+        ..Default::default()
+    }))
+    .await;
+    assert!(s.next().await.created);
+    let marker = s.next().await;
+    assert_eq!((marker.watch_id, marker.events.len()), (8, 0));
+    assert_eq!(marker.header.unwrap().revision, r + 1);
+
+    // The state at a compacted revision: created, then canceled with the compaction.
+    kv.compact(pb::CompactionRequest {
+        revision: r + 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.send(RequestUnion::CreateRequest(pb::WatchCreateRequest {
+        key: "/p/".into(),
+        range_end: "/p0".into(),
+        watch_id: 9,
+        start_revision: 2,
+        initial_state: true,
+        ..Default::default()
+    }))
+    .await;
+    assert!(s.next().await.created);
+    let canceled = s.next().await;
+    assert!(canceled.canceled, "{canceled:?}");
+    assert_eq!((canceled.watch_id, canceled.compact_revision), (9, r + 1));
+    drop(s);
     server.stop().await;
 }
