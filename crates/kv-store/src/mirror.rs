@@ -14,10 +14,11 @@
 //!   with etcd's compacted error; every live watcher is canceled as compacted at the floor,
 //!   as etcd cancels a watcher whose history was compacted, never a silent gap.
 //!
-//! Crash order of a reset: floor file, then the state snapshot at `R` (both tmp + fsync +
-//! rename + dir fsync), then an empty change set at `R` through the log. A crash between any
+//! Crash order of a reset: floor file (tmp + fsync + rename + dir fsync), then the whole
+//! persisted state replaced by the snapshot at `R` (one fsynced transaction of
+//! [`crate::STATE_FILE`]), then an empty change set at `R` through the log. A crash between any
 //! two steps reopens a consistent store: a floor above the state only refuses more history
-//! than necessary, and a snapshot newer than the log is loaded and the log replay skips
+//! than necessary, and a persisted state newer than the log is loaded and the log replay skips
 //! everything at or below it.
 //!
 //! Once [`Store::set_mirror`] is called, local writes fail with
@@ -31,7 +32,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use watch_core::{CancelReason, ChangeSet, KeySelector, KeyValue, Revision};
 
-use super::{KeyRange, KvState, Store, log_err, snapshot};
+use super::{KeyRange, KvState, Store, log_err};
 use crate::StoreError;
 
 /// File of the data directory holding a mirror's floor (decimal revision): history below it
@@ -323,16 +324,17 @@ impl Store {
         self.wait_durable(current).await?;
         let floor = revision + 1;
         let dir = self.inner.dir.clone();
-        // An O(keys) copy of refcounted bytes: the snapshot file and the state each get one.
+        // An O(keys) copy of refcounted bytes: the state file and the state each get one.
         let to_disk = kvs.clone();
+        let db = self.inner.state_db.clone();
         tokio::task::spawn_blocking(move || {
             write_floor(&dir, floor)?;
-            snapshot::write(&dir, revision, to_disk)
+            db.replace(revision, to_disk)
         })
         .await
         .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
         self.inner
-            .snapshot_revision
+            .checkpoint_revision
             .store(revision, Ordering::Release);
         // Before the state changes: a read of an older revision now fails as compacted.
         self.inner.compacted.fetch_max(floor, Ordering::AcqRel);
