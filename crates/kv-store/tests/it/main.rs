@@ -11,6 +11,7 @@
 //! - `lease_store`: leases, their record file and crash recovery between the two files.
 
 mod checkpoint;
+mod crash;
 mod history;
 mod lease_store;
 mod store;
