@@ -173,6 +173,9 @@ async fn a_legacy_snapshot_is_converted_once() {
 /// armed: the write that crosses the budget is torn (only its first bytes reach the file),
 /// it and every later write and fsync fail, and nothing more reaches the file: what a power
 /// cut or a process death in the middle of a checkpoint commit leaves behind.
+///
+/// With `hold`, an armed fsync instead announces itself and waits to be released: a
+/// checkpoint commit kept in the middle of its fsync for as long as a test needs.
 #[derive(Debug)]
 struct Crashing {
     inner: FileBackend,
@@ -181,6 +184,14 @@ struct Crashing {
     dead: Arc<AtomicBool>,
     /// Bytes written while armed.
     written: Arc<AtomicU64>,
+    hold: Option<Hold>,
+}
+
+/// The fsync gate of [`Crashing`]: `entered` hears of a held fsync, `release` lets it go.
+#[derive(Debug)]
+struct Hold {
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 fn crashed() -> io::Error {
@@ -203,6 +214,14 @@ impl StorageBackend for Crashing {
     fn sync_data(&self) -> Result<(), io::Error> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(crashed());
+        }
+        if let Some(hold) = self
+            .hold
+            .as_ref()
+            .filter(|_| self.armed.load(Ordering::SeqCst))
+        {
+            let _ = hold.entered.send(());
+            let _ = hold.release.lock().unwrap().recv();
         }
         self.inner.sync_data()
     }
@@ -264,6 +283,7 @@ async fn cut_checkpoint(dir: &Path, budget: u64) -> (bool, u64) {
         armed: armed.clone(),
         budget: Arc::new(AtomicU64::new(budget)),
         dead: Arc::new(AtomicBool::new(false)),
+        hold: None,
     };
     let store = Store::open_with_state_backend(dir, config(), backend)
         .await
@@ -391,4 +411,92 @@ async fn a_damaged_state_file_fails_to_open() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a damaged row was loaded"),
     }
+}
+
+/// A checkpoint stalls no writer: while a compaction's checkpoint commit is held in its fsync,
+/// puts, deletes, a txn and a read at a past revision all complete (acknowledged, durable in
+/// the log); the compaction then finishes and a reopened store has every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_while_a_checkpoint_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.path().join(STATE_FILE))
+        .unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let armed = Arc::new(AtomicBool::new(false));
+    let backend = Crashing {
+        inner: FileBackend::new(file).unwrap(),
+        armed: armed.clone(),
+        budget: Arc::new(AtomicU64::new(u64::MAX)),
+        dead: Arc::new(AtomicBool::new(false)),
+        written: Arc::new(AtomicU64::new(0)),
+        hold: Some(Hold {
+            entered: entered_tx,
+            release: std::sync::Mutex::new(release_rx),
+        }),
+    };
+    let store = Store::open_with_state_backend(dir.path(), config(), backend)
+        .await
+        .unwrap();
+    for i in 0..100 {
+        put(&store, &format!("k{i:03}"), "before").await;
+    }
+    let old = store.current_revision();
+    armed.store(true, Ordering::SeqCst);
+    let compaction = tokio::spawn({
+        let store = store.clone();
+        async move { store.compact(old).await }
+    });
+    // The checkpoint is now inside its commit's fsync, and stays there until released.
+    tokio::task::spawn_blocking(move || entered.recv().unwrap())
+        .await
+        .unwrap();
+    assert!(!compaction.is_finished());
+    // A liveness guard, not a latency bound: a writer waiting on the held checkpoint would
+    // wait forever.
+    let writes = async {
+        for i in 0..50 {
+            put(&store, &format!("k{i:03}"), "during").await;
+        }
+        delete(&store, "k099").await;
+        store
+            .txn(kv_store::TxnRequest {
+                compare: Vec::new(),
+                success: vec![kv_store::TxnOp::Range(
+                    RangeRequest::new(KeyRange::key("k000")).revision(old),
+                )],
+                failure: Vec::new(),
+            })
+            .await
+            .unwrap()
+    };
+    let txn = tokio::time::timeout(std::time::Duration::from_secs(60), writes)
+        .await
+        .expect("writes stalled behind a checkpoint");
+    let kv_store::TxnOpResult::Range(r) = &txn.responses[0] else {
+        panic!("a range op yields a range result")
+    };
+    assert_eq!(r.kvs[0].value, "before");
+    assert!(
+        !compaction.is_finished(),
+        "the checkpoint was held throughout"
+    );
+    armed.store(false, Ordering::SeqCst);
+    release.send(()).unwrap();
+    compaction.await.unwrap().unwrap();
+    assert_eq!(store.last_checkpoint().unwrap().revision, old);
+    let want = all(&store).await;
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path(), config()).await.unwrap();
+    assert_eq!(all(&store).await, want);
+    assert_eq!(want.len(), 99);
+    assert_eq!(want[0].value, "during");
+    store.close().await.unwrap();
 }
