@@ -56,7 +56,18 @@ pub fn encode(cs: &ChangeSet, time_ms: u64) -> EncodedChange {
     out.extend_from_slice(&time_ms.to_le_bytes());
     put_len(&mut out, cs.events.len());
     for e in &cs.events {
-        put_event(&mut out, e);
+        out.push(match e.kind {
+            EventKind::Put => 0,
+            EventKind::Delete => 1,
+        });
+        put_kv(&mut out, &e.kv);
+        match &e.prev_kv {
+            Some(prev) => {
+                out.push(1);
+                put_kv(&mut out, prev);
+            }
+            None => out.push(0),
+        }
     }
     let crc = crc32fast::hash(&out[PREFIX_LEN..]);
     out[1..PREFIX_LEN].copy_from_slice(&crc.to_le_bytes());
@@ -65,101 +76,6 @@ pub fn encode(cs: &ChangeSet, time_ms: u64) -> EncodedChange {
         time_ms,
         keys: cs.events.iter().map(|e| e.kv.key.clone()).collect(),
         bytes: out,
-    }
-}
-
-fn put_event(out: &mut Vec<u8>, e: &Event) {
-    out.push(match e.kind {
-        EventKind::Put => 0,
-        EventKind::Delete => 1,
-    });
-    put_kv(out, &e.kv);
-    match &e.prev_kv {
-        Some(prev) => {
-            out.push(1);
-            put_kv(out, prev);
-        }
-        None => out.push(0),
-    }
-}
-
-/// Writes one record event by event, for a change set too large to hold whole (a mirror's
-/// first snapshot, streamed page by page): memory is one batch of events, whatever the
-/// record's size. The header's event count and CRC are unknown until the end, so they are
-/// written as zeros and filled in by [`RecordWriter::finish`] (a seek back); the CRC of the
-/// events is accumulated as they pass and combined with the header's (CRC-32 combination),
-/// so the bytes are exactly [`encode`]'s for the same change set, and
-/// [`decode_standalone`] reads them.
-#[derive(Debug)]
-pub struct RecordWriter<W> {
-    out: W,
-    revision: Revision,
-    time_ms: u64,
-    count: u64,
-    /// CRC of every event byte written so far.
-    events_crc: crc32fast::Hasher,
-    /// Scratch buffer of one batch, reused.
-    buf: Vec<u8>,
-}
-
-impl<W: std::io::Write + std::io::Seek> RecordWriter<W> {
-    /// Starts the record of revision `revision`, stamped `time_ms`, at `out`'s position 0
-    /// (`out` must be empty: the header is filled in at offset 0 by `finish`).
-    pub fn new(mut out: W, revision: Revision, time_ms: u64) -> std::io::Result<Self> {
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        header.push(RECORD_VERSION);
-        header.extend_from_slice(&[0; 4]);
-        header.extend_from_slice(&revision.to_le_bytes());
-        header.extend_from_slice(&time_ms.to_le_bytes());
-        header.extend_from_slice(&[0; 4]);
-        out.write_all(&header)?;
-        Ok(Self {
-            out,
-            revision,
-            time_ms,
-            count: 0,
-            events_crc: crc32fast::Hasher::new(),
-            buf: Vec::new(),
-        })
-    }
-
-    /// Appends `events`.
-    pub fn push<'a>(&mut self, events: impl IntoIterator<Item = &'a Event>) -> std::io::Result<()> {
-        self.buf.clear();
-        for e in events {
-            put_event(&mut self.buf, e);
-            self.count += 1;
-        }
-        self.events_crc.update(&self.buf);
-        self.out.write_all(&self.buf)
-    }
-
-    /// Events written so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Fills in the header (event count and CRC) and returns the writer, positioned at the
-    /// record's end. More than `u32::MAX` events cannot be stored: `InvalidInput`.
-    pub fn finish(mut self) -> std::io::Result<W> {
-        let count = u32::try_from(self.count).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{} events do not fit one record", self.count),
-            )
-        })?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&self.revision.to_le_bytes());
-        crc.update(&self.time_ms.to_le_bytes());
-        crc.update(&count.to_le_bytes());
-        crc.combine(&self.events_crc);
-        use std::io::SeekFrom;
-        self.out.seek(SeekFrom::Start(1))?;
-        self.out.write_all(&crc.finalize().to_le_bytes())?;
-        self.out.seek(SeekFrom::Start((HEADER_LEN - 4) as u64))?;
-        self.out.write_all(&count.to_le_bytes())?;
-        self.out.seek(SeekFrom::End(0))?;
-        Ok(self.out)
     }
 }
 
@@ -347,26 +263,6 @@ mod tests {
                 Event::delete("never".into(), 7, None),
             ],
         )
-    }
-
-    /// A record written event by event, in batches, is byte for byte `encode`'s, and an
-    /// empty one too.
-    #[test]
-    fn record_writer_matches_encode() {
-        let cs = sample();
-        let mut w = RecordWriter::new(std::io::Cursor::new(Vec::new()), cs.revision, 42).unwrap();
-        w.push(&cs.events[..1]).unwrap();
-        w.push(&cs.events[1..]).unwrap();
-        assert_eq!(w.count(), 3);
-        let bytes = w.finish().unwrap().into_inner();
-        assert_eq!(bytes, encode(&cs, 42).bytes);
-        assert_eq!(decode_standalone(&bytes).unwrap(), cs);
-        let empty = RecordWriter::new(std::io::Cursor::new(Vec::new()), 9, 0)
-            .unwrap()
-            .finish()
-            .unwrap()
-            .into_inner();
-        assert_eq!(empty, encode(&ChangeSet::new(9, Vec::new()), 0).bytes);
     }
 
     #[test]

@@ -94,10 +94,12 @@ pub enum StoreError {
     /// Opening, replaying or querying the event log failed.
     #[error(transparent)]
     Log(#[from] LogError),
-    /// Reading or writing the state snapshot file failed.
-    #[error("state snapshot {path}: {message}")]
+    /// Reading or writing the persisted state failed: [`crate::STATE_FILE`] (a damaged row,
+    /// a failed checkpoint commit: the store is then fail-stop) or a legacy
+    /// [`crate::SNAPSHOT_FILE`] being converted.
+    #[error("persisted state {path}: {message}")]
     Snapshot {
-        /// The snapshot file.
+        /// The file.
         path: String,
         /// The I/O or decoding error.
         message: String,
@@ -110,8 +112,9 @@ pub enum StoreError {
         /// The storage error.
         message: String,
     },
-    /// The data directory holds a log and a snapshot that do not fit together (the log was
-    /// compacted past the snapshot, e.g. by another program or a lost snapshot file).
+    /// The data directory holds a log and a persisted state that do not fit together (the log
+    /// was compacted past the state's checkpoint, e.g. by another program or a lost state
+    /// file).
     #[error("inconsistent data directory: {0}")]
     Inconsistent(String),
     /// A local write (put, delete, txn, compact) on a store that mirrors an upstream etcd

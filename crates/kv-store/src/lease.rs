@@ -672,9 +672,10 @@ impl Store {
         self.inner.leases.count()
     }
 
-    /// Marks the store failed (fail-stop) after a lease records commit failed. A closed store
+    /// Marks the store failed (fail-stop) after a lease records or state checkpoint commit
+    /// failed. A closed store
     /// (the writer is gone because of `close`) is not a failure.
-    fn fail(&self, e: &StoreError) {
+    pub(crate) fn fail(&self, e: &StoreError) {
         if matches!(e, StoreError::Closed) {
             return;
         }

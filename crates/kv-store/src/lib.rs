@@ -45,8 +45,9 @@
 //!
 //! # Model
 //!
-//! The key-value state is a `BTreeMap` in memory, rebuilt at open from [`SNAPSHOT_FILE`]
-//! (written before each compaction) plus a replay of the event log after it. A fresh store is
+//! The key-value state is a `BTreeMap` in memory, rebuilt at open by streaming the persisted
+//! state [`STATE_FILE`] (a redb table brought up to date incrementally before each
+//! compaction, see `checkpoint.rs`) plus a replay of the event log after its revision. A fresh store is
 //! at revision 1; one revision per write request (a whole txn counts once; deleting nothing and
 //! read-only txns do not bump it). Txns validate as etcd's `checkTxnRequest`/`checkIntervals`
 //! (max ops, empty keys, a key written twice in a branch). `state.rs` is pure logic
@@ -132,10 +133,13 @@
 //!   is ever served with a gap; local writes fail `MirrorReadOnly`.
 //! - **Fail-stop**: a failed log commit marks the store failed; that write and every later one
 //!   fail, reads beyond the durable revision fail, and `Store::failed` resolves (the server then exits non-zero).
-//! - **Compaction keeps restart possible**: the snapshot at a durable revision S >= C-1 is written
-//!   (tmp + fsync + rename + dir fsync) before the log drops revisions below C. Watches and reads
+//! - **Compaction keeps restart possible, and costs what changed**: the persisted state
+//!   ([`STATE_FILE`]) is checkpointed to a durable revision S >= C-1, in one fsynced redb
+//!   transaction writing one row per key changed since the previous checkpoint, before the
+//!   log drops revisions below C; neither step holds the write lock (`checkpoint.rs`). Watches and reads
 //!   below C fail with etcd's compacted error even while the engine's memory window still has them.
 
+mod checkpoint;
 mod clock;
 mod error;
 mod lease;
@@ -158,6 +162,7 @@ use watch_core::{
     WatchEngine, WatchHandle, WatchOptions,
 };
 
+pub use checkpoint::{CheckpointInfo, STATE_FILE};
 pub use error::{CodeClass, ErrorClass, EtcdKind, StoreError};
 use lease::Leases;
 pub use lease::{DEFAULT_MIN_LEASE_TTL, LEASES_FILE, LeaseGrant, LeaseTimeToLive, MAX_LEASE_TTL};
@@ -306,7 +311,8 @@ struct Inner {
     /// Serializes writes from computing a change set until it is queued on the log and applied,
     /// so log order is revision order. Held across awaits (log queue room), never by readers.
     write_lock: tokio::sync::Mutex<()>,
-    /// Serializes compactions (snapshot + log compaction).
+    /// Serializes compactions (state checkpoint + log compaction), mirror resets, backups and
+    /// defragmentation.
     compact_lock: tokio::sync::Mutex<()>,
     /// Taken by `close`; writers clone it under `write_lock`.
     pipeline: parking_lot::Mutex<Option<mpsc::Sender<Pending>>>,
@@ -324,8 +330,13 @@ struct Inner {
     /// Raised by a mirror reset under `write_lock` before the watchers are canceled, so a
     /// registration racing the reset sees it ([`Store::watch`]).
     mirror_floor: AtomicU64,
-    /// Revision of the snapshot on disk (0: none).
-    snapshot_revision: AtomicU64,
+    /// The persisted state ([`STATE_FILE`]; see `checkpoint.rs`).
+    state_db: Arc<checkpoint::StateDb>,
+    /// Revision of the checkpoint in [`STATE_FILE`] (0: none). Written under `compact_lock`
+    /// once the checkpoint is durable.
+    checkpoint_revision: AtomicU64,
+    /// What the last checkpoint since the open wrote (for tests, metrics and benchmarks).
+    last_checkpoint: parking_lot::Mutex<Option<CheckpointInfo>>,
     closed: AtomicBool,
     /// Set once when the store becomes an upstream's mirror ([`Store::set_mirror`]): local
     /// writes are then refused and watches must stay inside the scope.
@@ -379,32 +390,46 @@ fn log_err(e: LogError) -> StoreError {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store kept in `dir`: loads the state snapshot if any,
-    /// replays the event log after it, and starts the watch dispatcher and the publisher on the
+    /// Opens (creating if needed) the store kept in `dir`: streams the persisted state
+    /// ([`STATE_FILE`], converting a legacy [`SNAPSHOT_FILE`] once), replays the event log
+    /// after its checkpoint revision, and starts the watch dispatcher and the publisher on the
     /// current tokio runtime (see the module docs). A fresh store is at revision 1, as etcd.
     ///
     /// # Panics
     ///
     /// When called outside a tokio runtime.
     pub async fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
-        Self::open_inner(dir.as_ref(), config, None).await
+        Self::open_inner(dir.as_ref(), config, None, None).await
     }
 
     /// As [`Store::open`], with the event log kept in `log_store` instead of the default redb
-    /// file in `dir` (the snapshot still lives in `dir`). For other backends and for fault
+    /// file in `dir` (the persisted state still lives in `dir`). For other backends and for fault
     /// injection in tests.
     pub async fn open_with_log_store(
         dir: impl AsRef<Path>,
         config: StoreConfig,
         log_store: Arc<dyn event_log::LogStore>,
     ) -> Result<Store, StoreError> {
-        Self::open_inner(dir.as_ref(), config, Some(log_store)).await
+        Self::open_inner(dir.as_ref(), config, Some(log_store), None).await
+    }
+
+    /// As [`Store::open`], with the persisted state ([`STATE_FILE`]) kept on `backend` instead
+    /// of the file in `dir`: for fault injection (failed or torn writes) in tests.
+    pub async fn open_with_state_backend(
+        dir: impl AsRef<Path>,
+        config: StoreConfig,
+        backend: impl redb::StorageBackend,
+    ) -> Result<Store, StoreError> {
+        let opener: checkpoint::Opener =
+            Box::new(move |b: &redb::Builder| b.create_with_backend(backend));
+        Self::open_inner(dir.as_ref(), config, None, Some(opener)).await
     }
 
     async fn open_inner(
         dir: &Path,
         config: StoreConfig,
         log_store: Option<Arc<dyn event_log::LogStore>>,
+        state_opener: Option<checkpoint::Opener>,
     ) -> Result<Store, StoreError> {
         let dir = dir.to_path_buf();
         let log_config = LogConfig {
@@ -415,7 +440,7 @@ impl Store {
         // Opening and replaying read the disk: keep them off the async workers.
         let durable_leases = config.durability == Durability::Fsync;
         let (min_ttl, max_leases) = (config.min_lease_ttl.max(1), config.max_leases);
-        let (log, state, snap_rev, leases) = tokio::task::spawn_blocking(move || {
+        let (log, state, snap_rev, leases, state_db) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir2).map_err(|e| StoreError::Snapshot {
                 path: dir2.display().to_string(),
                 message: e.to_string(),
@@ -424,18 +449,14 @@ impl Store {
                 Some(store) => EventLog::with_store(store, log_config)?,
                 None => EventLog::open(&dir2, log_config)?,
             };
+            let state_db = checkpoint::StateDb::open(&dir2, state_opener)?;
+            checkpoint::migrate(&dir2, &state_db)?;
             let mut state = KvState::default();
-            let mut snap_rev = 0;
-            if let Some((rev, kvs)) = snapshot::load(&dir2)? {
-                snap_rev = rev;
-                state.revision = rev;
-                state.map = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-                state.index_leases();
-            }
+            let snap_rev = state_db.load(&mut state)?;
             let compacted = log.compacted_revision();
             if compacted > snap_rev + 1 {
                 return Err(StoreError::Inconsistent(format!(
-                    "the event log is compacted to {compacted} but the state snapshot is at \
+                    "the event log is compacted to {compacted} but the persisted state is at \
                      {snap_rev}: revisions in between are lost"
                 )));
             }
@@ -444,7 +465,7 @@ impl Store {
             }
             state.revision = state.revision.max(log.last_revision()).max(1);
             let leases = Leases::open(&dir2, durable_leases, min_ttl, max_leases)?;
-            Ok::<_, StoreError>((log, state, snap_rev, leases))
+            Ok::<_, StoreError>((log, state, snap_rev, leases, state_db))
         })
         .await
         .map_err(|e| StoreError::Inconsistent(format!("open task failed: {e}")))??;
@@ -503,7 +524,9 @@ impl Store {
                 expiry: parking_lot::Mutex::new(None),
                 compacted: AtomicU64::new(compacted),
                 mirror_floor: AtomicU64::new(floor),
-                snapshot_revision: AtomicU64::new(snap_rev),
+                state_db: Arc::new(state_db),
+                checkpoint_revision: AtomicU64::new(snap_rev),
+                last_checkpoint: parking_lot::Mutex::new(None),
                 closed: AtomicBool::new(false),
                 mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
@@ -559,14 +582,25 @@ impl Store {
         self.inner.compacted.load(Ordering::Acquire)
     }
 
+    /// What the last checkpoint of the persisted state wrote (`None` before the first
+    /// compaction since the open that needed one; see [`CheckpointInfo`]).
+    pub fn last_checkpoint(&self) -> Option<CheckpointInfo> {
+        *self.inner.last_checkpoint.lock()
+    }
+
+    /// The revision of the persisted state's checkpoint in [`STATE_FILE`] (0: none yet).
+    pub fn checkpoint_revision(&self) -> Revision {
+        self.inner.checkpoint_revision.load(Ordering::Acquire)
+    }
+
     /// Number of keys in the current state.
     pub fn key_count(&self) -> usize {
         self.inner.state.read().map.len()
     }
 
-    /// Bytes the data directory's files take on disk (event log and snapshot).
+    /// Bytes the data directory's files take on disk (event log, persisted state, leases).
     pub fn disk_size(&self) -> u64 {
-        [event_log::STORE_FILE, SNAPSHOT_FILE, LEASES_FILE]
+        [event_log::STORE_FILE, STATE_FILE, LEASES_FILE]
             .iter()
             .filter_map(|f| std::fs::metadata(self.inner.dir.join(f)).ok())
             .map(|m| m.len())
@@ -904,7 +938,7 @@ impl Store {
                 compacted,
             });
         }
-        let (current, kvs) = {
+        let current = {
             let st = self.inner.state.read();
             if revision > st.revision {
                 return Err(StoreError::FutureRevision {
@@ -912,21 +946,40 @@ impl Store {
                     current: st.revision,
                 });
             }
-            // Only cloned when a new snapshot is needed (an O(keys) copy of refcounted bytes).
-            let need = self.inner.snapshot_revision.load(Ordering::Acquire) + 1 < revision;
-            (
-                st.revision,
-                need.then(|| st.map.values().cloned().collect::<Vec<_>>()),
-            )
+            st.revision
         };
         self.wait_durable(current).await?;
-        if let Some(kvs) = kvs {
-            let dir = self.inner.dir.clone();
-            tokio::task::spawn_blocking(move || snapshot::write(&dir, current, kvs))
+        let from = self.inner.checkpoint_revision.load(Ordering::Acquire);
+        if from + 1 < revision {
+            // No write lock: the checkpoint reads `(from, current]` from the log (durable
+            // history never changes) and writes its own file, so writers go on meanwhile.
+            let (db, log) = (self.inner.state_db.clone(), self.inner.log.clone());
+            let done = tokio::task::spawn_blocking(move || db.checkpoint(&log, from, current))
                 .await
-                .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
+                .map_err(|e| StoreError::Inconsistent(format!("checkpoint task failed: {e}")))?;
+            let info = match done {
+                Ok(info) => info,
+                Err(e) => {
+                    // The file refuses writes after a failed commit, and a failed fsync is
+                    // never retried: fail-stop, as for the log. Nothing acknowledged is lost
+                    // (the log was not compacted; it still holds every change after `from`).
+                    if matches!(e, StoreError::Snapshot { .. }) {
+                        self.fail(&e);
+                    }
+                    return Err(e);
+                }
+            };
+            tracing::debug!(
+                from,
+                revision = current,
+                rows = info.rows,
+                bytes = info.bytes,
+                elapsed_ms = info.elapsed.as_millis() as u64,
+                "state checkpoint written"
+            );
+            *self.inner.last_checkpoint.lock() = Some(info);
             self.inner
-                .snapshot_revision
+                .checkpoint_revision
                 .store(current, Ordering::Release);
         }
         // A log that holds nothing at or above `revision` (a fresh store compacting to 1) has

@@ -36,7 +36,7 @@ use std::path::Path;
 use watch_core::{ChangeSet, Event, EventKind, KeySelector, KeyValue, Revision};
 
 use crate::types::{KeyRange, TxnOp, TxnRequest};
-use crate::{Store, StoreError, lease, snapshot};
+use crate::{Store, StoreError, checkpoint, lease, snapshot};
 
 /// First bytes of every backup.
 pub const BACKUP_MAGIC: &[u8; 8] = b"KWBACKUP";
@@ -285,9 +285,8 @@ impl Store {
         Ok((h.finalize(), revision))
     }
 
-    /// Gives the space the data files no longer use back to the file system: the event log's
-    /// and the lease records' redb files are compacted in place (the state snapshot is always
-    /// rewritten whole, so it holds none). Writes queue behind it and reads of history wait,
+    /// Gives the space the data files no longer use back to the file system: the event log's,
+    /// the persisted state's and the lease records' redb files are compacted in place. Writes queue behind it and reads of history wait,
     /// as in etcd, where a defragmentation blocks the member.
     pub async fn defragment(&self) -> Result<Defragmented, StoreError> {
         self.check_open()?;
@@ -295,6 +294,10 @@ impl Store {
         // Holding the compaction lock keeps a compaction (many log commits) from interleaving.
         let _c = self.inner.compact_lock.lock().await;
         self.inner.log.defragment().await.map_err(crate::log_err)?;
+        let db = self.inner.state_db.clone();
+        tokio::task::spawn_blocking(move || db.defragment())
+            .await
+            .map_err(|e| StoreError::Inconsistent(format!("defragment task failed: {e}")))??;
         self.inner.leases.defragment().await?;
         let after = self.disk_size();
         tracing::info!(before, after, "data files defragmented");
@@ -409,6 +412,7 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
     let src = Path::new("<backup>");
     for f in [
         event_log::STORE_FILE,
+        checkpoint::STATE_FILE,
         snapshot::SNAPSHOT_FILE,
         lease::LEASES_FILE,
     ] {
@@ -496,8 +500,8 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
     }
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let keys = state.events.len();
-    let kvs = state.events.into_iter().map(|e| e.kv).collect();
-    snapshot::write(dir, revision, kvs)?;
+    let kvs = state.events.into_iter().map(|e| e.kv);
+    checkpoint::StateDb::open(dir, None)?.replace(revision, kvs)?;
     lease::write_records(dir, &leases)?;
     let n_history = history.len();
     if !history.is_empty() {

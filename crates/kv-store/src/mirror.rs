@@ -15,15 +15,15 @@
 //!   as etcd cancels a watcher whose history was compacted, never a silent gap.
 //!
 //!   [`Store::mirror_snapshot`] does the same page by page ([`MirrorSnapshot`]): each page
-//!   goes into the state being built and onto disk, so the snapshot is never held whole
-//!   twice (the state itself is in memory, as for every store).
+//!   goes into the state being built, so the snapshot is never held whole twice (the state
+//!   itself is in memory, as for every store).
 //!
-//! Crash order of a reset: the pages into `state.snapshot.staged` (a crash there leaves the
-//! store as it was; the next load overwrites the file), then at the install the floor file,
-//! then the staged file fsynced and renamed over the state snapshot at `R` (the floor: tmp +
-//! fsync + rename; both followed by a dir fsync), then an empty change set at `R` through the
-//! log. A crash between any two steps reopens a consistent store: a floor above the state only refuses more history
-//! than necessary, and a snapshot newer than the log is loaded and the log replay skips
+//! Crash order of a reset: floor file (tmp + fsync + rename + dir fsync), then the whole
+//! persisted state replaced by the snapshot at `R` (one fsynced transaction of
+//! [`crate::STATE_FILE`], written row by row from the new state), then an empty change set at
+//! `R` through the log. A crash between any two steps reopens a consistent store: a floor
+//! above the state only refuses more history than necessary, and a persisted state newer than
+//! the log is loaded and the log replay skips
 //! everything at or below it.
 //!
 //! Once [`Store::set_mirror`] is called, local writes fail with
@@ -37,7 +37,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use watch_core::{CancelReason, ChangeSet, KeySelector, KeyValue, Revision};
 
-use super::{KeyRange, KvState, Store, log_err, snapshot};
+use super::{KeyRange, KvState, Store, log_err};
 use crate::StoreError;
 
 /// File of the data directory holding a mirror's floor (decimal revision): history below it
@@ -333,15 +333,10 @@ impl Store {
         if revision < current {
             return Err(StoreError::MirrorOrder { revision, current });
         }
-        let dir = self.inner.dir.clone();
-        let file = tokio::task::spawn_blocking(move || snapshot::Staged::create(&dir, revision))
-            .await
-            .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
         Ok(MirrorSnapshot {
             store: self.clone(),
             revision,
             state: KvState::default(),
-            file: Some(file),
         })
     }
 }
@@ -349,20 +344,16 @@ impl Store {
 /// An upstream snapshot being loaded page by page ([`Store::mirror_snapshot`], then
 /// [`push`](Self::push) per page, then [`install`](Self::install)), so a keyspace of any
 /// size is never held twice: each page goes into the state being built (which becomes the
-/// store's state, sharing the pages' bytes) and is appended to the snapshot file on disk,
-/// then dropped. Memory beyond the final state is one page (and, during a resync, the old
-/// state, which the store still serves until the install). Nothing is visible to readers,
-/// watchers or a restart before `install`; dropping it abandons the load (its staged file is
-/// replaced by the next one).
+/// store's state, sharing the pages' bytes), then is dropped; `install` writes the persisted
+/// state row by row from it. Memory beyond the final state is one page (and, during a
+/// resync, the old state, which the store still serves until the install). Nothing is
+/// visible to readers, watchers or a restart before `install`; dropping it abandons the load.
 #[derive(Debug)]
 pub struct MirrorSnapshot {
     store: Store,
     revision: Revision,
     /// The new state, built off the store's lock.
     state: KvState,
-    /// Taken only while a page is written on a blocking thread (then put back), and by
-    /// `install`.
-    file: Option<snapshot::Staged>,
 }
 
 impl MirrorSnapshot {
@@ -376,28 +367,17 @@ impl MirrorSnapshot {
         self.state.map.len()
     }
 
-    /// Adds one page of keys (a key given twice keeps the later one) and appends it to the
-    /// snapshot file.
+    /// Adds one page of keys (a key given twice keeps the later one).
     pub async fn push(&mut self, page: Vec<KeyValue>) -> Result<(), StoreError> {
-        let mut file = self.file.take().ok_or_else(|| {
-            StoreError::Inconsistent("an earlier page of the snapshot failed".into())
-        })?;
-        for kv in &page {
-            self.state.map.insert(kv.key.clone(), kv.clone());
+        for kv in page {
+            self.state.map.insert(kv.key.clone(), kv);
         }
-        let file = tokio::task::spawn_blocking(move || file.push(&page).map(|()| file))
-            .await
-            .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
-        self.file = Some(file);
         Ok(())
     }
 
     /// Makes the loaded snapshot the store's state at its revision (see the module docs) and
     /// returns how many live watchers were canceled as compacted.
-    pub async fn install(mut self) -> Result<usize, StoreError> {
-        let file = self.file.take().ok_or_else(|| {
-            StoreError::Inconsistent("an earlier page of the snapshot failed".into())
-        })?;
+    pub async fn install(self) -> Result<usize, StoreError> {
         let (store, revision) = (self.store, self.revision);
         let mut new = self.state;
         new.revision = revision;
@@ -413,13 +393,17 @@ impl MirrorSnapshot {
         store.wait_durable(current).await?;
         let floor = revision + 1;
         let dir = inner.dir.clone();
-        tokio::task::spawn_blocking(move || {
+        let db = inner.state_db.clone();
+        // The state goes to the blocking thread and comes back: written row by row, never
+        // copied whole.
+        let mut new = tokio::task::spawn_blocking(move || {
             write_floor(&dir, floor)?;
-            file.commit(&dir)
+            db.replace(revision, new.map.values().cloned())?;
+            Ok::<_, StoreError>(new)
         })
         .await
         .map_err(|e| StoreError::Inconsistent(format!("snapshot task failed: {e}")))??;
-        inner.snapshot_revision.store(revision, Ordering::Release);
+        inner.checkpoint_revision.store(revision, Ordering::Release);
         // Before the state changes: a read of an older revision now fails as compacted.
         inner.compacted.fetch_max(floor, Ordering::AcqRel);
         // Every live watcher ends before the marker at `revision` can reach the dispatcher:
@@ -780,7 +764,6 @@ mod tests {
         assert_eq!(store.compacted_revision(), 51);
         store.close().await.unwrap();
         drop(store);
-        assert!(!dir.path().join(snapshot::STAGED_FILE).exists());
         let store = open(dir.path()).await;
         check(&store);
         // A snapshot below the current revision is refused before anything is written.

@@ -9,7 +9,7 @@
 //!
 //! - [`server`]: keywatch and etcd started through `testkit`, RSS.
 //! - [`client`]: connections, watch streams carrying many watchers, writers.
-//! - [`scenarios`]: fan-out, spread, history, register, stalled.
+//! - [`scenarios`]: fan-out, spread, history, register, stalled, large.
 //! - [`lease`]: lease grant, keep-alive and expiry measurements (`keywatch-lease-bench`).
 //! - [`fsync`]: the disk's fsync latency, probed before and after the runs, so put latency is
 //!   compared with the durable-write floor of the same run.
@@ -43,8 +43,9 @@
 //! `keywatch-loadgen` (lib `loadgen` + binary): the end-to-end comparison with etcd. It starts
 //! `watch-server` and `etcd` through `testkit` (`server`: which server, RSS), speaks only watch-proto's generated tonic clients
 //! (`client`: many watchers per stream, writers that stamp the put time into the value), runs the
-//! scenarios fan-out, spread, history, register, stalled (`scenarios`), alternating which server
-//! goes first, and writes the JSON, SVG charts (plotters, SVG backend, no system fonts) and the
+//! scenarios fan-out, spread, history, register, stalled, large (`scenarios`; large, the
+//! 1M × 1 KiB dataset of issue 14, runs once per server whatever `--repeat` says), alternating
+//! which server goes first, and writes the JSON, SVG charts (plotters, SVG backend, no system fonts) and the
 //! section of `docs/benchmarks.md` between the `loadgen` markers (`report`). Every run checks each
 //! watcher's events (count, sum and sum of squares of revisions, strictly increasing: `check`);
 //! a wrong run makes the binary exit non-zero, as does a revision split over two responses
@@ -127,6 +128,9 @@ pub struct Sizes {
     pub stalled_connections: usize,
     /// Stalled: value size (large, so stalled streams fill their flow-control windows).
     pub stalled_value_size: usize,
+    /// Large dataset: keys, value bytes, writers of the load. Run once per server whatever
+    /// [`Sizes::repeat`] says (it is the longest case by far).
+    pub large: (usize, usize, usize),
     /// Connections of spread and history watchers.
     pub connections: usize,
     /// Concurrent writers of unpaced fan-out and history setup.
@@ -155,6 +159,7 @@ impl Sizes {
             stalled: (100, 1_000, 300, 100.0),
             stalled_connections: 10,
             stalled_value_size: 1024,
+            large: (1_000_000, 1024, 64),
             connections: 4,
             writers: 4,
             value_size: 64,
@@ -177,6 +182,7 @@ impl Sizes {
             stalled: (5, 20, 20, 200.0),
             stalled_connections: 2,
             stalled_value_size: 1024,
+            large: (2_000, 1024, 8),
             connections: 2,
             writers: 4,
             value_size: 64,
@@ -230,6 +236,11 @@ impl Sizes {
                     rate: r,
                 })
                 .collect(),
+            vec![Case::Large {
+                keys: self.large.0,
+                value_size: self.large.1,
+                writers: self.large.2,
+            }],
         ];
         groups
             .into_iter()
@@ -271,7 +282,12 @@ pub async fn run_all(bins: &Binaries, sizes: &Sizes, progress: bool) -> Vec<RunR
         for case in &group {
             let mut per_target: Vec<(Target, Vec<RunResult>)> =
                 targets.iter().map(|&t| (t, Vec::new())).collect();
-            for rep in 0..sizes.repeat.max(1) {
+            // The large case runs once: it is minutes per server at full size.
+            let repeat = match case {
+                Case::Large { .. } => 1,
+                _ => sizes.repeat.max(1),
+            };
+            for rep in 0..repeat {
                 let mut order = targets.clone();
                 if flip {
                     order.reverse();
@@ -379,7 +395,7 @@ async fn run_one(case: &Case, target: Target, bins: &Binaries, sizes: &Sizes) ->
     let started = std::time::Instant::now();
     let server = tokio::task::block_in_place(|| Server::start(target, bins));
     let result = match server {
-        Ok(server) => scenarios::run(case, &server, sizes).await,
+        Ok(mut server) => scenarios::run(case, &mut server, sizes).await,
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|e| {

@@ -47,7 +47,8 @@ struct Args {
     /// (default: 3, or 1 with --quick).
     #[arg(long)]
     repeat: Option<usize>,
-    /// Only these scenarios, comma-separated: fan-out, spread, history, register, stalled.
+    /// Only these scenarios, comma-separated: fan-out, spread, history, register, stalled,
+    /// large.
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
 }
@@ -91,7 +92,9 @@ async fn main() -> Result<()> {
         sizes.repeat = n.max(1);
     }
     if let Some(only) = args.scenarios.clone() {
-        const NAMES: [&str; 5] = ["fan-out", "spread", "history", "register", "stalled"];
+        const NAMES: [&str; 6] = [
+            "fan-out", "spread", "history", "register", "stalled", "large",
+        ];
         if let Some(bad) = only.iter().find(|n| !NAMES.contains(&n.as_str())) {
             bail!(
                 "unknown scenario {bad:?}: expected one of {}",

@@ -278,6 +278,47 @@ fn rows(case: &Case) -> Vec<(&'static str, Getter, Better)> {
             ("healthy put→event p99 ms", ev_p99, Lower),
             ("healthy put→event max ms", ev_max, Lower),
         ],
+        Case::Large { .. } => vec![
+            ("load time s", |r| r.metric("load_s"), Lower),
+            ("restart to serving s", |r| r.metric("restart_s"), Lower),
+            ("server RSS MiB", |r| r.metric("rss_mib"), Lower),
+            ("on-disk MiB", |r| r.metric("disk_mib"), Lower),
+            (
+                "one-key Range at an old revision p99 ms",
+                |r| r.metric("history_range_p99_ms"),
+                Lower,
+            ),
+            (
+                "compaction after 10 % churn s",
+                |r| r.metric("compact_s"),
+                Lower,
+            ),
+            (
+                "put p99 during it ms",
+                |r| r.metric("put_p99_compaction_ms"),
+                Lower,
+            ),
+            (
+                "put p99 steady ms",
+                |r| r.metric("put_p99_steady_ms"),
+                Lower,
+            ),
+            (
+                "first compaction (whole load) s",
+                |r| r.metric("compact_first_s"),
+                Lower,
+            ),
+            (
+                "put p99 during the first ms",
+                |r| r.metric("put_p99_first_compaction_ms"),
+                Lower,
+            ),
+            (
+                "RSS after restart MiB",
+                |r| r.metric("rss_after_restart_mib"),
+                Lower,
+            ),
+        ],
     }
 }
 
@@ -506,6 +547,54 @@ fn targets(meta: &Meta, runs: &[RunResult]) -> Vec<TargetRow> {
         rss.met = Some(false);
     }
     out.push(rss);
+    // Issue 14's large-dataset targets.
+    let large = |c: &Case| matches!(c, Case::Large { .. });
+    out.push(simple(
+        &large,
+        "large: restart to serving",
+        "≤ etcd's",
+        "restart_s",
+        "s",
+        &|kw, etcd| kw <= etcd,
+    ));
+    out.push(simple(
+        &large,
+        "large: server RSS",
+        "≤ etcd's",
+        "rss_mib",
+        "MiB",
+        &|kw, etcd| kw <= etcd,
+    ));
+    let mut range = simple(
+        &large,
+        "large: one-key Range at an old revision, p99",
+        "≤ 10 ms",
+        "history_range_p99_ms",
+        "ms",
+        &|kw, _| kw <= 10.0,
+    );
+    if range.met.is_none() {
+        range.met = pair(&large)
+            .0
+            .and_then(|r| r.metric("history_range_p99_ms"))
+            .map(|kw| kw <= 10.0);
+    }
+    out.push(range);
+    let (kw, etcd) = pair(&large);
+    let ratio = |r: Option<&RunResult>| {
+        let r = r?;
+        let during = r.metric("put_p99_compaction_ms")?;
+        let steady = r.metric("put_p99_steady_ms")?;
+        (steady > 0.0).then(|| during / steady)
+    };
+    let show = |r| ratio(r).map_or("—".into(), |v| format!("{}×", fmt(v)));
+    out.push(TargetRow {
+        what: "large: put p99 during a compaction / steady".into(),
+        target: "≤ 2×".into(),
+        keywatch: show(kw),
+        etcd: show(etcd),
+        met: ratio(kw).map(|v| v <= 2.0),
+    });
     out
 }
 

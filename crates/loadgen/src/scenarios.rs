@@ -15,6 +15,8 @@ use crate::client::{self, Mode, Outcome, Spec, Streams, Written};
 use crate::server::{Server, Target};
 use crate::{Error, Sizes};
 
+mod large;
+
 /// No progress at all for this long fails the run (a correct run never comes close).
 const IDLE_GUARD: Duration = Duration::from_secs(30);
 
@@ -69,6 +71,16 @@ pub enum Case {
         /// Puts per second.
         rate: f64,
     },
+    /// N keys of V bytes loaded by K writers, then memory, disk, a historical one-key Range,
+    /// compactions under load and a restart (see `scenarios/large.rs`).
+    Large {
+        /// Keys.
+        keys: usize,
+        /// Value bytes.
+        value_size: usize,
+        /// Concurrent writers of the load.
+        writers: usize,
+    },
 }
 
 impl Case {
@@ -80,6 +92,7 @@ impl Case {
             Case::History { .. } => "history",
             Case::Register { .. } => "register",
             Case::Stalled { .. } => "stalled",
+            Case::Large { .. } => "large",
         }
     }
 }
@@ -120,6 +133,11 @@ impl fmt::Display for Case {
                 puts,
                 rate,
             } => write!(f, "H={healthy} S={stalled} P={puts} {rate}/s"),
+            Case::Large {
+                keys,
+                value_size,
+                writers,
+            } => write!(f, "N={keys} V={value_size} K={writers}"),
         }
     }
 }
@@ -290,7 +308,7 @@ fn secs(from: Instant, to: Option<Instant>) -> f64 {
 }
 
 /// Runs `case` against `server`.
-pub async fn run(case: &Case, server: &Server, sizes: &Sizes) -> Result<RunResult, Error> {
+pub async fn run(case: &Case, server: &mut Server, sizes: &Sizes) -> Result<RunResult, Error> {
     let started = Instant::now();
     let c = match *case {
         Case::Fanout {
@@ -316,6 +334,11 @@ pub async fn run(case: &Case, server: &Server, sizes: &Sizes) -> Result<RunResul
             puts,
             rate,
         } => stalled_case(server, sizes, healthy, stalled, puts, rate).await?,
+        Case::Large {
+            keys,
+            value_size,
+            writers,
+        } => large::large(server, keys, value_size, writers).await?,
     };
     Ok(RunResult {
         case: case.clone(),

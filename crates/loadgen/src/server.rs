@@ -86,6 +86,40 @@ impl Server {
     pub fn rss_bytes(&self) -> Option<u64> {
         testkit::rss_kib(self.pid()?).map(|kib| kib * 1024)
     }
+
+    /// kill -9, then start again on the same data directory (keywatch binds a new port:
+    /// `endpoint` is updated). Blocking.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.process.restart()?;
+        self.endpoint = self.process.endpoint();
+        Ok(())
+    }
+
+    /// Bytes the server's data directory takes on disk (allocated blocks of every file under
+    /// the `--data-dir` of its command line).
+    pub fn data_dir_bytes(&self) -> Option<u64> {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid()?)).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let i = args.iter().position(|a| *a == b"--data-dir")?;
+        let dir = std::str::from_utf8(args.get(i + 1)?).ok()?;
+        Some(dir_bytes(std::path::Path::new(dir)))
+    }
+}
+
+/// Allocated bytes (512-byte blocks) of every file under `dir`, recursively.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// User + system CPU seconds of process `pid` (`utime` + `stime` of `/proc/<pid>/stat`, in

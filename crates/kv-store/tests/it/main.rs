@@ -1,5 +1,8 @@
 //! kv-store's integration tests in one binary, a module per area.
 //!
+//! - `checkpoint`: the persisted state (`state.redb`): rows written per compaction, the
+//!   legacy `state.snapshot` conversion, torn and failed checkpoint commits, damaged rows.
+//! - `crash`: kill -9 of a child process writing and compacting (`kv-store-crash-child`).
 //! - `history`: reads at past revisions (and txns reading them) against a replay model,
 //!   across compactions, deletes, re-created keys and reopening (regressions in
 //!   `history.proptest-regressions` beside it).
@@ -9,6 +12,8 @@
 //!   re-creates and compactions between the initial chunks, and the recovery after a cancel.
 //! - `lease_store`: leases, their record file and crash recovery between the two files.
 
+mod checkpoint;
+mod crash;
 mod history;
 mod lease_store;
 mod list_watch;

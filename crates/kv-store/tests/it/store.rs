@@ -510,10 +510,12 @@ async fn closed_store_refuses_requests() {
     ));
 }
 
-/// A redb log store whose commits start failing when `fail` is set.
+/// A redb log store whose commits start failing when `fail` is set, and whose compactions
+/// fail when `fail_compact` is.
 struct Flaky {
     inner: event_log::RedbStore,
     fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    fail_compact: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl event_log::LogStore for Flaky {
@@ -544,6 +546,11 @@ impl event_log::LogStore for Flaky {
         self.inner.read(selector, after, until, limit)
     }
     fn compact(&self, revision: u64) -> Result<(), event_log::LogError> {
+        if self.fail_compact.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(event_log::LogError::Storage(
+                "injected compaction failure".into(),
+            ));
+        }
         self.inner.compact(revision)
     }
     fn retention_target(
@@ -567,6 +574,7 @@ async fn failed_log_commit_is_fail_stop() {
     let flaky = Flaky {
         inner: redb,
         fail: fail.clone(),
+        fail_compact: Default::default(),
     };
     let s = Store::open_with_log_store(dir.path(), config(), std::sync::Arc::new(flaky))
         .await
@@ -635,4 +643,78 @@ async fn large_txn_checked_off_the_workers() {
         Err(StoreError::DuplicateKey)
     ));
     assert!(matches!(s.txn(dup).await, Err(StoreError::DuplicateKey)));
+}
+
+/// A compaction that stops after its state checkpoint and before the log's compaction (a
+/// crash or a failed log commit in between) loses nothing: the reopened store has the new
+/// checkpoint ahead of the log's compaction, replays the log after it, and compacts again.
+#[tokio::test]
+async fn a_compaction_cut_between_checkpoint_and_log_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail_compact = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let redb = event_log::RedbStore::open(
+        dir.path().join(event_log::STORE_FILE),
+        event_log::RedbOptions::default(),
+    )
+    .unwrap();
+    let flaky = Flaky {
+        inner: redb,
+        fail: Default::default(),
+        fail_compact: fail_compact.clone(),
+    };
+    let s = Store::open_with_log_store(dir.path(), config(), std::sync::Arc::new(flaky))
+        .await
+        .unwrap();
+    for i in 0..40 {
+        s.put(format!("k{i:02}"), "a", PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let first = s.current_revision();
+    s.compact(first).await.unwrap();
+    for i in 0..20 {
+        s.put(format!("k{i:02}"), "b", PutOptions::default())
+            .await
+            .unwrap();
+    }
+    s.delete_range(KeyRange::key("k39"), false).await.unwrap();
+    let second = s.current_revision();
+    fail_compact.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(s.compact(second).await.is_err());
+    // The checkpoint was written before the log's compaction failed.
+    assert_eq!(s.last_checkpoint().unwrap().revision, second);
+    let want = s
+        .range(RangeRequest::new(KeyRange::all()))
+        .await
+        .unwrap()
+        .kvs;
+    let _ = s.close().await;
+    drop(s);
+
+    let s = open(&dir).await;
+    assert_eq!(s.checkpoint_revision(), second);
+    assert_eq!(
+        s.compacted_revision(),
+        first,
+        "the log kept its old compaction"
+    );
+    assert_eq!(
+        s.range(RangeRequest::new(KeyRange::all()))
+            .await
+            .unwrap()
+            .kvs,
+        want
+    );
+    // History between the two is still served, and the next compaction goes through.
+    let old = s
+        .range(RangeRequest::key("k00").revision(first))
+        .await
+        .unwrap();
+    assert_eq!(old.kvs[0].value, "a");
+    s.put("k00", "c", PutOptions::default()).await.unwrap();
+    s.put("k01", "c", PutOptions::default()).await.unwrap();
+    s.compact(s.current_revision()).await.unwrap();
+    let next = s.last_checkpoint().unwrap();
+    assert_eq!((next.from, next.rows), (second, 2));
+    s.close().await.unwrap();
 }

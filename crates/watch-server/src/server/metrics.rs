@@ -414,7 +414,7 @@ impl Collector for StoreCollector {
         gauge(
             &mut encoder,
             "keywatch_db_size_bytes",
-            "Size of the data files on disk (event log, state snapshot, lease records)",
+            "Size of the data files on disk (event log, persisted state, lease records)",
             to_i64(store.disk_size()),
         )?;
         gauge(
