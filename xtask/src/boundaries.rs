@@ -39,6 +39,8 @@ enum Check {
     EtcdClientDevOnly,
     /// No `tests/*.rs` beside `tests/it/`.
     OneTestBinary,
+    /// Redb files are created only in [`REDB_CREATE_FILE`].
+    RedbCreate,
 }
 
 /// A boundary rule: its text (quoted verbatim in ARCHITECTURE.md) and its check.
@@ -134,6 +136,13 @@ const RULES: &[Rule] = &[
                its modules), never as a top-level `tests/*.rs`.",
         check: Check::OneTestBinary,
     },
+    Rule {
+        text: "A redb file is created only by `event_log::files::open_or_create_redb` \
+               (built under a temporary name, renamed into place once whole): no other \
+               product code that names `redb::` calls `Database::create` or a builder's \
+               `.create(`.",
+        check: Check::RedbCreate,
+    },
 ];
 
 /// Metrics crates: only watch-server exports metrics.
@@ -213,6 +222,7 @@ pub(crate) fn check(root: &Path) -> Result<()> {
             Check::NoAnyhowInLibs => problems.extend(no_anyhow_in_libs(&ws)),
             Check::EtcdClientDevOnly => problems.extend(etcd_client_dev_only(&ws)),
             Check::OneTestBinary => problems.extend(one_test_binary(&ws)?),
+            Check::RedbCreate => problems.extend(redb_create(&ws)),
         }
         if problems.is_empty() {
             eprintln!("xtask: boundary rule {} ok: {}", i + 1, rule.text);
@@ -500,6 +510,31 @@ fn no_spawn(ws: &Workspace) -> Vec<String> {
         for (line, text) in code.skeleton.lines().enumerate() {
             let squashed: String = text.split_whitespace().collect();
             if squashed.contains("spawn(") {
+                problems.push(format!("{path}:{}: {}", line + 1, text.trim()));
+            }
+        }
+    }
+    problems
+}
+
+/// The one file allowed to create redb files.
+const REDB_CREATE_FILE: &str = "crates/event-log/src/files.rs";
+
+/// `Database::create` or `.create(` (files and directories aside) in product code that names
+/// `redb::`, outside [`REDB_CREATE_FILE`].
+fn redb_create(ws: &Workspace) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (path, code) in &ws.files {
+        if path == REDB_CREATE_FILE || !code.skeleton.contains("redb::") {
+            continue;
+        }
+        for (line, text) in code.skeleton.lines().enumerate() {
+            let squashed: String = text.split_whitespace().collect();
+            let create = squashed.contains("Database::create")
+                || (squashed.contains(".create(")
+                    && !squashed.contains("File::create")
+                    && !squashed.contains("create_dir"));
+            if create {
                 problems.push(format!("{path}:{}: {}", line + 1, text.trim()));
             }
         }

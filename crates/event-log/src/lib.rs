@@ -106,6 +106,7 @@
 pub mod codec;
 mod config;
 mod error;
+pub mod files;
 mod log;
 mod observer;
 mod store;

@@ -180,7 +180,9 @@ impl RedbStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self, LogError> {
         let path = path.as_ref().to_owned();
-        Self::guarded_open(options, move |b| b.create(&path))
+        Self::guarded_open(options, move |b| {
+            crate::files::open_or_create_redb(b, &path)
+        })
     }
 
     /// Opens (or creates) a store on a custom redb storage backend, e.g. one that injects

@@ -244,7 +244,7 @@ impl StateDb {
         let path = dir.join(STATE_FILE);
         let opener = opener.unwrap_or_else(|| {
             let path = path.clone();
-            Box::new(move |b: &redb::Builder| b.create(&path))
+            Box::new(move |b: &redb::Builder| event_log::files::open_or_create_redb(b, &path))
         });
         let mut builder = redb::Database::builder();
         builder.set_cache_size(CACHE_BYTES);
@@ -503,8 +503,6 @@ pub(crate) fn migrate(dir: &Path, db: &StateDb) -> Result<(), StoreError> {
     }
     // Only once the table is durable (`replace` fsyncs).
     std::fs::remove_file(&legacy).map_err(|e| err(&legacy, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| err(dir, e))?;
+    event_log::files::sync_dir(dir).map_err(|e| err(dir, e))?;
     Ok(())
 }

@@ -224,7 +224,8 @@ impl LeaseDb {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let db = redb::Database::create(&path).map_err(|e| err(&e))?;
+        let db = event_log::files::open_or_create_redb(&redb::Database::builder(), &path)
+            .map_err(|e| err(&e))?;
         let records = (|| -> Result<Vec<(i64, i64)>, redb::Error> {
             let txn = db.begin_write()?;
             txn.open_table(LEASES)?;
@@ -374,7 +375,8 @@ pub(crate) fn write_records(dir: &Path, records: &[(i64, i64)]) -> Result<(), St
         path: path.display().to_string(),
         message: e.to_string(),
     };
-    let db = redb::Database::create(&path).map_err(|e| err(&e))?;
+    let db = event_log::files::open_or_create_redb(&redb::Database::builder(), &path)
+        .map_err(|e| err(&e))?;
     let txn = db.begin_write().map_err(|e| err(&e))?;
     {
         let mut table = txn.open_table(LEASES).map_err(|e| err(&e))?;

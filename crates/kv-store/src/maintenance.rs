@@ -517,9 +517,7 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
             log.compact(compacted)?;
         }
     }
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))?;
+    event_log::files::sync_dir(dir).map_err(|e| io_err(dir, e))?;
     Ok(RestoreInfo {
         revision,
         compacted,

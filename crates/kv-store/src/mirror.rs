@@ -30,7 +30,6 @@
 //! [`StoreError::MirrorReadOnly`] (they go to the upstream) and watches outside the scope
 //! fail with [`StoreError::OutsideMirror`].
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -188,19 +187,11 @@ pub(super) fn load_floor(dir: &Path) -> Result<Revision, StoreError> {
 
 fn write_floor(dir: &Path, floor: Revision) -> Result<(), StoreError> {
     let path = dir.join(MIRROR_FLOOR_FILE);
-    let tmp = dir.join(format!("{MIRROR_FLOOR_FILE}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(format!("{floor}\n").as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
-    };
-    write().map_err(|e| StoreError::Snapshot {
-        path: path.display().to_string(),
-        message: e.to_string(),
+    event_log::files::replace_file(&path, format!("{floor}\n").as_bytes()).map_err(|e| {
+        StoreError::Snapshot {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
     })
 }
 

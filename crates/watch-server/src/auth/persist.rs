@@ -62,7 +62,8 @@ impl AuthDb {
             path: path.display().to_string(),
             message: e.to_string(),
         };
-        let db = redb::Database::create(&path).map_err(|e| storage(&e))?;
+        let db = event_log::files::open_or_create_redb(&redb::Database::builder(), &path)
+            .map_err(|e| storage(&e))?;
         let raw = (|| -> Result<Option<Vec<u8>>, redb::Error> {
             let txn = db.begin_read()?;
             let table = match txn.open_table(RECORDS) {
@@ -141,7 +142,8 @@ pub(crate) fn write_record(dir: &Path, raw: &[u8]) -> Result<(), AuthStoreError>
             &"exists: restore needs a data directory without one",
         ));
     }
-    let db = redb::Database::create(&path).map_err(|e| storage(&e))?;
+    let db = event_log::files::open_or_create_redb(&redb::Database::builder(), &path)
+        .map_err(|e| storage(&e))?;
     let txn = db.begin_write().map_err(|e| storage(&e))?;
     txn.open_table(RECORDS)
         .map_err(|e| storage(&e))?

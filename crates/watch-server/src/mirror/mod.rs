@@ -297,18 +297,8 @@ impl Meta {
 
     /// Writes atomically (tmp + fsync + rename + dir fsync).
     fn store(&self, dir: &Path) -> Result<(), String> {
-        use std::io::Write;
         let text = toml::to_string(self).map_err(|e| e.to_string())?;
-        let tmp = dir.join(format!("{MIRROR_META_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, Self::path(dir))?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| e.to_string())
+        event_log::files::replace_file(&Self::path(dir), text.as_bytes()).map_err(|e| e.to_string())
     }
 }
 
