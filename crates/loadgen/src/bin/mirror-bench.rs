@@ -1166,6 +1166,14 @@ async fn main() -> Result<()> {
         rows.idle
             .extend(per.into_iter().map(|(t, runs)| (n, t, runs)));
     }
+    // A tier whose registrations timed out still holds its backlog of create requests
+    // (grpc-proxy keeps opening upstream watches for streams that are gone), which would
+    // starve the next phase: every later phase starts on freshly started tiers.
+    for t in [Tier::Keywatch, Tier::Proxy] {
+        b.kill(t);
+        b.settled_watchers().await?;
+        b.restart(t).await?;
+    }
 
     eprintln!(
         "mirror-bench: idle watchers done at {:.1?}",
