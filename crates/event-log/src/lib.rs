@@ -21,6 +21,9 @@
 //!   with [`LogError::Compacted`].
 //! - **Integrity.** redb never exposes a torn commit; each record also carries a CRC-32, so a
 //!   damaged value is reported as [`LogError::Corrupt`], never returned as data.
+//! - **Crash-safe files.** [`files`] creates redb files whole (under a temporary name, then
+//!   renamed) and replaces small files whole; every crate with files in a data directory uses
+//!   it, so a kill at any instant leaves them openable.
 //!
 //! - **Observability.** A [`LogObserver`] set with [`EventLog::set_observer`] hears about every
 //!   commit (size, duration) and every failure, for metrics; this crate has no metrics
