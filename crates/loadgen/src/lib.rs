@@ -116,8 +116,9 @@ pub struct Sizes {
     /// Paced fan-out: watchers, puts, puts/s. Run twice: on a quiet machine and while
     /// another process loads every core.
     pub paced: (usize, usize, f64),
-    /// Spread: watchers, puts, writers.
-    pub spread: (usize, usize, usize),
+    /// Spread: watchers, puts, and the writer counts (one case each; the issue-14 targets
+    /// are judged on the first).
+    pub spread: (usize, usize, Vec<usize>),
     /// History: watchers, past events.
     pub history: (usize, usize),
     /// Register: watchers, connections.
@@ -153,7 +154,7 @@ impl Sizes {
             fanout_events: 500_000,
             fanout_puts: (50, 2_000),
             paced: (1_000, 2_500, 500.0),
-            spread: (1_000, 20_000, 64),
+            spread: (1_000, 20_000, vec![8, 64]),
             history: (100, 10_000),
             register: (50_000, 4),
             stalled: (100, 1_000, 300, 100.0),
@@ -176,7 +177,7 @@ impl Sizes {
             fanout_events: 2_000,
             fanout_puts: (20, 50),
             paced: (10, 20, 200.0),
-            spread: (20, 200, 4),
+            spread: (20, 200, vec![4]),
             history: (5, 200),
             register: (500, 2),
             stalled: (5, 20, 20, 200.0),
@@ -214,11 +215,15 @@ impl Sizes {
         let (h, s, p, r) = self.stalled;
         let groups = vec![
             fanout,
-            vec![Case::Spread {
-                watchers: self.spread.0,
-                puts: self.spread.1,
-                writers: self.spread.2,
-            }],
+            self.spread
+                .2
+                .iter()
+                .map(|&writers| Case::Spread {
+                    watchers: self.spread.0,
+                    puts: self.spread.1,
+                    writers,
+                })
+                .collect(),
             vec![Case::History {
                 watchers: self.history.0,
                 puts: self.history.1,

@@ -470,6 +470,7 @@ async fn spread(
     }
     let channels = writer_channels(&server.endpoint, 4).await?;
     streams.counters.expect_events(puts as u64);
+    let cpu0 = server.cpu_seconds();
     let t0 = Instant::now();
     let written = client::put_unpaced(
         &channels,
@@ -481,6 +482,15 @@ async fn spread(
     )
     .await;
     let write_s = t0.elapsed().as_secs_f64();
+    // The server's CPU over the writes (their deliveries included), per acknowledged put.
+    if let (Some(a), Some(b)) = (cpu0, server.cpu_seconds())
+        && !written.puts.is_empty()
+    {
+        c.metric(
+            "server_cpu_us_per_put",
+            (b - a).max(0.0) * 1e6 / written.puts.len() as f64,
+        );
+    }
     streams.counters.wait_events(puts as u64, IDLE_GUARD).await;
     let groups = streams.specs.len();
     let outcomes = streams.finish().await;
