@@ -85,7 +85,11 @@
 //!   per key after a revision (what a read at a past revision needs), compact in bounded steps,
 //!   retention target) and `RedbStore`, the default: tables `changes` (revision → record),
 //!   `key_index` ((key, revision) → ()) and `meta` (format version, last and compacted revision,
-//!   record count and bytes).
+//!   record count and bytes, key-index bytes). The counters are updated in the transaction that
+//!   appends or compacts, so the bytes in use (`LogStore::bytes_in_use`, served from memory by
+//!   `EventLog::bytes_in_use`: records and index entries with a documented per-entry
+//!   overhead, an upper bound of the live data) never need a walk; a store from before the
+//!   index counter gets it at open.
 //! - `codec`: versioned, length-prefixed binary record with a CRC-32 per change set.
 //! - `config`: `LogConfig`, `Durability` (`Fsync` / `NoSync` for tests; the one durability type, kv-store re-exports it), `RetentionPolicy`.
 //! - `error`: `LogError` (`#[non_exhaustive]`, `Clone` so one failed commit reaches every waiter).

@@ -49,6 +49,9 @@ struct State {
     last: AtomicU64,
     /// Current compaction revision (0: never compacted). Written by the writer only.
     compacted: AtomicU64,
+    /// The store's [`LogStore::bytes_in_use`] after the last commit or compaction step. Written
+    /// by the writer only (and at open).
+    in_use: AtomicU64,
     /// Set once, by the writer, when a commit fails; never cleared.
     poison: OnceLock<String>,
     /// Told about every commit, once set ([`EventLog::set_observer`]).
@@ -125,6 +128,7 @@ impl EventLog {
     pub fn with_store(store: Arc<dyn LogStore>, config: LogConfig) -> Result<Self, LogError> {
         let last = store.last_revision()?;
         let compacted = store.compacted_revision()?;
+        let in_use = store.bytes_in_use();
         let config = LogConfig {
             batch_size: config.batch_size.max(1),
             queue_capacity: config.queue_capacity.max(1),
@@ -135,6 +139,7 @@ impl EventLog {
             config,
             last: AtomicU64::new(last),
             compacted: AtomicU64::new(compacted),
+            in_use: AtomicU64::new(in_use),
             poison: OnceLock::new(),
             observer: OnceLock::new(),
         });
@@ -255,6 +260,21 @@ impl EventLog {
     /// The compaction revision: revisions below it are gone (0 when never compacted).
     pub fn compacted_revision(&self) -> Revision {
         self.state.compacted.load(Ordering::Acquire)
+    }
+
+    /// Bytes of live data the log holds ([`LogStore::bytes_in_use`]: records and key index,
+    /// with their per-entry bookkeeping; 0 for a store that does not count), as of the last
+    /// commit or compaction step. A memory read, cheap enough for every write's quota check;
+    /// unlike the file's length it falls when a compaction drops history.
+    pub fn bytes_in_use(&self) -> u64 {
+        self.state.in_use.load(Ordering::Acquire)
+    }
+
+    /// [`EventLog::bytes_in_use`] recomputed by walking every record and index entry
+    /// ([`LogStore::recount_bytes_in_use`]): O(n) and blocking, a check of the counters for
+    /// tests and offline tools. Equal to `bytes_in_use` when no commit runs meanwhile.
+    pub fn recount_bytes_in_use(&self) -> Result<u64, LogError> {
+        self.state.store.recount_bytes_in_use()
     }
 
     /// The oldest revision a read can return: the compaction revision, or 1.
@@ -620,6 +640,7 @@ impl Writer {
             Ok(()) => {
                 self.last = last;
                 self.state.last.store(last, Ordering::Release);
+                self.refresh_in_use();
                 for (rev, reply) in replies {
                     let _ = reply.send(Ok(rev));
                 }
@@ -662,10 +683,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Publishes the store's bytes in use after a commit or a compaction step.
+    fn refresh_in_use(&self) {
+        self.state
+            .in_use
+            .store(self.state.store.bytes_in_use(), Ordering::Release);
+    }
+
     /// Compacts to `revision` at once (retention).
     fn compact(&mut self, revision: Revision) -> Result<(), LogError> {
         self.check_compact(revision)?;
         let result = self.state.store.compact(revision);
+        // Some steps may have committed even when a later one failed.
+        self.refresh_in_use();
         self.compacted(revision, result)
     }
 
@@ -679,6 +709,7 @@ impl Writer {
             Ok(()) => self.state.store.compact_step(revision),
             Err(e) => Err(e),
         };
+        self.refresh_in_use();
         if let Ok(false) = result {
             return;
         }

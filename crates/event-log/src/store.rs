@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use watch_core::{ChangeSet, Event, KeySelector, Revision};
@@ -111,6 +112,27 @@ pub trait LogStore: Send + Sync + 'static {
     fn defragment(&self) -> Result<bool, LogError> {
         Ok(false)
     }
+
+    /// Bytes of live data the store holds, from counters the store keeps in step with every
+    /// commit (never a walk of its data): what a space quota compares, unlike a file's
+    /// length, which grows by doubling and shrinks only on [`Self::defragment`]. Compaction
+    /// lowers it. An upper bound of the bytes the live entries take, their per-entry
+    /// bookkeeping included, not counting the free space of partly filled pages.
+    ///
+    /// The writer thread reads it after every commit and compaction step
+    /// ([`crate::EventLog::bytes_in_use`] serves the figure from memory), so it must be cheap.
+    /// The default, 0, means "not counted": a backend without counters (an in-memory or test
+    /// store) adds nothing to a quota.
+    fn bytes_in_use(&self) -> u64 {
+        0
+    }
+
+    /// [`Self::bytes_in_use`] recomputed from the data itself, walking every record (O(n)):
+    /// what the counters must equal, for tests and offline checks. The default returns
+    /// [`Self::bytes_in_use`] (a backend without counters has nothing to check).
+    fn recount_bytes_in_use(&self) -> Result<u64, LogError> {
+        Ok(self.bytes_in_use())
+    }
 }
 
 /// Revision -> encoded change set.
@@ -125,6 +147,32 @@ const META_LAST: &str = "last_revision";
 const META_COMPACTED: &str = "compacted_revision";
 const META_COUNT: &str = "record_count";
 const META_BYTES: &str = "record_bytes";
+/// Bytes of the key index's entries, each counted as [`index_entry_bytes`]. Absent from a
+/// store written before it existed: computed once at open (`RedbStore::init`).
+const META_INDEX_BYTES: &str = "index_bytes";
+
+/// Bytes counted per change set beyond its encoded record in [`RedbStore`]'s bytes in use:
+/// the revision key (8 bytes) and redb's value-length slot (4) in the `changes` leaf, rounded
+/// up to 16 for its share of branch pages.
+const RECORD_OVERHEAD_BYTES: u64 = 16;
+
+/// Bytes counted per key-index entry beyond its key and revision: the tuple's varint key
+/// length (at most 5 bytes) and redb's key-length slot (4), rounded up to 16 for the share of
+/// branch pages.
+const INDEX_ENTRY_OVERHEAD_BYTES: u64 = 16;
+
+/// The bytes one key-index entry of `key` is counted for: the key, its revision (8 bytes) and
+/// [`INDEX_ENTRY_OVERHEAD_BYTES`].
+fn index_entry_bytes(key: &[u8]) -> u64 {
+    key.len() as u64 + 8 + INDEX_ENTRY_OVERHEAD_BYTES
+}
+
+/// Bytes in use from the `meta` counters: every record with its overhead, every index entry.
+fn in_use_of(count: u64, record_bytes: u64, index_bytes: u64) -> u64 {
+    record_bytes
+        .saturating_add(count.saturating_mul(RECORD_OVERHEAD_BYTES))
+        .saturating_add(index_bytes)
+}
 
 /// The layout version of the tables above; bump on any incompatible change.
 pub(crate) const FORMAT_VERSION: u64 = 1;
@@ -174,6 +222,9 @@ pub struct RedbStore {
     /// only by [`LogStore::defragment`], since redb's `compact` needs the database to itself.
     db: Arc<parking_lot::RwLock<redb::Database>>,
     options: RedbOptions,
+    /// [`LogStore::bytes_in_use`] as of the last commit: set at open and after every commit
+    /// that changes the `meta` counters, from the values that commit wrote.
+    in_use: Arc<AtomicU64>,
 }
 
 impl RedbStore {
@@ -212,14 +263,17 @@ impl RedbStore {
         let store = Self {
             db: Arc::new(parking_lot::RwLock::new(db)),
             options,
+            in_use: Arc::new(AtomicU64::new(0)),
         };
         store.init()?;
         Ok(store)
     }
 
-    /// Creates the tables on first open and checks the format version.
+    /// Creates the tables on first open, checks the format version, and counts the key
+    /// index's bytes once for a store written before that counter existed.
     fn init(&self) -> Result<(), LogError> {
         let txn = self.begin_write()?;
+        let in_use;
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(META_FORMAT)?.map(|g| g.value());
@@ -236,9 +290,23 @@ impl RedbStore {
                 }
             }
             txn.open_table(CHANGES)?;
-            txn.open_table(KEY_INDEX)?;
+            let index = txn.open_table(KEY_INDEX)?;
+            if meta.get(META_INDEX_BYTES)?.is_none() {
+                // One walk of the index, in the same transaction as the counter it sets.
+                let mut bytes = 0u64;
+                for entry in index.iter()? {
+                    bytes += index_entry_bytes(entry?.0.value().0);
+                }
+                meta.insert(META_INDEX_BYTES, bytes)?;
+            }
+            in_use = in_use_of(
+                Self::meta_get(&meta, META_COUNT)?,
+                Self::meta_get(&meta, META_BYTES)?,
+                Self::meta_get(&meta, META_INDEX_BYTES)?,
+            );
         }
         txn.commit()?;
+        self.in_use.store(in_use, Ordering::Release);
         Ok(())
     }
 
@@ -288,6 +356,28 @@ impl RedbStore {
 }
 
 impl LogStore for RedbStore {
+    /// From the `meta` counters as of the last commit (an atomic load): every record's encoded
+    /// bytes plus 16 per record (its revision key and redb's length slot), and per key-index
+    /// entry its key, 8 bytes of revision and 16 more (length prefix and slot).
+    fn bytes_in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    fn recount_bytes_in_use(&self) -> Result<u64, LogError> {
+        // Held until the transaction ends: `defragment` must not run under a live read.
+        let db = self.db.read();
+        let txn = db.begin_read()?;
+        let (mut count, mut bytes, mut index_bytes) = (0u64, 0u64, 0u64);
+        for entry in txn.open_table(CHANGES)?.iter()? {
+            count += 1;
+            bytes += entry?.1.value().len() as u64;
+        }
+        for entry in txn.open_table(KEY_INDEX)?.iter()? {
+            index_bytes += index_entry_bytes(entry?.0.value().0);
+        }
+        Ok(in_use_of(count, bytes, index_bytes))
+    }
+
     fn defragment(&self) -> Result<bool, LogError> {
         // Waits for in-flight reads; new ones wait for the compaction.
         let mut db = self.db.write();
@@ -299,25 +389,34 @@ impl LogStore for RedbStore {
             return Ok(());
         };
         let txn = self.begin_write()?;
+        let in_use;
         {
             let mut changes = txn.open_table(CHANGES)?;
             let mut index = txn.open_table(KEY_INDEX)?;
             let mut meta = txn.open_table(META)?;
             let mut bytes = 0u64;
+            let mut index_bytes = 0u64;
             for rec in batch {
                 changes.insert(rec.revision, rec.bytes.as_slice())?;
                 for key in &rec.keys {
-                    index.insert((key.as_ref(), rec.revision), ())?;
+                    // Counted only when new: a key twice in one change set is one entry.
+                    if index.insert((key.as_ref(), rec.revision), ())?.is_none() {
+                        index_bytes += index_entry_bytes(key);
+                    }
                 }
                 bytes += rec.bytes.len() as u64;
             }
             let count = Self::meta_get(&meta, META_COUNT)? + batch.len() as u64;
             let total = Self::meta_get(&meta, META_BYTES)? + bytes;
+            let index_total = Self::meta_get(&meta, META_INDEX_BYTES)? + index_bytes;
             meta.insert(META_COUNT, count)?;
             meta.insert(META_BYTES, total)?;
+            meta.insert(META_INDEX_BYTES, index_total)?;
             meta.insert(META_LAST, newest.revision)?;
+            in_use = in_use_of(count, total, index_total);
         }
         txn.commit()?;
+        self.in_use.store(in_use, Ordering::Release);
         Ok(())
     }
 
@@ -474,6 +573,7 @@ impl LogStore for RedbStore {
     fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
         let txn = self.begin_write()?;
         let done;
+        let in_use;
         {
             let mut changes = txn.open_table(CHANGES)?;
             let mut index = txn.open_table(KEY_INDEX)?;
@@ -487,15 +587,21 @@ impl LogStore for RedbStore {
             }
             done = doomed.len() < COMPACT_CHUNK;
             let mut bytes = 0;
+            let mut index_bytes = 0;
             for (rev, len, cs) in &doomed {
                 changes.remove(*rev)?;
                 for e in &cs.events {
-                    index.remove((e.key(), *rev))?;
+                    // Counted only when found, as `append_batch` counts only what it added.
+                    if index.remove((e.key(), *rev))?.is_some() {
+                        index_bytes += index_entry_bytes(e.key());
+                    }
                 }
                 bytes += len;
             }
             let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
             let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
+            let index_total =
+                Self::meta_get(&meta, META_INDEX_BYTES)?.saturating_sub(index_bytes);
             // An intermediate step compacts to just past what it deleted, never beyond the
             // requested revision, so the persisted value only grows.
             let reached = match doomed.last() {
@@ -506,8 +612,11 @@ impl LogStore for RedbStore {
             meta.insert(META_COMPACTED, reached.max(previous))?;
             meta.insert(META_COUNT, count)?;
             meta.insert(META_BYTES, total)?;
+            meta.insert(META_INDEX_BYTES, index_total)?;
+            in_use = in_use_of(count, total, index_total);
         }
         txn.commit()?;
+        self.in_use.store(in_use, Ordering::Release);
         Ok(done)
     }
 
