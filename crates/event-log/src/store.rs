@@ -600,8 +600,7 @@ impl LogStore for RedbStore {
             }
             let count = Self::meta_get(&meta, META_COUNT)?.saturating_sub(doomed.len() as u64);
             let total = Self::meta_get(&meta, META_BYTES)?.saturating_sub(bytes);
-            let index_total =
-                Self::meta_get(&meta, META_INDEX_BYTES)?.saturating_sub(index_bytes);
+            let index_total = Self::meta_get(&meta, META_INDEX_BYTES)?.saturating_sub(index_bytes);
             // An intermediate step compacts to just past what it deleted, never beyond the
             // requested revision, so the persisted value only grows.
             let reached = match doomed.last() {

@@ -13,9 +13,9 @@
 //! event, and writes one row per distinct changed key (a put upserts it, a delete removes it)
 //! plus the meta rows, in **one** redb transaction committed with `Durability::Immediate`
 //! (one fsync). Bytes written follow the keys changed since the last checkpoint, not the size
-//! of the state. The fold holds at most [`FOLD_BUDGET_BYTES`] of keys and values; a larger
-//! window is written in several flushes inside the same transaction (a key changed in two of
-//! them is written twice). Nothing here takes the store's write lock: the window is history,
+//! of the state. The fold holds at most [`crate::StoreConfig::checkpoint_fold_bytes`] (64 MiB
+//! by default) of keys and values; a larger window is written in several flushes inside the
+//! same transaction (a key changed in two of them is written twice). Nothing here takes the store's write lock: the window is history,
 //! which never changes, so writers go on while a checkpoint runs.
 //!
 //! Opening streams the table row by row into the state map (no whole-file read into memory).
@@ -25,7 +25,7 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `kv` | key bytes | `crc32 u32 \| create_rev u64 \| mod_rev u64 \| version u64 \| lease i64 \| value` |
-//! | `meta` | `&str` name | `u64`: `format_version` (1), `revision` (S), `rows`, `digest` |
+//! | `meta` | `&str` name | `u64`: `format_version` (1), `revision` (S), `rows`, `digest`, `row_bytes` |
 //!
 //! Little-endian. The CRC-32 covers the key and every byte after the CRC, so a damaged row or
 //! a row under the wrong key is an error at open, never data. `rows` counts the rows of `kv`
@@ -33,6 +33,15 @@
 //! transaction (an upsert subtracts the old row's CRC): at open the streamed rows must match
 //! both, so a damaged B-tree page that would make the iteration silently skip rows is an error
 //! too (redb verifies page checksums only when repairing).
+//!
+//! # Bytes in use
+//!
+//! `row_bytes` counts every row as its key, its encoded value and [`ROW_OVERHEAD_BYTES`],
+//! kept in step by the same transactions (an upsert subtracts the old row's length, a removal
+//! the removed row's): the file's share of [`crate::Store::bytes_in_use`], which the space
+//! quota compares. A file's length is no such figure: redb grows it by doubling and never
+//! shrinks it without a defragmentation. Open streams every row anyway, so it recomputes the
+//! sum there and writes it when the counter is missing (a file from before it existed).
 //!
 //! # Crash safety
 //!
@@ -52,6 +61,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -74,6 +84,8 @@ const META_FORMAT: &str = "format_version";
 const META_REVISION: &str = "revision";
 const META_ROWS: &str = "rows";
 const META_DIGEST: &str = "digest";
+/// Bytes of the rows, each counted by [`row_bytes`] (see the module docs).
+const META_ROW_BYTES: &str = "row_bytes";
 
 /// The layout version of the tables above; bump on any incompatible change.
 const FORMAT_VERSION: u64 = 1;
@@ -81,9 +93,14 @@ const FORMAT_VERSION: u64 = 1;
 /// Bytes of a row's value before the key-value's value: crc, create, mod, version, lease.
 const ROW_HEADER: usize = 4 + 8 + 8 + 8 + 8;
 
-/// Most bytes of keys and values (plus 64 bytes of bookkeeping per key) a checkpoint folds in
-/// memory before writing them into its transaction.
-pub(crate) const FOLD_BUDGET_BYTES: usize = 64 << 20;
+/// Bytes counted per row beyond its key and encoded value: redb's key- and value-length
+/// slots (4 + 4) in the leaf, rounded up to 16 for the row's share of branch pages.
+const ROW_OVERHEAD_BYTES: u64 = 16;
+
+/// The bytes in use of a row of a `key_len`-byte key and a `row_len`-byte encoded value.
+fn row_bytes(key_len: usize, row_len: usize) -> u64 {
+    (key_len + row_len) as u64 + ROW_OVERHEAD_BYTES
+}
 
 /// Change sets read from the event log per chunk while folding a checkpoint window.
 const FOLD_CHUNK: usize = 1024;
@@ -109,6 +126,10 @@ pub struct CheckpointInfo {
     pub removed: u64,
     /// Bytes of the rows upserted (keys and encoded values).
     pub bytes: u64,
+    /// Times the fold was written into the transaction: 1 when the window's changes fit
+    /// [`crate::StoreConfig::checkpoint_fold_bytes`], more for a larger window, 0 when
+    /// nothing changed.
+    pub flushes: u64,
     /// Keys in the table after the checkpoint.
     pub keys: u64,
     /// Wall time of the checkpoint, fold and commit (fsync) included.
@@ -125,6 +146,8 @@ pub(crate) type Opener =
 pub(crate) struct StateDb {
     db: parking_lot::Mutex<redb::Database>,
     path: PathBuf,
+    /// `row_bytes` as of the last commit (0 until [`StateDb::load`] or a commit sets it).
+    in_use: AtomicU64,
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -193,11 +216,14 @@ fn meta_get(meta: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<
     Ok(meta.get(name)?.map_or(0, |g| g.value()))
 }
 
-/// One open write transaction's table updates, keeping `rows` and `digest` in step.
+/// One open write transaction's table updates, keeping `rows`, `digest` and `row_bytes` in
+/// step.
 struct Writer<'t> {
     kv: redb::Table<'t, &'static [u8], &'static [u8]>,
     rows: u64,
     digest: u64,
+    /// `row_bytes`: see [`row_bytes`].
+    bytes: u64,
     info: CheckpointInfo,
 }
 
@@ -206,10 +232,17 @@ impl Writer<'_> {
         let (row, crc) = encode_row(kv);
         let old = self.kv.insert(kv.key.as_ref(), row.as_slice())?;
         match old {
-            Some(old) => self.digest = self.digest.wrapping_sub(stored_crc(old.value()).into()),
+            Some(old) => {
+                self.digest = self.digest.wrapping_sub(stored_crc(old.value()).into());
+                // Saturating: a counter off by a bug must not wrap to a huge figure.
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(row_bytes(kv.key.len(), old.value().len()));
+            }
             None => self.rows += 1,
         }
         self.digest = self.digest.wrapping_add(crc.into());
+        self.bytes += row_bytes(kv.key.len(), row.len());
         self.info.rows += 1;
         self.info.bytes += (kv.key.len() + row.len()) as u64;
         Ok(())
@@ -219,6 +252,9 @@ impl Writer<'_> {
         let old = self.kv.remove(key)?;
         if let Some(old) = old {
             self.digest = self.digest.wrapping_sub(stored_crc(old.value()).into());
+            self.bytes = self
+                .bytes
+                .saturating_sub(row_bytes(key.len(), old.value().len()));
             self.rows -= 1;
         }
         self.info.rows += 1;
@@ -228,6 +264,10 @@ impl Writer<'_> {
 
     /// Writes every folded key (its last event of the window) and empties the fold.
     fn flush(&mut self, fold: &mut BTreeMap<Bytes, Option<KeyValue>>) -> Result<(), redb::Error> {
+        if fold.is_empty() {
+            return Ok(());
+        }
+        self.info.flushes += 1;
         for (key, kv) in std::mem::take(fold) {
             match kv {
                 Some(kv) => self.put(&kv)?,
@@ -256,6 +296,7 @@ impl StateDb {
         let state = StateDb {
             db: parking_lot::Mutex::new(db),
             path,
+            in_use: AtomicU64::new(0),
         };
         state.init()?;
         Ok(state)
@@ -301,16 +342,18 @@ impl StateDb {
 
     /// Streams the table into `state` (which must be empty) and returns the checkpoint
     /// revision. Every row's CRC is checked, and the rows read must match the stored row count
-    /// and digest.
+    /// and digest. The rows' bytes in use are summed on the way; a file without the
+    /// `row_bytes` counter (or, after a bug, with a wrong one) gets the sum written.
     pub(crate) fn load(&self, state: &mut KvState) -> Result<Revision, StoreError> {
         let db = self.db.lock();
-        let mut run = || -> Result<Result<Revision, String>, redb::Error> {
+        let mut run = || -> Result<Result<(Revision, u64, Option<u64>), String>, redb::Error> {
             let txn = db.begin_read()?;
             let meta = txn.open_table(META)?;
             let revision = meta_get(&meta, META_REVISION)?;
             let (rows, digest) = (meta_get(&meta, META_ROWS)?, meta_get(&meta, META_DIGEST)?);
+            let stored_bytes = meta.get(META_ROW_BYTES)?.map(|g| g.value());
             let kv = txn.open_table(KV)?;
-            let (mut seen, mut sum) = (0u64, 0u64);
+            let (mut seen, mut sum, mut bytes) = (0u64, 0u64, 0u64);
             for row in kv.iter()? {
                 let (k, v) = row?;
                 let (kv, crc) = match decode_row(k.value(), v.value()) {
@@ -319,6 +362,7 @@ impl StateDb {
                 };
                 seen += 1;
                 sum = sum.wrapping_add(crc.into());
+                bytes += row_bytes(k.value().len(), v.value().len());
                 state.map.insert(kv.key.clone(), kv);
             }
             if (seen, sum) != (rows, digest) {
@@ -327,25 +371,66 @@ impl StateDb {
                      (digest {digest:#x}): rows are missing or damaged"
                 )));
             }
-            Ok(Ok(revision))
+            Ok(Ok((revision, bytes, stored_bytes)))
         };
-        let revision = run()
+        let (revision, bytes, stored_bytes) = run()
             .map_err(|e| err(&self.path, e))?
             .map_err(|e| err(&self.path, e))?;
+        if stored_bytes != Some(bytes) {
+            if let Some(stored) = stored_bytes {
+                tracing::warn!(
+                    stored,
+                    counted = bytes,
+                    "state.redb's row_bytes counter was off; rewriting it"
+                );
+            }
+            let write = || -> Result<(), redb::Error> {
+                let txn = begin_write(&db)?;
+                txn.open_table(META)?.insert(META_ROW_BYTES, bytes)?;
+                txn.commit()?;
+                Ok(())
+            };
+            write().map_err(|e| err(&self.path, e))?;
+        }
+        self.in_use.store(bytes, Ordering::Release);
         state.revision = revision;
         state.index_leases();
         Ok(revision)
     }
 
+    /// Bytes in use of the rows (the `row_bytes` counter, see the module docs) as of the last
+    /// commit or [`StateDb::load`]: a memory read.
+    pub(crate) fn bytes_in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// [`StateDb::bytes_in_use`] recomputed by walking every row (O(n), blocking): a check of
+    /// the counter.
+    pub(crate) fn recount_bytes_in_use(&self) -> Result<u64, StoreError> {
+        let db = self.db.lock();
+        let run = || -> Result<u64, redb::Error> {
+            let txn = db.begin_read()?;
+            let mut bytes = 0u64;
+            for row in txn.open_table(KV)?.iter()? {
+                let (k, v) = row?;
+                bytes += row_bytes(k.value().len(), v.value().len());
+            }
+            Ok(bytes)
+        };
+        run().map_err(|e| err(&self.path, e))
+    }
+
     /// Brings the checkpoint from `from` (its current revision) to `to` with the changes the
     /// event log holds in `(from, to]`: one row per distinct key changed, in one durable
-    /// transaction. The caller makes sure `to` is durable and that the log still holds
-    /// `from + 1`.
+    /// transaction, folding at most `fold_budget` bytes of keys and values (plus 64 per event)
+    /// in memory between flushes into the transaction. The caller makes sure `to` is durable
+    /// and that the log still holds `from + 1`.
     pub(crate) fn checkpoint(
         &self,
         log: &EventLog,
         from: Revision,
         to: Revision,
+        fold_budget: usize,
     ) -> Result<CheckpointInfo, StoreError> {
         let started = Instant::now();
         let db = self.db.lock();
@@ -356,11 +441,12 @@ impl StateDb {
             rows: 0,
             removed: 0,
             bytes: 0,
+            flushes: 0,
             keys: 0,
             elapsed: Duration::ZERO,
         };
         let mut log_error = None;
-        let mut run = || -> Result<CheckpointInfo, redb::Error> {
+        let mut run = || -> Result<(CheckpointInfo, u64), redb::Error> {
             let txn = begin_write(&db)?;
             let info = {
                 let mut meta = txn.open_table(META)?;
@@ -374,6 +460,7 @@ impl StateDb {
                     kv: txn.open_table(KV)?,
                     rows: meta_get(&meta, META_ROWS)?,
                     digest: meta_get(&meta, META_DIGEST)?,
+                    bytes: meta_get(&meta, META_ROW_BYTES)?,
                     info: base,
                 };
                 let mut fold: BTreeMap<Bytes, Option<KeyValue>> = BTreeMap::new();
@@ -401,7 +488,7 @@ impl StateDb {
                             fold.insert(key, kv);
                         }
                     }
-                    if fold_bytes >= FOLD_BUDGET_BYTES {
+                    if fold_bytes >= fold_budget {
                         w.flush(&mut fold)?;
                         fold_bytes = 0;
                     }
@@ -410,8 +497,9 @@ impl StateDb {
                 meta.insert(META_REVISION, to)?;
                 meta.insert(META_ROWS, w.rows)?;
                 meta.insert(META_DIGEST, w.digest)?;
+                meta.insert(META_ROW_BYTES, w.bytes)?;
                 w.info.keys = w.rows;
-                w.info
+                (w.info, w.bytes)
             };
             txn.commit()?;
             Ok(info)
@@ -420,7 +508,8 @@ impl StateDb {
         if let Some(e) = log_error {
             return Err(crate::log_err(e));
         }
-        let mut info = result.map_err(|e| err(&self.path, e))?;
+        let (mut info, bytes) = result.map_err(|e| err(&self.path, e))?;
+        self.in_use.store(bytes, Ordering::Release);
         info.elapsed = started.elapsed();
         Ok(info)
     }
@@ -433,14 +522,15 @@ impl StateDb {
         kvs: impl IntoIterator<Item = KeyValue>,
     ) -> Result<(), StoreError> {
         let db = self.db.lock();
-        let run = || -> Result<(), redb::Error> {
+        let run = || -> Result<u64, redb::Error> {
             let txn = begin_write(&db)?;
-            {
+            let bytes = {
                 let mut meta = txn.open_table(META)?;
                 let mut w = Writer {
                     kv: txn.open_table(KV)?,
                     rows: 0,
                     digest: 0,
+                    bytes: 0,
                     info: CheckpointInfo {
                         from: 0,
                         revision,
@@ -448,6 +538,7 @@ impl StateDb {
                         rows: 0,
                         removed: 0,
                         bytes: 0,
+                        flushes: 0,
                         keys: 0,
                         elapsed: Duration::ZERO,
                     },
@@ -459,11 +550,15 @@ impl StateDb {
                 meta.insert(META_REVISION, revision)?;
                 meta.insert(META_ROWS, w.rows)?;
                 meta.insert(META_DIGEST, w.digest)?;
-            }
+                meta.insert(META_ROW_BYTES, w.bytes)?;
+                w.bytes
+            };
             txn.commit()?;
-            Ok(())
+            Ok(bytes)
         };
-        run().map_err(|e| err(&self.path, e))
+        let bytes = run().map_err(|e| err(&self.path, e))?;
+        self.in_use.store(bytes, Ordering::Release);
+        Ok(())
     }
 
     /// Gives the file's free pages back to the file system (redb `compact`).

@@ -136,6 +136,15 @@ pub enum StoreError {
         /// The I/O or format error.
         message: String,
     },
+    /// A [`crate::StoreConfig`] setting the store cannot run with (refused by
+    /// [`crate::Store::open`]).
+    #[error("invalid store setting {field}: {message}")]
+    InvalidConfig {
+        /// The [`crate::StoreConfig`] field.
+        field: &'static str,
+        /// Why it was refused.
+        message: String,
+    },
     /// A watch on keys outside the prefixes a mirror replicates: the mirror has no history of
     /// them, so it refuses rather than stay silent.
     #[error("keywatch: keys outside the mirrored prefixes {scope} cannot be watched here")]
@@ -273,6 +282,8 @@ impl StoreError {
             Self::Inconsistent(_) | Self::CorruptAlarm => Etcd(EtcdKind::Corrupt),
             Self::NoSpace => Etcd(EtcdKind::NoSpace),
             Self::Backup { .. } => Own(Internal),
+            // Only from `Store::open`: a setup problem, not a request's.
+            Self::InvalidConfig { .. } => Own(Internal),
             Self::Snapshot { .. } | Self::LeaseFile { .. } => Own(Unavailable),
             Self::MirrorReadOnly | Self::OutsideMirror { .. } => Own(FailedPrecondition),
             Self::MirrorOrder { .. } | Self::MirrorDiverged { .. } => Own(Unavailable),

@@ -98,6 +98,11 @@ pub const DEFAULT_MIN_LEASE_TTL: i64 = 2;
 /// Lease ID -> granted TTL in seconds.
 const LEASES: redb::TableDefinition<'_, i64, i64> = redb::TableDefinition::new("leases");
 
+/// Bytes in use counted per live lease ([`crate::Store::bytes_in_use`]): its record's ID and
+/// TTL (8 + 8) plus 16 for redb's share of pages. An estimate from the lessor's count, not a
+/// walk of [`LEASES_FILE`].
+pub(crate) const RECORD_BYTES: u64 = 32;
+
 /// Most expired leases revoked under one hold of the write lock (their records are removed in
 /// one commit; each lease's keys still get their own revision, as in etcd). Bounds how long
 /// writers wait behind an expiry burst.

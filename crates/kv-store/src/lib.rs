@@ -104,7 +104,9 @@
 //! compaction revision, history) and [`restore`] installs one as a new data directory;
 //! [`Store::hash_kv`] hashes the state at a revision; [`Store::defragment`] returns the files'
 //! free space to the file system; [`StoreConfig::quota_bytes`] is etcd's space quota, with its
-//! NOSPACE [`Alarm`]. See `maintenance.rs` for the backup format and the quota rules.
+//! NOSPACE [`Alarm`], counted on [`Store::bytes_in_use`] (live data, kept as counters by
+//! each commit) rather than the files' lengths. See `maintenance.rs` for the backup format
+//! and the quota rules.
 //!
 //! # Invariants
 //!
@@ -206,11 +208,42 @@ pub struct StoreConfig {
     pub max_leases: usize,
     /// Smallest lease TTL in seconds; shorter grants are raised to it (etcd's default: 2).
     pub min_lease_ttl: i64,
-    /// Space quota in bytes of the data files (etcd's `--quota-backend-bytes`); 0: none (the
-    /// store's default; watch-server applies etcd's 2 GiB). See `maintenance.rs`.
+    /// Space quota in bytes (etcd's `--quota-backend-bytes`), compared with
+    /// [`Store::bytes_in_use`]; 0: none (the store's default; watch-server applies etcd's
+    /// 2 GiB). See `maintenance.rs`.
     pub quota_bytes: u64,
+    /// Most bytes of keys and values (plus 64 per event) a compaction's checkpoint folds in
+    /// memory before writing them into its transaction; a larger window is written in several
+    /// flushes (see `checkpoint.rs`). At least [`MIN_CHECKPOINT_FOLD_BYTES`]: [`Store::open`]
+    /// refuses less with [`StoreError::InvalidConfig`]. Default
+    /// [`DEFAULT_CHECKPOINT_FOLD_BYTES`] (64 MiB).
+    pub checkpoint_fold_bytes: usize,
     /// The member ID the store's own alarms are raised for (etcd's member ID).
     pub member_id: u64,
+}
+
+/// Default of [`StoreConfig::checkpoint_fold_bytes`]: 64 MiB.
+pub const DEFAULT_CHECKPOINT_FOLD_BYTES: usize = 64 << 20;
+
+/// Smallest [`StoreConfig::checkpoint_fold_bytes`]: 1 MiB. Below it a checkpoint would flush
+/// after almost every chunk of change sets it reads, writing a key changed in several chunks
+/// once per chunk, for no memory worth saving.
+pub const MIN_CHECKPOINT_FOLD_BYTES: usize = 1 << 20;
+
+impl StoreConfig {
+    /// Refuses settings the store cannot run with.
+    fn check(&self) -> Result<(), StoreError> {
+        if self.checkpoint_fold_bytes < MIN_CHECKPOINT_FOLD_BYTES {
+            return Err(StoreError::InvalidConfig {
+                field: "checkpoint_fold_bytes",
+                message: format!(
+                    "{} bytes is below the minimum of {MIN_CHECKPOINT_FOLD_BYTES}",
+                    self.checkpoint_fold_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreConfig {
@@ -224,6 +257,7 @@ impl Default for StoreConfig {
             max_leases: 1_000_000,
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
             quota_bytes: 0,
+            checkpoint_fold_bytes: DEFAULT_CHECKPOINT_FOLD_BYTES,
             member_id: 0,
         }
     }
@@ -263,6 +297,12 @@ impl StoreConfig {
     /// Sets [`StoreConfig::quota_bytes`] (0: no quota).
     pub fn quota_bytes(mut self, bytes: u64) -> Self {
         self.quota_bytes = bytes;
+        self
+    }
+    /// Sets [`StoreConfig::checkpoint_fold_bytes`] (at least [`MIN_CHECKPOINT_FOLD_BYTES`],
+    /// checked by [`Store::open`]).
+    pub fn checkpoint_fold_bytes(mut self, bytes: usize) -> Self {
+        self.checkpoint_fold_bytes = bytes;
         self
     }
     /// Sets [`StoreConfig::member_id`].
@@ -431,6 +471,7 @@ impl Store {
         log_store: Option<Arc<dyn event_log::LogStore>>,
         state_opener: Option<checkpoint::Opener>,
     ) -> Result<Store, StoreError> {
+        config.check()?;
         let dir = dir.to_path_buf();
         let log_config = LogConfig {
             durability: config.durability,
@@ -598,13 +639,47 @@ impl Store {
         self.inner.state.read().map.len()
     }
 
-    /// Bytes the data directory's files take on disk (event log, persisted state, leases).
+    /// Bytes the data directory's files take on disk (event log, persisted state, leases):
+    /// three `stat` calls. For reporting (etcd's `dbSize`); the quota counts
+    /// [`Store::bytes_in_use`], since redb grows a file by doubling it and never shrinks it
+    /// without [`Store::defragment`].
     pub fn disk_size(&self) -> u64 {
         [event_log::STORE_FILE, STATE_FILE, LEASES_FILE]
             .iter()
             .filter_map(|f| std::fs::metadata(self.inner.dir.join(f)).ok())
             .map(|m| m.len())
             .sum()
+    }
+
+    /// Bytes of live data the store holds, what the space quota
+    /// ([`StoreConfig::quota_bytes`]) compares: the event log's records and key index
+    /// ([`EventLog::bytes_in_use`]), the persisted state's rows ([`STATE_FILE`], see
+    /// `checkpoint.rs`), each with a per-entry overhead of 16 bytes, and 32 bytes per lease
+    /// record. Free and partly filled pages of the files are not counted, so it falls when a
+    /// compaction drops history, without a defragmentation. A key compacted recently is
+    /// counted twice, in the log's history and in the checkpoint, until the log drops it.
+    ///
+    /// Kept as counters updated by each commit: a few memory reads, no file system call.
+    pub fn bytes_in_use(&self) -> u64 {
+        self.inner
+            .log
+            .bytes_in_use()
+            .saturating_add(self.inner.state_db.bytes_in_use())
+            .saturating_add(self.inner.leases.count() as u64 * lease::RECORD_BYTES)
+    }
+
+    /// [`Store::bytes_in_use`] recomputed by walking the event log's tables and the persisted
+    /// state's rows: O(data), for tests and checks of the counters. Equal to `bytes_in_use`
+    /// when no write, compaction or lease change runs meanwhile.
+    pub async fn recount_bytes_in_use(&self) -> Result<u64, StoreError> {
+        let (log, db) = (self.inner.log.clone(), self.inner.state_db.clone());
+        let leases = self.inner.leases.count() as u64 * lease::RECORD_BYTES;
+        tokio::task::spawn_blocking(move || {
+            let log = log.recount_bytes_in_use().map_err(log_err)?;
+            Ok(log + db.recount_bytes_in_use()? + leases)
+        })
+        .await
+        .map_err(|e| StoreError::Inconsistent(format!("recount task failed: {e}")))?
     }
 
     /// The watch engine (to inspect it; register watches through [`Store::watch`]).
@@ -954,9 +1029,13 @@ impl Store {
             // No write lock: the checkpoint reads `(from, current]` from the log (durable
             // history never changes) and writes its own file, so writers go on meanwhile.
             let (db, log) = (self.inner.state_db.clone(), self.inner.log.clone());
-            let done = tokio::task::spawn_blocking(move || db.checkpoint(&log, from, current))
-                .await
-                .map_err(|e| StoreError::Inconsistent(format!("checkpoint task failed: {e}")))?;
+            let budget = self.inner.config.checkpoint_fold_bytes;
+            let done =
+                tokio::task::spawn_blocking(move || db.checkpoint(&log, from, current, budget))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Inconsistent(format!("checkpoint task failed: {e}"))
+                    })?;
             let info = match done {
                 Ok(info) => info,
                 Err(e) => {

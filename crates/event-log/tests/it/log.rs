@@ -160,7 +160,11 @@ async fn large_compaction_commits_in_steps() {
     // Every step (three of them) kept the counters in step with what it deleted.
     assert_eq!(log.bytes_in_use(), log.recount_bytes_in_use().unwrap());
     // 11 of 20,000 similar records are left.
-    assert!(log.bytes_in_use() < full / 1000, "{full} -> {}", log.bytes_in_use());
+    assert!(
+        log.bytes_in_use() < full / 1000,
+        "{full} -> {}",
+        log.bytes_in_use()
+    );
 }
 
 /// What one change set adds to the bytes in use: its encoded record plus 16, and per distinct

@@ -106,6 +106,55 @@ async fn a_compaction_writes_one_row_per_changed_key() {
     store.close().await.unwrap();
 }
 
+/// A fold budget far below the window (`StoreConfig::checkpoint_fold_bytes` at its minimum)
+/// writes the checkpoint in several flushes inside its one transaction; the state it
+/// persists, its row count and its bytes-in-use counter are those of one flush. A budget
+/// below the minimum is refused at open.
+#[tokio::test]
+async fn a_small_fold_budget_flushes_several_times_and_persists_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Store::open(
+        dir.path(),
+        config().checkpoint_fold_bytes(kv_store::MIN_CHECKPOINT_FOLD_BYTES - 1),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::InvalidConfig {
+                field: "checkpoint_fold_bytes",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let small = config().checkpoint_fold_bytes(kv_store::MIN_CHECKPOINT_FOLD_BYTES);
+    let store = Store::open(dir.path(), small.clone()).await.unwrap();
+    // 3,100 change sets of one 1 KiB value over 50 keys: each read chunk of 1,024 change sets
+    // folds about 1.1 MiB (values + 64 per event), past the 1 MiB budget, so the fold is
+    // flushed after each of the three full chunks and once at the end.
+    for i in 0..3100u32 {
+        let value = format!("{i:0>1024}");
+        put(&store, &format!("k{:02}", i % 50), &value).await;
+    }
+    let before = all(&store).await;
+    store.compact(store.current_revision()).await.unwrap();
+    let info = store.last_checkpoint().unwrap();
+    assert_eq!(info.change_sets, 3100);
+    assert_eq!(info.flushes, 4, "{info:?}");
+    // Every key once per full chunk, and the 28 keys of the last one.
+    assert_eq!((info.rows, info.keys), (3 * 50 + 28, 50), "{info:?}");
+    let in_use = store.bytes_in_use();
+    assert_eq!(store.recount_bytes_in_use().await.unwrap(), in_use);
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path(), small).await.unwrap();
+    assert_eq!(all(&store).await, before);
+    assert_eq!(store.bytes_in_use(), in_use);
+    store.close().await.unwrap();
+}
+
 /// Writes `state.snapshot` as the pre-`state.redb` code did: one event-log record of puts.
 fn write_legacy_snapshot(dir: &Path, revision: u64, kvs: &[KeyValue]) {
     let events = kvs.iter().map(|kv| Event::put(kv.clone(), None)).collect();

@@ -11,10 +11,14 @@
 //! - `list_watch`: list and watch in one call against a replay model, with writers, deletes,
 //!   re-creates and compactions between the initial chunks, and the recovery after a cancel.
 //! - `lease_store`: leases, their record file and crash recovery between the two files.
+//! - `quota`: the space quota on bytes in use: rewrites with compactions between stay
+//!   admitted, new data past it is refused, compaction frees overwritten history, and the
+//!   counters survive reopening and equal a recount.
 
 mod checkpoint;
 mod crash;
 mod history;
 mod lease_store;
 mod list_watch;
+mod quota;
 mod store;
