@@ -377,6 +377,11 @@ struct Inner {
     checkpoint_revision: AtomicU64,
     /// What the last checkpoint since the open wrote (for tests, metrics and benchmarks).
     last_checkpoint: parking_lot::Mutex<Option<CheckpointInfo>>,
+    /// While a compaction runs, the persisted state's bytes in use from before its checkpoint
+    /// (`u64::MAX`: none running): [`Store::bytes_in_use`] counts the state at most at this
+    /// figure until the log has dropped the history the new rows duplicate. Set and cleared
+    /// under `compact_lock` ([`StateInUseCap`]).
+    state_in_use_cap: AtomicU64,
     closed: AtomicBool,
     /// Set once when the store becomes an upstream's mirror ([`Store::set_mirror`]): local
     /// writes are then refused and watches must stay inside the scope.
@@ -568,6 +573,7 @@ impl Store {
                 state_db: Arc::new(state_db),
                 checkpoint_revision: AtomicU64::new(snap_rev),
                 last_checkpoint: parking_lot::Mutex::new(None),
+                state_in_use_cap: AtomicU64::new(u64::MAX),
                 closed: AtomicBool::new(false),
                 mirror: std::sync::OnceLock::new(),
                 tasks: parking_lot::Mutex::new(vec![publisher, dispatcher]),
@@ -659,18 +665,31 @@ impl Store {
     /// compaction drops history, without a defragmentation. A key compacted recently is
     /// counted twice, in the log's history and in the checkpoint, until the log drops it.
     ///
+    /// While a compaction runs, the state counts at most what it did before the compaction's
+    /// checkpoint: the rows the checkpoint writes copy history the same compaction is about to
+    /// drop from the log, so a compaction never raises the figure (the first compaction of a
+    /// large keyspace would otherwise count it twice for a moment and refuse writes a
+    /// quota of etcd's size admits). Once the log has dropped that history, the rows count.
+    ///
     /// Kept as counters updated by each commit: a few memory reads, no file system call.
     pub fn bytes_in_use(&self) -> u64 {
+        let state = self
+            .inner
+            .state_db
+            .bytes_in_use()
+            .min(self.inner.state_in_use_cap.load(Ordering::Acquire));
         self.inner
             .log
             .bytes_in_use()
-            .saturating_add(self.inner.state_db.bytes_in_use())
+            .saturating_add(state)
             .saturating_add(self.inner.leases.count() as u64 * lease::RECORD_BYTES)
     }
 
     /// [`Store::bytes_in_use`] recomputed by walking the event log's tables and the persisted
     /// state's rows: O(data), for tests and checks of the counters. Equal to `bytes_in_use`
-    /// when no write, compaction or lease change runs meanwhile.
+    /// when no write, compaction or lease change runs meanwhile (during a compaction it also
+    /// counts the checkpoint's new rows, which `bytes_in_use` leaves out until the log has
+    /// dropped the history they copy).
     pub async fn recount_bytes_in_use(&self) -> Result<u64, StoreError> {
         let (log, db) = (self.inner.log.clone(), self.inner.state_db.clone());
         let leases = self.inner.leases.count() as u64 * lease::RECORD_BYTES;
@@ -1024,6 +1043,8 @@ impl Store {
             st.revision
         };
         self.wait_durable(current).await?;
+        // Until this call ends (the log compacted, or a failure): see `bytes_in_use`.
+        let _cap = StateInUseCap::set(&self.inner);
         let from = self.inner.checkpoint_revision.load(Ordering::Acquire);
         if from + 1 < revision {
             // No write lock: the checkpoint reads `(from, current]` from the log (durable
@@ -1187,6 +1208,27 @@ impl Store {
         .await
         .map_err(|e| StoreError::Inconsistent(format!("close task failed: {e}")))?
         .map_err(log_err)
+    }
+}
+
+/// Caps the persisted state's share of [`Store::bytes_in_use`] at its value when set, until
+/// dropped (see [`Inner::state_in_use_cap`]); held by a compaction from before its checkpoint
+/// until the log compaction returned. Dropped on every exit, a cancelled or failed compaction
+/// included.
+struct StateInUseCap<'a>(&'a Inner);
+
+impl<'a> StateInUseCap<'a> {
+    fn set(inner: &'a Inner) -> Self {
+        inner
+            .state_in_use_cap
+            .store(inner.state_db.bytes_in_use(), Ordering::Release);
+        Self(inner)
+    }
+}
+
+impl Drop for StateInUseCap<'_> {
+    fn drop(&mut self) {
+        self.0.state_in_use_cap.store(u64::MAX, Ordering::Release);
     }
 }
 

@@ -29,7 +29,8 @@
 //! state's rows, the leases) from counters each commit keeps, as etcd counts its backend's
 //! size in use: not the files' lengths, which redb doubles as they grow and shrinks only on
 //! a defragmentation, and which are read by `stat` (three per write, before). A compaction
-//! lowers the figure as soon as the log has dropped the history. A refusal raises
+//! lowers the figure as soon as the log has dropped the history, and never raises it while it
+//! runs (its checkpoint's rows count once the history they copy is gone). A refusal raises
 //! [`Alarm::NoSpace`]; while it is active every such write fails with
 //! [`StoreError::NoSpace`], whatever its size. Reads, deletes, compaction, lease revokes and
 //! keep-alives still work, as in etcd. [`Store::deactivate_alarm`] clears it.
