@@ -346,7 +346,10 @@ impl StateDb {
     /// `row_bytes` counter (or, after a bug, with a wrong one) gets the sum written.
     pub(crate) fn load(&self, state: &mut KvState) -> Result<Revision, StoreError> {
         let db = self.db.lock();
-        let mut run = || -> Result<Result<(Revision, u64, Option<u64>), String>, redb::Error> {
+        // (checkpoint revision, rows' bytes summed, the stored counter if any), or why the
+        // rows do not match the meta.
+        type Loaded = Result<(Revision, u64, Option<u64>), String>;
+        let mut run = || -> Result<Loaded, redb::Error> {
             let txn = db.begin_read()?;
             let meta = txn.open_table(META)?;
             let revision = meta_get(&meta, META_REVISION)?;
