@@ -105,6 +105,11 @@ pub struct Cli {
     /// 2147483648, etcd's 2 GiB; negative: no quota). See docs/operations.md.
     #[arg(long, env = "KEYWATCH_QUOTA_BACKEND_BYTES", allow_hyphen_values = true)]
     pub quota_backend_bytes: Option<i64>,
+    /// Most bytes of keys and values a compaction's checkpoint folds in memory before writing
+    /// them to state.redb; a larger window is written in several flushes (default 67108864,
+    /// at least 1048576). See docs/operations.md.
+    #[arg(long, env = "KEYWATCH_CHECKPOINT_FOLD_BYTES")]
+    pub checkpoint_fold_bytes: Option<usize>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -298,6 +303,7 @@ pub struct FileConfig {
     pub max_leases: Option<usize>,
     pub min_lease_ttl: Option<i64>,
     pub quota_backend_bytes: Option<i64>,
+    pub checkpoint_fold_bytes: Option<usize>,
 }
 
 /// The resolved server configuration.
@@ -377,8 +383,11 @@ pub struct ServerConfig {
     pub max_leases: usize,
     /// Smallest lease TTL in seconds (at least 1).
     pub min_lease_ttl: i64,
-    /// Space quota of the data files in bytes; 0: none (only from a negative setting).
+    /// Space quota in bytes, compared with the store's bytes in use; 0: none (only from a
+    /// negative setting).
     pub quota_backend_bytes: u64,
+    /// Most bytes of keys and values a checkpoint folds in memory between flushes.
+    pub checkpoint_fold_bytes: usize,
 }
 
 /// etcd's default space quota (`DefaultQuotaBytes`, 2 GiB), also what 0 means.
@@ -429,6 +438,7 @@ impl Default for ServerConfig {
             max_leases: 1_000_000,
             min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
+            checkpoint_fold_bytes: kv_store::DEFAULT_CHECKPOINT_FOLD_BYTES,
         }
     }
 }
@@ -765,6 +775,10 @@ impl ServerConfig {
                 .quota_backend_bytes
                 .or(file.quota_backend_bytes)
                 .map_or(d.quota_backend_bytes, quota_of),
+            checkpoint_fold_bytes: cli
+                .checkpoint_fold_bytes
+                .or(file.checkpoint_fold_bytes)
+                .unwrap_or(d.checkpoint_fold_bytes),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -825,6 +839,18 @@ impl ServerConfig {
             });
         }
         positive("max_leases", c.max_leases)?;
+        // The store refuses it at open too; here it is a configuration error, before any file
+        // is touched.
+        if c.checkpoint_fold_bytes < kv_store::MIN_CHECKPOINT_FOLD_BYTES {
+            return Err(ConfigError::Invalid {
+                field: "checkpoint_fold_bytes",
+                message: format!(
+                    "{} is below the minimum of {} bytes",
+                    c.checkpoint_fold_bytes,
+                    kv_store::MIN_CHECKPOINT_FOLD_BYTES
+                ),
+            });
+        }
         if !(1..=kv_store::MAX_LEASE_TTL).contains(&c.min_lease_ttl) {
             return Err(ConfigError::Invalid {
                 field: "min_lease_ttl",
@@ -872,6 +898,7 @@ impl ServerConfig {
             .max_leases(self.max_leases)
             .min_lease_ttl(self.min_lease_ttl)
             .quota_bytes(self.quota_backend_bytes)
+            .checkpoint_fold_bytes(self.checkpoint_fold_bytes)
     }
 }
 
@@ -938,6 +965,34 @@ mod tests {
             ServerConfig::merge(cli, file).unwrap().quota_backend_bytes,
             0
         );
+    }
+
+    #[test]
+    fn checkpoint_fold_bytes_flag_over_file_and_bounded() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(
+            c.store_config().checkpoint_fold_bytes,
+            kv_store::DEFAULT_CHECKPOINT_FOLD_BYTES
+        );
+        let file: FileConfig = toml::from_str("checkpoint_fold_bytes = 2097152").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.store_config().checkpoint_fold_bytes, 2 << 20);
+        let cli =
+            Cli::try_parse_from(["watch-server", "--checkpoint-fold-bytes", "3145728"]).unwrap();
+        assert_eq!(
+            ServerConfig::merge(cli, file)
+                .unwrap()
+                .checkpoint_fold_bytes,
+            3 << 20
+        );
+        for tiny in [0, (1 << 20) - 1] {
+            let cli = Cli {
+                checkpoint_fold_bytes: Some(tiny),
+                ..Cli::default()
+            };
+            let err = ServerConfig::merge(cli, FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains("checkpoint_fold_bytes"), "{err}");
+        }
     }
 
     #[test]

@@ -419,8 +419,15 @@ impl Collector for StoreCollector {
         )?;
         gauge(
             &mut encoder,
+            "keywatch_db_size_in_use_bytes",
+            "Bytes of live data in the data files (log records and index, persisted state \
+             rows, lease records), kept as counters: what the space quota counts",
+            to_i64(store.bytes_in_use()),
+        )?;
+        gauge(
+            &mut encoder,
             "keywatch_quota_backend_bytes",
-            "Space quota of the data files in bytes (--quota-backend-bytes; 0: none)",
+            "Space quota in bytes of data in use (--quota-backend-bytes; 0: none)",
             to_i64(store.config().quota_bytes),
         )?;
         {

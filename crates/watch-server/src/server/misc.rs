@@ -249,7 +249,12 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let revision = self.store.durable_revision();
-        let size = i64::try_from(self.store.disk_size()).unwrap_or(i64::MAX);
+        let size = self.store.disk_size();
+        // What the quota counts (live data); capped at the files' size, as etcd's in-use
+        // figure never exceeds its file (a freshly defragmented file could hold less than
+        // the per-entry overheads `bytes_in_use` adds).
+        let in_use = i64::try_from(self.store.bytes_in_use().min(size)).unwrap_or(i64::MAX);
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
         let mut errors: Vec<String> = self.store.failure().into_iter().collect();
         errors.extend(self.store.alarms().into_iter().map(alarm_text));
         Ok(Response::new(pb::StatusResponse {
@@ -262,9 +267,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             raft_term: RAFT_TERM,
             raft_applied_index: revision,
             errors,
-            // The files' size: redb does not report its free pages without a write
-            // transaction; Defragment returns them to the file system.
-            db_size_in_use: size,
+            db_size_in_use: in_use,
             is_learner: false,
             // `dbSizeQuota` (3.6) stays unset, as etcd 3.4 leaves it.
             ..Default::default()

@@ -199,6 +199,12 @@ async fn metrics_move_after_a_workload() {
     assert_eq!(sample(&m, "keywatch_log_commit_failures_total"), 0.0);
     // Quota, alarms and defragmentation.
     assert_eq!(sample(&m, "keywatch_quota_backend_bytes"), 2147483648.0);
+    // Live data (three small puts, counted with their bookkeeping), far below the files' size.
+    let in_use = sample(&m, "keywatch_db_size_in_use_bytes");
+    assert!(
+        in_use > 0.0 && in_use < sample(&m, "keywatch_db_size_bytes"),
+        "{in_use}"
+    );
     assert_eq!(sample(&m, "keywatch_alarms{alarm=\"NOSPACE\"}"), 0.0);
     assert_eq!(sample(&m, "keywatch_defragmentations"), 0.0);
     pb::maintenance_client::MaintenanceClient::new(ch.clone())
