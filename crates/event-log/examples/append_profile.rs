@@ -9,9 +9,10 @@
 //! callgrind_annotate --inclusive=yes /tmp/append.cg | grep -E 'append_batch|insert|commit'
 //! ```
 //!
-//! Arguments: change sets (default 2000), `fsync` or `no-sync` (default `no-sync`), and a
+//! Arguments: change sets (default 2000), `fsync` or `no-sync` (default `no-sync`), a
 //! batch size (default 1: each append waits for its own commit; larger: batches of that many
-//! change sets go straight to `RedbStore::append_batch`, the writer's share of a busy log).
+//! change sets go straight to `RedbStore::append_batch`, the writer's share of a busy log),
+//! and `wal` or `no-wal` (default `wal`: the write-ahead file on, as `LogConfig` defaults).
 //! Keys cycle over 100,000 names in a scattered order, as many clients' keys would.
 
 use event_log::{Durability, EventLog, LogConfig, LogStore, RedbOptions, RedbStore};
@@ -25,6 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => Durability::NoSync,
     };
     let batch: u64 = args.next().map_or(Ok(1), |a| a.parse())?.max(1);
+    let wal = match args.next().as_deref() {
+        Some("no-wal") => None,
+        _ => Some(event_log::WalLimits::default()),
+    };
     let dir = tempfile::tempdir()?;
     let change = |rev: u64| {
         // A multiplicative scatter over 100,000 key names.
@@ -44,6 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dir.path().join(event_log::STORE_FILE),
             RedbOptions {
                 durability,
+                wal,
                 ..RedbOptions::default()
             },
         )?;
@@ -58,6 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         let config = LogConfig {
             durability,
+            wal,
             ..LogConfig::default()
         };
         let rt = tokio::runtime::Builder::new_current_thread().build()?;
@@ -70,6 +77,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
     }
     let per = started.elapsed() / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-    println!("{n} appends in batches of {batch}, {per:?} each ({durability:?})");
+    println!("{n} appends in batches of {batch}, {per:?} each ({durability:?}, wal {})", wal.is_some());
     Ok(())
 }

@@ -120,6 +120,10 @@ pub struct LogConfig {
     /// Bound of the storage engine's in-memory page cache (see
     /// [`crate::RedbOptions::cache_bytes`]); 64 MiB by default.
     pub cache_bytes: usize,
+    /// The write-ahead file's limits (see [`crate::RedbOptions::wal`]); `None` commits every
+    /// batch to redb durably (about 2× the CPU and latency per commit, measured in
+    /// docs/benchmarks.md).
+    pub wal: Option<crate::WalLimits>,
 }
 
 impl Default for LogConfig {
@@ -134,6 +138,7 @@ impl Default for LogConfig {
             quick_repair: false,
             verify_on_open: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            wal: Some(crate::WalLimits::default()),
         }
     }
 }

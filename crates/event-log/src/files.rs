@@ -66,7 +66,7 @@ fn creating_path(path: &Path) -> PathBuf {
 }
 
 /// The directory holding `path` (`.` for a bare file name).
-fn parent(path: &Path) -> &Path {
+pub(crate) fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -117,6 +117,7 @@ pub mod files;
 mod log;
 mod observer;
 mod store;
+mod wal;
 
 pub use config::{
     DEFAULT_CACHE_BYTES, Durability, LogConfig, ParseDurabilityError, RetentionPolicy,
@@ -124,5 +125,6 @@ pub use config::{
 pub use error::{ErrorKind, LogError};
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
 pub use observer::LogObserver;
-pub use store::{LogStore, RedbOptions, RedbStore};
+pub use store::{LogStore, RedbOptions, RedbStore, WAL_SUFFIX};
+pub use wal::WalLimits;
 pub use watch_core::{ChangeSet, KeySelector, Revision};

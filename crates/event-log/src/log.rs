@@ -118,6 +118,7 @@ impl EventLog {
                 quick_repair: config.quick_repair,
                 verify_on_open: config.verify_on_open,
                 cache_bytes: config.cache_bytes,
+                wal: config.wal,
             },
         )?;
         Self::with_store(Arc::new(store), config)

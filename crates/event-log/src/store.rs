@@ -16,6 +16,7 @@ use watch_core::{ChangeSet, Event, KeySelector, Revision};
 use crate::codec::{self, EncodedChange};
 use crate::config::{DEFAULT_CACHE_BYTES, Durability, RetentionPolicy};
 use crate::error::LogError;
+use crate::wal::{Wal, WalLimits};
 
 /// A durable, ordered store of encoded change sets.
 ///
@@ -199,6 +200,12 @@ pub struct RedbOptions {
     /// Most bytes redb may cache in memory (its page cache). redb's own default is 1 GiB,
     /// which lets a long-running server's memory grow far past what it needs.
     pub cache_bytes: usize,
+    /// Under [`Durability::Fsync`], make each batch durable in a write-ahead file next to the
+    /// store (`<path>.wal`, see [`WalLimits`]) and commit it to redb without a flush, handing
+    /// the records over with a durable redb commit at these limits. `None`: every batch is a
+    /// durable redb commit. Ignored under [`Durability::NoSync`] and by
+    /// [`RedbStore::with_backend`] (no file path).
+    pub wal: Option<WalLimits>,
 }
 
 impl Default for RedbOptions {
@@ -208,9 +215,13 @@ impl Default for RedbOptions {
             quick_repair: false,
             verify_on_open: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            wal: Some(WalLimits::default()),
         }
     }
 }
+
+/// Suffix of a [`RedbStore`]'s write-ahead file: `<store path>` + this.
+pub const WAL_SUFFIX: &str = ".wal";
 
 /// A read lock on the database: see [`RedbStore`]'s `db`.
 type DbReadGuard<'a> = parking_lot::RwLockReadGuard<'a, redb::Database>;
@@ -225,15 +236,34 @@ pub struct RedbStore {
     /// [`LogStore::bytes_in_use`] as of the last commit: set at open and after every commit
     /// that changes the `meta` counters, from the values that commit wrote.
     in_use: Arc<AtomicU64>,
+    /// The write-ahead file, when batches go through one (see [`RedbOptions::wal`]). Locked by
+    /// the writer thread for each write transaction; never by readers.
+    wal: Option<Arc<parking_lot::Mutex<Wal>>>,
 }
 
 impl RedbStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: impl AsRef<Path>, options: RedbOptions) -> Result<Self, LogError> {
         let path = path.as_ref().to_owned();
-        Self::guarded_open(options, move |b| {
-            crate::files::open_or_create_redb(b, &path)
-        })
+        let db_path = path.clone();
+        let mut store = Self::guarded_open(options, move |b| {
+            crate::files::open_or_create_redb(b, &db_path)
+        })?;
+        if let (Durability::Fsync, Some(limits)) = (options.durability, options.wal) {
+            let mut wal_path = path.into_os_string();
+            wal_path.push(WAL_SUFFIX);
+            // redb holds every revision up to its last durable commit; after a crash the
+            // non-durable commits after it are gone and come back from the write-ahead file.
+            let (wal, recovered) =
+                Wal::open(Path::new(&wal_path), limits, store.last_revision()?)?;
+            if !recovered.records.is_empty() {
+                store.write_batch(&recovered.records, true)?;
+            }
+            let mut wal = wal;
+            wal.rewind();
+            store.wal = Some(Arc::new(parking_lot::Mutex::new(wal)));
+        }
+        Ok(store)
     }
 
     /// Opens (or creates) a store on a custom redb storage backend, e.g. one that injects
@@ -264,6 +294,7 @@ impl RedbStore {
             db: Arc::new(parking_lot::RwLock::new(db)),
             options,
             in_use: Arc::new(AtomicU64::new(0)),
+            wal: None,
         };
         store.init()?;
         Ok(store)
@@ -310,17 +341,70 @@ impl RedbStore {
         Ok(())
     }
 
+    /// A write transaction at the store's durability: durable under [`Durability::Fsync`].
+    /// Every write but a batch handed to the write-ahead file uses this one; committing it
+    /// makes every earlier non-durable commit durable too, so the caller rewinds the file
+    /// ([`Self::committed_durably`]).
     fn begin_write(&self) -> Result<redb::WriteTransaction, LogError> {
+        self.begin_write_with(self.options.durability == Durability::Fsync)
+    }
+
+    fn begin_write_with(&self, durable: bool) -> Result<redb::WriteTransaction, LogError> {
         // Write transactions run on the writer thread only, as `defragment` does: they never
         // overlap it, so the guard need not outlive this call.
         let mut txn = self.db.read().begin_write()?;
-        txn.set_durability(match self.options.durability {
-            Durability::Fsync => redb::Durability::Immediate,
-            Durability::NoSync => redb::Durability::None,
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
         })
         .map_err(|e| LogError::Storage(e.to_string()))?;
         txn.set_quick_repair(self.options.quick_repair);
         Ok(txn)
+    }
+
+    /// After a durable commit: redb holds every frame of the write-ahead file.
+    fn committed_durably(&self) {
+        if let Some(wal) = &self.wal {
+            wal.lock().rewind();
+        }
+    }
+
+    /// Writes `batch` in one redb commit, durable or not.
+    fn write_batch(&self, batch: &[EncodedChange], durable: bool) -> Result<(), LogError> {
+        let Some(newest) = batch.last() else {
+            return Ok(());
+        };
+        let txn = self.begin_write_with(durable)?;
+        let in_use;
+        {
+            let mut changes = txn.open_table(CHANGES)?;
+            let mut index = txn.open_table(KEY_INDEX)?;
+            let mut meta = txn.open_table(META)?;
+            let mut bytes = 0u64;
+            let mut index_bytes = 0u64;
+            for rec in batch {
+                changes.insert(rec.revision, rec.bytes.as_slice())?;
+                for key in &rec.keys {
+                    // Counted only when new: a key twice in one change set is one entry.
+                    if index.insert((key.as_ref(), rec.revision), ())?.is_none() {
+                        index_bytes += index_entry_bytes(key);
+                    }
+                }
+                bytes += rec.bytes.len() as u64;
+            }
+            let count = Self::meta_get(&meta, META_COUNT)? + batch.len() as u64;
+            let total = Self::meta_get(&meta, META_BYTES)? + bytes;
+            let index_total = Self::meta_get(&meta, META_INDEX_BYTES)? + index_bytes;
+            meta.insert(META_COUNT, count)?;
+            meta.insert(META_BYTES, total)?;
+            meta.insert(META_INDEX_BYTES, index_total)?;
+            meta.insert(META_LAST, newest.revision)?;
+            in_use = in_use_of(count, total, index_total);
+        }
+        txn.commit()?;
+        self.in_use.store(in_use, Ordering::Release);
+        Ok(())
     }
 
     fn meta_get(meta: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<u64, LogError> {
@@ -379,45 +463,33 @@ impl LogStore for RedbStore {
     }
 
     fn defragment(&self) -> Result<bool, LogError> {
+        // Every earlier commit durable first (the compaction rewrites pages of the durable
+        // state), then the write-ahead file's frames are all in redb.
+        self.begin_write()?.commit()?;
+        self.committed_durably();
         // Waits for in-flight reads; new ones wait for the compaction.
         let mut db = self.db.write();
         db.compact().map_err(|e| LogError::Storage(e.to_string()))
     }
 
     fn append_batch(&self, batch: &[EncodedChange]) -> Result<(), LogError> {
-        let Some(newest) = batch.last() else {
+        if batch.is_empty() {
             return Ok(());
-        };
-        let txn = self.begin_write()?;
-        let in_use;
-        {
-            let mut changes = txn.open_table(CHANGES)?;
-            let mut index = txn.open_table(KEY_INDEX)?;
-            let mut meta = txn.open_table(META)?;
-            let mut bytes = 0u64;
-            let mut index_bytes = 0u64;
-            for rec in batch {
-                changes.insert(rec.revision, rec.bytes.as_slice())?;
-                for key in &rec.keys {
-                    // Counted only when new: a key twice in one change set is one entry.
-                    if index.insert((key.as_ref(), rec.revision), ())?.is_none() {
-                        index_bytes += index_entry_bytes(key);
-                    }
-                }
-                bytes += rec.bytes.len() as u64;
-            }
-            let count = Self::meta_get(&meta, META_COUNT)? + batch.len() as u64;
-            let total = Self::meta_get(&meta, META_BYTES)? + bytes;
-            let index_total = Self::meta_get(&meta, META_INDEX_BYTES)? + index_bytes;
-            meta.insert(META_COUNT, count)?;
-            meta.insert(META_BYTES, total)?;
-            meta.insert(META_INDEX_BYTES, index_total)?;
-            meta.insert(META_LAST, newest.revision)?;
-            in_use = in_use_of(count, total, index_total);
         }
-        txn.commit()?;
-        self.in_use.store(in_use, Ordering::Release);
-        Ok(())
+        let Some(wal) = &self.wal else {
+            return self.write_batch(batch, self.options.durability == Durability::Fsync);
+        };
+        let mut wal = wal.lock();
+        if wal.due() {
+            // This batch's durable commit hands every earlier frame over to redb.
+            self.write_batch(batch, true)?;
+            wal.rewind();
+            return Ok(());
+        }
+        // Durable once the frame's `fdatasync` returns; the redb commit after it makes the
+        // batch readable (no read sees it before it is durable) without a flush of its own.
+        wal.append(batch)?;
+        self.write_batch(batch, false)
     }
 
     fn last_revision(&self) -> Result<Revision, LogError> {
@@ -616,6 +688,7 @@ impl LogStore for RedbStore {
         }
         txn.commit()?;
         self.in_use.store(in_use, Ordering::Release);
+        self.committed_durably();
         Ok(done)
     }
 

@@ -75,6 +75,9 @@ pub(crate) struct Wal {
     limits: WalLimits,
     /// Where the next frame goes; 0 after a rewind.
     end: u64,
+    /// The file's length, all of it written (zeros or frames) and durable: appends below it
+    /// are overwrites, which `fdatasync` makes durable without a metadata (journal) commit.
+    allocated: u64,
     /// Record bytes appended since the last durable redb commit.
     pending_bytes: u64,
     /// When the first record after the last durable redb commit was appended.
@@ -115,18 +118,44 @@ impl Wal {
             .into_iter()
             .filter(|r| r.revision > durable)
             .collect();
-        Ok((
-            Self {
-                file,
-                path: path.to_owned(),
-                limits,
-                end: 0,
-                pending_bytes: 0,
-                pending_since: None,
-                buf: Vec::new(),
-            },
-            Recovered { records },
-        ))
+        let allocated = bytes.len() as u64;
+        drop(bytes);
+        let mut wal = Self {
+            file,
+            path: path.to_owned(),
+            limits,
+            end: 0,
+            allocated,
+            pending_bytes: 0,
+            pending_since: None,
+            buf: Vec::new(),
+        };
+        // Room for a full interval of small batches up front, so the steady state never grows
+        // the file.
+        wal.reserve(limits.max_bytes.saturating_add(limits.max_bytes / 4))?;
+        Ok((wal, Recovered { records }))
+    }
+
+    /// Grows the file to at least `len` bytes by writing zeros (not `fallocate`: an
+    /// unwritten extent's first write is a metadata change again) and syncs it, size included.
+    /// Zeros end a recovery scan: a zero header's checksum does not match.
+    fn reserve(&mut self, len: u64) -> Result<(), LogError> {
+        const CHUNK: u64 = 1 << 20;
+        const PAGE: u64 = 4096;
+        if len <= self.allocated {
+            return Ok(());
+        }
+        let target = len.div_ceil(PAGE) * PAGE;
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut at = self.allocated;
+        while at < target {
+            let n = (target - at).min(CHUNK);
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        self.file.sync_all()?;
+        self.allocated = target;
+        Ok(())
     }
 
     /// Whether the next batch should go to redb durably instead (the limits are reached).
@@ -156,6 +185,9 @@ impl Wal {
             self.buf.extend_from_slice(&rec.bytes);
             bytes += rec.bytes.len() as u64;
         }
+        // Past the reserved length only after a batch larger than the reserve's headroom; the
+        // growth is synced on its own, so the frame's write stays an overwrite.
+        self.reserve(self.end + self.buf.len() as u64)?;
         self.file.write_all_at(&self.buf, self.end)?;
         self.file.sync_data()?;
         self.end += self.buf.len() as u64;
@@ -242,12 +274,18 @@ mod tests {
         codec::encode(&ChangeSet::new(rev, vec![Event::put(kv, None)]), 1_000 + rev)
     }
 
+    /// Keeps each test's reserved file small.
+    const SMALL: WalLimits = WalLimits {
+        max_bytes: 4096,
+        max_age: Duration::from_secs(3600),
+    };
+
     fn revisions(records: &[EncodedChange]) -> Vec<Revision> {
         records.iter().map(|r| r.revision).collect()
     }
 
     fn reopen(path: &Path, durable: Revision) -> (Wal, Vec<Revision>) {
-        let (wal, rec) = Wal::open(path, WalLimits::default(), durable).unwrap();
+        let (wal, rec) = Wal::open(path, SMALL, durable).unwrap();
         let revs = revisions(&rec.records);
         (wal, revs)
     }
@@ -263,7 +301,7 @@ mod tests {
         drop(wal);
         assert_eq!(reopen(&path, 0).1, vec![1, 2, 3]);
         assert_eq!(reopen(&path, 2).1, vec![3]);
-        let (_, got) = Wal::open(&path, WalLimits::default(), 0).unwrap();
+        let (_, got) = Wal::open(&path, SMALL, 0).unwrap();
         assert_eq!(got.records[1].bytes, rec(2).bytes);
         assert_eq!(got.records[1].keys, rec(2).keys);
         assert_eq!(got.records[1].time_ms, rec(2).time_ms);
@@ -287,7 +325,9 @@ mod tests {
             }
             v
         };
-        for cut in 0..whole.len() {
+        // The file is longer than the frames (the reserved zeros).
+        assert!(whole.len() >= ends[2] && whole[ends[2]..].iter().all(|&b| b == 0));
+        for cut in 0..=ends[2] {
             std::fs::write(&path, &whole[..cut]).unwrap();
             let want = ends.iter().filter(|&&e| e <= cut).count() as u64;
             assert_eq!(
