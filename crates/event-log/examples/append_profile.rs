@@ -77,6 +77,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
     }
     let per = started.elapsed() / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-    println!("{n} appends in batches of {batch}, {per:?} each ({durability:?}, wal {})", wal.is_some());
+    println!(
+        "{n} appends in batches of {batch}, {per:?} each ({durability:?}, wal {})",
+        wal.is_some()
+    );
     Ok(())
 }

@@ -123,8 +123,8 @@ pub use config::{
     DEFAULT_CACHE_BYTES, Durability, LogConfig, ParseDurabilityError, RetentionPolicy,
 };
 pub use error::{ErrorKind, LogError};
-pub use log::{AppendAck, EventLog, Replay, STORE_FILE};
+pub use log::{AppendAck, EventLog, Replay, STORE_FILE, WAL_FILE};
 pub use observer::LogObserver;
 pub use store::{LogStore, RedbOptions, RedbStore, WAL_SUFFIX};
-pub use wal::WalLimits;
+pub use wal::{WalBackend, WalLimits};
 pub use watch_core::{ChangeSet, KeySelector, Revision};

@@ -24,6 +24,10 @@ use crate::store::{LogStore, RedbOptions, RedbStore};
 /// File name of the redb store inside the directory given to [`EventLog::open`].
 pub const STORE_FILE: &str = "events.redb";
 
+/// File name of the log's write-ahead file in its directory: [`STORE_FILE`] followed by
+/// [`crate::WAL_SUFFIX`] (present when [`LogConfig::wal`] is on).
+pub const WAL_FILE: &str = "events.redb.wal";
+
 /// A durable, group-committed, queryable history of change sets.
 ///
 /// Appends go through a bounded queue to one writer thread that commits them in batches (one

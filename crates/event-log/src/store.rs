@@ -249,25 +249,61 @@ impl RedbStore {
         let mut store = Self::guarded_open(options, move |b| {
             crate::files::open_or_create_redb(b, &db_path)
         })?;
-        if let (Durability::Fsync, Some(limits)) = (options.durability, options.wal) {
-            let mut wal_path = path.into_os_string();
-            wal_path.push(WAL_SUFFIX);
-            // redb holds every revision up to its last durable commit; after a crash the
-            // non-durable commits after it are gone and come back from the write-ahead file.
-            let (wal, recovered) =
-                Wal::open(Path::new(&wal_path), limits, store.last_revision()?)?;
-            if !recovered.records.is_empty() {
-                store.write_batch(&recovered.records, true)?;
+        let mut wal_path = path.into_os_string();
+        wal_path.push(WAL_SUFFIX);
+        let wal_path = std::path::PathBuf::from(wal_path);
+        let enabled = options.durability == Durability::Fsync && options.wal.is_some();
+        if enabled || wal_path.exists() {
+            store.attach_wal(Box::new(crate::wal::open_file(&wal_path)?))?;
+            if !enabled {
+                // Its frames are in redb durably now; without the file, a later open with the
+                // write-ahead file on cannot find stale frames above what redb holds.
+                std::fs::remove_file(&wal_path)?;
+                crate::files::sync_dir(crate::files::parent(&wal_path))?;
+                store.wal = None;
             }
-            let mut wal = wal;
-            wal.rewind();
-            store.wal = Some(Arc::new(parking_lot::Mutex::new(wal)));
         }
         Ok(store)
     }
 
+    /// Opens (or creates) a store on custom redb and write-ahead backends, e.g. ones that
+    /// inject I/O failures in tests. The write-ahead file is used as [`RedbStore::open`] uses
+    /// `<path>.wal`: its records above redb's are recovered first, and batches go through it
+    /// when `options` has [`Durability::Fsync`] and [`RedbOptions::wal`].
+    pub fn with_backends(
+        backend: impl redb::StorageBackend,
+        wal: impl crate::WalBackend,
+        options: RedbOptions,
+    ) -> Result<Self, LogError> {
+        let mut store = Self::guarded_open(options, move |b| b.create_with_backend(backend))?;
+        store.attach_wal(Box::new(wal))?;
+        if options.durability != Durability::Fsync || options.wal.is_none() {
+            store.wal = None;
+        }
+        Ok(store)
+    }
+
+    /// Recovers the write-ahead file's records above redb's durable revision into redb
+    /// (durably) and keeps the file for later batches.
+    fn attach_wal(&mut self, backend: Box<dyn crate::WalBackend>) -> Result<(), LogError> {
+        // redb holds every revision up to its last durable commit; after a crash the
+        // non-durable commits after it are gone and come back from the write-ahead file.
+        let limits = self.options.wal.unwrap_or_default();
+        let (mut wal, recovered) = Wal::open(backend, limits, self.last_revision()?)?;
+        if !recovered.records.is_empty() {
+            self.write_batch(&recovered.records, true)?;
+        }
+        wal.rewind();
+        if self.options.durability == Durability::Fsync && self.options.wal.is_some() {
+            wal.reserve_interval()?;
+        }
+        self.wal = Some(Arc::new(parking_lot::Mutex::new(wal)));
+        Ok(())
+    }
+
     /// Opens (or creates) a store on a custom redb storage backend, e.g. one that injects
-    /// I/O failures in tests.
+    /// I/O failures in tests. No write-ahead file: every batch is a durable redb commit under
+    /// [`Durability::Fsync`].
     pub fn with_backend(
         backend: impl redb::StorageBackend,
         options: RedbOptions,

@@ -33,9 +33,9 @@
 //! update.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use watch_core::Revision;
@@ -70,8 +70,7 @@ impl Default for WalLimits {
 /// keeps it behind a mutex because the store is shared).
 #[derive(Debug)]
 pub(crate) struct Wal {
-    file: File,
-    path: PathBuf,
+    file: Box<dyn WalBackend>,
     limits: WalLimits,
     /// Where the next frame goes; 0 after a rewind.
     end: u64,
@@ -92,37 +91,85 @@ pub(crate) struct Recovered {
     pub(crate) records: Vec<EncodedChange>,
 }
 
+/// Where a write-ahead file's bytes go: a [`File`], or in tests one that fails on demand
+/// (the write-ahead counterpart of redb's `StorageBackend`). Every method is called from the
+/// log's writer thread only, never concurrently.
+pub trait WalBackend: std::fmt::Debug + Send + 'static {
+    /// The whole file (read once, at open).
+    fn read_all(&mut self) -> io::Result<Vec<u8>>;
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// `fdatasync`: what makes an acknowledged frame durable. An error is fatal to the log.
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// `fsync`, the file's length included (after the file grew).
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+impl WalBackend for File {
+    fn read_all(&mut self) -> io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+/// Opens (creating it when missing) the write-ahead file at `path`, its directory entry
+/// durable before the first frame can be acknowledged.
+pub(crate) fn open_file(path: &Path) -> Result<File, LogError> {
+    let existed = path.exists();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if !existed {
+        crate::files::sync_dir(crate::files::parent(path))?;
+    }
+    Ok(file)
+}
+
 impl Wal {
-    /// Opens (creating it when missing) the write-ahead file at `path` and returns the records
-    /// above `durable`, the last revision redb holds durably. The caller commits them to redb
-    /// durably and then calls [`Wal::rewind`].
+    /// Reads the write-ahead file in `backend` and returns it with the records above
+    /// `durable`, the last revision redb holds durably. The caller commits them to redb
+    /// durably and then calls [`Wal::rewind`]. Records that do not start right after `durable`
+    /// (redb lost durable commits the file had handed over, which only damage to redb's file
+    /// can do) are an error: replaying them would leave a gap.
     pub(crate) fn open(
-        path: &Path,
+        mut backend: Box<dyn WalBackend>,
         limits: WalLimits,
         durable: Revision,
     ) -> Result<(Self, Recovered), LogError> {
-        let existed = path.exists();
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        if !existed {
-            // The entry must be durable before the first frame is acknowledged.
-            crate::files::sync_dir(crate::files::parent(path))?;
-        }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let records = scan(&bytes)?
+        let bytes = backend.read_all()?;
+        let records: Vec<EncodedChange> = scan(&bytes)?
             .into_iter()
             .filter(|r| r.revision > durable)
             .collect();
+        if let Some(first) = records.first()
+            && first.revision != durable + 1
+        {
+            return Err(LogError::Corrupt {
+                revision: Some(durable + 1),
+                reason: format!(
+                    "the write-ahead file resumes at revision {} but the store's file ends at \
+                     {durable}: revisions in between are lost",
+                    first.revision
+                ),
+            });
+        }
         let allocated = bytes.len() as u64;
         drop(bytes);
-        let mut wal = Self {
-            file,
-            path: path.to_owned(),
+        let wal = Self {
+            file: backend,
             limits,
             end: 0,
             allocated,
@@ -130,10 +177,17 @@ impl Wal {
             pending_since: None,
             buf: Vec::new(),
         };
-        // Room for a full interval of small batches up front, so the steady state never grows
-        // the file.
-        wal.reserve(limits.max_bytes.saturating_add(limits.max_bytes / 4))?;
         Ok((wal, Recovered { records }))
+    }
+
+    /// Reserves room for a full interval of small batches, so that the steady state never
+    /// grows the file.
+    pub(crate) fn reserve_interval(&mut self) -> Result<(), LogError> {
+        self.reserve(
+            self.limits
+                .max_bytes
+                .saturating_add(self.limits.max_bytes / 4),
+        )
     }
 
     /// Grows the file to at least `len` bytes by writing zeros (not `fallocate`: an
@@ -181,7 +235,8 @@ impl Wal {
                 ))
             })?;
             self.buf.extend_from_slice(&len.to_le_bytes());
-            self.buf.extend_from_slice(&frame_crc(len, &rec.bytes).to_le_bytes());
+            self.buf
+                .extend_from_slice(&frame_crc(len, &rec.bytes).to_le_bytes());
             self.buf.extend_from_slice(&rec.bytes);
             bytes += rec.bytes.len() as u64;
         }
@@ -206,12 +261,6 @@ impl Wal {
         // the scan stops at the first stale frame anyway.
         self.buf = Vec::new();
     }
-
-    /// The file's path (for error messages).
-    #[allow(dead_code)]
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 fn frame_crc(len: u32, record: &[u8]) -> u32 {
@@ -226,13 +275,15 @@ fn scan(bytes: &[u8]) -> Result<Vec<EncodedChange>, LogError> {
     let mut out: Vec<EncodedChange> = Vec::new();
     let mut at = 0usize;
     while bytes.len() - at >= FRAME_HEADER {
-        let word = |i: usize| {
-            u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
-        };
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let len = word(at);
         let crc = word(at + 4);
         let start = at + FRAME_HEADER;
-        let Some(end) = start.checked_add(len as usize).filter(|&e| e <= bytes.len()) else {
+        let Some(end) = start
+            .checked_add(len as usize)
+            .filter(|&e| e <= bytes.len())
+        else {
             break;
         };
         let record = &bytes[start..end];
@@ -271,7 +322,10 @@ mod tests {
             version: 1,
             lease: 0,
         };
-        codec::encode(&ChangeSet::new(rev, vec![Event::put(kv, None)]), 1_000 + rev)
+        codec::encode(
+            &ChangeSet::new(rev, vec![Event::put(kv, None)]),
+            1_000 + rev,
+        )
     }
 
     /// Keeps each test's reserved file small.
@@ -280,12 +334,19 @@ mod tests {
         max_age: Duration::from_secs(3600),
     };
 
+    fn open_at(path: &Path, limits: WalLimits, durable: Revision) -> (Wal, Recovered) {
+        let (mut wal, rec) =
+            Wal::open(Box::new(open_file(path).unwrap()), limits, durable).unwrap();
+        wal.reserve_interval().unwrap();
+        (wal, rec)
+    }
+
     fn revisions(records: &[EncodedChange]) -> Vec<Revision> {
         records.iter().map(|r| r.revision).collect()
     }
 
     fn reopen(path: &Path, durable: Revision) -> (Wal, Vec<Revision>) {
-        let (wal, rec) = Wal::open(path, SMALL, durable).unwrap();
+        let (wal, rec) = open_at(path, SMALL, durable);
         let revs = revisions(&rec.records);
         (wal, revs)
     }
@@ -301,7 +362,7 @@ mod tests {
         drop(wal);
         assert_eq!(reopen(&path, 0).1, vec![1, 2, 3]);
         assert_eq!(reopen(&path, 2).1, vec![3]);
-        let (_, got) = Wal::open(&path, SMALL, 0).unwrap();
+        let (_, got) = open_at(&path, SMALL, 0);
         assert_eq!(got.records[1].bytes, rec(2).bytes);
         assert_eq!(got.records[1].keys, rec(2).keys);
         assert_eq!(got.records[1].time_ms, rec(2).time_ms);
@@ -362,13 +423,31 @@ mod tests {
     }
 
     #[test]
+    fn records_that_leave_a_gap_after_the_durable_revision_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = reopen(&path, 0);
+        wal.append(&[rec(6), rec(7)]).unwrap();
+        drop(wal);
+        assert_eq!(reopen(&path, 5).1, vec![6, 7]);
+        // redb holds only up to 3: revisions 4 and 5 are nowhere.
+        match Wal::open(Box::new(open_file(&path).unwrap()), SMALL, 3) {
+            Err(LogError::Corrupt { revision, reason }) => {
+                assert_eq!(revision, Some(4));
+                assert!(reason.contains("resumes at revision 6"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
     fn due_after_the_byte_limit() {
         let dir = tempfile::tempdir().unwrap();
         let limits = WalLimits {
             max_bytes: 100,
             max_age: Duration::from_secs(3600),
         };
-        let (mut wal, _) = Wal::open(&dir.path().join("wal"), limits, 0).unwrap();
+        let (mut wal, _) = open_at(&dir.path().join("wal"), limits, 0);
         assert!(!wal.due());
         wal.append(&[rec(1)]).unwrap();
         assert!(!wal.due());

@@ -418,6 +418,8 @@ pub fn restore(backup: impl Read, dir: &Path) -> Result<RestoreInfo, StoreError>
     let src = Path::new("<backup>");
     for f in [
         event_log::STORE_FILE,
+        // Frames left from another store would be replayed into the restored log at open.
+        event_log::WAL_FILE,
         checkpoint::STATE_FILE,
         snapshot::SNAPSHOT_FILE,
         lease::LEASES_FILE,

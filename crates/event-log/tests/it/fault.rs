@@ -155,29 +155,88 @@ impl StorageBackend for FailingSync {
     }
 }
 
+fn open_rw(path: &std::path::Path) -> std::fs::File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+}
+
+/// A write-ahead backend over a real file whose `sync_data` fails (EIO) once `fail` is set.
+#[derive(Debug)]
+struct FailingWalSync {
+    file: std::fs::File,
+    fail: Arc<AtomicBool>,
+}
+
+impl event_log::WalBackend for FailingWalSync {
+    fn read_all(&mut self) -> io::Result<Vec<u8>> {
+        self.file.read_all()
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        event_log::WalBackend::write_all_at(&mut self.file, buf, offset)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        self.file.sync_data()
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+/// Which layer's `fdatasync` fails.
+#[derive(Debug, Clone, Copy)]
+enum Failing {
+    /// redb's, with no write-ahead file (every batch a durable redb commit).
+    Redb,
+    /// The write-ahead file's (the default commit path).
+    Wal,
+}
+
 #[tokio::test]
 async fn failed_fsync_is_never_retried_and_acknowledged() {
+    fsync_failure_is_fail_stop(Failing::Redb).await;
+}
+
+#[tokio::test]
+async fn failed_wal_fsync_is_never_retried_and_acknowledged() {
+    fsync_failure_is_fail_stop(Failing::Wal).await;
+}
+
+async fn fsync_failure_is_fail_stop(failing: Failing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(STORE_FILE);
     let fail = Arc::new(AtomicBool::new(false));
     {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
+        let redb_fail = Arc::new(AtomicBool::new(false));
         let backend = FailingSync {
-            inner: FileBackend::new(file).unwrap(),
-            fail: fail.clone(),
+            inner: FileBackend::new(open_rw(&path)).unwrap(),
+            fail: match failing {
+                Failing::Redb => fail.clone(),
+                Failing::Wal => redb_fail,
+            },
         };
         let options = RedbOptions {
             durability: Durability::Fsync,
             ..RedbOptions::default()
         };
-        let store = Arc::new(RedbStore::with_backend(backend, options).unwrap());
-        let log = EventLog::with_store(store, LogConfig::default()).unwrap();
+        let store = match failing {
+            Failing::Redb => RedbStore::with_backend(backend, options).unwrap(),
+            Failing::Wal => {
+                let wal = FailingWalSync {
+                    file: open_rw(&dir.path().join(event_log::WAL_FILE)),
+                    fail: fail.clone(),
+                };
+                RedbStore::with_backends(backend, wal, options).unwrap()
+            }
+        };
+        let log = EventLog::with_store(Arc::new(store), LogConfig::default()).unwrap();
         for r in 1..=5 {
             log.append(puts(r, &["k"])).await.unwrap();
         }
