@@ -380,7 +380,7 @@ impl RedbStore {
     /// A write transaction at the store's durability: durable under [`Durability::Fsync`].
     /// Every write but a batch handed to the write-ahead file uses this one; committing it
     /// makes every earlier non-durable commit durable too, so the caller rewinds the file
-    /// ([`Self::committed_durably`]).
+    /// (see [`Self::lock_wal`]).
     fn begin_write(&self) -> Result<redb::WriteTransaction, LogError> {
         self.begin_write_with(self.options.durability == Durability::Fsync)
     }
@@ -399,11 +399,15 @@ impl RedbStore {
         Ok(txn)
     }
 
-    /// After a durable commit: redb holds every frame of the write-ahead file.
-    fn committed_durably(&self) {
-        if let Some(wal) = &self.wal {
-            wal.lock().rewind();
-        }
+    /// Locks the write-ahead file for a durable commit outside `append_batch`; the caller
+    /// calls [`Wal::rewind`] on the guard once its commit returned. Taken **before** the write
+    /// transaction begins: `append_batch` holds the lock from a frame's write until its
+    /// non-durable redb commit, so every frame written before this lock is in redb when the
+    /// durable commit begins, and the commit makes it durable. (Rewinding after a commit that
+    /// began while a frame's redb commit was still pending would let the next frame overwrite
+    /// one that redb holds only non-durably.) Lock order: this lock, then redb's write lock.
+    fn lock_wal(&self) -> Option<parking_lot::MutexGuard<'_, Wal>> {
+        self.wal.as_ref().map(|w| w.lock())
     }
 
     /// Writes `batch` in one redb commit, durable or not.
@@ -501,8 +505,12 @@ impl LogStore for RedbStore {
     fn defragment(&self) -> Result<bool, LogError> {
         // Every earlier commit durable first (the compaction rewrites pages of the durable
         // state), then the write-ahead file's frames are all in redb.
+        let mut wal = self.lock_wal();
         self.begin_write()?.commit()?;
-        self.committed_durably();
+        if let Some(w) = wal.as_mut() {
+            w.rewind();
+        }
+        drop(wal);
         // Waits for in-flight reads; new ones wait for the compaction.
         let mut db = self.db.write();
         db.compact().map_err(|e| LogError::Storage(e.to_string()))
@@ -679,6 +687,7 @@ impl LogStore for RedbStore {
 
     /// Deletes at most [`COMPACT_CHUNK`] revisions (and their key-index entries) per commit.
     fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
+        let mut wal = self.lock_wal();
         let txn = self.begin_write()?;
         let done;
         let in_use;
@@ -724,7 +733,9 @@ impl LogStore for RedbStore {
         }
         txn.commit()?;
         self.in_use.store(in_use, Ordering::Release);
-        self.committed_durably();
+        if let Some(w) = wal.as_mut() {
+            w.rewind();
+        }
         Ok(done)
     }
 

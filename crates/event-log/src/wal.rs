@@ -141,9 +141,8 @@ pub(crate) fn open_file(path: &Path) -> Result<File, LogError> {
 impl Wal {
     /// Reads the write-ahead file in `backend` and returns it with the records above
     /// `durable`, the last revision redb holds durably. The caller commits them to redb
-    /// durably and then calls [`Wal::rewind`]. Records that do not start right after `durable`
-    /// (redb lost durable commits the file had handed over, which only damage to redb's file
-    /// can do) are an error: replaying them would leave a gap.
+    /// durably and then calls [`Wal::rewind`]. (Revisions need not be contiguous: the store
+    /// above may skip some, e.g. kv-store's first change set is revision 2.)
     pub(crate) fn open(
         mut backend: Box<dyn WalBackend>,
         limits: WalLimits,
@@ -154,18 +153,6 @@ impl Wal {
             .into_iter()
             .filter(|r| r.revision > durable)
             .collect();
-        if let Some(first) = records.first()
-            && first.revision != durable + 1
-        {
-            return Err(LogError::Corrupt {
-                revision: Some(durable + 1),
-                reason: format!(
-                    "the write-ahead file resumes at revision {} but the store's file ends at \
-                     {durable}: revisions in between are lost",
-                    first.revision
-                ),
-            });
-        }
         let allocated = bytes.len() as u64;
         drop(bytes);
         let wal = Self {
@@ -420,24 +407,6 @@ mod tests {
         // The new frame comes back; the stale ones behind it (revisions below 11) end the scan
         // or are skipped, and never come back.
         assert_eq!(reopen(&path, 10).1, vec![11]);
-    }
-
-    #[test]
-    fn records_that_leave_a_gap_after_the_durable_revision_are_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal");
-        let (mut wal, _) = reopen(&path, 0);
-        wal.append(&[rec(6), rec(7)]).unwrap();
-        drop(wal);
-        assert_eq!(reopen(&path, 5).1, vec![6, 7]);
-        // redb holds only up to 3: revisions 4 and 5 are nowhere.
-        match Wal::open(Box::new(open_file(&path).unwrap()), SMALL, 3) {
-            Err(LogError::Corrupt { revision, reason }) => {
-                assert_eq!(revision, Some(4));
-                assert!(reason.contains("resumes at revision 6"), "{reason}");
-            }
-            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
-        }
     }
 
     #[test]

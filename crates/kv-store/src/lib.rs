@@ -1239,31 +1239,70 @@ impl Drop for StateInUseCap<'_> {
 
 /// The publisher: awaits each queued change set's durability in revision order, publishes it to
 /// the engine and advances the durable revision. After a failure it only records it.
+///
+/// One group commit acknowledges several change sets at once; the publisher publishes every
+/// one whose acknowledgement is already there and then advances the durable revision once,
+/// so each `wait_durable` waiter wakes once per group rather than once per revision.
 async fn publish_loop(
     mut rx: mpsc::Receiver<Pending>,
     engine: WatchEngine,
     durable: Arc<watch::Sender<Durable>>,
     published: Arc<clock::PublishClock>,
 ) {
-    while let Some((cs, ack)) = rx.recv().await {
-        let revision = cs.revision;
-        match ack.await {
-            Ok(_) if durable.borrow().failed.is_none() => {
-                published.record(revision);
-                if let Err(e) = engine.publish(cs) {
-                    // A bug (revisions are allocated under the write lock); the write is
-                    // durable, only its delivery is lost, so say so loudly.
-                    tracing::error!(error = %e, revision, "watch engine refused a change set");
+    // A change set taken from the queue whose acknowledgement was not there yet.
+    let mut held: Option<Pending> = None;
+    loop {
+        let (cs, ack) = match held.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // Bounds the group, so that a queue that never runs dry still advances the durable
+        // revision (and answers the waiters) every this many change sets.
+        const MAX_GROUP: usize = 256;
+        let mut ready = Some((cs, ack.await));
+        let mut newest = None;
+        let mut grouped = 0;
+        while let Some((cs, result)) = ready.take() {
+            grouped += 1;
+            let revision = cs.revision;
+            match result {
+                Ok(_) if durable.borrow().failed.is_none() => {
+                    published.record(revision);
+                    if let Err(e) = engine.publish(cs) {
+                        // A bug (revisions are allocated under the write lock); the write is
+                        // durable, only its delivery is lost, so say so loudly.
+                        tracing::error!(error = %e, revision, "watch engine refused a change set");
+                    }
+                    newest = Some(revision);
                 }
-                durable.send_modify(|d| d.revision = revision);
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, revision, "event log failed; the store is now fail-stop");
+                    if let Some(r) = newest.take() {
+                        durable.send_modify(|d| d.revision = r);
+                    }
+                    durable.send_modify(|d| {
+                        d.failed.get_or_insert_with(|| e.to_string());
+                    });
+                }
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, revision, "event log failed; the store is now fail-stop");
-                durable.send_modify(|d| {
-                    d.failed.get_or_insert_with(|| e.to_string());
-                });
+            // The next one, only when its acknowledgement is already there.
+            if grouped >= MAX_GROUP {
+                break;
             }
+            if let Ok((cs, mut ack)) = rx.try_recv() {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match std::pin::Pin::new(&mut ack).poll(&mut cx) {
+                    std::task::Poll::Ready(result) => ready = Some((cs, result)),
+                    std::task::Poll::Pending => held = Some((cs, ack)),
+                }
+            }
+        }
+        if let Some(r) = newest {
+            durable.send_modify(|d| d.revision = r);
         }
     }
 }
