@@ -1,5 +1,6 @@
 //! event-log benchmarks: durable append throughput by batch size, append-to-ack latency under
-//! concurrent submitters, replay read throughput, and open (recovery) time.
+//! concurrent submitters (each with the write-ahead file on and off), replay read throughput,
+//! and open (recovery) time.
 //!
 //! Run: `cargo bench -p keywatch-benches --bench event_log`. Every change set holds one put
 //! with a 16-byte key and a 200-byte value. Files live in a temporary directory on the default
@@ -35,6 +36,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// The write-ahead file on (the default) or off (every batch a durable redb commit, as before
+/// it existed): both run in the same bench, side by side.
+fn wal_limits(on: bool) -> Option<event_log::WalLimits> {
+    on.then(event_log::WalLimits::default)
+}
+
+fn variant(wal: bool) -> &'static str {
+    if wal { "wal" } else { "redb-only" }
+}
+
 /// Durable change sets per second when each commit (one fsync) carries `batch` change sets.
 fn append_throughput(c: &mut Criterion) {
     let rt = runtime();
@@ -42,9 +53,13 @@ fn append_throughput(c: &mut Criterion) {
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(4));
-    for batch in [1usize, 64, 1024] {
+    for (batch, wal) in [1usize, 64, 1024]
+        .into_iter()
+        .flat_map(|b| [(b, true), (b, false)])
+    {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = LogConfig {
+            wal: wal_limits(wal),
             durability: Durability::Fsync,
             batch_size: batch,
             // Long enough for a burst of `batch` submissions to fill the batch, which is then
@@ -56,7 +71,7 @@ fn append_throughput(c: &mut Criterion) {
         let log = EventLog::open(dir.path(), config).expect("open");
         let mut next: Revision = 1;
         group.throughput(Throughput::Elements(batch as u64));
-        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+        group.bench_function(BenchmarkId::new(variant(wal), batch), |b| {
             b.iter(|| {
                 rt.block_on(async {
                     let mut acks = Vec::with_capacity(batch);
@@ -111,13 +126,20 @@ fn append_latency(c: &mut Criterion) {
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(4));
-    for submitters in [1usize, 16, 256] {
+    for (submitters, wal) in [1usize, 16, 256]
+        .into_iter()
+        .flat_map(|n| [(n, true), (n, false)])
+    {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = Arc::new(EventLog::open(dir.path(), LogConfig::default()).expect("open"));
+        let config = LogConfig {
+            wal: wal_limits(wal),
+            ..LogConfig::default()
+        };
+        let log = Arc::new(EventLog::open(dir.path(), config).expect("open"));
         let next = Arc::new(tokio::sync::Mutex::new(1 as Revision));
         let lat = Arc::new(Latencies::default());
         group.throughput(Throughput::Elements(submitters as u64));
-        group.bench_function(BenchmarkId::from_parameter(submitters), |b| {
+        group.bench_function(BenchmarkId::new(variant(wal), submitters), |b| {
             b.iter(|| {
                 rt.block_on(async {
                     let tasks: Vec<_> = (0..submitters)
@@ -144,7 +166,8 @@ fn append_latency(c: &mut Criterion) {
         });
         if let Some((p50, p99, max, n)) = lat.take_summary() {
             eprintln!(
-                "event_log/append_latency/{submitters}: {n} appends, p50 {p50:?}, p99 {p99:?}, max {max:?}"
+                "event_log/append_latency/{}/{submitters}: {n} appends, p50 {p50:?}, p99 {p99:?}, max {max:?}",
+                variant(wal)
             );
         }
     }

@@ -3,6 +3,8 @@
 //! - `checkpoint`: the persisted state (`state.redb`): rows written per compaction, the
 //!   legacy `state.snapshot` conversion, torn and failed checkpoint commits, damaged rows.
 //! - `crash`: kill -9 of a child process writing and compacting (`kv-store-crash-child`).
+//! - `hooked_log`: the one wrapper over the redb log store that injects failures and holds
+//!   compaction steps (used by `store` and `quota`).
 //! - `history`: reads at past revisions (and txns reading them) against a replay model,
 //!   across compactions, deletes, re-created keys and reopening (regressions in
 //!   `history.proptest-regressions` beside it).
@@ -18,6 +20,7 @@
 mod checkpoint;
 mod crash;
 mod history;
+mod hooked_log;
 mod lease_store;
 mod list_watch;
 mod quota;

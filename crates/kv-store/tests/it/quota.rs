@@ -5,14 +5,14 @@
 //! open for files from before them) equal to a recount.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use event_log::LogError;
 use kv_store::{
     Alarm, Durability, KeyRange, PutOptions, STATE_FILE, Store, StoreConfig, StoreError,
 };
-use watch_core::{ChangeSet, KeySelector};
+
+use crate::hooked_log::{Gate, HookedLog};
 
 const QUOTA: u64 = 2 << 20;
 const VALUE: usize = 1024;
@@ -213,59 +213,6 @@ async fn counters_survive_reopen_and_equal_a_recount() {
     store.close().await.unwrap();
 }
 
-/// A redb log store whose next compaction step, once armed, waits to be released: it holds a
-/// compaction between its checkpoint's commit and the log dropping the history.
-struct GatedCompaction {
-    inner: event_log::RedbStore,
-    armed: AtomicBool,
-    entered: tokio::sync::mpsc::UnboundedSender<()>,
-    release: Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl event_log::LogStore for GatedCompaction {
-    fn append_batch(&self, batch: &[event_log::codec::EncodedChange]) -> Result<(), LogError> {
-        self.inner.append_batch(batch)
-    }
-    fn last_revision(&self) -> Result<u64, LogError> {
-        self.inner.last_revision()
-    }
-    fn compacted_revision(&self) -> Result<u64, LogError> {
-        self.inner.compacted_revision()
-    }
-    fn read(
-        &self,
-        selector: &KeySelector,
-        after: u64,
-        until: u64,
-        limit: usize,
-    ) -> Result<Vec<ChangeSet>, LogError> {
-        self.inner.read(selector, after, until, limit)
-    }
-    fn compact(&self, revision: u64) -> Result<(), LogError> {
-        self.inner.compact(revision)
-    }
-    fn compact_step(&self, revision: u64) -> Result<bool, LogError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            let _ = self.entered.send(());
-            let _ = self.release.lock().unwrap().recv();
-        }
-        self.inner.compact_step(revision)
-    }
-    fn retention_target(
-        &self,
-        policy: &event_log::RetentionPolicy,
-        now_ms: u64,
-    ) -> Result<Option<u64>, LogError> {
-        self.inner.retention_target(policy, now_ms)
-    }
-    fn bytes_in_use(&self) -> u64 {
-        self.inner.bytes_in_use()
-    }
-    fn recount_bytes_in_use(&self) -> Result<u64, LogError> {
-        self.inner.recount_bytes_in_use()
-    }
-}
-
 /// A compaction never raises the bytes in use: the rows its checkpoint writes copy history
 /// the same compaction drops, so they count only once the log has dropped it. Held between
 /// the two (the checkpoint committed, the log not yet compacted), the figure stays at most
@@ -273,24 +220,18 @@ impl event_log::LogStore for GatedCompaction {
 #[tokio::test]
 async fn a_compaction_in_progress_does_not_count_the_keyspace_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let log = Arc::new(GatedCompaction {
-        inner: event_log::RedbStore::open(
-            dir.path().join(event_log::STORE_FILE),
-            event_log::RedbOptions::default(),
-        )
-        .unwrap(),
-        armed: AtomicBool::new(false),
-        entered: entered_tx,
-        release: Mutex::new(release_rx),
-    });
+    let (gate, mut entered, release) = Gate::new();
+    let log = Arc::new(HookedLog::with_gate(dir.path(), Some(gate)));
     let store = Store::open_with_log_store(dir.path(), config(), log.clone())
         .await
         .unwrap();
     overwrite(&store, 0..200, 0).await;
     let before = store.bytes_in_use();
-    log.armed.store(true, Ordering::SeqCst);
+    log.gate
+        .as_ref()
+        .unwrap()
+        .armed
+        .store(true, Ordering::SeqCst);
     let compaction = tokio::spawn({
         let store = store.clone();
         async move { store.compact(store.current_revision()).await }

@@ -11,6 +11,8 @@ use kv_store::{
 use kv_store::{Durability, Store, StoreConfig, StoreError};
 use watch_core::{EventKind, KeySelector, WatchMessage, WatchOptions};
 
+use crate::hooked_log::HookedLog;
+
 fn config() -> StoreConfig {
     StoreConfig::default().durability(Durability::NoSync)
 }
@@ -510,72 +512,11 @@ async fn closed_store_refuses_requests() {
     ));
 }
 
-/// A redb log store whose commits start failing when `fail` is set, and whose compactions
-/// fail when `fail_compact` is.
-struct Flaky {
-    inner: event_log::RedbStore,
-    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    fail_compact: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl event_log::LogStore for Flaky {
-    fn append_batch(
-        &self,
-        batch: &[event_log::codec::EncodedChange],
-    ) -> Result<(), event_log::LogError> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(event_log::LogError::Storage(
-                "injected fsync failure".into(),
-            ));
-        }
-        self.inner.append_batch(batch)
-    }
-    fn last_revision(&self) -> Result<u64, event_log::LogError> {
-        self.inner.last_revision()
-    }
-    fn compacted_revision(&self) -> Result<u64, event_log::LogError> {
-        self.inner.compacted_revision()
-    }
-    fn read(
-        &self,
-        selector: &KeySelector,
-        after: u64,
-        until: u64,
-        limit: usize,
-    ) -> Result<Vec<watch_core::ChangeSet>, event_log::LogError> {
-        self.inner.read(selector, after, until, limit)
-    }
-    fn compact(&self, revision: u64) -> Result<(), event_log::LogError> {
-        if self.fail_compact.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(event_log::LogError::Storage(
-                "injected compaction failure".into(),
-            ));
-        }
-        self.inner.compact(revision)
-    }
-    fn retention_target(
-        &self,
-        policy: &event_log::RetentionPolicy,
-        now_ms: u64,
-    ) -> Result<Option<u64>, event_log::LogError> {
-        self.inner.retention_target(policy, now_ms)
-    }
-}
-
 #[tokio::test]
 async fn failed_log_commit_is_fail_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let redb = event_log::RedbStore::open(
-        dir.path().join(event_log::STORE_FILE),
-        event_log::RedbOptions::default(),
-    )
-    .unwrap();
-    let flaky = Flaky {
-        inner: redb,
-        fail: fail.clone(),
-        fail_compact: Default::default(),
-    };
+    let flaky = HookedLog::open(dir.path());
+    let fail = flaky.fail_append.clone();
     let s = Store::open_with_log_store(dir.path(), config(), std::sync::Arc::new(flaky))
         .await
         .unwrap();
@@ -651,17 +592,8 @@ async fn large_txn_checked_off_the_workers() {
 #[tokio::test]
 async fn a_compaction_cut_between_checkpoint_and_log_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let fail_compact = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let redb = event_log::RedbStore::open(
-        dir.path().join(event_log::STORE_FILE),
-        event_log::RedbOptions::default(),
-    )
-    .unwrap();
-    let flaky = Flaky {
-        inner: redb,
-        fail: Default::default(),
-        fail_compact: fail_compact.clone(),
-    };
+    let flaky = HookedLog::open(dir.path());
+    let fail_compact = flaky.fail_compact.clone();
     let s = Store::open_with_log_store(dir.path(), config(), std::sync::Arc::new(flaky))
         .await
         .unwrap();
