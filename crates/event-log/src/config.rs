@@ -124,6 +124,9 @@ pub struct LogConfig {
     /// batch to redb durably (about 2× the CPU and latency per commit, measured in
     /// docs/benchmarks.md).
     pub wal: Option<crate::WalLimits>,
+    /// Most revisions one compaction step deletes (see
+    /// [`crate::RedbOptions::compact_step_revisions`]); 256 by default.
+    pub compact_step_revisions: usize,
 }
 
 impl Default for LogConfig {
@@ -139,6 +142,7 @@ impl Default for LogConfig {
             verify_on_open: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
             wal: Some(crate::WalLimits::default()),
+            compact_step_revisions: crate::DEFAULT_COMPACT_STEP,
         }
     }
 }

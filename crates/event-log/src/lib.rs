@@ -77,9 +77,11 @@
 //! - `log` (`EventLog`): bounded submission queue (a tokio `Semaphore` of slots + std `mpsc`) in
 //!   front of **one writer OS thread** owned by the log and joined by `close`/drop. The writer
 //!   takes what is queued (up to `batch_size` / `max_batch_bytes`, optional `flush_interval`
-//!   linger), makes it durable with one redb commit, then answers every `AppendAck`. Compaction runs on the
-//!   same thread in steps of at most 8,192 revisions alternating with batches (appends are not
-//!   held by a long compaction); retention runs between batches. Reads (`read*`, `replay`, the `History`
+//!   linger), makes it durable (one frame and `fdatasync` of the write-ahead file `wal`, then
+//!   a redb commit without a flush; or one durable redb commit with the file off), then
+//!   answers every `AppendAck`. Compaction runs on the same thread in steps of at most 256
+//!   revisions (`compact_step_revisions`) alternating with batches (appends are not held by a
+//!   long compaction); retention runs between batches. Reads (`read*`, `replay`, the `History`
 //!   impl via `spawn_blocking`) go straight to the store.
 //! - `store`: the `LogStore` trait (append a batch atomically, read by selector, first change
 //!   per key after a revision (what a read at a past revision needs), compact in bounded steps,
@@ -125,6 +127,6 @@ pub use config::{
 pub use error::{ErrorKind, LogError};
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE, WAL_FILE};
 pub use observer::LogObserver;
-pub use store::{LogStore, RedbOptions, RedbStore, WAL_SUFFIX};
+pub use store::{DEFAULT_COMPACT_STEP, LogStore, RedbOptions, RedbStore, WAL_SUFFIX};
 pub use wal::{WalBackend, WalLimits};
 pub use watch_core::{ChangeSet, KeySelector, Revision};

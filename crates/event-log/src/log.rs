@@ -123,6 +123,7 @@ impl EventLog {
                 verify_on_open: config.verify_on_open,
                 cache_bytes: config.cache_bytes,
                 wal: config.wal,
+                compact_step_revisions: config.compact_step_revisions,
             },
         )?;
         Self::with_store(Arc::new(store), config)
@@ -220,7 +221,7 @@ impl EventLog {
     /// Fails with [`LogError::AlreadyCompacted`] when `revision` is at or below the current
     /// compaction revision (nothing changes) and with [`LogError::FutureRevision`] when it is
     /// above the last acknowledged revision. Runs on the writer thread in steps
-    /// ([`LogStore::compact_step`]: at most 8,192 revisions each) alternating with append
+    /// ([`LogStore::compact_step`]: at most [`LogConfig::compact_step_revisions`] each) alternating with append
     /// batches, so appends keep being committed while a large compaction runs.
     pub async fn compact(&self, revision: Revision) -> Result<(), LogError> {
         let (reply, rx) = oneshot::channel();

@@ -622,3 +622,32 @@ fn first_changes_by_index_match_the_replay() {
         Err(LogError::Compacted { compacted: 4 })
     ));
 }
+
+/// A compaction step deletes at most `compact_step_revisions` revisions, raising the persisted
+/// compaction revision to just past what it deleted, until the last step reaches the target.
+#[test]
+fn compaction_steps_delete_at_most_the_configured_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(
+        dir.path().join(STORE_FILE),
+        RedbOptions {
+            durability: Durability::NoSync,
+            compact_step_revisions: 10,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap();
+    let batch: Vec<_> = (1..=35)
+        .map(|rev| event_log::codec::encode(&puts(rev, &["/k"]), 0))
+        .collect();
+    event_log::LogStore::append_batch(&store, &batch).unwrap();
+    let mut reached = Vec::new();
+    loop {
+        let done = event_log::LogStore::compact_step(&store, 36).unwrap();
+        reached.push(event_log::LogStore::compacted_revision(&store).unwrap());
+        if done {
+            break;
+        }
+    }
+    assert_eq!(reached, [11, 21, 31, 36]);
+}
