@@ -218,9 +218,23 @@ pub struct StoreConfig {
     /// refuses less with [`StoreError::InvalidConfig`]. Default
     /// [`DEFAULT_CHECKPOINT_FOLD_BYTES`] (64 MiB).
     pub checkpoint_fold_bytes: usize,
+    /// Most bytes of records the event log's write-ahead file takes between two durable commits
+    /// of the log (`event_log::WalLimits::max_bytes`; it also hands over every second). The
+    /// file is reserved at 1.25× this at open. 0 turns the file off: every batch is then a
+    /// durable redb commit (slower; see docs/benchmarks.md). At most [`MAX_WAL_BYTES`]: more
+    /// is refused with [`StoreError::InvalidConfig`]. Default [`DEFAULT_WAL_BYTES`] (16 MiB).
+    /// Only under [`Durability::Fsync`].
+    pub wal_bytes: u64,
     /// The member ID the store's own alarms are raised for (etcd's member ID).
     pub member_id: u64,
 }
+
+/// Default of [`StoreConfig::wal_bytes`]: 16 MiB.
+pub const DEFAULT_WAL_BYTES: u64 = 16 << 20;
+
+/// Largest [`StoreConfig::wal_bytes`]: 1 GiB. The file is reserved (written with zeros) at
+/// open and replayed whole after a crash, so its size is bounded.
+pub const MAX_WAL_BYTES: u64 = 1 << 30;
 
 /// Default of [`StoreConfig::checkpoint_fold_bytes`]: 64 MiB.
 pub const DEFAULT_CHECKPOINT_FOLD_BYTES: usize = 64 << 20;
@@ -242,6 +256,15 @@ impl StoreConfig {
                 ),
             });
         }
+        if self.wal_bytes > MAX_WAL_BYTES {
+            return Err(StoreError::InvalidConfig {
+                field: "wal_bytes",
+                message: format!(
+                    "{} bytes is above the maximum of {MAX_WAL_BYTES}",
+                    self.wal_bytes
+                ),
+            });
+        }
         Ok(())
     }
 }
@@ -258,6 +281,7 @@ impl Default for StoreConfig {
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
             quota_bytes: 0,
             checkpoint_fold_bytes: DEFAULT_CHECKPOINT_FOLD_BYTES,
+            wal_bytes: DEFAULT_WAL_BYTES,
             member_id: 0,
         }
     }
@@ -303,6 +327,12 @@ impl StoreConfig {
     /// checked by [`Store::open`]).
     pub fn checkpoint_fold_bytes(mut self, bytes: usize) -> Self {
         self.checkpoint_fold_bytes = bytes;
+        self
+    }
+    /// Sets [`StoreConfig::wal_bytes`] (0: off; at most [`MAX_WAL_BYTES`], checked by
+    /// [`Store::open`]).
+    pub fn wal_bytes(mut self, bytes: u64) -> Self {
+        self.wal_bytes = bytes;
         self
     }
     /// Sets [`StoreConfig::member_id`].
@@ -480,6 +510,10 @@ impl Store {
         let dir = dir.to_path_buf();
         let log_config = LogConfig {
             durability: config.durability,
+            wal: (config.wal_bytes > 0).then(|| event_log::WalLimits {
+                max_bytes: config.wal_bytes,
+                ..event_log::WalLimits::default()
+            }),
             ..LogConfig::default()
         };
         let dir2 = dir.clone();

@@ -110,6 +110,11 @@ pub struct Cli {
     /// at least 1048576). See docs/operations.md.
     #[arg(long, env = "KEYWATCH_CHECKPOINT_FOLD_BYTES")]
     pub checkpoint_fold_bytes: Option<usize>,
+    /// Most bytes of records the event log's write-ahead file takes between two durable
+    /// commits of the log (default 16777216, at most 1073741824; 0: no write-ahead file, every
+    /// commit a durable redb commit). See docs/operations.md.
+    #[arg(long, env = "KEYWATCH_WAL_BYTES")]
+    pub wal_bytes: Option<u64>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -304,6 +309,7 @@ pub struct FileConfig {
     pub min_lease_ttl: Option<i64>,
     pub quota_backend_bytes: Option<i64>,
     pub checkpoint_fold_bytes: Option<usize>,
+    pub wal_bytes: Option<u64>,
 }
 
 /// The resolved server configuration.
@@ -388,6 +394,8 @@ pub struct ServerConfig {
     pub quota_backend_bytes: u64,
     /// Most bytes of keys and values a checkpoint folds in memory between flushes.
     pub checkpoint_fold_bytes: usize,
+    /// Most record bytes of the event log's write-ahead file between durable commits; 0: off.
+    pub wal_bytes: u64,
 }
 
 /// etcd's default space quota (`DefaultQuotaBytes`, 2 GiB), also what 0 means.
@@ -439,6 +447,7 @@ impl Default for ServerConfig {
             min_lease_ttl: kv_store::DEFAULT_MIN_LEASE_TTL,
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
             checkpoint_fold_bytes: kv_store::DEFAULT_CHECKPOINT_FOLD_BYTES,
+            wal_bytes: kv_store::DEFAULT_WAL_BYTES,
         }
     }
 }
@@ -779,6 +788,7 @@ impl ServerConfig {
                 .checkpoint_fold_bytes
                 .or(file.checkpoint_fold_bytes)
                 .unwrap_or(d.checkpoint_fold_bytes),
+            wal_bytes: cli.wal_bytes.or(file.wal_bytes).unwrap_or(d.wal_bytes),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -851,6 +861,16 @@ impl ServerConfig {
                 ),
             });
         }
+        if c.wal_bytes > kv_store::MAX_WAL_BYTES {
+            return Err(ConfigError::Invalid {
+                field: "wal_bytes",
+                message: format!(
+                    "{} is above the maximum of {} bytes",
+                    c.wal_bytes,
+                    kv_store::MAX_WAL_BYTES
+                ),
+            });
+        }
         if !(1..=kv_store::MAX_LEASE_TTL).contains(&c.min_lease_ttl) {
             return Err(ConfigError::Invalid {
                 field: "min_lease_ttl",
@@ -899,6 +919,7 @@ impl ServerConfig {
             .min_lease_ttl(self.min_lease_ttl)
             .quota_bytes(self.quota_backend_bytes)
             .checkpoint_fold_bytes(self.checkpoint_fold_bytes)
+            .wal_bytes(self.wal_bytes)
     }
 }
 
@@ -993,6 +1014,23 @@ mod tests {
             let err = ServerConfig::merge(cli, FileConfig::default()).unwrap_err();
             assert!(err.to_string().contains("checkpoint_fold_bytes"), "{err}");
         }
+    }
+
+    #[test]
+    fn wal_bytes_flag_over_file_and_bounded() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.store_config().wal_bytes, kv_store::DEFAULT_WAL_BYTES);
+        let file: FileConfig = toml::from_str("wal_bytes = 0").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.store_config().wal_bytes, 0);
+        let cli = Cli::try_parse_from(["watch-server", "--wal-bytes", "4194304"]).unwrap();
+        assert_eq!(ServerConfig::merge(cli, file).unwrap().wal_bytes, 4 << 20);
+        let cli = Cli {
+            wal_bytes: Some(kv_store::MAX_WAL_BYTES + 1),
+            ..Cli::default()
+        };
+        let err = ServerConfig::merge(cli, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("wal_bytes"), "{err}");
     }
 
     #[test]

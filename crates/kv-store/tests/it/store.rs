@@ -650,3 +650,48 @@ async fn a_compaction_cut_between_checkpoint_and_log_loses_nothing() {
     assert_eq!((next.from, next.rows), (second, 2));
     s.close().await.unwrap();
 }
+
+/// `wal_bytes` turns the log's write-ahead file on (the default, under fsync) or off, and a
+/// size above the maximum is refused before any file is touched.
+#[tokio::test]
+async fn wal_bytes_turns_the_write_ahead_file_on_and_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join(event_log::WAL_FILE);
+    let fsync = StoreConfig::default().durability(Durability::Fsync);
+    let s = Store::open(dir.path(), fsync.clone()).await.unwrap();
+    s.put("a", "1", PutOptions::default()).await.unwrap();
+    assert!(wal.exists());
+    s.close().await.unwrap();
+    drop(s);
+    // Off: the file's frames are replayed, then it is removed.
+    let s = Store::open(dir.path(), fsync.clone().wal_bytes(0))
+        .await
+        .unwrap();
+    assert!(!wal.exists());
+    assert_eq!(get(&s, "a").await.unwrap().value, "1");
+    s.put("a", "2", PutOptions::default()).await.unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let s = Store::open(dir.path(), fsync.clone()).await.unwrap();
+    assert_eq!(get(&s, "a").await.unwrap().value, "2");
+    s.close().await.unwrap();
+
+    let fresh = tempfile::tempdir().unwrap();
+    let err = Store::open(
+        fresh.path().join("d"),
+        fsync.wal_bytes(kv_store::MAX_WAL_BYTES + 1),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::InvalidConfig {
+                field: "wal_bytes",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!fresh.path().join("d").exists());
+}
