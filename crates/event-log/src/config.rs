@@ -7,6 +7,10 @@ use std::time::Duration;
 /// Default bound of redb's page cache, in bytes (see [`crate::RedbOptions::cache_bytes`]).
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
+/// Default of [`LogConfig::compact_step_revisions`] (and of
+/// [`crate::RedbOptions::compact_step_revisions`]): 256.
+pub const DEFAULT_COMPACT_STEP: usize = 256;
+
 /// How durable a commit is when `append` resolves. The one durability vocabulary of keywatch:
 /// kv-store re-exports it, and the server's `--durability fsync|no-sync` parses it with
 /// [`FromStr`] (spellings `fsync` and `no-sync`, also what [`fmt::Display`] writes).
@@ -142,7 +146,7 @@ impl Default for LogConfig {
             verify_on_open: true,
             cache_bytes: DEFAULT_CACHE_BYTES,
             wal: Some(crate::WalLimits::default()),
-            compact_step_revisions: crate::DEFAULT_COMPACT_STEP,
+            compact_step_revisions: DEFAULT_COMPACT_STEP,
         }
     }
 }

@@ -122,11 +122,12 @@ mod store;
 mod wal;
 
 pub use config::{
-    DEFAULT_CACHE_BYTES, Durability, LogConfig, ParseDurabilityError, RetentionPolicy,
+    DEFAULT_CACHE_BYTES, DEFAULT_COMPACT_STEP, Durability, LogConfig, ParseDurabilityError,
+    RetentionPolicy,
 };
 pub use error::{ErrorKind, LogError};
 pub use log::{AppendAck, EventLog, Replay, STORE_FILE, WAL_FILE};
 pub use observer::LogObserver;
-pub use store::{DEFAULT_COMPACT_STEP, LogStore, RedbOptions, RedbStore, WAL_SUFFIX};
+pub use store::{LogStore, RedbOptions, RedbStore, WAL_SUFFIX};
 pub use wal::{WalBackend, WalLimits};
 pub use watch_core::{ChangeSet, KeySelector, Revision};

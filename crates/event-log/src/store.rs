@@ -14,7 +14,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefiniti
 use watch_core::{ChangeSet, Event, KeySelector, Revision};
 
 use crate::codec::{self, EncodedChange};
-use crate::config::{DEFAULT_CACHE_BYTES, Durability, RetentionPolicy};
+use crate::config::{DEFAULT_CACHE_BYTES, DEFAULT_COMPACT_STEP, Durability, RetentionPolicy};
 use crate::error::LogError;
 use crate::wal::{Wal, WalLimits};
 
@@ -177,9 +177,6 @@ fn in_use_of(count: u64, record_bytes: u64, index_bytes: u64) -> u64 {
 
 /// The layout version of the tables above; bump on any incompatible change.
 pub(crate) const FORMAT_VERSION: u64 = 1;
-
-/// Default of [`RedbOptions::compact_step_revisions`].
-pub const DEFAULT_COMPACT_STEP: usize = 256;
 
 /// Most key-index entries a selector read scans before it falls back to a filtered scan of the
 /// change sets themselves (a wide prefix with a long history).
