@@ -187,6 +187,9 @@ pub use types::*;
 /// tests and benchmarks.
 pub use event_log::Durability;
 
+/// Default of [`StoreConfig::compact_step_revisions`]: 256 revisions per step.
+pub use event_log::DEFAULT_COMPACT_STEP;
+
 /// Settings of a [`Store`]. `Default` matches etcd's defaults where etcd has one.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -225,6 +228,12 @@ pub struct StoreConfig {
     /// is refused with [`StoreError::InvalidConfig`]. Default [`DEFAULT_WAL_BYTES`] (16 MiB).
     /// Only under [`Durability::Fsync`].
     pub wal_bytes: u64,
+    /// Most revisions one step of the log's compaction deletes in one commit
+    /// (`event_log::LogConfig::compact_step_revisions`): a commit waits for at most one step,
+    /// so smaller steps hold puts for less time during a compaction and make it take longer.
+    /// At least 1 ([`StoreError::InvalidConfig`] otherwise). Default [`DEFAULT_COMPACT_STEP`]
+    /// (256).
+    pub compact_step_revisions: usize,
     /// The member ID the store's own alarms are raised for (etcd's member ID).
     pub member_id: u64,
 }
@@ -256,6 +265,12 @@ impl StoreConfig {
                 ),
             });
         }
+        if self.compact_step_revisions == 0 {
+            return Err(StoreError::InvalidConfig {
+                field: "compact_step_revisions",
+                message: "0: a compaction step must delete at least one revision".to_owned(),
+            });
+        }
         if self.wal_bytes > MAX_WAL_BYTES {
             return Err(StoreError::InvalidConfig {
                 field: "wal_bytes",
@@ -282,6 +297,7 @@ impl Default for StoreConfig {
             quota_bytes: 0,
             checkpoint_fold_bytes: DEFAULT_CHECKPOINT_FOLD_BYTES,
             wal_bytes: DEFAULT_WAL_BYTES,
+            compact_step_revisions: DEFAULT_COMPACT_STEP,
             member_id: 0,
         }
     }
@@ -333,6 +349,11 @@ impl StoreConfig {
     /// [`Store::open`]).
     pub fn wal_bytes(mut self, bytes: u64) -> Self {
         self.wal_bytes = bytes;
+        self
+    }
+    /// Sets [`StoreConfig::compact_step_revisions`] (at least 1, checked by [`Store::open`]).
+    pub fn compact_step_revisions(mut self, revisions: usize) -> Self {
+        self.compact_step_revisions = revisions;
         self
     }
     /// Sets [`StoreConfig::member_id`].
@@ -514,6 +535,7 @@ impl Store {
                 max_bytes: config.wal_bytes,
                 ..event_log::WalLimits::default()
             }),
+            compact_step_revisions: config.compact_step_revisions,
             ..LogConfig::default()
         };
         let dir2 = dir.clone();

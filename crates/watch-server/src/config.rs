@@ -115,6 +115,10 @@ pub struct Cli {
     /// commit a durable redb commit). See docs/operations.md.
     #[arg(long, env = "KEYWATCH_WAL_BYTES")]
     pub wal_bytes: Option<u64>,
+    /// Most revisions one step of a compaction deletes in one commit of the event log; puts
+    /// wait for at most one step (default 256, at least 1). See docs/operations.md.
+    #[arg(long, env = "KEYWATCH_COMPACT_STEP_REVISIONS")]
+    pub compact_step_revisions: Option<usize>,
     /// Log filter, tracing-subscriber EnvFilter syntax (default "info").
     #[arg(long, env = "KEYWATCH_LOG")]
     pub log_filter: Option<String>,
@@ -310,6 +314,7 @@ pub struct FileConfig {
     pub quota_backend_bytes: Option<i64>,
     pub checkpoint_fold_bytes: Option<usize>,
     pub wal_bytes: Option<u64>,
+    pub compact_step_revisions: Option<usize>,
 }
 
 /// The resolved server configuration.
@@ -396,6 +401,8 @@ pub struct ServerConfig {
     pub checkpoint_fold_bytes: usize,
     /// Most record bytes of the event log's write-ahead file between durable commits; 0: off.
     pub wal_bytes: u64,
+    /// Most revisions one compaction step deletes (at least 1).
+    pub compact_step_revisions: usize,
 }
 
 /// etcd's default space quota (`DefaultQuotaBytes`, 2 GiB), also what 0 means.
@@ -448,6 +455,7 @@ impl Default for ServerConfig {
             quota_backend_bytes: DEFAULT_QUOTA_BYTES,
             checkpoint_fold_bytes: kv_store::DEFAULT_CHECKPOINT_FOLD_BYTES,
             wal_bytes: kv_store::DEFAULT_WAL_BYTES,
+            compact_step_revisions: kv_store::DEFAULT_COMPACT_STEP,
         }
     }
 }
@@ -789,6 +797,10 @@ impl ServerConfig {
                 .or(file.checkpoint_fold_bytes)
                 .unwrap_or(d.checkpoint_fold_bytes),
             wal_bytes: cli.wal_bytes.or(file.wal_bytes).unwrap_or(d.wal_bytes),
+            compact_step_revisions: cli
+                .compact_step_revisions
+                .or(file.compact_step_revisions)
+                .unwrap_or(d.compact_step_revisions),
         };
         if let Some(s) = cli.shutdown_timeout.or(file.shutdown_timeout) {
             c.shutdown_timeout = parse_duration(&s).map_err(|message| ConfigError::Invalid {
@@ -849,6 +861,7 @@ impl ServerConfig {
             });
         }
         positive("max_leases", c.max_leases)?;
+        positive("compact_step_revisions", c.compact_step_revisions)?;
         // The store refuses it at open too; here it is a configuration error, before any file
         // is touched.
         if c.checkpoint_fold_bytes < kv_store::MIN_CHECKPOINT_FOLD_BYTES {
@@ -920,6 +933,7 @@ impl ServerConfig {
             .quota_bytes(self.quota_backend_bytes)
             .checkpoint_fold_bytes(self.checkpoint_fold_bytes)
             .wal_bytes(self.wal_bytes)
+            .compact_step_revisions(self.compact_step_revisions)
     }
 }
 
@@ -1031,6 +1045,31 @@ mod tests {
         };
         let err = ServerConfig::merge(cli, FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("wal_bytes"), "{err}");
+    }
+
+    #[test]
+    fn compact_step_revisions_flag_over_file_and_positive() {
+        let c = ServerConfig::merge(Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(
+            c.store_config().compact_step_revisions,
+            kv_store::DEFAULT_COMPACT_STEP
+        );
+        let file: FileConfig = toml::from_str("compact_step_revisions = 1024").unwrap();
+        let c = ServerConfig::merge(Cli::default(), file.clone()).unwrap();
+        assert_eq!(c.store_config().compact_step_revisions, 1024);
+        let cli = Cli::try_parse_from(["watch-server", "--compact-step-revisions", "64"]).unwrap();
+        assert_eq!(
+            ServerConfig::merge(cli, file)
+                .unwrap()
+                .compact_step_revisions,
+            64
+        );
+        let cli = Cli {
+            compact_step_revisions: Some(0),
+            ..Cli::default()
+        };
+        let err = ServerConfig::merge(cli, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("compact_step_revisions"), "{err}");
     }
 
     #[test]

@@ -695,3 +695,36 @@ async fn wal_bytes_turns_the_write_ahead_file_on_and_off() {
     );
     assert!(!fresh.path().join("d").exists());
 }
+
+/// A compaction step must delete something: 0 revisions per step is refused at open, and a
+/// small step still compacts everything it was asked to.
+#[tokio::test]
+async fn compact_step_revisions_is_positive_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(dir.path().join("d"), config().compact_step_revisions(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::InvalidConfig {
+                field: "compact_step_revisions",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let s = Store::open(dir.path(), config().compact_step_revisions(3))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        s.put("k", format!("{i}"), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let rev = s.current_revision();
+    s.compact(rev).await.unwrap();
+    assert_eq!(s.compacted_revision(), rev);
+    assert_eq!(get(&s, "k").await.unwrap().value, "19");
+    s.close().await.unwrap();
+}
