@@ -204,9 +204,8 @@ pub struct RedbOptions {
     pub wal: Option<WalLimits>,
     /// Most revisions one compaction step deletes in one commit (0 counts as 1). The writer
     /// runs one step between two append batches, so this bounds how long a compaction delays
-    /// a commit. 256 by default: against 8,192, the put p99 during the first compaction of
-    /// 1M × 1 KiB keys fell from 51–59 ms to 6–7 ms, and the compaction after 10 % churn took
-    /// 12–17 s instead of 7–8 s (docs/benchmarks.md).
+    /// a commit. 256 by default (8,192 before); docs/benchmarks.md, "Compaction step size",
+    /// has the measurements, which did not show a consistent difference between the two.
     pub compact_step_revisions: usize,
 }
 
