@@ -125,8 +125,7 @@ pub struct LogConfig {
     /// [`crate::RedbOptions::cache_bytes`]); 64 MiB by default.
     pub cache_bytes: usize,
     /// The write-ahead file's limits (see [`crate::RedbOptions::wal`]); `None` commits every
-    /// batch to redb durably (about 2× the CPU and latency per commit, measured in
-    /// docs/benchmarks.md).
+    /// batch to redb durably (1.35–2× slower commits, measured in docs/benchmarks.md).
     pub wal: Option<crate::WalLimits>,
     /// Most revisions one compaction step deletes (see
     /// [`crate::RedbOptions::compact_step_revisions`]); 256 by default.

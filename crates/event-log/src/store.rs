@@ -292,8 +292,8 @@ impl RedbStore {
         // non-durable commits after it are gone and come back from the write-ahead file.
         let limits = self.options.wal.unwrap_or_default();
         let (mut wal, recovered) = Wal::open(backend, limits, self.last_revision()?)?;
-        if !recovered.records.is_empty() {
-            self.write_batch(&recovered.records, true)?;
+        if !recovered.is_empty() {
+            self.write_batch(&recovered, true)?;
         }
         wal.rewind();
         if self.options.durability == Durability::Fsync && self.options.wal.is_some() {

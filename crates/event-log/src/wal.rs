@@ -1,11 +1,11 @@
 //! The write-ahead file: what makes a batch durable under [`crate::Durability::Fsync`].
 //!
 //! # Why
-//! A durable redb commit of a small batch writes about 14 scattered pages (the record's leaf,
-//! the key index's, the counters, every table root, the allocator state and the header) and
-//! then calls `fdatasync`, so the disk gets one request per page: about 170 µs of CPU and
-//! 285 µs of wall time per commit on our 2-vCPU VM (the overwrite `fdatasync` of one page takes
-//! 0.10 ms there). Here a batch is appended to this file with one `pwrite` and made durable
+//! A durable redb commit of a small batch writes scattered pages (the record's leaf, the key
+//! index's, the counters, every table root, the allocator state and the header) and then
+//! calls `fdatasync`, so the disk gets one request per page: about 290 µs per one-change-set
+//! commit on our 2-vCPU VM, where the overwrite `fdatasync` of one page takes 0.07–0.13 ms
+//! (docs/benchmarks.md, "The write-ahead file"). Here a batch is appended to this file with one `pwrite` and made durable
 //! with one `fdatasync` of that sequential range; the same batch then goes into redb with a
 //! non-durable commit (visible to readers, written to the page cache, no flush). Every
 //! [`WalLimits::max_bytes`] of appended records or [`WalLimits::max_age`], the next batch is
@@ -85,12 +85,6 @@ pub(crate) struct Wal {
     buf: Vec<u8>,
 }
 
-/// A record found by [`Wal::open`] above the revision redb holds.
-pub(crate) struct Recovered {
-    /// The records, in revision order, ready for `append_batch`.
-    pub(crate) records: Vec<EncodedChange>,
-}
-
 /// Where a write-ahead file's bytes go: a [`File`], or in tests one that fails on demand
 /// (the write-ahead counterpart of redb's `StorageBackend`). Every method is called from the
 /// log's writer thread only, never concurrently.
@@ -140,14 +134,14 @@ pub(crate) fn open_file(path: &Path) -> Result<File, LogError> {
 
 impl Wal {
     /// Reads the write-ahead file in `backend` and returns it with the records above
-    /// `durable`, the last revision redb holds durably. The caller commits them to redb
+    /// `durable` (in revision order, ready for a batch commit), the last revision redb holds durably. The caller commits them to redb
     /// durably and then calls [`Wal::rewind`]. (Revisions need not be contiguous: the store
     /// above may skip some, e.g. kv-store's first change set is revision 2.)
     pub(crate) fn open(
         mut backend: Box<dyn WalBackend>,
         limits: WalLimits,
         durable: Revision,
-    ) -> Result<(Self, Recovered), LogError> {
+    ) -> Result<(Self, Vec<EncodedChange>), LogError> {
         let bytes = backend.read_all()?;
         let records: Vec<EncodedChange> = scan(&bytes)?
             .into_iter()
@@ -164,7 +158,7 @@ impl Wal {
             pending_since: None,
             buf: Vec::new(),
         };
-        Ok((wal, Recovered { records }))
+        Ok((wal, records))
     }
 
     /// Reserves room for a full interval of small batches, so that the steady state never
@@ -243,9 +237,9 @@ impl Wal {
         self.end = 0;
         self.pending_bytes = 0;
         self.pending_since = None;
-        // A file that grew far past the limit (one huge batch) would make every later
-        // recovery scan it; it is not shrunk here because shrinking needs a size update and
-        // the scan stops at the first stale frame anyway.
+        // A file grown past the reservation (one huge batch) is not shrunk: shrinking needs a
+        // size update, and recovery only reads it once. The buffer is, so that one huge batch
+        // does not keep its memory.
         self.buf = Vec::new();
     }
 }
@@ -321,7 +315,7 @@ mod tests {
         max_age: Duration::from_secs(3600),
     };
 
-    fn open_at(path: &Path, limits: WalLimits, durable: Revision) -> (Wal, Recovered) {
+    fn open_at(path: &Path, limits: WalLimits, durable: Revision) -> (Wal, Vec<EncodedChange>) {
         let (mut wal, rec) =
             Wal::open(Box::new(open_file(path).unwrap()), limits, durable).unwrap();
         wal.reserve_interval().unwrap();
@@ -334,7 +328,7 @@ mod tests {
 
     fn reopen(path: &Path, durable: Revision) -> (Wal, Vec<Revision>) {
         let (wal, rec) = open_at(path, SMALL, durable);
-        let revs = revisions(&rec.records);
+        let revs = revisions(&rec);
         (wal, revs)
     }
 
@@ -350,9 +344,9 @@ mod tests {
         assert_eq!(reopen(&path, 0).1, vec![1, 2, 3]);
         assert_eq!(reopen(&path, 2).1, vec![3]);
         let (_, got) = open_at(&path, SMALL, 0);
-        assert_eq!(got.records[1].bytes, rec(2).bytes);
-        assert_eq!(got.records[1].keys, rec(2).keys);
-        assert_eq!(got.records[1].time_ms, rec(2).time_ms);
+        assert_eq!(got[1].bytes, rec(2).bytes);
+        assert_eq!(got[1].keys, rec(2).keys);
+        assert_eq!(got[1].time_ms, rec(2).time_ms);
     }
 
     #[test]

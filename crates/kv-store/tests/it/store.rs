@@ -677,23 +677,12 @@ async fn wal_bytes_turns_the_write_ahead_file_on_and_off() {
     s.close().await.unwrap();
 
     let fresh = tempfile::tempdir().unwrap();
-    let err = Store::open(
-        fresh.path().join("d"),
+    refused(
+        &fresh.path().join("d"),
         fsync.wal_bytes(kv_store::MAX_WAL_BYTES + 1),
+        "wal_bytes",
     )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::InvalidConfig {
-                field: "wal_bytes",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(!fresh.path().join("d").exists());
+    .await;
 }
 
 /// A compaction step must delete something: 0 revisions per step is refused at open, and a
@@ -701,19 +690,12 @@ async fn wal_bytes_turns_the_write_ahead_file_on_and_off() {
 #[tokio::test]
 async fn compact_step_revisions_is_positive_and_used() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Store::open(dir.path().join("d"), config().compact_step_revisions(0))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::InvalidConfig {
-                field: "compact_step_revisions",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    refused(
+        &dir.path().join("d"),
+        config().compact_step_revisions(0),
+        "compact_step_revisions",
+    )
+    .await;
     let s = Store::open(dir.path(), config().compact_step_revisions(3))
         .await
         .unwrap();
@@ -727,4 +709,17 @@ async fn compact_step_revisions_is_positive_and_used() {
     assert_eq!(s.compacted_revision(), rev);
     assert_eq!(get(&s, "k").await.unwrap().value, "19");
     s.close().await.unwrap();
+}
+
+/// Opening `dir` with `config` fails with `InvalidConfig` naming `field`, before the directory
+/// is created.
+async fn refused(dir: &std::path::Path, config: StoreConfig, field: &str) {
+    match Store::open(dir, config).await {
+        Err(StoreError::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+        other => panic!(
+            "expected InvalidConfig({field}), got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    assert!(!dir.exists());
 }
