@@ -88,11 +88,13 @@ pub trait LogStore: Send + Sync + 'static {
     fn compact(&self, revision: Revision) -> Result<(), LogError>;
 
     /// One bounded step of [`Self::compact`]: drops some revisions below `revision` in one
-    /// commit, raising the persisted compaction revision to just past them (never beyond
-    /// `revision`), and returns `true` once every revision below `revision` is gone and the
-    /// compaction revision is at least `revision`. The writer thread interleaves steps with
-    /// append batches, so a large compaction never holds appends for longer than one step.
-    /// The default does the whole compaction in one call.
+    /// commit, raising the compaction revision to just past them (never beyond `revision`),
+    /// and returns `true` once every revision below `revision` is gone and the compaction
+    /// revision is at least `revision`. The step that returns `true` is durable under
+    /// [`Durability::Fsync`]; earlier ones need not be (a crash may undo them, never the last
+    /// one's outcome). The writer thread interleaves steps with append batches, so a large
+    /// compaction never holds appends for longer than one step. The default does the whole
+    /// compaction in one call.
     fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
         self.compact(revision).map(|()| true)
     }
@@ -690,7 +692,12 @@ impl LogStore for RedbStore {
     /// Deletes at most [`RedbOptions::compact_step_revisions`] revisions (and their key-index entries) per commit.
     fn compact_step(&self, revision: Revision) -> Result<bool, LogError> {
         let mut wal = self.lock_wal();
-        let txn = self.begin_write()?;
+        // Durable only for the last step (set below, once known): intermediate steps ride on
+        // the next durable commit, the write-ahead file's or an append's without it, instead
+        // of each flushing every page the appends since the last one dirtied, which stalled
+        // appends for a flush per step (docs/benchmarks.md). A crash loses only steps of a
+        // compaction not yet answered: the durable compaction revision still only grows.
+        let mut txn = self.begin_write_with(false)?;
         let done;
         let in_use;
         {
@@ -734,9 +741,14 @@ impl LogStore for RedbStore {
             meta.insert(META_INDEX_BYTES, index_total)?;
             in_use = in_use_of(count, total, index_total);
         }
+        let durable = done && self.options.durability == Durability::Fsync;
+        if durable {
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(|e| LogError::Storage(e.to_string()))?;
+        }
         txn.commit()?;
         self.in_use.store(in_use, Ordering::Release);
-        if let Some(w) = wal.as_mut() {
+        if durable && let Some(w) = wal.as_mut() {
             w.rewind();
         }
         Ok(done)

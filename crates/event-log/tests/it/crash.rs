@@ -1,7 +1,10 @@
-//! kill -9 loop: a child process appends under concurrent load with `Durability::Fsync` and
-//! prints each acknowledged revision; the parent SIGKILLs it after a random number of acks,
-//! reopens the log (every other time with the write-ahead file off) and checks that every acknowledged change set survived intact, that the
-//! log is gap-free, and that appends continue from `last_revision + 1`.
+//! kill -9 loop: a child process appends under concurrent load with `Durability::Fsync`,
+//! compacts behind the appends in small steps, and prints each acknowledged revision and each
+//! answered compaction; the parent SIGKILLs it after a random number of acks, reopens the log
+//! (every other time with the write-ahead file off) and checks that every answered compaction
+//! survived (its compaction steps are not all durable), that every acknowledged change set
+//! above the compaction revision survived intact, that the log is gap-free from there, and
+//! that appends continue from `last_revision + 1`.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -29,6 +32,9 @@ fn kill_9_loses_no_acknowledged_append() {
     println!("seed {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut acked = BTreeSet::new();
+    // The highest answered compaction, and how many were answered.
+    let mut compacted = 0;
+    let mut compactions = 0;
     for round in 0..KILLS {
         // Every fourth round kills right away, possibly during open or crash recovery.
         let kill_after = if round % 4 == 3 { 0 } else { rng.usize(1..400) };
@@ -43,19 +49,31 @@ fn kill_9_loses_no_acknowledged_append() {
         let stdout = child.0.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let mut seen = 0;
+        let mut record = |line: String| match line.split_once(' ') {
+            Some(("ack", rev)) => {
+                let rev: u64 = rev.parse().unwrap();
+                assert!(acked.insert(rev), "revision {rev} acknowledged twice");
+                true
+            }
+            Some(("compacted", rev)) => {
+                compacted = compacted.max(rev.parse().unwrap());
+                compactions += 1;
+                false
+            }
+            _ => panic!("unexpected line from the child: {line:?}"),
+        };
         while seen < kill_after {
             let Some(line) = lines.next() else {
                 panic!("child exited after {seen} acks in round {round}");
             };
-            let rev: u64 = line.unwrap().strip_prefix("ack ").unwrap().parse().unwrap();
-            assert!(acked.insert(rev), "revision {rev} acknowledged twice");
-            seen += 1;
+            if record(line.unwrap()) {
+                seen += 1;
+            }
         }
         child.0.kill().unwrap();
-        // Acks already written to the pipe before the kill count too.
+        // Lines already written to the pipe before the kill count too.
         for line in lines {
-            let rev: u64 = line.unwrap().strip_prefix("ack ").unwrap().parse().unwrap();
-            assert!(acked.insert(rev), "revision {rev} acknowledged twice");
+            record(line.unwrap());
         }
         child.0.wait().unwrap();
         drop(child);
@@ -84,8 +102,13 @@ fn kill_9_loses_no_acknowledged_append() {
             last >= max_acked,
             "round {round}: last {last} < acknowledged {max_acked}"
         );
-        let mut expected = 1;
-        for cs in log.replay(0) {
+        let floor = log.compacted_revision();
+        assert!(
+            floor >= compacted,
+            "round {round}: compaction revision {floor} < answered compaction {compacted}"
+        );
+        let mut expected = floor.max(1);
+        for cs in log.replay(expected - 1) {
             let cs = cs.unwrap();
             assert_eq!(cs.revision, expected, "round {round}: gap or duplicate");
             assert_eq!(
@@ -110,6 +133,8 @@ fn kill_9_loses_no_acknowledged_append() {
         );
         acked.insert(last + 1);
     }
+    assert!(compactions > 0, "the child never answered a compaction");
+    println!("{compactions} compactions answered, the last to {compacted}");
     assert!(
         acked.len() > KILLS * 50,
         "too few acknowledged appends: {}",
