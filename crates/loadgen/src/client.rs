@@ -16,7 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use watch_proto::etcdserverpb::kv_client::KvClient;
 use watch_proto::etcdserverpb::watch_client::WatchClient;
 use watch_proto::etcdserverpb::watch_request::RequestUnion;
-use watch_proto::etcdserverpb::{PutRequest, WatchCreateRequest, WatchRequest};
+use watch_proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest, WatchRequest};
 
 use crate::Error;
 use crate::check::Seen;
@@ -357,9 +357,9 @@ pub async fn watch_stream(
 pub struct Written {
     /// `(key index, revision)` of every acknowledged put.
     pub puts: Vec<(usize, i64)>,
-    /// Put round-trip latency (µs).
+    /// Round-trip latency (µs) of every answered request.
     pub latency: Histogram<u64>,
-    /// Failed puts.
+    /// Failed requests.
     pub errors: Vec<String>,
 }
 
@@ -423,9 +423,37 @@ pub async fn put_unpaced(
     value_size: usize,
     pick: fn(usize, usize) -> usize,
 ) -> Written {
+    unpaced(channels, keys, count, writers, Some((value_size, pick))).await
+}
+
+/// `count` serializable one-key Ranges (key `n % keys.len()`) from `clients` concurrent
+/// clients, as fast as the server answers: the round trip of a request that waits for no
+/// disk. Run with the clients and channels of [`put_unpaced`], it is the floor under a put's
+/// latency: what a put costs beyond it is its durability. Only `latency` and `errors` of the
+/// result are filled.
+pub async fn range_unpaced(
+    channels: &[Channel],
+    keys: Arc<Vec<Bytes>>,
+    count: usize,
+    clients: usize,
+) -> Written {
+    unpaced(channels, keys, count, clients, None).await
+}
+
+/// What [`unpaced`] puts: the value size, and the key index of put `n` from `(n, keys)`.
+type PutSpec = (usize, fn(usize, usize) -> usize);
+
+/// The loop of [`put_unpaced`] (`put: Some(..)`) and [`range_unpaced`] (`None`).
+async fn unpaced(
+    channels: &[Channel],
+    keys: Arc<Vec<Bytes>>,
+    count: usize,
+    clients: usize,
+    put: Option<PutSpec>,
+) -> Written {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for w in 0..writers.max(1) {
+    for w in 0..clients.max(1) {
         let mut kv = KvClient::new(channels[w % channels.len()].clone());
         let keys = keys.clone();
         let next = next.clone();
@@ -436,12 +464,31 @@ pub async fn put_unpaced(
                 if n >= count {
                     return out;
                 }
-                let i = pick(n, keys.len());
-                put(&mut kv, &keys, i, value_size, &mut out).await;
+                match put {
+                    Some((value_size, pick)) => {
+                        let i = pick(n, keys.len());
+                        self::put(&mut kv, &keys, i, value_size, &mut out).await;
+                    }
+                    None => range(&mut kv, &keys[n % keys.len()], &mut out).await,
+                }
             }
         }));
     }
     join_writers(tasks).await
+}
+
+/// One serializable Range of `key`; records its round trip into `w`.
+async fn range(kv: &mut KvClient<Channel>, key: &Bytes, w: &mut Written) {
+    let started = Instant::now();
+    let req = RangeRequest {
+        key: key.clone(),
+        serializable: true,
+        ..Default::default()
+    };
+    match kv.range(req).await {
+        Ok(_) => record(&mut w.latency, started.elapsed().as_micros() as u64),
+        Err(e) => w.errors.push(format!("range: {e}")),
+    }
 }
 
 /// `count` puts at `rate` per second (each issued on schedule whatever the previous one is

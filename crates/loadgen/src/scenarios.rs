@@ -474,7 +474,7 @@ async fn spread(
     let t0 = Instant::now();
     let written = client::put_unpaced(
         &channels,
-        keys,
+        keys.clone(),
         puts,
         writers,
         sizes.value_size,
@@ -492,6 +492,23 @@ async fn spread(
         );
     }
     streams.counters.wait_events(puts as u64, IDLE_GUARD).await;
+    // The floor under the put latency: the same clients' serializable Ranges, which wait for
+    // no disk (what a put takes beyond this is its durability).
+    let reads = client::range_unpaced(&channels, keys, puts, writers).await;
+    if let Some(e) = reads.errors.first() {
+        c.verdict
+            .error(format!("{} ranges failed, first: {e}", reads.errors.len()));
+    }
+    if !reads.latency.is_empty() {
+        c.metric(
+            "range_p50_ms",
+            reads.latency.value_at_quantile(0.5) as f64 / 1e3,
+        );
+        c.metric(
+            "range_p99_ms",
+            reads.latency.value_at_quantile(0.99) as f64 / 1e3,
+        );
+    }
     let groups = streams.specs.len();
     let outcomes = streams.finish().await;
     c.written(&written);
