@@ -81,7 +81,9 @@
 //!   a redb commit without a flush; or one durable redb commit with the file off), then
 //!   answers every `AppendAck`. Compaction runs on the same thread in steps of at most 256
 //!   revisions (`compact_step_revisions`) alternating with batches (appends are not held by a
-//!   long compaction); retention runs between batches. Reads (`read*`, `replay`, the `History`
+//!   long compaction); only the last step commits durably, and the compaction is answered
+//!   after it (a crash may undo earlier steps, never an answered compaction); retention runs
+//!   between batches. Reads (`read*`, `replay`, the `History`
 //!   impl via `spawn_blocking`) go straight to the store.
 //! - `store`: the `LogStore` trait (append a batch atomically, read by selector, first change
 //!   per key after a revision (what a read at a past revision needs), compact in bounded steps,
