@@ -428,9 +428,9 @@ pub async fn put_unpaced(
 
 /// `count` serializable one-key Ranges (key `n % keys.len()`) from `clients` concurrent
 /// clients, as fast as the server answers: the round trip of a request that waits for no
-/// disk. Run with the clients and channels of [`put_unpaced`], it is the floor under a put's
-/// latency: what a put costs beyond it is its durability. Only `latency` and `errors` of the
-/// result are filled.
+/// disk. Run with the clients and channels of [`put_unpaced`], it is a floor under a put's
+/// latency: the RPC's own cost, without the durable path or the CPU the writes take (it runs
+/// after them). Only `latency` and `errors` of the result are filled.
 pub async fn range_unpaced(
     channels: &[Channel],
     keys: Arc<Vec<Bytes>>,

@@ -492,8 +492,9 @@ async fn spread(
         );
     }
     streams.counters.wait_events(puts as u64, IDLE_GUARD).await;
-    // The floor under the put latency: the same clients' serializable Ranges, which wait for
-    // no disk (what a put takes beyond this is its durability).
+    // A floor under the put latency: the same clients' serializable Ranges, which wait for no
+    // disk, run after the writes (what a put takes beyond this is its durable path and the
+    // CPU the writes compete for).
     let reads = client::range_unpaced(&channels, keys, puts, writers).await;
     if let Some(e) = reads.errors.first() {
         c.verdict
