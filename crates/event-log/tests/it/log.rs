@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::common::{ScriptedStore, puts, revs};
 use event_log::{
-    Durability, EventLog, LogConfig, LogError, RedbOptions, RedbStore, RetentionPolicy, STORE_FILE,
+    DEFAULT_COMPACT_STEP, Durability, EventLog, LogConfig, LogError, RedbOptions, RedbStore,
+    RetentionPolicy, STORE_FILE,
 };
 use futures_util::FutureExt;
 use watch_core::{History, HistoryError, KeySelector};
@@ -169,6 +170,20 @@ async fn large_compaction_commits_in_steps() {
 
 /// What one change set adds to the bytes in use: its encoded record plus 16, and per distinct
 /// key its key, 8 bytes of revision and 16 (the documented per-entry overheads).
+/// A `RedbStore` in `dir` without fsync (these tests crash nothing), deleting at most
+/// `compact_step_revisions` revisions per compaction step.
+fn nosync_store(dir: &std::path::Path, compact_step_revisions: usize) -> RedbStore {
+    RedbStore::open(
+        dir.join(STORE_FILE),
+        RedbOptions {
+            durability: Durability::NoSync,
+            compact_step_revisions,
+            ..RedbOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 fn in_use_of(cs: &watch_core::ChangeSet) -> u64 {
     let record = event_log::codec::encode(cs, 0).bytes.len() as u64 + 16;
     let keys: std::collections::BTreeSet<&[u8]> = cs.events.iter().map(|e| e.key()).collect();
@@ -320,16 +335,7 @@ fn history_read_works_outside_a_runtime() {
 #[tokio::test]
 async fn full_queue_backpressure() {
     let dir = tempfile::tempdir().unwrap();
-    let store = ScriptedStore::new(
-        RedbStore::open(
-            dir.path().join(STORE_FILE),
-            RedbOptions {
-                durability: Durability::NoSync,
-                ..RedbOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let store = ScriptedStore::new(nosync_store(dir.path(), DEFAULT_COMPACT_STEP));
     let config = LogConfig {
         queue_capacity: 2,
         batch_size: 1,
@@ -512,14 +518,7 @@ impl event_log::LogStore for GatedCompaction {
 #[tokio::test]
 async fn appends_are_committed_between_compaction_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let inner = RedbStore::open(
-        dir.path().join(STORE_FILE),
-        RedbOptions {
-            durability: Durability::NoSync,
-            ..RedbOptions::default()
-        },
-    )
-    .unwrap();
+    let inner = nosync_store(dir.path(), DEFAULT_COMPACT_STEP);
     let (step_tx, step_rx) = std::sync::mpsc::channel();
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
     let store = GatedCompaction {
@@ -569,15 +568,7 @@ async fn appends_are_committed_between_compaction_steps() {
 fn first_changes_by_index_match_the_replay() {
     use event_log::LogStore;
     let dir = tempfile::tempdir().unwrap();
-    let inner = RedbStore::open(
-        dir.path().join(STORE_FILE),
-        RedbOptions {
-            durability: Durability::NoSync,
-            ..RedbOptions::default()
-        },
-    )
-    .unwrap();
-    let store = ScriptedStore::new(inner);
+    let store = ScriptedStore::new(nosync_store(dir.path(), DEFAULT_COMPACT_STEP));
     let history: [&[&str]; 8] = [
         &["/a/1", "/b"],
         &["/a/2"],
@@ -628,15 +619,7 @@ fn first_changes_by_index_match_the_replay() {
 #[test]
 fn compaction_steps_delete_at_most_the_configured_revisions() {
     let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(
-        dir.path().join(STORE_FILE),
-        RedbOptions {
-            durability: Durability::NoSync,
-            compact_step_revisions: 10,
-            ..RedbOptions::default()
-        },
-    )
-    .unwrap();
+    let store = nosync_store(dir.path(), 10);
     let batch: Vec<_> = (1..=35)
         .map(|rev| event_log::codec::encode(&puts(rev, &["/k"]), 0))
         .collect();
